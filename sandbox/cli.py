@@ -1,0 +1,85 @@
+"""The `sandbox` command line: a thin typer app.
+
+Each command lives in `sandbox/commands/<name>.py` as a plain function with typed options; it
+parses, builds a config, calls library code (imported lazily, so `sandbox --help` stays fast) and
+prints a `rich` table. User mistakes raise `BadInput` (or click's usage errors) and come out here as
+one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+try:  # typer >= 0.20 vendors its own click; older releases use the click package.
+    from typer._click import exceptions as _cx
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click import exceptions as _cx
+
+from sandbox import __version__
+from sandbox.errors import BadInput
+
+app = typer.Typer(
+    name="sandbox",
+    help="Mixture-of-LoRA regime explorer: where does evolutionary routing search beat, tie with, "
+    "or degrade the gradient solution?",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"sandbox {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Mixture-of-LoRA regime explorer."""
+
+
+def _register() -> None:
+    # One line per command module; each module defines `register(app)`.
+    from sandbox.commands import cells as _cells
+
+    for mod in (_cells,):
+        mod.register(app)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app; user mistakes become one line on stderr and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=False, prog_name="sandbox")
+    except BadInput as e:
+        print(e.one_line(), file=sys.stderr)
+        return _exit(2)
+    except _cx.NoArgsIsHelpError as e:
+        typer.echo(e.ctx.get_help())
+        return _exit(0)
+    except _cx.UsageError as e:
+        print(f"error: {e.format_message()}".replace("\n", " "), file=sys.stderr)
+        return _exit(2)
+    except _cx.Abort:
+        print("aborted", file=sys.stderr)
+        return _exit(130)
+    except _cx.Exit as e:
+        return _exit(e.exit_code)
+    return _exit(0)
+
+
+def _exit(code: int) -> int:
+    if __name__ == "__main__" or sys.argv and sys.argv[0].endswith("sandbox"):
+        sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    main()
