@@ -59,7 +59,7 @@ def parse_range(text: str, flag: str, lo: float | None = None, hi: float | None 
     bounds = _bounds_text(lo, hi)
     allowed = f"a number or LO..HI with {bounds}" if bounds else "a number or LO..HI with LO <= HI"
     m = _RANGE_RE.match(str(text))
-    if not m:
+    if not m or "..." in str(text):
         raise BadInput(flag, text, allowed)
     a = float(m.group(1))
     b = float(m.group(2)) if m.group(2) is not None else a
