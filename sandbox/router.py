@@ -1,0 +1,293 @@
+"""The shared routers: routing features ``(*b, N, F)`` -> gates ``(*b, N, K)``.
+
+Two kinds, one set of pure functions (the analytic sandbox calls them on plain tensors with
+leading seed/population dims; `Router` wraps them with ``nn.Parameter`` for the transformer):
+
+- ``softmax`` (the static baseline B3): ``g = softmax(h W + b)``, zero-sum on the simplex.
+- ``sigmoid`` (the rewrite): independent gates
+  ``g_k = f_k + (1 - f_k) * sigmoid(z_k / tau(step))`` with ``z = h W + b``, a learnable floor
+  ``f_k = floor_max * sigmoid(phi_k)`` in ``[0, floor_max]`` and a temperature annealed from
+  ``tau_start`` to ``tau_end`` over ``anneal_steps`` (``linear``, ``cosine`` or ``exp``) and
+  clamped to ``[tau_min, tau_max]`` at every step. So ``g_k`` lies in ``[f_k, 1]``.
+
+Parameters (slot axis last, so slot k of every parameter is ``[..., k]``):
+``W (*b, F, K)``, ``bias (*b, K)`` and, for ``sigmoid``, ``phi (*b, K)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sandbox.errors import require
+
+KINDS = ("softmax", "sigmoid")
+SCHEDULES = ("linear", "cosine", "exp")
+PARAM_ORDER = ("W", "bias", "phi")  # the flat-vector layout of `params_to_vector`
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """A router.
+
+    Attributes:
+        kind: ``softmax`` (B3 baseline) or ``sigmoid`` (the rewrite).
+        n_features: F, width of the routing features.
+        n_slots: K, number of adapter slots.
+        floor_max: upper bound of every sigmoid floor, ``f = floor_max * sigmoid(phi)``.
+        tau_start: sigmoid temperature at step 0.
+        tau_end: sigmoid temperature at ``anneal_steps`` and after.
+        tau_min: lower clamp on the temperature, applied at every step.
+        tau_max: upper clamp on the temperature, applied at every step.
+        anneal_steps: length of the anneal (0 = ``tau_end`` from the start).
+        schedule: ``linear``, ``cosine`` (default) or ``exp`` (geometric) interpolation.
+        init_std: initial ``W ~ N(0, init_std^2 / F)`` (small, so gates start near uniform).
+        phi_init: initial floor logit (0 gives ``floor_max / 2``).
+    """
+
+    kind: str = "sigmoid"
+    n_features: int = 16
+    n_slots: int = 16
+    floor_max: float = 0.1
+    tau_start: float = 2.0
+    tau_end: float = 0.5
+    tau_min: float = 0.25
+    tau_max: float = 4.0
+    anneal_steps: int = 1000
+    schedule: str = "cosine"
+    init_std: float = 0.1
+    phi_init: float = 0.0
+
+    def __post_init__(self):
+        require(self.kind in KINDS, "router", self.kind, "one of " + ", ".join(KINDS))
+        require(isinstance(self.n_features, int) and self.n_features >= 1, "n_features", self.n_features, "an integer >= 1")
+        require(isinstance(self.n_slots, int) and self.n_slots >= 1, "n_slots", self.n_slots, "an integer >= 1")
+        require(_finite(self.floor_max) and 0 <= self.floor_max < 1, "floor_max", self.floor_max, "a number in [0, 1)")
+        for name in ("tau_start", "tau_end", "tau_min", "tau_max"):
+            v = getattr(self, name)
+            require(_finite(v) and v > 0, name, v, "a number > 0")
+        require(self.tau_min <= self.tau_max, "tau_min", self.tau_min, f"a number <= --tau-max ({self.tau_max})")
+        require(isinstance(self.anneal_steps, int) and self.anneal_steps >= 0, "anneal_steps", self.anneal_steps, "an integer >= 0")
+        require(self.schedule in SCHEDULES, "schedule", self.schedule, "one of " + ", ".join(SCHEDULES))
+        require(_finite(self.init_std) and self.init_std >= 0, "init_std", self.init_std, "a number >= 0")
+        require(_finite(self.phi_init), "phi_init", self.phi_init, "a finite number")
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return PARAM_ORDER if self.kind == "sigmoid" else PARAM_ORDER[:2]
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-individual shapes (without batch dims) of each parameter."""
+        F, K = self.n_features, self.n_slots
+        return {n: ((F, K) if n == "W" else (K,)) for n in self.param_names}
+
+    @property
+    def n_params(self) -> int:
+        return sum(math.prod(s) for s in self.param_shapes().values())
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional core
+# ---------------------------------------------------------------------------------------------
+
+
+def init_router_params(cfg: RouterConfig, batch_shape: tuple[int, ...] = (), generator: torch.Generator | None = None,
+                       dtype: torch.dtype = torch.float32, device=None) -> dict[str, Tensor]:
+    """Fresh parameters: ``W ~ N(0, init_std^2 / F)`` ``(*b, F, K)``, ``bias = 0`` ``(*b, K)``,
+    ``phi = phi_init`` ``(*b, K)`` (sigmoid only)."""
+    gen = generator if generator is not None else torch.Generator(device=device or "cpu").manual_seed(0)
+    F, K = cfg.n_features, cfg.n_slots
+    W = torch.randn((*batch_shape, F, K), generator=gen, dtype=dtype, device=device) * (cfg.init_std / math.sqrt(F))
+    params = {"W": W, "bias": torch.zeros((*batch_shape, K), dtype=dtype, device=device)}
+    if cfg.kind == "sigmoid":
+        params["phi"] = torch.full((*batch_shape, K), float(cfg.phi_init), dtype=dtype, device=device)
+    return params
+
+
+def temperature(cfg: RouterConfig, step: int | float | Tensor) -> float | Tensor:
+    """``tau(step)``: ``tau_start -> tau_end`` over ``anneal_steps``, clamped to ``[tau_min, tau_max]``.
+
+    With progress ``p = clamp(step / anneal_steps, 0, 1)``:
+    linear ``s + (e - s) p``; cosine ``e + (s - e)(1 + cos(pi p)) / 2``; exp ``s (e / s)^p``.
+    A float step gives a float, a tensor of steps a tensor of the same shape.
+    """
+    s, e = cfg.tau_start, cfg.tau_end
+    if isinstance(step, Tensor):
+        p = (step.to(torch.float64) / cfg.anneal_steps).clamp(0, 1) if cfg.anneal_steps else torch.ones_like(step, dtype=torch.float64)
+        if cfg.schedule == "linear":
+            tau = s + (e - s) * p
+        elif cfg.schedule == "cosine":
+            tau = e + (s - e) * 0.5 * (1 + torch.cos(math.pi * p))
+        else:
+            tau = s * (e / s) ** p
+        return tau.clamp(cfg.tau_min, cfg.tau_max)
+    p = min(max(float(step) / cfg.anneal_steps, 0.0), 1.0) if cfg.anneal_steps else 1.0
+    if cfg.schedule == "linear":
+        tau = s + (e - s) * p
+    elif cfg.schedule == "cosine":
+        tau = e + (s - e) * 0.5 * (1 + math.cos(math.pi * p))
+    else:
+        tau = s * (e / s) ** p
+    return min(max(tau, cfg.tau_min), cfg.tau_max)
+
+
+def floors(cfg: RouterConfig, params: dict[str, Tensor]) -> Tensor:
+    """Per-slot gate floors ``(*b, K)``: ``floor_max * sigmoid(phi)`` (sigmoid), zeros (softmax)."""
+    if cfg.kind == "softmax":
+        return torch.zeros_like(params["bias"])
+    return cfg.floor_max * torch.sigmoid(params["phi"])
+
+
+def router_logits(params: dict[str, Tensor], features: Tensor) -> Tensor:
+    """``z = h W + b``: features ``(*b, N, F)``, W ``(*b, F, K)`` -> ``(*b, N, K)`` (dims broadcast)."""
+    return features @ params["W"] + params["bias"].unsqueeze(-2)
+
+
+def router_gates(cfg: RouterConfig, params: dict[str, Tensor], features: Tensor, step: int | float | Tensor = 0) -> Tensor:
+    """Gates ``(*b, N, K)`` for features ``(*b, N, F)``.
+
+    Leading dims broadcast: params ``(S, P, F, K)`` with features ``(S, 1, N, F)`` give
+    ``(S, P, N, K)``. ``step`` sets the sigmoid temperature (ignored by softmax, whose
+    temperature is fixed at 1); a tensor step must broadcast to ``(*b, 1, 1)``.
+    """
+    z = router_logits(params, features)  # (*b, N, K)
+    if cfg.kind == "softmax":
+        return torch.softmax(z, dim=-1)
+    tau = temperature(cfg, step)
+    if isinstance(tau, Tensor):
+        tau = tau.to(z.dtype)
+    f = floors(cfg, params).unsqueeze(-2)  # (*b, 1, K)
+    return f + (1 - f) * torch.sigmoid(z / tau)
+
+
+def params_to_vector(params: dict[str, Tensor]) -> Tensor:
+    """Flatten router parameters to ``(*b, n)`` in the fixed order W (row-major F x K), bias, phi."""
+    batch = params["bias"].shape[:-1]
+    parts = [params[n].reshape(*batch, -1) for n in PARAM_ORDER if n in params]  # each (*b, n_i)
+    return torch.cat(parts, dim=-1)
+
+
+def vector_to_params(vec: Tensor, cfg: RouterConfig) -> dict[str, Tensor]:
+    """Inverse of `params_to_vector`: ``(*b, n)`` -> dict of ``(*b, F, K)``, ``(*b, K)``, ..."""
+    require(vec.shape[-1] == cfg.n_params, "router_vector", tuple(vec.shape), f"last dim {cfg.n_params}")
+    batch = vec.shape[:-1]
+    out, i = {}, 0
+    for name, shape in cfg.param_shapes().items():
+        n = math.prod(shape)
+        out[name] = vec[..., i:i + n].reshape(*batch, *shape)  # (*b, n) -> (*b, *shape)
+        i += n
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Module (transformer side)
+# ---------------------------------------------------------------------------------------------
+
+
+class Router(nn.Module):
+    """`router_gates` with ``nn.Parameter`` weights: ``forward(features (*b,N,F), step) -> (*b,N,K)``."""
+
+    def __init__(self, cfg: RouterConfig, batch_shape: tuple[int, ...] = (), generator: torch.Generator | None = None,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.cfg = cfg
+        for name, value in init_router_params(cfg, batch_shape, generator, dtype, device).items():
+            self.register_parameter(name, nn.Parameter(value))
+
+    def params(self) -> dict[str, Tensor]:
+        """The parameters as the dict the functional core takes (live tensors, not copies)."""
+        return {n: getattr(self, n) for n in self.cfg.param_names}
+
+    def forward(self, features: Tensor, step: int | float | Tensor = 0) -> Tensor:
+        return router_gates(self.cfg, self.params(), features, step)
+
+    def floors(self) -> Tensor:
+        return floors(self.cfg, self.params())
+
+    def temperature(self, step: int | float) -> float:
+        return temperature(self.cfg, step) if self.cfg.kind == "sigmoid" else 1.0
+
+    @torch.no_grad()
+    def load_params(self, params: dict[str, Tensor]) -> None:
+        """Copy a parameter dict in place (e.g. after a lifecycle step reset some slots)."""
+        for n in self.cfg.param_names:
+            getattr(self, n).copy_(params[n])
+
+    def extra_repr(self) -> str:
+        return f"kind={self.cfg.kind}, F={self.cfg.n_features}, K={self.cfg.n_slots}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Telemetry
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GateTelemetry:
+    """Summary of gates pooled over every leading position.
+
+    Attributes:
+        mean_gate: ``(K,)`` mean gate per slot.
+        entropy: mean over positions of ``H(p) = -sum_k p_k log p_k`` (nats) of the gates
+            normalised to ``p = g / sum_k g`` (equal to the gates for softmax).
+        monopoly: share of total gate mass held by the ``top`` slots with the largest mean gate,
+            ``sum_{top} mean_gate / sum_k mean_gate`` in ``[top/K, 1]``.
+        per_domain: the same summary per domain label (empty when no labels were given).
+    """
+
+    mean_gate: Tensor
+    entropy: float
+    monopoly: float
+    per_domain: dict[int, "GateTelemetry"]
+
+
+def _summary(g: Tensor, top: int) -> tuple[Tensor, float, float]:
+    """g ``(n, K)`` -> (mean gate ``(K,)``, mean entropy, monopoly index)."""
+    mean = g.mean(0)
+    p = g / g.sum(-1, keepdim=True).clamp_min(1e-30)
+    ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()
+    k = min(top, g.shape[-1])
+    mono = mean.topk(k).values.sum() / mean.sum().clamp_min(1e-30)
+    return mean, float(ent), float(mono)
+
+
+@torch.no_grad()
+def gate_telemetry(gates: Tensor, domains: Tensor | None = None, top: int = 2) -> GateTelemetry:
+    """Per-slot mean gate, mean gate entropy and monopoly index, overall and per domain.
+
+    Args:
+        gates: ``(..., K)``; every leading position is one observation.
+        domains: integer labels broadcastable to ``gates.shape[:-1]`` (e.g. ``(*b, N)``), or None.
+        top: how many slots the monopoly index counts.
+    """
+    K = gates.shape[-1]
+    g = gates.detach().reshape(-1, K).to(torch.float64)  # (n, K)
+    mean, ent, mono = _summary(g, top)
+    per = {}
+    if domains is not None:
+        lab = torch.as_tensor(domains, device=gates.device).expand(gates.shape[:-1]).reshape(-1)  # (n,)
+        for d in torch.unique(lab).tolist():
+            m, e, mo = _summary(g[lab == d], top)
+            per[int(d)] = GateTelemetry(m, e, mo, {})
+    return GateTelemetry(mean, ent, mono, per)
+
+
+def gate_rows(gates: Tensor, domains: Tensor | None = None, phase: str = "after",
+              domain_names: list[str] | None = None, **extra) -> list[dict]:
+    """Tidy rows for ``gates.csv``: ``phase, domain, slot, mean_gate`` (+ ``extra`` columns, e.g.
+    ``seed=42``, ``cell="R"``). Without domain labels the domain is ``"all"``."""
+    tel = gate_telemetry(gates, domains)
+    groups = tel.per_domain.items() if domains is not None else [("all", tel)]
+    rows = []
+    for d, t in groups:
+        name = domain_names[d] if (domain_names is not None and isinstance(d, int)) else d
+        for k, v in enumerate(t.mean_gate.tolist()):
+            rows.append({"phase": phase, "domain": name, "slot": k, "mean_gate": v, **extra})
+    return rows
