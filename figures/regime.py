@@ -1,0 +1,229 @@
+"""Regime maps of a sweep: a heatmap over two regime axes and a curve along one.
+
+Both read `summary.csv` only (one row per sweep point: axis columns, ``mean_delta``, ``ci_low``,
+``ci_high``, ``eps``, ``regime`` ...), where ``delta = log loss(grad) - log loss(evo)`` per seed, so
+a positive mean delta means evolution did better. The curve can also show the per-seed deltas
+from `results.csv` (`collect_seed_deltas`).
+
+Heatmap encoding (`plot_heatmap`):
+- colour: mean delta at each grid point, diverging map centred on 0 with limits (-L, L),
+  L = max |mean delta|;
+- solid black line: the delta = 0 contour, interpolated between grid-point centres;
+- dashed lines: the +-eps contours (the equivalence margin fixed before the sweep);
+- one marker per point by regime class (`figures.style.REGIME_STYLE`; inconclusive hollow).
+
+The returned figure carries ``fig.encoding`` with the artists (``mesh``, ``zero_contour``,
+``eps_contour``, ``markers`` per regime) and the values they encode (``clim``, ``zero_level``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from figures.style import (DELTA_LABEL, DIVERGING_CMAP, OKABE_ITO, REGIME_STYLE, REGIMES, attach,
+                           axis_label, new_figure, symmetric_limits, theme)
+
+#: Columns of summary.csv that are statistics, not regime axes.
+SUMMARY_STAT_COLUMNS: tuple[str, ...] = (
+    "point", "n", "n_diverged", "mean_delta", "se", "ci_low", "ci_high", "t", "df", "p", "p_holm",
+    "d_z", "boot_low", "boot_high", "p_tost", "eps", "regime", "reason", "seeds_needed",
+)
+
+
+def infer_axes(summary: pd.DataFrame, manifest: dict | None = None) -> list[str]:
+    """The regime-axis columns: the manifest's ``axes`` if present, else every non-statistic column.
+
+    Axes along which the sweep holds a single value are dropped (they do not span a dimension);
+    alignment, when present, comes first.
+    """
+    axes = list((manifest or {}).get("axes") or [])
+    if not axes:
+        axes = [c for c in summary.columns if c not in SUMMARY_STAT_COLUMNS]
+    axes = [a for a in axes if a in summary.columns]
+    spanning = [a for a in axes if summary[a].nunique(dropna=True) > 1]
+    if "alignment" in spanning:
+        spanning.remove("alignment")
+        spanning.insert(0, "alignment")
+    return spanning
+
+
+def _common_eps(df: pd.DataFrame) -> float:
+    eps = df["eps"].dropna().unique() if "eps" in df else np.array([])
+    return float(np.max(eps)) if eps.size else float("nan")
+
+
+def collect_heatmap(summary: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """Grid points of a two-axis sweep: ``x, y, mean_delta, ci_low, ci_high, regime, eps, n``.
+
+    Raises ValueError when two rows share one (x, y) (a third axis varies: split the table first).
+    """
+    cols = [x, y] + [c for c in ("mean_delta", "ci_low", "ci_high", "regime", "eps", "n", "p_holm")
+                     if c in summary.columns]
+    df = summary[cols].copy()
+    if df.duplicated([x, y]).any():
+        raise ValueError(f"summary has several rows per ({x}, {y}); split it by its other axes first")
+    df = df.sort_values([y, x]).reset_index(drop=True)
+    df.attrs.update(x=x, y=y, eps=_common_eps(df))
+    return df
+
+
+def _edges(centres: np.ndarray) -> np.ndarray:
+    """Cell edges around sorted centres: midpoints inside, half a spacing beyond the ends."""
+    c = np.asarray(centres, dtype=float)
+    if c.size == 1:
+        half = 0.5 * (abs(c[0]) if c[0] != 0 else 1.0)
+        return np.array([c[0] - half, c[0] + half])
+    mid = (c[:-1] + c[1:]) / 2
+    return np.concatenate([[c[0] - (mid[0] - c[0])], mid, [c[-1] + (c[-1] - mid[-1])]])
+
+
+def grid(df: pd.DataFrame, x: str, y: str, value: str = "mean_delta") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(xs (nx,), ys (ny,), Z (ny, nx))`` with Z[j, i] = value at (xs[i], ys[j]); NaN where missing."""
+    xs = np.sort(df[x].unique()).astype(float)
+    ys = np.sort(df[y].unique()).astype(float)
+    z = np.full((ys.size, xs.size), np.nan)
+    xi = np.searchsorted(xs, df[x].to_numpy(float))
+    yi = np.searchsorted(ys, df[y].to_numpy(float))
+    z[yi, xi] = df[value].to_numpy(float)
+    return xs, ys, z
+
+
+def _regime_markers(ax, df: pd.DataFrame, x: str, y: str, size: float = 70) -> dict:
+    handles = {}
+    for regime in REGIMES:
+        sub = df[df["regime"] == regime]
+        st = REGIME_STYLE[regime]
+        handles[regime] = ax.scatter(
+            sub[x].to_numpy(float), sub[y].to_numpy(float), s=size, marker=st["marker"],
+            facecolors=st["facecolor"], edgecolors=st["edgecolor"], linewidths=1.6 if regime == "inconclusive" else 0.9,
+            zorder=4, label=f"{st['label']} ({len(sub)})")
+    return handles
+
+
+def _title_bits(df: pd.DataFrame, eps: float) -> str:
+    bits = []
+    if "n" in df and df["n"].notna().any():
+        lo, hi = int(df["n"].min()), int(df["n"].max())
+        bits.append(f"n = {lo} seeds per point" if lo == hi else f"n = {lo}–{hi} seeds per point")
+    if np.isfinite(eps):
+        bits.append(f"eps = {eps:g}")
+    bits.append("Holm-corrected across points")
+    return ",  ".join(bits)
+
+
+def plot_heatmap(df: pd.DataFrame, x: str | None = None, y: str | None = None,
+                 eps: float | None = None, title: str | None = None) -> Figure:
+    """Regime-boundary heatmap of `collect_heatmap` output (see the module docstring)."""
+    x = x or df.attrs["x"]
+    y = y or df.attrs["y"]
+    eps = float(df.attrs.get("eps", np.nan) if eps is None else eps)
+    xs, ys, z = grid(df, x, y)
+    vmin, vmax = symmetric_limits(z)
+    with theme():
+        fig = new_figure(7.6, 6.4)
+        ax = fig.add_subplot()
+        mesh = ax.pcolormesh(_edges(xs), _edges(ys), np.ma.masked_invalid(z), cmap=DIVERGING_CMAP,
+                             vmin=vmin, vmax=vmax, shading="flat", zorder=1)
+        zero = eps_cs = None
+        if xs.size >= 2 and ys.size >= 2:
+            gx, gy = np.meshgrid(xs, ys)  # (ny, nx) each: cell centres
+            zm = np.ma.masked_invalid(z)
+            zero = ax.contour(gx, gy, zm, levels=[0.0], colors=OKABE_ITO["black"], linewidths=2.2, zorder=3)
+            if np.isfinite(eps) and eps > 0:
+                eps_cs = ax.contour(gx, gy, zm, levels=[-eps, eps], colors="0.2", linewidths=1.3,
+                                    linestyles="--", zorder=3)
+        markers = _regime_markers(ax, df, x, y)
+        cbar = fig.colorbar(mesh, ax=ax, shrink=0.9, pad=0.02)
+        cbar.set_label(DELTA_LABEL)
+        if np.isfinite(eps) and eps > 0 and eps < vmax:
+            for v in (-eps, eps):
+                cbar.ax.axhline(v, color="0.2", linestyle="--", linewidth=1.2)
+        cbar.ax.axhline(0.0, color=OKABE_ITO["black"], linewidth=2.0)
+        ax.set_xlabel(axis_label(x))
+        ax.set_ylabel(axis_label(y))
+        ax.grid(False)
+        ax.set_title(title or "Where evolutionary routing search beats, ties with or degrades gradient\n"
+                     + _title_bits(df, eps), fontsize=11.5)
+        lines = [Line2D([], [], color=OKABE_ITO["black"], lw=2.2, label="delta = 0")]
+        if eps_cs is not None:
+            lines.append(Line2D([], [], color="0.2", lw=1.3, ls="--", label=f"delta = ±eps (±{eps:g})"))
+        fig.legend(handles=list(markers.values()) + lines, loc="outside lower center", ncols=3,
+                   frameon=False, handletextpad=0.4, columnspacing=1.2)
+    return attach(fig, kind="regime_heatmap", mesh=mesh, zero_contour=zero, eps_contour=eps_cs,
+                  markers=markers, colorbar=cbar, clim=(vmin, vmax), zero_level=0.0, eps=eps, x=x, y=y)
+
+
+def collect_curve(summary: pd.DataFrame, x: str = "alignment") -> pd.DataFrame:
+    """Points of a one-axis sweep sorted by `x`: ``x, mean_delta, ci_low, ci_high, regime, eps, n``."""
+    cols = [x] + [c for c in ("point", "mean_delta", "ci_low", "ci_high", "regime", "eps", "n",
+                              "n_diverged", "p_holm", "seeds_needed") if c in summary.columns]
+    df = summary[cols].sort_values(x).reset_index(drop=True)
+    if df[x].duplicated().any():
+        raise ValueError(f"summary has several rows per {x}; split it by its other axes first")
+    df.attrs.update(x=x, eps=_common_eps(df))
+    return df
+
+
+def collect_seed_deltas(results: pd.DataFrame, x: str = "alignment", reference: str = "grad",
+                        test: str = "evo", value: str = "log_loss") -> pd.DataFrame:
+    """Per-seed deltas from results.csv: ``point, seed, x, delta`` with delta = reference - test.
+
+    Pairs whose either arm diverged (or is non-finite) are left out, as in the summary statistics.
+    """
+    keep = results
+    if "diverged" in results:
+        keep = results[~results["diverged"].astype(bool)]
+    wide = keep.pivot_table(index=["point", "seed", x], columns="arm", values=value, aggfunc="first")
+    wide = wide.dropna(subset=[reference, test]) if {reference, test} <= set(wide.columns) else wide.iloc[0:0]
+    if wide.empty:
+        return pd.DataFrame(columns=["point", "seed", x, "delta"])
+    out = (wide[reference] - wide[test]).rename("delta").reset_index()
+    return out[np.isfinite(out["delta"])].reset_index(drop=True)
+
+
+def plot_curve(df: pd.DataFrame, x: str | None = None, eps: float | None = None,
+               seeds: pd.DataFrame | None = None, title: str | None = None) -> Figure:
+    """Mean delta with its 95% CI band against `x`, the +-eps band shaded, regimes in a strip below.
+
+    `seeds` (from `collect_seed_deltas`) adds the per-seed deltas as small grey dots.
+    """
+    x = x or df.attrs["x"]
+    eps = float(df.attrs.get("eps", np.nan) if eps is None else eps)
+    xv = df[x].to_numpy(float)
+    with theme():
+        fig = new_figure(7.8, 5.6)
+        top, strip = fig.subplots(2, 1, sharex=True, height_ratios=[5, 1])
+        band = None
+        if np.isfinite(eps) and eps > 0:
+            band = top.axhspan(-eps, eps, color="0.85", zorder=0, label=f"equivalence band ±eps (±{eps:g})")
+        top.axhline(0.0, color=OKABE_ITO["black"], lw=1.0, zorder=1)
+        ci = top.fill_between(xv, df["ci_low"].to_numpy(float), df["ci_high"].to_numpy(float),
+                              color=OKABE_ITO["blue"], alpha=0.22, lw=0, zorder=2, label="95% CI (t)")
+        if seeds is not None and len(seeds):
+            top.scatter(seeds[x].to_numpy(float), seeds["delta"].to_numpy(float), s=10, color="0.45",
+                        alpha=0.6, zorder=2, label="per-seed delta")
+        (line,) = top.plot(xv, df["mean_delta"].to_numpy(float), color=OKABE_ITO["blue"], lw=2.0,
+                           marker="o", ms=4, zorder=3, label="mean delta")
+        top.set_ylabel(DELTA_LABEL)
+        top.legend(loc="best", frameon=True, framealpha=0.9)
+        top.set_title(title or "Evolution vs gradient along " + x.replace("_", " ") + "\n"
+                      + _title_bits(df, eps), fontsize=11.5)
+        # Regime strip: one coloured marker per point, on one row beneath the curve.
+        strip_df = df.assign(_row=0.0)
+        edges = _edges(xv) if xv.size else np.array([])
+        for i, regime in enumerate(df["regime"]):
+            fill = REGIME_STYLE.get(regime, REGIME_STYLE["inconclusive"])["facecolor"]
+            strip.axvspan(edges[i], edges[i + 1], color="0.9" if fill == "none" else fill, alpha=0.25, lw=0, zorder=0)
+        markers = _regime_markers(strip, strip_df, x, "_row", size=80)
+        strip.set_yticks([])
+        strip.set_ylim(-1, 1)
+        strip.set_ylabel("regime", rotation=0, ha="right", va="center")
+        strip.grid(False)
+        strip.set_xlabel(axis_label(x))
+        present = [h for r, h in markers.items() if len(df[df["regime"] == r])]
+        strip.legend(handles=present, loc="upper center", bbox_to_anchor=(0.5, -0.9), ncols=4,
+                     frameon=False, handletextpad=0.3, columnspacing=1.0)
+    return attach(fig, kind="regime_curve", line=line, ci_band=ci, eps_band=band, markers=markers, eps=eps, x=x)
