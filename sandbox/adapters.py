@@ -118,10 +118,17 @@ def lowrank_svd(L: Tensor, R: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return q_l @ u, s, vh @ q_r.transpose(-1, -2)
 
 
+NULL_RTOL = 1e-7  # singular values below this fraction of the largest count as zero
+NULL_ROW_NORM = 1 / math.sqrt(3)  # row norm of a LoRA-initialised A row, U(-1/sqrt(d), 1/sqrt(d))
+
+
 def split_factors(U: Tensor, S: Tensor, Vh: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """Balanced rank-``rank`` factors of ``U diag(S) Vh``: ``B = U sqrt(S)``, ``A = sqrt(S) Vh``.
 
-    Keeps the top ``rank`` singular triplets (zero-padded when fewer exist).
+    Keeps the top ``rank`` singular triplets (zero-padded when fewer exist). Directions with a
+    (numerically) zero singular value get ``B`` column 0 and ``A`` row ``Vh_j / sqrt(3)`` (the
+    LoRA-init row norm) instead of 0: the product is the same, but the slot stays trainable
+    (with ``A = B = 0`` both gradients vanish for ever).
     Returns ``A (*b, rank, d_in)``, ``B (*b, d_out, rank)``.
     """
     q = S.shape[-1]
@@ -130,9 +137,12 @@ def split_factors(U: Tensor, S: Tensor, Vh: Tensor, rank: int) -> tuple[Tensor, 
         U = torch.cat([U, U.new_zeros(*U.shape[:-1], pad)], dim=-1)
         Vh = torch.cat([Vh, Vh.new_zeros(*Vh.shape[:-2], pad, Vh.shape[-1])], dim=-2)
         S = torch.cat([S, S.new_zeros(*S.shape[:-1], pad)], dim=-1)
-    root = S[..., :rank].clamp_min(0).sqrt()  # (*b, rank)
+    S = S[..., :rank].clamp_min(0)
+    null = S <= NULL_RTOL * S[..., :1]  # (*b, rank); all True for a zero product
+    root = torch.where(null, torch.zeros_like(S), S.sqrt())  # (*b, rank)
     B = U[..., :, :rank] * root.unsqueeze(-2)  # (*b, d_out, rank)
-    A = Vh[..., :rank, :] * root.unsqueeze(-1)  # (*b, rank, d_in)
+    row = torch.where(null, torch.full_like(S, NULL_ROW_NORM), root)
+    A = Vh[..., :rank, :] * row.unsqueeze(-1)  # (*b, rank, d_in)
     return A, B
 
 

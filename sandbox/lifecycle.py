@@ -1,0 +1,510 @@
+"""The shared lifecycle: death, inheritance, SVD mutation and slot reallocation on a population.
+
+A `Population` names the K slots of one adapter population (per batch element: seeds, or seeds x
+population): unique ids that are never reused, ages (steps since birth) and parent ids (-1 for
+founders). The operators are pure functions with an explicit ``torch.Generator``; they act on
+that population together with one or more adapter banks (a slot index is the same adapter in
+every bank, i.e. in every adapted layer) and the router's per-slot parameters.
+
+One `lifecycle_step` (called when ``cfg.due(step)``):
+
+1. **fitness** (caller, with `fitness`): ``fit_k = agg_m (L_m^{-k} - L_m)``, the loss on domain m
+   without slot k minus the loss with all slots. ``global``: equal-weight mean over domains;
+   ``per-domain``: ``per_domain_agg`` over domains (``max``: a slot is as fit as its best domain).
+2. **death**: the ``n_die`` least fit slots with ``age >= min_age`` die; at least one slot survives.
+3. **inheritance** (``blend``): a dying slot's update is blended into its nearest surviving
+   neighbour (largest cosine of the updates, summed over layers),
+   ``N <- (1 - alpha) N + alpha D``, re-factorised to rank r; ``alpha = 0`` changes nothing.
+   (``child``): the newborn in the freed slot is ``alpha D + (1 - alpha) base`` instead.
+4. **birth / SVD mutation**: the freed slot gets a new id and a clone of a fit parent (tournament
+   among survivors), mutated in its SVD basis: singular values times ``exp(sigma eps)``, singular
+   vectors turned by a random rotation ``expm(Omega)`` with a small skew-symmetric ``Omega``
+   (scale ``rotation``), rank <= r. With mutation off the base is a fresh LoRA init (zero update).
+5. **reallocation**: the freed slot's router column, bias and floor logit are copied from the
+   parent with noise, and the column is pushed toward the domain with the worst current loss.
+
+Deaths are processed in order of fitness, one death rank at a time, vectorised over the batch
+(a Python loop over at most ``n_die`` ranks, never over seeds or slots).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sandbox.adapters import AdapterBank, product_inner, refactor, slot_gram, split_factors, lowrank_svd
+from sandbox.errors import require
+
+SCOPES = ("global", "per-domain")
+AGGS = ("max", "mean", "median")
+MODES = ("blend", "child")
+
+
+@dataclass(frozen=True)
+class LifecycleConfig:
+    """The lifecycle (factor L) and the fitness scope (factor E).
+
+    Attributes:
+        interval: steps between lifecycle events (`due`).
+        n_die: most slots that die per event (at least one slot always survives).
+        min_age: slots younger than this many steps never die.
+        inherit_alpha: alpha of the inheritance blend, in [0, 1].
+        inherit_mode: ``blend`` (dying -> nearest neighbour) or ``child`` (newborn = alpha dying
+            + (1 - alpha) base).
+        mutation_sigma: log-normal noise on singular values, ``s <- s exp(sigma eps)``.
+        rotation: scale of the skew-symmetric generator turning the singular vectors.
+        tournament: tournament size for picking a fit parent among the survivors.
+        realloc_noise: noise on the reset router parameters (logit units for a unit feature).
+        realloc_push: logit increase, relative to the mean domain, of the freed slot on the worst
+            domain's mean routing feature.
+        scope: fitness scope, ``global`` or ``per-domain``.
+        per_domain_agg: aggregator over domains in per-domain scope: ``max``, ``mean``, ``median``.
+        death, inheritance, mutation, reallocation: switch each operator on or off.
+    """
+
+    interval: int = 250
+    n_die: int = 1
+    min_age: int = 500
+    inherit_alpha: float = 0.5
+    inherit_mode: str = "blend"
+    mutation_sigma: float = 0.1
+    rotation: float = 0.05
+    tournament: int = 2
+    realloc_noise: float = 0.1
+    realloc_push: float = 1.0
+    scope: str = "global"
+    per_domain_agg: str = "max"
+    death: bool = True
+    inheritance: bool = True
+    mutation: bool = True
+    reallocation: bool = True
+
+    def __post_init__(self):
+        for name in ("interval", "n_die", "tournament"):
+            v = getattr(self, name)
+            require(isinstance(v, int) and v >= 1, name, v, "an integer >= 1")
+        require(isinstance(self.min_age, int) and self.min_age >= 0, "min_age", self.min_age, "an integer >= 0")
+        require(_num(self.inherit_alpha) and 0 <= self.inherit_alpha <= 1, "inherit_alpha", self.inherit_alpha, "a number in [0, 1]")
+        require(self.inherit_mode in MODES, "inherit_mode", self.inherit_mode, "one of " + ", ".join(MODES))
+        for name in ("mutation_sigma", "rotation", "realloc_noise", "realloc_push"):
+            v = getattr(self, name)
+            require(_num(v) and v >= 0, name, v, "a number >= 0")
+        require(self.scope in SCOPES, "scope", self.scope, "one of " + ", ".join(SCOPES))
+        require(self.per_domain_agg in AGGS, "per_domain_agg", self.per_domain_agg, "one of " + ", ".join(AGGS))
+        for name in ("death", "inheritance", "mutation", "reallocation"):
+            require(isinstance(getattr(self, name), bool), name, getattr(self, name), "true or false")
+
+    def due(self, step: int) -> bool:
+        """Whether a lifecycle event happens after gradient step ``step`` (every ``interval``)."""
+        return step > 0 and step % self.interval == 0
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True, eq=False)
+class Population:
+    """Slot identities for a batch of populations of K slots.
+
+    Attributes:
+        ids: ``(*b, K)`` long, unique within a batch element, never reused.
+        ages: ``(*b, K)`` long, steps since birth as of ``step``.
+        parents: ``(*b, K)`` long, the parent's id, -1 for founders and fresh births.
+        next_id: ``(*b,)`` long, the next id to hand out.
+        step: the step the ages refer to.
+    """
+
+    ids: Tensor
+    ages: Tensor
+    parents: Tensor
+    next_id: Tensor
+    step: int = 0
+
+    @classmethod
+    def founders(cls, batch_shape: tuple[int, ...], n_slots: int, device=None) -> "Population":
+        """Slots ``0..K-1`` with age 0 and no parents at step 0."""
+        ids = torch.arange(n_slots, device=device).expand(*batch_shape, n_slots).clone()  # (*b, K)
+        return cls(ids, torch.zeros_like(ids), torch.full_like(ids, -1),
+                   torch.full(tuple(batch_shape), n_slots, dtype=torch.long, device=device), 0)
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(self.ids.shape[:-1])
+
+    @property
+    def n_slots(self) -> int:
+        return self.ids.shape[-1]
+
+    def at(self, step: int) -> "Population":
+        """The same population with ages advanced to ``step``."""
+        return replace(self, ages=self.ages + (step - self.step), step=step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitness and death
+# ---------------------------------------------------------------------------------------------
+
+
+def loo_gates(gates: Tensor) -> Tensor:
+    """Leave-one-out gates: ``(*b, N, K)`` -> ``(*b, K, N, K)`` with slot k's gate zeroed in row k."""
+    K = gates.shape[-1]
+    keep = 1 - torch.eye(K, dtype=gates.dtype, device=gates.device)  # (K, K)
+    return gates.unsqueeze(-3) * keep.unsqueeze(-2)  # (*b, 1, N, K) * (K, 1, K) -> (*b, K, N, K)
+
+
+def fitness(loo_loss: Tensor, full_loss: Tensor, scope: str = "global", agg: str = "max") -> Tensor:
+    """Slot fitness ``(*b, K)`` from leave-one-out losses.
+
+    Args:
+        loo_loss: ``(*b, K, M)``, loss on domain m with slot k switched off.
+        full_loss: ``(*b, M)``, loss on domain m with every slot.
+        scope: ``global`` = equal-domain-weight mean over m of ``loo - full``;
+            ``per-domain`` = ``agg`` over m of ``loo - full``.
+    """
+    require(scope in SCOPES, "scope", scope, "one of " + ", ".join(SCOPES))
+    require(agg in AGGS, "per_domain_agg", agg, "one of " + ", ".join(AGGS))
+    delta = loo_loss - full_loss.unsqueeze(-2)  # (*b, K, M)
+    if scope == "global" or agg == "mean":
+        return delta.mean(-1)
+    if agg == "max":
+        return delta.amax(-1)
+    return delta.median(-1).values
+
+
+def _death_order(fit: Tensor, ages: Tensor, n_die: int, min_age: int) -> tuple[Tensor, Tensor]:
+    """Dying slots in order of fitness: ``slots (n, D)`` long, ``valid (n, D)`` bool, D = min(n_die, K-1).
+
+    Eligible slots (``age >= min_age``) sort by fitness (NaN = least fit, ties by slot index);
+    ineligible slots sort last. Row i keeps ``min(n_die, K - 1, #eligible)`` deaths."""
+    K = fit.shape[-1]
+    D = min(n_die, K - 1)
+    eligible = ages >= min_age
+    f = torch.where(torch.isnan(fit), torch.full_like(fit, -math.inf), fit).clamp(max=torch.finfo(fit.dtype).max)
+    score = torch.where(eligible, f, torch.full_like(f, math.inf))
+    order = torch.sort(score, dim=-1, stable=True).indices[..., :D]  # (n, D)
+    allowed = eligible.sum(-1, keepdim=True).clamp(max=D)  # (n, 1)
+    valid = torch.arange(D, device=fit.device) < allowed  # (n, D)
+    return order, valid
+
+
+def select_deaths(fit: Tensor, ages: Tensor, cfg: LifecycleConfig) -> Tensor:
+    """Death mask ``(*b, K)``: the ``n_die`` least fit slots aged ``>= min_age``, never all K."""
+    order, valid = _death_order(fit, ages, cfg.n_die, cfg.min_age)
+    dead = torch.zeros_like(fit, dtype=torch.bool)
+    return dead.scatter(-1, order, valid) if order.shape[-1] else dead
+
+
+def tournament_parent(fit: Tensor, alive: Tensor, size: int, generator: torch.Generator) -> Tensor:
+    """Pick a parent per row ``(n,)``: the fittest of ``size`` slots drawn uniformly (with
+    replacement) among ``alive (n, K)``. Rows with no alive slot get slot 0."""
+    w = alive.to(torch.float64) + (~alive.any(-1, keepdim=True)).to(torch.float64)  # no all-zero rows
+    cand = torch.multinomial(w, size, replacement=True, generator=generator)  # (n, size)
+    f = torch.where(torch.isnan(fit), torch.full_like(fit, -math.inf), fit).gather(-1, cand)
+    return cand.gather(-1, f.argmax(-1, keepdim=True)).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Operators on factors (one bank, batch flattened to n)
+# ---------------------------------------------------------------------------------------------
+
+
+def _take(x: Tensor, idx: Tensor) -> Tensor:
+    """``x[i, idx[i]]`` for ``x (n, K, ...)``, ``idx (n,)``."""
+    return x[torch.arange(x.shape[0], device=x.device), idx]
+
+
+def _put(x: Tensor, idx: Tensor, value: Tensor, valid: Tensor) -> Tensor:
+    """Copy of ``x (n, K, ...)`` with ``x[i, idx[i]] = value[i]`` where ``valid[i]``; others untouched."""
+    K = x.shape[1]
+    hit = (torch.nn.functional.one_hot(idx, K).bool() & valid.unsqueeze(-1))  # (n, K)
+    hit = hit.reshape(*hit.shape, *([1] * (x.dim() - 2)))
+    return torch.where(hit, value.unsqueeze(1).to(x.dtype), x)
+
+
+def blend(A_n: Tensor, B_n: Tensor, A_d: Tensor, B_d: Tensor, alpha: float, rank: int) -> tuple[Tensor, Tensor]:
+    """Rank-``rank`` factors of ``(1 - alpha) B_n A_n + alpha B_d A_d`` (per row, factor form).
+
+    A ``(n, r, d_in)``, B ``(n, d_out, r)``; the 2r-wide stacked factors are re-factorised by
+    `refactor` (QR + small SVD)."""
+    L = torch.cat([(1 - alpha) * B_n, alpha * B_d], dim=-1)  # (n, d_out, 2r)
+    R = torch.cat([A_n, A_d], dim=-2)  # (n, 2r, d_in)
+    return refactor(L, R, rank)
+
+
+def _rotate(U: Tensor, angle: float, generator: torch.Generator) -> Tensor:
+    """Turn orthonormal columns ``U (n, d, q)`` by a random rotation of the span of U plus q
+    random directions: ``U' = U + Q (expm(Omega) - I) Q^T U`` with ``Q`` an orthonormal basis of
+    ``[U, G]`` and ``Omega`` skew-symmetric with ``N(0, angle^2)`` entries. U' stays orthonormal and
+    may leave U's column space; cost O(d q^2)."""
+    n, d, q = U.shape
+    G = torch.randn((n, d, q), generator=generator, dtype=U.dtype, device=U.device)
+    Q, _ = torch.linalg.qr(torch.cat([U, G], dim=-1))  # (n, d, m), m = min(d, 2q)
+    m = Q.shape[-1]
+    X = torch.randn((n, m, m), generator=generator, dtype=U.dtype, device=U.device)
+    omega = (X - X.transpose(-1, -2)) * (angle / math.sqrt(2))  # skew-symmetric, entries ~ N(0, angle^2)
+    Rm = torch.linalg.matrix_exp(omega) - torch.eye(m, dtype=U.dtype, device=U.device)  # (n, m, m)
+    return U + Q @ (Rm @ (Q.transpose(-1, -2) @ U))
+
+
+def mutate_svd(A: Tensor, B: Tensor, sigma: float, rotation: float, generator: torch.Generator,
+               rank: int | None = None) -> tuple[Tensor, Tensor]:
+    """SVD mutation of adapters ``A (n, r, d_in)``, ``B (n, d_out, r)`` (one adapter per row).
+
+    ``B A = U diag(s) V^T`` -> ``U' diag(s exp(sigma eps)) V'^T`` with ``eps ~ N(0, 1)`` per singular
+    value and ``U' = rot(U)``, ``V' = rot(V)`` (see `_rotate`), returned as balanced rank-r factors.
+    ``sigma = rotation = 0`` returns exact copies of the inputs.
+    """
+    rank = rank or A.shape[-2]
+    if sigma == 0 and rotation == 0:
+        return A.clone(), B.clone()
+    U, S, Vh = lowrank_svd(B, A)  # (n, d_out, q), (n, q), (n, q, d_in)
+    S = S * torch.exp(sigma * torch.randn(S.shape, generator=generator, dtype=S.dtype, device=S.device))
+    if rotation > 0:
+        U = _rotate(U, rotation, generator)
+        Vh = _rotate(Vh.transpose(-1, -2), rotation, generator).transpose(-1, -2)
+    return split_factors(U, S, Vh, rank)
+
+
+def fresh_factors(n: int, rank: int, d_in: int, d_out: int, generator: torch.Generator, like: Tensor) -> tuple[Tensor, Tensor]:
+    """A fresh LoRA init per row: ``A ~ U(-1/sqrt(d_in), 1/sqrt(d_in))``, ``B = 0``."""
+    bound = 1 / math.sqrt(d_in)
+    A = (torch.rand((n, rank, d_in), generator=generator, dtype=like.dtype, device=like.device) * 2 - 1) * bound
+    return A, like.new_zeros((n, d_out, rank))
+
+
+def reallocate(params: dict[str, Tensor], slot: Tensor, parent: Tensor, valid: Tensor, cfg: LifecycleConfig,
+               generator: torch.Generator, domain_losses: Tensor | None = None,
+               domain_features: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
+    """Reset router slot ``slot`` from slot ``parent`` (rows where ``valid``), batch flattened.
+
+    Params are ``W (n, e, F, K)``, ``bias (n, e, K)``, ``phi (n, e, K)`` (``e`` extra individuals
+    sharing the population, e.g. the evolution population P; e = 1 otherwise). For each row:
+    ``w_slot = w_parent + realloc_noise/sqrt(F) eps + realloc_push u / ||u||^2``, where
+    ``u = hbar_{m*} - mean_m hbar_m`` and ``m* = argmax_m domain_losses``, so the slot's logit on
+    the worst domain's mean feature rises by ``realloc_push`` relative to the mean domain;
+    ``bias``/``phi`` are the parent's plus ``realloc_noise eps``.
+
+    Returns the new params and the target domain per row ``(n,)`` (-1 without domain data).
+    """
+    W = params["W"]
+    n, e, F, K = W.shape
+    target = torch.full((n,), -1, dtype=torch.long, device=W.device)
+    push = W.new_zeros((n, F))
+    if domain_losses is not None and domain_features is not None and cfg.realloc_push > 0:
+        target = domain_losses.argmax(-1)  # (n,)
+        hbar = domain_features.to(W.dtype)  # (n, M, F)
+        u = _take(hbar, target) - hbar.mean(-2)  # (n, F)
+        push = cfg.realloc_push * u / (u * u).sum(-1, keepdim=True).clamp_min(1e-12)
+    out = {}
+    for name, x in params.items():
+        xs = x.movedim(-1, 1)  # (n, K, e[, F]) slot axis second
+        src = _take(xs, parent)  # (n, e[, F])
+        noise = torch.randn(src.shape, generator=generator, dtype=x.dtype, device=x.device) * cfg.realloc_noise
+        if name == "W":
+            src = src + noise / math.sqrt(F) + push.unsqueeze(1)
+        else:
+            src = src + noise
+        out[name] = _put(xs, slot, src, valid).movedim(1, -1)
+    return out, target
+
+
+# ---------------------------------------------------------------------------------------------
+# Adam state
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reset_adam_state(optimizer: torch.optim.Optimizer, param: Tensor, slot_mask: Tensor, slot_dim: int) -> None:
+    """Zero Adam's ``exp_avg``/``exp_avg_sq`` (and ``max_exp_avg_sq``) for the reset slots of ``param``.
+
+    ``slot_mask (*b, K)`` bool; ``param`` has the batch dims first and the slot axis at
+    ``slot_dim`` (e.g. -3 for ``A (*b, K, r, d_in)``, -1 for router ``W (*b, F, K)``). The scalar
+    ``step`` count is shared by the whole tensor and is left alone.
+    """
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    nb = slot_mask.dim() - 1
+    s = slot_dim % param.dim()
+    require(s >= nb and param.shape[s] == slot_mask.shape[-1], "slot_dim", slot_dim, f"the slot axis of a {tuple(param.shape)} parameter")
+    shape = list(slot_mask.shape[:nb]) + [1] * (param.dim() - nb)
+    shape[s] = slot_mask.shape[-1]
+    m = slot_mask.reshape(shape)  # (*b, 1.., K, 1..) aligned with param
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        if key in state and torch.is_tensor(state[key]) and state[key].shape == param.shape:
+            state[key].masked_fill_(m, 0)
+
+
+def reset_mask(events: list[dict], batch_shape: tuple[int, ...], n_slots: int,
+               kinds: tuple[str, ...] = ("birth", "inherit")) -> Tensor:
+    """``(*b, K)`` bool: slots whose parameters a lifecycle step replaced (for `reset_adam_state`)."""
+    mask = torch.zeros((math.prod(batch_shape), n_slots), dtype=torch.bool)
+    for ev in events:
+        if ev["event"] in kinds:
+            mask[ev["batch"], ev["slot"]] = True
+    return mask.reshape(*batch_shape, n_slots)
+
+
+# ---------------------------------------------------------------------------------------------
+# The composed step
+# ---------------------------------------------------------------------------------------------
+
+
+def _unpack(banks) -> tuple[dict[str, tuple[Tensor, Tensor, float]], str]:
+    """Banks as ``{name: (A, B, scale)}`` and the input kind (``bank``, ``tuple`` or ``dict``)."""
+    def one(b):
+        if isinstance(b, AdapterBank):
+            return b.A.detach(), b.B.detach(), b.scale
+        A, B = b
+        return A, B, 1.0
+    if isinstance(banks, dict):
+        return {k: one(v) for k, v in banks.items()}, "dict"
+    return {"": one(banks)}, "bank" if isinstance(banks, AdapterBank) else "tuple"
+
+
+def _repack(banks, kind: str, new: dict[str, tuple[Tensor, Tensor]]):
+    def one(old, AB):
+        if isinstance(old, AdapterBank):
+            old.set_factors(*AB)  # in place, so optimisers keep their Parameters
+            return old
+        return AB
+    if kind == "dict":
+        return {k: one(banks[k], new[k]) for k in banks}
+    return one(banks, new[""])
+
+
+@torch.no_grad()
+def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | None, fit: Tensor,
+                   cfg: LifecycleConfig, generator: torch.Generator, step: int,
+                   domain_losses: Tensor | None = None, domain_features: Tensor | None = None):
+    """One lifecycle event: death, inheritance, birth with SVD mutation, reallocation.
+
+    Args:
+        pop: the population, batch shape ``*b``.
+        banks: an `AdapterBank`, a tuple ``(A (*b, K, r, d_in), B (*b, K, d_out, r))`` or a dict
+            name -> either (one bank per adapted layer; the same slot dies in every layer).
+            AdapterBanks are updated in place (and returned); tuples are returned as new tensors.
+        router_params: router dict (``W (*b, *e, F, K)``, ``bias``, ``phi``) or None.
+        fit: ``(*b, K)`` slot fitness (see `fitness`).
+        step: the current step (ages are advanced to it).
+        domain_losses: ``(*b, M)`` current per-domain losses (for reallocation), or None.
+        domain_features: ``(*b, M, F)`` mean routing feature per domain, or None.
+
+    Returns:
+        ``(pop, banks, router_params, events)``; events are dicts with keys ``step, batch`` (flat
+        batch index), ``event`` (death/inherit/birth), ``slot, slot_id, parent_id, neighbour_id,
+        fitness, mutation_size, alpha, domain`` for ``lifecycle.csv``.
+    """
+    pop = pop.at(step)
+    bshape, K = pop.batch_shape, pop.n_slots
+    n = math.prod(bshape)
+    layers, kind = _unpack(banks)
+    fac = {k: (A.reshape(n, K, *A.shape[-2:]), B.reshape(n, K, *B.shape[-2:]), sc) for k, (A, B, sc) in layers.items()}
+    f = fit.reshape(n, K).to(torch.float64)
+    events: list[dict] = []
+    if not cfg.death or K < 2:
+        return pop, banks, router_params, events
+    order, valid = _death_order(f, pop.ages.reshape(n, K), cfg.n_die, cfg.min_age)
+    if not bool(valid.any()):
+        return pop, banks, router_params, events
+
+    ids, ages, parents = (t.reshape(n, K).clone() for t in (pop.ids, pop.ages, pop.parents))
+    next_id = pop.next_id.reshape(n).clone()
+    dead = torch.zeros((n, K), dtype=torch.bool, device=f.device).scatter(-1, order, valid)
+    alive = ~dead
+    # cosine of whole adapters (all layers): sum_l s_l^2 <B_k A_k, B_j A_j> over norms, (n, K, K)
+    gram = sum(sc * sc * slot_gram(A, B).to(torch.float64) for A, B, sc in fac.values())
+    nrm = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    cos = gram / (nrm.unsqueeze(-1) * nrm.unsqueeze(-2)).clamp_min(1e-30)
+    new = {k: (A, B) for k, (A, B, _) in fac.items()}
+    rp = None
+    if router_params is not None:
+        extra = router_params["bias"].shape[len(bshape):-1]
+        e = math.prod(extra)
+        rp = {k: v.reshape(n, e, *v.shape[len(bshape) + len(extra):]) for k, v in router_params.items()}  # (n, e, [F,] K)
+    a = float(cfg.inherit_alpha)
+    do_blend = cfg.inheritance and cfg.inherit_mode == "blend" and a > 0
+    do_child = cfg.inheritance and cfg.inherit_mode == "child" and a > 0
+
+    for i in range(order.shape[-1]):
+        d, v = order[:, i], valid[:, i]  # (n,) dying slot and whether row i has this death
+        if not bool(v.any()):
+            continue
+        parent = tournament_parent(f, alive, cfg.tournament, generator)  # (n,)
+        nb = torch.where(alive, _take(cos, d), torch.full_like(f, -math.inf)).argmax(-1)  # (n,)
+        sq_diff = torch.zeros(n, dtype=torch.float64, device=f.device)
+        sq_par = torch.zeros(n, dtype=torch.float64, device=f.device)
+        for name, (A, B) in new.items():
+            r, d_in, d_out = A.shape[-2], A.shape[-1], B.shape[-2]
+            A_d, B_d = _take(A, d), _take(B, d)
+            if do_blend:
+                A_nb, B_nb = blend(_take(A, nb), _take(B, nb), A_d, B_d, a, r)
+                A, B = _put(A, nb, A_nb, v), _put(B, nb, B_nb, v)
+            A_p, B_p = _take(A, parent), _take(B, parent)
+            if cfg.mutation:
+                A_c, B_c = mutate_svd(A_p, B_p, cfg.mutation_sigma, cfg.rotation, generator, r)
+            else:
+                A_c, B_c = fresh_factors(n, r, d_in, d_out, generator, A)
+            if do_child:
+                A_c, B_c = blend(A_c, B_c, A_d, B_d, a, r)
+            sc2 = fac[name][2] ** 2
+            sq_diff += sc2 * (product_inner(A_c, B_c, A_c, B_c) + product_inner(A_p, B_p, A_p, B_p)
+                              - 2 * product_inner(A_c, B_c, A_p, B_p)).to(torch.float64).clamp_min(0)
+            sq_par += sc2 * product_inner(A_p, B_p, A_p, B_p).to(torch.float64)
+            new[name] = (_put(A, d, A_c, v), _put(B, d, B_c, v))
+        target = torch.full((n,), -1, dtype=torch.long, device=f.device)
+        if rp is not None and cfg.reallocation:
+            dl = domain_losses.reshape(n, -1) if domain_losses is not None else None
+            df = domain_features.reshape(n, *domain_features.shape[-2:]) if domain_features is not None else None
+            rp, target = reallocate(rp, d, parent, v, cfg, generator, dl, df)
+        msize = (sq_diff / sq_par).sqrt() if cfg.mutation else torch.full((n,), math.nan, dtype=torch.float64)
+        uses_parent = cfg.mutation or (cfg.reallocation and rp is not None)
+        old_id, par_id, nb_id = _take(ids, d), _take(ids, parent), _take(ids, nb)
+        new_id = next_id.clone()
+        ids = _put(ids, d, new_id, v)
+        ages = _put(ages, d, torch.zeros_like(new_id), v)
+        parents = _put(parents, d, par_id if uses_parent else torch.full_like(par_id, -1), v)
+        next_id = next_id + v.long()
+        for row in torch.nonzero(v).flatten().tolist():
+            base = {"step": step, "batch": row, "alpha": a if cfg.inheritance else 0.0}
+            dom = int(target[row])
+            events.append({**base, "event": "death", "slot": int(d[row]), "slot_id": int(old_id[row]),
+                           "parent_id": -1, "neighbour_id": int(nb_id[row]) if do_blend else -1,
+                           "fitness": float(f[row, d[row]]), "mutation_size": math.nan, "domain": -1})
+            if do_blend:
+                events.append({**base, "event": "inherit", "slot": int(nb[row]), "slot_id": int(nb_id[row]),
+                               "parent_id": int(old_id[row]), "neighbour_id": int(nb_id[row]),
+                               "fitness": float(f[row, nb[row]]), "mutation_size": math.nan, "domain": -1})
+            if do_child:
+                events.append({**base, "event": "inherit", "slot": int(d[row]), "slot_id": int(new_id[row]),
+                               "parent_id": int(old_id[row]), "neighbour_id": -1,
+                               "fitness": float(f[row, d[row]]), "mutation_size": math.nan, "domain": -1})
+            events.append({**base, "event": "birth", "slot": int(d[row]), "slot_id": int(new_id[row]),
+                           "parent_id": int(par_id[row]) if uses_parent else -1, "neighbour_id": -1,
+                           "fitness": float(f[row, parent[row]]) if uses_parent else math.nan,
+                           "mutation_size": float(msize[row]), "domain": dom})
+
+    new_pop = Population(ids.reshape(*bshape, K), ages.reshape(*bshape, K), parents.reshape(*bshape, K),
+                         next_id.reshape(bshape), step)
+    out = {k: (A.reshape(layers[k][0].shape), B.reshape(layers[k][1].shape)) for k, (A, B) in new.items()}
+    if rp is not None:
+        rp = {k: v.reshape(router_params[k].shape) for k, v in rp.items()}
+    else:
+        rp = router_params
+    return new_pop, _repack(banks, kind, out), rp, events
+
+
+def event_rows(events: list[dict], batch_labels: list[Any] | None = None, label: str = "seed") -> list[dict]:
+    """Rows for ``lifecycle.csv``; ``batch_labels[batch]`` (e.g. seeds) becomes column ``label``."""
+    rows = []
+    for ev in events:
+        row = dict(ev)
+        b = row.pop("batch")
+        row[label] = batch_labels[b] if batch_labels is not None else b
+        rows.append(row)
+    return rows
