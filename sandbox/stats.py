@@ -1,0 +1,519 @@
+"""Statistics that cannot mislead: balanced log metrics, paired tests, equivalence, Holm, attribution.
+
+Every conclusion of the tool comes from this module. Its rules:
+
+1. **Balanced log metric per seed.** ``balanced_log_ppl`` is the equal-weight mean over the M
+   domains of each domain's mean token NLL (nats). Domains are never weighted by token count
+   (``token_weighted_log_ppl`` exists only to show the difference) and PPL values are never
+   averaged: there is deliberately no function here that takes a mean of ``exp(...)``.
+2. **Across seeds only paired differences of log quantities.** ``delta_i = reference_i - test_i``
+   for seed i, lower is better for both, so ``delta > 0`` means the test arm (or treated cell) is
+   better. Sandbox: ``log loss_grad - log loss_evo``; full system: ``log PPL_ref - log PPL_test``.
+3. **Diverged runs are counted, never averaged in.** A pair with a non-finite value on either side
+   is dropped from the statistics and counted in ``n_diverged``; every table reports the count.
+4. **Not significant is not a tie.** ``ties`` needs a positive equivalence result (TOST for a margin
+   ``eps`` fixed before the comparison, with the reported CI inside ``(-eps, eps)``); otherwise the
+   point is ``inconclusive`` and we say how many seeds would resolve it.
+
+Why the arithmetic mean of PPLs misleads (Jensen): two domains, reference log-PPLs ``(2.0, 2.0)``
+and test log-PPLs ``(1.5, 2.4)``. Balanced log-PPL: reference 2.0, test 1.95, so
+``delta = +0.05`` (the test is better, a 4.9% lower geometric-mean PPL). Mean of PPLs: reference
+``e^2 = 7.39``, test ``(e^1.5 + e^2.4) / 2 = 7.75``, so the PPL mean calls the test *worse*. One
+bad domain dominates an arithmetic mean of exponentials. This module gives the balanced answer::
+
+    >>> nll = np.array([[200.0, 20.0], [150.0, 24.0]])    # (arms, M) NLL sums
+    >>> tok = np.array([[100, 10], [100, 10]])            # (arms, M) token counts
+    >>> balanced_log_ppl(nll, tok)                         # (arms,)
+    array([2.  , 1.95])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+from scipy import integrate, special, stats
+
+from sandbox.cells import CHAIN, CONTRASTS, Cell, contrasts_for, parse_cell
+from sandbox.errors import BadInput, require
+
+#: Default equivalence margin (nats): +-0.01 in a log quantity is a 1% ratio of losses / PPLs.
+DEFAULT_EPS = 0.01
+#: Default target power for ``seeds_needed``.
+DEFAULT_POWER = 0.8
+#: Beyond this many seeds an inconclusive point is reported as unreachable (``seeds_needed=None``).
+MAX_SEEDS = 10_000
+
+REGIMES = ("beats", "ties", "degrades", "inconclusive")
+#: Statistic columns of summary.csv (after the point/axis columns given as ``by``).
+SUMMARY_STATS = ("n", "n_diverged", "mean_delta", "se", "ci_low", "ci_high", "t", "df", "p", "p_holm",
+                 "d_z", "boot_low", "boot_high", "p_tost", "eps", "regime", "reason", "seeds_needed")
+ATTRIBUTION_COLUMNS = ("contrast", "kind", "reference", "treated", "n", "n_diverged", "mean_delta", "se",
+                       "ci_low", "ci_high", "t", "df", "p", "d_z", "note")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-seed metrics
+
+
+def balanced_log_ppl(nll_sum, tokens):
+    """Balanced log-PPL (nats): ``mean_m nll_sum[..., m] / tokens[..., m]``.
+
+    Args:
+        nll_sum: summed token NLL per domain, ``(..., M)`` (numpy array or torch tensor).
+        tokens: token count per domain, ``(..., M)``, every entry > 0.
+    Returns:
+        ``(...)``: each domain's mean token NLL, averaged with equal weight over the M domains.
+    """
+    nll_sum, tokens = _as_array(nll_sum), _as_array(tokens)
+    if not bool((tokens > 0).all()):
+        raise ValueError("balanced_log_ppl: every domain needs at least one token")
+    return (nll_sum / tokens).mean(-1)  # (..., M) -> (...)
+
+
+def token_weighted_log_ppl(nll_sum, tokens):
+    """Token-weighted (pooled) log-PPL ``sum_m nll_sum / sum_m tokens``, ``(..., M) -> (...)``.
+
+    NOT the study's metric: a domain with many tokens dominates. Kept only to show, in tests and
+    docs, how pooling can flip a conclusion that the balanced metric gets right.
+    """
+    nll_sum, tokens = _as_array(nll_sum), _as_array(tokens)
+    return nll_sum.sum(-1) / tokens.sum(-1)  # (..., M) -> (...)
+
+
+def _as_array(x):
+    return x if hasattr(x, "shape") and hasattr(x, "sum") else np.asarray(x, dtype=float)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired comparison
+
+
+def t_to_p(t, df):
+    """Two-sided p-value of a t statistic: ``2 * P(T_df > |t|)`` (scalars or arrays)."""
+    return 2.0 * stats.t.sf(np.abs(t), df)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """A paired comparison over seeds of ``delta_i = reference_i - test_i`` (positive = test better).
+
+    ``n`` finite pairs entered the statistics; ``n_diverged`` pairs had a non-finite value on either
+    side (``diverged_reference`` / ``diverged_test`` count the sides) and were dropped.
+    ``mean, sd`` are the sample mean and SD (ddof=1) of delta, ``se = sd / sqrt(n)``,
+    ``t = mean / se`` on ``df = n - 1``, ``p`` two-sided; ``[ci_low, ci_high]`` is the t interval
+    ``mean -+ t_{1-alpha/2, df} se``; ``d_z = mean / sd`` (Cohen's d for paired data);
+    ``[boot_low, boot_high]`` the seeded percentile bootstrap interval of the mean; ``p_tost`` the
+    larger p of the two one-sided tests ``H0: mean <= -eps`` and ``H0: mean >= eps``.
+    With fewer than 2 pairs the spread-based fields are NaN; with zero spread (all deltas equal)
+    they take their limits (``se = 0``, ``t = +-inf``, ``p`` 0 or 1, a zero-width CI).
+    """
+
+    n: int
+    n_diverged: int
+    mean: float
+    sd: float
+    se: float
+    t: float
+    df: float
+    p: float
+    ci_low: float
+    ci_high: float
+    d_z: float
+    boot_low: float
+    boot_high: float
+    p_tost: float
+    eps: float
+    alpha: float = 0.05
+    diverged_reference: int = 0
+    diverged_test: int = 0
+
+    @property
+    def zero_variance(self) -> bool:
+        return self.n >= 2 and self.sd == 0.0
+
+
+def _check_eps_alpha(eps: float, alpha: float) -> None:
+    require(isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0, "eps", eps,
+            "a positive equivalence margin in nats, fixed before the comparison")
+    require(isinstance(alpha, (int, float)) and 0 < alpha < 1, "alpha", alpha, "a number in (0, 1)")
+
+
+def paired(reference, test, eps: float = DEFAULT_EPS, alpha: float = 0.05, n_boot: int = 10_000,
+           seed: int = 0) -> Paired:
+    """Paired comparison of two arms (or cells) over seeds.
+
+    Args:
+        reference, test: ``(S,)`` values of a log quantity (lower is better), aligned by seed.
+            NaN/inf on either side marks a diverged pair: counted, then dropped.
+        eps: equivalence margin for TOST (> 0), in the units of the values.
+        alpha: level of the two-sided test and of the ``1 - alpha`` intervals.
+        n_boot, seed: bootstrap resamples and the seed of their generator.
+    """
+    _check_eps_alpha(eps, alpha)
+    ref = np.asarray(reference, dtype=float).ravel()
+    tst = np.asarray(test, dtype=float).ravel()
+    if ref.shape != tst.shape:
+        raise ValueError(f"paired: reference has {ref.size} seeds, test has {tst.size}")
+    bad_ref, bad_tst = ~np.isfinite(ref), ~np.isfinite(tst)
+    ok = ~(bad_ref | bad_tst)
+    scale = float(np.abs(np.concatenate([ref[ok], tst[ok]])).max(initial=0.0))
+    return _describe(ref[ok] - tst[ok], int((~ok).sum()), eps, alpha, n_boot, seed,
+                     int(bad_ref.sum()), int(bad_tst.sum()), scale)
+
+
+def _describe(delta: np.ndarray, n_diverged: int, eps: float, alpha: float, n_boot: int, seed: int,
+              div_ref: int = 0, div_tst: int = 0, scale: float = 0.0) -> Paired:
+    """Statistics of finite paired differences ``delta (n,)``.
+
+    ``scale`` is the magnitude of the values the deltas came from: a spread of deltas below the
+    rounding error of such values (``16 eps_machine scale``) counts as zero spread, since a t
+    statistic of 1e15 from rounding noise is not evidence.
+    """
+    n = int(delta.size)
+    nan = float("nan")
+    common = dict(n=n, n_diverged=n_diverged, eps=float(eps), alpha=float(alpha),
+                  diverged_reference=div_ref, diverged_test=div_tst)
+    if n == 0:
+        return Paired(mean=nan, sd=nan, se=nan, t=nan, df=nan, p=nan, ci_low=nan, ci_high=nan, d_z=nan,
+                      boot_low=nan, boot_high=nan, p_tost=nan, **common)
+    mean = float(delta.mean())
+    if n == 1:
+        return Paired(mean=mean, sd=nan, se=nan, t=nan, df=0.0, p=nan, ci_low=nan, ci_high=nan, d_z=nan,
+                      boot_low=nan, boot_high=nan, p_tost=nan, **common)
+    df = float(n - 1)
+    tiny = 16 * np.finfo(float).eps * max(scale, float(np.abs(delta).max()))
+    if np.ptp(delta) <= tiny:  # zero spread: take the limits instead of dividing 0 by 0
+        mean = float(np.median(delta))
+        t = math.copysign(math.inf, mean) if mean != 0 else 0.0
+        return Paired(mean=mean, sd=0.0, se=0.0, t=t, df=df, p=0.0 if mean != 0 else 1.0,
+                      ci_low=mean, ci_high=mean, d_z=t, boot_low=mean, boot_high=mean,
+                      p_tost=0.0 if abs(mean) < eps else 1.0, **common)
+    sd = float(delta.std(ddof=1))
+    se = sd / math.sqrt(n)
+    t = mean / se
+    half = float(stats.t.isf(alpha / 2, df)) * se
+    p_low = float(stats.t.sf((mean + eps) / se, df))   # H0: mean <= -eps
+    p_upp = float(stats.t.cdf((mean - eps) / se, df))  # H0: mean >= +eps
+    boot_low, boot_high = bootstrap_ci(delta, alpha, n_boot, seed)
+    return Paired(mean=mean, sd=sd, se=se, t=t, df=df, p=float(t_to_p(t, df)), ci_low=mean - half,
+                  ci_high=mean + half, d_z=mean / sd, boot_low=boot_low, boot_high=boot_high,
+                  p_tost=max(p_low, p_upp), **common)
+
+
+def bootstrap_ci(delta, alpha: float = 0.05, n_boot: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap ``1 - alpha`` interval of the mean of ``delta (n,)``.
+
+    Resamples seeds with replacement: ``idx (n_boot, n)`` from ``numpy.random.default_rng(seed)``,
+    so the same seed gives the same interval. With n = 2 or 3 the bootstrap has only a handful of
+    distinct resamples and is optimistic; the t interval is the one used for decisions.
+    """
+    delta = np.asarray(delta, dtype=float)
+    require(isinstance(n_boot, int) and n_boot >= 1, "n_boot", n_boot, "a positive integer")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, delta.size, size=(n_boot, delta.size))  # (n_boot, n)
+    means = delta[idx].mean(axis=1)                                 # (n_boot,)
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def holm(pvals) -> np.ndarray:
+    """Holm step-down adjusted p-values; NaN entries stay NaN and do not count towards m.
+
+    With the m finite p-values sorted ascending, ``p_adj_(j) = max_{i <= j} min(1, (m - i) p_(i))``
+    (i from 0). Any shape; the output has the input's shape.
+    """
+    p = np.asarray(pvals, dtype=float)
+    out = np.full(p.shape, np.nan)
+    finite = np.isfinite(p)
+    q = p[finite]
+    if q.size and (q.min() < 0 or q.max() > 1):
+        raise ValueError("holm: p-values must lie in [0, 1]")
+    m = q.size
+    order = np.argsort(q, kind="stable")
+    adj = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * q[order]))
+    res = np.empty(m)
+    res[order] = adj
+    out[finite] = res
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Power and the number of seeds that would resolve an inconclusive point
+
+
+def power_paired_t(mean: float, sd: float, n, alpha: float = 0.05):
+    """Power of the two-sided paired t test at true mean delta ``mean`` and SD ``sd`` with n seeds.
+
+    ``T ~ noncentral t(df = n - 1, nc = sqrt(n) mean / sd)``; power =
+    ``P(T > t_{1-alpha/2}) + P(T < -t_{1-alpha/2})``, the formula of statsmodels' ``TTestPower``.
+    scipy's noncentral t returns NaN for some large ``nc`` at small df (statsmodels inherits it);
+    those entries are computed by the exact integral over the sample SD instead (`_power_t_integral`).
+    """
+    n = np.asarray(n, dtype=float)
+    df, nc = n - 1, np.sqrt(n) * mean / sd
+    crit = stats.t.isf(alpha / 2, df)
+    out = np.asarray(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc), dtype=float)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        out = out.copy()
+        out[bad] = [_power_t_integral(mean, sd, int(k), alpha) for k in np.broadcast_to(n, out.shape)[bad]]
+    return out if out.ndim else float(out)
+
+
+def _power_t_integral(mean: float, sd: float, n: int, alpha: float) -> float:
+    """Two-sided paired t power as ``E_W[P(|xbar| > c s / sqrt(n) | s)]``, ``s = sd sqrt(W/df)``."""
+    df, rn = n - 1, math.sqrt(n)
+    c = float(stats.t.isf(alpha / 2, df))
+
+    def integrand(u: float) -> float:
+        half = c * sd * math.sqrt(2.0 * special.gammaincinv(df / 2, u) / df) / rn  # c s / sqrt(n)
+        return special.ndtr((mean - half) * rn / sd) + special.ndtr((-half - mean) * rn / sd)
+
+    val, _ = integrate.quad(integrand, 0.0, 1.0, limit=200, epsabs=1e-12, epsrel=1e-10)
+    return float(min(1.0, max(0.0, val)))
+
+
+def power_tost(mean: float, sd: float, n: int, eps: float, alpha: float = 0.05) -> float:
+    """Exact power of the paired TOST at level alpha for margin eps (true mean delta, SD, n seeds).
+
+    With ``xbar ~ N(mean, sd^2/n)`` independent of ``s = sd sqrt(W/df)``, ``W ~ chi2(df)``, and
+    ``c = t_{1-alpha, df}``, TOST rejects iff ``-eps + c s/sqrt(n) < xbar < eps - c s/sqrt(n)``. So
+    power = ``E_W[max(0, Phi(u(W)) - Phi(l(W)))]``, integrated over W up to the point where the
+    window closes (``c s / sqrt(n) = eps``). The integral runs on the chi2 quantile scale
+    ``u = F_chi2(W)``, where the integrand is smooth and bounded on a finite interval.
+    """
+    if n < 2:
+        return 0.0
+    df, rn = n - 1, math.sqrt(n)
+    c = float(stats.t.isf(alpha, df))
+    u_max = float(special.gammainc(df / 2, df * (eps * rn / (c * sd)) ** 2 / 2))  # chi2 cdf at the closing W
+
+    def integrand(u: float) -> float:  # scipy.special directly: the integrand runs hundreds of times
+        w = 2.0 * special.gammaincinv(df / 2, u)  # chi2 quantile
+        half = c * sd * math.sqrt(w / df) / rn
+        return max(0.0, special.ndtr((eps - half - mean) * rn / sd) - special.ndtr((-eps + half - mean) * rn / sd))
+
+    val, _ = integrate.quad(integrand, 0.0, u_max, limit=200, epsabs=1e-12, epsrel=1e-10)
+    return float(min(1.0, max(0.0, val)))
+
+
+def _smallest_n(power_at: Callable[[int], float], target: float, n_max: int) -> int | None:
+    """Smallest n in [2, n_max] with ``power_at(n) >= target`` for a power increasing in n."""
+    if power_at(n_max) < target:
+        return None
+    lo, hi = 1, 2  # invariant once hi is found: power_at(lo) < target <= power_at(hi)
+    while power_at(hi) < target:
+        lo, hi = hi, min(2 * hi, n_max)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if power_at(mid) < target else (lo, mid)
+    return hi
+
+
+def seeds_needed(mean: float, sd: float, eps: float, alpha: float = 0.05, power: float = DEFAULT_POWER,
+                 n_max: int = MAX_SEEDS) -> tuple[int | None, str]:
+    """Total seeds for power ``power`` at the observed mean delta and SD, with a one-line reason.
+
+    If ``|mean| < eps`` the point looks like a tie, so the count is for the TOST to show
+    equivalence; otherwise for the two-sided paired t test to show a difference. ``None`` when no n
+    up to ``n_max`` reaches the power (e.g. a mean of ~0 for the difference test). The observed
+    mean and SD are noisy with few seeds: treat the count as a planning guide, not a promise.
+    """
+    if not (math.isfinite(mean) and math.isfinite(sd)) or sd <= 0:
+        return None, "no spread estimate"
+    if abs(mean) < eps:
+        n = _smallest_n(lambda k: power_tost(mean, sd, k, eps, alpha), power, n_max)
+        what = f"TOST (equivalence within +-{eps:g})"
+    else:
+        n = _smallest_n(lambda k: float(power_paired_t(mean, sd, k, alpha)), power, n_max)
+        what = "paired t test"
+    if n is None:
+        return None, f"{what} does not reach power {power:g} with <= {n_max} seeds at mean {mean:.3g}, sd {sd:.3g}"
+    return n, f"~{n} seeds give the {what} power {power:g} at the observed mean {mean:.3g} and sd {sd:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Regimes
+
+
+def classify(pr: Paired, p_holm: float, alpha: float | None = None, power: float = DEFAULT_POWER,
+             n_max: int = MAX_SEEDS) -> tuple[str, str, int | None]:
+    """Regime of one point from its paired result and Holm-adjusted p: ``(regime, reason, seeds_needed)``.
+
+    - ``beats``: ``p_holm < alpha`` and ``ci_low > 0``; ``degrades``: ``p_holm < alpha`` and
+      ``ci_high < 0``;
+    - ``ties``: ``p_tost < alpha`` and the ``1 - alpha`` CI inside ``(-eps, eps)``;
+    - otherwise ``inconclusive`` with the seeds that would resolve it (``seeds_needed``).
+    Edge cases never give NaN: no pairs, all diverged, one seed and zero spread each get a reason.
+    """
+    alpha = pr.alpha if alpha is None else alpha
+    eps = pr.eps
+    div = f"; {pr.n_diverged} diverged pair(s) dropped" if pr.n_diverged else ""
+    if pr.n_diverged:
+        div += f" (reference {pr.diverged_reference}, test {pr.diverged_test})"
+    if pr.n == 0:
+        why = "all runs diverged" if pr.n_diverged else "no paired seeds"
+        return "inconclusive", why + div, None
+    if pr.n == 1:
+        return "inconclusive", f"one seed: no variance estimate (delta {pr.mean:.4g}){div}", None
+    if pr.zero_variance:
+        if abs(pr.mean) < eps:
+            return "ties", f"zero variance: all {pr.n} deltas equal {pr.mean:.4g}, inside +-{eps:g}{div}", None
+        regime = "beats" if pr.mean > 0 else "degrades"
+        return regime, f"zero variance, all seeds agree: every delta = {pr.mean:.4g}{div}", None
+    ci = f"CI [{pr.ci_low:.4g}, {pr.ci_high:.4g}]"
+    if math.isfinite(p_holm) and p_holm < alpha and (pr.ci_low > 0 or pr.ci_high < 0):
+        regime = "beats" if pr.ci_low > 0 else "degrades"
+        side = "above" if regime == "beats" else "below"
+        inside = pr.p_tost < alpha and -eps < pr.ci_low and pr.ci_high < eps
+        also = f"; also within +-{eps:g} (practically equivalent)" if inside else ""
+        return regime, f"p_holm {p_holm:.3g} < {alpha:g}, {ci} {side} 0{also}{div}", None
+    if pr.p_tost < alpha and -eps < pr.ci_low and pr.ci_high < eps:
+        return "ties", f"TOST p {pr.p_tost:.3g} < {alpha:g}, {ci} inside +-{eps:g}{div}", None
+    n, why = seeds_needed(pr.mean, pr.sd, eps, alpha, power, n_max)
+    head = f"p_holm {p_holm:.3g}, TOST p {pr.p_tost:.3g}, {ci}"
+    return "inconclusive", f"{head}; {why}{div}", n
+
+
+def _row(pr: Paired) -> dict[str, Any]:
+    return dict(n=pr.n, n_diverged=pr.n_diverged, mean_delta=pr.mean, se=pr.se, ci_low=pr.ci_low,
+                ci_high=pr.ci_high, t=pr.t, df=pr.df, p=pr.p, d_z=pr.d_z, boot_low=pr.boot_low,
+                boot_high=pr.boot_high, p_tost=pr.p_tost, eps=pr.eps)
+
+
+def _require_columns(df: pd.DataFrame, cols: list[str], what: str) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise BadInput(what, ", ".join(missing), f"a table with columns {', '.join(cols)} (missing)")
+
+
+def _finite_values(df: pd.DataFrame, value: str) -> pd.Series:
+    """``value`` as floats, NaN where the row is flagged ``diverged`` (flag optional)."""
+    vals = pd.to_numeric(df[value], errors="coerce").astype(float)
+    if "diverged" in df.columns:
+        flag = df["diverged"].map(lambda v: str(v).strip().lower() in ("true", "1", "1.0", "yes"))
+        vals = vals.mask(flag.to_numpy(bool))
+    return vals
+
+
+def summarize(df: pd.DataFrame, by: list[str], reference_arm: str = "grad", test_arm: str = "evo",
+              value: str = "log_loss", eps: float = DEFAULT_EPS, alpha: float = 0.05, n_boot: int = 10_000,
+              seed: int = 0, power: float = DEFAULT_POWER) -> pd.DataFrame:
+    """Per-point regimes from a tidy results table (the rows of summary.csv).
+
+    Args:
+        df: one row per (point, seed, arm) with columns ``by + [seed, arm, value]`` and optionally
+            ``diverged`` (a flagged row counts as diverged even if its value is finite).
+        by: the columns that identify a point, e.g. ``["point", "alignment"]``.
+    Arms are paired by seed within each point; seeds present in only one arm are dropped and named
+    in the reason. Holm's correction runs over ALL points of the table. Columns of the result:
+    ``by`` then ``SUMMARY_STATS``.
+    """
+    _check_eps_alpha(eps, alpha)
+    _require_columns(df, [*by, "seed", "arm", value], "results table")
+    arms = set(df["arm"].astype(str))
+    for flag, arm in (("--reference-arm", reference_arm), ("--test-arm", test_arm)):
+        if arm not in arms:
+            raise BadInput(flag, arm, f"an arm present in the results table ({', '.join(sorted(arms))})")
+    work = df.assign(_v=_finite_values(df, value), arm=df["arm"].astype(str))
+    dup = work.duplicated([*by, "seed", "arm"])
+    if dup.any():
+        first = work.loc[dup, [*by, "seed", "arm"]].iloc[0].to_dict()
+        raise BadInput("results table", first, "one row per (point, seed, arm)")
+    rows, results = [], []
+    for key, g in work.groupby(by, sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        ref = g[g["arm"] == reference_arm].set_index("seed")["_v"]
+        tst = g[g["arm"] == test_arm].set_index("seed")["_v"]
+        common = ref.index.intersection(tst.index).sort_values()
+        unpaired = len(ref.index.symmetric_difference(tst.index))
+        pr = paired(ref.loc[common].to_numpy(), tst.loc[common].to_numpy(), eps, alpha, n_boot, seed)
+        rows.append(dict(zip(by, key)))
+        results.append((pr, unpaired))
+    p_adj = holm([pr.p for pr, _ in results])
+    for row, (pr, unpaired), ph in zip(rows, results, p_adj):
+        regime, reason, need = classify(pr, float(ph), alpha, power)
+        if unpaired:
+            reason += f"; {unpaired} seed(s) present in only one arm dropped"
+        row.update(_row(pr), p_holm=float(ph), regime=regime, reason=reason, seeds_needed=need)
+    out = pd.DataFrame(rows, columns=[*by, *SUMMARY_STATS])
+    out["seeds_needed"] = out["seeds_needed"].astype("Int64")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Factorial attribution
+
+
+def attribution(table: pd.DataFrame, value: str = "balanced_log_ppl", eps: float = DEFAULT_EPS,
+                alpha: float = 0.05, cell_col: str = "cell", n_boot: int = 10_000, seed: int = 0) -> pd.DataFrame:
+    """Named contrasts of the factorial, the one-factor chain and its gap to the direct contrast.
+
+    Args:
+        table: one row per (cell, seed) with columns ``cell_col, seed, value`` (and optionally
+            ``diverged``); cell names in any accepted spelling (``L+R``, ``full``, ``B3``).
+    Rows (columns ``ATTRIBUTION_COLUMNS``):
+    - ``kind = named``: every contrast of ``sandbox.cells.CONTRASTS`` whose two cells are present,
+      ``delta_s = value_s(reference) - value_s(treated)`` paired by seed (positive = treated better).
+    - ``kind = chain_sum``: per seed, the sum of the ``CHAIN`` step deltas (router + scope +
+      lifecycle, B3 -> R -> R+E -> R+E+L), over seeds finite in all four cells.
+    - ``kind = chain_gap``: ``chain_sum.mean_delta - full.mean_delta``. The chain telescopes, so
+      on identical seed sets the gap is 0 up to rounding; a non-zero gap means different seeds
+      (missing or diverged runs) entered the chain and the direct contrast.
+    """
+    _check_eps_alpha(eps, alpha)
+    _require_columns(table, [cell_col, "seed", value], "cells table")
+    work = table.assign(_cell=[parse_cell(c, f"cells table column {cell_col!r}") for c in table[cell_col]],
+                        _v=_finite_values(table, value))
+    dup = work.duplicated(["_cell", "seed"])
+    if dup.any():
+        raise BadInput("cells table", work.loc[dup, [cell_col, "seed"]].iloc[0].to_dict(), "one row per (cell, seed)")
+    wide = work.pivot(index="seed", columns="_cell", values="_v")        # (seeds, cells), NaN = diverged
+    present = work.assign(_p=True).pivot(index="seed", columns="_cell", values="_p").fillna(False).astype(bool)
+
+    def pair_cells(cells: list[Cell]) -> tuple[pd.DataFrame, int, list[int]]:
+        """Values of `cells` on the seeds that have a row for every one of them."""
+        have = present[cells].all(axis=1)
+        vals = wide.loc[have, cells]                                     # (seeds, len(cells))
+        bad = ~np.isfinite(vals.to_numpy())                              # (seeds, len(cells))
+        return vals, int(bad.any(axis=1).sum()), [int(b) for b in bad.sum(axis=0)]
+
+    rows: list[dict[str, Any]] = []
+    by_name: dict[str, Paired] = {}
+    for c in contrasts_for(list(wide.columns)):
+        vals, _, _ = pair_cells([c.reference, c.treated])
+        pr = paired(vals[c.reference].to_numpy(), vals[c.treated].to_numpy(), eps, alpha, n_boot, seed)
+        by_name[c.name] = pr
+        rows.append(dict(contrast=c.name, kind="named", reference=c.reference.name, treated=c.treated.name,
+                         **_attr_stats(pr), note=c.description))
+    named = {c.name: c for c in CONTRASTS}
+    if all(k in by_name for k in CHAIN):
+        steps = [named[k] for k in CHAIN]
+        cells = [steps[0].reference] + [s.treated for s in steps]
+        vals, n_bad, _ = pair_cells(cells)
+        finite = vals.dropna()
+        chain = sum(finite[s.reference].to_numpy() - finite[s.treated].to_numpy() for s in steps)  # (seeds,)
+        pr = _describe(np.asarray(chain, dtype=float), n_bad, eps, alpha, n_boot, seed)
+        rows.append(dict(contrast="chain_sum", kind="chain_sum", reference=cells[0].name, treated=cells[-1].name,
+                         **_attr_stats(pr), note="sum per seed of " + " + ".join(CHAIN)))
+        if "full" in by_name:
+            full = by_name["full"]
+            same = full.n == pr.n and full.n_diverged == pr.n_diverged
+            gap = pr.mean - full.mean
+            note = ("telescoping chain: identical seeds, so the gap is rounding only" if same else
+                    f"chain on {pr.n} seeds vs full on {full.n}: the gap comes from different seed sets")
+            nan = float("nan")
+            rows.append(dict(contrast="chain_sum - full", kind="chain_gap", reference=cells[0].name,
+                             treated=cells[-1].name, n=min(pr.n, full.n), n_diverged=max(pr.n_diverged, full.n_diverged),
+                             mean_delta=gap, se=nan, ci_low=nan, ci_high=nan, t=nan, df=nan, p=nan, d_z=nan,
+                             note=note))
+    return pd.DataFrame(rows, columns=list(ATTRIBUTION_COLUMNS))
+
+
+def _attr_stats(pr: Paired) -> dict[str, Any]:
+    return dict(n=pr.n, n_diverged=pr.n_diverged, mean_delta=pr.mean, se=pr.se, ci_low=pr.ci_low,
+                ci_high=pr.ci_high, t=pr.t, df=pr.df, p=pr.p, d_z=pr.d_z)
