@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,9 +134,15 @@ def split_factors(U: Tensor, S: Tensor, Vh: Tensor, rank: int) -> tuple[Tensor, 
     """
     q = S.shape[-1]
     if q < rank:  # pad with zero singular values so the slot keeps its rank-r shape
-        pad = rank - q
+        pad, d_in = rank - q, Vh.shape[-1]
+        # complete Vh's rows with orthonormal directions (Householder QR of [Vh^T, I]) so the padded
+        # A rows stay trainable; rows beyond d_in stay zero
+        eye = torch.eye(d_in, dtype=Vh.dtype, device=Vh.device)[:, :min(rank, d_in)]
+        Qc, _ = torch.linalg.qr(torch.cat([Vh.transpose(-1, -2), eye.expand(*Vh.shape[:-2], *eye.shape)], dim=-1))
+        extra = Qc[..., :, q:rank].transpose(-1, -2)  # (*b, <= pad, d_in)
+        extra = torch.cat([extra, Vh.new_zeros(*Vh.shape[:-2], pad - extra.shape[-2], d_in)], dim=-2)
         U = torch.cat([U, U.new_zeros(*U.shape[:-1], pad)], dim=-1)
-        Vh = torch.cat([Vh, Vh.new_zeros(*Vh.shape[:-2], pad, Vh.shape[-1])], dim=-2)
+        Vh = torch.cat([Vh, extra], dim=-2)
         S = torch.cat([S, S.new_zeros(*S.shape[:-1], pad)], dim=-1)
     S = S[..., :rank].clamp_min(0)
     null = S <= NULL_RTOL * S[..., :1]  # (*b, rank); all True for a zero product
@@ -317,7 +324,7 @@ class AdapterBank(nn.Module):
             state = torch.load(path, map_location=map_location, weights_only=True)
             cfg = BankConfig(**{**state["config"], "batch_shape": tuple(state["config"]["batch_shape"])})
             A, B = state["A"], state["B"]
-        except (OSError, KeyError, TypeError, RuntimeError) as e:
+        except (OSError, KeyError, TypeError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
             raise BadInput(str(path), type(e).__name__, "an adapter bank written by AdapterBank.save") from None
         bank = cls.from_factors(A, B, cfg.alpha)
         if bank.cfg != cfg:
