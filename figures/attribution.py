@@ -4,8 +4,8 @@ Rows of attribution.csv: ``contrast, kind, reference, treated, n, mean_delta, se
 t, df, p, d_z`` with ``kind`` = ``named`` (one paired contrast between two cells) or ``chain_sum``
 (the one-factor steps router + scope + lifecycle summed per seed). For every row
 ``delta = log PPL(reference) - log PPL(treated)``, so a positive delta means the treated cell is
-better. Other kinds (e.g. a gap row) are kept out of the rows; the gap between the chain's sum and
-the direct ``full`` contrast is computed here and printed in the title.
+better. A ``chain_gap`` row (chain_sum - full, as `sandbox.stats.attribution` writes it) is not
+drawn as a row; its value (or, without it, the difference computed here) is printed in the title.
 
 Layout: one row per named contrast (mean delta as a dot, 95% CI whiskers), then the direct
 ``full`` (R+E+L vs B3) row with the ``chain_sum`` row right beneath it, a vertical line at 0, and a
@@ -50,7 +50,11 @@ def collect(attribution: pd.DataFrame, study: bool = False) -> pd.DataFrame:
                      for c, k in zip(rows["contrast"], rows["kind"])]
     full = rows.loc[(rows["kind"] == "named") & (rows["contrast"] == "full"), "mean_delta"]
     csum = rows.loc[rows["kind"] == "chain_sum", "mean_delta"]
-    rows.attrs["gap"] = float(csum.iloc[0] - full.iloc[0]) if len(full) and len(csum) else float("nan")
+    gap_row = df[df["kind"] == "chain_gap"]
+    if len(gap_row):  # the statistics module states the gap itself (and why it is not zero)
+        rows.attrs["gap"] = float(gap_row["mean_delta"].iloc[0])
+    else:
+        rows.attrs["gap"] = float(csum.iloc[0] - full.iloc[0]) if len(full) and len(csum) else float("nan")
     return rows
 
 

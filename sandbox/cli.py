@@ -46,8 +46,9 @@ def _root(
 def _register() -> None:
     # One line per command module; each module defines `register(app)`.
     from sandbox.commands import cells as _cells
+    from sandbox.commands import report as _report
 
-    for mod in (_cells,):
+    for mod in (_cells, _report):
         mod.register(app)
 
 
