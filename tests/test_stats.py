@@ -203,6 +203,21 @@ def test_power_tost_against_monte_carlo():
         assert approx <= exact + 1e-9
 
 
+def test_seeds_needed_accounts_for_the_holm_family():
+    one, _ = seeds_needed(0.05, 0.05, eps=0.01)
+    many, why = seeds_needed(0.05, 0.05, eps=0.01, n_tests=100)
+    assert many > one and "Holm over 100" in why
+    assert _power_t_integral(0.05, 0.05, many, 0.05 / 100) >= 0.8 > _power_t_integral(0.05, 0.05, many - 1, 0.05 / 100)
+
+
+def test_docstring_example_runs():
+    import doctest
+
+    import sandbox.stats
+
+    assert doctest.testmod(sandbox.stats).failed == 0
+
+
 def test_tost_seeds_needed_and_unreachable():
     n, why = seeds_needed(0.01, 0.05, eps=0.05)
     assert "TOST" in why and power_tost(0.01, 0.05, n, 0.05) >= 0.8 > power_tost(0.01, 0.05, n - 1, 0.05)
