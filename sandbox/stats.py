@@ -136,10 +136,17 @@ class Paired:
         return self.n >= 2 and self.sd == 0.0
 
 
+def _number(x: Any) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def _check_eps_alpha(eps: float, alpha: float) -> None:
-    require(isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0, "eps", eps,
-            "a positive equivalence margin in nats, fixed before the comparison")
-    require(isinstance(alpha, (int, float)) and 0 < alpha < 1, "alpha", alpha, "a number in (0, 1)")
+    e, a = _number(eps), _number(alpha)
+    require(math.isfinite(e) and e > 0, "eps", eps, "a positive equivalence margin in nats, fixed before the comparison")
+    require(0 < a < 1, "alpha", alpha, "a number in (0, 1)")
 
 
 def paired(reference, test, eps: float = DEFAULT_EPS, alpha: float = 0.05, n_boot: int = 10_000,
@@ -501,17 +508,14 @@ def attribution(table: pd.DataFrame, value: str = "balanced_log_ppl", eps: float
     wide = work.pivot(index="seed", columns="_cell", values="_v")        # (seeds, cells), NaN = diverged
     present = work.assign(_p=True).pivot(index="seed", columns="_cell", values="_p").fillna(False).astype(bool)
 
-    def pair_cells(cells: list[Cell]) -> tuple[pd.DataFrame, int, list[int]]:
-        """Values of `cells` on the seeds that have a row for every one of them."""
-        have = present[cells].all(axis=1)
-        vals = wide.loc[have, cells]                                     # (seeds, len(cells))
-        bad = ~np.isfinite(vals.to_numpy())                              # (seeds, len(cells))
-        return vals, int(bad.any(axis=1).sum()), [int(b) for b in bad.sum(axis=0)]
+    def rows_for(cells: list[Cell]) -> pd.DataFrame:
+        """Values of `cells` on the seeds that have a row for every one of them, ``(seeds, cells)``."""
+        return wide.loc[present[cells].all(axis=1), cells]
 
     rows: list[dict[str, Any]] = []
     by_name: dict[str, Paired] = {}
     for c in contrasts_for(list(wide.columns)):
-        vals, _, _ = pair_cells([c.reference, c.treated])
+        vals = rows_for([c.reference, c.treated])
         pr = paired(vals[c.reference].to_numpy(), vals[c.treated].to_numpy(), eps, alpha, n_boot, seed)
         by_name[c.name] = pr
         rows.append(dict(contrast=c.name, kind="named", reference=c.reference.name, treated=c.treated.name,
@@ -520,15 +524,17 @@ def attribution(table: pd.DataFrame, value: str = "balanced_log_ppl", eps: float
     if all(k in by_name for k in CHAIN):
         steps = [named[k] for k in CHAIN]
         cells = [steps[0].reference] + [s.treated for s in steps]
-        vals, n_bad, _ = pair_cells(cells)
-        finite = vals.dropna()
+        vals = rows_for(cells)
+        ok = np.isfinite(vals.to_numpy()).all(axis=1)                    # (seeds,) finite in every chain cell
+        finite = vals[ok]
         chain = sum(finite[s.reference].to_numpy() - finite[s.treated].to_numpy() for s in steps)  # (seeds,)
-        pr = _describe(np.asarray(chain, dtype=float), n_bad, eps, alpha, n_boot, seed)
+        scale = float(np.abs(finite.to_numpy()).max(initial=0.0))
+        pr = _describe(np.asarray(chain, dtype=float), int((~ok).sum()), eps, alpha, n_boot, seed, scale=scale)
         rows.append(dict(contrast="chain_sum", kind="chain_sum", reference=cells[0].name, treated=cells[-1].name,
                          **_attr_stats(pr), note="sum per seed of " + " + ".join(CHAIN)))
         if "full" in by_name:
             full = by_name["full"]
-            same = full.n == pr.n and full.n_diverged == pr.n_diverged
+            same = full.n == pr.n  # the chain's seeds are a subset of the direct contrast's
             gap = pr.mean - full.mean
             note = ("telescoping chain: identical seeds, so the gap is rounding only" if same else
                     f"chain on {pr.n} seeds vs full on {full.n}: the gap comes from different seed sets")

@@ -461,3 +461,29 @@ def test_attribution_partial_cells_and_bad_input():
         attribution(bad)
     with pytest.raises(BadInput, match="one row per"):
         attribution(pd.concat([t, t.iloc[:1].assign(cell="b3")]))
+
+
+def test_attribution_reproduces_the_study_table():
+    # per-seed deltas with the study's means and t values (n = 3): router +0.0426 (t = 12.86),
+    # lifecycle -0.028 (t = -4.46), full +0.015 (t = 1.94); scope is whatever closes the chain
+    def with_t(mean, t, pattern):
+        z = (pattern - pattern.mean()) / pattern.std(ddof=1)
+        return mean + z * abs(mean) * math.sqrt(3) / abs(t)
+
+    d_r = with_t(0.0426, 12.86, np.array([0.0, 1.0, 3.0]))
+    d_l = with_t(-0.028, -4.46, np.array([2.0, 0.0, 1.0]))
+    d_full = with_t(0.015, 1.94, np.array([0.0, 2.0, 1.0]))
+    d_e = d_full - d_r - d_l
+    b3 = np.array([3.10, 3.05, 3.12])
+    r = b3 - d_r
+    re = r - d_e
+    rel = re - d_l
+    t = pd.DataFrame([dict(cell=c, seed=s, balanced_log_ppl=v[i])
+                      for c, v in (("B3", b3), ("R", r), ("R+E", re), ("full", rel)) for i, s in enumerate((42, 137, 2026))])
+    out = attribution(t, eps=0.01, n_boot=100).set_index("contrast")
+    assert out.loc["router", "t"] == pytest.approx(12.86) and round(out.loc["router", "p"], 3) == 0.006
+    assert out.loc["lifecycle", "t"] == pytest.approx(-4.46) and round(out.loc["lifecycle", "p"], 3) == 0.047
+    assert out.loc["full", "t"] == pytest.approx(1.94) and round(out.loc["full", "p"], 2) == 0.19
+    assert out.loc["scope", "mean_delta"] == pytest.approx(0.015 - 0.0426 + 0.028, abs=1e-12)
+    assert out.loc["chain_sum", "mean_delta"] == pytest.approx(0.015, abs=1e-12)
+    assert abs(out.loc["chain_sum - full", "mean_delta"]) < 1e-12
