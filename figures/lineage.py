@@ -1,18 +1,23 @@
 """Lifecycle timeline from `lifecycle.csv`: deaths, births (linked to their parents) and inheritance.
 
 Rows of lifecycle.csv: ``step, event, slot, slot_id, parent_id, neighbour_id`` (+ optional
-``seed``, ``cell``, ``parent_slot``, ``neighbour_slot``). ``slot`` is the position 0..K-1 and
-``slot_id`` the adapter's identity (ids are never reused). Events:
+``seed``, ``cell``, ``parent_slot``, ``neighbour_slot``, and the extra columns `sandbox.lifecycle`
+writes). ``slot`` is the position 0..K-1 and ``slot_id`` the adapter's identity (ids are never
+reused). Events, as `sandbox.lifecycle.lifecycle_step` records them:
 
 - ``death``: adapter ``slot_id`` leaves ``slot``;
 - ``birth``: adapter ``slot_id`` is created in ``slot`` as a mutated clone of ``parent_id``;
-- ``inherit``: the dying adapter ``slot_id`` (in ``slot``) is blended into ``neighbour_id``.
+- ``inherit`` with ``parent_id >= 0``: the dying adapter ``parent_id`` is blended into adapter
+  ``slot_id`` in ``slot`` (the receiving neighbour; with the ``child`` reading it is the newborn in
+  the dying slot itself);
+- ``inherit`` with ``parent_id = -1``: the dying ``slot_id`` in ``slot`` is blended into
+  ``neighbour_id`` (the other way of writing the same event).
 
-Slots on y, steps on x. A birth is joined to its parent's slot by an arrow; an inheritance to the
-receiving neighbour's slot by a dotted arrow. Where the table has no ``parent_slot`` /
-``neighbour_slot`` column the slot of an id is traced through the events (a birth puts an id in a
-slot, a death removes it); ids never seen in an event are founders and are assumed to sit in the
-slot of the same number (founder ids 0..K-1 in slots 0..K-1, as `sandbox.lifecycle` numbers them).
+Slots on y, steps on x. A birth is joined to its parent's slot by an arrow; an inheritance by a
+dotted arrow from the dying adapter's slot to the receiving one. Where the table has no
+``parent_slot`` / ``neighbour_slot`` columns, the slot of an id is traced through the events (every
+row places ``slot_id`` in ``slot``); ids never seen are founders, which `Population.founders`
+numbers 0..K-1 in slots 0..K-1.
 """
 
 from __future__ import annotations
@@ -42,36 +47,43 @@ def _select(df: pd.DataFrame, col: str, value) -> tuple[pd.DataFrame, object]:
 
 def collect(lifecycle: pd.DataFrame, seed=None, cell=None) -> pd.DataFrame:
     """Events of one run (the first seed/cell unless chosen) ordered by step then death, inherit,
-    birth, with ``parent_slot`` and ``neighbour_slot`` filled (taken from the table or traced)."""
+    birth, with ``link_from`` / ``link_to``: the slots a birth's arrow (parent -> child) or an
+    inheritance's arrow (dying -> receiver) joins (from the table's slot columns, else traced)."""
     df, seed = _select(lifecycle, "seed", seed)
     df, cell = _select(df, "cell", cell)
     df = df.assign(_o=df["event"].map(EVENT_ORDER).fillna(3)).sort_values(["step", "_o"], kind="stable")
     df = df.drop(columns="_o").reset_index(drop=True)
-    where: dict[int, int] = {}
+    last: dict[int, int] = {}  # id -> the slot it was last seen in (deaths keep their slot)
 
     def slot_of(i) -> float:
-        if i is None or not np.isfinite(i) or i < 0:
+        i = _num(i)
+        if not np.isfinite(i) or i < 0:
             return np.nan
-        return float(where.get(int(i), int(i)))  # founders: id k in slot k
+        return float(last.get(int(i), int(i)))  # founders: id k in slot k
 
-    parent_slot, neighbour_slot = [], []
+    def stored(r, col) -> float:
+        return _num(getattr(r, col)) if col in df else np.nan
+
+    link_from, link_to = [], []
     for r in df.itertuples():
-        ps = getattr(r, "parent_slot", np.nan) if "parent_slot" in df else np.nan
-        ns = getattr(r, "neighbour_slot", np.nan) if "neighbour_slot" in df else np.nan
+        src = dst = np.nan
         if r.event == "birth":
-            parent_slot.append(ps if np.isfinite(ps) else slot_of(_num(r.parent_id)))
-            neighbour_slot.append(np.nan)
-            where[int(r.slot_id)] = int(r.slot)
-        elif r.event == "inherit":
-            parent_slot.append(np.nan)
-            neighbour_slot.append(ns if np.isfinite(ns) else slot_of(_num(r.neighbour_id)))
-        else:
-            parent_slot.append(np.nan)
-            neighbour_slot.append(np.nan)
-            if r.event == "death":
-                where.pop(int(r.slot_id), None)
-    df["parent_slot"] = parent_slot
-    df["neighbour_slot"] = neighbour_slot
+            src = stored(r, "parent_slot")
+            src = src if np.isfinite(src) else slot_of(r.parent_id)
+            dst = float(r.slot)
+        elif r.event == "inherit" and _num(r.parent_id) >= 0:  # dying parent_id -> slot_id in slot
+            src = stored(r, "parent_slot")
+            src = src if np.isfinite(src) else slot_of(r.parent_id)
+            dst = float(r.slot)
+        elif r.event == "inherit":  # dying slot_id in slot -> neighbour_id
+            src = float(r.slot)
+            dst = stored(r, "neighbour_slot")
+            dst = dst if np.isfinite(dst) else slot_of(r.neighbour_id)
+        link_from.append(src)
+        link_to.append(dst)
+        last[int(r.slot_id)] = int(r.slot)
+    df["link_from"] = link_from
+    df["link_to"] = link_to
     df.attrs.update(seed=seed, cell=cell)
     return df
 
@@ -101,24 +113,26 @@ def plot(df: pd.DataFrame, n_slots: int | None = None, title: str | None = None)
                                      marker=st["marker"], color=st["color"], s=60, zorder=4,
                                      edgecolors="white", linewidths=0.5, label=f"{st['label']} ({len(sub)})")
         for r in df.itertuples():
-            if r.event == "birth" and np.isfinite(r.parent_slot) and r.parent_slot != r.slot:
-                births.append(ax.annotate("", xy=(r.step + dx, r.slot), xytext=(r.step + dx, r.parent_slot),
+            if not (np.isfinite(r.link_from) and np.isfinite(r.link_to)) or r.link_from == r.link_to:
+                continue  # an in-place event (child inheritance, parent in the same slot) has no arrow
+            if r.event == "birth":
+                births.append(ax.annotate("", xy=(r.step + dx, r.link_to), xytext=(r.step + dx, r.link_from),
                                           arrowprops=dict(arrowstyle="-|>", color=OKABE_ITO["blue"], lw=1.0,
                                                           alpha=0.7, connectionstyle="arc3,rad=0.25",
                                                           shrinkA=3, shrinkB=4), zorder=3))
-            elif r.event == "inherit" and np.isfinite(r.neighbour_slot) and r.neighbour_slot != r.slot:
-                inherits.append(ax.annotate("", xy=(r.step, r.neighbour_slot), xytext=(r.step, r.slot),
+            elif r.event == "inherit":
+                inherits.append(ax.annotate("", xy=(r.step, r.link_to), xytext=(r.step, r.link_from),
                                             arrowprops=dict(arrowstyle="-|>", color=OKABE_ITO["orange"], lw=1.0,
                                                             ls=":", connectionstyle="arc3,rad=-0.25",
                                                             shrinkA=3, shrinkB=4), zorder=3))
-        tails = df[(df["event"] == "birth") & np.isfinite(df["parent_slot"])]
-        parents = ax.scatter(tails["step"].to_numpy(float) + dx, tails["parent_slot"].to_numpy(float), s=22,
+        births_df = df[(df["event"] == "birth") & np.isfinite(df["link_from"])]
+        parents = ax.scatter(births_df["step"].to_numpy(float) + dx, births_df["link_from"].to_numpy(float), s=22,
                              marker="o", facecolors="white", edgecolors=OKABE_ITO["blue"], linewidths=1.0,
                              zorder=4, label="parent")
-        gets = df[(df["event"] == "inherit") & np.isfinite(df["neighbour_slot"])]
-        receivers = ax.scatter(gets["step"].to_numpy(float), gets["neighbour_slot"].to_numpy(float), s=22,
+        inh = df[(df["event"] == "inherit") & np.isfinite(df["link_to"]) & (df["link_to"] != df["slot"])]
+        receivers = ax.scatter(inh["step"].to_numpy(float), inh["link_to"].to_numpy(float), s=22,
                                marker="s", facecolors="white", edgecolors=OKABE_ITO["orange"], linewidths=1.0,
-                               zorder=4, label="receiving neighbour")
+                               zorder=4, label="receiving adapter")
         ax.set_ylim(-0.7, k - 0.3)
         ax.set_yticks(np.arange(k) if k <= 32 else np.linspace(0, k - 1, 9).round())
         ax.set_xlabel("adaptation step")
@@ -128,7 +142,7 @@ def plot(df: pd.DataFrame, n_slots: int | None = None, title: str | None = None)
                 f"cell {df.attrs['cell']}" if df.attrs.get("cell") is not None else ""]
         where = ", ".join(b for b in bits if b)
         ax.set_title(title or f"Lifecycle timeline{(' — ' + where) if where else ''}", fontsize=12)
-        legend = list(markers.values()) + [parents, receivers, Line2D([], [], color=OKABE_ITO["blue"], lw=1.0, label="parent → child"),
+        legend = list(markers.values()) + [parents] + ([receivers] if len(inh) else []) + [Line2D([], [], color=OKABE_ITO["blue"], lw=1.0, label="parent → child"),
                                            Line2D([], [], color=OKABE_ITO["orange"], lw=1.0, ls=":",
                                                   label="dying → neighbour")]
         fig.legend(handles=legend, loc="outside lower center", ncols=4, frameon=False)

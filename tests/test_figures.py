@@ -289,42 +289,83 @@ def test_gates_with_several_cells_need_a_cell():
 
 
 def lifecycle_table():
-    """K = 4 founders (ids 0..3 in slots 0..3). Step 10: slot 1 dies (blended into id 2), id 4 is
-    born in slot 1 from parent 3. Step 20: slot 3 dies, id 5 born in slot 3 from parent 4, which now
+    """K = 4 founders (ids 0..3 in slots 0..3), rows as `sandbox.lifecycle` writes them.
+    Step 10: id 1 (slot 1) dies and is blended into id 2 (slot 2); id 4 is born in slot 1 from
+    parent 3. Step 20: id 3 (slot 3) dies into id 0; id 5 is born in slot 3 from parent 4, which now
     sits in slot 1 (not slot 4): the timeline must trace it."""
     rows = [
-        dict(step=10, event="death", slot=1, slot_id=1, parent_id=-1, neighbour_id=-1),
-        dict(step=10, event="inherit", slot=1, slot_id=1, parent_id=-1, neighbour_id=2),
+        dict(step=10, event="death", slot=1, slot_id=1, parent_id=-1, neighbour_id=2),
+        dict(step=10, event="inherit", slot=2, slot_id=2, parent_id=1, neighbour_id=2),
         dict(step=10, event="birth", slot=1, slot_id=4, parent_id=3, neighbour_id=-1),
         dict(step=20, event="birth", slot=3, slot_id=5, parent_id=4, neighbour_id=-1),  # unordered on purpose
-        dict(step=20, event="death", slot=3, slot_id=3, parent_id=-1, neighbour_id=-1),
-        dict(step=20, event="inherit", slot=3, slot_id=3, parent_id=-1, neighbour_id=0),
+        dict(step=20, event="death", slot=3, slot_id=3, parent_id=-1, neighbour_id=0),
+        dict(step=20, event="inherit", slot=0, slot_id=0, parent_id=3, neighbour_id=0),
     ]
     return pd.DataFrame(rows)
 
 
-def test_timeline_counts_and_traced_parent_slots():
+def test_timeline_counts_and_traced_links():
     t = lifecycle_table()
     df = lineage.collect(t)
     births = df[df["event"] == "birth"].set_index("slot_id")
-    assert births.loc[4, "parent_slot"] == 3 and births.loc[5, "parent_slot"] == 1
+    assert (births.loc[4, "link_from"], births.loc[4, "link_to"]) == (3, 1)
+    assert (births.loc[5, "link_from"], births.loc[5, "link_to"]) == (1, 3)
     inh = df[df["event"] == "inherit"].set_index("slot_id")
-    assert inh.loc[1, "neighbour_slot"] == 2 and inh.loc[3, "neighbour_slot"] == 0
+    assert (inh.loc[2, "link_from"], inh.loc[2, "link_to"]) == (1, 2)  # dying slot -> receiver
+    assert (inh.loc[0, "link_from"], inh.loc[0, "link_to"]) == (3, 0)
     fig = lineage.plot(df, n_slots=4)
     enc = fig.encoding
     for ev in ("death", "birth", "inherit"):
         assert len(enc["markers"][ev].get_offsets()) == (t["event"] == ev).sum() == enc["counts"][ev]
     assert len(enc["birth_links"]) == 2 and len(enc["inherit_links"]) == 2
-    starts = sorted(a.xyann[1] for a in enc["birth_links"])  # arrows start at the parents' slots
-    assert starts == [1.0, 3.0]
+    assert sorted((a.xyann[1], a.xy[1]) for a in enc["birth_links"]) == [(1.0, 3.0), (3.0, 1.0)]
+    assert sorted((a.xyann[1], a.xy[1]) for a in enc["inherit_links"]) == [(1.0, 2.0), (3.0, 0.0)]
 
 
-def test_timeline_prefers_a_stored_parent_slot_and_picks_one_seed():
+def test_timeline_reads_the_neighbour_form_of_inheritance_and_stored_slots():
+    rows = [dict(step=5, event="death", slot=2, slot_id=2, parent_id=-1, neighbour_id=-1),
+            dict(step=5, event="inherit", slot=2, slot_id=2, parent_id=-1, neighbour_id=0),
+            dict(step=5, event="birth", slot=2, slot_id=4, parent_id=1, neighbour_id=-1, parent_slot=3)]
+    df = lineage.collect(pd.DataFrame(rows))
+    inh = df[df["event"] == "inherit"].iloc[0]
+    assert (inh["link_from"], inh["link_to"]) == (2, 0)
+    birth = df[df["event"] == "birth"].iloc[0]
+    assert birth["link_from"] == 3  # the stored parent_slot wins over the founder guess (slot 1)
+
+
+def test_timeline_follows_real_lifecycle_events():
+    """Events from `sandbox.lifecycle.lifecycle_step`: every birth arrow starts at the slot that
+    held the parent id in the population just before the event."""
+    import torch
+
+    from sandbox.lifecycle import LifecycleConfig, Population, event_rows, lifecycle_step
+
+    gen = torch.Generator().manual_seed(0)
+    K, r, d = 5, 2, 6
+    pop = Population.founders((1,), K)
+    A, B = torch.randn(1, K, r, d, generator=gen), torch.randn(1, K, d, r, generator=gen)
+    cfg = LifecycleConfig(interval=1, n_die=2, min_age=0)
+    rows, held_before = [], []
+    for step in range(1, 5):
+        held_before.append((step, pop.ids[0].tolist()))
+        fit = torch.randn(1, K, generator=gen)
+        pop, (A, B), _, events = lifecycle_step(pop, (A, B), None, fit, cfg, gen, step=step)
+        rows += event_rows(events, [0])
+    t = pd.DataFrame(rows)
+    df = lineage.collect(t)
+    births = df[df["event"] == "birth"]
+    assert len(births) >= 4
+    slot_of = {step: {i: k for k, i in enumerate(ids)} for step, ids in held_before}
+    for b in births.itertuples():
+        assert b.link_from == slot_of[b.step][b.parent_id]
+    fig = lineage.plot(df, n_slots=K)
+    assert fig.encoding["counts"] == {ev: int((t["event"] == ev).sum()) for ev in ("death", "inherit", "birth")}
+
+
+def test_timeline_picks_one_seed():
     t = pd.concat([lifecycle_table().assign(seed=7), lifecycle_table().iloc[:3].assign(seed=9)])
-    t["parent_slot"] = np.where(t["event"] == "birth", 0, np.nan)
     df = lineage.collect(t, seed=9)
     assert len(df) == 3 and df.attrs["seed"] == 9
-    assert (df.loc[df["event"] == "birth", "parent_slot"] == 0).all()
     assert len(lineage.collect(t)) == 6  # default: the first seed
 
 
