@@ -1,0 +1,414 @@
+"""Benchmarks behind `sandbox bench`: measured speed against the limits, as ratios from one run.
+
+The machine this runs on is usually shared and noisy, so every comparison is timed *interleaved*:
+the candidates of one comparison (e.g. Gram form and dense form) run in alternating rounds, each
+sample repeats a call until it lasts at least `min_sample_s`, and a candidate's time is the median
+of its per-call sample times. Noise that hits one round hits every candidate of that round, so the
+ratios are far steadier than the absolute times.
+
+Sections (each returns plain dicts, so `--json` is just `json.dumps` of `run_bench`):
+
+1. `bench_sandbox_loss`: one expected-loss evaluation of the analytic sandbox (every seed, domain
+   and feature draw, gates from the router) in Gram form (`sandbox.analytic.domain_losses`, no
+   d x d matrix) against the dense form (`dense_domain_losses`: the d x d products
+   ``P_k = s B_k A_k``, then ``W = sum_k g_k P_k`` and ``||W - D_m||_F^2`` per draw).
+2. `bench_mixture`: the gated mixture ``y = sum_k g_k s B_k A_k x``, forward plus backward (grads
+   of x, A, B and the gates), as the two-matmul bank (`sandbox.adapters.gated_mixture`), as a
+   Python loop over the K adapters, and as a single rank-r LoRA (no gates); also inside a frozen
+   D x D layer (``W x + mixture`` against ``W x + single LoRA``).
+3. `substrate.bench.bench_adaptation`: one adaptation step of each substrate preset.
+4. `bench_sweep`: the default `sandbox sweep` end to end, in-process, in a temporary folder.
+
+`targets` turns the figures into the pass/miss lines of issue 9. Nothing here asserts on time.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from sandbox.errors import require
+
+SECTIONS = ("loss", "mixture", "adaptation", "sweep")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What `sandbox bench` measures. Field names are CLI flags (``min_sample_s`` is ``--min-sample-s``)."""
+
+    quick: bool = False
+    """Small sizes and few repeats (a smoke run of every figure, ~30 s)."""
+    repeats: int = 7
+    """Timed rounds per comparison; each figure is the median over rounds."""
+    min_sample_s: float = 0.05
+    """Each timed sample repeats a call until it lasts at least this long (seconds)."""
+    loss_dims: tuple[int, ...] = (64, 256, 1024)
+    """Sandbox dimensions d for the Gram-vs-dense loss comparison."""
+    loss_seeds: int = 4
+    """Seeds S in one sandbox loss evaluation."""
+    loss_draws: int = 8
+    """Routing-feature draws per domain in one sandbox loss evaluation."""
+    mixture_dims: tuple[int, ...] = (256, 1536)
+    """Widths D (= d_in = d_out) for the gated-mixture comparison."""
+    tokens: int = 4096
+    """N: tokens per gated-mixture call."""
+    slots: int = 16
+    """K: adapter slots of the gated mixture."""
+    rank: int = 8
+    """r: adapter rank of the gated mixture."""
+    presets: tuple[str, ...] = ("tiny", "small", "widened-1536")
+    """Substrate presets whose adaptation step is timed."""
+    sections: tuple[str, ...] = SECTIONS
+    """Which sections run."""
+    seed: int = 0
+    """Seed of every random input."""
+    device: str = "cpu"
+    """Device of the adaptation step: cpu (fraction of measured matmul) or cuda (MFU vs the bf16 peak)."""
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.repeats, int) and 1 <= self.repeats <= 1000, "repeats", self.repeats, "an integer in [1, 1000]")
+        require(isinstance(self.min_sample_s, (int, float)) and 0 <= self.min_sample_s <= 60, "min_sample_s",
+                self.min_sample_s, "a number of seconds in [0, 60]")
+        require(all(isinstance(d, int) and 2 <= d <= 4096 for d in self.loss_dims), "loss_dims", self.loss_dims,
+                "integers in [2, 4096]")
+        require(isinstance(self.loss_seeds, int) and 1 <= self.loss_seeds <= 1024, "loss_seeds", self.loss_seeds,
+                "an integer in [1, 1024]")
+        require(isinstance(self.loss_draws, int) and 1 <= self.loss_draws <= 4096, "loss_draws", self.loss_draws,
+                "an integer in [1, 4096]")
+        require(all(isinstance(d, int) and 1 <= d <= 16384 for d in self.mixture_dims), "mixture_dims",
+                self.mixture_dims, "integers in [1, 16384]")
+        for name in ("tokens", "slots", "rank"):
+            v = getattr(self, name)
+            require(isinstance(v, int) and 1 <= v <= 1 << 20, name, v, "an integer in [1, 1048576]")
+        require(all(s in SECTIONS for s in self.sections) and len(self.sections) > 0, "sections", ",".join(self.sections),
+                "a comma list of " + ", ".join(SECTIONS))
+        require(self.device in ("cpu", "cuda"), "device", self.device, "cpu or cuda")
+
+    @classmethod
+    def quick_config(cls, **overrides) -> "BenchConfig":
+        """Small sizes for a smoke run: every figure, in well under a minute on 2 cores."""
+        base = dict(quick=True, repeats=3, min_sample_s=0.005, loss_dims=(32, 128), loss_seeds=2, loss_draws=4,
+                    mixture_dims=(64, 256), tokens=512, presets=("tiny", "small", "widened-1536"))
+        base.update(overrides)
+        return cls(**base)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    """Per-call seconds of one candidate: `median` over rounds, `best` round, `inner` calls per sample."""
+
+    median: float
+    best: float
+    inner: int
+    samples: list[float] = field(default_factory=list)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, min_sample_s: float, warmup: int = 1) -> dict[str, Timing]:
+    """Time several candidates in alternating rounds and return each one's median per-call time.
+
+    Each candidate is warmed up (`warmup` calls), then calibrated: a sample repeats the call
+    ``inner = ceil(min_sample_s / t_one)`` times. Each of `repeats` rounds takes one sample of every
+    candidate, starting at a rotating candidate so that none always runs first. The garbage
+    collector is off while a sample runs.
+    """
+    names = list(fns)
+    inner = {}
+    for n in names:
+        for _ in range(max(warmup, 0)):
+            fns[n]()
+        t = time.perf_counter()
+        fns[n]()
+        one = max(time.perf_counter() - t, 1e-7)
+        inner[n] = max(1, math.ceil(min_sample_s / one))
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for j in range(len(names)):
+            n = names[(r + j) % len(names)]
+            f, k = fns[n], inner[n]
+            gc_was = gc.isenabled()
+            gc.disable()
+            try:
+                t = time.perf_counter()
+                for _ in range(k):
+                    f()
+                samples[n].append((time.perf_counter() - t) / k)
+            finally:
+                if gc_was:
+                    gc.enable()
+    return {n: Timing(statistics.median(s), min(s), inner[n], s) for n, s in samples.items()}
+
+
+def matmul_case(n: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> Callable[[], Tensor]:
+    """A closure computing one dense ``(n, n) @ (n, n)`` product (``2 n^3`` FLOPs)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, n, generator=g, dtype=dtype)
+    b = torch.randn(n, n, generator=g, dtype=dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    return lambda: torch.mm(a, b, out=out)
+
+
+def machine_info() -> dict:
+    """CPU model, core count, torch version and thread count, load average, date (UTC)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "platform": platform.platform(), "load_avg_1_5_15": load,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Sandbox loss: Gram form against dense form
+# ---------------------------------------------------------------------------------------------
+
+
+def dense_domain_losses(rcfg, params: dict[str, Tensor], A: Tensor, B: Tensor, U: Tensor, V: Tensor,
+                        features: Tensor, step: int, scale: float, floor: float = 0.0) -> Tensor:
+    """The sandbox loss per domain ``(S, M)`` with dense d x d matrices (the baseline of the Gram form).
+
+    ``P_k = s B_k A_k`` ``(S, K, d, d)``, ``D_m = U_m V_m`` ``(S, M, d, d)``, and for every draw n
+    of domain m: ``W = sum_k g_k P_k`` and ``||W - D_m||_F^2``; mean over draws plus `floor`.
+    Shapes as in `sandbox.analytic.domain_losses`: bank ``(S, K, ...)``, features ``(S, M, N, F)``,
+    router params with a leading ``S``. Draws are processed one at a time so memory stays
+    ``O(S M d^2)``.
+    """
+    from sandbox.adapters import products
+    from sandbox.router import router_gates
+
+    S, M, N, F = features.shape
+    K = A.shape[-3]
+    gates = router_gates(rcfg, params, features.reshape(S, M * N, F), step)   # (S, M*N, K)
+    gates = gates.reshape(S, M, N, K)                                          # (S, M, N, K)
+    P = products(A, B, scale).flatten(-2)                                      # (S, K, d*d)
+    Dm = (U @ V).flatten(-2)                                                   # (S, M, d*d)
+    out = torch.empty(S, M, N, dtype=P.dtype)
+    for n in range(N):
+        W = gates[:, :, n, :] @ P                                              # (S, M, d*d)
+        out[:, :, n] = ((W - Dm) ** 2).sum(-1)
+    return out.mean(-1) + floor
+
+
+def bench_sandbox_loss(d: int, cfg: BenchConfig) -> dict:
+    """Loss evaluations per second at dimension d, Gram against dense form, and their agreement.
+
+    The task is the sandbox default (`TaskSpec` with ``dim = d``, context noise 0.1) for
+    ``cfg.loss_seeds`` seeds and ``cfg.loss_draws`` feature draws per domain; float64 as the solver.
+    """
+    from sandbox import analytic
+    from sandbox.tasks import TaskSpec, make_task, noisy_contexts
+
+    spec = TaskSpec(dim=d, context_noise=0.1)
+    scfg = analytic.SandboxConfig(draws=cfg.loss_draws)
+    task = make_task(spec, list(range(cfg.seed, cfg.seed + cfg.loss_seeds)))
+    st = analytic.initial_state(task, spec, scfg)
+    rcfg = analytic.router_config(spec, scfg)
+    feats = noisy_contexts(task, spec.context_noise, cfg.loss_draws, salt=1).to(analytic.DTYPE)  # (S, M, N, F)
+    scale = scfg.alpha / spec.rank
+    U, V = task.U.to(analytic.DTYPE), task.V.to(analytic.DTYPE)
+
+    def gram():
+        with torch.no_grad():
+            return analytic.domain_losses(rcfg, st.params, st.A, st.B, task, feats, 0, scale, scfg.loss_floor)
+
+    def dense():
+        with torch.no_grad():
+            return dense_domain_losses(rcfg, st.params, st.A, st.B, U, V, feats, 0, scale, scfg.loss_floor)
+
+    lg, ld = gram(), dense()
+    rel = float(((lg - ld).abs() / ld.abs().clamp_min(1e-12)).max())
+    t = interleaved({"gram": gram, "dense": dense}, cfg.repeats, cfg.min_sample_s)
+    return {"d": d, "seeds": cfg.loss_seeds, "domains": spec.domains, "slots": spec.slots, "rank": spec.rank,
+            "draws": cfg.loss_draws, "gram_s": t["gram"].median, "dense_s": t["dense"].median,
+            "gram_evals_per_s": 1 / t["gram"].median, "dense_evals_per_s": 1 / t["dense"].median,
+            "speedup": t["dense"].median / t["gram"].median, "max_rel_diff": rel}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Gated mixture: bank against loop against a single LoRA
+# ---------------------------------------------------------------------------------------------
+
+
+def loop_mixture(x: Tensor, A: Tensor, B: Tensor, gates: Tensor, scale: float) -> Tensor:
+    """The per-adapter Python loop: ``sum_k gates[:, k] * s * (x A_k^T) B_k^T`` -> ``(N, d_out)``."""
+    y = None
+    for k in range(A.shape[-3]):
+        yk = gates[:, k:k + 1] * ((x @ A[k].T) @ B[k].T)                     # (N, 1) * (N, d_out)
+        y = yk if y is None else y + yk
+    return y * scale
+
+
+def mixture_flops(N: int, K: int, r: int, d_in: int, d_out: int) -> float:
+    """Matmul FLOPs of the bank's forward plus backward: 3 x forward, forward = ``2 N K r (d_in + d_out)``.
+
+    (Backward = input grad + weight grad, each the forward's cost; the gate products are O(N K r).)
+    """
+    return 3 * 2 * N * K * r * (d_in + d_out)
+
+
+def bench_mixture(D: int, cfg: BenchConfig) -> dict:
+    """Forward + backward time of the gated mixture at width D, and inside a frozen D x D layer.
+
+    Candidates (grads of every input that requires one; the output gradient is fixed):
+    ``bank`` `gated_mixture`; ``loop`` `loop_mixture`; ``single`` one rank-r LoRA ``s B A x``;
+    ``layer_bank`` ``W x + bank``; ``layer_single`` ``W x + single`` (W frozen, x needs its grad).
+    """
+    from sandbox.adapters import gated_mixture
+
+    N, K, r, s = cfg.tokens, cfg.slots, cfg.rank, 2.0
+    g = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randn(N, D, generator=g).requires_grad_()
+    A = (torch.randn(K, r, D, generator=g) / math.sqrt(D)).requires_grad_()
+    B = (torch.randn(K, D, r, generator=g) / math.sqrt(r)).requires_grad_()
+    gates = torch.softmax(torch.randn(N, K, generator=g), -1).requires_grad_()
+    A1 = A[0].detach().clone().requires_grad_()
+    B1 = B[0].detach().clone().requires_grad_()
+    W = torch.randn(D, D, generator=g) / math.sqrt(D)
+    go = torch.randn(N, D, generator=g)
+    bank_in, single_in = [x, A, B, gates], [x, A1, B1]
+
+    def run(y, inputs):
+        return torch.autograd.grad(y, inputs, go)
+
+    fns = {
+        "bank": lambda: run(gated_mixture(x, A, B, gates, s), bank_in),
+        "loop": lambda: run(loop_mixture(x, A, B, gates, s), bank_in),
+        "single": lambda: run((x @ A1.T) @ B1.T * s, single_in),
+        "layer_bank": lambda: run(x @ W.T + gated_mixture(x, A, B, gates, s), bank_in),
+        "layer_single": lambda: run(x @ W.T + (x @ A1.T) @ B1.T * s, single_in),
+    }
+    t = interleaved(fns, cfg.repeats, cfg.min_sample_s)
+    m = {k: v.median for k, v in t.items()}
+    return {"D": D, "tokens": N, "slots": K, "rank": r, **{f"{k}_s": v for k, v in m.items()},
+            "loop_over_bank": m["loop"] / m["bank"], "bank_over_single": m["bank"] / m["single"],
+            "layer_bank_over_single": m["layer_bank"] / m["layer_single"],
+            "bank_gflops": mixture_flops(N, K, r, D, D) / m["bank"] / 1e9,
+            "single_gflops": mixture_flops(N, 1, r, D, D) / m["single"] / 1e9}
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. End-to-end sweep
+# ---------------------------------------------------------------------------------------------
+
+
+QUICK_SWEEP_ARGS = ("--points", "2", "--seeds", "2", "--steps", "20")
+
+
+def bench_sweep(cfg: BenchConfig) -> dict:
+    """Wall time and seed-points per second of `sandbox sweep` with its defaults, run in-process.
+
+    Runs ``sandbox sweep --out TMP`` (plus `QUICK_SWEEP_ARGS` in quick mode) through the CLI entry
+    point in a temporary folder, then counts the (point, seed) pairs in its ``results.csv``.
+    Returns a ``skipped`` reason instead when the sweep command is not available.
+    """
+    import pandas as pd
+
+    from sandbox.cli import app, main
+
+    names = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
+    if "sweep" not in names:
+        return {"skipped": "the `sandbox sweep` command is not registered in this build"}
+    extra = list(QUICK_SWEEP_ARGS) if cfg.quick else []
+    with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
+        out = os.path.join(tmp, "sweep")
+        argv = ["sweep", "--out", out, *extra]
+        t = time.perf_counter()
+        code = main(argv)
+        wall = time.perf_counter() - t
+        if code != 0:
+            return {"skipped": f"`sandbox {' '.join(argv[:1] + extra)}` exited with code {code}"}
+        res = pd.read_csv(os.path.join(out, "results.csv"))
+    seed_points = int(res[["point", "seed"]].drop_duplicates().shape[0])
+    return {"command": "sandbox sweep" + ("" if not extra else " " + " ".join(extra)), "wall_s": wall,
+            "seed_points": seed_points, "rows": int(len(res)), "seed_points_per_s": seed_points / wall,
+            "target_s": 60.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Everything, and the targets
+# ---------------------------------------------------------------------------------------------
+
+
+def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict:
+    """Run the chosen sections; returns ``{machine, config, loss, mixture, adaptation, sweep, targets}``."""
+    say = progress or (lambda msg: None)
+    out: dict = {"machine": machine_info(), "config": asdict(cfg)}
+    t0 = time.perf_counter()
+    if "loss" in cfg.sections:
+        out["loss"] = []
+        for d in cfg.loss_dims:
+            say(f"sandbox loss, d={d}")
+            out["loss"].append(bench_sandbox_loss(d, cfg))
+    if "mixture" in cfg.sections:
+        out["mixture"] = []
+        for D in cfg.mixture_dims:
+            say(f"gated mixture, D={D}")
+            out["mixture"].append(bench_mixture(D, cfg))
+    if "adaptation" in cfg.sections:
+        from substrate.bench import bench_adaptation
+
+        out["adaptation"] = []
+        for name in cfg.presets:
+            say(f"adaptation step, preset {name}")
+            out["adaptation"].append(bench_adaptation(name, cfg, cfg.device))
+    if "sweep" in cfg.sections:
+        say("default sweep, end to end")
+        out["sweep"] = bench_sweep(cfg)
+    out["targets"] = targets(out)
+    out["bench_wall_s"] = time.perf_counter() - t0
+    out["machine"]["load_avg_after"] = machine_info()["load_avg_1_5_15"]
+    return out
+
+
+def targets(res: dict) -> list[dict]:
+    """The issue-9 targets as rows ``{target, case, value, limit, met}`` (met None when not measured)."""
+    rows = []
+
+    def add(name, case, value, limit, ok):
+        rows.append({"target": name, "case": case, "value": value, "limit": limit, "met": ok})
+
+    for r in res.get("loss", []):
+        add("Gram form >= 3x dense form", f"d={r['d']}", r["speedup"], ">= 3", r["speedup"] >= 3)
+    for r in res.get("mixture", []):
+        add("bank >= 5x faster than loop", f"D={r['D']}", r["loop_over_bank"], ">= 5", r["loop_over_bank"] >= 5)
+        add("bank <= 1.5x single LoRA (adapter path alone)", f"D={r['D']}", r["bank_over_single"], "<= 1.5",
+            r["bank_over_single"] <= 1.5)
+        add("bank <= 1.5x single LoRA (in a frozen D x D layer)", f"D={r['D']}", r["layer_bank_over_single"], "<= 1.5",
+            r["layer_bank_over_single"] <= 1.5)
+    for r in res.get("adaptation", []):
+        if r.get("preset") == "small" and "fraction_of_matmul" in r:
+            add("small adaptation step >= 30% of matmul throughput (CPU)", "small", r["fraction_of_matmul"], ">= 0.30",
+                r["fraction_of_matmul"] >= 0.30)
+    sw = res.get("sweep")
+    if sw is not None:
+        if "wall_s" in sw:
+            add("default sweep within 60 s", sw["command"], sw["wall_s"], "<= 60 s", sw["wall_s"] <= 60)
+        else:
+            add("default sweep within 60 s", "not measured", None, "<= 60 s", None)
+    return rows

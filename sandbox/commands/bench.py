@@ -1,0 +1,141 @@
+"""`sandbox bench`: measured speed against the limits (issue 9), as a rich table or JSON."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+
+def bench(
+    quick: bool = typer.Option(False, "--quick", help="Small sizes and few repeats: a smoke run of every figure (~30 s)."),
+    as_json: bool = typer.Option(False, "--json", help="Print every figure as JSON instead of tables."),
+    only: str = typer.Option(",".join(("loss", "mixture", "adaptation", "sweep")), "--only",
+                             help="Comma list of sections: loss, mixture, adaptation, sweep."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed rounds per comparison (default 7, quick 3)."),
+    presets: Optional[str] = typer.Option(None, "--presets", help="Comma list of substrate presets to time "
+                                          "(default tiny,small,widened-1536)."),
+    device: str = typer.Option("cpu", "--device", help="Device of the adaptation step: cpu or cuda (MFU vs bf16 peak)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's choice)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Also write the JSON to this file (atomically)."),
+) -> None:
+    """Time the sandbox loss, the gated mixture, one adaptation step per preset and the default sweep."""
+    import sys
+
+    import torch
+    from rich.console import Console
+
+    from sandbox.bench import SECTIONS, BenchConfig, run_bench
+    from sandbox.errors import BadInput
+    from sandbox.options import check_int
+    from sandbox.results import atomic_write_json, to_jsonable
+
+    sections = tuple(s.strip() for s in only.split(",") if s.strip())
+    bad = [s for s in sections if s not in SECTIONS]
+    if bad or not sections:
+        raise BadInput("--only", only, "a comma list of " + ", ".join(SECTIONS))
+    if device not in ("cpu", "cuda"):
+        raise BadInput("--device", device, "cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device", device, "cpu (no CUDA device is visible)")
+    if threads is not None:
+        torch.set_num_threads(check_int(threads, "--threads", 1, 1024))
+    overrides: dict = {"sections": sections, "device": device}
+    if repeats is not None:
+        overrides["repeats"] = check_int(repeats, "--repeats", 1, 1000)
+    if presets is not None:
+        from substrate.model import PRESETS
+
+        names = tuple(p.strip() for p in presets.split(",") if p.strip())
+        if not names or any(p not in PRESETS for p in names):
+            raise BadInput("--presets", presets, "a comma list of " + ", ".join(PRESETS))
+        overrides["presets"] = names
+    cfg = BenchConfig.quick_config(**overrides) if quick else BenchConfig(**overrides)
+
+    err = Console(stderr=True)
+    res = run_bench(cfg, progress=(lambda m: err.log(m)) if not as_json else None)
+    res["command"] = "sandbox " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("sandbox") else None
+    if out:
+        atomic_write_json(out, res)
+    if as_json:
+        typer.echo(json.dumps(to_jsonable(res), indent=2))
+        return
+    print_tables(res, Console())
+
+
+def _f(v, fmt="{:.3g}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def print_tables(res: dict, console) -> None:
+    """Render a `run_bench` result as rich tables."""
+    from rich.table import Table
+
+    m = res["machine"]
+    console.print(f"[bold]machine[/] {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} "
+                  f"threads, load {m['load_avg_1_5_15']} -> {m.get('load_avg_after')}, {m['date']}")
+    if "loss" in res:
+        t = Table(title="1. sandbox loss evaluations/s (S seeds x M domains x N draws per evaluation), Gram vs dense")
+        for c in ("d", "S x M x N", "Gram evals/s", "dense evals/s", "Gram / dense", "max rel diff"):
+            t.add_column(c, justify="right")
+        for r in res["loss"]:
+            t.add_row(str(r["d"]), f"{r['seeds']} x {r['domains']} x {r['draws']}", _f(r["gram_evals_per_s"], "{:,.0f}"),
+                      _f(r["dense_evals_per_s"], "{:,.1f}"), _f(r["speedup"], "{:,.1f}x"), _f(r["max_rel_diff"], "{:.1e}"))
+        console.print(t)
+    if "mixture" in res:
+        t = Table(title="2. gated mixture forward+backward (ms), K slots of rank r over N tokens")
+        for c in ("D", "N, K, r", "bank", "loop", "single LoRA", "loop / bank", "bank / single",
+                  "layer: bank / single", "bank GFLOP/s"):
+            t.add_column(c, justify="right")
+        for r in res["mixture"]:
+            t.add_row(str(r["D"]), f"{r['tokens']}, {r['slots']}, {r['rank']}", _f(r["bank_s"] * 1e3, "{:.2f}"),
+                      _f(r["loop_s"] * 1e3, "{:.2f}"), _f(r["single_s"] * 1e3, "{:.2f}"), _f(r["loop_over_bank"], "{:.1f}x"),
+                      _f(r["bank_over_single"], "{:.2f}x"), _f(r["layer_bank_over_single"], "{:.2f}x"),
+                      _f(r["bank_gflops"], "{:.1f}"))
+        console.print(t)
+    if "adaptation" in res:
+        t = Table(title="3. one adaptation step (hidden-state features, sigmoid router, fwd+bwd+Adam)")
+        for c in ("preset", "base params", "B x T", "step ms", "tokens/s", "MFLOP/token", "GFLOP/s", "ref GFLOP/s",
+                  "fraction"):
+            t.add_column(c, justify="right")
+        notes = []
+        for r in res["adaptation"]:
+            if "skipped" in r:
+                t.add_row(r["preset"], f"{r['base_params'] / 1e6:.2f}M", *["-"] * 6, "skipped")
+                notes.append(f"{r['preset']}: skipped, {r['skipped']}")
+                continue
+            cpu = "matmul_flops" in r
+            ref = r["matmul_flops"] if cpu else r["peak_flops"]
+            frac = r["fraction_of_matmul"] if cpu else r["mfu"]
+            t.add_row(r["preset"], f"{r['base_params'] / 1e6:.2f}M", f"{r['batch']} x {r['seq_len']}",
+                      _f(r["step_s"] * 1e3, "{:.1f}"), _f(r["tokens_per_s"], "{:,.0f}"),
+                      _f(r["flops_per_token"] / 1e6, "{:,.2f}"), _f(r["achieved_flops"] / 1e9, "{:.1f}"),
+                      _f(ref / 1e9, "{:.1f}"), _f(frac, "{:.1%}"))
+            notes.append(f"{r['preset']}: reference = " + (f"fp32 {r['matmul_n']}^2 matmul measured in this run"
+                                                          if cpu else "the device's dense bf16 peak (MFU)"))
+        console.print(t)
+        for n in notes:
+            console.print("  " + n)
+    if "sweep" in res:
+        sw = res["sweep"]
+        t = Table(title="4. default sweep, end to end")
+        for c in ("command", "wall s", "seed-points", "seed-points/s", "target"):
+            t.add_column(c, justify="right")
+        if "skipped" in sw:
+            t.add_row("sandbox sweep", "-", "-", "-", "skipped: " + sw["skipped"])
+        else:
+            t.add_row(sw["command"], _f(sw["wall_s"], "{:.1f}"), str(sw["seed_points"]), _f(sw["seed_points_per_s"], "{:.2f}"),
+                      "<= 60 s")
+        console.print(t)
+    t = Table(title="targets (each a ratio from this run)")
+    for c in ("target", "case", "value", "limit", "met"):
+        t.add_column(c)
+    for r in res["targets"]:
+        met = "-" if r["met"] is None else ("[green]yes[/]" if r["met"] else "[red]no[/]")
+        t.add_row(r["target"], r["case"], _f(r["value"], "{:.3g}"), r["limit"], met)
+    console.print(t)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)

@@ -1,0 +1,205 @@
+"""`sandbox bench`: the baselines it times are correct, its FLOP count is exact, and the quick run
+reports every figure. No assertion here depends on how long anything took."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from sandbox.bench import (BenchConfig, dense_domain_losses, interleaved, loop_mixture, mixture_flops, targets)
+from sandbox.errors import BadInput
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread while a test runs (2 shared cores), restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_dense_form_matches_gram_form():
+    from sandbox import analytic
+    from sandbox.tasks import TaskSpec, make_task, noisy_contexts
+
+    spec = TaskSpec(dim=12, domains=3, slots=5, rank=3, true_rank=2, context_noise=0.3, alignment=0.4)
+    cfg = analytic.SandboxConfig(draws=3)
+    task = make_task(spec, [3, 9])
+    st = analytic.initial_state(task, spec, cfg)
+    rcfg = analytic.router_config(spec, cfg)
+    feats = noisy_contexts(task, spec.context_noise, 3, salt=2).to(analytic.DTYPE)          # (S, M, N, F)
+    scale = cfg.alpha / spec.rank
+    gram = analytic.domain_losses(rcfg, st.params, st.A, st.B, task, feats, 5, scale, 0.01)
+    dense = dense_domain_losses(rcfg, st.params, st.A, st.B, task.U.double(), task.V.double(), feats, 5, scale, 0.01)
+    torch.testing.assert_close(dense, gram, rtol=1e-10, atol=1e-12)
+    # and the dense form itself against an explicit loop over seeds, domains and draws
+    from sandbox.router import router_gates
+
+    S, M, N, F = feats.shape
+    for s in range(S):
+        for m in range(M):
+            acc = 0.0
+            for n in range(N):
+                p = {k: v[s] for k, v in st.params.items()}
+                g = router_gates(rcfg, p, feats[s, m, n][None], 5)[0]                        # (K,)
+                W = sum(g[k] * scale * st.B[s, k] @ st.A[s, k] for k in range(spec.slots))
+                acc += float(((W - task.U[s, m].double() @ task.V[s, m].double()) ** 2).sum())
+            assert dense[s, m].item() == pytest.approx(acc / N + 0.01, rel=1e-10)
+
+
+def test_loop_mixture_matches_bank_values_and_grads(gen):
+    from sandbox.adapters import gated_mixture
+
+    N, K, r, d_in, d_out = 7, 4, 3, 6, 5
+    x = torch.randn(N, d_in, generator=gen, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(K, r, d_in, generator=gen, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(K, d_out, r, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.rand(N, K, generator=gen, dtype=torch.float64, requires_grad=True)
+    y1, y2 = gated_mixture(x, A, B, g, 0.7), loop_mixture(x, A, B, g, 0.7)
+    torch.testing.assert_close(y2, y1)
+    go = torch.randn(N, d_out, generator=gen, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(y1, [x, A, B, g], go), torch.autograd.grad(y2, [x, A, B, g], go)):
+        torch.testing.assert_close(b, a)
+
+
+def test_mixture_flops_matches_flop_counter(gen):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    N, K, r, d_in, d_out = 32, 4, 2, 16, 8
+    x = torch.randn(N, d_in, generator=gen, requires_grad=True)
+    A = torch.randn(K, r, d_in, generator=gen, requires_grad=True)
+    B = torch.randn(K, d_out, r, generator=gen, requires_grad=True)
+    g = torch.rand(N, K, generator=gen, requires_grad=True)
+    from sandbox.adapters import gated_mixture
+
+    with FlopCounterMode(display=False) as fc:
+        torch.autograd.grad(gated_mixture(x, A, B, g, 1.0), [x, A, B, g], torch.ones(N, d_out))
+    assert fc.get_total_flops() == mixture_flops(N, K, r, d_in, d_out)
+
+
+def test_interleaved_calls_each_candidate_and_takes_medians():
+    calls = {"a": 0, "b": 0}
+
+    def a():
+        calls["a"] += 1
+
+    def b():
+        calls["b"] += 1
+
+    t = interleaved({"a": a, "b": b}, repeats=5, min_sample_s=0.0, warmup=2)
+    # warm-up 2 + calibration 1 + 5 rounds x 1 inner call
+    assert calls == {"a": 8, "b": 8}
+    for v in t.values():
+        assert len(v.samples) == 5 and v.inner == 1
+        assert v.best <= v.median and v.median == sorted(v.samples)[2]
+
+
+@pytest.mark.parametrize("targets_", ["attn+mlp", "attn", "mlp"])
+def test_step_flops_equal_flop_counter(targets_, one_thread):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from substrate.bench import attention_flops_per_token, make_step, step_flops_per_token
+    from substrate.model import preset
+
+    cfg = preset("tiny", targets=targets_)
+    B, T = 2, 16
+    step, _, _ = make_step(cfg, B, T)
+    with FlopCounterMode(display=False) as fc:
+        loss = step()
+    assert math.isfinite(loss)
+    # the counter sees every matmul of the step but not CPU attention, which is added analytically
+    assert fc.get_total_flops() == (step_flops_per_token(cfg, T) - attention_flops_per_token(cfg, T)) * B * T
+
+
+def test_step_updates_adapters_and_router_only(one_thread):
+    from substrate.bench import make_step
+    from substrate.model import preset
+
+    step, model, router = make_step(preset("tiny"), 2, 8)
+    base = {k: v.clone() for k, v in model.base_state_dict().items()}
+    banks = {k: v.clone() for k, v in model.state_dict().items() if ".bank." in k}
+    rparams = {k: v.detach().clone() for k, v in router.named_parameters()}
+    losses = [step() for _ in range(3)]
+    assert all(math.isfinite(v) for v in losses)
+    for k, v in model.base_state_dict().items():
+        torch.testing.assert_close(v, base[k], rtol=0, atol=0)
+    assert all(not torch.equal(v, banks[k]) for k, v in model.state_dict().items() if k.endswith(".bank.B"))
+    assert all(not torch.equal(p.detach(), rparams[k]) for k, p in router.named_parameters() if k in ("W", "bias"))
+
+
+def test_targets_rows():
+    res = {"loss": [{"d": 64, "speedup": 4.0}, {"d": 256, "speedup": 2.0}],
+           "mixture": [{"D": 256, "loop_over_bank": 6.0, "bank_over_single": 2.0, "layer_bank_over_single": 1.1}],
+           "adaptation": [{"preset": "small", "fraction_of_matmul": 0.25}, {"preset": "tiny", "skipped": "x"}],
+           "sweep": {"skipped": "not there"}}
+    rows = targets(res)
+    met = [(r["case"], r["met"]) for r in rows]
+    assert met == [("d=64", True), ("d=256", False), ("D=256", True), ("D=256", False), ("D=256", True),
+                   ("small", False), ("not measured", None)]
+
+
+def test_config_errors_name_the_flag():
+    with pytest.raises(BadInput, match="--repeats"):
+        BenchConfig(repeats=0)
+    with pytest.raises(BadInput, match="--sections"):
+        BenchConfig(sections=("loss", "nope"))
+    with pytest.raises(BadInput, match="--device"):
+        BenchConfig(device="tpu")
+
+
+def test_cli_bad_flags_exit_2(capsys):
+    from sandbox.cli import main
+
+    assert main(["bench", "--only", "loss,warp"]) == 2
+    assert "--only" in capsys.readouterr().err
+    assert main(["bench", "--presets", "huge"]) == 2
+    assert "--presets" in capsys.readouterr().err
+
+
+def _finite_numbers(obj, path="") -> list[str]:
+    """Paths of numbers in a JSON tree that are not finite (None counts as not finite)."""
+    bad = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            bad += _finite_numbers(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            bad += _finite_numbers(v, f"{path}[{i}]")
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        bad.append(path)
+    return bad
+
+
+def test_quick_json_reports_every_figure(capsys, one_thread):
+    from sandbox.cli import main
+
+    assert main(["bench", "--quick", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert {"machine", "config", "loss", "mixture", "adaptation", "sweep", "targets"} <= set(res)
+    assert {"cpu", "cores", "torch_threads", "date"} <= set(res["machine"])
+    assert [r["d"] for r in res["loss"]] == list(BenchConfig.quick_config().loss_dims)
+    for r in res["loss"]:
+        assert {"gram_evals_per_s", "dense_evals_per_s", "speedup"} <= set(r) and r["max_rel_diff"] < 1e-9
+    assert [r["D"] for r in res["mixture"]] == list(BenchConfig.quick_config().mixture_dims)
+    for r in res["mixture"]:
+        assert {"bank_s", "loop_s", "single_s", "loop_over_bank", "bank_over_single", "layer_bank_over_single"} <= set(r)
+    by = {r["preset"]: r for r in res["adaptation"]}
+    assert set(by) == {"tiny", "small", "widened-1536"}
+    for name in ("tiny", "small"):
+        assert {"tokens_per_s", "flops_per_token", "achieved_flops", "matmul_flops", "fraction_of_matmul"} <= set(by[name])
+    assert "skipped" in by["widened-1536"]            # too big for a quick CPU run; says why
+    sw = res["sweep"]
+    assert ("seed_points_per_s" in sw and "wall_s" in sw) or sw.get("skipped")
+    assert _finite_numbers(res) == []
+    for row in res["targets"]:
+        assert row["met"] in (True, False) or (row["met"] is None and row["value"] is None)
+    for k, v in res.items():
+        if isinstance(v, list):
+            for r in v:
+                for x in r.values():
+                    if isinstance(x, (int, float)) and not isinstance(x, bool):
+                        assert x >= 0
