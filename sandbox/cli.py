@@ -47,8 +47,9 @@ def _register() -> None:
     # One line per command module; each module defines `register(app)`.
     from sandbox.commands import cells as _cells
     from sandbox.commands import report as _report
+    from sandbox.commands import bench as _bench
 
-    for mod in (_cells, _report):
+    for mod in (_cells, _report, _bench):
         mod.register(app)
 
 
