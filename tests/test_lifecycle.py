@@ -190,6 +190,8 @@ def test_blend_goes_to_nearest_neighbour(gen):
 # --------------------------------------------------------------------------------------------- properties
 
 
+
+
 def make_state(S, K, r, seed, dict_banks, ages_max=6):
     g = torch.Generator().manual_seed(seed)
     if dict_banks:
@@ -215,9 +217,26 @@ def factors(banks):
     return {"": (banks[0].clone(), banks[1].clone())}
 
 
+@pytest.mark.parametrize("dict_banks", [False, True])
+@pytest.mark.parametrize("mode", ["blend", "child"])
+def test_alpha_zero_changes_only_the_freed_slots(dict_banks, mode):
+    pop, banks, rp, fit, losses, feats = make_state(3, 5, 2, 11, dict_banks, ages_max=0)
+    old = factors(banks)
+    cfg = LifecycleConfig(n_die=2, min_age=0, inherit_alpha=0.0, inherit_mode=mode, reallocation=False)
+    pop2, banks2, rp2, events = lifecycle_step(pop, banks, rp, fit, cfg, torch.Generator().manual_seed(0), 0)
+    freed = {(e["batch"], e["slot"]) for e in events if e["event"] == "death"}
+    assert len(freed) == 6 and {e["event"] for e in events} == {"death", "birth"}
+    for name, (A, B) in factors(banks2).items():
+        for row in range(3):
+            for k in range(5):
+                same = torch.equal(A[row, k], old[name][0][row, k]) and torch.equal(B[row, k], old[name][1][row, k])
+                assert same == ((row, k) not in freed)
+    assert all(torch.equal(rp2[k], rp[k]) for k in rp)  # reallocation off: router untouched
+
+
 configs = st.builds(
     LifecycleConfig, n_die=st.integers(1, 7), min_age=st.integers(0, 6),
-    inherit_alpha=st.sampled_from([0.0, 0.3, 1.0]), inherit_mode=st.sampled_from(["blend", "child"]),
+    inherit_alpha=st.sampled_from([0.0, 0.0, 0.3, 1.0]), inherit_mode=st.sampled_from(["blend", "child"]),
     mutation_sigma=st.sampled_from([0.0, 0.3]), rotation=st.sampled_from([0.0, 0.1]),
     tournament=st.integers(1, 3), realloc_noise=st.sampled_from([0.0, 0.2]),
     scope=st.sampled_from(["global", "per-domain"]), death=st.booleans(), inheritance=st.booleans(),
