@@ -9,9 +9,9 @@ with the tables to print attached (`Report.summary`, `Report.tables`).
 | summary.csv (+ manifest ``axes``, + results.csv) | ``regime_curve`` (one spanning axis) or ``regime_heatmap`` (two) |
 | attribution.csv | ``attribution`` (forest plot) |
 | cells.csv | ``cells`` (balanced log-PPL per cell, paired by seed) |
-| gates.csv | ``gates`` (``gates_<cell>`` per cell) |
-| lifecycle.csv | ``lineage`` (``lineage_<cell>``; first seed) |
-| curves.csv | ``curves`` (``curves_<cell>``) |
+| gates.csv | ``gates`` (``gates_<cell>`` per cell, ``_<arm>`` per arm) |
+| lifecycle.csv | ``lineage`` (split the same way; the first seed) |
+| curves.csv | ``curves`` (split the same way; mean over seeds) |
 
 summary.csv and attribution.csv are pure functions of results.csv and cells.csv. When one is
 missing (or ``recompute=True``) and `sandbox.stats` provides the function, it is regenerated with
@@ -110,8 +110,29 @@ def _stem_part(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9+.=_-]", "_", str(value))
 
 
-def _cells_of(df: pd.DataFrame) -> list:
-    return sorted(df["cell"].astype(str).unique()) if "cell" in df else [None]
+#: Columns that split a gates/lifecycle/curves table into one figure each (when they vary).
+FACETS: tuple[str, ...] = ("cell", "arm")
+#: Columns those figures aggregate over (or, for the timeline, pick the first value of) on purpose.
+_HANDLED: set[str] = {"seed", "phase", "domain", "slot", "mean_gate", "step", "event", "slot_id", "parent_id",
+                      "neighbour_id", "parent_slot", "neighbour_slot", "nll", "log_ppl", "floor", "batch",
+                      "fitness", "mutation_size", "alpha", "tokens"}
+
+
+def facets(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Split a table by the `FACETS` columns that vary: ``[(stem suffix, part), ...]``."""
+    cols = [c for c in FACETS if c in df.columns and df[c].nunique(dropna=False) > 1]
+    if not cols:
+        return [("", df)]
+    out = []
+    for key, part in df.groupby(cols, sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        out.append(("_" + "_".join(_stem_part(k) for k in key), part.drop(columns=cols)))
+    return out
+
+
+def _averaged_note(name: str, df: pd.DataFrame) -> str | None:
+    extra = [c for c in df.columns if c not in _HANDLED and c not in FACETS and df[c].nunique(dropna=False) > 1]
+    return f"{name}: figure pools rows over {', '.join(extra)}" if extra else None
 
 
 def build_report(run_dir: str | Path, recompute: bool = False, study: bool = False,
@@ -149,18 +170,14 @@ def build_report(run_dir: str | Path, recompute: bool = False, study: bool = Fal
         save(attribution.plot(attribution.collect(tables["attribution.csv"], study=study)), "attribution")
     if "cells.csv" in tables:
         save(curves.plot_cells(curves.collect_cells(tables["cells.csv"])), "cells")
-    for name, module, stem in (("gates.csv", gates, "gates"), ("curves.csv", curves, "curves")):
+    for name, module, stem in (("gates.csv", gates, "gates"), ("curves.csv", curves, "curves"),
+                               ("lifecycle.csv", lineage, "lineage")):
         if name in tables:
-            cells = _cells_of(tables[name])
-            for cell in cells:
-                df = module.collect(tables[name], cell=cell)
-                save(module.plot(df), stem if len(cells) == 1 else f"{stem}_{_stem_part(cell)}")
-    if "lifecycle.csv" in tables:
-        cells = _cells_of(tables["lifecycle.csv"])
-        for cell in cells:
-            df = lineage.collect(tables["lifecycle.csv"], cell=cell)
-            save(lineage.plot(df), "lineage" if len(cells) == 1 else f"lineage_{_stem_part(cell)}")
-
+            note = _averaged_note(name, tables[name])
+            if note:
+                report.notes.append(note)
+            for suffix, part in facets(tables[name]):
+                save(module.plot(module.collect(part)), stem + suffix)
     _printables(tables, manifest, report)
     return report
 

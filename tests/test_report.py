@@ -155,3 +155,12 @@ def test_known_tables_match_the_architecture_contract():
     text = (Path(__file__).resolve().parents[1] / "ARCHITECTURE.md").read_text()
     for name in TABLES:
         assert f"`{name}`" in text
+
+
+def test_gate_tables_split_by_arm_and_say_what_they_pool(tmp_path):
+    g = pd.concat([gates_table(cells=("B3",)).drop(columns="cell").assign(arm=arm, point=p)
+                   for arm in ("grad", "evo") for p in (0, 1)])
+    write(tmp_path, "gates.csv", g)
+    rep = build_report(tmp_path)
+    assert sorted(p.name for p in rep if p.suffix == ".png") == ["gates_evo.png", "gates_grad.png"]
+    assert any("gates.csv" in n and "point" in n for n in rep.notes)
