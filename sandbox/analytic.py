@@ -1,0 +1,432 @@
+"""The analytic sandbox: closed-form loss of a routed LoRA mixture and the `grad` / `evo` solvers.
+
+Model. For an input of domain m with routing features h, the adapted map is
+``W(h) = sum_k g_k(h) s B_k A_k`` (``s = alpha / r``), and the teacher is ``D_m = U_m V_m``. With
+isotropic inputs ``x ~ N(0, I_d)``, ``E ||(W - D_m) x||^2 = ||W - D_m||_F^2``, so no x is sampled.
+In Gram form (nothing of size d x d is formed):
+
+    ||W - D_m||^2 = g^T G g - 2 g^T c_m + e_m
+    G_kl  = s^2 tr((B_k^T B_l)(A_l A_k^T))        (K x K, from r x r blocks)
+    c_mk  = s   tr((B_k^T U_m)(V_m A_k^T))        (r x r* blocks)
+    e_m   = ||U_m V_m||_F^2 = 1
+
+Features for domain m are ``c_m + context_noise * N(0, I_F)`` with `draws` fixed draws per domain
+(common random numbers; `fresh_noise` draws a new set every step). Domain loss = mean over its
+draws; the objective is the balanced (equal-weight) mean over domains; reported final losses use
+separate evaluation draws (`eval_draws`), so a population search cannot overfit the draws it
+selected on. Everything runs in float64 (losses near 0 cancel in ``gGg - 2gc + e``).
+
+Arms, from the same task and the same initial weights per seed (common random numbers):
+* ``grad``: Adam on the router parameters, and on the adapter factors with learning rate
+  ``lr * plasticity`` (0 freezes the adapters), for `steps` steps.
+* ``evo``: the same steps plus, every `interval` steps, one generation of evolutionary search on
+  the router parameters (`sandbox.evolution`; population P including the current parameters, so
+  the search objective never gets worse); Adam moments of the router are reset for the seeds whose
+  parameters were replaced. With `lifecycle` on, `sandbox.lifecycle.lifecycle_step` also runs on
+  the adapters at those events, with leave-one-out fitness computed in Gram form.
+Loss evaluations are counted per arm (one per gradient step, P per generation, K + 1 per
+lifecycle fitness pass); ``budget="evals"`` gives the grad arm extra steps to match evo's count.
+A seed whose loss turns NaN/inf is marked diverged at that step and frozen; the others go on.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from sandbox import evolution as evo
+from sandbox import lifecycle as lc
+from sandbox.adapters import slot_gram
+from sandbox.errors import require
+from sandbox.router import RouterConfig, init_router_params, params_to_vector, router_gates, vector_to_params
+from sandbox.tasks import Task, TaskSpec, initial_adapters, lowrank_inner, make_task, noisy_contexts, stream
+
+DTYPE = torch.float64
+BUDGETS = ("steps", "evals")
+ARMS = ("grad", "evo")
+_ROUTER_STREAM, _EVO_STREAM, _LIFECYCLE_STREAM = 3, 4, 5
+_EVAL_SALT = 1_000_003
+LOSS_FLOOR = 1e-12  # clamp before log: exact-fit losses cancel to ~1e-16 in float64
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """Solver knobs. Field names are CLI flags (``mutation_scale`` is ``--mutation-scale``)."""
+
+    steps: int = 150
+    """T: gradient steps per arm (budget "steps")."""
+    lr: float = 0.05
+    """Adam learning rate of the router parameters."""
+    plasticity: float = 1.0
+    """Adapter learning rate = lr * plasticity; 0 freezes the adapters (only routing moves)."""
+    router: str = "softmax"
+    """Router kind: softmax (B3 baseline) or sigmoid (the rewrite, floor + annealed temperature)."""
+    population: int = 16
+    """P: individuals per evolutionary generation (member 0 is the current router)."""
+    mutation_scale: float = 0.5
+    """Mutation step in units of each router tensor's scale."""
+    interval: int = 25
+    """Gradient steps between generations (and lifecycle events)."""
+    lifecycle: bool = False
+    """Run the adapter lifecycle (death, inheritance, mutation, reallocation) in the evo arm."""
+    scope: str = "per-domain"
+    """Lifecycle fitness scope: per-domain (leave-one-out, max over domains) or global."""
+    budget: str = "steps"
+    """steps: equal gradient steps; evals: the grad arm gets extra steps to match evo's evaluations."""
+    draws: int = 8
+    """Routing-feature noise draws per domain for the training objective (1 when noise is 0)."""
+    eval_draws: int = 64
+    """Fresh noise draws per domain for the reported final loss."""
+    fresh_noise: bool = False
+    """Draw new training noise every step instead of a fixed set."""
+    alpha: float = 4.0
+    """LoRA alpha; the bank scale is s = alpha / rank."""
+    loss_floor: float = 0.01
+    """Irreducible loss sigma^2 d added to every loss (teacher noise, like an entropy floor under
+    log-PPL); keeps log losses finite and comparable when a fit is exact. 0 disables it."""
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.steps, int) and 0 <= self.steps <= 1_000_000, "steps", self.steps, "an integer in [0, 1000000]")
+        require(_pos(self.lr) and self.lr <= 100, "lr", self.lr, "a number in (0, 100]")
+        require(_num(self.plasticity) and 0 <= self.plasticity <= 100, "plasticity", self.plasticity, "a number in [0, 100]")
+        require(self.router in ("softmax", "sigmoid"), "router", self.router, "softmax or sigmoid")
+        require(isinstance(self.lifecycle, bool), "lifecycle", self.lifecycle, "true or false")
+        require(self.budget in BUDGETS, "budget", self.budget, "steps or evals")
+        require(self.scope in lc.SCOPES, "scope", self.scope, "per-domain or global")
+        require(isinstance(self.draws, int) and 1 <= self.draws <= 4096, "draws", self.draws, "an integer in [1, 4096]")
+        require(isinstance(self.eval_draws, int) and 1 <= self.eval_draws <= 65536, "eval_draws", self.eval_draws,
+                "an integer in [1, 65536]")
+        require(_pos(self.alpha), "alpha", self.alpha, "a number > 0")
+        require(_num(self.loss_floor) and 0 <= self.loss_floor <= 100, "loss_floor", self.loss_floor, "a number in [0, 100]")
+        self.evolution  # validates population, mutation_scale, interval
+
+    @property
+    def evolution(self) -> evo.EvolutionConfig:
+        return evo.EvolutionConfig(self.population, self.mutation_scale, self.interval)
+
+    @property
+    def lifecycle_config(self) -> lc.LifecycleConfig:
+        """The shared lifecycle at the generation events; a slot must live one interval to die."""
+        return lc.LifecycleConfig(interval=self.interval, min_age=self.interval, scope=self.scope)
+
+
+def _num(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _pos(x: object) -> bool:
+    return _num(x) and x > 0
+
+
+def router_config(spec: TaskSpec, cfg: SandboxConfig) -> RouterConfig:
+    """The shared router for this sandbox: F = context_dim, K = slots, anneal over `steps`."""
+    return RouterConfig(kind=cfg.router, n_features=spec.context_dim, n_slots=spec.slots, anneal_steps=cfg.steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Closed-form loss
+# ---------------------------------------------------------------------------------------------
+
+
+def gram_terms(A: Tensor, B: Tensor, U: Tensor, V: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``G (*b, K, K)``, ``c (*b, M, K)``, ``e (*b, M)`` of the quadratic loss (module docstring).
+
+    A ``(*b, K, r, d)``, B ``(*b, K, d, r)``, U ``(*b, M, d, r*)``, V ``(*b, M, r*, d)``.
+    """
+    G = scale ** 2 * slot_gram(A, B)                                   # (*b, K, K)
+    BtU = torch.einsum("...kdi,...mdj->...mkij", B, U)                 # (*b, M, K, r, r*)
+    VAt = torch.einsum("...mjd,...kid->...mkij", V, A)                 # (*b, M, K, r, r*)  (= (V A^T)^T)
+    c = scale * (BtU * VAt).sum((-1, -2))                              # (*b, M, K)
+    e = lowrank_inner(U, V, U, V)                                      # (*b, M)
+    return G, c, e
+
+
+def quadratic_loss(gates: Tensor, G: Tensor, c: Tensor, e: Tensor) -> Tensor:
+    """``g^T G g - 2 g^T c_m + e_m`` per draw: gates ``(*b, M, N, K)`` -> ``(*b, M, N)``.
+
+    G ``(*b', K, K)``, c ``(*b', M, K)``, e ``(*b', M)`` broadcast against ``*b`` (e.g. a bank
+    ``(S, 1)`` against a population of routers ``(S, P)``).
+    """
+    Gg = gates @ G.unsqueeze(-3)                                       # (*b, M, N, K)
+    quad = (Gg * gates).sum(-1)                                        # (*b, M, N)
+    lin = (gates * c.unsqueeze(-2)).sum(-1)                            # (*b, M, N)
+    return quad - 2 * lin + e.unsqueeze(-1)
+
+
+def leave_one_out(gates: Tensor, G: Tensor, c: Tensor, e: Tensor) -> Tensor:
+    """Loss with slot k's gate set to 0, for every k: ``(*b, M, N, K)`` -> ``(*b, M, N, K)``.
+
+    With ``g' = g - g_k e_k``: ``quad' = quad - 2 g_k (G g)_k + g_k^2 G_kk``, ``lin' = lin - g_k c_k``.
+    """
+    Gg = gates @ G.unsqueeze(-3)                                       # (*b, M, N, K)
+    full = quadratic_loss(gates, G, c, e).unsqueeze(-1)                # (*b, M, N, 1)
+    Gkk = torch.diagonal(G, dim1=-2, dim2=-1).unsqueeze(-2).unsqueeze(-2)   # (*b, 1, 1, K)
+    return full - 2 * gates * Gg + gates ** 2 * Gkk + 2 * gates * c.unsqueeze(-2)
+
+
+def domain_losses(rcfg: RouterConfig, params: dict[str, Tensor], A: Tensor, B: Tensor, task: Task,
+                  features: Tensor, step: int, scale: float, floor: float = 0.0) -> Tensor:
+    """Expected loss per domain ``(S, *p, M)``: mean over the feature draws of
+    ``||W(h) - D_m||^2 + floor`` (floor = irreducible teacher noise ``sigma^2 d``).
+
+    params with leading ``(S, *p)`` (``*p`` = a population dim or nothing), bank ``(S, K, ...)``,
+    features ``(S, M, N, F)``.
+    """
+    S, M, N, F = features.shape
+    extra = params["bias"].ndim - 2                                    # 1 with a population dim
+    G, c, e = gram_terms(A, B, task.U.to(A.dtype), task.V.to(A.dtype), scale)
+    for _ in range(extra):
+        G, c, e = G.unsqueeze(1), c.unsqueeze(1), e.unsqueeze(1)       # (S, 1, ...)
+    feats = features.reshape(S, *([1] * extra), M * N, F)              # (S, [1,] M*N, F)
+    gates = router_gates(rcfg, params, feats, step)                    # (S, [P,] M*N, K)
+    gates = gates.reshape(*gates.shape[:-2], M, N, gates.shape[-1])    # (S, [P,] M, N, K)
+    return quadratic_loss(gates, G, c, e).mean(-1) + floor
+
+
+# ---------------------------------------------------------------------------------------------
+# Solvers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class State:
+    """Trainable state for S seeds: router params ``(S, ...)`` and bank A ``(S, K, r, d)``, B ``(S, K, d, r)``."""
+
+    params: dict[str, Tensor]
+    A: Tensor
+    B: Tensor
+
+    def clone(self) -> "State":
+        return State({k: v.clone() for k, v in self.params.items()}, self.A.clone(), self.B.clone())
+
+
+def initial_state(task: Task, spec: TaskSpec, cfg: SandboxConfig) -> State:
+    """The shared starting point of both arms: pre-aligned bank and a fresh router, per seed."""
+    scale = cfg.alpha / spec.rank
+    A, B = initial_adapters(task, spec, scale=scale)
+    rcfg = router_config(spec, cfg)
+    per_seed = [init_router_params(rcfg, (), stream(s, _ROUTER_STREAM)) for s in task.seeds]
+    params = {k: torch.stack([p[k] for p in per_seed]).to(DTYPE) for k in per_seed[0]}
+    return State(params, A.to(DTYPE), B.to(DTYPE))
+
+
+@dataclass
+class ArmResult:
+    """Outcome of one arm for S seeds (tensors over the seed dim)."""
+
+    arm: str
+    final_loss: Tensor          # (S,) balanced expected loss on the evaluation draws (nan if diverged)
+    domain_loss: Tensor         # (S, M)
+    initial_loss: Tensor        # (S,) same measure at the shared starting point
+    loss_evals: int             # loss evaluations per seed
+    grad_steps: int
+    diverged: Tensor            # (S,) bool
+    diverged_step: Tensor       # (S,) long, -1 if not diverged
+    curve: Tensor               # (S, grad_steps) training objective per step
+    accepted: int = 0           # generations where some seed took a mutant
+    events: list = field(default_factory=list)
+
+
+def evo_evaluations(spec: TaskSpec, cfg: SandboxConfig) -> int:
+    """Loss evaluations per seed of the evo arm: T + n_gen P (+ n_life (K + 1) with the lifecycle,
+    which skips an event at the very last step)."""
+    n_gen = cfg.steps // cfg.interval
+    n_life = (cfg.steps - 1) // cfg.interval if cfg.steps else 0
+    return cfg.steps + n_gen * cfg.population + (n_life * (spec.slots + 1) if cfg.lifecycle else 0)
+
+
+def _features(task: Task, spec: TaskSpec, cfg: SandboxConfig, salt: int, draws: int) -> Tensor:
+    if spec.context_noise == 0:
+        return task.contexts[:, :, None, :].to(DTYPE)                      # (S, M, 1, F)
+    return noisy_contexts(task, spec.context_noise, draws, salt).to(DTYPE)  # (S, M, N, F)
+
+
+class _Adam:
+    """Adam with a per-seed step count, so a seed's moments can be reset on their own."""
+
+    def __init__(self, tensors: dict[str, Tensor], lrs: dict[str, float], S: int, betas=(0.9, 0.999), eps=1e-8):
+        self.lrs, self.b1, self.b2, self.eps = lrs, betas[0], betas[1], eps
+        self.m = {k: torch.zeros_like(v) for k, v in tensors.items()}
+        self.v = {k: torch.zeros_like(v) for k, v in tensors.items()}
+        self.t = {k: torch.zeros(S, dtype=DTYPE) for k in tensors}
+
+    @torch.no_grad()
+    def step(self, tensors: dict[str, Tensor], grads: dict[str, Tensor], alive: Tensor) -> None:
+        for k, g in grads.items():
+            shape = (-1,) + (1,) * (g.ndim - 1)
+            self.t[k] += alive.to(DTYPE)
+            t = self.t[k].clamp_min(1).view(shape)                          # (S, 1, ...)
+            g = torch.where(alive.view(shape), g, torch.zeros_like(g))
+            self.m[k].mul_(self.b1).add_((1 - self.b1) * g)
+            self.v[k].mul_(self.b2).add_((1 - self.b2) * g * g)
+            mhat = self.m[k] / (1 - self.b1 ** t)
+            vhat = self.v[k] / (1 - self.b2 ** t)
+            tensors[k].sub_(self.lrs[k] * alive.view(shape) * mhat / (vhat.sqrt() + self.eps))
+
+    def reset(self, keys: Sequence[str], seeds_mask: Tensor) -> None:
+        for k in keys:
+            shape = (-1,) + (1,) * (self.m[k].ndim - 1)
+            keep = (~seeds_mask).to(DTYPE)
+            self.m[k].mul_(keep.view(shape))
+            self.v[k].mul_(keep.view(shape))
+            self.t[k].mul_(keep)
+
+
+def solve(task: Task, spec: TaskSpec, cfg: SandboxConfig, arm: str, state: State | None = None) -> ArmResult:
+    """Run one arm for every seed of `task` at once; see the module docstring."""
+    require(arm in ARMS, "arm", arm, "grad or evo")
+    rcfg = router_config(spec, cfg)
+    scale = cfg.alpha / spec.rank
+    st = (state or initial_state(task, spec, cfg)).clone()
+    S = len(task.seeds)
+    is_evo = arm == "evo"
+    steps = cfg.steps
+    if arm == "grad" and cfg.budget == "evals":
+        steps = evo_evaluations(spec, cfg)
+    train_adapters = cfg.plasticity > 0
+    draws = 1 if spec.context_noise == 0 else cfg.draws
+    eval_feats = _features(task, spec, cfg, _EVAL_SALT, cfg.eval_draws)
+    fixed_feats = _features(task, spec, cfg, 0, draws)
+
+    with torch.no_grad():
+        initial = domain_losses(rcfg, st.params, st.A, st.B, task, eval_feats, 0, scale, cfg.loss_floor).mean(-1)
+
+    tensors = dict(st.params)
+    lrs = {k: cfg.lr for k in st.params}
+    if train_adapters:
+        tensors.update(A=st.A, B=st.B)
+        lrs.update(A=cfg.lr * cfg.plasticity, B=cfg.lr * cfg.plasticity)
+    opt = _Adam(tensors, lrs, S)
+    gens = [stream(s, _EVO_STREAM) for s in task.seeds]
+    ecfg = cfg.evolution
+    alive = torch.ones(S, dtype=torch.bool)
+    div_step = torch.full((S,), -1, dtype=torch.long)
+    curve = torch.full((S, steps), float("nan"), dtype=DTYPE)
+    evals, accepted, events = 0, 0, []
+    pop = lc.Population.founders((S,), spec.slots)
+
+    for t in range(steps):
+        feats = _features(task, spec, cfg, t + 1, draws) if (cfg.fresh_noise and draws > 1) else fixed_feats
+        leaves = {k: v.detach().requires_grad_(True) for k, v in tensors.items()}
+        params = {k: leaves[k] for k in st.params}
+        A = leaves.get("A", tensors.get("A", st.A))
+        B = leaves.get("B", tensors.get("B", st.B))
+        loss = domain_losses(rcfg, params, A, B, task, feats, t, scale, cfg.loss_floor).mean(-1)   # (S,)
+        evals += 1
+        bad = ~torch.isfinite(loss) & alive
+        div_step[bad] = t
+        alive &= ~bad
+        curve[:, t] = loss.detach()
+        grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
+        grads = {k: torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for k, g in zip(leaves, grads)}
+        opt.step(tensors, grads, alive)
+        if is_evo and (t + 1) % ecfg.interval == 0 and t + 1 <= cfg.steps:
+            took = _generation(task, rcfg, tensors, st, feats, t + 1, scale, ecfg, gens, alive, cfg.loss_floor)
+            opt.reset(list(st.params), took)
+            accepted += int(took.any())
+            evals += ecfg.population
+            if cfg.lifecycle and t + 1 < steps:  # an event at the very end would leave no time to recover
+                pop, evs = _lifecycle(task, rcfg, cfg, tensors, st, pop, feats, t + 1, scale, opt)
+                events += evs
+                evals += spec.slots + 1
+
+    with torch.no_grad():
+        params = {k: tensors[k] for k in st.params}
+        A, B = tensors.get("A", st.A), tensors.get("B", st.B)
+        dom = domain_losses(rcfg, params, A, B, task, eval_feats, steps, scale, cfg.loss_floor)         # (S, M)
+    final = dom.mean(-1)
+    bad = ~torch.isfinite(final) & alive
+    div_step[bad] = steps
+    alive &= ~bad
+    final = torch.where(alive, final, torch.full_like(final, float("nan")))
+    return ArmResult(arm, final, dom, initial, evals, steps, ~alive, div_step, curve, accepted, events)
+
+
+@torch.no_grad()
+def _generation(task: Task, rcfg: RouterConfig, tensors: dict[str, Tensor], st: State, feats: Tensor, step: int,
+                scale: float, ecfg: evo.EvolutionConfig, gens: list, alive: Tensor, floor: float) -> Tensor:
+    """One generation of routing search in place on `tensors`; returns which seeds took a mutant (S,)."""
+    params = {k: tensors[k] for k in st.params}
+    x = params_to_vector(params)                                                     # (S, D)
+    sigma = params_to_vector(evo.mutation_scales(params))                            # (S, D)
+    pop = evo.propose(x, sigma, ecfg, gens)                                          # (S, P, D)
+    A, B = tensors.get("A", st.A), tensors.get("B", st.B)
+    obj = domain_losses(rcfg, vector_to_params(pop, rcfg), A, B, task, feats, step, scale, floor).mean(-1)  # (S, P)
+    best, idx = evo.select(pop, obj)
+    took = (idx != 0) & alive
+    new = vector_to_params(torch.where(took[:, None], best, x), rcfg)
+    for k in st.params:
+        tensors[k].copy_(new[k])
+    return took
+
+
+@torch.no_grad()
+def _lifecycle(task: Task, rcfg: RouterConfig, cfg: SandboxConfig, tensors: dict[str, Tensor], st: State,
+               pop: lc.Population, feats: Tensor, step: int, scale: float, opt: _Adam) -> tuple[lc.Population, list]:
+    """One lifecycle event on the bank (in place on `tensors`), with leave-one-out fitness in Gram form.
+
+    ``loo[s, k, m]`` = domain m's loss with slot k's gate zeroed (`leave_one_out`), so the fitness is
+    ``agg_m (loo - full)``. The generator is seeded from the batch's seeds and the step, so a run is
+    reproducible for the same seed list (the lifecycle draws one batch of noise for all seeds).
+    Adam moments of replaced slots (bank and router columns) are zeroed.
+    """
+    lcfg = cfg.lifecycle_config
+    params = {k: tensors[k] for k in st.params}
+    A, B = tensors.get("A", st.A), tensors.get("B", st.B)
+    S, M, N, F = feats.shape
+    G, c, e = gram_terms(A, B, task.U.to(A.dtype), task.V.to(A.dtype), scale)
+    gates = router_gates(rcfg, params, feats.reshape(S, M * N, F), step).reshape(S, M, N, -1)   # (S, M, N, K)
+    full = quadratic_loss(gates, G, c, e).mean(-1) + cfg.loss_floor                             # (S, M)
+    loo = leave_one_out(gates, G, c, e).mean(-2) + cfg.loss_floor                               # (S, M, K)
+    fit = lc.fitness(loo.transpose(-1, -2), full, lcfg.scope, lcfg.per_domain_agg)            # (S, K)
+    g = torch.Generator().manual_seed(hash((task.seeds, step)) % (2**62))
+    pop, (A2, B2), new_params, events = lc.lifecycle_step(pop, (A, B), params, fit, lcfg, g, step,
+                                                          domain_losses=full, domain_features=feats.mean(-2))
+    mask = lc.reset_mask(events, (S,), A.shape[1])                                             # (S, K)
+    A.copy_(A2)
+    B.copy_(B2)
+    for k in st.params:
+        tensors[k].copy_(new_params[k])
+    for k, m in opt.m.items():
+        slot_mask = mask[:, None, :] if k == "W" else (mask[:, :, None, None] if k in ("A", "B") else mask)
+        keep = (~slot_mask).to(m.dtype)
+        m.mul_(keep)
+        opt.v[k].mul_(keep)
+    for ev in events:
+        ev["seed"] = task.seeds[ev.pop("batch")]
+    return pop, events
+
+
+def run_arms(spec: TaskSpec, cfg: SandboxConfig, seeds: Sequence[int], arms: Sequence[str] = ARMS) -> dict[str, ArmResult]:
+    """Both arms for every seed from one task and one shared initial state (common random numbers)."""
+    task = make_task(spec, seeds)
+    state = initial_state(task, spec, cfg)
+    out = {}
+    for arm in arms:
+        t0 = time.perf_counter()
+        res = solve(task, spec, cfg, arm, state)
+        res.wall_s = time.perf_counter() - t0
+        out[arm] = res
+    return out
+
+
+def result_rows(results: dict[str, ArmResult], seeds: Sequence[int], extra: dict | None = None) -> list[dict]:
+    """Tidy rows (one per seed x arm) with the results.csv columns of ARCHITECTURE.md."""
+    rows = []
+    for arm, r in results.items():
+        for i, seed in enumerate(seeds):
+            loss = float(r.final_loss[i])
+            rows.append({
+                **(extra or {}), "seed": int(seed), "arm": arm,
+                "final_loss": loss,
+                "log_loss": math.log(max(loss, LOSS_FLOOR)) if math.isfinite(loss) else float("nan"),
+                "loss_evals": r.loss_evals, "grad_steps": r.grad_steps,
+                "diverged": bool(r.diverged[i]), "diverged_step": int(r.diverged_step[i]),
+                "wall_s": getattr(r, "wall_s", float("nan")) / len(seeds),
+            })
+    return rows

@@ -1,0 +1,199 @@
+"""Analytic sandbox: Gram form vs dense vs Monte Carlo, leave-one-out, solvers and their pairing."""
+
+import math
+
+import pytest
+import torch
+
+from sandbox import analytic as an
+from sandbox.errors import BadInput
+from sandbox.router import router_gates
+from sandbox.tasks import TaskSpec, make_task
+
+SPEC = TaskSpec(domains=3, slots=5, dim=10, rank=3, true_rank=2, context_dim=6, alignment=0.6)
+FAST = dict(steps=30, interval=10, population=6)
+
+
+def _bank(gen, S=2, K=5, r=3, d=10):
+    A = torch.randn(S, K, r, d, generator=gen, dtype=torch.float64) / 3
+    B = torch.randn(S, K, d, r, generator=gen, dtype=torch.float64) / 3
+    return A, B
+
+
+def _dense_loss(gates, A, B, D, scale):
+    """Oracle: form W = sum_k g_k s B_k A_k (d x d) and ||W - D_m||_F^2, looping over k."""
+    W = 0
+    for k in range(A.shape[-3]):
+        W = W + gates[..., k, None, None] * scale * (B[..., k, :, :] @ A[..., k, :, :])
+    return ((W - D) ** 2).sum((-1, -2))
+
+
+def test_gram_loss_matches_dense(gen):
+    task = make_task(SPEC, [1, 2])
+    A, B = _bank(gen)
+    U, V = task.U.double(), task.V.double()
+    G, c, e = an.gram_terms(A, B, U, V, scale=0.7)
+    gates = torch.rand(2, 3, 4, 5, generator=gen, dtype=torch.float64)       # (S, M, N, K)
+    got = an.quadratic_loss(gates, G, c, e)                                   # (S, M, N)
+    D = (U @ V)[:, :, None]                                                   # (S, M, 1, d, d)
+    want = _dense_loss(gates, A[:, None, None], B[:, None, None], D, 0.7)
+    torch.testing.assert_close(got, want)
+    # with a population dim: bank (S, 1) against gates (S, P)
+    gp = torch.rand(2, 7, 3, 4, 5, generator=gen, dtype=torch.float64)
+    got_p = an.quadratic_loss(gp, G[:, None], c[:, None], e[:, None])
+    want_p = _dense_loss(gp, A[:, None, None, None], B[:, None, None, None], D[:, None], 0.7)
+    torch.testing.assert_close(got_p, want_p)
+
+
+def test_gram_loss_matches_monte_carlo(gen):
+    """E_x ||(W - D) x||^2 over x ~ N(0, I) equals the closed form (isotropic inputs)."""
+    task = make_task(SPEC, [3])
+    A, B = _bank(gen, S=1)
+    U, V = task.U.double(), task.V.double()
+    G, c, e = an.gram_terms(A, B, U, V, scale=1.0)
+    gates = torch.rand(1, 3, 1, 5, generator=gen, dtype=torch.float64)
+    closed = an.quadratic_loss(gates, G, c, e)[0, :, 0]                       # (M,)
+    W = (gates[0, :, 0, :, None, None] * (B[0] @ A[0])).sum(1)                # (M, d, d)
+    err = W - (U @ V)[0]                                                      # (M, d, d)
+    x = torch.randn(200_000, 10, generator=gen, dtype=torch.float64)          # (n, d)
+    sq = ((x @ err.transpose(-1, -2)) ** 2).sum(-1)                           # (M, n)
+    mc, se = sq.mean(-1), sq.std(-1) / math.sqrt(x.shape[0])
+    assert ((mc - closed).abs() < 4 * se).all(), (mc, closed, se)
+    assert ((mc - closed).abs() / closed < 0.02).all()
+
+
+def test_leave_one_out_matches_zeroed_gates(gen):
+    task = make_task(SPEC, [1, 2])
+    A, B = _bank(gen)
+    G, c, e = an.gram_terms(A, B, task.U.double(), task.V.double(), 0.5)
+    gates = torch.rand(2, 3, 4, 5, generator=gen, dtype=torch.float64)
+    loo = an.leave_one_out(gates, G, c, e)                                    # (S, M, N, K)
+    for k in range(5):
+        g = gates.clone()
+        g[..., k] = 0
+        torch.testing.assert_close(loo[..., k], an.quadratic_loss(g, G, c, e))
+
+
+def test_gram_gradient_matches_dense(gen):
+    task = make_task(SPEC, [5])
+    A, B = _bank(gen, S=1)
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    gates = torch.rand(1, 3, 2, 5, generator=gen, dtype=torch.float64)
+    G, c, e = an.gram_terms(A, B, task.U.double(), task.V.double(), 1.3)
+    ga = torch.autograd.grad(an.quadratic_loss(gates, G, c, e).sum(), (A, B))
+    D = (task.U.double() @ task.V.double())[:, :, None]
+    gd = torch.autograd.grad(_dense_loss(gates, A[:, None, None], B[:, None, None], D, 1.3).sum(), (A, B))
+    for x, y in zip(ga, gd):
+        torch.testing.assert_close(x, y)
+
+
+def test_domain_losses_match_router_and_dense():
+    cfg = an.SandboxConfig(**FAST, loss_floor=0.0)
+    task = make_task(SPEC, [4, 9])
+    st = an.initial_state(task, SPEC, cfg)
+    rcfg = an.router_config(SPEC, cfg)
+    feats = task.contexts[:, :, None].double()                                # (S, M, 1, F)
+    got = an.domain_losses(rcfg, st.params, st.A, st.B, task, feats, 0, cfg.alpha / SPEC.rank)
+    gates = router_gates(rcfg, st.params, feats[:, :, 0])                     # (S, M, K)
+    D = (task.U @ task.V).double()                                            # (S, M, d, d)
+    want = _dense_loss(gates, st.A[:, None], st.B[:, None], D, cfg.alpha / SPEC.rank)
+    torch.testing.assert_close(got, want)
+
+
+def test_both_arms_share_task_and_initial_weights():
+    cfg = an.SandboxConfig(**FAST)
+    res = an.run_arms(SPEC, cfg, [10, 11, 12])
+    torch.testing.assert_close(res["grad"].initial_loss, res["evo"].initial_loss, rtol=0, atol=0)
+    # with no generation inside the budget the evo arm IS the grad arm, bit for bit
+    quiet = an.SandboxConfig(steps=30, interval=31, population=6)
+    r2 = an.run_arms(SPEC, quiet, [10, 11, 12])
+    torch.testing.assert_close(r2["grad"].final_loss, r2["evo"].final_loss, rtol=0, atol=0)
+    assert r2["evo"].loss_evals == r2["grad"].loss_evals == 30
+    # initial state is a pure function of (spec, seed)
+    task = make_task(SPEC, [10, 11, 12])
+    s1, s2 = an.initial_state(task, SPEC, cfg), an.initial_state(task, SPEC, cfg)
+    for k in s1.params:
+        torch.testing.assert_close(s1.params[k], s2.params[k], rtol=0, atol=0)
+    torch.testing.assert_close(s1.A, s2.A, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(router="sigmoid", plasticity=0.0), dict(context_noise=0.3, fresh_noise=True)])
+def test_batched_seeds_match_one_seed_at_a_time(kw):
+    spec_kw = {k: v for k, v in kw.items() if k == "context_noise"}
+    spec = TaskSpec(**{**SPEC.__dict__, **spec_kw})
+    cfg = an.SandboxConfig(**FAST, **{k: v for k, v in kw.items() if k not in spec_kw}, draws=3, eval_draws=5)
+    seeds = [3, 1, 4]
+    both = an.run_arms(spec, cfg, seeds)
+    for i, s in enumerate(seeds):
+        one = an.run_arms(spec, cfg, [s])
+        for arm in ("grad", "evo"):
+            torch.testing.assert_close(both[arm].final_loss[i:i + 1], one[arm].final_loss, rtol=1e-10, atol=1e-12)
+
+
+def test_generation_never_worsens_search_objective():
+    cfg = an.SandboxConfig(**FAST, plasticity=0.0)
+    task = make_task(SPEC, [1, 2, 3, 4])
+    st = an.initial_state(task, SPEC, cfg)
+    rcfg = an.router_config(SPEC, cfg)
+    feats = task.contexts[:, :, None].double()
+    scale = cfg.alpha / SPEC.rank
+    tensors = dict(st.params)
+    before = an.domain_losses(rcfg, tensors, st.A, st.B, task, feats, 5, scale).mean(-1)
+    gens = [torch.Generator().manual_seed(s) for s in task.seeds]
+    took = an._generation(task, rcfg, tensors, st, feats, 5, scale, cfg.evolution, gens,
+                          torch.ones(4, dtype=torch.bool), 0.0)
+    after = an.domain_losses(rcfg, tensors, st.A, st.B, task, feats, 5, scale).mean(-1)
+    assert (after <= before).all()
+    assert ((after < before) == took).all()
+
+
+def test_divergence_is_recorded_not_raised():
+    cfg = an.SandboxConfig(**FAST)
+    task = make_task(SPEC, [1, 2])
+    st = an.initial_state(task, SPEC, cfg)
+    st.params["W"][1, 0, 0] = float("nan")
+    for arm in ("grad", "evo"):
+        r = an.solve(task, SPEC, cfg, arm, st)
+        assert r.diverged.tolist() == [False, True]
+        assert r.diverged_step.tolist() == [-1, 0]
+        assert math.isfinite(r.final_loss[0]) and math.isnan(r.final_loss[1])
+    rows = an.result_rows({"grad": r}, [1, 2])
+    assert rows[1]["diverged"] and math.isnan(rows[1]["log_loss"])
+
+
+def test_evals_budget_matches_counts():
+    cfg = an.SandboxConfig(**FAST, budget="evals")
+    res = an.run_arms(SPEC, cfg, [1])
+    n = an.evo_evaluations(SPEC, cfg)
+    assert n == 30 + 3 * 6
+    assert res["evo"].loss_evals == n and res["grad"].loss_evals == n
+    assert res["grad"].grad_steps == n and res["evo"].grad_steps == 30
+
+
+def test_lifecycle_runs_and_counts():
+    cfg = an.SandboxConfig(**FAST, lifecycle=True)
+    res = an.run_arms(SPEC, cfg, [1, 2])
+    evo = res["evo"]
+    assert evo.loss_evals == an.evo_evaluations(SPEC, cfg) == 30 + 3 * 6 + 2 * (5 + 1)
+    assert torch.isfinite(evo.final_loss).all()
+    assert {e["event"] for e in evo.events} >= {"death", "birth"}
+    assert {e["seed"] for e in evo.events} <= {1, 2}
+
+
+def test_gradient_training_reduces_loss():
+    cfg = an.SandboxConfig(steps=60, interval=20, population=4)
+    res = an.run_arms(SPEC, cfg, [1, 2, 3])
+    assert (res["grad"].final_loss < res["grad"].initial_loss).all()
+
+
+@pytest.mark.parametrize("field, value, flag", [
+    ("steps", -1, "--steps"), ("lr", 0.0, "--lr"), ("plasticity", -0.5, "--plasticity"),
+    ("router", "tanh", "--router"), ("population", 1, "--population"), ("mutation_scale", 0.0, "--mutation-scale"),
+    ("interval", 0, "--interval"), ("budget", "flops", "--budget"), ("scope", "local", "--scope"),
+    ("loss_floor", -1.0, "--loss-floor"),
+])
+def test_config_validation_names_flag(field, value, flag):
+    with pytest.raises(BadInput) as e:
+        an.SandboxConfig(**{field: value})
+    assert e.value.flag == flag
