@@ -8,7 +8,8 @@ from `results.csv` (`collect_seed_deltas`).
 Heatmap encoding (`plot_heatmap`):
 - colour: mean delta at each grid point, diverging map centred on 0 with limits (-L, L),
   L = max |mean delta|;
-- solid black line: the delta = 0 contour, interpolated between grid-point centres;
+- solid black line: the delta = 0 contour, interpolated between grid-point centres (scattered
+  points, as from a boundary search, are coloured and contoured on their Delaunay triangulation);
 - dashed lines: the +-eps contours (the equivalence margin fixed before the sweep);
 - one marker per point by regime class (`figures.style.REGIME_STYLE`; inconclusive hollow).
 
@@ -22,6 +23,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.tri import Triangulation
 
 from figures.style import (DELTA_LABEL, DIVERGING_CMAP, OKABE_ITO, REGIME_STYLE, REGIMES, attach,
                            axis_label, new_figure, symmetric_limits, theme)
@@ -125,16 +127,30 @@ def plot_heatmap(df: pd.DataFrame, x: str | None = None, y: str | None = None,
     with theme():
         fig = new_figure(7.6, 6.4)
         ax = fig.add_subplot()
-        mesh = ax.pcolormesh(_edges(xs), _edges(ys), np.ma.masked_invalid(z), cmap=DIVERGING_CMAP,
-                             vmin=vmin, vmax=vmax, shading="flat", zorder=1)
         zero = eps_cs = None
-        if xs.size >= 2 and ys.size >= 2:
-            gx, gy = np.meshgrid(xs, ys)  # (ny, nx) each: cell centres
-            zm = np.ma.masked_invalid(z)
-            zero = ax.contour(gx, gy, zm, levels=[0.0], colors=OKABE_ITO["black"], linewidths=2.2, zorder=3)
+        filled = np.isfinite(z).mean()
+        pts = df[np.isfinite(df["mean_delta"].to_numpy(float))]
+        if filled >= 0.5 or len(pts) < 3:  # a (mostly) full grid: one cell per point
+            mesh = ax.pcolormesh(_edges(xs), _edges(ys), np.ma.masked_invalid(z), cmap=DIVERGING_CMAP,
+                                 vmin=vmin, vmax=vmax, shading="flat", zorder=1)
+            if xs.size >= 2 and ys.size >= 2:
+                gx, gy = np.meshgrid(xs, ys)  # (ny, nx) each: cell centres
+                zm = np.ma.masked_invalid(z)
+                zero = ax.contour(gx, gy, zm, levels=[0.0], colors=OKABE_ITO["black"], linewidths=2.2, zorder=3)
+                if np.isfinite(eps) and eps > 0:
+                    eps_cs = ax.contour(gx, gy, zm, levels=[-eps, eps], colors="0.2", linewidths=1.3,
+                                        linestyles="--", zorder=3)
+        else:  # scattered points (e.g. a boundary search): colour and contour a Delaunay triangulation
+            tri = Triangulation(pts[x].to_numpy(float), pts[y].to_numpy(float))
+            zt = pts["mean_delta"].to_numpy(float)
+            mesh = ax.tripcolor(tri, zt, cmap=DIVERGING_CMAP, vmin=vmin, vmax=vmax, shading="gouraud", zorder=1)
+            zero = ax.tricontour(tri, zt, levels=[0.0], colors=OKABE_ITO["black"], linewidths=2.2, zorder=3)
             if np.isfinite(eps) and eps > 0:
-                eps_cs = ax.contour(gx, gy, zm, levels=[-eps, eps], colors="0.2", linewidths=1.3,
-                                    linestyles="--", zorder=3)
+                eps_cs = ax.tricontour(tri, zt, levels=[-eps, eps], colors="0.2", linewidths=1.3,
+                                       linestyles="--", zorder=3)
+            for lim, v in ((ax.set_xlim, tri.x), (ax.set_ylim, tri.y)):  # keep edge markers whole
+                pad = 0.04 * (v.max() - v.min() or 1.0)
+                lim(v.min() - pad, v.max() + pad)
         markers = _regime_markers(ax, df, x, y)
         cbar = fig.colorbar(mesh, ax=ax, shrink=0.9, pad=0.02)
         cbar.set_label(DELTA_LABEL)

@@ -419,3 +419,18 @@ def test_saved_png_has_at_least_150_dpi_and_an_svg(tmp_path):
     with Image.open(paths[0]) as im:
         assert im.info["dpi"][0] >= 149.9
     assert paths[1].read_text().lstrip().startswith("<?xml")
+
+
+def test_scattered_points_are_contoured_on_a_triangulation():
+    rng = np.random.default_rng(3)
+    a, c = rng.random(30), rng.random(30)  # a boundary search: no two points share a coordinate
+    s = pd.DataFrame(dict(alignment=a, context_noise=c, mean_delta=0.05 * (a - 0.45), ci_low=0.05 * (a - 0.45) - 0.003,
+                          ci_high=0.05 * (a - 0.45) + 0.003, eps=EPS, n=5))
+    s["regime"] = [_classify(lo, hi) for lo, hi in zip(s["ci_low"], s["ci_high"])]
+    fig = regime.plot_heatmap(regime.collect_heatmap(s, "alignment", "context_noise"))
+    enc = fig.encoding
+    assert list(enc["zero_contour"].levels) == [0.0] and enc["clim"][0] == -enc["clim"][1]
+    verts = np.concatenate([p.vertices for p in enc["zero_contour"].get_paths() if len(p.vertices)])
+    np.testing.assert_allclose(verts[:, 0], 0.45, atol=1e-9)  # linear field: exact on every triangle
+    for r in REGIMES:
+        assert offsets(enc["markers"][r]) == rows_xy(s[s["regime"] == r], "alignment", "context_noise")
