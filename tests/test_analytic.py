@@ -94,10 +94,10 @@ def test_domain_losses_match_router_and_dense():
     st = an.initial_state(task, SPEC, cfg)
     rcfg = an.router_config(SPEC, cfg)
     feats = task.contexts[:, :, None].double()                                # (S, M, 1, F)
-    got = an.domain_losses(rcfg, st.params, st.A, st.B, task, feats, 0, cfg.alpha / SPEC.rank)
+    got = an.domain_losses(rcfg, st.params, st.A, st.B, task, feats, 0, cfg.scale(SPEC))
     gates = router_gates(rcfg, st.params, feats[:, :, 0])                     # (S, M, K)
     D = (task.U @ task.V).double()                                            # (S, M, d, d)
-    want = _dense_loss(gates, st.A[:, None], st.B[:, None], D, cfg.alpha / SPEC.rank)
+    want = _dense_loss(gates, st.A[:, None], st.B[:, None], D, cfg.scale(SPEC))
     torch.testing.assert_close(got, want)
 
 
@@ -137,7 +137,7 @@ def test_generation_never_worsens_search_objective():
     st = an.initial_state(task, SPEC, cfg)
     rcfg = an.router_config(SPEC, cfg)
     feats = task.contexts[:, :, None].double()
-    scale = cfg.alpha / SPEC.rank
+    scale = cfg.scale(SPEC)
     tensors = dict(st.params)
     before = an.domain_losses(rcfg, tensors, st.A, st.B, task, feats, 5, scale).mean(-1)
     gens = [torch.Generator().manual_seed(s) for s in task.seeds]
