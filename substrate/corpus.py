@@ -143,6 +143,20 @@ class Language:
         """Stationary token law of domain m: ``pi_m @ P_m`` -> ``(V,)`` float64."""
         return self.stationary[m] @ self.logp[m].exp()
 
+    def blind_excess(self) -> torch.Tensor:
+        """How far apart the domains are: ``(M,)`` extra nats per token, on each domain, of the best
+        domain-blind first-order predictor (one that sees only the previous token's cluster).
+
+        For the balanced objective that predictor is ``Q(v | c) = sum_m pi_m(c) P_m(v | c) / sum_m pi_m(c)``
+        and its excess on domain m is ``sum_c pi_m(c) KL(P_m(. | c) || Q(. | c))``. A model that infers the
+        domain from longer context can beat it; a model that cannot sits at ``floor + blind_excess``.
+        """
+        P = self.logp.exp()                                                 # (M, C, V)
+        w = self.stationary / self.stationary.sum(0, keepdim=True)          # (M, C) domain posterior per cluster
+        logq = torch.log((w[:, :, None] * P).sum(0))                        # (C, V)
+        kl = (P * (self.logp - logq)).sum(-1)                               # (M, C)
+        return (self.stationary * kl).sum(-1)
+
     def nll(self, m: int, windows: torch.Tensor) -> torch.Tensor:
         """True-model NLL of every target token: windows ``(N, T+1)`` -> ``(N, T)`` float64."""
         prev = self.cluster_of[windows[:, :-1].long()]                  # (N, T) clusters
@@ -253,9 +267,14 @@ class Corpus:
         return [int(w.shape[0]) * self.seq_len for w in self.split(split)]
 
     def summary(self) -> list[dict]:
-        """One row per domain: name, windows and target tokens per split, floor (nats)."""
-        return [{"domain": n, "train_tokens": a, "heldout_tokens": b, "floor": float(f)}
+        """One row per domain: name, target tokens per split, floor (nats) and, for synthetic
+        corpora, ``blind_excess`` (see `Language.blind_excess`)."""
+        rows = [{"domain": n, "train_tokens": a, "heldout_tokens": b, "floor": float(f)}
                 for n, a, b, f in zip(self.names, self.tokens("train"), self.tokens("heldout"), self.floors)]
+        if self.language is not None:
+            for row, gap in zip(rows, self.language.blind_excess().tolist()):
+                row["blind_excess"] = gap
+        return rows
 
 
 def sample_batch(corpus: Corpus, split: str, batch: int, generator: torch.Generator,
@@ -382,7 +401,9 @@ def describe_corpus(corpus: Corpus) -> str:
     lines = [f"corpus {corpus.key}: {corpus.domains} domains, vocab {corpus.vocab}, seq_len {corpus.seq_len}"]
     for row in corpus.summary():
         fl = "unknown" if math.isnan(row["floor"]) else f"{row['floor']:.4f} nats"
-        lines.append(f"  {row['domain']}: train {row['train_tokens']:,} tok, heldout {row['heldout_tokens']:,} tok, floor {fl}")
+        blind = f", domain-blind +{row['blind_excess']:.4f}" if "blind_excess" in row else ""
+        lines.append(f"  {row['domain']}: train {row['train_tokens']:,} tok, heldout {row['heldout_tokens']:,} tok, "
+                     f"floor {fl}{blind}")
     return "\n".join(lines)
 
 

@@ -102,6 +102,30 @@ def test_domain_scale_zero_makes_identical_domains():
     assert not torch.allclose(lang.entropy_rate, lang.entropy_rate[:1])
 
 
+def test_blind_excess_is_the_optimal_domain_blind_gap():
+    lang = build_language(SMALL)
+    gap = lang.blind_excess()
+    assert (gap > 0).all()
+    # Q minimises the balanced cross-entropy among domain-blind first-order predictors: perturbing it costs.
+    P, pi = lang.logp.exp(), lang.stationary                              # (M, C, V), (M, C)
+
+    def balanced_ce(logq):
+        return float((pi[:, :, None] * P * -logq).sum((1, 2)).mean())
+
+    w = pi / pi.sum(0, keepdim=True)
+    logq = torch.log((w[:, :, None] * P).sum(0))
+    best = balanced_ce(logq)
+    assert best == pytest.approx(float((lang.entropy_rate + gap).mean()), rel=1e-12)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        other = torch.log_softmax(logq + 0.05 * torch.randn(logq.shape, generator=g, dtype=torch.float64), -1)
+        assert balanced_ce(other) > best
+    same = build_language(CorpusConfig(**{**SMALL.__dict__, "domain_scale": 0.0})).blind_excess()
+    torch.testing.assert_close(same, torch.zeros_like(same), atol=1e-12, rtol=0)
+    wider = build_language(CorpusConfig(**{**SMALL.__dict__, "domain_scale": 4.0})).blind_excess()
+    assert (wider > gap).all()
+
+
 def test_sample_batch_shifts_and_balances():
     corpus = synthetic_corpus(SMALL)
     g = torch.Generator().manual_seed(0)
@@ -124,7 +148,8 @@ def test_summary_and_description():
     corpus = synthetic_corpus(SMALL)
     rows = corpus.summary()
     assert [r["train_tokens"] for r in rows] == [SMALL.train_windows * SMALL.seq_len] * SMALL.domains
-    assert "floor" in describe_corpus(corpus) and "nats" in describe_corpus(corpus)
+    assert "floor" in describe_corpus(corpus) and "domain-blind" in describe_corpus(corpus)
+    assert all(r["blind_excess"] > 0 for r in rows)
 
 
 @pytest.mark.parametrize("field,value", [("clusters", 0), ("domains", 0), ("temperature", 0.0), ("overlap", 2.0),
