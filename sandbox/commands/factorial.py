@@ -1,0 +1,117 @@
+"""`sandbox factorial`: cells x seeds on the transformer, each (cell, seed) a resumable ledger trial,
+then the attribution of the effect to router, scope and lifecycle (named contrasts and the chain)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from sandbox.commands.full import KNOBS, O
+
+
+def factorial(
+    cells: str = typer.Option("partial", "--cells", help="Comma list of cells, 'partial' (B3,R,R+E,R+L,R+E+L) or 'all'."),
+    seeds: str = typer.Option("42,137,2026", "--seeds", help="Seeds: a comma list or a count."),
+    out: Optional[str] = typer.Option(None, "--out", help="Output folder (default runs/factorial-<hash>); rerun to resume."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL for the ledger (default OUT/ledger.journal)."),
+    eps: float = typer.Option(0.01, "--eps", help="Equivalence margin (nats) for the paired statistics."),
+    alpha_level: float = typer.Option(0.05, "--alpha", help="Test level."),
+    preset: Optional[str] = O["preset"], steps: Optional[int] = O["steps"], alignment: float = O["alignment"],
+    data: Optional[str] = O["data"], device: str = O["device"], batch: int = O["batch"], lr: float = O["lr"],
+    eval_every: Optional[int] = O["eval_every"], checkpoint_every: Optional[int] = O["checkpoint_every"],
+    interval: Optional[int] = O["interval"], n_die: int = O["n_die"], min_age: Optional[int] = O["min_age"],
+    inherit_alpha: float = O["inherit_alpha"], inherit_mode: str = O["inherit_mode"],
+    mutation_sigma: float = O["mutation_sigma"], per_domain_agg: str = O["per_domain_agg"],
+    fit_windows: int = O["fit_windows"], floor_max: float = O["floor_max"], tau_start: float = O["tau_start"],
+    tau_end: float = O["tau_end"], tau_min: float = O["tau_min"], tau_max: float = O["tau_max"],
+    anneal_steps: Optional[int] = O["anneal_steps"], pooling: str = O["pooling"], perturb_base: float = O["perturb_base"],
+    slots: int = O["slots"], rank: int = O["rank"], context: Optional[int] = O["context"],
+    pretrain_steps: Optional[int] = O["pretrain_steps"], eval_windows: Optional[int] = O["eval_windows"],
+    cache: str = O["cache"],
+    no_figures: bool = typer.Option(False, "--no-figures", help="Skip drawing figures (tables only)."),
+) -> None:
+    """Run the factorial of cells x seeds and attribute the effect (probes: --inherit-alpha 0, --perturb-base S)."""
+    kw = {k: v for k, v in locals().items() if k in KNOBS}
+    import sys
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sandbox.cells import parse_cells
+    from sandbox.commands.full import cell_template
+    from sandbox.options import parse_seeds
+    from sandbox.results import config_hash
+    from sweeps.factorial import FactorialConfig, run_factorial
+
+    err = Console(stderr=True)
+    chosen = [c.name for c in parse_cells(cells)]
+    seed_list = parse_seeds(seeds)
+    template = cell_template(chosen[0], seed_list[0], kw, lambda m: err.print(m))
+    fcfg = FactorialConfig(base=template, cells=tuple(chosen), seeds=tuple(seed_list), eps=eps, alpha=alpha_level)
+    root = Path(out) if out else Path("runs") / f"factorial-{config_hash(fcfg.settings())[:8]}"
+    err.print(f"factorial: {len(chosen)} cells x {len(seed_list)} seeds, preset {template.preset}, "
+              f"{template.steps} steps each on {template.device} -> {root}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err) as bar:
+        trials = bar.add_task("trials", total=len(chosen) * len(seed_list))
+        steps_task = bar.add_task("steps", total=template.steps, visible=False)
+
+        def on_trial(cell, seed, computed):
+            bar.update(steps_task, description=f"{cell} s{seed}", completed=0, visible=computed)
+            if not computed:
+                bar.advance(trials)
+
+        def progress(cell, seed, step, n, info):
+            bar.update(steps_task, completed=step)
+            if step == n:
+                bar.advance(trials)
+
+        res = run_factorial(fcfg, root, cache, storage=storage, figures=not no_figures,
+                            argv=["sandbox", *sys.argv[1:]], on_trial=on_trial, progress=progress,
+                            log=lambda m: err.print(m))
+    err.print(f"trials: {res.computed} computed, {res.reused} reused from the ledger")
+    print_attribution(res)
+
+
+def print_attribution(res) -> None:
+    """Rich tables: balanced log-PPL per cell and every named contrast, then the chain vs direct."""
+    import math
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    c = res.cells
+    t = Table(title="cells: balanced held-out log-PPL (nats/token), per seed")
+    t.add_column("cell")
+    seeds = sorted(c["seed"].unique())
+    for s in seeds:
+        t.add_column(f"seed {s}")
+    for cell in dict.fromkeys(c["cell"]):
+        vals = c[c["cell"] == cell].set_index("seed")["balanced_log_ppl"]
+        t.add_row(cell, *(f"{vals[s]:.4f}" if s in vals.index and math.isfinite(vals[s]) else "diverged" for s in seeds))
+    console.print(t)
+    a = res.attribution
+    if not len(a):
+        console.print("attribution: needs at least two cells of a named contrast")
+        return
+    t = Table(title="attribution: delta = log PPL(reference) - log PPL(treated), > 0 = treated better")
+    for col in ("contrast", "cells", "n", "mean delta", "95% CI", "t", "p"):
+        t.add_column(col)
+    fmt = lambda v, f: "" if v is None or not math.isfinite(v) else format(v, f)
+    for _, r in a.iterrows():
+        ci = "" if not math.isfinite(r["ci_low"]) else f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
+        t.add_row(str(r["contrast"]), f"{r['treated']} vs {r['reference']}", str(int(r["n"])), fmt(r["mean_delta"], "+.4f"),
+                  ci, fmt(r["t"], ".2f"), fmt(r["p"], ".3g"))
+    console.print(t)
+    by = {r["contrast"]: r for _, r in a.iterrows()}
+    if "chain_sum" in by and "full" in by:
+        console.print(f"chain router + scope + lifecycle = {by['chain_sum']['mean_delta']:+.4f} vs direct full - B3 = "
+                      f"{by['full']['mean_delta']:+.4f} (gap {by['chain_sum']['mean_delta'] - by['full']['mean_delta']:+.2g})")
+    console.print(f"tables and figures in {res.out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("factorial")(factorial)

@@ -1,0 +1,584 @@
+"""One factorial cell on the transformer substrate: config, adaptation loop, checkpoints, metrics.
+
+A cell is a set of factors (`sandbox.cells`): R, E, L. Every cell runs the same loop on the same
+frozen, pretrained base with the same starting bank for a seed (common random numbers, so cells
+pair by seed); the letters only switch what the loop does:
+
+- **R (router)**: off = ``softmax`` router on causal prefix means of the token embeddings
+  (``routing_features(kind="embed")``); on = ``sigmoid`` router (learnable floor, bounded
+  temperature anneal) on causal prefix means of the base's post-stack hidden states
+  (``kind="hidden"``). Gates ``(B, T, K)`` are shared by every adapted projection.
+- **E (scope)**: adapter fitness ``fit_k = agg_m (L_m^{-k} - L_m)`` with ``agg`` = equal-weight mean
+  over domains (off, ``global``) or ``per_domain_agg`` (default max) over domains (on,
+  ``per-domain``). Fitness is measured and logged every ``interval`` steps in EVERY cell
+  (``fitness.csv``); without L it changes nothing else, so E alone (or R+E) trains exactly like R
+  and differs only in what is logged. That is the study's design: scope only matters through
+  the lifecycle's choice of who dies.
+- **L (lifecycle)**: every ``interval`` steps `sandbox.lifecycle.lifecycle_step` kills the least
+  fit slots (age >= ``min_age``), blends them into their nearest neighbour (alpha
+  ``inherit_alpha``), clones and SVD-mutates a fit parent into the freed slot and reallocates its
+  router column toward the worst domain; Adam's moments of the replaced slots are zeroed.
+
+Leave-one-out losses (the input of fitness) are measured on a *selection batch*: ``fit_windows``
+fresh training windows per domain drawn for that step (never the held-out evaluation windows,
+so selection never sees the test data). ``L_m^{-k}`` is the mean token NLL on domain m with slot
+k's gate zeroed (`sandbox.lifecycle.loo_gates`), ``L_m`` with every slot.
+
+One gradient step ``t`` (0-based): training windows ``sample_batch`` from a generator seeded by
+``(seed, t)`` only, features (no grad), gates, forward with every bank gated, mean token
+cross-entropy, backward, global-norm clip, Adam on adapter factors and router parameters, learning
+rate warm-up then cosine decay (`substrate.train.lr_at`). All randomness of step t comes from
+generators seeded by ``(seed, t, purpose)``, so the data order and every lifecycle draw are pure
+functions of (seed, step): a run resumed from a checkpoint replays exactly the same numbers, and
+on CPU its final metrics equal an uninterrupted run's bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from sandbox.cells import Cell, parse_cell
+from sandbox.errors import BadInput, require
+from sandbox.lifecycle import (LifecycleConfig, Population, event_rows, fitness, lifecycle_step, loo_gates,
+                               reset_adam_state, reset_mask)
+from sandbox.results import RunDir, atomic_save_torch, to_jsonable
+from sandbox.router import Router, RouterConfig, gate_rows
+from substrate.corpus import Corpus, CorpusConfig, load_text_domains, sample_batch, synthetic_corpus
+from substrate.model import GPT, POOLINGS, PRESETS, autocast, freeze_base, load_banks, preset, routing_features
+from substrate.train import TrainConfig, evaluate, initial_banks, lr_at, pretrain, train_specialists
+
+DEVICES = ("cpu", "cuda")
+# Purposes of the per-step generators (see `step_generator`).
+_BATCH, _FIT, _LIFE, _INIT, _PERTURB = 1, 2, 3, 4, 5
+
+#: Per-preset substrate settings (corpus size, context, pretraining and specialist budgets).
+#: ``context`` is the window length T used for pretraining and adaptation (<= the preset's seq_len).
+SUBSTRATE: dict[str, dict] = {
+    "tiny": dict(context=32, clusters=16, train_windows=128, heldout_windows=16, pretrain_steps=60,
+                 pretrain_batch=16, specialist_steps=30),
+    "small": dict(context=64, clusters=64, train_windows=384, heldout_windows=32, pretrain_steps=300,
+                  pretrain_batch=16, specialist_steps=80),
+    "widened-1536": dict(context=512, clusters=256, train_windows=4096, heldout_windows=128, pretrain_steps=3000,
+                         pretrain_batch=32, specialist_steps=500),
+}
+
+
+@dataclass(frozen=True)
+class CellConfig:
+    """One cell run. Field names are CLI flags of ``sandbox full`` (``n_die`` is ``--n-die``)."""
+
+    cell: str = "B3"
+    """Factors switched on: B3, R, E, L, R+E, R+L, E+L, R+E+L (alias full); order and case free."""
+    preset: str = "small"
+    """Model preset: tiny, small or widened-1536."""
+    steps: int = 200
+    """Adaptation steps (Adam steps on adapters and router)."""
+    seed: int = 42
+    """Seed of the starting bank, the slot assignment, the data order and the lifecycle draws."""
+    alignment: float = 0.5
+    """a in [0, 1]: starting adapters between random (0) and the per-domain specialists (1)."""
+    batch: int = 8
+    """Training windows per step."""
+    lr: float = 3e-3
+    """Peak Adam learning rate (warm-up then cosine decay to 10%)."""
+    eval_every: int = 50
+    """Steps between held-out evaluations (also at step 0 and at the end)."""
+    checkpoint_every: int = 50
+    """Steps between checkpoints (0 = only when a run stops early)."""
+    interval: int = 50
+    """Steps between lifecycle events (L) and fitness measurements (every cell)."""
+    n_die: int = 1
+    """Slots that die per lifecycle event."""
+    min_age: int = 50
+    """Slots younger than this many steps never die."""
+    inherit_alpha: float = 0.5
+    """Inheritance blend alpha in [0, 1]; 0 is the study's counterfactual (no inheritance)."""
+    inherit_mode: str = "blend"
+    """blend (dying -> nearest neighbour) or child (newborn = alpha dying + (1 - alpha) clone)."""
+    mutation_sigma: float = 0.1
+    """Log-normal noise on the newborn's singular values."""
+    per_domain_agg: str = "max"
+    """Aggregator over domains of per-domain fitness (E): max, mean or median."""
+    fit_windows: int = 4
+    """Selection-batch windows per domain for leave-one-out fitness."""
+    floor_max: float = 0.1
+    """Upper bound of the sigmoid router's learnable per-slot floor."""
+    tau_start: float = 2.0
+    """Sigmoid temperature at step 0."""
+    tau_end: float = 0.5
+    """Sigmoid temperature at the end of the anneal."""
+    tau_min: float = 0.25
+    """Lower clamp of the temperature."""
+    tau_max: float = 4.0
+    """Upper clamp of the temperature."""
+    anneal_steps: int | None = None
+    """Length of the temperature anneal (default: all steps)."""
+    pooling: str = "causal"
+    """Routing-feature pooling: causal prefix means, or sequence (leaks future tokens)."""
+    perturb_base: float = 0.0
+    """Probe: Gaussian noise of this relative scale (times each weight's RMS) on the frozen base."""
+    slots: int = 16
+    """K: adapter slots."""
+    rank: int = 8
+    """r: adapter rank."""
+    domains: int = 4
+    """M: synthetic domains (ignored with --data)."""
+    context: int | None = None
+    """T: window length (default per preset: tiny 32, small 64, widened-1536 512)."""
+    pretrain_steps: int | None = None
+    """Base pretraining steps (default per preset; cached by config)."""
+    specialist_steps: int | None = None
+    """Per-domain specialist steps (default per preset; cached)."""
+    eval_windows: int | None = None
+    """Held-out windows per domain per evaluation (default all)."""
+    data: str | None = None
+    """A real text folder (one subfolder of .txt files per domain) instead of synthetic domains."""
+    device: str = "cpu"
+    """cpu or cuda (fp32 on CPU, bf16 autocast on CUDA)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cell", parse_cell(self.cell).name)
+        require(self.preset in PRESETS, "preset", self.preset, "one of " + ", ".join(PRESETS))
+        for name, lo in (("steps", 1), ("seed", 0), ("batch", 1), ("eval_every", 1), ("checkpoint_every", 0),
+                         ("interval", 1), ("n_die", 1), ("min_age", 0), ("fit_windows", 1), ("slots", 2),
+                         ("rank", 1), ("domains", 1)):
+            _int(getattr(self, name), name, lo)
+        for name in ("anneal_steps", "pretrain_steps", "specialist_steps", "eval_windows", "context"):
+            if getattr(self, name) is not None:
+                _int(getattr(self, name), name, 0 if name == "anneal_steps" else 1)
+        require(_num(self.alignment) and 0 <= self.alignment <= 1, "alignment", self.alignment, "a number in [0, 1]")
+        require(_num(self.lr) and 0 < self.lr <= 1, "lr", self.lr, "a number in (0, 1]")
+        require(_num(self.perturb_base) and 0 <= self.perturb_base <= 10, "perturb_base", self.perturb_base,
+                "a number in [0, 10]")
+        require(self.pooling in POOLINGS, "pooling", self.pooling, "one of " + ", ".join(POOLINGS))
+        require(self.device in DEVICES, "device", self.device, "cpu or cuda")
+        require(self.domains <= self.slots, "domains", self.domains, f"at most --slots ({self.slots})")
+        ctx = self.context or SUBSTRATE[self.preset]["context"]
+        require(ctx <= PRESETS[self.preset].seq_len, "context", ctx, f"at most the preset's {PRESETS[self.preset].seq_len}")
+        self.lifecycle_config()  # validates the lifecycle knobs, naming their flags
+        self.router_config(1)    # validates the router knobs
+
+    @property
+    def factors(self) -> Cell:
+        return parse_cell(self.cell)
+
+    def model_config(self):
+        return preset(self.preset, slots=self.slots, rank=self.rank)
+
+    def router_config(self, n_features: int) -> RouterConfig:
+        """Softmax (B3) or sigmoid (R) router over ``n_features``-wide features."""
+        return RouterConfig(kind="sigmoid" if self.factors.router else "softmax", n_features=n_features,
+                            n_slots=self.slots, floor_max=self.floor_max, tau_start=self.tau_start, tau_end=self.tau_end,
+                            tau_min=self.tau_min, tau_max=self.tau_max,
+                            anneal_steps=self.steps if self.anneal_steps is None else self.anneal_steps)
+
+    def lifecycle_config(self) -> LifecycleConfig:
+        return LifecycleConfig(interval=self.interval, n_die=self.n_die, min_age=self.min_age,
+                               inherit_alpha=float(self.inherit_alpha), inherit_mode=self.inherit_mode,
+                               mutation_sigma=float(self.mutation_sigma),
+                               scope="per-domain" if self.factors.per_domain else "global",
+                               per_domain_agg=self.per_domain_agg)
+
+    @property
+    def features(self) -> str:
+        """Routing-feature kind: token-embedding means (B3 router) or post-stack hidden states (R)."""
+        return "hidden" if self.factors.router else "embed"
+
+    def substrate(self) -> dict:
+        """Resolved per-preset substrate settings (`SUBSTRATE` with this config's overrides)."""
+        s = dict(SUBSTRATE[self.preset])
+        for k in ("context", "pretrain_steps", "specialist_steps"):
+            if getattr(self, k) is not None:
+                s[k] = getattr(self, k)
+        return s
+
+    def identity(self) -> dict:
+        """What must match for a checkpoint to be resumed (everything except the device)."""
+        d = asdict(self)
+        d.pop("device")
+        return d
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int(x, name: str, lo: int) -> None:
+    require(isinstance(x, int) and not isinstance(x, bool) and x >= lo, name, x, f"an integer >= {lo}")
+
+
+def step_generator(seed: int, step: int, purpose: int) -> torch.Generator:
+    """A CPU generator that is a pure function of ``(seed, step, purpose)``."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step) * 7_919 + purpose * 104_729 + 1)
+                                         % (2**63 - 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The substrate: corpus, cached base, cached specialists
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Substrate:
+    """Everything shared by the cells of one preset: the corpus, the frozen base's weights, the
+    specialists ``{bank: (A (M, r, d_in), B (M, d_out, r))}`` and the plain base's held-out NLL."""
+
+    corpus: Corpus
+    base_state: dict[str, Tensor]
+    specialists: dict[str, tuple[Tensor, Tensor]]
+    base_nll: list[float]
+
+
+def prepare_substrate(cfg: CellConfig, cache_dir: str | Path, log: Callable[[str], None] | None = None) -> Substrate:
+    """Build the corpus, pretrain the base and train the specialists, each cached in `cache_dir`.
+
+    The base and the specialists do not depend on the cell or the seed (seed 0): every cell and
+    seed adapts the same frozen base, so contrasts measure the cells, not different bases.
+    """
+    say = log or (lambda m: None)
+    s = cfg.substrate()
+    mcfg = cfg.model_config()
+    if cfg.data is not None:
+        corpus = load_text_domains(cfg.data, mcfg.vocab, s["context"], cache_dir=cache_dir)
+    else:
+        corpus = synthetic_corpus(CorpusConfig(domains=cfg.domains, vocab=mcfg.vocab, clusters=s["clusters"],
+                                               seq_len=s["context"], train_windows=s["train_windows"],
+                                               heldout_windows=s["heldout_windows"]), cache_dir)
+    require(corpus.domains <= cfg.slots, "slots", cfg.slots, f"at least the number of domains ({corpus.domains})")
+    say(f"substrate {cfg.preset}: {corpus.domains} domains, context {s['context']}; pretraining "
+        f"{s['pretrain_steps']} steps (cached in {cache_dir})")
+    base = pretrain(mcfg, corpus, steps=s["pretrain_steps"], batch=s["pretrain_batch"], device=cfg.device,
+                    cache_dir=cache_dir)
+    say(f"specialists: {s['specialist_steps']} steps (cached)")
+    spec = train_specialists(base, corpus, steps=s["specialist_steps"], device=cfg.device, cache_dir=cache_dir)
+    plain = evaluate(base, corpus, "heldout", None, max_windows=cfg.eval_windows, device=cfg.device)
+    return Substrate(corpus, {k: v.cpu() for k, v in base.base_state_dict().items()}, spec, plain.nll.tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# Run state
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunState:
+    """The live objects of a run; `checkpoint` / `restore` move them to and from a dict."""
+
+    model: GPT
+    router: Router
+    opt: torch.optim.Optimizer
+    pop: Population
+    assignment: Tensor
+    step: int = 0
+    wall_s: float = 0.0
+    diverged_step: int | None = None
+    curves: list = dataclasses.field(default_factory=list)
+    gates: list = dataclasses.field(default_factory=list)
+    events: list = dataclasses.field(default_factory=list)
+    fitness: list = dataclasses.field(default_factory=list)
+    train_loss: list = dataclasses.field(default_factory=list)
+
+
+def perturb_(model: GPT, scale: float, generator: torch.Generator) -> None:
+    """Add ``scale * rms(W) * N(0, 1)`` noise to every frozen base matrix W (dim >= 2) in place."""
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if ".bank." in name or p.dim() < 2:
+                continue
+            rms = p.float().pow(2).mean().sqrt()
+            p.add_(scale * rms * torch.randn(p.shape, generator=generator).to(p))
+
+
+def build_state(cfg: CellConfig, sub: Substrate) -> RunState:
+    """The starting state of a cell: frozen (optionally perturbed) base, the seed's starting bank
+    by alignment, a fresh router of the cell's kind, Adam, founder population."""
+    mcfg = cfg.model_config()
+    model = GPT(mcfg, torch.Generator().manual_seed(0))
+    missing, unexpected = model.load_state_dict(sub.base_state, strict=False)
+    assert not unexpected and all(".bank." in k for k in missing)
+    if cfg.perturb_base > 0:
+        perturb_(model, cfg.perturb_base, step_generator(cfg.seed, 0, _PERTURB))
+    g = step_generator(cfg.seed, 0, _INIT)
+    factors, assignment = initial_banks(sub.specialists, cfg.alignment, cfg.slots, g,
+                                        scale=mcfg.lora_alpha / mcfg.rank)
+    load_banks(model, factors)
+    model = model.to(cfg.device)
+    params = freeze_base(model)
+    router = Router(cfg.router_config(mcfg.d_model), generator=g).to(cfg.device)
+    opt = torch.optim.Adam(params + list(router.parameters()), lr=cfg.lr)
+    return RunState(model, router, opt, Population.founders((), cfg.slots, device=cfg.device), assignment)
+
+
+def checkpoint(cfg: CellConfig, st: RunState) -> dict:
+    return {"config": cfg.identity(), "step": st.step, "wall_s": st.wall_s, "diverged_step": st.diverged_step,
+            "banks": {n: (b.A.detach().cpu(), b.B.detach().cpu()) for n, b in st.model.banks().items()},
+            "router": {k: v.detach().cpu() for k, v in st.router.state_dict().items()},
+            "opt": st.opt.state_dict(), "assignment": st.assignment,
+            "pop": {k: (v.cpu() if torch.is_tensor(v) else v)
+                    for k, v in ((k, getattr(st.pop, k)) for k in ("ids", "ages", "parents", "next_id", "step"))},
+            "tables": {k: getattr(st, k) for k in ("curves", "gates", "events", "fitness", "train_loss")},
+            "torch_rng": torch.get_rng_state()}
+
+
+def restore(st: RunState, ck: dict) -> None:
+    load_banks(st.model, ck["banks"])
+    st.router.load_state_dict(ck["router"])
+    st.opt.load_state_dict(ck["opt"])
+    dev = st.router.W.device
+    st.pop = Population(**{k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in ck["pop"].items()})
+    st.assignment = ck["assignment"]
+    st.step, st.wall_s, st.diverged_step = ck["step"], ck["wall_s"], ck["diverged_step"]
+    for k, v in ck["tables"].items():
+        setattr(st, k, v)
+    torch.set_rng_state(ck["torch_rng"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces of the loop
+# ---------------------------------------------------------------------------------------------
+
+
+def gates_for(cfg: CellConfig, st: RunState, x: Tensor, step: int) -> Tensor:
+    """Gates ``(B, T, K)`` of the run's router for tokens ``x (B, T)`` at `step`."""
+    feats = routing_features(st.model, x, cfg.features, cfg.pooling)          # (B, T, D), no grad
+    return st.router(feats, step)
+
+
+def train_step(cfg: CellConfig, st: RunState, corpus: Corpus, tcfg: TrainConfig) -> float:
+    """One gradient step ``st.step`` on the batch of ``(seed, step)``; returns the loss."""
+    x, y, _ = sample_batch(corpus, "train", cfg.batch, step_generator(cfg.seed, st.step, _BATCH))
+    x, y = x.to(cfg.device), y.to(cfg.device)
+    for group in st.opt.param_groups:
+        group["lr"] = lr_at(st.step, tcfg)
+    with autocast(cfg.device):
+        _, loss = st.model(x, gates_for(cfg, st, x, st.step), y)
+    st.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for g in st.opt.param_groups for p in g["params"]]
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    st.opt.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def loo_losses(cfg: CellConfig, st: RunState, corpus: Corpus, step: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Leave-one-out losses on the selection batch of `step`.
+
+    Returns ``loo (K, M)`` (mean token NLL on domain m with slot k's gate zeroed), ``full (M,)``
+    and the mean routing feature per domain ``(M, F)`` (for reallocation).
+    """
+    M, K, w = corpus.domains, cfg.slots, cfg.fit_windows
+    dom = torch.arange(M).repeat_interleave(w)                                  # (M*w,)
+    x, y, _ = sample_batch(corpus, "train", M * w, step_generator(cfg.seed, step, _FIT), domains=dom)
+    x, y = x.to(cfg.device), y.to(cfg.device)
+    feats = routing_features(st.model, x, cfg.features, cfg.pooling)            # (N, T, F)
+    gates = st.router(feats, step)                                              # (N, T, K)
+    onehot = torch.nn.functional.one_hot(dom, M).double().to(cfg.device)        # (N, M)
+    per_domain = lambda nll: (nll.double() @ onehot) / w                        # (..., N) -> (..., M)
+    with autocast(cfg.device):
+        full = per_domain(st.model.token_nll(x, y, gates).mean(-1))             # (M,)
+    lg = loo_gates(gates).transpose(0, 1)                # (N, K, T, K) -> (K, N, T, K): slot k zeroed in row k
+    N, T = x.shape
+    chunk = max(1, 64 // N)                                                     # slots per forward pass
+    loo = []
+    for k0 in range(0, K, chunk):
+        g = lg[k0:k0 + chunk]
+        c = g.shape[0]
+        xs, ys = x.repeat(c, 1), y.repeat(c, 1)                                 # (c*N, T)
+        with autocast(cfg.device):
+            nll = st.model.token_nll(xs, ys, g.reshape(c * N, T, K)).mean(-1)   # (c*N,)
+        loo.append(per_domain(nll.view(c, N)))                                  # (c, M)
+    hbar = (onehot.T.float() @ feats.mean(1).float()) / w                       # (M, F)
+    return torch.cat(loo).cpu(), full.cpu(), hbar.cpu()
+
+
+def fitness_event(cfg: CellConfig, st: RunState, corpus: Corpus) -> None:
+    """Measure fitness (every cell) and, with L, run one lifecycle step; log both."""
+    lcfg = cfg.lifecycle_config()
+    loo, full, hbar = loo_losses(cfg, st, corpus, st.step)
+    fit = fitness(loo, full, lcfg.scope, lcfg.per_domain_agg)                   # (K,), on CPU
+    ids = st.pop.ids.tolist()
+    for k in range(cfg.slots):
+        st.fitness.append({"step": st.step, "slot": k, "slot_id": ids[k], "scope": lcfg.scope,
+                           "fitness": float(fit[k]), "fitness_global": float((loo[k] - full).mean())})
+    if not cfg.factors.lifecycle:
+        return
+    banks = st.model.banks()
+    rp = {k: v.detach() for k, v in st.router.params().items()}
+    dev = cfg.device
+    st.pop, _, rp, events = lifecycle_step(st.pop, banks, rp, fit.to(dev, torch.float64), lcfg,
+                                           step_generator(cfg.seed, st.step, _LIFE), st.step,
+                                           domain_losses=full.to(dev), domain_features=hbar.to(dev))
+    st.router.load_params(rp)
+    mask = reset_mask(events, (), cfg.slots).to(cfg.device)                    # (K,)
+    for b in banks.values():
+        reset_adam_state(st.opt, b.A, mask, -3)
+        reset_adam_state(st.opt, b.B, mask, -3)
+    for p in st.router.params().values():
+        reset_adam_state(st.opt, p, mask, -1)
+    st.events.extend(event_rows(events, [cfg.seed]))
+
+
+def evaluate_state(cfg: CellConfig, st: RunState, corpus: Corpus):
+    """Held-out per-domain evaluation with the run's router at the current step."""
+    return evaluate(st.model, corpus, "heldout", lambda x, m: gates_for(cfg, st, x, st.step),
+                    max_windows=cfg.eval_windows, device=cfg.device)
+
+
+@torch.no_grad()
+def gate_usage(cfg: CellConfig, st: RunState, corpus: Corpus, phase: str, windows: int = 8) -> list[dict]:
+    """Mean gate per (domain, slot) on the first `windows` held-out windows per domain."""
+    xs, labels = [], []
+    for m, w in enumerate(corpus.heldout):
+        x = w[:windows, :-1].long()
+        xs.append(x)
+        labels.append(torch.full(x.shape, m))
+    x = torch.cat(xs).to(cfg.device)                                            # (M*w, T)
+    gates = gates_for(cfg, st, x, st.step).float().cpu()                        # (M*w, T, K)
+    return gate_rows(gates, torch.cat(labels), phase, list(corpus.names), seed=cfg.seed, cell=cfg.cell)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CellResult:
+    """What a finished (or stopped) run reports; ``metrics`` is metrics.json (None if stopped early)."""
+
+    out: Path
+    done: bool
+    step: int
+    metrics: dict | None
+
+
+def run_cell(cfg: CellConfig, out: str | Path, cache_dir: str | Path = "runs/cache", *, substrate: Substrate | None = None,
+             stop_after: int | None = None, figures: bool = True, argv: list[str] | None = None,
+             progress: Callable[[int, int, dict], None] | None = None,
+             log: Callable[[str], None] | None = None) -> CellResult:
+    """Run (or resume, or just report) one cell into the run folder `out`.
+
+    Writes ``manifest.json``, ``checkpoint.pt`` (every ``checkpoint_every`` steps, atomic),
+    ``curves.csv``, ``gates.csv``, ``fitness.csv``, ``lifecycle.csv``, ``train_loss.csv``,
+    ``metrics.json`` and, with `figures`, ``figures/`` (`figures.report.build_report`).
+    A folder with a finished run of the same config returns its metrics without training; one with
+    a checkpoint resumes from it. `stop_after` caps the steps of THIS invocation (it checkpoints
+    and returns ``done=False``), which is how a run is interrupted on purpose.
+    `progress(step, steps, info)` is called after every step.
+    """
+    out = Path(out)
+    ck_path = out / "checkpoint.pt"
+    if (out / "metrics.json").exists():
+        import json
+
+        m = json.loads((out / "metrics.json").read_text())
+        if m.get("config", {}) == to_jsonable(cfg.identity()):
+            return CellResult(out, True, m["steps"], m)
+        raise BadInput("--out", str(out), "an empty folder or one holding a run of the same config (this one "
+                       "holds a finished run with a different config)")
+    ck = torch.load(ck_path, map_location=cfg.device, weights_only=False) if ck_path.exists() else None
+    if ck is not None and ck["config"] != cfg.identity():
+        raise BadInput("--out", str(out), "an empty folder or one holding a run of the same config (its "
+                       "checkpoint has a different config)")
+    sub = substrate or prepare_substrate(cfg, cache_dir, log)
+    corpus = sub.corpus
+    run = RunDir.create(out, "full", cfg, seeds=[cfg.seed], argv=argv,
+                        extra={"substrate": cfg.substrate(), "corpus": corpus.config})
+    st = build_state(cfg, sub)
+    if ck is not None:
+        restore(st, ck)
+    else:
+        st.curves.extend(evaluate_state(cfg, st, corpus).rows(step=0, seed=cfg.seed, cell=cfg.cell))
+        st.gates.extend(gate_usage(cfg, st, corpus, "before"))
+    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, batch=cfg.batch, warmup=max(1, cfg.steps // 20), min_lr_ratio=0.1)
+    lcfg = cfg.lifecycle_config()
+    t0, ran = time.perf_counter(), 0
+    while st.step < cfg.steps and st.diverged_step is None:
+        loss = train_step(cfg, st, corpus, tcfg)
+        if not math.isfinite(loss):
+            st.diverged_step = st.step
+            break
+        st.step += 1
+        ran += 1
+        if st.step % 10 == 0 or st.step == cfg.steps:
+            st.train_loss.append({"step": st.step, "loss": loss, "lr": lr_at(st.step - 1, tcfg)})
+        if lcfg.due(st.step):
+            fitness_event(cfg, st, corpus)
+        if st.step % cfg.eval_every == 0 or st.step == cfg.steps:
+            st.curves.extend(evaluate_state(cfg, st, corpus).rows(step=st.step, seed=cfg.seed, cell=cfg.cell))
+        if progress is not None:
+            progress(st.step, cfg.steps, {"loss": loss})
+        stopping = stop_after is not None and ran >= stop_after and st.step < cfg.steps
+        if stopping or (cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < cfg.steps):
+            st.wall_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            atomic_save_torch(ck_path, checkpoint(cfg, st))
+        if stopping:
+            _write_tables(run, st)
+            return CellResult(out, False, st.step, None)
+    st.wall_s += time.perf_counter() - t0
+    metrics = finish(cfg, st, sub, run)
+    if figures:
+        from figures.report import build_report
+
+        build_report(out)
+    run.finish(metrics=metrics)
+    if ck_path.exists():
+        ck_path.unlink()
+    return CellResult(out, True, st.step, metrics)
+
+
+def _write_tables(run: RunDir, st: RunState) -> None:
+    import pandas as pd
+
+    for name in ("curves", "gates", "fitness", "train_loss"):
+        run.write_csv(f"{name}.csv", pd.DataFrame(getattr(st, name)))
+    cols = ["step", "event", "slot", "slot_id", "parent_id", "neighbour_id", "fitness", "mutation_size", "alpha",
+            "domain", "seed"]
+    run.write_csv("lifecycle.csv", pd.DataFrame(st.events, columns=cols))
+
+
+def finish(cfg: CellConfig, st: RunState, sub: Substrate, run: RunDir) -> dict:
+    """Final gates and metrics; writes every table and metrics.json."""
+    corpus = sub.corpus
+    diverged = st.diverged_step is not None
+    if not diverged:
+        st.gates.extend(gate_usage(cfg, st, corpus, "after"))
+        final = evaluate_state(cfg, st, corpus)
+        nll = final.nll.tolist()
+        if not all(math.isfinite(v) for v in nll):
+            st.diverged_step, diverged = st.step, True
+    if diverged:
+        nll = [math.nan] * corpus.domains
+    _write_tables(run, st)
+    floors = corpus.floors.tolist()
+    balanced = sum(nll) / len(nll)
+    tokens = st.step * cfg.batch * corpus.seq_len
+    first = [r for r in st.curves if r["step"] == 0 and r["domain"] == "balanced"]
+    metrics = {
+        "config": to_jsonable(cfg.identity()), "cell": cfg.cell, "seed": cfg.seed, "preset": cfg.preset,
+        "balanced_log_ppl": balanced,
+        "log_ppl": dict(zip(corpus.names, nll)),
+        "floor": dict(zip(corpus.names, floors)),
+        "gap_to_floor": {n: v - f for n, v, f in zip(corpus.names, nll, floors)},
+        "balanced_gap_to_floor": balanced - sum(floors) / len(floors),
+        "initial_balanced_log_ppl": first[0]["log_ppl"] if first else math.nan,
+        "base_balanced_log_ppl": sum(sub.base_nll) / len(sub.base_nll),
+        "steps": st.step, "tokens": tokens, "wall_s": st.wall_s,
+        "tokens_per_s": tokens / st.wall_s if st.wall_s > 0 else math.nan,
+        "diverged": diverged, "diverged_step": st.diverged_step,
+        "lifecycle_events": sum(e["event"] == "death" for e in st.events),
+        "router": st.router.cfg.kind, "features": cfg.features, "scope": cfg.lifecycle_config().scope,
+        "assignment": st.assignment.tolist(), "device": cfg.device,
+    }
+    run.write_json("metrics.json", metrics)
+    return metrics

@@ -1,0 +1,263 @@
+"""The factorial of cells on the transformer: a (cell, seed) trial ledger and the attribution.
+
+Every (cell, seed) pair is one trial. Trials live in an Optuna study stored as a journal file
+inside the output folder (embedded, no server; any Optuna storage URL works through `storage`),
+keyed by the user attribute ``key = "<cell>/<seed>"``:
+
+- a COMPLETE trial holds the run's metrics as the user attribute ``result`` and is never run again
+  (its value is the balanced log-PPL, ``+inf`` for a diverged run, so divergence is a recorded
+  result, not a failure to retry);
+- a trial left RUNNING by a killed process is marked FAIL when the same command runs again and a
+  new trial is opened for the key; the cell run itself resumes from its checkpoint in
+  ``trials/<cell>_s<seed>/``, so at most one checkpoint interval of work is lost.
+
+One process drives one folder at a time (two processes on the same folder would both see a
+RUNNING trial as stale). The base, the corpus and the specialists are prepared once and shared by
+every trial (`substrate.cell.prepare_substrate`), so the cells differ only in their letters and
+pair by seed.
+
+After the trials: ``cells.csv`` (one row per (cell, seed)), ``attribution.csv``
+(`sandbox.stats.attribution`: every named contrast, the chain's per-seed sum and its gap to the
+direct full-vs-B3 contrast), the concatenated per-trial tables (``curves.csv``, ``gates.csv``,
+``lifecycle.csv``, ``fitness.csv`` with ``cell`` and ``seed`` columns) and the figures
+(`figures.report.build_report`: forest plot, per-cell curves, gate maps, lineage).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from sandbox.cells import DEFAULT_CELLS, parse_cell
+from sandbox.errors import BadInput, require
+from sandbox.options import DEFAULT_SEEDS
+from sandbox.results import RunDir, atomic_write_csv, config_hash, to_jsonable
+from substrate.cell import CellConfig, prepare_substrate, run_cell
+
+STUDY = "factorial"
+#: Columns of cells.csv that come straight from a run's metrics.json.
+METRIC_COLUMNS = ("balanced_log_ppl", "diverged", "diverged_step", "balanced_gap_to_floor", "initial_balanced_log_ppl",
+                  "base_balanced_log_ppl", "steps", "tokens", "wall_s", "tokens_per_s", "lifecycle_events", "router",
+                  "features", "scope")
+
+
+# ---------------------------------------------------------------------------------------------
+# The ledger (generic: any key -> result dict)
+# ---------------------------------------------------------------------------------------------
+
+
+class TrialLedger:
+    """Results by key in an Optuna study; a finished key is never computed twice.
+
+    Args:
+        storage: an Optuna storage URL, or a path used as an Optuna journal file.
+        study: the study name.
+    """
+
+    def __init__(self, storage: str | Path, study: str = STUDY):
+        import optuna
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        s = str(storage)
+        if "://" in s:
+            backend = s
+        else:
+            Path(s).parent.mkdir(parents=True, exist_ok=True)
+            backend = JournalStorage(JournalFileBackend(s))
+        self._optuna = optuna
+        self.study = optuna.create_study(storage=backend, study_name=study, load_if_exists=True)
+
+    def _trials(self, key: str, state) -> list:
+        return [t for t in self.study.get_trials(deepcopy=False, states=(state,)) if t.user_attrs.get("key") == key]
+
+    def results(self) -> dict[str, dict]:
+        """Every finished key -> its stored result (the latest if a key was somehow stored twice)."""
+        done = self.study.get_trials(deepcopy=False, states=(self._optuna.trial.TrialState.COMPLETE,))
+        return {t.user_attrs["key"]: t.user_attrs["result"] for t in done if "key" in t.user_attrs}
+
+    def get(self, key: str) -> dict | None:
+        done = self._trials(key, self._optuna.trial.TrialState.COMPLETE)
+        return done[-1].user_attrs["result"] if done else None
+
+    def run(self, key: str, fn: Callable[[], dict], value: str, attrs: dict | None = None) -> tuple[dict, bool]:
+        """The result of `key`: the stored one, or ``fn()`` recorded as a new COMPLETE trial.
+
+        ``result[value]`` is the trial's objective (``+inf`` when it is not finite). Returns
+        ``(result, computed)``. A trial left RUNNING for `key` by a killed process is marked FAIL
+        first; an exception in `fn` marks the new trial FAIL and propagates.
+        """
+        TS = self._optuna.trial.TrialState
+        old = self.get(key)
+        if old is not None:
+            return old, False
+        for stale in self._trials(key, TS.RUNNING):
+            self.study.tell(stale.number, state=TS.FAIL)
+        trial = self.study.ask()
+        trial.set_user_attr("key", key)
+        for k, v in (attrs or {}).items():
+            trial.set_user_attr(k, to_jsonable(v))
+        try:
+            result = to_jsonable(fn())
+        except BaseException:
+            self.study.tell(trial, state=TS.FAIL)
+            raise
+        trial.set_user_attr("result", result)
+        v = result.get(value)
+        self.study.tell(trial, float(v) if isinstance(v, (int, float)) and math.isfinite(v) else math.inf)
+        return result, True
+
+
+# ---------------------------------------------------------------------------------------------
+# The factorial
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FactorialConfig:
+    """A factorial run: `cells` x `seeds` of the cell template `base` (its cell and seed ignored)."""
+
+    base: CellConfig = field(default_factory=CellConfig)
+    cells: tuple[str, ...] = tuple(c.name for c in DEFAULT_CELLS)
+    seeds: tuple[int, ...] = DEFAULT_SEEDS
+    eps: float = 0.01
+    """Equivalence margin (nats) of the paired statistics."""
+    alpha: float = 0.05
+    """Test level of the paired statistics."""
+
+    def __post_init__(self) -> None:
+        names = tuple(parse_cell(c, "--cells").name for c in self.cells)
+        require(len(names) >= 1 and len(set(names)) == len(names), "cells", ",".join(self.cells), "distinct cells")
+        object.__setattr__(self, "cells", names)
+        require(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds)
+                and all(isinstance(s, int) and s >= 0 for s in self.seeds), "seeds", self.seeds,
+                "distinct non-negative integers")
+        require(isinstance(self.eps, (int, float)) and 0 < self.eps < 10, "eps", self.eps, "a number in (0, 10)")
+        require(isinstance(self.alpha, (int, float)) and 0 < self.alpha < 1, "alpha", self.alpha, "a number in (0, 1)")
+
+    def settings(self) -> dict:
+        """The settings every trial shares (the template without cell, seed and device)."""
+        d = self.base.identity()
+        d.pop("cell")
+        d.pop("seed")
+        return d
+
+    def trial_config(self, cell: str, seed: int) -> CellConfig:
+        return replace(self.base, cell=cell, seed=seed)
+
+
+def trial_key(cell: str, seed: int) -> str:
+    return f"{cell}/{seed}"
+
+
+def trial_dir(out: Path, cell: str, seed: int) -> Path:
+    return out / "trials" / f"{cell}_s{seed}"
+
+
+@dataclass
+class FactorialResult:
+    out: Path
+    cells: pd.DataFrame
+    attribution: pd.DataFrame
+    computed: int
+    reused: int
+    figures: list = field(default_factory=list)
+
+
+def cells_row(cell: str, seed: int, metrics: dict) -> dict:
+    """One cells.csv row from a run's metrics (per-domain log-PPL as ``log_ppl_<domain>``)."""
+    row = {"cell": cell, "seed": seed}
+    row.update({k: metrics.get(k) for k in METRIC_COLUMNS})
+    if row["diverged"]:
+        row["balanced_log_ppl"] = math.nan
+    for name, v in (metrics.get("log_ppl") or {}).items():
+        row[f"log_ppl_{name}"] = math.nan if v is None else v
+    return row
+
+
+def run_factorial(fcfg: FactorialConfig, out: str | Path, cache_dir: str | Path = "runs/cache", *,
+                  storage: str | None = None, figures: bool = True, argv: list[str] | None = None,
+                  on_trial: Callable[[str, int, bool], None] | None = None,
+                  progress: Callable[[str, int, int, int, dict], None] | None = None,
+                  log: Callable[[str], None] | None = None) -> FactorialResult:
+    """Run every missing (cell, seed) trial, then write the tables, attribution and figures.
+
+    `on_trial(cell, seed, computed)` is called before a trial runs (computed False = reused);
+    `progress(cell, seed, step, steps, info)` after every step of a computed trial.
+    """
+    out = Path(out)
+    manifest = out / "manifest.json"
+    if manifest.exists():
+        old = RunDir(out).read_manifest().get("settings")
+        if old is not None and old != to_jsonable(fcfg.settings()):
+            raise BadInput("--out", str(out), "a new folder or one holding a factorial with the same settings "
+                           "(cells and seeds may differ)")
+    run = RunDir.create(out, "factorial", fcfg, seeds=list(fcfg.seeds), argv=argv,
+                        extra={"settings": fcfg.settings(), "eps": fcfg.eps, "alpha": fcfg.alpha})
+    ledger = TrialLedger(storage or out / "ledger.journal", f"{STUDY}-{config_hash(fcfg.settings())}")
+    sub = None
+    rows, computed, reused = [], 0, 0
+    for seed in fcfg.seeds:
+        for cell in fcfg.cells:
+            key = trial_key(cell, seed)
+            stored = ledger.get(key)
+            if on_trial is not None:
+                on_trial(cell, seed, stored is None)
+            if stored is None and sub is None:
+                sub = prepare_substrate(fcfg.base, cache_dir, log)
+
+            def go(cell=cell, seed=seed) -> dict:
+                cb = (lambda s, n, info: progress(cell, seed, s, n, info)) if progress else None
+                res = run_cell(fcfg.trial_config(cell, seed), trial_dir(out, cell, seed), cache_dir, substrate=sub,
+                               figures=False, progress=cb, log=log)
+                return res.metrics
+
+            metrics, did = ledger.run(key, go, "balanced_log_ppl", {"cell": cell, "seed": seed})
+            computed += did
+            reused += not did
+            rows.append(cells_row(cell, seed, metrics))
+    cells = pd.DataFrame(rows)
+    atomic_write_csv(out / "cells.csv", cells)
+    _concat_tables(fcfg, out)
+    from sandbox import stats
+
+    att = stats.attribution(cells, eps=fcfg.eps, alpha=fcfg.alpha) if cells["cell"].nunique() >= 2 else pd.DataFrame()
+    if len(att):
+        atomic_write_csv(out / "attribution.csv", att)
+    written = []
+    if figures:
+        from figures.report import build_report
+
+        written = list(build_report(out, study=True))
+    run.finish(computed=computed, reused=reused)
+    return FactorialResult(out, cells, att, computed, reused, written)
+
+
+def _concat_tables(fcfg: FactorialConfig, out: Path) -> None:
+    """Stack each trial's curves/gates/lifecycle/fitness tables into one with cell and seed columns."""
+    for name in ("curves.csv", "gates.csv", "lifecycle.csv", "fitness.csv"):
+        parts = []
+        for seed in fcfg.seeds:
+            for cell in fcfg.cells:
+                p = trial_dir(out, cell, seed) / name
+                if p.exists() and p.stat().st_size > 1:
+                    df = pd.read_csv(p)
+                    if len(df):
+                        parts.append(df.assign(cell=cell, seed=seed))
+        if parts:
+            atomic_write_csv(out / name, pd.concat(parts, ignore_index=True))
+
+
+def contrast_table(att: pd.DataFrame) -> pd.DataFrame:
+    """The printable attribution: contrast, cells, n, mean delta, 95% CI, t, p (one row each)."""
+    if not len(att):
+        return att
+    t = pd.DataFrame({"contrast": att["contrast"], "cells": [f"{b} vs {a}" for a, b in zip(att["reference"], att["treated"])],
+                      "n": att["n"], "mean_delta": att["mean_delta"], "ci_low": att["ci_low"], "ci_high": att["ci_high"],
+                      "t": att["t"], "p": att["p"], "kind": att["kind"]})
+    return t
