@@ -48,8 +48,10 @@ def _register() -> None:
     from sandbox.commands import cells as _cells
     from sandbox.commands import report as _report
     from sandbox.commands import bench as _bench
+    from sandbox.commands import full as _full, factorial as _factorial
+    from sandbox.commands import sweep as _sweep
 
-    for mod in (_cells, _report, _bench):
+    for mod in (_cells, _report, _bench, _full, _factorial, _sweep):
         mod.register(app)
 
 
