@@ -230,7 +230,7 @@ def bench_sandbox_loss(d: int, cfg: BenchConfig) -> dict:
     st = analytic.initial_state(task, spec, scfg)
     rcfg = analytic.router_config(spec, scfg)
     feats = noisy_contexts(task, spec.context_noise, cfg.loss_draws, salt=1).to(analytic.DTYPE)  # (S, M, N, F)
-    scale = scfg.alpha / spec.rank
+    scale = scfg.scale(spec)
     U, V = task.U.to(analytic.DTYPE), task.V.to(analytic.DTYPE)
 
     def gram():
@@ -272,12 +272,17 @@ def mixture_flops(N: int, K: int, r: int, d_in: int, d_out: int) -> float:
     return 3 * 2 * N * K * r * (d_in + d_out)
 
 
+MATMUL_N = 1024  # square fp32 matmul used as the machine's reference FLOP rate
+
+
 def bench_mixture(D: int, cfg: BenchConfig) -> dict:
     """Forward + backward time of the gated mixture at width D, and inside a frozen D x D layer.
 
     Candidates (grads of every input that requires one; the output gradient is fixed):
     ``bank`` `gated_mixture`; ``loop`` `loop_mixture`; ``single`` one rank-r LoRA ``s B A x``;
-    ``layer_bank`` ``W x + bank``; ``layer_single`` ``W x + single`` (W frozen, x needs its grad).
+    ``layer_bank`` ``W x + bank``; ``layer_single`` ``W x + single`` (W frozen, x needs its grad);
+    and a dense fp32 ``MATMUL_N``-square matmul, so the bank's FLOP rate is also given as a
+    fraction of what this machine's matmul reaches in the same run.
     """
     from sandbox.adapters import gated_mixture
 
@@ -302,14 +307,17 @@ def bench_mixture(D: int, cfg: BenchConfig) -> dict:
         "single": lambda: run((x @ A1.T) @ B1.T * s, single_in),
         "layer_bank": lambda: run(x @ W.T + gated_mixture(x, A, B, gates, s), bank_in),
         "layer_single": lambda: run(x @ W.T + (x @ A1.T) @ B1.T * s, single_in),
+        "matmul": matmul_case(MATMUL_N, seed=cfg.seed),
     }
     t = interleaved(fns, cfg.repeats, cfg.min_sample_s)
     m = {k: v.median for k, v in t.items()}
+    mm = 2 * MATMUL_N ** 3 / m.pop("matmul")
     return {"D": D, "tokens": N, "slots": K, "rank": r, **{f"{k}_s": v for k, v in m.items()},
             "loop_over_bank": m["loop"] / m["bank"], "bank_over_single": m["bank"] / m["single"],
             "layer_bank_over_single": m["layer_bank"] / m["layer_single"],
             "bank_gflops": mixture_flops(N, K, r, D, D) / m["bank"] / 1e9,
-            "single_gflops": mixture_flops(N, 1, r, D, D) / m["single"] / 1e9}
+            "single_gflops": mixture_flops(N, 1, r, D, D) / m["single"] / 1e9, "matmul_gflops": mm / 1e9,
+            "bank_fraction_of_matmul": mixture_flops(N, K, r, D, D) / m["bank"] / mm}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,13 +1,15 @@
 """Timing one adaptation step of a substrate preset (section 3 of `sandbox bench`).
 
-One adaptation step, as a cell runs it on the frozen base:
+The step is the real one, `substrate.cell.train_step`, on a timing-only substrate (random base,
+random specialists, random token windows: speed does not depend on the values). For cell ``R``
+(the study's router rewrite):
 
-1. routing features: causal prefix means of the base's post-stack hidden states (no adapters,
-   no grad; `substrate.model.routing_features` with ``kind="hidden"``), ``(B, T, D)``;
-2. gates from the sigmoid router on those features, ``(B, T, K)``;
+1. a batch of windows, and the learning rate of the warm-up/cosine schedule;
+2. routing features: causal prefix means of the base's post-stack hidden states (no adapters,
+   no grad), ``(B, T, D)``; gates from the sigmoid router, ``(B, T, K)``;
 3. forward through the frozen base with every adapter bank gated, mean token cross-entropy;
-4. backward (input grads through the frozen base, weight grads of adapters and router) and one
-   Adam step on the adapter factors and router parameters.
+4. backward (input grads through the frozen base, weight grads of adapters and router), global
+   gradient-norm clip, one Adam step on the adapter factors and router parameters.
 
 FLOPs per token of that step (2 FLOPs per multiply-add, matmuls only), `step_flops_per_token`:
 ``flops_per_token(cfg)`` of the model (frozen base forward + input backward, adapters 6 per
@@ -24,12 +26,12 @@ peak = MFU).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from sandbox.bench import BenchConfig, interleaved, matmul_case
-from sandbox.router import Router, RouterConfig
-from substrate.model import ModelConfig, autocast, build_model, flops_per_token, freeze_base, param_breakdown, preset, \
-    routing_features
+from substrate.model import ModelConfig, build_model, flops_per_token, param_breakdown, preset
 
 # Batch (sequences) and context per preset for the CPU benchmark; quick mode uses the second pair.
 STEP_SHAPES = {"tiny": ((16, 64), (4, 64)), "small": ((8, 128), (2, 128)), "widened-1536": ((1, 256), None)}
@@ -51,52 +53,68 @@ def skipped_input_grad_flops(cfg: ModelConfig, seq_len: int) -> float:
     return 2 * 4 * D * D + 8 * seq_len * D + 2 * D * cfg.d_ff + 2 * Kr * D
 
 
-def step_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """FLOPs per token of one adaptation step with hidden-state routing (module docstring)."""
+def step_flops_per_token(cfg: ModelConfig, seq_len: int, features: str = "hidden") -> float:
+    """FLOPs per token of one adaptation step (module docstring); ``features="embed"`` (the B3
+    router's token-embedding means) needs no feature pass."""
     b = param_breakdown(cfg)
     n_mm_blocks = cfg.n_layer * (b["block"] - 2 * cfg.d_model)
-    features = 2 * n_mm_blocks + 4 * cfg.n_layer * seq_len * cfg.d_model
+    features = (2 * n_mm_blocks + 4 * cfg.n_layer * seq_len * cfg.d_model) if features == "hidden" else 0
     router = 4 * cfg.d_model * cfg.slots
     model = flops_per_token(cfg, adapters=True, seq_len=seq_len) - skipped_input_grad_flops(cfg, seq_len)
     return model + features + router
 
 
-def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int, features: str = "hidden") -> float:
     """The attention part of `step_flops_per_token` (scores and weighted sums, full T x T)."""
     D, T, L = cfg.d_model, seq_len, cfg.n_layer
     skipped = 8 * T * D if cfg.targets == "mlp" else 0
-    return 12 * L * T * D + 4 * L * T * D - skipped
+    return 12 * L * T * D + (4 * L * T * D if features == "hidden" else 0) - skipped
 
 
-def make_step(cfg: ModelConfig, batch: int, seq_len: int, device: str = "cpu", seed: int = 0):
-    """Build a model, router, optimizer and one random batch.
+def bench_substrate(cfg: ModelConfig, seq_len: int, domains: int = 4, windows: int = 8, seed: int = 0):
+    """A `substrate.cell.Substrate` for timing only: random base weights, random specialists, random
+    token windows (speed does not depend on what the weights or tokens are), no pretraining."""
+    from substrate.cell import Substrate
+    from substrate.corpus import Corpus
 
-    Returns ``(step, model, router)``; ``step()`` does one adaptation step and returns the loss.
+    g = torch.Generator().manual_seed(seed)
+    base = build_model(cfg, seed)
+    specialists = {name: (torch.randn(domains, cfg.rank, b.A.shape[-1], generator=g) / math.sqrt(b.A.shape[-1]),
+                          torch.randn(domains, b.B.shape[-2], cfg.rank, generator=g) / math.sqrt(cfg.rank))
+                   for name, b in base.banks().items()}                              # (M, r, d_in), (M, d_out, r)
+    split = lambda: [torch.randint(cfg.vocab, (windows, seq_len + 1), generator=g, dtype=torch.int32)
+                     for _ in range(domains)]                                        # M x (N_m, T+1)
+    corpus = Corpus(tuple(f"domain{m}" for m in range(domains)), split(), split(),
+                    torch.full((domains,), float("nan"), dtype=torch.float64), cfg.vocab, seq_len, key="bench")
+    return Substrate(corpus, base.base_state_dict(), specialists, [float("nan")] * domains)
+
+
+def make_step(name: str, batch: int, seq_len: int, device: str = "cpu", seed: int = 0, cell: str = "R", **overrides):
+    """One adaptation step of a cell exactly as `substrate.cell.run_cell` takes it (`train_step`).
+
+    Builds a timing-only substrate (`bench_substrate`), the cell's starting state
+    (`substrate.cell.build_state`: frozen base, bank by alignment 0.5, router of the cell's kind, Adam)
+    and returns ``(step, state)``; ``step()`` runs `train_step` at the state's current step (batch
+    of ``(seed, step)``, warm-up/cosine learning rate, features, gates, forward, backward, global-norm
+    clip, Adam), advances the step and returns the loss. `overrides` are further `CellConfig` fields.
     """
-    model = build_model(cfg, seed, device)
-    params = freeze_base(model)
-    router = Router(RouterConfig(kind="sigmoid", n_features=cfg.d_model, n_slots=cfg.slots),
-                    generator=torch.Generator().manual_seed(seed + 1)).to(device)
-    opt = torch.optim.Adam(params + list(router.parameters()), lr=1e-4)
-    g = torch.Generator().manual_seed(seed + 2)
-    idx = torch.randint(cfg.vocab, (batch, seq_len + 1), generator=g).to(device)   # (B, T+1)
-    x, y = idx[:, :-1], idx[:, 1:]                                                  # (B, T) each
-    state = {"step": 0}
+    from substrate.cell import CellConfig, build_state, train_step
+    from substrate.train import TrainConfig
+
+    ccfg = CellConfig(cell=cell, preset=name, batch=batch, context=seq_len, seed=seed, device=device, steps=1_000_000,
+                      **overrides)
+    sub = bench_substrate(ccfg.model_config(), seq_len, seed=seed)
+    st = build_state(ccfg, sub)
+    tcfg = TrainConfig(steps=ccfg.steps, lr=ccfg.lr, batch=batch, warmup=10, min_lr_ratio=0.1)
 
     def step() -> float:
-        with autocast(device):
-            feats = routing_features(model, x, "hidden")                           # (B, T, D)
-            gates = router(feats, state["step"])                                   # (B, T, K)
-            _, loss = model(x, gates, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        state["step"] += 1
+        loss = train_step(ccfg, st, sub.corpus, tcfg)
+        st.step += 1
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
-        return loss.item()
+        return loss
 
-    return step, model, router
+    return step, st
 
 
 def bench_adaptation(name: str, cfg: BenchConfig, device: str = "cpu") -> dict:
@@ -115,10 +133,10 @@ def bench_adaptation(name: str, cfg: BenchConfig, device: str = "cpu") -> dict:
                 "skipped": f"{params / 1e6:.0f}M base parameters: timed only without --quick (one step takes seconds on CPU)"}
     batch, seq_len = quick if (cfg.quick and quick is not None) else full
     seq_len = min(seq_len, mcfg.seq_len)
-    step, _, _ = make_step(mcfg, batch, seq_len, device, cfg.seed)
+    step, _ = make_step(name, batch, seq_len, device, cfg.seed)
     fpt = step_flops_per_token(mcfg, seq_len)
     tokens = batch * seq_len
-    out = {"preset": name, "device": device, "base_params": params, "batch": batch, "seq_len": seq_len,
+    out = {"preset": name, "cell": "R", "device": device, "base_params": params, "batch": batch, "seq_len": seq_len,
            "tokens_per_step": tokens, "flops_per_token": fpt}
     if cuda:
         from substrate.model import gpu_peak_flops

@@ -32,7 +32,7 @@ def test_dense_form_matches_gram_form():
     st = analytic.initial_state(task, spec, cfg)
     rcfg = analytic.router_config(spec, cfg)
     feats = noisy_contexts(task, spec.context_noise, 3, salt=2).to(analytic.DTYPE)          # (S, M, N, F)
-    scale = cfg.alpha / spec.rank
+    scale = cfg.scale(spec)
     gram = analytic.domain_losses(rcfg, st.params, st.A, st.B, task, feats, 5, scale, 0.01)
     dense = dense_domain_losses(rcfg, st.params, st.A, st.B, task.U.double(), task.V.double(), feats, 5, scale, 0.01)
     torch.testing.assert_close(dense, gram, rtol=1e-10, atol=1e-12)
@@ -98,37 +98,60 @@ def test_interleaved_calls_each_candidate_and_takes_medians():
         assert v.best <= v.median and v.median == sorted(v.samples)[2]
 
 
-@pytest.mark.parametrize("targets_", ["attn+mlp", "attn", "mlp"])
-def test_step_flops_equal_flop_counter(targets_, one_thread):
+@pytest.mark.parametrize("cell,features", [("R", "hidden"), ("B3", "embed")])
+def test_cell_step_flops_equal_flop_counter(cell, features, one_thread):
     from torch.utils.flop_counter import FlopCounterMode
 
     from substrate.bench import attention_flops_per_token, make_step, step_flops_per_token
-    from substrate.model import preset
+
+    B, T = 2, 16
+    step, st = make_step("tiny", B, T, cell=cell)
+    with FlopCounterMode(display=False) as fc:
+        loss = step()
+    assert math.isfinite(loss) and st.step == 1
+    cfg = st.model.cfg
+    # the counter sees every matmul of the step but not CPU attention, which is added analytically
+    expected = (step_flops_per_token(cfg, T, features) - attention_flops_per_token(cfg, T, features)) * B * T
+    assert fc.get_total_flops() == expected
+
+
+@pytest.mark.parametrize("targets_", ["attn+mlp", "attn", "mlp"])
+def test_model_flops_equal_flop_counter_for_every_target_set(targets_, gen, one_thread):
+    """The skipped-input-gradient correction for each choice of adapted projections."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sandbox.router import Router, RouterConfig
+    from substrate.bench import attention_flops_per_token, step_flops_per_token
+    from substrate.model import build_model, freeze_base, preset, routing_features
 
     cfg = preset("tiny", targets=targets_)
     B, T = 2, 16
-    step, _, _ = make_step(cfg, B, T)
+    model = build_model(cfg, 0)
+    freeze_base(model)
+    router = Router(RouterConfig(kind="sigmoid", n_features=cfg.d_model, n_slots=cfg.slots), generator=gen)
+    idx = torch.randint(cfg.vocab, (B, T + 1), generator=gen)
     with FlopCounterMode(display=False) as fc:
-        loss = step()
-    assert math.isfinite(loss)
-    # the counter sees every matmul of the step but not CPU attention, which is added analytically
-    assert fc.get_total_flops() == (step_flops_per_token(cfg, T) - attention_flops_per_token(cfg, T)) * B * T
+        gates = router(routing_features(model, idx[:, :-1], "hidden"), 0)              # (B, T, K)
+        _, loss = model(idx[:, :-1], gates, idx[:, 1:])
+        loss.backward()
+    expected = (step_flops_per_token(cfg, T) - attention_flops_per_token(cfg, T)) * B * T
+    assert fc.get_total_flops() == expected
 
 
 def test_step_updates_adapters_and_router_only(one_thread):
     from substrate.bench import make_step
-    from substrate.model import preset
 
-    step, model, router = make_step(preset("tiny"), 2, 8)
+    step, st = make_step("tiny", 2, 8)
+    model, router = st.model, st.router
     base = {k: v.clone() for k, v in model.base_state_dict().items()}
     banks = {k: v.clone() for k, v in model.state_dict().items() if ".bank." in k}
     rparams = {k: v.detach().clone() for k, v in router.named_parameters()}
     losses = [step() for _ in range(3)]
-    assert all(math.isfinite(v) for v in losses)
+    assert all(math.isfinite(v) for v in losses) and st.step == 3
     for k, v in model.base_state_dict().items():
         torch.testing.assert_close(v, base[k], rtol=0, atol=0)
-    assert all(not torch.equal(v, banks[k]) for k, v in model.state_dict().items() if k.endswith(".bank.B"))
-    assert all(not torch.equal(p.detach(), rparams[k]) for k, p in router.named_parameters() if k in ("W", "bias"))
+    assert all(not torch.equal(v, banks[k]) for k, v in model.state_dict().items() if ".bank." in k)
+    assert all(not torch.equal(p.detach(), rparams[k]) for k, p in router.named_parameters())
 
 
 def test_targets_rows():

@@ -86,13 +86,13 @@ def print_tables(res: dict, console) -> None:
     if "mixture" in res:
         t = Table(title="2. gated mixture forward+backward (ms), K slots of rank r over N tokens")
         for c in ("D", "N, K, r", "bank", "loop", "single LoRA", "loop / bank", "bank / single",
-                  "layer: bank / single", "bank GFLOP/s"):
+                  "layer: bank / single", "bank GFLOP/s (of matmul)"):
             t.add_column(c, justify="right")
         for r in res["mixture"]:
             t.add_row(str(r["D"]), f"{r['tokens']}, {r['slots']}, {r['rank']}", _f(r["bank_s"] * 1e3, "{:.2f}"),
                       _f(r["loop_s"] * 1e3, "{:.2f}"), _f(r["single_s"] * 1e3, "{:.2f}"), _f(r["loop_over_bank"], "{:.1f}x"),
                       _f(r["bank_over_single"], "{:.2f}x"), _f(r["layer_bank_over_single"], "{:.2f}x"),
-                      _f(r["bank_gflops"], "{:.1f}"))
+                      f"{r['bank_gflops']:.1f} ({r['bank_fraction_of_matmul']:.0%})")
         console.print(t)
     if "adaptation" in res:
         t = Table(title="3. one adaptation step (hidden-state features, sigmoid router, fwd+bwd+Adam)")
