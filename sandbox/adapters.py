@@ -172,6 +172,19 @@ def slot_rank(A: Tensor, B: Tensor, rtol: float = 1e-5) -> Tensor:
     return (S > (rtol * top).clamp_min(1e-30)).sum(-1)
 
 
+def randn(shape, generator: torch.Generator, dtype=torch.float32, device=None) -> Tensor:
+    """``N(0, 1)`` draws made on the generator's device, then moved to ``device``: a CPU generator
+    gives the same numbers whether the tensors live on the CPU or a GPU."""
+    x = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=generator.device)
+    return x.to(device) if device is not None else x
+
+
+def rand(shape, generator: torch.Generator, dtype=torch.float32, device=None) -> Tensor:
+    """``U[0, 1)`` draws on the generator's device, moved to ``device`` (see `randn`)."""
+    x = torch.rand(tuple(shape), generator=generator, dtype=dtype, device=generator.device)
+    return x.to(device) if device is not None else x
+
+
 def init_factors(
     batch_shape: tuple[int, ...], n_slots: int, rank: int, d_in: int, d_out: int, init: str,
     generator: torch.Generator, scale: float = 1.0, init_norm: float = 1.0,
@@ -183,17 +196,17 @@ def init_factors(
       of ``nn.Linear``), ``B = 0``, so every update starts at zero.
     - ``"random"``: Gaussian A and B rescaled (equally) so each slot's update ``scale * B_k A_k``
       has Frobenius norm ``init_norm``.
-    The generator must live on ``device`` (CPU by default).
+    Draws are made on the generator's device and moved to ``device``.
     """
     require(init in INITS, "init", init, "one of " + ", ".join(INITS))
     shape_a = (*batch_shape, n_slots, rank, d_in)
     shape_b = (*batch_shape, n_slots, d_out, rank)
     if init == "lora":
         bound = 1.0 / math.sqrt(d_in)
-        A = (torch.rand(shape_a, generator=generator, dtype=dtype, device=device) * 2 - 1) * bound
+        A = (rand(shape_a, generator, dtype, device) * 2 - 1) * bound
         return A, torch.zeros(shape_b, dtype=dtype, device=device)
-    A = torch.randn(shape_a, generator=generator, dtype=dtype, device=device) / math.sqrt(d_in)
-    B = torch.randn(shape_b, generator=generator, dtype=dtype, device=device) / math.sqrt(rank)
+    A = randn(shape_a, generator, dtype, device) / math.sqrt(d_in)
+    B = randn(shape_b, generator, dtype, device) / math.sqrt(rank)
     norm = product_norm(A, B) * scale  # (*batch, K)
     c = (init_norm / norm.clamp_min(1e-30)).sqrt()  # split the rescale evenly between A and B
     return A * c[..., None, None], B * c[..., None, None]
@@ -251,7 +264,7 @@ class AdapterBank(nn.Module):
                  init_norm: float = 1.0, dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         self.cfg = cfg
-        gen = generator if generator is not None else torch.Generator(device=device or "cpu").manual_seed(0)
+        gen = generator if generator is not None else torch.Generator().manual_seed(0)
         A, B = init_factors(cfg.batch_shape, cfg.n_slots, cfg.rank, cfg.d_in, cfg.d_out, init, gen,
                             scale=cfg.scale, init_norm=init_norm, dtype=dtype, device=device)
         self.A = nn.Parameter(A)

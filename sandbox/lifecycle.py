@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sandbox.adapters import AdapterBank, product_inner, refactor, slot_gram, split_factors, lowrank_svd
+from sandbox.adapters import AdapterBank, lowrank_svd, product_inner, rand, randn, refactor, slot_gram, split_factors
 from sandbox.errors import require
 
 SCOPES = ("global", "per-domain")
@@ -203,7 +203,7 @@ def tournament_parent(fit: Tensor, alive: Tensor, size: int, generator: torch.Ge
     """Pick a parent per row ``(n,)``: the fittest of ``size`` slots drawn uniformly (with
     replacement) among ``alive (n, K)``. Rows with no alive slot get slot 0."""
     w = alive.to(torch.float64) + (~alive.any(-1, keepdim=True)).to(torch.float64)  # no all-zero rows
-    cand = torch.multinomial(w, size, replacement=True, generator=generator)  # (n, size)
+    cand = torch.multinomial(w.to(generator.device), size, replacement=True, generator=generator).to(fit.device)  # (n, size)
     f = torch.where(torch.isnan(fit), torch.full_like(fit, -math.inf), fit).gather(-1, cand)
     return cand.gather(-1, f.argmax(-1, keepdim=True)).squeeze(-1)
 
@@ -242,10 +242,10 @@ def _rotate(U: Tensor, angle: float, generator: torch.Generator) -> Tensor:
     ``[U, G]`` and ``Omega`` skew-symmetric with ``N(0, angle^2)`` entries. U' stays orthonormal and
     may leave U's column space; cost O(d q^2)."""
     n, d, q = U.shape
-    G = torch.randn((n, d, q), generator=generator, dtype=U.dtype, device=U.device)
+    G = randn((n, d, q), generator, U.dtype, U.device)
     Q, _ = torch.linalg.qr(torch.cat([U, G], dim=-1))  # (n, d, m), m = min(d, 2q)
     m = Q.shape[-1]
-    X = torch.randn((n, m, m), generator=generator, dtype=U.dtype, device=U.device)
+    X = randn((n, m, m), generator, U.dtype, U.device)
     omega = (X - X.transpose(-1, -2)) * (angle / math.sqrt(2))  # skew-symmetric, entries ~ N(0, angle^2)
     Rm = torch.linalg.matrix_exp(omega) - torch.eye(m, dtype=U.dtype, device=U.device)  # (n, m, m)
     return U + Q @ (Rm @ (Q.transpose(-1, -2) @ U))
@@ -263,7 +263,7 @@ def mutate_svd(A: Tensor, B: Tensor, sigma: float, rotation: float, generator: t
     if sigma == 0 and rotation == 0:
         return A.clone(), B.clone()
     U, S, Vh = lowrank_svd(B, A)  # (n, d_out, q), (n, q), (n, q, d_in)
-    S = S * torch.exp(sigma * torch.randn(S.shape, generator=generator, dtype=S.dtype, device=S.device))
+    S = S * torch.exp(sigma * randn(S.shape, generator, S.dtype, S.device))
     if rotation > 0:
         U = _rotate(U, rotation, generator)
         Vh = _rotate(Vh.transpose(-1, -2), rotation, generator).transpose(-1, -2)
@@ -273,7 +273,7 @@ def mutate_svd(A: Tensor, B: Tensor, sigma: float, rotation: float, generator: t
 def fresh_factors(n: int, rank: int, d_in: int, d_out: int, generator: torch.Generator, like: Tensor) -> tuple[Tensor, Tensor]:
     """A fresh LoRA init per row: ``A ~ U(-1/sqrt(d_in), 1/sqrt(d_in))``, ``B = 0``."""
     bound = 1 / math.sqrt(d_in)
-    A = (torch.rand((n, rank, d_in), generator=generator, dtype=like.dtype, device=like.device) * 2 - 1) * bound
+    A = (rand((n, rank, d_in), generator, like.dtype, like.device) * 2 - 1) * bound
     return A, like.new_zeros((n, d_out, rank))
 
 
@@ -304,7 +304,7 @@ def reallocate(params: dict[str, Tensor], slot: Tensor, parent: Tensor, valid: T
     for name, x in params.items():
         xs = x.movedim(-1, 1)  # (n, K, e[, F]) slot axis second
         src = _take(xs, parent)  # (n, e[, F])
-        noise = torch.randn(src.shape, generator=generator, dtype=x.dtype, device=x.device) * cfg.realloc_noise
+        noise = randn(src.shape, generator, x.dtype, x.device) * cfg.realloc_noise
         if name == "W":
             src = src + noise / math.sqrt(F) + push.unsqueeze(1)
         else:
@@ -334,20 +334,20 @@ def reset_adam_state(optimizer: torch.optim.Optimizer, param: Tensor, slot_mask:
     require(s >= nb and param.shape[s] == slot_mask.shape[-1], "slot_dim", slot_dim, f"the slot axis of a {tuple(param.shape)} parameter")
     shape = list(slot_mask.shape[:nb]) + [1] * (param.dim() - nb)
     shape[s] = slot_mask.shape[-1]
-    m = slot_mask.reshape(shape)  # (*b, 1.., K, 1..) aligned with param
+    m = slot_mask.reshape(shape).to(param.device)  # (*b, 1.., K, 1..) aligned with param
     for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
         if key in state and torch.is_tensor(state[key]) and state[key].shape == param.shape:
             state[key].masked_fill_(m, 0)
 
 
 def reset_mask(events: list[dict], batch_shape: tuple[int, ...], n_slots: int,
-               kinds: tuple[str, ...] = ("birth", "inherit")) -> Tensor:
+               kinds: tuple[str, ...] = ("birth", "inherit"), device=None) -> Tensor:
     """``(*b, K)`` bool: slots whose parameters a lifecycle step replaced (for `reset_adam_state`)."""
     mask = torch.zeros((math.prod(batch_shape), n_slots), dtype=torch.bool)
     for ev in events:
         if ev["event"] in kinds:
             mask[ev["batch"], ev["slot"]] = True
-    return mask.reshape(*batch_shape, n_slots)
+    return mask.reshape(*batch_shape, n_slots).to(device) if device is not None else mask.reshape(*batch_shape, n_slots)
 
 
 # ---------------------------------------------------------------------------------------------

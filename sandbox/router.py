@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from sandbox.adapters import randn
 from sandbox.errors import require
 
 KINDS = ("softmax", "sigmoid")
@@ -102,9 +103,9 @@ def init_router_params(cfg: RouterConfig, batch_shape: tuple[int, ...] = (), gen
                        dtype: torch.dtype = torch.float32, device=None) -> dict[str, Tensor]:
     """Fresh parameters: ``W ~ N(0, init_std^2 / F)`` ``(*b, F, K)``, ``bias = 0`` ``(*b, K)``,
     ``phi = phi_init`` ``(*b, K)`` (sigmoid only)."""
-    gen = generator if generator is not None else torch.Generator(device=device or "cpu").manual_seed(0)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
     F, K = cfg.n_features, cfg.n_slots
-    W = torch.randn((*batch_shape, F, K), generator=gen, dtype=dtype, device=device) * (cfg.init_std / math.sqrt(F))
+    W = randn((*batch_shape, F, K), gen, dtype, device) * (cfg.init_std / math.sqrt(F))
     params = {"W": W, "bias": torch.zeros((*batch_shape, K), dtype=dtype, device=device)}
     if cfg.kind == "sigmoid":
         params["phi"] = torch.full((*batch_shape, K), float(cfg.phi_init), dtype=dtype, device=device)
