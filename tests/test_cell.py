@@ -1,0 +1,175 @@
+"""One factorial cell on the tiny substrate: what each letter switches, LOO fitness against a loop,
+kill-and-resume equality, divergence recording, the base perturbation probe and config errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pandas as pd
+import pytest
+import torch
+
+import substrate.cell as cellmod
+from sandbox.errors import BadInput
+from sandbox.lifecycle import fitness
+from substrate.cell import CellConfig, build_state, loo_losses, prepare_substrate, run_cell, step_generator
+from substrate.corpus import sample_batch
+
+TINY = dict(preset="tiny", steps=10, batch=4, slots=4, rank=4, eval_every=5, checkpoint_every=4, interval=5,
+            min_age=0, fit_windows=2, eval_windows=4, seed=3)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def sub(cache):
+    torch.set_num_threads(1)
+    return prepare_substrate(CellConfig(**TINY), cache)
+
+
+def run(cfg, path, sub, **kw):
+    return run_cell(cfg, path, substrate=sub, figures=False, **kw)
+
+
+def test_router_letter_switches_router_kind_and_features(sub):
+    b3, r = build_state(CellConfig(**TINY, cell="B3"), sub), build_state(CellConfig(**TINY, cell="R"), sub)
+    assert (b3.router.cfg.kind, CellConfig(**TINY, cell="B3").features) == ("softmax", "embed")
+    assert (r.router.cfg.kind, CellConfig(**TINY, cell="R").features) == ("sigmoid", "hidden")
+    x = sub.corpus.heldout[0][:2, :-1].long()
+    g_b3 = cellmod.gates_for(CellConfig(**TINY, cell="B3"), b3, x, 0)
+    g_r = cellmod.gates_for(CellConfig(**TINY, cell="R"), r, x, 0)
+    torch.testing.assert_close(g_b3.sum(-1), torch.ones(g_b3.shape[:-1]))       # softmax: on the simplex
+    floors = r.router.floors()
+    assert bool((g_r >= floors - 1e-6).all()) and bool((g_r <= 1).all())
+    assert not torch.allclose(g_r.sum(-1), torch.ones(g_r.shape[:-1]))        # independent gates
+    # same seed -> same starting bank in every cell (common random numbers)
+    for (n, a), (_, b) in zip(b3.model.banks().items(), r.model.banks().items()):
+        torch.testing.assert_close(a.A, b.A)
+        torch.testing.assert_close(a.B, b.B)
+
+
+def test_scope_letter_changes_fitness_only(sub, tmp_path):
+    r = run(CellConfig(**TINY, cell="R"), tmp_path / "r", sub).metrics
+    re_ = run(CellConfig(**TINY, cell="R+E"), tmp_path / "re", sub).metrics
+    # E without L trains exactly like R: it only changes how fitness is measured and logged.
+    assert r["balanced_log_ppl"] == re_["balanced_log_ppl"]
+    fr, fe = pd.read_csv(tmp_path / "r" / "fitness.csv"), pd.read_csv(tmp_path / "re" / "fitness.csv")
+    assert set(fr["scope"]) == {"global"} and set(fe["scope"]) == {"per-domain"}
+    assert list(fr["step"].unique()) == [5, 10]
+    # identical states -> identical global fitness; per-domain max >= global mean, and not equal
+    pd.testing.assert_series_equal(fr["fitness_global"], fe["fitness_global"])
+    pd.testing.assert_series_equal(fr["fitness"], fr["fitness_global"], check_names=False)
+    assert (fe["fitness"] >= fe["fitness_global"] - 1e-12).all()
+    assert (fe["fitness"] > fe["fitness_global"] + 1e-9).any()
+    assert r["scope"] == "global" and re_["scope"] == "per-domain"
+
+
+def test_lifecycle_letter_produces_events_with_lineage(sub, tmp_path):
+    rl = run(CellConfig(**TINY, cell="R+L"), tmp_path / "rl", sub).metrics
+    r = run(CellConfig(**TINY, cell="R"), tmp_path / "r", sub).metrics
+    ev = pd.read_csv(tmp_path / "rl" / "lifecycle.csv")
+    assert rl["lifecycle_events"] == 2 and (ev["event"] == "death").sum() == 2       # steps 5 and 10
+    assert set(ev["event"]) == {"death", "inherit", "birth"}
+    births = ev[ev["event"] == "birth"]
+    assert (births["slot_id"] >= TINY["slots"]).all() and (births["parent_id"] >= 0).all()
+    assert r["lifecycle_events"] == 0 and len(pd.read_csv(tmp_path / "r" / "lifecycle.csv")) == 0
+    assert rl["balanced_log_ppl"] != r["balanced_log_ppl"]
+
+
+def test_loo_losses_match_a_loop_over_slots(sub):
+    cfg = CellConfig(**TINY, cell="R")
+    st = build_state(cfg, sub)
+    loo, full, hbar = loo_losses(cfg, st, sub.corpus, 7)
+    M, w = sub.corpus.domains, cfg.fit_windows
+    dom = torch.arange(M).repeat_interleave(w)
+    x, y, _ = sample_batch(sub.corpus, "train", M * w, step_generator(cfg.seed, 7, cellmod._FIT), domains=dom)
+    with torch.no_grad():
+        gates = cellmod.gates_for(cfg, st, x, 7)
+        def per_domain(g):
+            nll = st.model.token_nll(x, y, g).mean(-1).double()
+            return torch.stack([nll[dom == m].mean() for m in range(M)])
+        torch.testing.assert_close(full, per_domain(gates))
+        for k in range(cfg.slots):
+            g = gates.clone()
+            g[..., k] = 0
+            torch.testing.assert_close(loo[k], per_domain(g), rtol=1e-5, atol=1e-6)
+    assert hbar.shape == (M, st.model.cfg.d_model)
+    assert fitness(loo, full, "global").shape == (cfg.slots,)
+
+
+def test_data_order_is_a_pure_function_of_seed_and_step(sub):
+    a = sample_batch(sub.corpus, "train", 4, step_generator(5, 11, cellmod._BATCH))[0]
+    b = sample_batch(sub.corpus, "train", 4, step_generator(5, 11, cellmod._BATCH))[0]
+    c = sample_batch(sub.corpus, "train", 4, step_generator(5, 12, cellmod._BATCH))[0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_kill_and_resume_equals_uninterrupted(sub, tmp_path):
+    cfg = CellConfig(**{**TINY, "steps": 12}, cell="R+E+L")
+    whole = run(cfg, tmp_path / "whole", sub)
+    first = run(cfg, tmp_path / "cut", sub, stop_after=7)
+    assert not first.done and first.step == 7 and (tmp_path / "cut" / "checkpoint.pt").exists()
+    second = run(cfg, tmp_path / "cut", sub)
+    assert second.done and second.step == 12 and not (tmp_path / "cut" / "checkpoint.pt").exists()
+    for key in ("balanced_log_ppl", "log_ppl", "gap_to_floor", "steps", "tokens", "lifecycle_events", "diverged"):
+        assert whole.metrics[key] == second.metrics[key], key
+    for table in ("curves.csv", "lifecycle.csv", "fitness.csv", "gates.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "whole" / table), pd.read_csv(tmp_path / "cut" / table))
+    manifest = json.loads((tmp_path / "cut" / "manifest.json").read_text())
+    assert len(manifest["resumes"]) == 1
+    # a finished folder reports without training again
+    again = run(cfg, tmp_path / "cut", sub)
+    assert again.metrics["balanced_log_ppl"] == whole.metrics["balanced_log_ppl"]
+
+
+def test_resume_refuses_a_different_config(sub, tmp_path):
+    cfg = CellConfig(**TINY, cell="R")
+    run(cfg, tmp_path / "x", sub, stop_after=2)
+    with pytest.raises(BadInput, match="--out"):
+        run(replace(cfg, lr=1e-2), tmp_path / "x", sub)
+
+
+def test_divergence_is_recorded_not_raised(sub, tmp_path, monkeypatch):
+    real = cellmod.train_step
+
+    def exploding(cfg, st, corpus, tcfg):
+        loss = real(cfg, st, corpus, tcfg)
+        return math.inf if st.step == 3 else loss
+
+    monkeypatch.setattr(cellmod, "train_step", exploding)
+    m = run(CellConfig(**TINY, cell="B3"), tmp_path / "d", sub).metrics
+    assert m["diverged"] is True and m["diverged_step"] == 3 and math.isnan(m["balanced_log_ppl"])
+    assert m["steps"] == 3 and json.loads((tmp_path / "d" / "metrics.json").read_text())["diverged"] is True
+
+
+def test_perturb_base_relative_scale(sub):
+    cfg = CellConfig(**TINY, cell="B3")
+    plain, noisy = build_state(cfg, sub), build_state(replace(cfg, perturb_base=0.1), sub)
+    W0 = plain.model.blocks[0].mlp.fc.weight
+    W1 = noisy.model.blocks[0].mlp.fc.weight
+    rel = float((W1 - W0).norm() / W0.norm())
+    assert rel == pytest.approx(0.1, rel=0.05)     # 16k entries: the Monte Carlo error is ~1%
+    assert torch.equal(plain.model.ln_f.weight, noisy.model.ln_f.weight)   # norms untouched
+    again = build_state(replace(cfg, perturb_base=0.1), sub)
+    assert torch.equal(again.model.blocks[0].mlp.fc.weight, W1)           # a pure function of the seed
+
+
+@pytest.mark.parametrize("kw, flag", [
+    (dict(cell="R+X"), "--cell"), (dict(inherit_alpha=1.5), "--inherit-alpha"), (dict(pooling="mean"), "--pooling"),
+    (dict(tau_min=5.0), "--tau-min"), (dict(floor_max=1.0), "--floor-max"), (dict(alignment=-0.1), "--alignment"),
+    (dict(steps=0), "--steps"), (dict(inherit_mode="clone"), "--inherit-mode"), (dict(preset="huge"), "--preset"),
+    (dict(domains=20), "--domains"), (dict(perturb_base=-1.0), "--perturb-base"), (dict(device="tpu"), "--device"),
+])
+def test_bad_knobs_name_their_flag(kw, flag):
+    with pytest.raises(BadInput) as e:
+        CellConfig(**{**TINY, **kw})
+    assert e.value.flag == flag and "\n" not in e.value.one_line()
+
+
+def test_cell_spelling_is_canonical():
+    assert CellConfig(**TINY, cell="l+r").cell == "R+L" and CellConfig(**TINY, cell="full").cell == "R+E+L"
