@@ -112,6 +112,8 @@ def lowrank_svd(L: Tensor, R: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         ``U (*b, d_out, q')``, ``S (*b, q')`` descending, ``Vh (*b, q', d_in)`` with
         ``q' = min(q, d_out, d_in)``.
     """
+    if L.dtype in (torch.float16, torch.bfloat16) or R.dtype in (torch.float16, torch.bfloat16):
+        L, R = L.float(), R.float()  # no half-precision QR/SVD kernels; results come back in fp32
     q_l, r_l = torch.linalg.qr(L)  # (*b, d_out, q1), (*b, q1, q)
     q_r, r_r = torch.linalg.qr(R.transpose(-1, -2))  # (*b, d_in, q2), (*b, q2, q)
     core = r_l @ r_r.transpose(-1, -2)  # (*b, q1, q2)

@@ -367,6 +367,11 @@ def _unpack(banks) -> tuple[dict[str, tuple[Tensor, Tensor, float]], str]:
     return {"": one(banks)}, "bank" if isinstance(banks, AdapterBank) else "tuple"
 
 
+def _work(x: Tensor) -> Tensor:
+    """Half-precision factors are processed in fp32 (QR/SVD need it) and cast back at the end."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _repack(banks, kind: str, new: dict[str, tuple[Tensor, Tensor]]):
     def one(old, AB):
         if isinstance(old, AdapterBank):
@@ -379,7 +384,7 @@ def _repack(banks, kind: str, new: dict[str, tuple[Tensor, Tensor]]):
 
 
 @torch.no_grad()
-def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | None, fit: Tensor,
+def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | None, fitness: Tensor,
                    cfg: LifecycleConfig, generator: torch.Generator, step: int,
                    domain_losses: Tensor | None = None, domain_features: Tensor | None = None):
     """One lifecycle event: death, inheritance, birth with SVD mutation, reallocation.
@@ -390,7 +395,7 @@ def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | No
             name -> either (one bank per adapted layer; the same slot dies in every layer).
             AdapterBanks are updated in place (and returned); tuples are returned as new tensors.
         router_params: router dict (``W (*b, *e, F, K)``, ``bias``, ``phi``) or None.
-        fit: ``(*b, K)`` slot fitness (see `fitness`).
+        fitness: ``(*b, K)`` slot fitness (see the function `fitness`).
         step: the current step (ages are advanced to it).
         domain_losses: ``(*b, M)`` current per-domain losses (for reallocation), or None.
         domain_features: ``(*b, M, F)`` mean routing feature per domain, or None.
@@ -400,11 +405,13 @@ def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | No
         batch index), ``event`` (death/inherit/birth), ``slot, slot_id, parent_id, neighbour_id,
         fitness, mutation_size, alpha, domain`` for ``lifecycle.csv``.
     """
+    fit = fitness
     pop = pop.at(step)
     bshape, K = pop.batch_shape, pop.n_slots
     n = math.prod(bshape)
     layers, kind = _unpack(banks)
-    fac = {k: (A.reshape(n, K, *A.shape[-2:]), B.reshape(n, K, *B.shape[-2:]), sc) for k, (A, B, sc) in layers.items()}
+    fac = {k: (_work(A).reshape(n, K, *A.shape[-2:]), _work(B).reshape(n, K, *B.shape[-2:]), sc)
+           for k, (A, B, sc) in layers.items()}  # (n, K, r, d_in), (n, K, d_out, r)
     f = fit.reshape(n, K).to(torch.float64)
     events: list[dict] = []
     if not cfg.death or K < 2:
@@ -491,7 +498,8 @@ def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | No
 
     new_pop = Population(ids.reshape(*bshape, K), ages.reshape(*bshape, K), parents.reshape(*bshape, K),
                          next_id.reshape(bshape), step)
-    out = {k: (A.reshape(layers[k][0].shape), B.reshape(layers[k][1].shape)) for k, (A, B) in new.items()}
+    out = {k: (A.reshape(layers[k][0].shape).to(layers[k][0].dtype), B.reshape(layers[k][1].shape).to(layers[k][1].dtype))
+           for k, (A, B) in new.items()}
     if rp is not None:
         rp = {k: v.reshape(router_params[k].shape) for k, v in rp.items()}
     else:

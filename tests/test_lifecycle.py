@@ -370,3 +370,15 @@ def test_optimizer_keeps_bank_parameters_and_reset(gen):
     assert torch.all(opt.state[bank.A]["exp_avg"][~mask] != 0)
     rows = event_rows(events, [42, 137])
     assert {r["seed"] for r in rows} <= {42, 137} and "batch" not in rows[0]
+
+
+def test_half_precision_banks_keep_dtype_and_untouched_slots(gen):
+    bank = AdapterBank(BankConfig(4, 2, 8, 6), init="random", generator=gen, dtype=torch.bfloat16)
+    A0, B0 = bank.A.detach().clone(), bank.B.detach().clone()
+    cfg = LifecycleConfig(min_age=0, inheritance=False)
+    fit = torch.tensor([0.0, -1.0, 2.0, 1.0])
+    _, banks, _, events = lifecycle_step(Population.founders((), 4), {"w": bank}, None, fit, cfg, gen, step=1)
+    assert bank.A.dtype == torch.bfloat16 and torch.isfinite(bank.A.float()).all()
+    assert [e["slot"] for e in events] == [1, 1]
+    for k in (0, 2, 3):
+        assert torch.equal(bank.A[k], A0[k]) and torch.equal(bank.B[k], B0[k])
