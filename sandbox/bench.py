@@ -24,8 +24,10 @@ Sections (each returns plain dicts, so `--json` is just `json.dumps` of `run_ben
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gc
+import io
 import math
 import os
 import platform
@@ -343,18 +345,28 @@ def bench_sweep(cfg: BenchConfig) -> dict:
     if "sweep" not in names:
         return {"skipped": "the `sandbox sweep` command is not registered in this build"}
     extra = list(QUICK_SWEEP_ARGS) if cfg.quick else []
+    threads = torch.get_num_threads()
+    log = io.StringIO()
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
         out = os.path.join(tmp, "sweep")
         argv = ["sweep", "--out", out, *extra]
-        t = time.perf_counter()
-        code = main(argv)
-        wall = time.perf_counter() - t
+        try:
+            # the sweep's own progress bar and tables would corrupt `--json`: keep them in `log`
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                t = time.perf_counter()
+                code = main(argv)
+                wall = time.perf_counter() - t
+            sweep_threads = torch.get_num_threads()
+        finally:
+            torch.set_num_threads(threads)          # the sweep sets its own thread count
         if code != 0:
-            return {"skipped": f"`sandbox {' '.join(argv[:1] + extra)}` exited with code {code}"}
+            tail = log.getvalue().strip().splitlines()[-1:] or [""]
+            return {"skipped": f"`sandbox {' '.join(argv[:1] + extra)}` exited with code {code}: {tail[0]}"}
         res = pd.read_csv(os.path.join(out, "results.csv"))
     seed_points = int(res[["point", "seed"]].drop_duplicates().shape[0])
     return {"command": "sandbox sweep" + ("" if not extra else " " + " ".join(extra)), "wall_s": wall,
             "seed_points": seed_points, "rows": int(len(res)), "seed_points_per_s": seed_points / wall,
+            "torch_threads": sweep_threads,
             "target_s": 60.0}
 
 
