@@ -62,8 +62,9 @@ class SandboxConfig:
     """T: gradient steps per arm (budget "steps")."""
     lr: float = 0.05
     """Adam learning rate of the router parameters."""
-    plasticity: float = 1.0
-    """Adapter learning rate = lr * plasticity; 0 freezes the adapters (only routing moves)."""
+    plasticity: float = 0.1
+    """Adapter learning rate = lr * plasticity; 0 freezes the adapters (only routing moves). The
+    default 0.1 follows the common MoE-LoRA practice of a faster router than adapters."""
     router: str = "softmax"
     """Router kind: softmax (B3 baseline) or sigmoid (the rewrite, floor + annealed temperature)."""
     population: int = 16

@@ -1,0 +1,137 @@
+"""`sandbox sweep`: map where evolutionary routing search beats, ties with or degrades the gradient
+solution on the analytic sandbox, over alignment and one more regime axis."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import typer
+
+
+def sweep(
+    alignment: str = typer.Option("0..1", "--alignment", help="Alignment range LO..HI in [0, 1], or one value."),
+    points: int = typer.Option(11, "--points", help="Alignment grid points."),
+    axis: str = typer.Option(None, "--axis", help="Second regime axis NAME=LO..HI, e.g. plasticity=0..1."),
+    axis_points: int = typer.Option(5, "--axis-points", help="Grid points of the second axis."),
+    seeds: str = typer.Option("10", "--seeds", help="A count (10 -> 0..9) or a comma list (42,137,2026)."),
+    eps: float = typer.Option(0.01, "--eps", help="Equivalence margin for TOST (nats of log loss), fixed in advance."),
+    alpha: float = typer.Option(0.05, "--alpha", help="Test level (Holm over the sweep's points)."),
+    out: str = typer.Option(None, "--out", help="Run folder (default runs/sweep-<config hash>; the same command resumes)."),
+    storage: str = typer.Option(None, "--storage", help="Optuna storage URL (default: a journal file in --out)."),
+    study: str = typer.Option(None, "--study", help="Optuna study name (default: sweep; trials are keyed by a hash of each point's config)."),
+    search: str = typer.Option("grid", "--search", help="grid, or boundary (Optuna proposes points where delta changes sign)."),
+    trials: int = typer.Option(12, "--trials", help="Points proposed by --search boundary."),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="Draw the regime curve/heatmap."),
+    # task
+    domains: int = typer.Option(4, "--domains", help="M: domains."),
+    slots: int = typer.Option(8, "--slots", help="K: adapter slots (>= domains)."),
+    dim: int = typer.Option(32, "--dim", help="d: dimension of the adapted map."),
+    rank: int = typer.Option(4, "--rank", help="r: adapter rank."),
+    true_rank: int = typer.Option(2, "--true-rank", help="r*: rank of each domain's true update."),
+    context_dim: int = typer.Option(16, "--context-dim", help="F: routing feature width."),
+    context_noise: float = typer.Option(0.0, "--context-noise", help="Noise on routing features."),
+    overlap: float = typer.Option(0.0, "--overlap", help="Shared component between domains' updates, in [0, 1]."),
+    # solver
+    steps: int = typer.Option(150, "--steps", help="Gradient steps per arm."),
+    lr: float = typer.Option(0.05, "--lr", help="Adam learning rate (router)."),
+    plasticity: float = typer.Option(0.1, "--plasticity", help="Adapter lr multiplier; 0 freezes the adapters."),
+    router: str = typer.Option("softmax", "--router", help="softmax (B3 baseline) or sigmoid (the rewrite)."),
+    population: int = typer.Option(16, "--population", help="Evolution population (member 0 = current router)."),
+    mutation_scale: float = typer.Option(0.5, "--mutation-scale", help="Mutation step (logit units while small)."),
+    interval: int = typer.Option(25, "--interval", help="Gradient steps between generations."),
+    lifecycle: bool = typer.Option(False, "--lifecycle/--no-lifecycle", help="Adapter lifecycle in the evo arm."),
+    scope: str = typer.Option("per-domain", "--scope", help="Lifecycle fitness scope: per-domain or global."),
+    budget: str = typer.Option("steps", "--budget", help="steps (equal gradient steps) or evals (equal loss evaluations)."),
+    draws: int = typer.Option(8, "--draws", help="Routing-noise draws per domain (training objective)."),
+    eval_draws: int = typer.Option(64, "--eval-draws", help="Fresh noise draws per domain for the final loss."),
+    fresh_noise: bool = typer.Option(False, "--fresh-noise/--fixed-noise", help="New noise draws every step."),
+    loss_floor: float = typer.Option(0.01, "--loss-floor", help="Irreducible loss added to every loss (log-loss floor)."),
+    lora_alpha: float = typer.Option(4.0, "--lora-alpha", help="LoRA alpha (scale = alpha / rank)."),
+    threads: int = typer.Option(1, "--threads", help="torch CPU threads (small tensors: 1 is fastest)."),
+) -> None:
+    """Map the regime boundary: delta = log loss_grad - log loss_evo per seed (positive = evo better)."""
+    from sandbox.errors import BadInput
+    from sandbox.options import check_int, parse_axis, parse_range, parse_seeds
+
+    rng = parse_range(alignment, "--alignment", 0.0, 1.0)
+    check_int(points, "--points", 1, 1001)
+    check_int(axis_points, "--axis-points", 1, 1001)
+    check_int(threads, "--threads", 1, 256)
+    seed_list = parse_seeds(seeds, "--seeds")
+    axis_name, axis_rng = None, None
+    from sweeps.grid import AXES
+
+    if axis:
+        axis_name, axis_rng = parse_axis(axis, "--axis", {k: (lo, hi) for k, (lo, hi, _) in AXES.items()})
+    for flag, v in (("--eps", eps), ("--alpha", alpha)):
+        if not math.isfinite(v):
+            raise BadInput(flag, v, "a finite number")
+
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sandbox.analytic import SandboxConfig
+    from sandbox.results import default_out
+    from sandbox.tasks import TaskSpec
+    from sweeps.grid import SweepConfig, run_sweep
+
+    torch.set_num_threads(threads)
+    task = TaskSpec(domains=domains, slots=slots, dim=dim, rank=rank, true_rank=true_rank, alignment=rng.lo,
+                    context_dim=context_dim, context_noise=context_noise, overlap=overlap)
+    solver = SandboxConfig(steps=steps, lr=lr, plasticity=plasticity, router=router, population=population,
+                           mutation_scale=mutation_scale, interval=interval, lifecycle=lifecycle, scope=scope,
+                           budget=budget, draws=draws, eval_draws=eval_draws, fresh_noise=fresh_noise,
+                           loss_floor=loss_floor, lora_alpha=lora_alpha)
+    cfg = SweepConfig(task=task, solver=solver, alignment=(rng.lo, rng.hi), points=points, axis=axis_name,
+                      axis_range=(axis_rng.lo, axis_rng.hi) if axis_rng else None, axis_points=axis_points,
+                      seeds=tuple(seed_list), eps=eps, alpha=alpha, search=search, trials=trials)
+    from pathlib import Path
+
+    run_dir = Path(out) if out else default_out("sweep", cfg.folder_key())
+    console = Console(stderr=False)
+    if not console.is_terminal:
+        console = Console(width=150)
+    t0 = time.perf_counter()
+    with Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("seed-points"),
+                  TimeElapsedColumn(), TextColumn("{task.description}"), console=console, transient=False) as bar:
+        task_id = bar.add_task("", total=None)
+
+        def progress(done: int, total: int, values: dict) -> None:
+            bar.update(task_id, completed=done, total=total,
+                       description=", ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
+
+        res = run_sweep(cfg, run_dir, storage=storage, study=study, progress=progress, figures=figures,
+                        argv=["sandbox", "sweep", *sys.argv[2:]] if sys.argv[1:2] == ["sweep"] else None)
+    _print_summary(console, res.summary, cfg.axes)
+    console.print(f"{res.computed} seed-points computed, {res.reused} reused from the ledger, "
+                  f"{time.perf_counter() - t0:.1f} s; folder {run_dir}", highlight=False)
+    for f in res.figures:
+        console.print(f"  {f}", highlight=False)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _print_summary(console, summary, axes: list[str]) -> None:
+    import pandas as pd
+    from rich.table import Table
+
+    colours = {"beats": "green", "degrades": "red", "ties": "cyan", "inconclusive": "yellow"}
+    t = Table(title="regimes (delta = log loss_grad - log loss_evo; positive = evolution better)", title_justify="left")
+    for c in ["point", *axes, "n", "mean delta", "95% CI", "p (Holm)", "p TOST", "regime", "seeds needed"]:
+        t.add_column(c, justify="left" if c == "regime" else "right")
+    for r in summary.to_dict("records"):
+        need = r.get("seeds_needed")
+        t.add_row(str(r["point"]), *(_fmt(r[a]) for a in axes), str(r["n"]), f"{r['mean_delta']:+.4f}",
+                  f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]", f"{r['p_holm']:.3g}", f"{r['p_tost']:.3g}",
+                  f"[{colours.get(r['regime'], 'white')}]{r['regime']}[/]",
+                  "" if need is None or pd.isna(need) else str(need))
+    console.print(t)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sweep")(sweep)

@@ -1,0 +1,74 @@
+"""Boundary search: let an Optuna sampler spend sweep points where the mean delta is near zero.
+
+A second study ``<study>-boundary`` in the same storage holds one trial per proposed point; the
+sampler (TPE, seeded) suggests alignment (and the second axis, if any) within the sweep's ranges
+and is told ``|mean delta|`` over the seeds, so it concentrates points around sign changes. Each
+point's seeds are computed through the ledger (`sweeps.grid.ensure_point`), so the boundary study
+and the grid share results and a resumed search computes nothing twice. A proposal interrupted
+before it was told is left RUNNING in the boundary study and not counted; the next run proposes
+afresh.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import optuna
+from optuna.distributions import FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+
+def _distributions(cfg) -> dict:
+    from sweeps.grid import AXES
+
+    d = {"alignment": FloatDistribution(*cfg.alignment)} if cfg.alignment[0] < cfg.alignment[1] else {}
+    if cfg.axis and cfg.axis_range[0] < cfg.axis_range[1]:
+        lo, hi = cfg.axis_range
+        d[cfg.axis] = IntDistribution(int(math.ceil(lo)), int(math.floor(hi))) if AXES[cfg.axis][2] else FloatDistribution(lo, hi)
+    return d
+
+
+def propose_points(cfg, store, study: optuna.Study, evaluate) -> list[dict[str, float]]:
+    """Run the boundary search up to ``cfg.trials`` told proposals; return every told point.
+
+    `store` is the storage holding `study` (the ledger); the boundary study lives beside it.
+    """
+    from sweeps import ledger
+    from sweeps.grid import ensure_point
+
+    bstudy = ledger.open_study(store, study.study_name + "-boundary", direction="minimize",
+                               sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=4))
+    dists = _distributions(cfg)
+    fixed = {"alignment": float(cfg.alignment[0])}
+    if cfg.axis:
+        fixed[cfg.axis] = cfg.axis_range[0]
+    done = ledger.finished(study)
+    told = [t for t in bstudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    for _ in range(max(0, cfg.trials - len(told))):
+        trial = bstudy.ask(dists)
+        values = {**fixed, **{k: (int(v) if isinstance(dists[k], IntDistribution) else float(v))
+                              for k, v in trial.params.items()}}
+        values = {"alignment": values["alignment"], **{k: v for k, v in values.items() if k != "alignment"}}
+        ensure_point(cfg, study, done, values, evaluate)
+        deltas = _deltas(cfg, done, values)
+        trial.set_user_attr("values", values)
+        bstudy.tell(trial, float(abs(np.mean(deltas))) if deltas else float("inf"))
+    points = []
+    for t in bstudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))[: max(cfg.trials, 0)]:
+        v = t.user_attrs.get("values")
+        if v is not None and v not in points:
+            points.append(v)
+    return sorted(points, key=lambda v: tuple(v.values()))
+
+
+def _deltas(cfg, done: dict, values: dict) -> list[float]:
+    from sweeps.grid import point_config, point_key
+
+    key = point_key(*point_config(cfg, values))
+    out = []
+    for s in cfg.seeds:
+        d = done.get(f"{key}:{s}", {}).get("delta")
+        if d is not None and math.isfinite(d):
+            out.append(float(d))
+    return out
