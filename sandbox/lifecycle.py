@@ -383,6 +383,56 @@ def _repack(banks, kind: str, new: dict[str, tuple[Tensor, Tensor]]):
     return one(banks, new[""])
 
 
+def _replace_slot(A: Tensor, B: Tensor, d: Tensor, nb: Tensor, parent: Tensor, v: Tensor, cfg: LifecycleConfig,
+                  generator: torch.Generator, do_blend: bool, do_child: bool):
+    """One layer's part of one death rank: blend the dying slot ``d`` into ``nb`` (blend mode),
+    then fill ``d`` with the (mutated) parent clone or a fresh init (blended with the dying slot in
+    child mode). A ``(n, K, r, d_in)``, B ``(n, K, d_out, r)``; rows with ``v`` False untouched.
+    Returns new A, B and ``||child - parent||_F^2``, ``||parent||_F^2`` per row (unscaled)."""
+    r, d_in, d_out = A.shape[-2], A.shape[-1], B.shape[-2]
+    a = float(cfg.inherit_alpha)
+    A_d, B_d = _take(A, d), _take(B, d)
+    if do_blend:
+        A_nb, B_nb = blend(_take(A, nb), _take(B, nb), A_d, B_d, a, r)
+        A, B = _put(A, nb, A_nb, v), _put(B, nb, B_nb, v)
+    A_p, B_p = _take(A, parent), _take(B, parent)
+    if cfg.mutation:
+        A_c, B_c = mutate_svd(A_p, B_p, cfg.mutation_sigma, cfg.rotation, generator, r)
+    else:
+        A_c, B_c = fresh_factors(A.shape[0], r, d_in, d_out, generator, A)
+    if do_child:
+        A_c, B_c = blend(A_c, B_c, A_d, B_d, a, r)
+    par2 = product_inner(A_p, B_p, A_p, B_p).to(torch.float64)
+    diff2 = (product_inner(A_c, B_c, A_c, B_c).to(torch.float64) + par2
+             - 2 * product_inner(A_c, B_c, A_p, B_p).to(torch.float64)).clamp_min(0)
+    return _put(A, d, A_c, v), _put(B, d, B_c, v), diff2, par2
+
+
+def _death_events(step, v, d, nb, parent, target, f, old_id, new_id, par_id, nb_id, msize, alpha,
+                  do_blend, do_child, uses_parent) -> list[dict]:
+    """Event dicts for one death rank (rows where ``v``): death, inherit (if any), birth."""
+    events = []
+    for row in torch.nonzero(v).flatten().tolist():
+        base = {"step": step, "batch": row, "alpha": alpha}
+        blank = {"mutation_size": math.nan, "domain": -1}
+        events.append({**base, "event": "death", "slot": int(d[row]), "slot_id": int(old_id[row]),
+                       "parent_id": -1, "neighbour_id": int(nb_id[row]) if do_blend else -1,
+                       "fitness": float(f[row, d[row]]), **blank})
+        if do_blend:  # the receiver is the neighbour; its "parent" here is the dying donor
+            events.append({**base, "event": "inherit", "slot": int(nb[row]), "slot_id": int(nb_id[row]),
+                           "parent_id": int(old_id[row]), "neighbour_id": int(nb_id[row]),
+                           "fitness": float(f[row, nb[row]]), **blank})
+        if do_child:  # the receiver is the newborn
+            events.append({**base, "event": "inherit", "slot": int(d[row]), "slot_id": int(new_id[row]),
+                           "parent_id": int(old_id[row]), "neighbour_id": -1,
+                           "fitness": float(f[row, d[row]]), **blank})
+        events.append({**base, "event": "birth", "slot": int(d[row]), "slot_id": int(new_id[row]),
+                       "parent_id": int(par_id[row]) if uses_parent else -1, "neighbour_id": -1,
+                       "fitness": float(f[row, parent[row]]) if uses_parent else math.nan,
+                       "mutation_size": float(msize[row]), "domain": int(target[row])})
+    return events
+
+
 @torch.no_grad()
 def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | None, fitness: Tensor,
                    cfg: LifecycleConfig, generator: torch.Generator, step: int,
@@ -405,14 +455,13 @@ def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | No
         batch index), ``event`` (death/inherit/birth), ``slot, slot_id, parent_id, neighbour_id,
         fitness, mutation_size, alpha, domain`` for ``lifecycle.csv``.
     """
-    fit = fitness
     pop = pop.at(step)
     bshape, K = pop.batch_shape, pop.n_slots
     n = math.prod(bshape)
     layers, kind = _unpack(banks)
     fac = {k: (_work(A).reshape(n, K, *A.shape[-2:]), _work(B).reshape(n, K, *B.shape[-2:]), sc)
            for k, (A, B, sc) in layers.items()}  # (n, K, r, d_in), (n, K, d_out, r)
-    f = fit.reshape(n, K).to(torch.float64)
+    f = fitness.reshape(n, K).to(torch.float64)
     events: list[dict] = []
     if not cfg.death or K < 2:
         return pop, banks, router_params, events
@@ -444,26 +493,13 @@ def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | No
             continue
         parent = tournament_parent(f, alive, cfg.tournament, generator)  # (n,)
         nb = torch.where(alive, _take(cos, d), torch.full_like(f, -math.inf)).argmax(-1)  # (n,)
-        sq_diff = torch.zeros(n, dtype=torch.float64, device=f.device)
-        sq_par = torch.zeros(n, dtype=torch.float64, device=f.device)
+        sq_diff = torch.zeros(n, dtype=torch.float64, device=f.device)  # ||child - parent||^2 over layers
+        sq_par = torch.zeros(n, dtype=torch.float64, device=f.device)  # ||parent||^2 over layers
         for name, (A, B) in new.items():
-            r, d_in, d_out = A.shape[-2], A.shape[-1], B.shape[-2]
-            A_d, B_d = _take(A, d), _take(B, d)
-            if do_blend:
-                A_nb, B_nb = blend(_take(A, nb), _take(B, nb), A_d, B_d, a, r)
-                A, B = _put(A, nb, A_nb, v), _put(B, nb, B_nb, v)
-            A_p, B_p = _take(A, parent), _take(B, parent)
-            if cfg.mutation:
-                A_c, B_c = mutate_svd(A_p, B_p, cfg.mutation_sigma, cfg.rotation, generator, r)
-            else:
-                A_c, B_c = fresh_factors(n, r, d_in, d_out, generator, A)
-            if do_child:
-                A_c, B_c = blend(A_c, B_c, A_d, B_d, a, r)
-            sc2 = fac[name][2] ** 2
-            sq_diff += sc2 * (product_inner(A_c, B_c, A_c, B_c) + product_inner(A_p, B_p, A_p, B_p)
-                              - 2 * product_inner(A_c, B_c, A_p, B_p)).to(torch.float64).clamp_min(0)
-            sq_par += sc2 * product_inner(A_p, B_p, A_p, B_p).to(torch.float64)
-            new[name] = (_put(A, d, A_c, v), _put(B, d, B_c, v))
+            A, B, diff2, par2 = _replace_slot(A, B, d, nb, parent, v, cfg, generator, do_blend, do_child)
+            new[name] = (A, B)
+            sq_diff += fac[name][2] ** 2 * diff2
+            sq_par += fac[name][2] ** 2 * par2
         target = torch.full((n,), -1, dtype=torch.long, device=f.device)
         if rp is not None and cfg.reallocation:
             dl = domain_losses.reshape(n, -1) if domain_losses is not None else None
@@ -477,24 +513,8 @@ def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | No
         ages = _put(ages, d, torch.zeros_like(new_id), v)
         parents = _put(parents, d, par_id if uses_parent else torch.full_like(par_id, -1), v)
         next_id = next_id + v.long()
-        for row in torch.nonzero(v).flatten().tolist():
-            base = {"step": step, "batch": row, "alpha": a if cfg.inheritance else 0.0}
-            dom = int(target[row])
-            events.append({**base, "event": "death", "slot": int(d[row]), "slot_id": int(old_id[row]),
-                           "parent_id": -1, "neighbour_id": int(nb_id[row]) if do_blend else -1,
-                           "fitness": float(f[row, d[row]]), "mutation_size": math.nan, "domain": -1})
-            if do_blend:
-                events.append({**base, "event": "inherit", "slot": int(nb[row]), "slot_id": int(nb_id[row]),
-                               "parent_id": int(old_id[row]), "neighbour_id": int(nb_id[row]),
-                               "fitness": float(f[row, nb[row]]), "mutation_size": math.nan, "domain": -1})
-            if do_child:
-                events.append({**base, "event": "inherit", "slot": int(d[row]), "slot_id": int(new_id[row]),
-                               "parent_id": int(old_id[row]), "neighbour_id": -1,
-                               "fitness": float(f[row, d[row]]), "mutation_size": math.nan, "domain": -1})
-            events.append({**base, "event": "birth", "slot": int(d[row]), "slot_id": int(new_id[row]),
-                           "parent_id": int(par_id[row]) if uses_parent else -1, "neighbour_id": -1,
-                           "fitness": float(f[row, parent[row]]) if uses_parent else math.nan,
-                           "mutation_size": float(msize[row]), "domain": dom})
+        events += _death_events(step, v, d, nb, parent, target, f, old_id, new_id, par_id, nb_id, msize,
+                                a if cfg.inheritance else 0.0, do_blend, do_child, uses_parent)
 
     new_pop = Population(ids.reshape(*bshape, K), ages.reshape(*bshape, K), parents.reshape(*bshape, K),
                          next_id.reshape(bshape), step)

@@ -246,7 +246,7 @@ configs = st.builds(
 
 @given(cfg=configs, S=st.integers(1, 3), K=st.integers(2, 6), r=st.integers(1, 3), seed=st.integers(0, 2**31 - 1),
        dict_banks=st.booleans())
-@settings(max_examples=60)
+@settings(max_examples=40)
 def test_lifecycle_invariants(cfg, S, K, r, seed, dict_banks):
     pop, banks, rp, fit, losses, feats = make_state(S, K, r, seed, dict_banks)
     old = factors(banks)
@@ -328,7 +328,7 @@ def test_lifecycle_invariants(cfg, S, K, r, seed, dict_banks):
 
 
 @given(seed=st.integers(0, 2**31 - 1), dict_banks=st.booleans(), mode=st.sampled_from(["blend", "child"]))
-@settings(max_examples=10)
+@settings(max_examples=6)
 def test_repeated_steps_keep_lineage_consistent(seed, dict_banks, mode):
     S, K = 2, 4
     pop, banks, rp, fit, losses, feats = make_state(S, K, 2, seed, dict_banks, ages_max=0)
