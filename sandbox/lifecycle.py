@@ -417,19 +417,23 @@ def _death_events(step, v, d, nb, parent, target, f, old_id, new_id, par_id, nb_
         blank = {"mutation_size": math.nan, "domain": -1}
         events.append({**base, "event": "death", "slot": int(d[row]), "slot_id": int(old_id[row]),
                        "parent_id": -1, "neighbour_id": int(nb_id[row]) if do_blend else -1,
-                       "fitness": float(f[row, d[row]]), **blank})
+                       "fitness": float(f[row, d[row]]), **blank,
+                       "parent_slot": -1, "neighbour_slot": int(nb[row]) if do_blend else -1})
         if do_blend:  # the receiver is the neighbour; its "parent" here is the dying donor
             events.append({**base, "event": "inherit", "slot": int(nb[row]), "slot_id": int(nb_id[row]),
                            "parent_id": int(old_id[row]), "neighbour_id": int(nb_id[row]),
-                           "fitness": float(f[row, nb[row]]), **blank})
+                           "fitness": float(f[row, nb[row]]), **blank,
+                           "parent_slot": int(d[row]), "neighbour_slot": int(nb[row])})
         if do_child:  # the receiver is the newborn
             events.append({**base, "event": "inherit", "slot": int(d[row]), "slot_id": int(new_id[row]),
                            "parent_id": int(old_id[row]), "neighbour_id": -1,
-                           "fitness": float(f[row, d[row]]), **blank})
+                           "fitness": float(f[row, d[row]]), **blank,
+                           "parent_slot": int(d[row]), "neighbour_slot": -1})
         events.append({**base, "event": "birth", "slot": int(d[row]), "slot_id": int(new_id[row]),
                        "parent_id": int(par_id[row]) if uses_parent else -1, "neighbour_id": -1,
                        "fitness": float(f[row, parent[row]]) if uses_parent else math.nan,
-                       "mutation_size": float(msize[row]), "domain": int(target[row])})
+                       "mutation_size": float(msize[row]), "domain": int(target[row]),
+                       "parent_slot": int(parent[row]) if uses_parent else -1, "neighbour_slot": -1})
     return events
 
 
@@ -453,7 +457,8 @@ def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | No
     Returns:
         ``(pop, banks, router_params, events)``; events are dicts with keys ``step, batch`` (flat
         batch index), ``event`` (death/inherit/birth), ``slot, slot_id, parent_id, neighbour_id,
-        fitness, mutation_size, alpha, domain`` for ``lifecycle.csv``.
+        fitness, mutation_size, alpha, domain, parent_slot, neighbour_slot`` for ``lifecycle.csv``
+        (``*_slot``: the slot index that held ``parent_id`` / ``neighbour_id`` just before the event).
     """
     pop = pop.at(step)
     bshape, K = pop.batch_shape, pop.n_slots

@@ -382,3 +382,20 @@ def test_half_precision_banks_keep_dtype_and_untouched_slots(gen):
     assert [e["slot"] for e in events] == [1, 1]
     for k in (0, 2, 3):
         assert torch.equal(bank.A[k], A0[k]) and torch.equal(bank.B[k], B0[k])
+
+
+def test_event_slots_point_at_the_slots_holding_those_ids(gen):
+    pop, banks, rp, fit, losses, feats = make_state(2, 5, 2, 3, False, ages_max=0)
+    cfg = LifecycleConfig(n_die=3, min_age=0)
+    held = pop.ids.clone()
+    pop2, _, _, events = lifecycle_step(pop, banks, rp, fit, cfg, gen, 0, losses, feats)
+    assert {e["event"] for e in events} == {"death", "inherit", "birth"}
+    for e in events:  # parents and neighbours are survivors, dying donors are replaced only at their own rank
+        ids_before = held[e["batch"]].tolist()
+        for key in ("parent", "neighbour"):
+            slot, id_ = e[f"{key}_slot"], e[f"{key}_id"]
+            assert (slot == -1) == (id_ == -1)
+            if slot >= 0:
+                assert ids_before[slot] == id_
+        if e["event"] == "birth":
+            assert pop2.ids[e["batch"], e["parent_slot"]] == e["parent_id"]
