@@ -48,8 +48,11 @@ def factorial(
     err = Console(stderr=True)
     chosen = [c.name for c in parse_cells(cells)]
     seed_list = parse_seeds(seeds)
-    template = cell_template(chosen[0], seed_list[0], kw, lambda m: err.print(m))
+    notes: list[str] = []
+    template = cell_template(chosen[0], seed_list[0], kw, notes.append)
     fcfg = FactorialConfig(base=template, cells=tuple(chosen), seeds=tuple(seed_list), eps=eps, alpha=alpha_level)
+    for note in notes:  # printed only once every option is known to be valid
+        err.print(note)
     root = Path(out) if out else Path("runs") / f"factorial-{config_hash(fcfg.settings())[:8]}"
     err.print(f"factorial: {len(chosen)} cells x {len(seed_list)} seeds, preset {template.preset}, "
               f"{template.steps} steps each on {template.device} -> {root}")

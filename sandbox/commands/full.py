@@ -83,12 +83,13 @@ def cell_template(cell: str, seed: int, kw: dict, say) -> "CellConfig":
 
     device = resolve_device(kw.pop("device"))
     preset, steps = kw.pop("preset"), kw.pop("steps")
+    note = None
     if preset is None and steps is None:
         if device == "cuda":
             preset, steps = GPU_PRESET, GPU_STEPS
         else:
             preset, steps = CPU_PRESET, CPU_STEPS
-            say(f"no CUDA: running preset {CPU_PRESET} for {CPU_STEPS} steps instead of {GPU_PRESET} x {GPU_STEPS}")
+            note = f"no CUDA: running preset {CPU_PRESET} for {CPU_STEPS} steps instead of {GPU_PRESET} x {GPU_STEPS}"
     elif preset is None:
         preset = GPU_PRESET if device == "cuda" else CPU_PRESET
     elif steps is None:
@@ -102,7 +103,10 @@ def cell_template(cell: str, seed: int, kw: dict, say) -> "CellConfig":
     kw.update(schedule(steps, kw.pop("interval"), kw.pop("min_age"), kw.pop("eval_every"), kw.pop("checkpoint_every")))
     if kw.get("data") is not None and not Path(kw["data"]).is_dir():
         raise BadInput("--data", kw["data"], "a folder with one subfolder of .txt files per domain")
-    return CellConfig(cell=cell, seed=seed, preset=preset, steps=steps, device=device, **kw)
+    cfg = CellConfig(cell=cell, seed=seed, preset=preset, steps=steps, device=device, **kw)   # validates every knob
+    if note:
+        say(note)
+    return cfg
 
 
 def full(

@@ -1,0 +1,154 @@
+"""The (cell, seed) ledger, a smoke factorial on tiny through the CLI, and the exit-2 contract."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from sandbox import stats
+from sandbox.cli import main
+from sweeps.factorial import TrialLedger, cells_row
+
+TINY_ARGS = ["--preset", "tiny", "--steps", "4", "--slots", "4", "--rank", "4", "--batch", "2", "--eval-windows", "2",
+             "--interval", "2", "--min-age", "0", "--fit-windows", "1", "--pretrain-steps", "20", "--eval-every", "4"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    torch.set_num_threads(1)
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ledger
+# ---------------------------------------------------------------------------------------------
+
+
+def test_ledger_never_computes_a_key_twice(tmp_path):
+    calls = []
+    led = TrialLedger(tmp_path / "l.journal", "t")
+    fn = lambda: calls.append(1) or {"v": 1.5, "x": [1, 2]}
+    assert led.run("a/1", fn, "v") == ({"v": 1.5, "x": [1, 2]}, True)
+    assert led.run("a/1", fn, "v") == ({"v": 1.5, "x": [1, 2]}, False)
+    again = TrialLedger(tmp_path / "l.journal", "t")            # a new process reading the same journal
+    assert again.run("a/1", fn, "v")[1] is False and len(calls) == 1
+    assert again.results() == {"a/1": {"v": 1.5, "x": [1, 2]}}
+
+
+def test_ledger_records_divergence_and_retries_failures(tmp_path):
+    import optuna
+
+    led = TrialLedger(tmp_path / "l.journal", "t")
+    res, _ = led.run("d/1", lambda: {"v": math.nan, "diverged": True}, "v")
+    trial = led.study.get_trials()[-1]
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == math.inf
+    assert led.run("d/1", lambda: pytest.fail("recomputed"), "v")[1] is False
+    with pytest.raises(RuntimeError):
+        led.run("e/1", lambda: (_ for _ in ()).throw(RuntimeError("boom")), "v")
+    assert led.study.get_trials()[-1].state == optuna.trial.TrialState.FAIL
+    assert led.run("e/1", lambda: {"v": 2.0}, "v") == ({"v": 2.0}, True)
+
+
+def test_ledger_marks_a_killed_trial_failed_and_reruns_it(tmp_path):
+    import optuna
+
+    led = TrialLedger(tmp_path / "l.journal", "t")
+    stale = led.study.ask()                                          # a process died inside this trial
+    stale.set_user_attr("key", "k/1")
+    led2 = TrialLedger(tmp_path / "l.journal", "t")
+    assert led2.run("k/1", lambda: {"v": 3.0}, "v") == ({"v": 3.0}, True)
+    states = [t.state for t in led2.study.get_trials()]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+
+
+def test_cells_row_blanks_diverged_runs():
+    row = cells_row("R", 1, {"balanced_log_ppl": 4.0, "diverged": True, "log_ppl": {"d0": None}})
+    assert math.isnan(row["balanced_log_ppl"]) and math.isnan(row["log_ppl_d0"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Smoke factorial through the CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def test_smoke_factorial_on_tiny(tmp_path, cache, capsys):
+    out = tmp_path / "fact"
+    args = ["factorial", "--seeds", "1,2", "--out", str(out), "--cache", cache, "--no-figures", *TINY_ARGS]
+    assert main(args) == 0
+    cells = pd.read_csv(out / "cells.csv")
+    assert len(cells) == 10 and set(cells["cell"]) == {"B3", "R", "R+E", "R+L", "R+E+L"}
+    assert cells["balanced_log_ppl"].notna().all() and not cells["diverged"].any()
+    assert set(cells.loc[cells["cell"].str.contains("R"), "router"]) == {"sigmoid"}
+    assert set(cells.loc[cells["cell"] == "B3", "router"]) == {"softmax"}
+    assert (cells.loc[cells["cell"].str.contains("L"), "lifecycle_events"] > 0).all()
+    assert (cells.loc[~cells["cell"].str.contains("L"), "lifecycle_events"] == 0).all()
+    att = pd.read_csv(out / "attribution.csv")
+    assert set(att.loc[att["kind"] == "named", "contrast"]) == {"router", "scope", "lifecycle", "lifecycle_global", "full"}
+    expect = stats.attribution(cells)
+    pd.testing.assert_series_equal(att["mean_delta"], expect["mean_delta"], check_names=False)
+    # the router contrast is the paired difference B3 - R, by seed
+    wide = cells.pivot(index="seed", columns="cell", values="balanced_log_ppl")
+    router = att.set_index("contrast").loc["router"]
+    assert router["mean_delta"] == pytest.approx((wide["B3"] - wide["R"]).mean(), abs=1e-12)
+    assert att.set_index("contrast").loc["scope", "mean_delta"] == 0           # E without L changes nothing
+    text = capsys.readouterr().out
+    assert "router" in text and "chain router + scope + lifecycle" in text
+    # a rerun computes nothing; adding a seed computes only that seed's five trials
+    assert main(args) == 0
+    assert json.loads((out / "manifest.json").read_text())["reused"] == 10
+    assert main([*args[:2], "1,2,3", *args[3:], "--cells", "B3,R"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert (m["computed"], m["reused"]) == (2, 4)
+
+
+def test_full_command_writes_a_run_folder_per_seed(tmp_path, cache):
+    out = tmp_path / "full"
+    assert main(["full", "--cell", "l+r", "--seeds", "5,6", "--out", str(out), "--cache", cache, *TINY_ARGS]) == 0
+    assert (out / "seed-5" / "figures" / "lineage.png").exists()
+    for s in (5, 6):
+        m = json.loads((out / f"seed-{s}" / "metrics.json").read_text())
+        assert m["cell"] == "R+L" and m["seed"] == s and m["steps"] == 4 and m["lifecycle_events"] == 2
+        for f in ("curves.csv", "gates.csv", "lifecycle.csv", "fitness.csv", "figures/curves.png",
+                  "figures/gates.png", "manifest.json"):
+            assert (out / f"seed-{s}" / f).exists(), f
+
+
+# ---------------------------------------------------------------------------------------------
+# Exit 2, one line
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["factorial", "--cells", "B3,X"], "--cells"),
+    (["factorial", "--cells", "R,R"], "--cells"),
+    (["factorial", "--seeds", "a,b"], "--seeds"),
+    (["factorial", "--inherit-alpha", "2"], "--inherit-alpha"),
+    (["factorial", "--perturb-base", "-1"], "--perturb-base"),
+    (["factorial", "--eps", "0"], "--eps"),
+    (["full", "--cell", "Q"], "--cell"),
+    (["full", "--cell", "R", "--tau-min", "5", "--tau-max", "1"], "--tau-min"),
+    (["full", "--cell", "R", "--pooling", "mean"], "--pooling"),
+    (["full", "--cell", "R", "--preset", "huge"], "--preset"),
+    (["full", "--cell", "R", "--steps", "0"], "--steps"),
+    (["full", "--cell", "R", "--interval", "0"], "--interval"),
+    (["full", "--cell", "R", "--floor-max", "1.5"], "--floor-max"),
+    (["full", "--cell", "R", "--device", "tpu"], "--device"),
+    (["full", "--cell", "R", "--data", "/nonexistent/folder"], "--data"),
+])
+def test_bad_input_exits_2_with_one_line(args, flag, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error:") and flag in err
+
+
+def test_factorial_refuses_other_settings_in_the_same_folder(tmp_path, cache, capsys):
+    out = tmp_path / "f"
+    base = ["factorial", "--cells", "B3", "--seeds", "1,", "--out", str(out), "--cache", cache, "--no-figures"]
+    assert main(base + TINY_ARGS) == 0
+    capsys.readouterr()
+    assert main(base + TINY_ARGS + ["--lr", "0.01"]) == 2
+    assert "--out" in capsys.readouterr().err
