@@ -56,7 +56,7 @@ class LifecycleConfig:
         inherit_mode: ``blend`` (dying -> nearest neighbour) or ``child`` (newborn = alpha dying
             + (1 - alpha) base).
         mutation_sigma: log-normal noise on singular values, ``s <- s exp(sigma eps)``.
-        rotation: scale of the skew-symmetric generator turning the singular vectors.
+        rotation: typical angle (radians) by which each singular vector is turned.
         tournament: tournament size for picking a fit parent among the survivors.
         realloc_noise: noise on the reset router parameters (logit units for a unit feature).
         realloc_push: logit increase, relative to the mean domain, of the freed slot on the worst
@@ -239,14 +239,15 @@ def blend(A_n: Tensor, B_n: Tensor, A_d: Tensor, B_d: Tensor, alpha: float, rank
 def _rotate(U: Tensor, angle: float, generator: torch.Generator) -> Tensor:
     """Turn orthonormal columns ``U (n, d, q)`` by a random rotation of the span of U plus q
     random directions: ``U' = U + Q (expm(Omega) - I) Q^T U`` with ``Q`` an orthonormal basis of
-    ``[U, G]`` and ``Omega`` skew-symmetric with ``N(0, angle^2)`` entries. U' stays orthonormal and
-    may leave U's column space; cost O(d q^2)."""
+    ``[U, G]`` (m = 2q columns) and ``Omega`` skew-symmetric with ``N(0, angle^2 / m)`` entries, so
+    ``||Omega u|| ~= angle``: each singular vector turns by about ``angle`` radians whatever the rank.
+    U' stays orthonormal and may leave U's column space; cost O(d q^2)."""
     n, d, q = U.shape
     G = randn((n, d, q), generator, U.dtype, U.device)
     Q, _ = torch.linalg.qr(torch.cat([U, G], dim=-1))  # (n, d, m), m = min(d, 2q)
     m = Q.shape[-1]
     X = randn((n, m, m), generator, U.dtype, U.device)
-    omega = (X - X.transpose(-1, -2)) * (angle / math.sqrt(2))  # skew-symmetric, entries ~ N(0, angle^2)
+    omega = (X - X.transpose(-1, -2)) * (angle / math.sqrt(2 * m))  # skew-symmetric, entries ~ N(0, angle^2 / m)
     Rm = torch.linalg.matrix_exp(omega) - torch.eye(m, dtype=U.dtype, device=U.device)  # (n, m, m)
     return U + Q @ (Rm @ (Q.transpose(-1, -2) @ U))
 

@@ -99,6 +99,19 @@ def test_rotation_keeps_singular_values_and_moves_subspace(gen):
     assert float(moved_small.mean()) < float(moved.mean())
 
 
+def test_rotation_turns_singular_vectors_by_about_the_angle_monte_carlo():
+    g = torch.Generator().manual_seed(3)
+    A, B = init_factors((400,), 1, 8, 128, 96, "random", g, dtype=torch.float64)
+    A, B = A[:, 0], B[:, 0]
+    U = torch.linalg.svd(B @ A).U[..., 0]  # (400, 96) top left singular vector
+    for angle in (0.05, 0.1):
+        A2, B2 = mutate_svd(A, B, 0.0, angle, g)
+        U2 = torch.linalg.svd(B2 @ A2).U[..., 0]
+        turn = torch.arccos((U * U2).sum(-1).abs().clamp(max=1))
+        # ||Omega u|| has mean ~ angle (a chi over sqrt(m) with m = 16 dims), so the turn is about angle
+        assert float(turn.mean()) == pytest.approx(angle, rel=0.2)
+
+
 def test_blend_is_best_rank_r_of_dense_blend(gen):
     A = torch.randn(2, 4, 2, 7, generator=gen, dtype=torch.float64)
     B = torch.randn(2, 4, 6, 2, generator=gen, dtype=torch.float64)
