@@ -156,12 +156,15 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, min_sample_s
     return {n: Timing(statistics.median(s), min(s), inner[n], s) for n, s in samples.items()}
 
 
-def matmul_case(n: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> Callable[[], Tensor]:
-    """A closure computing one dense ``(n, n) @ (n, n)`` product (``2 n^3`` FLOPs)."""
+def matmul_case(n: int, dtype: torch.dtype = torch.float32, seed: int = 0, device: str = "cpu") -> Callable[[], Tensor]:
+    """A closure computing one dense ``(n, n) @ (n, n)`` product (``2 n^3`` FLOPs); on CUDA it
+    synchronises, so a timed call covers the kernel."""
     g = torch.Generator().manual_seed(seed)
-    a = torch.randn(n, n, generator=g, dtype=dtype)
-    b = torch.randn(n, n, generator=g, dtype=dtype)
-    out = torch.empty(n, n, dtype=dtype)
+    a = torch.randn(n, n, generator=g).to(device, dtype)
+    b = torch.randn(n, n, generator=g).to(device, dtype)
+    out = torch.empty(n, n, dtype=dtype, device=device)
+    if torch.device(device).type == "cuda":
+        return lambda: (torch.mm(a, b, out=out), torch.cuda.synchronize())[0]
     return lambda: torch.mm(a, b, out=out)
 
 
@@ -339,7 +342,7 @@ def bench_sweep(cfg: BenchConfig) -> dict:
     """
     import pandas as pd
 
-    from sandbox.cli import app, main
+    from sandbox.cli import app
 
     names = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
     if "sweep" not in names:
@@ -354,7 +357,7 @@ def bench_sweep(cfg: BenchConfig) -> dict:
             # the sweep's own progress bar and tables would corrupt `--json`: keep them in `log`
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
                 t = time.perf_counter()
-                code = main(argv)
+                code = _invoke(app, argv, log)
                 wall = time.perf_counter() - t
             sweep_threads = torch.get_num_threads()
         finally:
@@ -368,6 +371,23 @@ def bench_sweep(cfg: BenchConfig) -> dict:
             "seed_points": seed_points, "rows": int(len(res)), "seed_points_per_s": seed_points / wall,
             "torch_threads": sweep_threads,
             "target_s": 60.0}
+
+
+def _invoke(app, argv: list[str], log: io.StringIO) -> int:
+    """Run a command of the typer `app` in this process; its exit code (2 for a `BadInput`).
+
+    Not `sandbox.cli.main`: that exits the process when it runs as the `sandbox` script.
+    """
+    from sandbox.errors import BadInput
+
+    try:
+        app(args=argv, standalone_mode=False, prog_name="sandbox")
+    except BadInput as e:
+        print(e.one_line(), file=log)
+        return 2
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------

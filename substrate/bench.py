@@ -33,8 +33,10 @@ import torch
 from sandbox.bench import BenchConfig, interleaved, matmul_case
 from substrate.model import ModelConfig, build_model, flops_per_token, param_breakdown, preset
 
-# Batch (sequences) and context per preset for the CPU benchmark; quick mode uses the second pair.
+# (batch, context) per preset for the CPU benchmark as (full, quick); None = not in quick mode.
 STEP_SHAPES = {"tiny": ((16, 64), (4, 64)), "small": ((8, 128), (2, 128)), "widened-1536": ((1, 256), None)}
+# On CUDA: the study's context for widened-1536 and batches that fill the device.
+CUDA_STEP_SHAPES = {"tiny": (64, 64), "small": (64, 128), "widened-1536": (8, 512)}
 # Above this many base parameters a preset is only timed on CUDA, or on CPU outside quick mode.
 CPU_QUICK_MAX_PARAMS = 20_000_000
 
@@ -121,7 +123,8 @@ def bench_adaptation(name: str, cfg: BenchConfig, device: str = "cpu") -> dict:
     """Tokens/s, FLOPs/token and achieved FLOP/s of one adaptation step of preset `name`.
 
     On CPU the achieved FLOP/s is divided by a dense fp32 ``n x n`` matmul (n = max(1024, D))
-    timed interleaved with the step; on CUDA by the device's bf16 peak (MFU). Returns a
+    timed interleaved with the step; on CUDA by the device's dense bf16 peak (MFU), with a measured
+    bf16 8192^2 matmul alongside (`CUDA_STEP_SHAPES`: widened-1536 at 8 x 512). Returns a
     ``skipped`` reason when the preset is too big for this run (quick mode on CPU).
     """
     mcfg = preset(name)
@@ -132,6 +135,8 @@ def bench_adaptation(name: str, cfg: BenchConfig, device: str = "cpu") -> dict:
         return {"preset": name, "base_params": params,
                 "skipped": f"{params / 1e6:.0f}M base parameters: timed only without --quick (one step takes seconds on CPU)"}
     batch, seq_len = quick if (cfg.quick and quick is not None) else full
+    if cuda:
+        batch, seq_len = CUDA_STEP_SHAPES.get(name, full)
     seq_len = min(seq_len, mcfg.seq_len)
     step, _ = make_step(name, batch, seq_len, device, cfg.seed)
     fpt = step_flops_per_token(mcfg, seq_len)
@@ -141,10 +146,13 @@ def bench_adaptation(name: str, cfg: BenchConfig, device: str = "cpu") -> dict:
     if cuda:
         from substrate.model import gpu_peak_flops
 
-        t = interleaved({"step": step}, cfg.repeats, cfg.min_sample_s)
+        n = 8192
+        t = interleaved({"step": step, "matmul": matmul_case(n, torch.bfloat16, cfg.seed, device)}, cfg.repeats,
+                        cfg.min_sample_s)
         peak = gpu_peak_flops(device)
         out.update(step_s=t["step"].median, tokens_per_s=tokens / t["step"].median,
-                   achieved_flops=fpt * tokens / t["step"].median, peak_flops=peak)
+                   achieved_flops=fpt * tokens / t["step"].median, peak_flops=peak, matmul_n=n,
+                   matmul_bf16_flops=2 * n ** 3 / t["matmul"].median)
         out["mfu"] = out["achieved_flops"] / peak
         return out
     n = max(1024, mcfg.d_model)
