@@ -173,3 +173,19 @@ def test_bad_knobs_name_their_flag(kw, flag):
 
 def test_cell_spelling_is_canonical():
     assert CellConfig(**TINY, cell="l+r").cell == "R+L" and CellConfig(**TINY, cell="full").cell == "R+E+L"
+
+
+def test_real_text_folder_runs_with_unknown_floors(tmp_path, cache):
+    import random
+
+    rng = random.Random(0)
+    vocab = {"prose": "the cat sat on the mat with a hat and a bat".split(),
+             "code": "import numpy as np def main return value if else for".split()}
+    for dom, words in vocab.items():
+        (tmp_path / "data" / dom).mkdir(parents=True)
+        (tmp_path / "data" / dom / "a.txt").write_text(" ".join(rng.choice(words) for _ in range(1500)))
+    cfg = CellConfig(**{**TINY, "steps": 4, "pretrain_steps": 5, "specialist_steps": 3}, cell="R",
+                     data=str(tmp_path / "data"))
+    m = run_cell(cfg, tmp_path / "run", cache, figures=False).metrics
+    assert set(m["log_ppl"]) == {"code", "prose"} and math.isfinite(m["balanced_log_ppl"])
+    assert all(math.isnan(v) for v in m["gap_to_floor"].values())

@@ -187,9 +187,10 @@ def _print_summary(cell: str, rows) -> None:
         if m is None:
             t.add_row(str(seed), "(stopped)", "", "", "", "", "", "", str(folder))
             continue
-        t.add_row(str(seed), f"{m['balanced_log_ppl']:.4f}", f"{m['balanced_gap_to_floor']:+.4f}",
-                  f"{m['initial_balanced_log_ppl']:.4f}", f"{m['base_balanced_log_ppl']:.4f}", str(m["lifecycle_events"]),
-                  f"{m['tokens_per_s']:.0f}", f"step {m['diverged_step']}" if m["diverged"] else "no", str(folder))
+        f = lambda key, spec: "n/a" if not isinstance(m.get(key), (int, float)) or m[key] != m[key] else format(m[key], spec)
+        t.add_row(str(seed), f("balanced_log_ppl", ".4f"), f("balanced_gap_to_floor", "+.4f"),
+                  f("initial_balanced_log_ppl", ".4f"), f("base_balanced_log_ppl", ".4f"), str(m["lifecycle_events"]),
+                  f("tokens_per_s", ".0f"), f"step {m['diverged_step']}" if m["diverged"] else "no", str(folder))
     Console().print(t)
 
 
