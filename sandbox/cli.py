@@ -59,31 +59,26 @@ _register()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the app; user mistakes become one line on stderr and exit code 2."""
+    """Entry point: run the app and return its exit code (the console script passes it to
+    `sys.exit`); user mistakes become one line on stderr and exit code 2."""
     try:
         app(args=argv, standalone_mode=False, prog_name="sandbox")
     except BadInput as e:
         print(e.one_line(), file=sys.stderr)
-        return _exit(2)
+        return 2
     except _cx.NoArgsIsHelpError as e:
         typer.echo(e.ctx.get_help())
-        return _exit(0)
+        return 0
     except _cx.UsageError as e:
         print(f"error: {e.format_message()}".replace("\n", " "), file=sys.stderr)
-        return _exit(2)
+        return 2
     except _cx.Abort:
         print("aborted", file=sys.stderr)
-        return _exit(130)
+        return 130
     except _cx.Exit as e:
-        return _exit(e.exit_code)
-    return _exit(0)
-
-
-def _exit(code: int) -> int:
-    if __name__ == "__main__" or sys.argv and sys.argv[0].endswith("sandbox"):
-        sys.exit(code)
-    return code
+        return e.exit_code
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
