@@ -18,8 +18,9 @@ One `lifecycle_step` (called when ``cfg.due(step)``):
    (``child``): the newborn in the freed slot is ``alpha D + (1 - alpha) base`` instead.
 4. **birth / SVD mutation**: the freed slot gets a new id and a clone of a fit parent (tournament
    among survivors), mutated in its SVD basis: singular values times ``exp(sigma eps)``, singular
-   vectors turned by a random rotation ``expm(Omega)`` with a small skew-symmetric ``Omega``
-   (scale ``rotation``), rank <= r. With mutation off the base is a fresh LoRA init (zero update).
+   vectors turned by a random rotation ``expm(Omega)`` (skew-symmetric ``Omega``; each vector turns
+   by about ``rotation`` radians), rank <= r. With mutation off the base is a fresh LoRA init
+   (zero update, trainable A).
 5. **reallocation**: the freed slot's router column, bias and floor logit are copied from the
    parent with noise, and the column is pushed toward the domain with the worst current loss.
 
