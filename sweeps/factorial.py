@@ -261,3 +261,19 @@ def contrast_table(att: pd.DataFrame) -> pd.DataFrame:
                       "n": att["n"], "mean_delta": att["mean_delta"], "ci_low": att["ci_low"], "ci_high": att["ci_high"],
                       "t": att["t"], "p": att["p"], "kind": att["kind"]})
     return t
+
+
+def scope_under_lifecycle(cells: pd.DataFrame, eps: float = 0.01, alpha: float = 0.05):
+    """Paired R+E+L vs R+L (the scope factor where it can act: through the lifecycle's deaths).
+
+    Not one of the named contrasts (`sandbox.cells.CONTRASTS`): without L, E changes nothing but the
+    logged fitness, so ``scope`` (R+E vs R) is zero by construction here; this contrast is the one
+    that can show a scope effect. Returns a `sandbox.stats.Paired` or None if a cell is missing.
+    """
+    from sandbox import stats
+
+    wide = cells.pivot(index="seed", columns="cell", values="balanced_log_ppl")
+    if not {"R+L", "R+E+L"} <= set(wide.columns):
+        return None
+    both = wide[["R+L", "R+E+L"]].dropna(how="all")
+    return stats.paired(both["R+L"].to_numpy(float), both["R+E+L"].to_numpy(float), eps, alpha)

@@ -152,3 +152,17 @@ def test_factorial_refuses_other_settings_in_the_same_folder(tmp_path, cache, ca
     capsys.readouterr()
     assert main(base + TINY_ARGS + ["--lr", "0.01"]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_scope_under_lifecycle_matches_scipy():
+    from scipy import stats as ss
+
+    from sweeps.factorial import scope_under_lifecycle
+
+    rl, rel = [4.10, 4.22, 4.05, 4.31], [4.08, 4.25, 4.01, 4.27]
+    cells = pd.DataFrame({"cell": ["R+L"] * 4 + ["R+E+L"] * 4, "seed": [1, 2, 3, 4] * 2, "balanced_log_ppl": rl + rel})
+    r = scope_under_lifecycle(cells)
+    ref = ss.ttest_rel(rl, rel)
+    assert r.n == 4 and r.mean == pytest.approx(sum(a - b for a, b in zip(rl, rel)) / 4)
+    assert r.t == pytest.approx(ref.statistic) and r.p == pytest.approx(ref.pvalue)
+    assert scope_under_lifecycle(cells[cells["cell"] == "R+L"]) is None

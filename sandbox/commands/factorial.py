@@ -113,6 +113,12 @@ def print_attribution(res) -> None:
     if "chain_sum" in by and "full" in by:
         console.print(f"chain router + scope + lifecycle = {by['chain_sum']['mean_delta']:+.4f} vs direct full - B3 = "
                       f"{by['full']['mean_delta']:+.4f} (gap {by['chain_sum']['mean_delta'] - by['full']['mean_delta']:+.2g})")
+    from sweeps.factorial import scope_under_lifecycle
+
+    extra = scope_under_lifecycle(c)
+    if extra is not None and extra.n:
+        console.print(f"scope under lifecycle (R+E+L vs R+L, not a named contrast): n={extra.n} mean delta "
+                      f"{extra.mean:+.4f} [{extra.ci_low:+.4f}, {extra.ci_high:+.4f}] t={extra.t:.2f} p={extra.p:.3g}")
     console.print(f"tables and figures in {res.out}")
 
 
