@@ -5,7 +5,12 @@ import os
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
+
+# The test tensors are small: one thread avoids OpenMP oversubscription on shared 2-core machines
+# (measured 30-200x slowdowns with the default of 2 threads while other processes ran).
+torch.set_num_threads(1)
 
 settings.register_profile(
     "default", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
