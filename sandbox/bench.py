@@ -121,23 +121,30 @@ class Timing:
     samples: list[float] = field(default_factory=list)
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, min_sample_s: float, warmup: int = 1) -> dict[str, Timing]:
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, min_sample_s: float, warmup: int = 1,
+                budget_s: float | None = 60.0) -> dict[str, Timing]:
     """Time several candidates in alternating rounds and return each one's median per-call time.
 
-    Each candidate is warmed up (`warmup` calls), then calibrated: a sample repeats the call
-    ``inner = ceil(min_sample_s / t_one)`` times. Each of `repeats` rounds takes one sample of every
-    candidate, starting at a rotating candidate so that none always runs first. The garbage
-    collector is off while a sample runs.
+    Each candidate is called once untimed (compiles/allocates; its duration calibrates the
+    sample), then `warmup` more times unless that first call took over a second. A sample repeats
+    the call ``inner = ceil(min_sample_s / t_first)`` times. Each round takes one sample of every
+    candidate, starting at a rotating candidate so that none always runs first. With `budget_s`,
+    slow comparisons run fewer rounds (never fewer than 3) so one comparison takes about that long.
+    The garbage collector is off while a sample runs.
     """
     names = list(fns)
-    inner = {}
+    inner, first = {}, {}
     for n in names:
-        for _ in range(max(warmup, 0)):
-            fns[n]()
         t = time.perf_counter()
         fns[n]()
-        one = max(time.perf_counter() - t, 1e-7)
-        inner[n] = max(1, math.ceil(min_sample_s / one))
+        first[n] = max(time.perf_counter() - t, 1e-7)
+        if first[n] < 1.0:
+            for _ in range(max(warmup, 0)):
+                fns[n]()
+        inner[n] = max(1, math.ceil(min_sample_s / first[n]))
+    if budget_s is not None:
+        round_s = sum(first[n] * inner[n] for n in names)
+        repeats = min(repeats, max(3, int(budget_s // round_s)))
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
         for j in range(len(names)):
@@ -322,7 +329,9 @@ def bench_mixture(D: int, cfg: BenchConfig) -> dict:
             "layer_bank_over_single": m["layer_bank"] / m["layer_single"],
             "bank_gflops": mixture_flops(N, K, r, D, D) / m["bank"] / 1e9,
             "single_gflops": mixture_flops(N, 1, r, D, D) / m["single"] / 1e9, "matmul_gflops": mm / 1e9,
-            "bank_fraction_of_matmul": mixture_flops(N, K, r, D, D) / m["bank"] / mm}
+            "bank_fraction_of_matmul": mixture_flops(N, K, r, D, D) / m["bank"] / mm,
+            # the best bank / single ratio possible if the bank ran at the measured matmul rate
+            "bank_over_single_floor": mixture_flops(N, K, r, D, D) / mm / m["single"]}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -156,9 +156,7 @@ def bench_adaptation(name: str, cfg: BenchConfig, device: str = "cpu") -> dict:
         out["mfu"] = out["achieved_flops"] / peak
         return out
     n = max(1024, mcfg.d_model)
-    # A multi-second step needs fewer rounds; its median over 3 rounds is still taken interleaved.
-    repeats = cfg.repeats if params <= CPU_QUICK_MAX_PARAMS else min(cfg.repeats, 3)
-    t = interleaved({"step": step, "matmul": matmul_case(n, seed=cfg.seed)}, repeats, cfg.min_sample_s)
+    t = interleaved({"step": step, "matmul": matmul_case(n, seed=cfg.seed)}, cfg.repeats, cfg.min_sample_s)
     mm = 2 * n ** 3 / t["matmul"].median
     step_s = t["step"].median
     out.update(step_s=step_s, tokens_per_s=tokens / step_s, achieved_flops=fpt * tokens / step_s,

@@ -91,11 +91,20 @@ def test_interleaved_calls_each_candidate_and_takes_medians():
         calls["b"] += 1
 
     t = interleaved({"a": a, "b": b}, repeats=5, min_sample_s=0.0, warmup=2)
-    # warm-up 2 + calibration 1 + 5 rounds x 1 inner call
+    # calibration 1 + warm-up 2 + 5 rounds x 1 inner call
     assert calls == {"a": 8, "b": 8}
     for v in t.values():
         assert len(v.samples) == 5 and v.inner == 1
         assert v.best <= v.median and v.median == sorted(v.samples)[2]
+
+
+def test_interleaved_budget_cuts_rounds_of_slow_comparisons():
+    import time as _time
+
+    calls = []
+    t = interleaved({"slow": lambda: (calls.append(1), _time.sleep(0.05))}, repeats=50, min_sample_s=0.0, warmup=0,
+                    budget_s=0.1)
+    assert len(t["slow"].samples) == 3 and len(calls) == 4
 
 
 @pytest.mark.parametrize("cell,features", [("R", "hidden"), ("B3", "embed")])
@@ -209,7 +218,8 @@ def test_quick_json_reports_every_figure(capsys, one_thread):
         assert {"gram_evals_per_s", "dense_evals_per_s", "speedup"} <= set(r) and r["max_rel_diff"] < 1e-9
     assert [r["D"] for r in res["mixture"]] == list(BenchConfig.quick_config().mixture_dims)
     for r in res["mixture"]:
-        assert {"bank_s", "loop_s", "single_s", "loop_over_bank", "bank_over_single", "layer_bank_over_single"} <= set(r)
+        assert {"bank_s", "loop_s", "single_s", "loop_over_bank", "bank_over_single", "layer_bank_over_single",
+                "bank_fraction_of_matmul", "bank_over_single_floor"} <= set(r)
     by = {r["preset"]: r for r in res["adaptation"]}
     assert set(by) == {"tiny", "small", "widened-1536"}
     for name in ("tiny", "small"):
