@@ -1,8 +1,11 @@
-"""Boundary search: let an Optuna sampler spend sweep points where the mean delta is near zero.
+"""Boundary search: let an Optuna sampler spend sweep points where the regime changes.
 
 A second study ``<study>-boundary`` in the same storage holds one trial per proposed point; the
 sampler (TPE, seeded) suggests alignment (and the second axis, if any) within the sweep's ranges
-and is told ``|mean delta|`` over the seeds, so it concentrates points around sign changes. Each
+and is told ``| |mean delta| - eps |`` over the seeds: the distance of the mean delta to the edge
+of the equivalence band. Minimising it concentrates points where ``ties`` turns into ``beats`` or
+``degrades`` (a sign change crosses both edges). Plain ``|mean delta|`` would be drawn into flat
+regions where the search never changes anything (delta exactly 0), which teach nothing. Each
 point's seeds are computed through the ledger (`sweeps.grid.ensure_point`), so the boundary study
 and the grid share results and a resumed search computes nothing twice. A proposal interrupted
 before it was told is left RUNNING in the boundary study and not counted; the next run proposes
@@ -29,8 +32,10 @@ def _distributions(cfg) -> dict:
     return d
 
 
-def propose_points(cfg, store, study: optuna.Study, evaluate) -> list[dict[str, float]]:
-    """Run the boundary search up to ``cfg.trials`` told proposals; return every told point.
+def propose_points(cfg, store, study: optuna.Study, evaluate) -> tuple[list[dict[str, float]], int]:
+    """Run the boundary search up to ``cfg.trials`` told proposals.
+
+    Returns every told point and the number of (point, seed) trials computed here.
 
     `store` is the storage holding `study` (the ledger); the boundary study lives beside it.
     """
@@ -45,21 +50,22 @@ def propose_points(cfg, store, study: optuna.Study, evaluate) -> list[dict[str, 
         fixed[cfg.axis] = cfg.axis_range[0]
     done = ledger.finished(study)
     told = [t for t in bstudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    computed = 0
     for _ in range(max(0, cfg.trials - len(told))):
         trial = bstudy.ask(dists)
         values = {**fixed, **{k: (int(v) if isinstance(dists[k], IntDistribution) else float(v))
                               for k, v in trial.params.items()}}
         values = {"alignment": values["alignment"], **{k: v for k, v in values.items() if k != "alignment"}}
-        ensure_point(cfg, study, done, values, evaluate)
+        computed += ensure_point(cfg, study, done, values, evaluate)[0]
         deltas = _deltas(cfg, done, values)
         trial.set_user_attr("values", values)
-        bstudy.tell(trial, float(abs(np.mean(deltas))) if deltas else float("inf"))
+        bstudy.tell(trial, float(abs(abs(np.mean(deltas)) - cfg.eps)) if deltas else float("inf"))
     points = []
     for t in bstudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))[: max(cfg.trials, 0)]:
         v = t.user_attrs.get("values")
         if v is not None and v not in points:
             points.append(v)
-    return sorted(points, key=lambda v: tuple(v.values()))
+    return sorted(points, key=lambda v: tuple(v.values())), computed
 
 
 def _deltas(cfg, done: dict, values: dict) -> list[float]:

@@ -235,12 +235,12 @@ def run_sweep(cfg: SweepConfig, out: Path, storage: str | None = None, study: st
     if cfg.search == "boundary":
         from sweeps.boundary import propose_points
 
-        points = propose_points(cfg, store, st, evaluate)
+        points, searched = propose_points(cfg, store, st, evaluate)
     else:
-        points = cfg.grid_points()
+        points, searched = cfg.grid_points(), 0
     done = ledger.finished(st)
     total = len(points) * len(cfg.seeds)
-    computed = reused = 0
+    computed, reused = searched, -searched   # the search's trials are found again below
     for values in points:
         c, r = ensure_point(cfg, st, done, values, evaluate)
         computed, reused = computed + c, reused + r

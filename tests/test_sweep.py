@@ -131,9 +131,18 @@ def test_boundary_search_resumes_through_the_ledger(tmp_path):
     c1 = Counter()
     out = grid.run_sweep(cfg, tmp_path, evaluate=c1, figures=False)
     assert out.results["point"].nunique() == 5 and c1.calls == 5
+    assert out.computed == 10 and out.reused == 0
     c2 = Counter()
-    grid.run_sweep(cfg, tmp_path, evaluate=c2, figures=False)
-    assert c2.calls == 0
+    out2 = grid.run_sweep(cfg, tmp_path, evaluate=c2, figures=False)
+    assert c2.calls == 0 and out2.computed == 0 and out2.reused == 10
+    # the sampler was told the distance of each point's mean delta to the edge of the +-eps band
+    import optuna
+
+    b = optuna.load_study(study_name=grid.DEFAULT_STUDY + "-boundary", storage=ledger.storage_for(tmp_path, None))
+    summ = out.summary.set_index("alignment")
+    for t in b.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        a = t.user_attrs["values"]["alignment"]
+        assert t.value == pytest.approx(abs(abs(summ.loc[a, "mean_delta"]) - cfg.eps), abs=1e-12)
 
 
 def test_grid_values_and_integer_axes():
