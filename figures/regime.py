@@ -8,7 +8,8 @@ from `results.csv` (`collect_seed_deltas`).
 Heatmap encoding (`plot_heatmap`):
 - colour: mean delta at each grid point, diverging map centred on 0 with limits (-L, L),
   L = max |mean delta|;
-- solid black line: the delta = 0 contour, interpolated between grid-point centres (scattered
+- solid black line: the delta = 0 contour, interpolated between grid-point centres, drawn only
+  where the map changes sign (an exactly-zero plateau has no boundary to show) (scattered
   points, as from a boundary search, are coloured and contoured on their Delaunay triangulation);
 - dashed lines: the +-eps contours (the equivalence margin fixed before the sweep);
 - one marker per point by regime class (`figures.style.REGIME_STYLE`; inconclusive hollow).
@@ -151,6 +152,11 @@ def plot_heatmap(df: pd.DataFrame, x: str | None = None, y: str | None = None,
             for lim, v in ((ax.set_xlim, tri.x), (ax.set_ylim, tri.y)):  # keep edge markers whole
                 pad = 0.04 * (v.max() - v.min() or 1.0)
                 lim(v.min() - pad, v.max() + pad)
+        finite = z[np.isfinite(z)]
+        crosses = bool((finite < 0).any() and (finite > 0).any())
+        if zero is not None and not crosses:
+            # No sign change: the only "0 contour" would be the rim of an exactly-zero plateau.
+            zero.set_visible(False)
         markers = _regime_markers(ax, df, x, y)
         cbar = fig.colorbar(mesh, ax=ax, shrink=0.9, pad=0.02)
         cbar.set_label(DELTA_LABEL)
@@ -168,7 +174,7 @@ def plot_heatmap(df: pd.DataFrame, x: str | None = None, y: str | None = None,
             lines.append(Line2D([], [], color="0.2", lw=1.3, ls="--", label=f"delta = ±eps (±{eps:g})"))
         fig.legend(handles=list(markers.values()) + lines, loc="outside lower center", ncols=3,
                    frameon=False, handletextpad=0.4, columnspacing=1.2)
-    return attach(fig, kind="regime_heatmap", mesh=mesh, zero_contour=zero, eps_contour=eps_cs,
+    return attach(fig, kind="regime_heatmap", mesh=mesh, zero_contour=zero, eps_contour=eps_cs, sign_change=crosses,
                   markers=markers, colorbar=cbar, clim=(vmin, vmax), zero_level=0.0, eps=eps, x=x, y=y)
 
 

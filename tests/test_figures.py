@@ -57,6 +57,7 @@ def test_heatmap_encodes_zero_contour_symmetric_limits_and_regime_markers():
     fig = regime.plot_heatmap(regime.collect_heatmap(s, "alignment", "context_noise"))
     enc = fig.encoding
     assert list(enc["zero_contour"].levels) == [0.0]
+    assert enc["sign_change"] and enc["zero_contour"].get_visible()
     assert list(enc["eps_contour"].levels) == [-EPS, EPS]
     assert all(dashes for _, dashes in enc["eps_contour"].get_linestyle())      # +-eps dashed
     assert all(dashes is None for _, dashes in enc["zero_contour"].get_linestyle())  # delta = 0 solid
@@ -101,6 +102,7 @@ def test_heatmap_survives_missing_points_and_a_map_without_a_sign_change():
     s = sweep_summary(field=lambda a, c: 0.02 + 0.01 * a).drop(index=[3, 7])
     fig = regime.plot_heatmap(regime.collect_heatmap(s, "alignment", "context_noise"))
     assert list(fig.encoding["zero_contour"].levels) == [0.0]
+    assert not fig.encoding["sign_change"] and not fig.encoding["zero_contour"].get_visible()
     z = np.ma.getmaskarray(fig.encoding["mesh"].get_array())
     assert z.sum() == 2  # two masked (missing) cells
 
