@@ -8,6 +8,7 @@ one line on stderr with exit code 2.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -69,6 +70,19 @@ def main(argv: list[str] | None = None) -> int:
     except _cx.NoArgsIsHelpError as e:
         typer.echo(e.ctx.get_help())
         return 0
+    except (_cx.UsageError, _cx.ClickException) as e:
+        print(f"error: {e.format_message()}".replace("\n", " "), file=sys.stderr)
+        return 2
+    except typer.Exit as e:
+        return getattr(e, "exit_code", 0)
+    except (typer.Abort, KeyboardInterrupt):
+        print("aborted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `sandbox report DIR | head`: the reader went away; not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return 0
     except _cx.UsageError as e:
         print(f"error: {e.format_message()}".replace("\n", " "), file=sys.stderr)
         return 2
