@@ -83,15 +83,6 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     return 0
-    except _cx.UsageError as e:
-        print(f"error: {e.format_message()}".replace("\n", " "), file=sys.stderr)
-        return 2
-    except _cx.Abort:
-        print("aborted", file=sys.stderr)
-        return 130
-    except _cx.Exit as e:
-        return e.exit_code
-    return 0
 
 
 if __name__ == "__main__":
