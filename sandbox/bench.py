@@ -291,7 +291,8 @@ def bench_mixture(D: int, cfg: BenchConfig) -> dict:
     """Forward + backward time of the gated mixture at width D, and inside a frozen D x D layer.
 
     Candidates (grads of every input that requires one; the output gradient is fixed):
-    ``bank`` `gated_mixture`; ``loop`` `loop_mixture`; ``single`` one rank-r LoRA ``s B A x``;
+    ``bank`` `gated_mixture`; ``loop`` `loop_mixture`; ``single`` one rank-r LoRA ``B (s A x)`` (the
+    scale on the small ``(N, r)`` intermediate: the fastest way to write it);
     ``layer_bank`` ``W x + bank``; ``layer_single`` ``W x + single`` (W frozen, x needs its grad);
     and a dense fp32 ``MATMUL_N``-square matmul, so the bank's FLOP rate is also given as a
     fraction of what this machine's matmul reaches in the same run.
@@ -316,9 +317,9 @@ def bench_mixture(D: int, cfg: BenchConfig) -> dict:
     fns = {
         "bank": lambda: run(gated_mixture(x, A, B, gates, s), bank_in),
         "loop": lambda: run(loop_mixture(x, A, B, gates, s), bank_in),
-        "single": lambda: run((x @ A1.T) @ B1.T * s, single_in),
+        "single": lambda: run(((x @ A1.T) * s) @ B1.T, single_in),
         "layer_bank": lambda: run(x @ W.T + gated_mixture(x, A, B, gates, s), bank_in),
-        "layer_single": lambda: run(x @ W.T + (x @ A1.T) @ B1.T * s, single_in),
+        "layer_single": lambda: run(x @ W.T + ((x @ A1.T) * s) @ B1.T, single_in),
         "matmul": matmul_case(MATMUL_N, seed=cfg.seed),
     }
     t = interleaved(fns, cfg.repeats, cfg.min_sample_s)
