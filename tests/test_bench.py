@@ -166,12 +166,13 @@ def test_step_updates_adapters_and_router_only(one_thread):
 def test_targets_rows():
     res = {"loss": [{"d": 64, "speedup": 4.0}, {"d": 256, "speedup": 2.0}],
            "mixture": [{"D": 256, "loop_over_bank": 6.0, "bank_over_single": 2.0, "layer_bank_over_single": 1.1}],
-           "adaptation": [{"preset": "small", "fraction_of_matmul": 0.25}, {"preset": "tiny", "skipped": "x"}],
+           "adaptation": [{"preset": "small", "fraction_of_matmul": 0.25}, {"preset": "tiny", "skipped": "x"},
+                          {"preset": "widened-1536", "mfu": 0.4}],
            "sweep": {"skipped": "not there"}}
     rows = targets(res)
     met = [(r["case"], r["met"]) for r in rows]
     assert met == [("d=64", True), ("d=256", False), ("D=256", True), ("D=256", False), ("D=256", True),
-                   ("small", False), ("not measured", None)]
+                   ("small", False), ("widened-1536", True), ("not measured", None)]
 
 
 def test_config_errors_name_the_flag():
