@@ -166,3 +166,17 @@ def test_scope_under_lifecycle_matches_scipy():
     assert r.n == 4 and r.mean == pytest.approx(sum(a - b for a, b in zip(rl, rel)) / 4)
     assert r.t == pytest.approx(ref.statistic) and r.p == pytest.approx(ref.pvalue)
     assert scope_under_lifecycle(cells[cells["cell"] == "R+L"]) is None
+
+
+def test_cpu_defaults_are_said_plainly():
+    from sandbox.commands.full import KNOBS, O, cell_template, schedule
+
+    said = []
+    kw = {k: O[k].default for k in KNOBS}
+    kw["device"] = "cpu"
+    cfg = cell_template("L+R", 42, kw, said.append)
+    assert (cfg.preset, cfg.steps, cfg.cell, cfg.device) == ("small", 200, "R+L", "cpu")
+    assert said == ["no CUDA: running preset small for 200 steps instead of widened-1536 x 25000"]
+    assert (cfg.interval, cfg.min_age, cfg.eval_every) == (40, 80, 20)
+    assert schedule(25_000, None, None, None, None) == {"interval": 250, "min_age": 500, "eval_every": 1000,
+                                                       "checkpoint_every": 1000}
