@@ -49,7 +49,7 @@ def gated_mixture(x: Tensor, A: Tensor, B: Tensor, gates: Tensor, scale: float |
         A: down factors ``(*b, K, r, d_in)``.
         B: up factors ``(*b, K, d_out, r)``.
         gates: ``(*b, N, K)``; a per-sequence gate is ``(*b, 1, K)`` (broadcast over N).
-        scale: ``alpha / r``, a float or a tensor broadcastable to the output ``(*b, N, d_out)``.
+        scale: ``alpha / r``, a float or a tensor broadcastable to the gates ``(*b, N, K)``.
 
     All leading dims broadcast against each other (e.g. x ``(S, 1, N, d_in)`` with a bank
     ``(S, P, K, r, d_in)`` gives ``(S, P, N, d_out)``).
@@ -61,9 +61,11 @@ def gated_mixture(x: Tensor, A: Tensor, B: Tensor, gates: Tensor, scale: float |
     d_out = B.shape[-2]
     a_cat = A.reshape(*A.shape[:-3], K * r, d_in).transpose(-1, -2)  # (*b, d_in, K*r)
     h = x @ a_cat  # (*b, N, K*r)
-    h = h * gates.repeat_interleave(r, dim=-1)  # gates (*b, N, K) -> (*b, N, K*r), slot-major
+    # Scale the small (N, K) gates rather than the (N, d_out) output, and broadcast them over r on
+    # a (K, r) view instead of materialising repeat_interleave: 13-16% faster fwd+bwd (BENCHMARKS.md).
+    h = (h.unflatten(-1, (K, r)) * (gates * scale).unsqueeze(-1)).flatten(-2)  # (*b, N, K, r) -> (*b, N, K*r)
     b_cat = B.transpose(-1, -2).reshape(*B.shape[:-3], K * r, d_out)  # (*b, K, r, d_out) -> (*b, K*r, d_out)
-    return (h @ b_cat) * scale  # (*b, N, d_out)
+    return h @ b_cat  # (*b, N, d_out)
 
 
 def products(A: Tensor, B: Tensor, scale: float | Tensor = 1.0) -> Tensor:
