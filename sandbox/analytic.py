@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -375,14 +376,21 @@ def _generation(task: Task, rcfg: RouterConfig, tensors: dict[str, Tensor], st: 
     return took
 
 
+def lifecycle_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator of seed `seed`'s lifecycle event at `step`: a pure function of
+    ``(seed, lifecycle stream, step)``, hashed by numpy's `SeedSequence` (no collisions in practice)."""
+    ss = np.random.SeedSequence((int(seed) % 2**64, _LIFECYCLE_STREAM, int(step)))
+    return torch.Generator().manual_seed(int(ss.generate_state(1, np.uint64)[0]) % (2**63 - 1))
+
+
 @torch.no_grad()
 def _lifecycle(task: Task, rcfg: RouterConfig, cfg: SandboxConfig, tensors: dict[str, Tensor], st: State,
                pop: lc.Population, feats: Tensor, step: int, scale: float, opt: _Adam) -> tuple[lc.Population, list]:
     """One lifecycle event on the bank (in place on `tensors`), with leave-one-out fitness in Gram form.
 
     ``loo[s, k, m]`` = domain m's loss with slot k's gate zeroed (`leave_one_out`), so the fitness is
-    ``agg_m (loo - full)``. The generator is seeded from the batch's seeds and the step, so a run is
-    reproducible for the same seed list (the lifecycle draws one batch of noise for all seeds).
+    ``agg_m (loo - full)``. Each seed draws from its own generator (`lifecycle_generator`), so a
+    seed's lifecycle does not depend on which seeds share its batch (resumed sweeps reproduce).
     Adam moments of replaced slots (bank and router columns) are zeroed.
     """
     lcfg = cfg.lifecycle_config
@@ -394,8 +402,8 @@ def _lifecycle(task: Task, rcfg: RouterConfig, cfg: SandboxConfig, tensors: dict
     full = quadratic_loss(gates, G, c, e).mean(-1) + cfg.loss_floor                             # (S, M)
     loo = leave_one_out(gates, G, c, e).mean(-2) + cfg.loss_floor                               # (S, M, K)
     fit = lc.fitness(loo.transpose(-1, -2), full, lcfg.scope, lcfg.per_domain_agg)            # (S, K)
-    g = torch.Generator().manual_seed(hash((task.seeds, step)) % (2**62))
-    pop, (A2, B2), new_params, events = lc.lifecycle_step(pop, (A, B), params, fit, lcfg, g, step,
+    gens = [lifecycle_generator(s, step) for s in task.seeds]
+    pop, (A2, B2), new_params, events = lc.lifecycle_step(pop, (A, B), params, fit, lcfg, gens, step,
                                                           domain_losses=full, domain_features=feats.mean(-2))
     mask = lc.reset_mask(events, (S,), A.shape[1])                                             # (S, K)
     A.copy_(A2)

@@ -26,19 +26,27 @@ One `lifecycle_step` (called when ``cfg.due(step)``):
 
 Deaths are processed in order of fitness, one death rank at a time, vectorised over the batch
 (a Python loop over at most ``n_die`` ranks, never over seeds or slots).
+
+Randomness: every operator takes either one ``torch.Generator`` for the whole (flattened) batch or a
+sequence of n generators, one per batch element in row-major order. With a sequence, row i's draws
+come from generator i alone (`_draw`, `_multinomial`: a loop over rows for the draws only, the maths
+stays batched), so a seed's result does not depend on which other seeds share its batch.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from sandbox.adapters import AdapterBank, lowrank_svd, product_inner, rand, randn, refactor, slot_gram, split_factors
 from sandbox.errors import require
+
+Generators = torch.Generator | Sequence[torch.Generator]
+"""One generator for the whole batch, or one per flattened batch element (row-major)."""
 
 SCOPES = ("global", "per-domain")
 AGGS = ("max", "mean", "median")
@@ -106,6 +114,53 @@ class LifecycleConfig:
 
 def _num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random draws: one generator for the batch, or one per row
+# ---------------------------------------------------------------------------------------------
+
+
+def _rows(generators: Sequence[torch.Generator], n: int) -> list[torch.Generator]:
+    gens = list(generators)
+    if len(gens) != n or not all(isinstance(g, torch.Generator) for g in gens):
+        raise ValueError(f"expected one torch.Generator or {n} of them (one per batch row), got {len(gens)} items")
+    return gens
+
+
+def _draw(fn: Callable[..., Tensor], shape: tuple[int, ...], generators: Generators, dtype: torch.dtype,
+          device) -> Tensor:
+    """A random tensor of ``shape = (n, *row)`` from ``fn(shape, generator, dtype, device)`` (`randn`
+    or `rand`). One generator: one draw of the whole shape. A sequence of n generators: row i is
+    ``fn(row, generators[i])``, so its numbers depend on its own generator only."""
+    if isinstance(generators, torch.Generator):
+        return fn(shape, generators, dtype, device)
+    n, row = shape[0], tuple(shape[1:])
+    gens = _rows(generators, n)
+    if n == 0:
+        return torch.empty(tuple(shape), dtype=dtype, device=device)
+    return torch.stack([fn(row, g, dtype, device) for g in gens])  # (n, *row)
+
+
+def _multinomial(w: Tensor, size: int, generators: Generators) -> Tensor:
+    """``size`` indices per row drawn with replacement from weights ``w (n, K)``: ``(n, size)`` long,
+    on the generator's device (per row with a sequence of generators, as in `_draw`)."""
+    if isinstance(generators, torch.Generator):
+        return torch.multinomial(w.to(generators.device), size, replacement=True, generator=generators)
+    gens = _rows(generators, w.shape[0])
+    if not gens:
+        return torch.empty((0, size), dtype=torch.long, device=w.device)
+    rows = [torch.multinomial(w[i].to(g.device), size, replacement=True, generator=g).to(w.device)
+            for i, g in enumerate(gens)]
+    return torch.stack(rows)  # (n, size)
+
+
+def _only(generators: Generators, rows: Tensor) -> Generators:
+    """The generators with those of rows where ``rows (n,)`` is False swapped for throwaway ones, so a
+    row's generator is advanced only by the draws it uses (a single generator is returned as is)."""
+    if isinstance(generators, torch.Generator):
+        return generators
+    return [g if keep else torch.Generator(device=g.device) for g, keep in zip(generators, rows.tolist())]
 
 
 @dataclass(frozen=True, eq=False)
@@ -200,11 +255,12 @@ def select_deaths(fit: Tensor, ages: Tensor, cfg: LifecycleConfig) -> Tensor:
     return dead.scatter(-1, order, valid) if order.shape[-1] else dead
 
 
-def tournament_parent(fit: Tensor, alive: Tensor, size: int, generator: torch.Generator) -> Tensor:
+def tournament_parent(fit: Tensor, alive: Tensor, size: int, generator: Generators) -> Tensor:
     """Pick a parent per row ``(n,)``: the fittest of ``size`` slots drawn uniformly (with
-    replacement) among ``alive (n, K)``. Rows with no alive slot get slot 0."""
+    replacement) among ``alive (n, K)``. Rows with no alive slot get slot 0. ``generator``: one, or
+    n (one per row)."""
     w = alive.to(torch.float64) + (~alive.any(-1, keepdim=True)).to(torch.float64)  # no all-zero rows
-    cand = torch.multinomial(w.to(generator.device), size, replacement=True, generator=generator).to(fit.device)  # (n, size)
+    cand = _multinomial(w, size, generator).to(fit.device)  # (n, size)
     f = torch.where(torch.isnan(fit), torch.full_like(fit, -math.inf), fit).gather(-1, cand)
     return cand.gather(-1, f.argmax(-1, keepdim=True)).squeeze(-1)
 
@@ -237,50 +293,60 @@ def blend(A_n: Tensor, B_n: Tensor, A_d: Tensor, B_d: Tensor, alpha: float, rank
     return refactor(L, R, rank)
 
 
-def _rotate(U: Tensor, angle: float, generator: torch.Generator) -> Tensor:
+def _expm(x: Tensor, per_row: bool) -> Tensor:
+    """``expm`` of ``x (n, m, m)``. torch picks a cheaper Pade degree for a lone matrix than for a
+    batch (degree 18 with scaling and squaring for every matrix), so with per-row generators a lone
+    row is padded with a zero matrix to take the batch path: its rotation is then bit-identical to
+    the same row's inside any batch (on the CPU). One generator keeps torch's own choice."""
+    if per_row and x.shape[0] == 1:
+        return torch.linalg.matrix_exp(torch.cat([x, torch.zeros_like(x)]))[:1]  # (2, m, m) -> (1, m, m)
+    return torch.linalg.matrix_exp(x)
+
+
+def _rotate(U: Tensor, angle: float, generator: Generators) -> Tensor:
     """Turn orthonormal columns ``U (n, d, q)`` by a random rotation of the span of U plus q
     random directions: ``U' = U + Q (expm(Omega) - I) Q^T U`` with ``Q`` an orthonormal basis of
     ``[U, G]`` (m = 2q columns) and ``Omega`` skew-symmetric with ``N(0, angle^2 / m)`` entries, so
     ``||Omega u|| ~= angle``: each singular vector turns by about ``angle`` radians whatever the rank.
     U' stays orthonormal and may leave U's column space; cost O(d q^2)."""
     n, d, q = U.shape
-    G = randn((n, d, q), generator, U.dtype, U.device)
+    G = _draw(randn, (n, d, q), generator, U.dtype, U.device)
     Q, _ = torch.linalg.qr(torch.cat([U, G], dim=-1))  # (n, d, m), m = min(d, 2q)
     m = Q.shape[-1]
-    X = randn((n, m, m), generator, U.dtype, U.device)
+    X = _draw(randn, (n, m, m), generator, U.dtype, U.device)
     omega = (X - X.transpose(-1, -2)) * (angle / math.sqrt(2 * m))  # skew-symmetric, entries ~ N(0, angle^2 / m)
-    Rm = torch.linalg.matrix_exp(omega) - torch.eye(m, dtype=U.dtype, device=U.device)  # (n, m, m)
+    Rm = _expm(omega, not isinstance(generator, torch.Generator)) - torch.eye(m, dtype=U.dtype, device=U.device)  # (n, m, m)
     return U + Q @ (Rm @ (Q.transpose(-1, -2) @ U))
 
 
-def mutate_svd(A: Tensor, B: Tensor, sigma: float, rotation: float, generator: torch.Generator,
+def mutate_svd(A: Tensor, B: Tensor, sigma: float, rotation: float, generator: Generators,
                rank: int | None = None) -> tuple[Tensor, Tensor]:
     """SVD mutation of adapters ``A (n, r, d_in)``, ``B (n, d_out, r)`` (one adapter per row).
 
     ``B A = U diag(s) V^T`` -> ``U' diag(s exp(sigma eps)) V'^T`` with ``eps ~ N(0, 1)`` per singular
     value and ``U' = rot(U)``, ``V' = rot(V)`` (see `_rotate`), returned as balanced rank-r factors.
-    ``sigma = rotation = 0`` returns exact copies of the inputs.
+    ``sigma = rotation = 0`` returns exact copies of the inputs. ``generator``: one, or n (one per row).
     """
     rank = rank or A.shape[-2]
     if sigma == 0 and rotation == 0:
         return A.clone(), B.clone()
     U, S, Vh = lowrank_svd(B, A)  # (n, d_out, q), (n, q), (n, q, d_in)
-    S = S * torch.exp(sigma * randn(S.shape, generator, S.dtype, S.device))
+    S = S * torch.exp(sigma * _draw(randn, tuple(S.shape), generator, S.dtype, S.device))
     if rotation > 0:
         U = _rotate(U, rotation, generator)
         Vh = _rotate(Vh.transpose(-1, -2), rotation, generator).transpose(-1, -2)
     return split_factors(U, S, Vh, rank)
 
 
-def fresh_factors(n: int, rank: int, d_in: int, d_out: int, generator: torch.Generator, like: Tensor) -> tuple[Tensor, Tensor]:
-    """A fresh LoRA init per row: ``A ~ U(-1/sqrt(d_in), 1/sqrt(d_in))``, ``B = 0``."""
+def fresh_factors(n: int, rank: int, d_in: int, d_out: int, generator: Generators, like: Tensor) -> tuple[Tensor, Tensor]:
+    """A fresh LoRA init per row: ``A ~ U(-1/sqrt(d_in), 1/sqrt(d_in))``, ``B = 0`` (one generator, or n)."""
     bound = 1 / math.sqrt(d_in)
-    A = (rand((n, rank, d_in), generator, like.dtype, like.device) * 2 - 1) * bound
+    A = (_draw(rand, (n, rank, d_in), generator, like.dtype, like.device) * 2 - 1) * bound
     return A, like.new_zeros((n, d_out, rank))
 
 
 def reallocate(params: dict[str, Tensor], slot: Tensor, parent: Tensor, valid: Tensor, cfg: LifecycleConfig,
-               generator: torch.Generator, domain_losses: Tensor | None = None,
+               generator: Generators, domain_losses: Tensor | None = None,
                domain_features: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
     """Reset router slot ``slot`` from slot ``parent`` (rows where ``valid``), batch flattened.
 
@@ -292,6 +358,7 @@ def reallocate(params: dict[str, Tensor], slot: Tensor, parent: Tensor, valid: T
     ``bias``/``phi`` are the parent's plus ``realloc_noise eps``.
 
     Returns the new params and the target domain per row ``(n,)`` (-1 without domain data).
+    ``generator``: one, or n (one per row).
     """
     W = params["W"]
     n, e, F, K = W.shape
@@ -306,7 +373,7 @@ def reallocate(params: dict[str, Tensor], slot: Tensor, parent: Tensor, valid: T
     for name, x in params.items():
         xs = x.movedim(-1, 1)  # (n, K, e[, F]) slot axis second
         src = _take(xs, parent)  # (n, e[, F])
-        noise = randn(src.shape, generator, x.dtype, x.device) * cfg.realloc_noise
+        noise = _draw(randn, tuple(src.shape), generator, x.dtype, x.device) * cfg.realloc_noise
         if name == "W":
             src = src + noise / math.sqrt(F) + push.unsqueeze(1)
         else:
@@ -386,7 +453,7 @@ def _repack(banks, kind: str, new: dict[str, tuple[Tensor, Tensor]]):
 
 
 def _replace_slot(A: Tensor, B: Tensor, d: Tensor, nb: Tensor, parent: Tensor, v: Tensor, cfg: LifecycleConfig,
-                  generator: torch.Generator, do_blend: bool, do_child: bool):
+                  generator: Generators, do_blend: bool, do_child: bool):
     """One layer's part of one death rank: blend the dying slot ``d`` into ``nb`` (blend mode),
     then fill ``d`` with the (mutated) parent clone or a fresh init (blended with the dying slot in
     child mode). A ``(n, K, r, d_in)``, B ``(n, K, d_out, r)``; rows with ``v`` False untouched.
@@ -441,7 +508,7 @@ def _death_events(step, v, d, nb, parent, target, f, old_id, new_id, par_id, nb_
 
 @torch.no_grad()
 def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | None, fitness: Tensor,
-                   cfg: LifecycleConfig, generator: torch.Generator, step: int,
+                   cfg: LifecycleConfig, generator: Generators, step: int,
                    domain_losses: Tensor | None = None, domain_features: Tensor | None = None):
     """One lifecycle event: death, inheritance, birth with SVD mutation, reallocation.
 
@@ -452,6 +519,11 @@ def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | No
             AdapterBanks are updated in place (and returned); tuples are returned as new tensors.
         router_params: router dict (``W (*b, *e, F, K)``, ``bias``, ``phi``) or None.
         fitness: ``(*b, K)`` slot fitness (see the function `fitness`).
+        generator: one ``torch.Generator`` for the whole batch, or a sequence of ``prod(*b)``
+            generators, one per batch element in row-major order of ``*b``. With a sequence, element
+            i's result and the state its generator is left in depend only on element i's inputs and
+            generator (rows without a death at some rank draw from a throwaway generator), so
+            results are independent of the batch composition.
         step: the current step (ages are advanced to it).
         domain_losses: ``(*b, M)`` current per-domain losses (for reallocation), or None.
         domain_features: ``(*b, M, F)`` mean routing feature per domain, or None.
@@ -465,6 +537,8 @@ def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | No
     pop = pop.at(step)
     bshape, K = pop.batch_shape, pop.n_slots
     n = math.prod(bshape)
+    if not isinstance(generator, torch.Generator):
+        generator = _rows(generator, n)
     layers, kind = _unpack(banks)
     fac = {k: (_work(A).reshape(n, K, *A.shape[-2:]), _work(B).reshape(n, K, *B.shape[-2:]), sc)
            for k, (A, B, sc) in layers.items()}  # (n, K, r, d_in), (n, K, d_out, r)
@@ -498,12 +572,13 @@ def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | No
         d, v = order[:, i], valid[:, i]  # (n,) dying slot and whether row i has this death
         if not bool(v.any()):
             continue
-        parent = tournament_parent(f, alive, cfg.tournament, generator)  # (n,)
+        gen = _only(generator, v)  # with per-row generators, rows without this death draw from throwaways
+        parent = tournament_parent(f, alive, cfg.tournament, gen)  # (n,)
         nb = torch.where(alive, _take(cos, d), torch.full_like(f, -math.inf)).argmax(-1)  # (n,)
         sq_diff = torch.zeros(n, dtype=torch.float64, device=f.device)  # ||child - parent||^2 over layers
         sq_par = torch.zeros(n, dtype=torch.float64, device=f.device)  # ||parent||^2 over layers
         for name, (A, B) in new.items():
-            A, B, diff2, par2 = _replace_slot(A, B, d, nb, parent, v, cfg, generator, do_blend, do_child)
+            A, B, diff2, par2 = _replace_slot(A, B, d, nb, parent, v, cfg, gen, do_blend, do_child)
             new[name] = (A, B)
             sq_diff += fac[name][2] ** 2 * diff2
             sq_par += fac[name][2] ** 2 * par2
@@ -511,7 +586,7 @@ def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | No
         if rp is not None and cfg.reallocation:
             dl = domain_losses.reshape(n, -1) if domain_losses is not None else None
             df = domain_features.reshape(n, *domain_features.shape[-2:]) if domain_features is not None else None
-            rp, target = reallocate(rp, d, parent, v, cfg, generator, dl, df)
+            rp, target = reallocate(rp, d, parent, v, cfg, gen, dl, df)
         msize = (sq_diff / sq_par).sqrt() if cfg.mutation else torch.full((n,), math.nan, dtype=torch.float64)
         uses_parent = cfg.mutation or (cfg.reallocation and rp is not None)
         old_id, par_id, nb_id = _take(ids, d), _take(ids, parent), _take(ids, nb)

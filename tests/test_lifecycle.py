@@ -412,3 +412,87 @@ def test_event_slots_point_at_the_slots_holding_those_ids(gen):
                 assert ids_before[slot] == id_
         if e["event"] == "birth":
             assert pop2.ids[e["batch"], e["parent_slot"]] == e["parent_id"]
+
+
+# --------------------------------------------------------------------------------------------- per-row generators
+
+
+def _row_state(state, i, dict_banks):
+    """Batch element i of `make_state`'s output as a batch of one (banks keep their scale)."""
+    pop, banks, rp, fit, losses, feats = state
+    one = lambda x: x[i:i + 1].clone()  # noqa: E731
+    if dict_banks:
+        banks = {k: AdapterBank.from_factors(one(b.A.detach()), one(b.B.detach()), b.alpha) for k, b in banks.items()}
+    else:
+        banks = (one(banks[0]), one(banks[1]))
+    pop = Population(one(pop.ids), one(pop.ages), one(pop.parents), one(pop.next_id), pop.step)
+    return pop, banks, {k: one(v) for k, v in rp.items()}, one(fit), one(losses), one(feats)
+
+
+def _comparable(events, row=None):
+    """Events of one batch row (renumbered to row 0), NaN as None so equal runs compare equal."""
+    out = []
+    for e in events:
+        if row is None or e["batch"] == row:
+            out.append({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in
+                        {**e, "batch": 0 if row is not None else e["batch"]}.items()})
+    return out
+
+
+def _gens(seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+@given(cfg=configs, S=st.integers(2, 3), K=st.integers(2, 6), r=st.integers(1, 3), seed=st.integers(0, 2**31 - 1),
+       dict_banks=st.booleans())
+@settings(max_examples=30, deadline=None)
+def test_per_row_generators_make_each_row_independent_of_its_batch(cfg, S, K, r, seed, dict_banks):
+    """With one generator per batch element, element i's result (bank, router, population, events
+    and the state its generator is left in) is bit-identical to running element i alone."""
+    gseeds = [seed % 1000 + 17 * i for i in range(S)]
+    batch_gens = _gens(gseeds)
+    pop2, banks2, rp2, events = lifecycle_step(*make_state(S, K, r, seed, dict_banks)[:4], cfg, batch_gens, 3,
+                                               *make_state(S, K, r, seed, dict_banks)[4:])
+    new = factors(banks2)
+    for i in range(S):
+        alone_gen = _gens([gseeds[i]])
+        p1, b1, rp1, fit1, losses1, feats1 = _row_state(make_state(S, K, r, seed, dict_banks), i, dict_banks)
+        q, b1, rq, ev1 = lifecycle_step(p1, b1, rp1, fit1, cfg, alone_gen, 3, losses1, feats1)
+        for t_batch, t_one in ((pop2.ids, q.ids), (pop2.ages, q.ages), (pop2.parents, q.parents), (pop2.next_id, q.next_id)):
+            assert torch.equal(t_batch[i:i + 1], t_one)
+        for name, (A, B) in factors(b1).items():
+            assert torch.equal(new[name][0][i:i + 1], A) and torch.equal(new[name][1][i:i + 1], B)
+        assert all(torch.equal(rp2[k][i:i + 1], rq[k]) for k in rp2)
+        assert _comparable(events, i) == _comparable(ev1)
+        # the generators are left in the same state (rows without a late death used throwaways)
+        assert torch.equal(torch.rand(4, generator=batch_gens[i]), torch.rand(4, generator=alone_gen[0]))
+
+
+def test_batch_shape_is_flattened_row_major_for_generators():
+    """A (2, 2) batch with four generators equals the flat batch of four with the same generators."""
+    cfg = LifecycleConfig(n_die=2, min_age=0)
+    pop, (A, B), rp, fit, losses, feats = make_state(4, 5, 2, 5, False, ages_max=0)
+    flat = lifecycle_step(pop, (A, B), rp, fit, cfg, _gens(range(4)), 0, losses, feats)
+    sq = lambda x: x.reshape(2, 2, *x.shape[1:])  # noqa: E731  (4, ...) -> (2, 2, ...)
+    pop4 = Population(sq(pop.ids), sq(pop.ages), sq(pop.parents), sq(pop.next_id), 0)
+    grid = lifecycle_step(pop4, (sq(A), sq(B)), {k: sq(v) for k, v in rp.items()}, sq(fit), cfg, _gens(range(4)), 0,
+                          sq(losses), sq(feats))
+    assert torch.equal(grid[0].ids.reshape(4, -1), flat[0].ids)
+    assert torch.equal(grid[1][0].reshape(A.shape), flat[1][0]) and torch.equal(grid[1][1].reshape(B.shape), flat[1][1])
+    assert all(torch.equal(grid[2][k].reshape(rp[k].shape), flat[2][k]) for k in rp)
+    assert _comparable(grid[3]) == _comparable(flat[3])
+    assert not torch.equal(flat[1][0], A)  # something did happen
+
+
+def test_per_row_generators_differ_from_each_other_and_are_checked(gen):
+    cfg = LifecycleConfig(min_age=0, realloc_noise=0.5)
+    state = make_state(2, 4, 2, 9, False, ages_max=0)
+    same = lifecycle_step(*state[:4], cfg, _gens([7, 7]), 0, *state[4:])
+    # rows 0 and 1 start from different states, so compare the noise each drew: a distinct seed per row
+    other = lifecycle_step(*make_state(2, 4, 2, 9, False, ages_max=0)[:4], cfg, _gens([7, 8]), 0,
+                           *make_state(2, 4, 2, 9, False, ages_max=0)[4:])
+    assert torch.equal(same[1][0][0], other[1][0][0]) and not torch.equal(same[1][0][1], other[1][0][1])
+    with pytest.raises(ValueError, match="one per batch row"):
+        lifecycle_step(*make_state(2, 4, 2, 9, False, ages_max=0)[:4], cfg, _gens([1, 2, 3]), 0)
+    with pytest.raises(ValueError, match="one per batch row"):
+        mutate_svd(state[1][0][:, 0], state[1][1][:, 0], 0.1, 0.1, _gens([1]))

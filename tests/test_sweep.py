@@ -74,6 +74,35 @@ def test_kill_and_resume_computes_nothing_twice_and_matches_uninterrupted(tmp_pa
     assert list(disk["regime"]) == list(fresh.summary["regime"])
 
 
+def test_lifecycle_kill_resume_with_more_seeds_matches_uninterrupted(tmp_path):
+    """With `--lifecycle`, a sweep killed after two points and resumed with more seeds (so points 0
+    and 1 compute seeds 1 and 3 as their own batch) equals an uninterrupted run: each seed's
+    lifecycle noise comes from its own generator, not from the batch it happens to share."""
+    import dataclasses
+
+    life = dataclasses.replace(SOLVER, lifecycle=True)
+    dying = Counter(die_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        grid.run_sweep(_cfg(solver=life, seeds=(0, 2)), tmp_path / "a", evaluate=dying, figures=False)
+    assert dying.calls == 2 and len(dying.seeds) == 4
+    resumed = Counter()
+    out = grid.run_sweep(_cfg(solver=life), tmp_path / "a", evaluate=resumed, figures=False)
+    assert resumed.calls == 3 and out.computed == 8 and out.reused == 4
+    assert not set(resumed.seeds) & set(dying.seeds)
+    assert sorted(s for a, s in resumed.seeds if a == dying.seeds[0][0]) == [1, 3]
+    fresh = grid.run_sweep(_cfg(solver=life), tmp_path / "b", figures=False)
+    cols = [c for c in fresh.results.columns if c != "wall_s"]
+    pd.testing.assert_frame_equal(out.results[cols], fresh.results[cols], rtol=1e-12)
+    pd.testing.assert_frame_equal(_strip(out.summary), _strip(fresh.summary), rtol=1e-9)
+    man = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert man["config"]["solver"]["lifecycle"] is True
+    # the lifecycle changes the evo arm (else this test would not exercise it)
+    plain = grid.run_sweep(_cfg(points=1, alignment=(0.0, 0.0)), tmp_path / "c", figures=False).results
+    with_life = fresh.results[fresh.results["alignment"] == 0.0].reset_index(drop=True)
+    evo = lambda df: df.loc[df.arm == "evo", "final_loss"].to_numpy()  # noqa: E731
+    assert (abs(evo(plain) - evo(with_life)) > 1e-6).any()
+
+
 def test_more_seeds_and_subset_points_reuse_ledger(tmp_path):
     first = Counter()
     grid.run_sweep(_cfg(seeds=(0, 1), alignment=(0.0, 1.0), points=2), tmp_path, evaluate=first, figures=False)
