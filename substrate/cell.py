@@ -45,6 +45,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from sandbox.adapters import AdapterBank
 from sandbox.cells import Cell, parse_cell
 from sandbox.errors import BadInput, require
 from sandbox.lifecycle import (LifecycleConfig, Population, event_rows, fitness, lifecycle_step, loo_gates,
@@ -314,7 +315,7 @@ def build_state(cfg: CellConfig, sub: Substrate) -> RunState:
     params = freeze_base(model)
     router = Router(cfg.router_config(mcfg.d_model), generator=g).to(cfg.device)
     opt = torch.optim.Adam(params + list(router.parameters()), lr=cfg.lr)
-    return RunState(model, router, opt, Population.founders((), cfg.slots, device=cfg.device), assignment)
+    return RunState(model, router, opt, Population.founders((), cfg.slots), assignment)   # population on CPU
 
 
 def checkpoint(cfg: CellConfig, st: RunState) -> dict:
@@ -322,8 +323,7 @@ def checkpoint(cfg: CellConfig, st: RunState) -> dict:
             "banks": {n: (b.A.detach().cpu(), b.B.detach().cpu()) for n, b in st.model.banks().items()},
             "router": {k: v.detach().cpu() for k, v in st.router.state_dict().items()},
             "opt": st.opt.state_dict(), "assignment": st.assignment,
-            "pop": {k: (v.cpu() if torch.is_tensor(v) else v)
-                    for k, v in ((k, getattr(st.pop, k)) for k in ("ids", "ages", "parents", "next_id", "step"))},
+            "pop": {k: getattr(st.pop, k) for k in ("ids", "ages", "parents", "next_id", "step")},
             "tables": {k: getattr(st, k) for k in ("curves", "gates", "events", "fitness", "train_loss")},
             "torch_rng": torch.get_rng_state()}
 
@@ -332,8 +332,7 @@ def restore(st: RunState, ck: dict) -> None:
     load_banks(st.model, ck["banks"])
     st.router.load_state_dict(ck["router"])
     st.opt.load_state_dict(ck["opt"])
-    dev = st.router.W.device
-    st.pop = Population(**{k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in ck["pop"].items()})
+    st.pop = Population(**ck["pop"])
     st.assignment = ck["assignment"]
     st.step, st.wall_s, st.diverged_step = ck["step"], ck["wall_s"], ck["diverged_step"]
     for k, v in ck["tables"].items():
@@ -404,19 +403,23 @@ def fitness_event(cfg: CellConfig, st: RunState, corpus: Corpus) -> None:
     """Measure fitness (every cell) and, with L, run one lifecycle step; log both."""
     lcfg = cfg.lifecycle_config()
     loo, full, hbar = loo_losses(cfg, st, corpus, st.step)
-    fit = fitness(loo, full, lcfg.scope, lcfg.per_domain_agg)                   # (K,), on CPU
+    fit = fitness(loo, full, lcfg.scope, lcfg.per_domain_agg)                   # (K,) on CPU
     ids = st.pop.ids.tolist()
     for k in range(cfg.slots):
         st.fitness.append({"step": st.step, "slot": k, "slot_id": ids[k], "scope": lcfg.scope,
                            "fitness": float(fit[k]), "fitness_global": float((loo[k] - full).mean())})
     if not cfg.factors.lifecycle:
         return
+    # The lifecycle runs on CPU copies (its generator is a CPU generator; the tensors are small),
+    # then the new factors and router columns are copied back in place, so Adam keeps its Parameters.
     banks = st.model.banks()
-    rp = {k: v.detach() for k, v in st.router.params().items()}
-    dev = cfg.device
-    st.pop, _, rp, events = lifecycle_step(st.pop, banks, rp, fit.to(dev, torch.float64), lcfg,
+    cpu_banks = {n: AdapterBank.from_factors(b.A.detach().cpu(), b.B.detach().cpu(), b.alpha) for n, b in banks.items()}
+    rp = {k: v.detach().cpu() for k, v in st.router.params().items()}
+    st.pop, _, rp, events = lifecycle_step(st.pop, cpu_banks, rp, fit.to(torch.float64), lcfg,
                                            step_generator(cfg.seed, st.step, _LIFE), st.step,
-                                           domain_losses=full.to(dev), domain_features=hbar.to(dev))
+                                           domain_losses=full, domain_features=hbar)
+    for n, b in banks.items():
+        b.set_factors(cpu_banks[n].A, cpu_banks[n].B)
     st.router.load_params(rp)
     mask = reset_mask(events, (), cfg.slots).to(cfg.device)                    # (K,)
     for b in banks.values():
@@ -485,7 +488,7 @@ def run_cell(cfg: CellConfig, out: str | Path, cache_dir: str | Path = "runs/cac
             return CellResult(out, True, m["steps"], m)
         raise BadInput("--out", str(out), "an empty folder or one holding a run of the same config (this one "
                        "holds a finished run with a different config)")
-    ck = torch.load(ck_path, map_location=cfg.device, weights_only=False) if ck_path.exists() else None
+    ck = torch.load(ck_path, map_location="cpu", weights_only=False) if ck_path.exists() else None
     if ck is not None and ck["config"] != cfg.identity():
         raise BadInput("--out", str(out), "an empty folder or one holding a run of the same config (its "
                        "checkpoint has a different config)")
