@@ -177,6 +177,6 @@ def test_cpu_defaults_are_said_plainly():
     cfg = cell_template("L+R", 42, kw, said.append)
     assert (cfg.preset, cfg.steps, cfg.cell, cfg.device) == ("small", 200, "R+L", "cpu")
     assert said == ["no CUDA: running preset small for 200 steps instead of widened-1536 x 25000"]
-    assert (cfg.interval, cfg.min_age, cfg.eval_every) == (40, 80, 20)
+    assert (cfg.interval, cfg.min_age, cfg.eval_every) == (40, 80, 40)
     assert schedule(25_000, None, None, None, None) == {"interval": 250, "min_age": 500, "eval_every": 1000,
                                                        "checkpoint_every": 1000}

@@ -26,7 +26,7 @@ O = dict(
     device=typer.Option("auto", "--device", help="auto, cpu or cuda."),
     batch=typer.Option(8, "--batch", help="Training windows per step."),
     lr=typer.Option(3e-3, "--lr", help="Peak Adam learning rate."),
-    eval_every=typer.Option(None, "--eval-every", help="Steps between held-out evaluations (default steps/10, at most 1000)."),
+    eval_every=typer.Option(None, "--eval-every", help="Steps between held-out evaluations (default steps/5, at most 1000)."),
     checkpoint_every=typer.Option(None, "--checkpoint-every", help="Steps between checkpoints (default = --eval-every)."),
     interval=typer.Option(None, "--interval", help="Steps between lifecycle events / fitness measurements (default steps/5, at most 250)."),
     n_die=typer.Option(1, "--n-die", help="Slots that die per lifecycle event."),
@@ -69,9 +69,9 @@ def resolve_device(device: str) -> str:
 
 def schedule(steps: int, interval: int | None, min_age: int | None, eval_every: int | None,
              checkpoint_every: int | None) -> dict:
-    """Step-scaled defaults: interval steps/5 (<= 250), min age 2 x interval (<= 500), eval steps/10 (<= 1000)."""
+    """Step-scaled defaults: interval steps/5 (<= 250), min age 2 x interval (<= 500), eval steps/5 (<= 1000)."""
     iv = interval if interval is not None else min(250, max(5, steps // 5))
-    ev = eval_every if eval_every is not None else min(1000, max(1, steps // 10))
+    ev = eval_every if eval_every is not None else min(1000, max(1, steps // 5))
     return {"interval": iv, "min_age": min_age if min_age is not None else min(500, 2 * iv), "eval_every": ev,
             "checkpoint_every": checkpoint_every if checkpoint_every is not None else ev}
 
