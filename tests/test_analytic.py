@@ -10,13 +10,6 @@ from sandbox.errors import BadInput
 from sandbox.router import router_gates
 from sandbox.tasks import TaskSpec, make_task
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one torch thread is fastest and fair to a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 SPEC = TaskSpec(domains=3, slots=5, dim=10, rank=3, true_rank=2, context_dim=6, alignment=0.6)

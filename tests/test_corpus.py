@@ -14,14 +14,6 @@ from substrate.corpus import (Corpus, CorpusConfig, build_language, describe_cor
 SMALL = CorpusConfig(domains=3, vocab=48, clusters=6, dim=8, true_rank=2, seq_len=16, train_windows=40,
                      heldout_windows=8, seed=5)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared 2-core box OpenMP spinning makes them
-    tens of times slower; run this module single-threaded and restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 

@@ -15,14 +15,6 @@ from substrate.model import (PRESETS, GPT, build_model, count_params, describe_p
 
 CFG = preset("tiny", slots=6, rank=4)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared 2-core box OpenMP spinning makes them
-    tens of times slower; run this module single-threaded and restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 

@@ -18,14 +18,6 @@ CFG = preset("tiny", seq_len=32, slots=6, rank=4)
 CORPUS_CFG = CorpusConfig(domains=3, vocab=CFG.vocab, clusters=8, dim=16, true_rank=2, seq_len=32,
                           train_windows=96, heldout_windows=24, seed=1)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared 2-core box OpenMP spinning makes them
-    tens of times slower; run this module single-threaded and restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 

@@ -18,15 +18,6 @@ SMALL = ["--domains", "2", "--slots", "3", "--dim", "6", "--rank", "2", "--true-
          "--steps", "20", "--interval", "5", "--population", "4", "--plasticity", "0"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one torch thread is fastest (as `sandbox sweep --threads 1`)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _cfg(**kw):
