@@ -65,7 +65,7 @@ _BATCH, _FIT, _LIFE, _INIT, _PERTURB = 1, 2, 3, 4, 5
 SUBSTRATE: dict[str, dict] = {
     "tiny": dict(context=32, clusters=16, train_windows=128, heldout_windows=16, pretrain_steps=60,
                  pretrain_batch=16, specialist_steps=30),
-    "small": dict(context=64, clusters=64, train_windows=384, heldout_windows=32, pretrain_steps=1200,
+    "small": dict(context=64, clusters=64, train_windows=4096, heldout_windows=32, pretrain_steps=1200,
                   pretrain_batch=16, specialist_steps=80),
     "widened-1536": dict(context=512, clusters=256, train_windows=4096, heldout_windows=128, pretrain_steps=3000,
                          pretrain_batch=32, specialist_steps=500),
