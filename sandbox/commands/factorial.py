@@ -28,11 +28,14 @@ def factorial(
     anneal_steps: Optional[int] = O["anneal_steps"], pooling: str = O["pooling"], perturb_base: float = O["perturb_base"],
     slots: int = O["slots"], rank: int = O["rank"], context: Optional[int] = O["context"],
     pretrain_steps: Optional[int] = O["pretrain_steps"], eval_windows: Optional[int] = O["eval_windows"],
-    cache: str = O["cache"],
+    cache: str = O["cache"], threads: Optional[int] = O["threads"],
     no_figures: bool = typer.Option(False, "--no-figures", help="Skip drawing figures (tables only)."),
 ) -> None:
     """Run the factorial of cells x seeds and attribute the effect (probes: --inherit-alpha 0, --perturb-base S)."""
     kw = {k: v for k, v in locals().items() if k in KNOBS}
+    from sandbox.commands.full import apply_threads
+
+    apply_threads(threads)
     import sys
     from pathlib import Path
 

@@ -50,9 +50,25 @@ O = dict(
     pretrain_steps=typer.Option(None, "--pretrain-steps", help="Base pretraining steps (default per preset; cached)."),
     eval_windows=typer.Option(None, "--eval-windows", help="Held-out windows per domain per evaluation (default all)."),
     cache=typer.Option("runs/cache", "--cache", help="Cache folder for corpora, pretrained bases and specialists."),
+    threads=typer.Option(None, "--threads", help="torch CPU threads (default: 1 on machines with <= 2 cores, else torch's default)."),
 )
-#: The options that become `CellConfig` fields (all of `O` except the cache folder).
-KNOBS = tuple(k for k in O if k != "cache")
+#: The options that become `CellConfig` fields (all of `O` except the execution settings).
+KNOBS = tuple(k for k in O if k not in ("cache", "threads"))
+
+
+def apply_threads(threads: int | None) -> None:
+    """Set torch's CPU threads. On <= 2 shared cores two threads made the `small` adaptation step up to
+    7x slower (BENCHMARKS.md), so the default there is one; elsewhere torch's own default stays."""
+    import os
+
+    import torch
+
+    from sandbox.options import check_int
+
+    if threads is not None:
+        torch.set_num_threads(check_int(threads, "--threads", 1, 256))
+    elif (os.cpu_count() or 1) <= 2:
+        torch.set_num_threads(1)
 
 
 def resolve_device(device: str) -> str:
@@ -125,10 +141,11 @@ def full(
     anneal_steps: Optional[int] = O["anneal_steps"], pooling: str = O["pooling"], perturb_base: float = O["perturb_base"],
     slots: int = O["slots"], rank: int = O["rank"], context: Optional[int] = O["context"],
     pretrain_steps: Optional[int] = O["pretrain_steps"], eval_windows: Optional[int] = O["eval_windows"],
-    cache: str = O["cache"],
+    cache: str = O["cache"], threads: Optional[int] = O["threads"],
 ) -> None:
     """Run one factorial cell (R: sigmoid router on hidden states; E: per-domain fitness; L: lifecycle)."""
     kw = {k: v for k, v in locals().items() if k in KNOBS}
+    apply_threads(threads)
     from dataclasses import replace
 
     from rich.console import Console
