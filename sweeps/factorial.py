@@ -26,7 +26,7 @@ direct full-vs-B3 contrast), the concatenated per-trial tables (``curves.csv``, 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -37,80 +37,13 @@ from sandbox.errors import BadInput, require
 from sandbox.options import DEFAULT_SEEDS
 from sandbox.results import RunDir, atomic_write_csv, config_hash, to_jsonable
 from substrate.cell import CellConfig, prepare_substrate, run_cell
+from sweeps.ledger import TrialLedger
 
 STUDY = "factorial"
 #: Columns of cells.csv that come straight from a run's metrics.json.
 METRIC_COLUMNS = ("balanced_log_ppl", "diverged", "diverged_step", "balanced_gap_to_floor", "initial_balanced_log_ppl",
                   "base_balanced_log_ppl", "steps", "tokens", "wall_s", "tokens_per_s", "lifecycle_events", "router",
                   "features", "scope")
-
-
-# ---------------------------------------------------------------------------------------------
-# The ledger (generic: any key -> result dict)
-# ---------------------------------------------------------------------------------------------
-
-
-class TrialLedger:
-    """Results by key in an Optuna study; a finished key is never computed twice.
-
-    Args:
-        storage: an Optuna storage URL, or a path used as an Optuna journal file.
-        study: the study name.
-    """
-
-    def __init__(self, storage: str | Path, study: str = STUDY):
-        import optuna
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        s = str(storage)
-        if "://" in s:
-            backend = s
-        else:
-            Path(s).parent.mkdir(parents=True, exist_ok=True)
-            backend = JournalStorage(JournalFileBackend(s))
-        self._optuna = optuna
-        self.study = optuna.create_study(storage=backend, study_name=study, load_if_exists=True)
-
-    def _trials(self, key: str, state) -> list:
-        return [t for t in self.study.get_trials(deepcopy=False, states=(state,)) if t.user_attrs.get("key") == key]
-
-    def results(self) -> dict[str, dict]:
-        """Every finished key -> its stored result (the latest if a key was somehow stored twice)."""
-        done = self.study.get_trials(deepcopy=False, states=(self._optuna.trial.TrialState.COMPLETE,))
-        return {t.user_attrs["key"]: t.user_attrs["result"] for t in done if "key" in t.user_attrs}
-
-    def get(self, key: str) -> dict | None:
-        done = self._trials(key, self._optuna.trial.TrialState.COMPLETE)
-        return done[-1].user_attrs["result"] if done else None
-
-    def run(self, key: str, fn: Callable[[], dict], value: str, attrs: dict | None = None) -> tuple[dict, bool]:
-        """The result of `key`: the stored one, or ``fn()`` recorded as a new COMPLETE trial.
-
-        ``result[value]`` is the trial's objective (``+inf`` when it is not finite). Returns
-        ``(result, computed)``. A trial left RUNNING for `key` by a killed process is marked FAIL
-        first; an exception in `fn` marks the new trial FAIL and propagates.
-        """
-        TS = self._optuna.trial.TrialState
-        old = self.get(key)
-        if old is not None:
-            return old, False
-        for stale in self._trials(key, TS.RUNNING):
-            self.study.tell(stale.number, state=TS.FAIL)
-        trial = self.study.ask()
-        trial.set_user_attr("key", key)
-        for k, v in (attrs or {}).items():
-            trial.set_user_attr(k, to_jsonable(v))
-        try:
-            result = to_jsonable(fn())
-        except BaseException:
-            self.study.tell(trial, state=TS.FAIL)
-            raise
-        trial.set_user_attr("result", result)
-        v = result.get(value)
-        self.study.tell(trial, float(v) if isinstance(v, (int, float)) and math.isfinite(v) else math.inf)
-        return result, True
 
 
 # ---------------------------------------------------------------------------------------------
