@@ -146,7 +146,7 @@ def build_report(run_dir: str | Path, recompute: bool = False, study: bool = Fal
     Raises:
         BadInput: `run_dir` is not a folder, holds none of the known tables, or a table is malformed.
     """
-    from figures import attribution, curves, gates, lineage, regime
+    from figures import attribution, curves, gates, lineage
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

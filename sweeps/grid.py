@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from sandbox.analytic import SandboxConfig
-from sandbox.errors import BadInput, require
+from sandbox.errors import require
 from sandbox.options import Range
 from sandbox.results import config_hash
 from sandbox.tasks import TaskSpec
