@@ -120,23 +120,16 @@ def temperature(cfg: RouterConfig, step: int | float | Tensor) -> float | Tensor
     A float step gives a float, a tensor of steps a tensor of the same shape.
     """
     s, e = cfg.tau_start, cfg.tau_end
-    if isinstance(step, Tensor):
-        p = (step.to(torch.float64) / cfg.anneal_steps).clamp(0, 1) if cfg.anneal_steps else torch.ones_like(step, dtype=torch.float64)
-        if cfg.schedule == "linear":
-            tau = s + (e - s) * p
-        elif cfg.schedule == "cosine":
-            tau = e + (s - e) * 0.5 * (1 + torch.cos(math.pi * p))
-        else:
-            tau = s * (e / s) ** p
-        return tau.clamp(cfg.tau_min, cfg.tau_max)
-    p = min(max(float(step) / cfg.anneal_steps, 0.0), 1.0) if cfg.anneal_steps else 1.0
+    t = torch.as_tensor(step, dtype=torch.float64)  # one code path for float and tensor steps
+    p = (t / cfg.anneal_steps).clamp(0, 1) if cfg.anneal_steps else torch.ones_like(t)
     if cfg.schedule == "linear":
         tau = s + (e - s) * p
     elif cfg.schedule == "cosine":
-        tau = e + (s - e) * 0.5 * (1 + math.cos(math.pi * p))
+        tau = e + (s - e) * 0.5 * (1 + torch.cos(math.pi * p))
     else:
         tau = s * (e / s) ** p
-    return min(max(tau, cfg.tau_min), cfg.tau_max)
+    tau = tau.clamp(cfg.tau_min, cfg.tau_max)
+    return tau if isinstance(step, Tensor) else float(tau)
 
 
 def floors(cfg: RouterConfig, params: dict[str, Tensor]) -> Tensor:
