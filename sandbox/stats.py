@@ -199,15 +199,23 @@ def _describe(delta: np.ndarray, n_diverged: int, eps: float, alpha: float, n_bo
         return Paired(mean=mean, sd=0.0, se=0.0, t=t, df=df, p=0.0 if mean != 0 else 1.0,
                       ci_low=mean, ci_high=mean, d_z=t, boot_low=mean, boot_high=mean,
                       p_tost=0.0 if abs(mean) < eps else 1.0, **common)
-    sd = float(delta.std(ddof=1))
-    se = sd / math.sqrt(n)
-    t = mean / se
+    # Ratios (t, d_z, the TOST statistics) are computed on deltas divided by their largest
+    # magnitude: squares of deltas near 1e-160 underflow to 0 and would divide by a zero
+    # standard error although the spread is real (e.g. deltas [0, 4.9e-230]).
+    unit = float(np.abs(delta).max())
+    u = delta / unit                                                   # (n,) in [-1, 1]
+    u_mean = float(u.mean())
+    u_sd = float(u.std(ddof=1))
+    u_se = u_sd / math.sqrt(n)
+    sd, se = u_sd * unit, u_se * unit
+    t = u_mean / u_se
     half = float(stats.t.isf(alpha / 2, df)) * se
-    p_low = float(stats.t.sf((mean + eps) / se, df))   # H0: mean <= -eps
-    p_upp = float(stats.t.cdf((mean - eps) / se, df))  # H0: mean >= +eps
+    e_u = eps / unit                                                   # may be inf: sf/cdf handle it
+    p_low = float(stats.t.sf((u_mean + e_u) / u_se, df))   # H0: mean <= -eps
+    p_upp = float(stats.t.cdf((u_mean - e_u) / u_se, df))  # H0: mean >= +eps
     boot_low, boot_high = bootstrap_ci(delta, alpha, n_boot, seed)
     return Paired(mean=mean, sd=sd, se=se, t=t, df=df, p=float(t_to_p(t, df)), ci_low=mean - half,
-                  ci_high=mean + half, d_z=mean / sd, boot_low=boot_low, boot_high=boot_high,
+                  ci_high=mean + half, d_z=u_mean / u_sd, boot_low=boot_low, boot_high=boot_high,
                   p_tost=max(p_low, p_upp), **common)
 
 

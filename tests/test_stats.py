@@ -84,6 +84,24 @@ def test_paired_tost_hypothesis(deltas, alpha, eps):
     assert (pr.p_tost < alpha) == (-eps < pr.mean - half and pr.mean + half < eps)
 
 
+@pytest.mark.parametrize("deltas", [
+    [0.0, 4.885e-230],            # found by hypothesis: the squared spread underflows to 0
+    [0.0, 5e-324],                # the smallest subnormal
+    [1e-200, -1e-200, 3e-200],
+    [2e-160, 2.5e-160, 1e-160, 4e-160],
+])
+def test_paired_tiny_deltas_never_divide_by_zero(deltas):
+    d = np.asarray(deltas)
+    pr = paired(d, np.zeros(d.size), eps=1.0, n_boot=50)
+    assert math.isfinite(pr.t) and math.isfinite(pr.d_z) and 0 <= pr.p <= 1 and 0 <= pr.p_tost <= 1
+    # every ratio is scale-free: the same deltas times 1e200 (or the smallest case rescaled) agree
+    unit = d / np.abs(d).max()
+    big = paired(unit, np.zeros(d.size), eps=1e300, n_boot=50)
+    assert pr.t == pytest.approx(big.t, rel=1e-12) and pr.d_z == pytest.approx(big.d_z, rel=1e-12)
+    assert pr.t == pytest.approx(sps.ttest_1samp(unit, 0).statistic, rel=1e-12)
+    assert pr.p_tost < 0.05  # all of them lie far inside the margin
+
+
 def test_t_to_p_reproduces_the_study_n3():
     # n = 3 seeds, df = 2: router, full-vs-B3 and lifecycle as reported (rounded as reported)
     assert round(float(t_to_p(12.86, 2)), 3) == 0.006
