@@ -12,7 +12,13 @@ Heatmap encoding (`plot_heatmap`):
   where the map changes sign (an exactly-zero plateau has no boundary to show) (scattered
   points, as from a boundary search, are coloured and contoured on their Delaunay triangulation);
 - dashed lines: the +-eps contours (the equivalence margin fixed before the sweep);
-- one marker per point by regime class (`figures.style.REGIME_STYLE`; inconclusive hollow).
+- one marker per point by label (`figures.style.REGIME_STYLE`; inconclusive and no-room hollow,
+  inert a grey cross), and inert cells hatched: the search never acted there, so their colour
+  (exactly 0) is no finding.
+
+Curve encoding (`plot_curve`): the headline delta (evo vs grad) with its CI band, the restart
+control (restart vs grad) dashed with its band, and the room (oracle vs grad, the ceiling of any
+routing search) as a shaded area from 0 to its mean, plus a strip of the delta's labels.
 
 The returned figure carries ``fig.encoding`` with the artists (``mesh``, ``zero_contour``,
 ``eps_contour``, ``markers`` per regime) and the values they encode (``clim``, ``zero_level``).
@@ -24,6 +30,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
 from matplotlib.tri import Triangulation
 
 from figures.style import (DELTA_LABEL, DIVERGING_CMAP, OKABE_ITO, REGIME_STYLE, REGIMES, attach,
@@ -33,6 +40,9 @@ from figures.style import (DELTA_LABEL, DIVERGING_CMAP, OKABE_ITO, REGIME_STYLE,
 SUMMARY_STAT_COLUMNS: tuple[str, ...] = (
     "point", "n", "n_diverged", "mean_delta", "se", "ci_low", "ci_high", "t", "df", "p", "p_holm",
     "d_z", "boot_low", "boot_high", "p_tost", "eps", "regime", "reason", "seeds_needed",
+    "delta_restart", "restart_ci_low", "restart_ci_high", "restart_p_holm", "restart_regime",
+    "room", "room_ci_low", "room_ci_high", "room_p_holm", "room_regime", "accepted", "accepted_seeds",
+    "lifecycle_events",
 )
 
 
@@ -63,8 +73,8 @@ def collect_heatmap(summary: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
 
     Raises ValueError when two rows share one (x, y) (a third axis varies: split the table first).
     """
-    cols = [x, y] + [c for c in ("mean_delta", "ci_low", "ci_high", "regime", "eps", "n", "p_holm")
-                     if c in summary.columns]
+    cols = [x, y] + [c for c in ("mean_delta", "ci_low", "ci_high", "regime", "eps", "n", "p_holm", "room",
+                                 "accepted") if c in summary.columns]
     df = summary[cols].copy()
     if df.duplicated([x, y]).any():
         raise ValueError(f"summary has several rows per ({x}, {y}); split it by its other axes first")
@@ -99,9 +109,10 @@ def _regime_markers(ax, df: pd.DataFrame, x: str, y: str, size: float = 70) -> d
     for regime in REGIMES:
         sub = df[df["regime"] == regime]
         st = REGIME_STYLE[regime]
+        hollow = st["facecolor"] == "none"
         handles[regime] = ax.scatter(
             sub[x].to_numpy(float), sub[y].to_numpy(float), s=size, marker=st["marker"],
-            facecolors=st["facecolor"], edgecolors=st["edgecolor"], linewidths=1.6 if regime == "inconclusive" else 0.9,
+            facecolors=st["facecolor"], edgecolors=st["edgecolor"], linewidths=1.6 if hollow else 0.9,
             zorder=4, label=f"{st['label']} ({len(sub)})")
     return handles
 
@@ -157,6 +168,13 @@ def plot_heatmap(df: pd.DataFrame, x: str | None = None, y: str | None = None,
         if zero is not None and not crosses:
             # No sign change: the only "0 contour" would be the rim of an exactly-zero plateau.
             zero.set_visible(False)
+        inert = df[df["regime"] == "inert"]
+        if len(inert) and filled >= 0.5:
+            ex, ey = _edges(xs), _edges(ys)
+            for xv, yv in zip(inert[x].to_numpy(float), inert[y].to_numpy(float)):
+                i, j = int(np.searchsorted(xs, xv)), int(np.searchsorted(ys, yv))
+                ax.add_patch(Rectangle((ex[i], ey[j]), ex[i + 1] - ex[i], ey[j + 1] - ey[j], facecolor="0.92",
+                                       edgecolor="0.6", hatch="///", lw=0, zorder=2))
         markers = _regime_markers(ax, df, x, y)
         cbar = fig.colorbar(mesh, ax=ax, shrink=0.9, pad=0.02)
         cbar.set_label(DELTA_LABEL)
@@ -169,10 +187,11 @@ def plot_heatmap(df: pd.DataFrame, x: str | None = None, y: str | None = None,
         ax.grid(False)
         ax.set_title(title or "Where evolutionary routing search beats, ties with or degrades gradient\n"
                      + _title_bits(df, eps), fontsize=11.5)
-        lines = [Line2D([], [], color=OKABE_ITO["black"], lw=2.2, label="delta = 0")]
+        lines = [Line2D([], [], color=OKABE_ITO["black"], lw=2.2, label="delta = 0")] if crosses and zero else []
         if eps_cs is not None:
             lines.append(Line2D([], [], color="0.2", lw=1.3, ls="--", label=f"delta = ±eps (±{eps:g})"))
-        fig.legend(handles=list(markers.values()) + lines, loc="outside lower center", ncols=3,
+        shown = [h for r, h in markers.items() if len(df[df["regime"] == r])]
+        fig.legend(handles=shown + lines, loc="outside lower center", ncols=3,
                    frameon=False, handletextpad=0.4, columnspacing=1.2)
     return attach(fig, kind="regime_heatmap", mesh=mesh, zero_contour=zero, eps_contour=eps_cs, sign_change=crosses,
                   markers=markers, colorbar=cbar, clim=(vmin, vmax), zero_level=0.0, eps=eps, x=x, y=y)
@@ -181,7 +200,9 @@ def plot_heatmap(df: pd.DataFrame, x: str | None = None, y: str | None = None,
 def collect_curve(summary: pd.DataFrame, x: str = "alignment") -> pd.DataFrame:
     """Points of a one-axis sweep sorted by `x`: ``x, mean_delta, ci_low, ci_high, regime, eps, n``."""
     cols = [x] + [c for c in ("point", "mean_delta", "ci_low", "ci_high", "regime", "eps", "n",
-                              "n_diverged", "p_holm", "seeds_needed") if c in summary.columns]
+                              "n_diverged", "p_holm", "seeds_needed", "delta_restart", "restart_ci_low",
+                              "restart_ci_high", "room", "room_ci_low", "room_ci_high", "accepted")
+                  if c in summary.columns]
     df = summary[cols].sort_values(x).reset_index(drop=True)
     if df[x].duplicated().any():
         raise ValueError(f"summary has several rows per {x}; split it by its other axes first")
@@ -227,10 +248,22 @@ def plot_curve(df: pd.DataFrame, x: str | None = None, eps: float | None = None,
         if seeds is not None and len(seeds):
             top.scatter(seeds[x].to_numpy(float), seeds["delta"].to_numpy(float), s=10, color="0.45",
                         alpha=0.6, zorder=2, label="per-seed delta")
+        room = restart = None
+        if "room" in df and df["room"].notna().any():
+            rv = df["room"].to_numpy(float)
+            room = top.fill_between(xv, 0, rv, color=OKABE_ITO["purple"], alpha=0.16, lw=0, zorder=1,
+                                    label="room: oracle ceiling vs grad (mean)")
+            top.plot(xv, rv, color=OKABE_ITO["purple"], lw=1.2, zorder=2)
+        if "delta_restart" in df and df["delta_restart"].notna().any():
+            top.fill_between(xv, df["restart_ci_low"].to_numpy(float), df["restart_ci_high"].to_numpy(float),
+                             color=OKABE_ITO["orange"], alpha=0.18, lw=0, zorder=2)
+            (restart,) = top.plot(xv, df["delta_restart"].to_numpy(float), color=OKABE_ITO["orange"], lw=1.8,
+                                  ls="--", marker="s", ms=3.5, zorder=3,
+                                  label="delta_restart: optimiser restart only (control), 95% CI")
         (line,) = top.plot(xv, df["mean_delta"].to_numpy(float), color=OKABE_ITO["blue"], lw=2.0,
-                           marker="o", ms=4, zorder=3, label="mean delta")
+                           marker="o", ms=4, zorder=3, label="delta: evo search vs grad")
         top.set_ylabel(DELTA_LABEL)
-        top.legend(loc="best", frameon=True, framealpha=0.9)
+        top.legend(loc="upper left", frameon=True, framealpha=0.9, fontsize=9)
         top.set_title(title or "Evolution vs gradient along " + x.replace("_", " ") + "\n"
                       + _title_bits(df, eps), fontsize=11.5)
         # Regime strip: one coloured marker per point, on one row beneath the curve.
@@ -248,4 +281,5 @@ def plot_curve(df: pd.DataFrame, x: str | None = None, eps: float | None = None,
         present = [h for r, h in markers.items() if len(df[df["regime"] == r])]
         strip.legend(handles=present, loc="upper center", bbox_to_anchor=(0.5, -0.9), ncols=4,
                      frameon=False, handletextpad=0.3, columnspacing=1.0)
-    return attach(fig, kind="regime_curve", line=line, ci_band=ci, eps_band=band, markers=markers, eps=eps, x=x)
+    return attach(fig, kind="regime_curve", line=line, ci_band=ci, eps_band=band, markers=markers, eps=eps, x=x,
+                  room=room, restart=restart)

@@ -196,7 +196,8 @@ def _derive(tables: dict, run_dir: Path, manifest: dict, recompute: bool, report
             res = tables["results.csv"]
             axes = [a for a in (manifest.get("axes") or []) if a in res.columns] or \
                 [c for c in res.columns if c not in RESULTS_NON_AXIS]
-            summary = stats.summarize(res, by=["point", *axes], **kw)
+            summarise = getattr(stats, "decompose", stats.summarize)   # decomposed where the arms allow
+            summary = summarise(res, by=["point", *axes], **kw)
             atomic_write_csv(run_dir / "summary.csv", summary)
             tables["summary.csv"] = pd.read_csv(run_dir / "summary.csv")
             report.notes.append(f"summary.csv regenerated from results.csv ({', '.join(f'{k}={v:g}' for k, v in kw.items()) or 'default eps, alpha'})")
@@ -256,6 +257,14 @@ def _printables(tables: dict, manifest: dict, report: Report) -> None:
         for c in ("p_holm", "p_tost", "regime", "seeds_needed"):
             if c in s:
                 t[c] = s[c]
+        if "delta_restart" in s and s["delta_restart"].notna().any():
+            t["delta_restart"] = s["delta_restart"]
+            t["restart CI"] = _ci(s["restart_ci_low"], s["restart_ci_high"])
+        if "room" in s and s["room"].notna().any():
+            t["room"] = s["room"]
+            t["room CI"] = _ci(s["room_ci_low"], s["room_ci_high"])
+        if "accepted" in s and s["accepted"].notna().any():
+            t["accepted"] = s["accepted"]
         report.tables["regime summary (delta = log loss(grad) - log loss(evo), > 0: evolution better)"] = t
     if "attribution.csv" in tables:
         a = tables["attribution.csv"]

@@ -46,15 +46,22 @@ CATEGORY_CYCLE: tuple[str, ...] = tuple(OKABE_ITO[k] for k in ("blue", "vermilli
 DIVERGING_CMAP = "RdBu"
 SEQUENTIAL_CMAP = "viridis"
 
-#: Regime classes in display order.
-REGIMES: tuple[str, ...] = ("beats", "ties", "degrades", "inconclusive")
+#: Regime labels in display order (the four regimes, then the labels that say what happened).
+REGIMES: tuple[str, ...] = ("beats", "beats<eps", "ties", "degrades<eps", "degrades", "inconclusive",
+                            "no-room", "inert")
 
-#: Marker, fill colour, edge colour and legend text per regime. Inconclusive is hollow.
+#: Marker, fill colour, edge colour and legend text per label. Inconclusive, inert and no-room are
+#: hollow (no finding), each with its own marker.
 REGIME_STYLE: dict[str, dict[str, Any]] = {
     "beats": dict(marker="^", facecolor=OKABE_ITO["blue"], edgecolor="white", label="beats (evo better)"),
+    "beats<eps": dict(marker="^", facecolor=OKABE_ITO["sky"], edgecolor="white", label="beats<eps (real, < eps)"),
     "ties": dict(marker="D", facecolor=OKABE_ITO["green"], edgecolor="white", label="ties (within ±eps)"),
+    "degrades<eps": dict(marker="v", facecolor=OKABE_ITO["orange"], edgecolor="white",
+                         label="degrades<eps (real, < eps)"),
     "degrades": dict(marker="v", facecolor=OKABE_ITO["vermillion"], edgecolor="white", label="degrades (evo worse)"),
     "inconclusive": dict(marker="o", facecolor="none", edgecolor=OKABE_ITO["black"], label="inconclusive"),
+    "no-room": dict(marker="s", facecolor="none", edgecolor=OKABE_ITO["purple"], label="no-room (ceiling < eps)"),
+    "inert": dict(marker="X", facecolor="0.55", edgecolor="white", label="inert (search never acted)"),
 }
 
 #: Axis labels (with units where the axis has one) for the sweep's regime axes.
@@ -64,7 +71,7 @@ AXIS_LABELS: dict[str, str] = {
     "plasticity": "adapter plasticity  (adapter lr = plasticity × router lr)",
     "overlap": "domain overlap  (shared share of each update)",
     "lr": "router learning rate  (Adam)",
-    "mutation_scale": "mutation scale  (units of each router tensor's scale)",
+    "mutation_scale": "mutation step  (initial ES step, logit units)",
     "loss_floor": "loss floor  (irreducible loss added)",
     "population": "evolution population P",
     "interval": "generation interval  (gradient steps)",

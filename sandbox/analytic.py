@@ -16,14 +16,27 @@ draws; the objective is the balanced (equal-weight) mean over domains; reported 
 separate evaluation draws (`eval_draws`), so a population search cannot overfit the draws it
 selected on. Everything runs in float64 (losses near 0 cancel in ``gGg - 2gc + e``).
 
-Arms, from the same task and the same initial weights per seed (common random numbers):
+Arms, from the same task and the same initial weights per seed (common random numbers); the
+events of evo, restart and oracle fall on the same schedule (every `interval` steps):
 * ``grad``: Adam on the router parameters, and on the adapter factors with learning rate
   ``lr * plasticity`` (0 freezes the adapters), for `steps` steps.
-* ``evo``: the same steps plus, every `interval` steps, one generation of evolutionary search on
-  the router parameters (`sandbox.evolution`; population P including the current parameters, so
-  the search objective never gets worse); Adam moments of the router are reset for the seeds whose
-  parameters were replaced. With `lifecycle` on, `sandbox.lifecycle.lifecycle_step` also runs on
-  the adapters at those events, with leave-one-out fitness computed in Gram form.
+* ``evo``: the same steps plus, at every event, one generation of evolutionary search on the
+  router parameters (`sandbox.evolution`, method `evo`; population P including the current
+  parameters, so the search objective never gets worse). The router's Adam state is kept when a
+  child is accepted (``reset_on_accept`` resets it for those seeds, the original behaviour). With
+  `lifecycle` on, `sandbox.lifecycle.lifecycle_step` also runs on the adapters at those events,
+  with leave-one-out fitness computed in Gram form.
+* ``restart`` (control): the grad steps with the router's Adam state reset at every event, no
+  search: what an optimiser restart alone does.
+* ``oracle`` (ceiling, not a method): the exact best gates per domain (`sandbox.oracle`: on the
+  simplex for softmax, in the box ``[0, 1]`` for sigmoid). With ``oracle="ceiling"`` (default) the
+  arm follows the grad arm's trajectory and its final loss uses the best gates for grad's final
+  adapters. Each domain's loss is a convex quadratic of the gates, so by Jensen the best constant
+  gates beat any router's gates averaged over the feature draws: ``room = log loss_grad -
+  log loss_oracle >= 0`` always, the most any routing could add to the gradient solution's
+  adapters. ``oracle="replace"`` instead replaces the routing by the best gates at every event and
+  trains the adapters under them: a stronger intervention, but not a ceiling (hard gates chosen
+  for half-trained adapters lock in; measured below the grad arm at a = 0).
 Loss evaluations are counted per arm (one per gradient step, P per generation, K + 1 per
 lifecycle fitness pass); ``budget="evals"`` gives the grad arm extra steps to match evo's count.
 A seed whose loss turns NaN/inf is marked diverged at that step and frozen; the others go on.
@@ -42,6 +55,7 @@ from torch import Tensor
 
 from sandbox import evolution as evo
 from sandbox import lifecycle as lc
+from sandbox import oracle as orc
 from sandbox.adapters import slot_gram
 from sandbox.errors import require
 from sandbox.router import RouterConfig, init_router_params, params_to_vector, router_gates, vector_to_params
@@ -49,7 +63,8 @@ from sandbox.tasks import Task, TaskSpec, initial_adapters, lowrank_inner, make_
 
 DTYPE = torch.float64
 BUDGETS = ("steps", "evals")
-ARMS = ("grad", "evo")
+ARMS = ("grad", "evo", "restart", "oracle")
+ORACLES = ("ceiling", "replace")
 _ROUTER_STREAM, _EVO_STREAM, _LIFECYCLE_STREAM = 3, 4, 5
 _EVAL_SALT = 1_000_003
 LOSS_FLOOR = 1e-12  # clamp before log: exact-fit losses cancel to ~1e-16 in float64
@@ -68,12 +83,19 @@ class SandboxConfig:
     default 0.1 follows the common MoE-LoRA practice of a faster router than adapters."""
     router: str = "softmax"
     """Router kind: softmax (B3 baseline) or sigmoid (the rewrite, floor + annealed temperature)."""
+    evo: str = "es"
+    """Routing search: es ((1+lambda)-ES, 1/5th rule), cma (CMA-ES via cmaes) or fixed (unadapted steps)."""
     population: int = 16
     """P: individuals per evolutionary generation (member 0 is the current router)."""
-    mutation_scale: float = 0.5
-    """Mutation step in units of each router tensor's scale."""
-    interval: int = 25
-    """Gradient steps between generations (and lifecycle events)."""
+    mutation_scale: float = 0.1
+    """Step size in logit units: the initial sigma of es / cma, the fixed step of fixed."""
+    interval: int = 10
+    """Gradient steps between generations (and restarts, oracle replacements, lifecycle events)."""
+    reset_on_accept: bool = False
+    """Reset the router's Adam state of a seed whose router the search replaced (off: kept)."""
+    oracle: str = "ceiling"
+    """Oracle arm: ceiling (best gates for the grad arm's final adapters, a true bound) or replace
+    (routing replaced by the best gates at every event, adapters trained under them)."""
     lifecycle: bool = False
     """Run the adapter lifecycle (death, inheritance, mutation, reallocation) in the evo arm."""
     scope: str = "per-domain"
@@ -98,6 +120,8 @@ class SandboxConfig:
         require(_num(self.plasticity) and 0 <= self.plasticity <= 100, "plasticity", self.plasticity, "a number in [0, 100]")
         require(self.router in ("softmax", "sigmoid"), "router", self.router, "softmax or sigmoid")
         require(isinstance(self.lifecycle, bool), "lifecycle", self.lifecycle, "true or false")
+        require(isinstance(self.reset_on_accept, bool), "reset_on_accept", self.reset_on_accept, "true or false")
+        require(self.oracle in ORACLES, "oracle", self.oracle, "ceiling or replace")
         require(self.budget in BUDGETS, "budget", self.budget, "steps or evals")
         require(self.scope in lc.SCOPES, "scope", self.scope, "per-domain or global")
         require(isinstance(self.draws, int) and 1 <= self.draws <= 4096, "draws", self.draws, "an integer in [1, 4096]")
@@ -105,7 +129,7 @@ class SandboxConfig:
                 "an integer in [1, 65536]")
         require(_pos(self.lora_alpha), "lora_alpha", self.lora_alpha, "a number > 0")
         require(_num(self.loss_floor) and 0 <= self.loss_floor <= 100, "loss_floor", self.loss_floor, "a number in [0, 100]")
-        self.evolution  # validates population, mutation_scale, interval
+        self.evolution  # validates evo, population, mutation_scale, interval
 
     @property
     def alpha(self) -> float:
@@ -118,7 +142,8 @@ class SandboxConfig:
 
     @property
     def evolution(self) -> evo.EvolutionConfig:
-        return evo.EvolutionConfig(self.population, self.mutation_scale, self.interval)
+        return evo.EvolutionConfig(population=self.population, mutation_scale=self.mutation_scale,
+                                   interval=self.interval, method=self.evo)
 
     @property
     def lifecycle_config(self) -> lc.LifecycleConfig:
@@ -239,8 +264,21 @@ class ArmResult:
     diverged: Tensor            # (S,) bool
     diverged_step: Tensor       # (S,) long, -1 if not diverged
     curve: Tensor               # (S, grad_steps) training objective per step
-    accepted: int = 0           # generations where some seed took a mutant
+    generations: int = 0        # events on the arm's schedule (searches, restarts, oracle replacements)
+    accepted: Tensor | None = None   # (S,) long: generations in which the search replaced the router
+    step_size: Tensor | None = None  # (S,) the search's final step size (es / cma), logit units
     events: list = field(default_factory=list)
+
+    def accepted_share(self) -> Tensor:
+        """(S,) share of generations in which the search changed the router (0 for non-search arms)."""
+        S = self.final_loss.shape[0]
+        if self.accepted is None or self.generations == 0:
+            return torch.zeros(S, dtype=DTYPE)
+        return self.accepted.to(DTYPE) / self.generations
+
+    def lifecycle_events(self, seeds: Sequence[int]) -> list[int]:
+        """Lifecycle events per seed, in the order of `seeds`."""
+        return [sum(1 for ev in self.events if ev["seed"] == s) for s in seeds]
 
 
 def evo_evaluations(spec: TaskSpec, cfg: SandboxConfig) -> int:
@@ -290,14 +328,14 @@ class _Adam:
 
 def solve(task: Task, spec: TaskSpec, cfg: SandboxConfig, arm: str, state: State | None = None) -> ArmResult:
     """Run one arm for every seed of `task` at once; see the module docstring."""
-    require(arm in ARMS, "arm", arm, "grad or evo")
+    require(arm in ARMS, "arm", arm, "one of " + ", ".join(ARMS))
     rcfg = router_config(spec, cfg)
     scale = cfg.scale(spec)
     st = (state or initial_state(task, spec, cfg)).clone()
     S = len(task.seeds)
-    is_evo = arm == "evo"
     steps = cfg.steps
-    if arm == "grad" and cfg.budget == "evals":
+    ceiling = arm == "oracle" and cfg.oracle == "ceiling"   # the grad trajectory, best gates at the end
+    if (arm == "grad" or ceiling) and cfg.budget == "evals":
         steps = evo_evaluations(spec, cfg)
     train_adapters = cfg.plasticity > 0
     draws = 1 if spec.context_noise == 0 else cfg.draws
@@ -313,12 +351,14 @@ def solve(task: Task, spec: TaskSpec, cfg: SandboxConfig, arm: str, state: State
         tensors.update(A=st.A, B=st.B)
         lrs.update(A=cfg.lr * cfg.plasticity, B=cfg.lr * cfg.plasticity)
     opt = _Adam(tensors, lrs, S)
-    gens = [stream(s, _EVO_STREAM) for s in task.seeds]
     ecfg = cfg.evolution
+    gens = [stream(s, _EVO_STREAM) for s in task.seeds]
+    search = evo.init_search(ecfg, S, rcfg.n_params, gens) if arm == "evo" else None
+    table = None            # oracle arm: (S, M, K) best gates per domain once the first event has run
     alive = torch.ones(S, dtype=torch.bool)
     div_step = torch.full((S,), -1, dtype=torch.long)
     curve = torch.full((S, steps), float("nan"), dtype=DTYPE)
-    evals, accepted, events = 0, 0, []
+    evals, n_events, events = 0, 0, []
     pop = lc.Population.founders((S,), spec.slots)
 
     for t in range(steps):
@@ -327,19 +367,30 @@ def solve(task: Task, spec: TaskSpec, cfg: SandboxConfig, arm: str, state: State
         params = {k: leaves[k] for k in st.params}
         A = leaves.get("A", tensors.get("A", st.A))
         B = leaves.get("B", tensors.get("B", st.B))
-        loss = domain_losses(rcfg, params, A, B, task, feats, t, scale, cfg.loss_floor).mean(-1)   # (S,)
+        if table is None:
+            loss = domain_losses(rcfg, params, A, B, task, feats, t, scale, cfg.loss_floor).mean(-1)   # (S,)
+        else:
+            loss = _table_losses(table, A, B, task, scale, cfg.loss_floor).mean(-1)                      # (S,)
         evals += 1
         bad = ~torch.isfinite(loss) & alive
         div_step[bad] = t
         alive &= ~bad
         curve[:, t] = loss.detach()
-        grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
-        grads = {k: torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for k, g in zip(leaves, grads)}
+        grads = torch.autograd.grad(loss.sum(), list(leaves.values()), allow_unused=True)
+        grads = {k: torch.zeros_like(leaves[k]) if g is None else torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+                 for k, g in zip(leaves, grads)}
         opt.step(tensors, grads, alive)
-        if is_evo and (t + 1) % ecfg.interval == 0 and t + 1 <= cfg.steps:
-            took = _generation(task, rcfg, tensors, st, feats, t + 1, scale, ecfg, gens, alive, cfg.loss_floor)
-            opt.reset(list(st.params), took)
-            accepted += int(took.any())
+        if arm == "grad" or ceiling or (t + 1) % ecfg.interval != 0 or t + 1 > cfg.steps:
+            continue
+        n_events += 1
+        if arm == "restart":
+            opt.reset(list(st.params), alive.clone())
+        elif arm == "oracle":
+            table = _oracle_table(rcfg, tensors, st, task, scale, table)
+        else:
+            took = _generation(task, rcfg, tensors, st, feats, t + 1, scale, ecfg, search, gens, alive, cfg.loss_floor)
+            if cfg.reset_on_accept:
+                opt.reset(list(st.params), took)
             evals += ecfg.population
             if cfg.lifecycle and t + 1 < steps:  # an event at the very end would leave no time to recover
                 pop, evs = _lifecycle(task, rcfg, cfg, tensors, st, pop, feats, t + 1, scale, opt)
@@ -349,28 +400,50 @@ def solve(task: Task, spec: TaskSpec, cfg: SandboxConfig, arm: str, state: State
     with torch.no_grad():
         params = {k: tensors[k] for k in st.params}
         A, B = tensors.get("A", st.A), tensors.get("B", st.B)
-        dom = domain_losses(rcfg, params, A, B, task, eval_feats, steps, scale, cfg.loss_floor)         # (S, M)
+        if arm == "oracle":   # the ceiling for the final adapters, whatever the schedule
+            table = _oracle_table(rcfg, tensors, st, task, scale, table)
+            dom = _table_losses(table, A, B, task, scale, cfg.loss_floor)                             # (S, M)
+        else:
+            dom = domain_losses(rcfg, params, A, B, task, eval_feats, steps, scale, cfg.loss_floor)     # (S, M)
     final = dom.mean(-1)
     bad = ~torch.isfinite(final) & alive
     div_step[bad] = steps
     alive &= ~bad
     final = torch.where(alive, final, torch.full_like(final, float("nan")))
-    return ArmResult(arm, final, dom, initial, evals, steps, ~alive, div_step, curve, accepted, events)
+    return ArmResult(arm, final, dom, initial, evals, steps, ~alive, div_step, curve, generations=n_events,
+                     accepted=search.accepted.clone() if search else None,
+                     step_size=search.sigma.clone() if search else None, events=events)
+
+
+def _table_losses(table: Tensor, A: Tensor, B: Tensor, task: Task, scale: float, floor: float) -> Tensor:
+    """Per-domain loss ``(S, M)`` of constant gates per domain ``table (S, M, K)`` (feature-free)."""
+    G, c, e = gram_terms(A, B, task.U.to(A.dtype), task.V.to(A.dtype), scale)
+    return quadratic_loss(table.unsqueeze(-2), G, c, e).squeeze(-1) + floor
+
+
+@torch.no_grad()
+def _oracle_table(rcfg: RouterConfig, tensors: dict[str, Tensor], st: State, task: Task, scale: float,
+                  warm: Tensor | None) -> Tensor:
+    """The exact best gates per domain for the current adapters: ``(S, M, K)`` (`sandbox.oracle`)."""
+    A, B = tensors.get("A", st.A), tensors.get("B", st.B)
+    G, c, _ = gram_terms(A, B, task.U.to(A.dtype), task.V.to(A.dtype), scale)     # (S, K, K), (S, M, K)
+    Gm = G.unsqueeze(1).expand(-1, c.shape[1], -1, -1)                               # (S, M, K, K)
+    return orc.best_gates(Gm, c, orc.feasible_set(rcfg.kind), init=warm)
 
 
 @torch.no_grad()
 def _generation(task: Task, rcfg: RouterConfig, tensors: dict[str, Tensor], st: State, feats: Tensor, step: int,
-                scale: float, ecfg: evo.EvolutionConfig, gens: list, alive: Tensor, floor: float) -> Tensor:
-    """One generation of routing search in place on `tensors`; returns which seeds took a mutant (S,)."""
+                scale: float, ecfg: evo.EvolutionConfig, search: evo.SearchState, gens: list, alive: Tensor,
+                floor: float) -> Tensor:
+    """One generation of routing search in place on `tensors`; returns which seeds took a child (S,)."""
     params = {k: tensors[k] for k in st.params}
     x = params_to_vector(params)                                                     # (S, D)
-    sigma = params_to_vector(evo.mutation_scales(params))                            # (S, D)
-    pop = evo.propose(x, sigma, ecfg, gens)                                          # (S, P, D)
+    units = evo.mutation_scales(params) if ecfg.method == "fixed" else evo.logit_units(params)
+    pop = evo.propose(x, params_to_vector(units), search, ecfg, gens)                # (S, P, D)
     A, B = tensors.get("A", st.A), tensors.get("B", st.B)
     obj = domain_losses(rcfg, vector_to_params(pop, rcfg), A, B, task, feats, step, scale, floor).mean(-1)  # (S, P)
-    best, idx = evo.select(pop, obj)
-    took = (idx != 0) & alive
-    new = vector_to_params(torch.where(took[:, None], best, x), rcfg)
+    new, took = evo.advance(search, pop, obj, ecfg, active=alive)
+    new = vector_to_params(new, rcfg)
     for k in st.params:
         tensors[k].copy_(new[k])
     return took
@@ -421,7 +494,7 @@ def _lifecycle(task: Task, rcfg: RouterConfig, cfg: SandboxConfig, tensors: dict
 
 
 def run_arms(spec: TaskSpec, cfg: SandboxConfig, seeds: Sequence[int], arms: Sequence[str] = ARMS) -> dict[str, ArmResult]:
-    """Both arms for every seed from one task and one shared initial state (common random numbers)."""
+    """The arms for every seed from one task and one shared initial state (common random numbers)."""
     task = make_task(spec, seeds)
     state = initial_state(task, spec, cfg)
     out = {}
@@ -437,6 +510,8 @@ def result_rows(results: dict[str, ArmResult], seeds: Sequence[int], extra: dict
     """Tidy rows (one per seed x arm) with the results.csv columns of ARCHITECTURE.md."""
     rows = []
     for arm, r in results.items():
+        share = r.accepted_share()
+        life = r.lifecycle_events(seeds)
         for i, seed in enumerate(seeds):
             loss = float(r.final_loss[i])
             rows.append({
@@ -445,6 +520,9 @@ def result_rows(results: dict[str, ArmResult], seeds: Sequence[int], extra: dict
                 "log_loss": math.log(max(loss, LOSS_FLOOR)) if math.isfinite(loss) else float("nan"),
                 "loss_evals": r.loss_evals, "grad_steps": r.grad_steps,
                 "diverged": bool(r.diverged[i]), "diverged_step": int(r.diverged_step[i]),
+                "generations": r.generations, "accepted": float(share[i]),
+                "step_size": float(r.step_size[i]) if r.step_size is not None else float("nan"),
+                "lifecycle_events": life[i],
                 "wall_s": getattr(r, "wall_s", float("nan")) / len(seeds),
             })
     return rows

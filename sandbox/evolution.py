@@ -1,30 +1,54 @@
-"""Evolutionary search on the routing channel: a population of router parameter vectors.
+"""Evolutionary search on the routing channel: an elitist population search over router parameters.
 
-One generation, for every seed at once (tensors ``(S, P, D)``, no loop over seeds or individuals
-in the arithmetic):
+One generation, for every seed at once (tensors ``(S, P, D)``; the arithmetic never loops over
+seeds or individuals):
 
-1. population: member 0 is the current vector ``x`` (elitism), members ``p >= 1`` are
-   ``x + mutation_scale * sigma * eps_p`` with ``eps_p ~ N(0, I_D)`` and ``sigma (S, D)`` a
-   per-parameter scale (`mutation_scales`);
+1. `propose`: member 0 is the current vector ``x`` (the parent, elitism); members ``p >= 1`` are
+   ``x + step_p``, drawn by the method;
 2. the caller evaluates all ``(S, P)`` members in one batched call (the search objective);
-3. selection: the member with the lowest objective (ties go to the lowest index, so the current
-   vector wins ties); because member 0 is the current vector, the search objective never gets
-   worse (non-finite objectives are never selected over a finite one).
+3. `advance`: for ``es`` and ``fixed`` the member with the lowest objective is taken (ties go to
+   the lowest index, so the parent wins ties and the objective never gets worse; non-finite
+   objectives never win); the method's state (its step size) is updated from the outcome.
 
-The noise draws come from one generator per seed, so a seed's search does not depend on which
-other seeds share the batch (a resumed sweep reproduces an uninterrupted one).
+Methods (``EvolutionConfig.method``, the CLI's ``--evo``):
+
+* ``es`` (default): a (1+lambda)-ES with lambda = P - 1 and the 1/5th success rule. Step
+  ``sigma_s * u * eps`` with ``eps ~ N(0, I_D)`` and ``u`` the per-parameter unit of `logit_units`,
+  so ``sigma`` is in logit units: with unit-norm routing features each router logit moves by
+  ``N(0, sigma^2)``. ``sigma`` is carried across generations per seed and adapted up and down,
+  with no floor: ``sigma <- sigma exp((p_s - 1/5) / (damping (1 - 1/5)))``, where ``p_s`` is the
+  share of the lambda children that beat the parent (the per-offspring form of Rechenberg's rule:
+  above 1/5 successes the steps are too timid, below they overshoot).
+* ``cma``: CMA-ES from the `cmaes` package (the library behind Optuna's CmaEsSampler), one
+  instance per seed, in the coordinates of the step ``z`` from the current router (in logit
+  units). It is the standard, non-elitist CMA-ES with its mean being the router: after `tell`
+  the router moves to the library's new mean, and the library's mean is re-centred on a zero step
+  in the new frame (the same point), so gradient steps between generations move the mean too.
+  So `cma` changes the router at every generation and the objective may get worse (member 0 is
+  evaluated for the record only). The ask/tell calls are per seed (the library holds one search
+  each); the candidates of all seeds are still evaluated in one batched call.
+* ``fixed``: the original mutation, ``x + mutation_scale * rms * eps`` with ``rms`` each tensor's
+  own RMS floored at 1 (`mutation_scales`), never adapted. Kept for comparison: against a
+  gradient-tuned router it is usually inert (no child ever wins).
+
+Randomness: one generator per seed (``es``/``fixed`` noise, the ``cma`` instance's seed), so a seed's
+search does not depend on which other seeds share the batch (a resumed sweep reproduces).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from sandbox.errors import require
+
+METHODS = ("es", "cma", "fixed")
+TARGET_SUCCESS = 0.2   # the 1/5th rule
 
 
 @dataclass(frozen=True)
@@ -33,10 +57,15 @@ class EvolutionConfig:
 
     population: int = 16
     """P: individuals per generation, including the current parameters (member 0)."""
-    mutation_scale: float = 0.5
-    """Mutation step, in units of each parameter tensor's own scale (see `mutation_scales`)."""
-    interval: int = 25
+    mutation_scale: float = 0.1
+    """Step size in logit units: the initial sigma of es / cma, the fixed step of fixed (there in
+    units of each parameter tensor's own scale, see `mutation_scales`)."""
+    interval: int = 10
     """Gradient steps between two generations."""
+    method: str = "es"
+    """es: (1+lambda)-ES with the 1/5th success rule; cma: CMA-ES (cmaes); fixed: unadapted steps."""
+    damping: float = 1.0
+    """es: damping of the 1/5th rule (larger = slower step-size changes)."""
 
     def __post_init__(self) -> None:
         require(isinstance(self.population, int) and 2 <= self.population <= 4096, "population", self.population,
@@ -44,15 +73,16 @@ class EvolutionConfig:
         require(isinstance(self.mutation_scale, (int, float)) and math.isfinite(self.mutation_scale)
                 and 0 < self.mutation_scale <= 100, "mutation_scale", self.mutation_scale, "a number in (0, 100]")
         require(isinstance(self.interval, int) and self.interval >= 1, "interval", self.interval, "an integer >= 1")
+        require(self.method in METHODS, "evo", self.method, "one of " + ", ".join(METHODS))
+        require(isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping > 0,
+                "damping", self.damping, "a number > 0")
+        if self.method == "cma":
+            require(self.population >= 3, "population", self.population, "an integer >= 3 with --evo cma")
 
 
 def mutation_scales(params: dict[str, Tensor], batch_ndim: int = 1, floor: float = 1.0) -> dict[str, Tensor]:
-    """Per-parameter mutation scale: each tensor's RMS over its own entries, at least `floor`.
+    """Per-parameter mutation scale of the ``fixed`` method: each tensor's RMS, at least `floor`.
 
-    With unit-norm routing features h, noise of size sigma on every entry of ``W (F, K)`` moves
-    each logit ``h W_k`` by N(0, sigma^2), and noise on ``bias`` moves it directly; so the default
-    floor 1 makes ``mutation_scale`` the logit change of a mutation while the router is small,
-    and a large tensor mutates in proportion to itself.
     Returns tensors shaped like `params` (the scale broadcast over each tensor's entries).
     """
     out = {}
@@ -63,17 +93,65 @@ def mutation_scales(params: dict[str, Tensor], batch_ndim: int = 1, floor: float
     return out
 
 
-def propose(x: Tensor, sigma: Tensor, cfg: EvolutionConfig, generators: Sequence[torch.Generator]) -> Tensor:
-    """Population ``(S, P, D)`` around ``x (S, D)``: member 0 is ``x``, the rest mutated.
+def logit_units(params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Per-parameter unit that makes a step of 1 move each router logit by N(0, 1).
 
-    ``sigma (S, D)`` is the per-parameter scale; one generator per seed draws ``(P - 1, D)``.
+    A logit is ``z_k = h . W[:, k] + bias_k``; with ``||h|| = 1``, i.i.d. noise of size u on
+    ``W[:, k]`` and on ``bias_k`` moves it by ``N(0, 2 u^2)``, so ``u = 1 / sqrt(2)``. The floor
+    logit ``phi`` enters on its own: ``u = 1``. Returns tensors shaped like `params`.
+    """
+    return {k: torch.full_like(v, 1.0 if k == "phi" else 1 / math.sqrt(2)) for k, v in params.items()}
+
+
+@dataclass
+class SearchState:
+    """What a search carries from one generation to the next, per seed."""
+
+    sigma: Tensor                                   # (S,) step size in logit units (es, cma: last read)
+    generations: int = 0
+    accepted: Tensor | None = None                  # (S,) long: generations in which the parent was replaced
+    cma: list = field(default_factory=list)         # one cmaes.CMA per seed (method cma)
+    asked: list = field(default_factory=list)       # the cma steps of the pending generation
+    unit: Tensor | None = None                      # (S, D) the step units of the pending cma generation
+
+
+def init_search(cfg: EvolutionConfig, S: int, D: int, generators: Sequence[torch.Generator],
+                dtype: torch.dtype = torch.float64) -> SearchState:
+    """Fresh search state for S seeds and D router parameters."""
+    require(len(generators) == S, "generators", len(generators), f"one per seed ({S})")
+    state = SearchState(sigma=torch.full((S,), float(cfg.mutation_scale), dtype=dtype),
+                        accepted=torch.zeros(S, dtype=torch.long))
+    if cfg.method == "cma":
+        from cmaes import CMA
+
+        for g in generators:
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+            state.cma.append(CMA(mean=np.zeros(D), sigma=float(cfg.mutation_scale), seed=seed,
+                                 population_size=cfg.population - 1))
+    return state
+
+
+def propose(x: Tensor, unit: Tensor, state: SearchState, cfg: EvolutionConfig,
+            generators: Sequence[torch.Generator]) -> Tensor:
+    """Population ``(S, P, D)`` around ``x (S, D)``: member 0 is ``x``, members 1.. are its children.
+
+    ``unit (S, D)`` is the per-parameter unit of a step (`logit_units`, or `mutation_scales` for
+    ``fixed``); one generator per seed draws the ``(P - 1, D)`` noise.
     """
     S, D = x.shape
     require(len(generators) == S, "generators", len(generators), f"one per seed ({S})")
-    eps = torch.stack([torch.randn(cfg.population - 1, D, generator=g) for g in generators])   # (S, P-1, D)
-    eps = eps.to(dtype=x.dtype, device=x.device)
-    children = x[:, None, :] + cfg.mutation_scale * sigma[:, None, :] * eps                    # (S, P-1, D)
-    return torch.cat([x[:, None, :], children], dim=1)                                        # (S, P, D)
+    lam = cfg.population - 1
+    if cfg.method == "cma":
+        state.asked = [np.stack([es.ask() for _ in range(lam)]) for es in state.cma]          # S x (lam, D)
+        z = torch.as_tensor(np.stack(state.asked), dtype=x.dtype, device=x.device)           # (S, lam, D)
+        state.unit = unit
+        children = x[:, None, :] + unit[:, None, :] * z
+    else:
+        eps = torch.stack([torch.randn(lam, D, generator=g) for g in generators])          # (S, lam, D)
+        eps = eps.to(dtype=x.dtype, device=x.device)
+        size = state.sigma.to(x.dtype)[:, None, None] if cfg.method == "es" else cfg.mutation_scale
+        children = x[:, None, :] + size * unit[:, None, :] * eps                             # (S, lam, D)
+    return torch.cat([x[:, None, :], children], dim=1)                                      # (S, P, D)
 
 
 def select(population: Tensor, objective: Tensor) -> tuple[Tensor, Tensor]:
@@ -82,7 +160,52 @@ def select(population: Tensor, objective: Tensor) -> tuple[Tensor, Tensor]:
     Non-finite objectives count as +inf; ``argmin`` returns the first minimum, so the current
     vector (member 0) wins ties. Returns ``(best (S, D), index (S,))``.
     """
-    obj = torch.where(torch.isfinite(objective), objective, torch.full_like(objective, float("inf")))
+    obj = _finite_or_inf(objective)
     idx = obj.argmin(dim=1)                                                                   # (S,)
     best = population.gather(1, idx[:, None, None].expand(-1, 1, population.shape[-1]))[:, 0]  # (S, D)
     return best, idx
+
+
+def advance(state: SearchState, population: Tensor, objective: Tensor, cfg: EvolutionConfig,
+            active: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Select and update the search state in place: returns ``(new x (S, D), took (S,) bool)``.
+
+    ``took`` marks the seeds whose parent was replaced by a strictly better child; ``active (S,)``
+    (default all) masks seeds that no longer search (diverged): they keep their parent and state.
+    """
+    S = population.shape[0]
+    active = torch.ones(S, dtype=torch.bool) if active is None else active
+    best, idx = select(population, objective)
+    took = (idx != 0) & active
+    new = torch.where(took[:, None], best, population[:, 0])
+    obj = _finite_or_inf(objective)
+    state.generations += 1
+    if cfg.method == "es":
+        p_s = (obj[:, 1:] < obj[:, :1]).to(state.sigma.dtype).mean(1)                      # (S,)
+        factor = torch.exp((p_s - TARGET_SUCCESS) / (cfg.damping * (1 - TARGET_SUCCESS)))
+        state.sigma = torch.where(active, state.sigma * factor, state.sigma)
+    elif cfg.method == "cma":
+        new = population[:, 0].clone()
+        took = torch.zeros(S, dtype=torch.bool)
+        for s, es in enumerate(state.cma):
+            if not bool(active[s]):
+                continue
+            vals = obj[s, 1:].double().cpu().numpy()
+            worst = vals[np.isfinite(vals)].max(initial=0.0)
+            vals = np.where(np.isfinite(vals), vals, worst + 1e6)     # a non-finite child ranks last
+            es.tell(list(zip(state.asked[s], vals.tolist())))
+            step = torch.as_tensor(es.mean, dtype=new.dtype, device=new.device)       # (D,) the new mean
+            new[s] = population[s, 0] + state.unit[s] * step
+            took[s] = bool((step != 0).any())
+            # The router is now the mean: re-centre the library's mean on a zero step. `mean` is
+            # the library's own array (not a copy); a test checks that this takes effect.
+            es.mean[:] = 0.0
+            state.sigma[s] = float(getattr(es, "_sigma", state.sigma[s]))   # for the record only
+        state.accepted += took.long()
+        return new, took
+    state.accepted += took.long()
+    return new, took
+
+
+def _finite_or_inf(objective: Tensor) -> Tensor:
+    return torch.where(torch.isfinite(objective), objective, torch.full_like(objective, float("inf")))

@@ -48,6 +48,13 @@ DEFAULT_POWER = 0.8
 MAX_SEEDS = 10_000
 
 REGIMES = ("beats", "ties", "degrades", "inconclusive")
+#: Labels that say what happened, beside the four regimes (see `label_point` for the precedence).
+LABELS = ("inert", "beats", "degrades", "no-room", "beats<eps", "degrades<eps", "ties", "inconclusive")
+#: The decomposition columns of summary.csv (after ``by`` and ``SUMMARY_STATS``): each control
+#: contrast with its CI, Holm-adjusted p and its own label, and what the search did.
+DECOMPOSITION = ("delta_restart", "restart_ci_low", "restart_ci_high", "restart_p_holm", "restart_regime",
+                 "room", "room_ci_low", "room_ci_high", "room_p_holm", "room_regime",
+                 "accepted", "accepted_seeds", "lifecycle_events")
 #: Statistic columns of summary.csv (after the point/axis columns given as ``by``).
 SUMMARY_STATS = ("n", "n_diverged", "mean_delta", "se", "ci_low", "ci_high", "t", "df", "p", "p_holm",
                  "d_z", "boot_low", "boot_high", "p_tost", "eps", "regime", "reason", "seeds_needed")
@@ -382,7 +389,9 @@ def classify(pr: Paired, p_holm: float, alpha: float | None = None, power: float
     """Regime of one point from its paired result and Holm-adjusted p: ``(regime, reason, seeds_needed)``.
 
     - ``beats``: ``p_holm < alpha`` and ``ci_low > 0``; ``degrades``: ``p_holm < alpha`` and
-      ``ci_high < 0``;
+      ``ci_high < 0``; ``beats<eps`` / ``degrades<eps`` when, besides, the CI lies inside
+      ``(-eps, eps)`` (real but smaller than the margin; a constant nonzero delta inside the
+      margin too);
     - ``ties``: ``p_tost < alpha`` and the ``1 - alpha`` CI inside ``(-eps, eps)``;
     - otherwise ``inconclusive`` with the seeds that would resolve it (`seeds_needed`; pass
       ``n_tests``, the size of the Holm family, so the count accounts for the correction).
@@ -399,17 +408,21 @@ def classify(pr: Paired, p_holm: float, alpha: float | None = None, power: float
     if pr.n == 1:
         return "inconclusive", f"one seed: no variance estimate (delta {pr.mean:.4g}){div}", None
     if pr.zero_variance:
-        if abs(pr.mean) < eps:
-            return "ties", f"zero variance: all {pr.n} deltas equal {pr.mean:.4g}, inside +-{eps:g}{div}", None
+        if pr.mean == 0:
+            return "ties", f"zero variance: all {pr.n} deltas equal 0{div}", None
         regime = "beats" if pr.mean > 0 else "degrades"
+        if abs(pr.mean) < eps:
+            return regime + "<eps", (f"zero variance, all seeds agree: every delta = {pr.mean:.4g}, "
+                                     f"inside +-{eps:g}{div}"), None
         return regime, f"zero variance, all seeds agree: every delta = {pr.mean:.4g}{div}", None
     ci = f"CI [{pr.ci_low:.4g}, {pr.ci_high:.4g}]"
     if math.isfinite(p_holm) and p_holm < alpha and (pr.ci_low > 0 or pr.ci_high < 0):
         regime = "beats" if pr.ci_low > 0 else "degrades"
         side = "above" if regime == "beats" else "below"
-        inside = pr.p_tost < alpha and -eps < pr.ci_low and pr.ci_high < eps
-        also = f"; also within +-{eps:g} (practically equivalent)" if inside else ""
-        return regime, f"p_holm {p_holm:.3g} < {alpha:g}, {ci} {side} 0{also}{div}", None
+        if -eps < pr.ci_low and pr.ci_high < eps:
+            return (regime + "<eps", f"p_holm {p_holm:.3g} < {alpha:g}, {ci} {side} 0 but inside +-{eps:g}{div}",
+                    None)
+        return regime, f"p_holm {p_holm:.3g} < {alpha:g}, {ci} {side} 0{div}", None
     if pr.p_tost < alpha and -eps < pr.ci_low and pr.ci_high < eps:
         return "ties", f"TOST p {pr.p_tost:.3g} < {alpha:g}, {ci} inside +-{eps:g}{div}", None
     n, why = seeds_needed(pr.mean, pr.sd, eps, alpha, power, n_max, n_tests)
@@ -484,6 +497,81 @@ def summarize(df: pd.DataFrame, by: list[str], reference_arm: str = "grad", test
     out = pd.DataFrame(rows, columns=[*by, *SUMMARY_STATS])
     out["seeds_needed"] = out["seeds_needed"].astype("Int64")
     return out
+
+
+def label_point(regime: str, reason: str, acted: bool | None, room_high: float, eps: float) -> tuple[str, str]:
+    """The label of a point from the regime of its delta (`classify`), what the search did and the room.
+
+    Precedence, first match wins:
+
+    1. ``inert``: no seed's search accepted any candidate and no lifecycle event ran (``acted`` is
+       False), so the evo arm equals the grad arm by construction: no finding, whatever the numbers;
+    2. ``beats`` / ``degrades``: significant after Holm with a CI beyond the margin on one side;
+    3. ``no-room``: the upper 95% bound of the room (oracle vs grad) is below ``eps``, so no routing
+       method could beat the gradient solution by eps here (replaces beats<eps, degrades<eps, ties
+       and inconclusive: the ceiling explains them);
+    4. ``beats<eps`` / ``degrades<eps``: significant, CI inside ``(-eps, eps)``;
+    5. ``ties``, then ``inconclusive``.
+    ``acted=None`` (unknown: a table without search counts) skips rule 1; a NaN ``room_high`` skips 3.
+    """
+    if acted is False:
+        return "inert", "the search never acted (no candidate accepted, no lifecycle event): arms identical by construction"
+    if regime in ("beats", "degrades"):
+        return regime, reason
+    if math.isfinite(room_high) and room_high < eps:
+        return "no-room", f"room CI upper bound {room_high:.4g} < eps {eps:g}: no routing could gain eps here; {reason}"
+    return regime, reason
+
+
+def decompose(df: pd.DataFrame, by: list[str], eps: float = DEFAULT_EPS, alpha: float = 0.05, n_boot: int = 10_000,
+              seed: int = 0, power: float = DEFAULT_POWER) -> pd.DataFrame:
+    """summary.csv of a sweep with control arms: the headline ``delta`` (evo vs grad) decomposed.
+
+    Columns: ``by``, ``SUMMARY_STATS`` of evo vs grad (its ``regime`` is the `label_point` label),
+    then ``DECOMPOSITION``: ``delta_restart`` (restart vs grad) and ``room`` (oracle vs grad), each
+    a paired contrast with its 95% CI, Holm-adjusted p (Holm over the points, per contrast) and its
+    own `classify` regime; ``accepted`` (mean over seeds of the share of generations in which the
+    search changed the router), ``accepted_seeds`` (seeds whose search accepted at least once) and
+    ``lifecycle_events`` (summed over seeds), read from the evo rows' columns of the same names.
+    A missing control arm or count column leaves its columns NaN (and skips its label rule).
+    """
+    kw = dict(value="log_loss", eps=eps, alpha=alpha, n_boot=n_boot, seed=seed, power=power)
+    out = summarize(df, by, "grad", "evo", **kw)
+    arms = set(df["arm"].astype(str))
+    for arm, name, prefix in (("restart", "delta_restart", "restart"), ("oracle", "room", "room")):
+        cols = {name: np.nan, f"{prefix}_ci_low": np.nan, f"{prefix}_ci_high": np.nan,
+                f"{prefix}_p_holm": np.nan, f"{prefix}_regime": None}
+        if arm in arms:
+            part = summarize(df, by, "grad", arm, **kw)[[*by, "mean_delta", "ci_low", "ci_high", "p_holm", "regime"]]
+            part.columns = [*by, *cols]
+            out = out.merge(part, on=by, how="left")
+        else:
+            out = out.assign(**cols)
+    evo_rows = df[df["arm"].astype(str) == "evo"]
+    acc = _per_point(evo_rows, by, "accepted", "mean")
+    acc_seeds = _per_point(evo_rows.assign(_any=pd.to_numeric(evo_rows.get("accepted", np.nan), errors="coerce") > 0)
+                           if "accepted" in evo_rows else evo_rows, by, "_any", "sum")
+    life = _per_point(evo_rows, by, "lifecycle_events", "sum")
+    out = out.merge(acc, on=by, how="left").merge(acc_seeds.rename(columns={"_any": "accepted_seeds"}), on=by, how="left") \
+             .merge(life, on=by, how="left")
+    labels = []
+    for r in out.to_dict("records"):
+        have = pd.notna(r["accepted_seeds"]) or pd.notna(r["lifecycle_events"])
+        acted = None if not have else bool((r["accepted_seeds"] or 0) > 0 or (r["lifecycle_events"] or 0) > 0)
+        high = float(r["room_ci_high"]) if pd.notna(r["room_ci_high"]) else float("nan")
+        labels.append(label_point(r["regime"], r["reason"], acted, high, eps))
+    out["regime"] = [l for l, _ in labels]
+    out["reason"] = [w for _, w in labels]
+    out.loc[out["regime"] != "inconclusive", "seeds_needed"] = pd.NA
+    return out[[*by, *SUMMARY_STATS, *DECOMPOSITION]]
+
+
+def _per_point(df: pd.DataFrame, by: list[str], col: str, how: str) -> pd.DataFrame:
+    """``col`` aggregated per point (``by``); NaN where the column is absent."""
+    if col not in df.columns:
+        return df[by].drop_duplicates().assign(**{col: np.nan})
+    vals = df.assign(**{col: pd.to_numeric(df[col], errors="coerce").astype(float)})
+    return vals.groupby(by, dropna=False, sort=True)[col].agg(how).reset_index()
 
 
 # ---------------------------------------------------------------------------------------------

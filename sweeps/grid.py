@@ -5,8 +5,9 @@ configuration is the base `TaskSpec` and `SandboxConfig`. For every point the mi
 computed as one batch (`sandbox.analytic.run_arms`, vectorised over seeds and population) and
 stored as trials in the ledger (`sweeps.ledger`), so re-running the same command resumes.
 
-Outputs in the run folder: ``results.csv`` (point x seed x arm), ``summary.csv``
-(`sandbox.stats.summarize`, Holm over every point of the sweep), ``manifest.json`` (with
+Outputs in the run folder: ``results.csv`` (point x seed x arm: grad, evo, restart, oracle, with
+what the search did), ``summary.csv`` (`sandbox.stats.decompose`: delta, delta_restart and room,
+each with its CI and label, Holm over every point of the sweep), ``manifest.json`` (with
 ``axes``), the regime curve or heatmap (`figures.report.build_report`) and ``trials.journal``.
 """
 
@@ -155,7 +156,7 @@ Evaluate = Callable[[TaskSpec, SandboxConfig, Sequence[int]], list[tuple[int, li
 
 
 def evaluate_point(spec: TaskSpec, solver: SandboxConfig, seeds: Sequence[int]) -> list[tuple[int, list[dict], float]]:
-    """Run both arms for `seeds` as one batch: ``[(seed, rows of both arms, delta), ...]``."""
+    """Run every arm for `seeds` as one batch: ``[(seed, rows of the arms, delta), ...]``."""
     from sandbox.analytic import result_rows, run_arms
 
     res = run_arms(spec, solver, seeds)
@@ -208,7 +209,7 @@ def results_table(cfg: SweepConfig, points: list[dict[str, float]], done: dict[s
                 rows.append({"point": i, "seed": int(seed), "arm": r["arm"], **values,
                              **{k: v for k, v in r.items() if k != "arm"}})
     cols = ["point", "seed", "arm", *cfg.axes, "final_loss", "log_loss", "loss_evals", "grad_steps",
-            "diverged", "diverged_step", "wall_s"]
+            "diverged", "diverged_step", "generations", "accepted", "step_size", "lifecycle_events", "wall_s"]
     df = pd.DataFrame(rows, columns=cols)
     return df.sort_values(["point", "seed", "arm"], kind="stable").reset_index(drop=True)
 
@@ -248,7 +249,7 @@ def run_sweep(cfg: SweepConfig, out: Path, storage: str | None = None, study: st
             progress(computed + reused, total, values)
     results = results_table(cfg, points, done)
     run.write_csv("results.csv", results)
-    summary = stats.summarize(results, by=["point", *cfg.axes], eps=cfg.eps, alpha=cfg.alpha)
+    summary = stats.decompose(results, by=["point", *cfg.axes], eps=cfg.eps, alpha=cfg.alpha)
     run.write_csv("summary.csv", summary)
     figs = []
     if figures:

@@ -129,7 +129,7 @@ def test_batched_seeds_match_one_seed_at_a_time(kw):
     both = an.run_arms(spec, cfg, seeds)
     for i, s in enumerate(seeds):
         one = an.run_arms(spec, cfg, [s])
-        for arm in ("grad", "evo"):
+        for arm in an.ARMS:
             torch.testing.assert_close(both[arm].final_loss[i:i + 1], one[arm].final_loss, rtol=1e-10, atol=1e-12)
 
 
@@ -143,7 +143,8 @@ def test_generation_never_worsens_search_objective():
     tensors = dict(st.params)
     before = an.domain_losses(rcfg, tensors, st.A, st.B, task, feats, 5, scale).mean(-1)
     gens = [torch.Generator().manual_seed(s) for s in task.seeds]
-    took = an._generation(task, rcfg, tensors, st, feats, 5, scale, cfg.evolution, gens,
+    search = an.evo.init_search(cfg.evolution, 4, rcfg.n_params, gens)
+    took = an._generation(task, rcfg, tensors, st, feats, 5, scale, cfg.evolution, search, gens,
                           torch.ones(4, dtype=torch.bool), 0.0)
     after = an.domain_losses(rcfg, tensors, st.A, st.B, task, feats, 5, scale).mean(-1)
     assert (after <= before).all()
@@ -155,7 +156,7 @@ def test_divergence_is_recorded_not_raised():
     task = make_task(SPEC, [1, 2])
     st = an.initial_state(task, SPEC, cfg)
     st.params["W"][1, 0, 0] = float("nan")
-    for arm in ("grad", "evo"):
+    for arm in an.ARMS:
         r = an.solve(task, SPEC, cfg, arm, st)
         assert r.diverged.tolist() == [False, True]
         assert r.diverged_step.tolist() == [-1, 0]
@@ -221,9 +222,73 @@ def test_gradient_training_reduces_loss():
     ("steps", -1, "--steps"), ("lr", 0.0, "--lr"), ("plasticity", -0.5, "--plasticity"),
     ("router", "tanh", "--router"), ("population", 1, "--population"), ("mutation_scale", 0.0, "--mutation-scale"),
     ("interval", 0, "--interval"), ("budget", "flops", "--budget"), ("scope", "local", "--scope"),
-    ("loss_floor", -1.0, "--loss-floor"),
+    ("loss_floor", -1.0, "--loss-floor"), ("evo", "ga", "--evo"), ("oracle", "best", "--oracle"),
+    ("reset_on_accept", "yes", "--reset-on-accept"),
 ])
 def test_config_validation_names_flag(field, value, flag):
     with pytest.raises(BadInput) as e:
         an.SandboxConfig(**{field: value})
     assert e.value.flag == flag
+
+
+# ---------------------------------------------------------------------------------------------
+# The decomposition: control arms, common random numbers, a known answer
+
+
+@pytest.mark.parametrize("evo_method", ["es", "cma", "fixed"])
+def test_common_random_numbers_across_all_four_arms(evo_method):
+    """Every arm starts from the same task and weights; arms that make no change on an event are
+    the grad arm bit for bit (restart before its first event, evo with no generation in budget)."""
+    cfg = an.SandboxConfig(**FAST, evo=evo_method)
+    res = an.run_arms(SPEC, cfg, [10, 11, 12])
+    for arm in an.ARMS:
+        torch.testing.assert_close(res[arm].initial_loss, res["grad"].initial_loss, rtol=0, atol=0)
+        torch.testing.assert_close(res[arm].curve[:, :10], res["grad"].curve[:, :10], rtol=0, atol=0)
+    # the ceiling arm follows the grad trajectory exactly
+    torch.testing.assert_close(res["oracle"].curve, res["grad"].curve, rtol=0, atol=0)
+    quiet = an.SandboxConfig(steps=30, interval=31, population=6, evo=evo_method)
+    r2 = an.run_arms(SPEC, quiet, [10, 11, 12])
+    for arm in ("evo", "restart"):
+        torch.testing.assert_close(r2[arm].final_loss, r2["grad"].final_loss, rtol=0, atol=0)
+        assert r2[arm].generations == 0
+
+
+def test_evo_without_acceptance_equals_grad_and_is_counted():
+    """A search that never accepts leaves evo == grad bit for bit (state kept), and says so."""
+    cfg = an.SandboxConfig(**FAST, evo="fixed", mutation_scale=50.0, plasticity=0.0)
+    res = an.run_arms(SPEC, cfg, [1, 2])
+    assert res["evo"].generations == 3 and res["evo"].accepted.tolist() == [0, 0]
+    torch.testing.assert_close(res["evo"].final_loss, res["grad"].final_loss, rtol=0, atol=0)
+    rows = an.result_rows(res, [1, 2])
+    assert {r["accepted"] for r in rows if r["arm"] == "evo"} == {0.0}
+
+
+def test_restart_resets_and_reset_on_accept_changes_evo():
+    cfg = an.SandboxConfig(**FAST)
+    res = an.run_arms(SPEC, cfg, [1, 2])
+    assert res["restart"].generations == 3
+    assert not torch.equal(res["restart"].final_loss, res["grad"].final_loss)
+    assert (res["evo"].accepted > 0).any()
+    reset = an.run_arms(SPEC, an.SandboxConfig(**FAST, reset_on_accept=True), [1, 2], arms=("evo",))
+    assert not torch.equal(reset["evo"].final_loss, res["evo"].final_loss)
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_oracle_is_a_ceiling_for_the_grad_adapters(router):
+    cfg = an.SandboxConfig(**FAST, router=router)
+    res = an.run_arms(SPEC.__class__(**{**SPEC.__dict__, "context_noise": 0.3}), cfg, [1, 2, 3],
+                      arms=("grad", "oracle"))
+    assert (res["oracle"].final_loss <= res["grad"].final_loss + 1e-12).all()
+
+
+def test_decomposition_known_answer_with_frozen_adapters():
+    """Frozen adapters: at a = 1 the best routing is far below the gradient router after a short
+    budget (room > eps); at a = 0 the random adapters leave nothing to route to (room < eps)."""
+    cfg = an.SandboxConfig(steps=60, interval=10, population=8, plasticity=0.0)
+    spec = TaskSpec()
+    room = {}
+    for a in (0.0, 1.0):
+        res = an.run_arms(TaskSpec(**{**spec.__dict__, "alignment": a}), cfg, [0, 1, 2, 3], arms=("grad", "oracle"))
+        room[a] = (res["grad"].final_loss.log() - res["oracle"].final_loss.log())
+    assert (room[1.0] > 0.01).all(), room[1.0]
+    assert (room[0.0].abs() < 0.01).all(), room[0.0]

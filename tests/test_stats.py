@@ -21,7 +21,9 @@ from sandbox.stats import (
     balanced_log_ppl,
     bootstrap_ci,
     classify,
+    decompose,
     holm,
+    label_point,
     paired,
     power_paired_t,
     power_tost,
@@ -294,7 +296,76 @@ def test_significant_inside_margin_says_so():
     d = _fixed(0.005, 0.001, 20)
     pr = paired(d, np.zeros(20), eps=0.05)
     regime, reason, _ = classify(pr, pr.p)
-    assert regime == "beats" and "practically equivalent" in reason
+    assert regime == "beats<eps" and "inside +-0.05" in reason
+    regime, _, _ = classify(paired(-d, np.zeros(20), eps=0.05), pr.p)
+    assert regime == "degrades<eps"
+
+
+def test_a_gain_of_3e_10_is_not_beats():
+    d = _fixed(3e-10, 1e-10, 10)
+    pr = paired(d, np.zeros(10), eps=0.01)
+    assert pr.p < 1e-5 and classify(pr, pr.p)[0] == "beats<eps"
+
+
+# Each label of `label_point`, and its precedence.
+def test_label_inert_wins_over_everything():
+    assert label_point("beats", "r", acted=False, room_high=1.0, eps=0.01)[0] == "inert"
+    assert label_point("ties", "r", acted=False, room_high=0.0, eps=0.01)[0] == "inert"
+    assert label_point("beats", "r", acted=None, room_high=1.0, eps=0.01)[0] == "beats"   # unknown: not inert
+
+
+@pytest.mark.parametrize("regime", ["beats", "degrades"])
+def test_label_effects_beyond_eps_win_over_no_room(regime):
+    assert label_point(regime, "r", acted=True, room_high=0.001, eps=0.01) == (regime, "r")
+
+
+@pytest.mark.parametrize("regime", ["beats<eps", "degrades<eps", "ties", "inconclusive"])
+def test_label_no_room_replaces_small_and_null_results(regime):
+    label, reason = label_point(regime, "r", acted=True, room_high=0.004, eps=0.01)
+    assert label == "no-room" and "0.004" in reason
+    assert label_point(regime, "r", acted=True, room_high=0.02, eps=0.01)[0] == regime       # room above eps
+    assert label_point(regime, "r", acted=True, room_high=float("nan"), eps=0.01)[0] == regime  # no oracle arm
+
+
+def _decomp_table(deltas_evo, deltas_restart, rooms, accepted):
+    rows = []
+    for point, (de, dr, ro, ac) in enumerate(zip(deltas_evo, deltas_restart, rooms, accepted)):
+        for seed in range(len(de)):
+            base = 1.0 + 0.1 * seed
+            rows += [dict(point=point, seed=seed, arm="grad", log_loss=base),
+                     dict(point=point, seed=seed, arm="evo", log_loss=base - de[seed], accepted=ac[seed],
+                          lifecycle_events=0),
+                     dict(point=point, seed=seed, arm="restart", log_loss=base - dr[seed]),
+                     dict(point=point, seed=seed, arm="oracle", log_loss=base - ro[seed])]
+    return pd.DataFrame(rows)
+
+
+def test_decompose_columns_labels_and_scipy():
+    rng = np.random.default_rng(0)
+    n = 8
+    evo = [np.zeros(n), 0.05 + 0.01 * rng.standard_normal(n), 0.002 + 0.0005 * rng.standard_normal(n)]
+    rst = [0.01 * rng.standard_normal(n) for _ in range(3)]
+    room = [np.abs(0.001 * rng.standard_normal(n)), 0.08 + 0.01 * rng.standard_normal(n),
+            0.003 + 0.0005 * rng.standard_normal(n)]
+    acc = [np.zeros(n), np.full(n, 0.5), np.full(n, 0.2)]
+    out = decompose(_decomp_table(evo, rst, room, acc), by=["point"], eps=0.01, n_boot=50)
+    assert out["regime"].tolist() == ["inert", "beats", "no-room"]
+    assert out["accepted"].tolist() == pytest.approx([0.0, 0.5, 0.2])
+    assert out["accepted_seeds"].tolist() == [0, n, n]
+    for i in range(3):
+        assert out.loc[i, "delta_restart"] == pytest.approx(rst[i].mean(), abs=1e-12)
+        assert out.loc[i, "room"] == pytest.approx(room[i].mean(), abs=1e-12)
+        ci = sps.ttest_1samp(room[i], 0).confidence_interval()
+        assert out.loc[i, "room_ci_high"] == pytest.approx(ci.high, abs=1e-10)
+    # Holm per contrast over the points
+    p_restart = [sps.ttest_1samp(r, 0).pvalue for r in rst]
+    assert out["restart_p_holm"].to_numpy() == pytest.approx(multipletests(p_restart, method="holm")[1], abs=1e-12)
+    assert out["seeds_needed"].isna().all()
+    # without the control arms the decomposition columns are NaN and no-room is never applied
+    plain = _decomp_table(evo, rst, room, acc)
+    out2 = decompose(plain[plain.arm.isin(["grad", "evo"])], by=["point"], eps=0.01, n_boot=50)
+    assert out2["room"].isna().all() and out2["regime"].tolist()[:2] == ["inert", "beats"]
+    assert out2["regime"][2] == "beats<eps"
 
 
 @pytest.mark.parametrize("ref,test,regime,needle", [
@@ -304,7 +375,7 @@ def test_significant_inside_margin_says_so():
     ([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], "ties", "zero variance"),
     ([1.2, 2.2, 3.2], [1.0, 2.0, 3.0], "beats", "zero variance, all seeds agree"),
     ([1.0, 2.0, 3.0], [1.5, 2.5, 3.5], "degrades", "zero variance, all seeds agree"),
-    ([1.004, 2.004], [1.0, 2.0], "ties", "zero variance"),
+    ([1.004, 2.004], [1.0, 2.0], "beats<eps", "zero variance, all seeds agree"),
 ])
 def test_edge_cases_have_a_reason(ref, test, regime, needle):
     ref, test = np.asarray(ref, float), np.asarray(test, float)  # 1.2 - 1.0 != 2.2 - 2.0 in floats
@@ -319,7 +390,8 @@ def test_classify_never_nan_or_crash(deltas, eps):
     d = np.asarray(deltas, dtype=float)
     pr = paired(d, np.zeros(d.size), eps=eps, n_boot=50)
     regime, reason, need = classify(pr, float(holm([pr.p])[0]))
-    assert regime in ("beats", "ties", "degrades", "inconclusive") and reason and "nan" not in reason.lower()
+    assert regime in ("beats", "beats<eps", "ties", "degrades", "degrades<eps", "inconclusive") and reason
+    assert "nan" not in reason.lower()
     assert need is None or (isinstance(need, int) and need >= 2)
     assert pr.n + pr.n_diverged == d.size
 

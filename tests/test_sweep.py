@@ -102,7 +102,7 @@ def test_more_seeds_and_subset_points_reuse_ledger(tmp_path):
     out = grid.run_sweep(_cfg(seeds=(0, 1, 2), alignment=(0.0, 1.0), points=3), tmp_path, evaluate=second, figures=False)
     # points 0 and 1 exist with seeds 0, 1: only seed 2 there, and the new middle point in full
     assert sorted(second.seeds) == sorted([(0.0, 2), (1.0, 2), (0.5, 0), (0.5, 1), (0.5, 2)])
-    assert out.reused == 4 and len(out.results) == 3 * 3 * 2
+    assert out.reused == 4 and len(out.results) == 3 * 3 * 4   # 3 points x 3 seeds x 4 arms
 
 
 def test_tables_manifest_and_figure(tmp_path):
@@ -110,17 +110,26 @@ def test_tables_manifest_and_figure(tmp_path):
                          tmp_path, figures=True)
     res = pd.read_csv(tmp_path / "results.csv")
     assert list(res.columns) == ["point", "seed", "arm", "alignment", "context_noise", "final_loss", "log_loss",
-                                 "loss_evals", "grad_steps", "diverged", "diverged_step", "wall_s"]
-    assert len(res) == 4 * 3 * 2 and set(res["arm"]) == {"grad", "evo"}
+                                 "loss_evals", "grad_steps", "diverged", "diverged_step", "generations", "accepted",
+                                 "step_size", "lifecycle_events", "wall_s"]
+    assert len(res) == 4 * 3 * 4 and set(res["arm"]) == {"grad", "evo", "restart", "oracle"}
     assert (res["log_loss"] == res["final_loss"].map(math.log)).all()
     evo_evals = res.loc[res.arm == "evo", "loss_evals"].unique().tolist()
     assert evo_evals == [20 + 4 * 4] and res.loc[res.arm == "grad", "loss_evals"].unique().tolist() == [20]
     summ = pd.read_csv(tmp_path / "summary.csv")
-    assert len(summ) == 4 and {"mean_delta", "p_holm", "p_tost", "regime"} <= set(summ.columns)
+    assert len(summ) == 4 and {"mean_delta", "p_holm", "p_tost", "regime", "delta_restart", "room",
+                               "accepted", "restart_regime", "room_regime"} <= set(summ.columns)
     # mean delta is the mean of per-seed grad - evo log losses
     wide = res.pivot_table(index=["point", "seed"], columns="arm", values="log_loss")
     want = (wide["grad"] - wide["evo"]).groupby(level=0).mean()
     assert summ["mean_delta"].to_numpy() == pytest.approx(want.to_numpy(), abs=1e-12)
+    # each decomposed contrast is the mean of its per-seed log-loss differences
+    for arm, col in (("restart", "delta_restart"), ("oracle", "room")):
+        want = (wide["grad"] - wide[arm]).groupby(level=0).mean()
+        assert summ[col].to_numpy() == pytest.approx(want.to_numpy(), abs=1e-12)
+    acc = res[res.arm == "evo"].groupby("point")["accepted"].mean()
+    assert summ["accepted"].to_numpy() == pytest.approx(acc.to_numpy())
+    assert (res.loc[res.arm == "evo", "generations"] == 4).all()
     man = json.loads((tmp_path / "manifest.json").read_text())
     assert man["axes"] == ["alignment", "context_noise"] and man["config"]["solver"]["plasticity"] == 0.0
     assert man["ended"] is not None and man["eps"] == 0.01
@@ -208,7 +217,7 @@ def test_cli_runs_and_resumes(tmp_path, capsys):
     assert "6 seed-points computed, 0 reused" in first and "regimes" in first
     assert main(args) == 0
     assert "0 seed-points computed, 6 reused" in capsys.readouterr().out
-    assert len(pd.read_csv(tmp_path / "results.csv")) == 12
+    assert len(pd.read_csv(tmp_path / "results.csv")) == 2 * 3 * 4
 
 
 def test_cli_defaults_match_dataclasses():

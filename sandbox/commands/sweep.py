@@ -38,9 +38,12 @@ def sweep(
     lr: float = typer.Option(0.05, "--lr", help="Adam learning rate (router)."),
     plasticity: float = typer.Option(0.1, "--plasticity", help="Adapter lr multiplier; 0 freezes the adapters."),
     router: str = typer.Option("softmax", "--router", help="softmax (B3 baseline) or sigmoid (the rewrite)."),
+    evo: str = typer.Option("es", "--evo", help="Routing search: es ((1+lambda)-ES, 1/5th rule), cma (CMA-ES) or fixed."),
     population: int = typer.Option(16, "--population", help="Evolution population (member 0 = current router)."),
-    mutation_scale: float = typer.Option(0.5, "--mutation-scale", help="Mutation step (logit units while small)."),
-    interval: int = typer.Option(25, "--interval", help="Gradient steps between generations."),
+    mutation_scale: float = typer.Option(0.1, "--mutation-scale", help="Step in logit units: initial sigma (es, cma) or the fixed step (fixed)."),
+    interval: int = typer.Option(10, "--interval", help="Gradient steps between generations (and restarts)."),
+    reset_on_accept: bool = typer.Option(False, "--reset-on-accept/--keep-state", help="Reset the router's Adam state when the search replaces it."),
+    oracle: str = typer.Option("ceiling", "--oracle", help="Oracle arm: ceiling (best gates for grad's final adapters) or replace."),
     lifecycle: bool = typer.Option(False, "--lifecycle/--no-lifecycle", help="Adapter lifecycle in the evo arm."),
     scope: str = typer.Option("per-domain", "--scope", help="Lifecycle fitness scope: per-domain or global."),
     budget: str = typer.Option("steps", "--budget", help="steps (equal gradient steps) or evals (equal loss evaluations)."),
@@ -83,6 +86,7 @@ def sweep(
                     context_dim=context_dim, context_noise=context_noise, overlap=overlap)
     solver = SandboxConfig(steps=steps, lr=lr, plasticity=plasticity, router=router, population=population,
                            mutation_scale=mutation_scale, interval=interval, lifecycle=lifecycle, scope=scope,
+                           evo=evo, reset_on_accept=reset_on_accept, oracle=oracle,
                            budget=budget, draws=draws, eval_draws=eval_draws, fresh_noise=fresh_noise,
                            loss_floor=loss_floor, lora_alpha=lora_alpha)
     cfg = SweepConfig(task=task, solver=solver, alignment=(rng.lo, rng.hi), points=points, axis=axis_name,
@@ -120,15 +124,23 @@ def _print_summary(console, summary, axes: list[str]) -> None:
     import pandas as pd
     from rich.table import Table
 
-    colours = {"beats": "green", "degrades": "red", "ties": "cyan", "inconclusive": "yellow"}
-    t = Table(title="regimes (delta = log loss_grad - log loss_evo; positive = evolution better)", title_justify="left")
-    for c in ["point", *axes, "n", "mean delta", "95% CI", "p (Holm)", "p TOST", "regime", "seeds needed"]:
+    colours = {"beats": "green", "degrades": "red", "ties": "cyan", "inconclusive": "yellow", "inert": "bright_black",
+               "no-room": "magenta", "beats<eps": "green", "degrades<eps": "red"}
+    t = Table(title="regimes (delta = log loss_grad - log loss_evo; positive = evolution better; "
+              "restart = optimiser restart only; room = oracle ceiling)", title_justify="left")
+    for c in ["point", *axes, "n", "delta", "95% CI", "p (Holm)", "regime", "restart", "room", "accepted",
+              "seeds needed"]:
         t.add_column(c, justify="left" if c == "regime" else "right")
+
+    def num(v, fmt="+.4f") -> str:
+        return "" if v is None or pd.isna(v) else format(v, fmt)
+
     for r in summary.to_dict("records"):
         need = r.get("seeds_needed")
-        t.add_row(str(r["point"]), *(_fmt(r[a]) for a in axes), str(r["n"]), f"{r['mean_delta']:+.4f}",
-                  f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]", f"{r['p_holm']:.3g}", f"{r['p_tost']:.3g}",
+        t.add_row(str(r["point"]), *(_fmt(r[a]) for a in axes), str(r["n"]), num(r["mean_delta"]),
+                  f"[{num(r['ci_low'])}, {num(r['ci_high'])}]", num(r["p_holm"], ".3g"),
                   f"[{colours.get(r['regime'], 'white')}]{r['regime']}[/]",
+                  num(r.get("delta_restart")), num(r.get("room")), num(r.get("accepted"), ".2f"),
                   "" if need is None or pd.isna(need) else str(need))
     console.print(t)
 
