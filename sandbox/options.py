@@ -80,18 +80,27 @@ def _bounds_text(lo: float | None, hi: float | None) -> str:
     return ""
 
 
+#: At most this many seeds (as a count or a list): every seed is a trial, and a mistyped count such
+#: as 1000000000 must be an error, not a MemoryError an hour later.
+MAX_SEEDS = 10_000
+#: Largest seed value (torch generators take seeds below 2**63 in every code path here).
+MAX_SEED = 2**63 - 1
+
+
 def parse_seeds(text: str, flag: str = "--seeds") -> list[int]:
     """Seeds as an explicit comma list (``42,137,2026``) or a count (``5`` or ``n=5`` -> 0..4).
 
     A single bare integer is a count, so ``--seeds 3`` means three seeds 0, 1, 2; write ``42,`` for
-    the single seed 42. Seeds must be distinct non-negative integers.
+    the single seed 42. Seeds must be distinct non-negative integers up to `MAX_SEED`, at most
+    `MAX_SEEDS` of them.
     """
-    allowed = "a count >= 1 (e.g. 5) or a comma list of distinct non-negative integers (e.g. 42,137,2026)"
+    allowed = (f"a count in 1..{MAX_SEEDS} (e.g. 5) or a comma list of at most {MAX_SEEDS} distinct integers in "
+               f"0..2**63-1 (e.g. 42,137,2026)")
     s = str(text).strip()
     if s.startswith("n="):
         s = s[2:]
     if "," not in s:
-        if not re.fullmatch(r"\d+", s) or int(s) < 1:
+        if not re.fullmatch(r"\d{1,19}", s) or not 1 <= int(s) <= MAX_SEEDS:
             raise BadInput(flag, text, allowed)
         return list(range(int(s)))
     parts = [p.strip() for p in s.split(",")]
@@ -99,8 +108,10 @@ def parse_seeds(text: str, flag: str = "--seeds") -> list[int]:
         parts = parts[:-1]
     if not parts or not all(re.fullmatch(r"\d+", p) for p in parts):
         raise BadInput(flag, text, allowed)
+    if len(parts) > MAX_SEEDS or any(len(p) > 19 for p in parts):
+        raise BadInput(flag, text, allowed)
     seeds = [int(p) for p in parts]
-    if len(set(seeds)) != len(seeds):
+    if len(set(seeds)) != len(seeds) or max(seeds) > MAX_SEED:
         raise BadInput(flag, text, allowed)
     return seeds
 

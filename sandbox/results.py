@@ -3,7 +3,14 @@
 Every command writes into one run folder: ``manifest.json`` (command line, resolved config,
 package versions, git revision, seeds, start/end times), tidy CSV tables and figures. Every file is
 written atomically: to a temporary file in the same folder, flushed, fsynced, then renamed over the
-target, so a killed process leaves either the old file or the new one, never half of one.
+target, so a killed process leaves either the old file or the new one, never half of one. Files get
+the permissions of the user's umask (like any ``open``), not the private 0600 of a temporary file.
+
+One run folder holds one run at a time: `claim_run_dir` takes an exclusive ``flock`` on
+``DIR/.sandbox.lock`` for the run's duration (the kernel drops it when the process dies, so a kill
+never leaves a stale lock), and refuses, as a one-line `BadInput` naming ``--out``, a folder that
+another live process holds, a folder of another command, a regular file, an unwritable path, or a
+folder whose ``manifest.json`` is damaged.
 """
 
 from __future__ import annotations
@@ -24,16 +31,39 @@ from typing import Any, Iterator
 
 import pandas as pd
 
+from sandbox.errors import BadInput
+
+try:  # POSIX; elsewhere run folders are not locked (concurrent runs stay unsupported)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
 PACKAGES = ("torch", "numpy", "scipy", "pandas", "statsmodels", "optuna", "matplotlib", "seaborn", "typer", "rich")
+
+
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+#: Mode of every file written here: what ``open(path, "w")`` would give under the user's umask.
+FILE_MODE = 0o666 & ~_umask()
 
 
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[io.IOBase]:
-    """Open a temporary sibling of `path` for writing; rename it over `path` on success."""
+    """Open a temporary sibling of `path` for writing; rename it over `path` on success.
+
+    The temporary file is created 0600 by `tempfile.mkstemp`; it is given `FILE_MODE` (the user's
+    umask) before the rename, so finished files are as readable as any other file the user writes.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -76,6 +106,34 @@ def atomic_save_torch(path: str | os.PathLike, obj: Any) -> Path:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def damaged(path: str | os.PathLike, flag: str, what: str, error: BaseException, recover: str) -> BadInput:
+    """The one-line error for a damaged file: which file, what it should be, and how to recover."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:60]
+    return BadInput(flag, str(path), f"an intact {what} (this file is damaged: {reason}; {recover})")
+
+
+def load_torch(path: str | os.PathLike, flag: str, what: str, recover: str, **kw: Any) -> Any:
+    """`torch.load` of a checkpoint or cache file; a truncated or corrupt file is a `BadInput`
+    naming `flag`, the file and how to recover (see `damaged`)."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        return torch.load(path, **kw)
+    except (RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise damaged(path, flag, what, e, recover) from None
+
+
+def read_json(path: str | os.PathLike, flag: str, what: str, recover: str) -> Any:
+    """A JSON file; a truncated or corrupt one is a `BadInput` (see `damaged`)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise damaged(path, flag, what, e, recover) from None
 
 
 def read_csv(path: str | os.PathLike) -> pd.DataFrame:
@@ -143,6 +201,109 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+LOCK_NAME = ".sandbox.lock"
+#: Run folders this process holds: real path -> file descriptor of the flocked lock file.
+_HELD: dict[str, int] = {}
+
+
+def claim_run_dir(path: str | os.PathLike, command: str, flag: str = "--out") -> Path:
+    """Make `path` this process's run folder for `command`, for the rest of the run.
+
+    Creates the folder and takes an exclusive, non-blocking ``flock`` on ``path/.sandbox.lock``
+    (the holder's pid is written into it). The kernel releases it when the process exits or is
+    killed, so no stale lock survives a crash; `release_run_dir` (called by `RunDir.finish`)
+    releases it earlier. Calling it again in the same process is a no-op, so library layers can
+    each claim the folder they write.
+
+    Raises `BadInput` naming `flag` (one line, exit 2) when the path is an existing regular file,
+    cannot be created or written (read-only filesystem, permissions), is held by another live
+    process (concurrent runs on one folder are not supported), holds a run of another command
+    (its ``manifest.json`` names another command, or it holds ``full``'s ``seed-N`` folders) or
+    has a damaged ``manifest.json``.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise BadInput(flag, str(path), "a folder (this path is an existing file)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        key = os.path.realpath(path)
+        if key in _HELD:
+            return path
+        fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    except OSError as e:
+        raise BadInput(flag, str(path), f"a folder this user can create and write to ({e.strerror or e})") from None
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise BadInput(flag, str(path), f"a folder no other run is using (process {holder} is running in it; "
+                           "concurrent runs on one folder are not supported)") from None
+        except OSError:  # a filesystem without flock: run unlocked rather than not at all
+            pass
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass
+    _HELD[key] = fd
+    try:
+        _check_owner(path, command, flag)
+    except BaseException:
+        release_run_dir(path)
+        raise
+    return path
+
+
+def check_folder(path: str | os.PathLike, flag: str) -> Path:
+    """Check that `path` is, or can be created as, a writable folder (a cache, say), without creating
+    it: a regular file on the way or a place this user cannot write is a `BadInput` naming `flag`."""
+    path = Path(path)
+    first = path
+    while not first.exists() and first != first.parent:
+        first = first.parent
+    if not first.is_dir():
+        raise BadInput(flag, str(path), f"a folder ({first} is an existing file)")
+    if not os.access(first, os.W_OK | os.X_OK):
+        raise BadInput(flag, str(path), f"a folder this user can create and write to ({first} is not writable)")
+    return path
+
+
+def release_run_dir(path: str | os.PathLike) -> None:
+    """Release this process's claim on run folder `path` (no-op if it holds none)."""
+    fd = _HELD.pop(os.path.realpath(path), None)
+    if fd is not None:
+        os.close(fd)   # closing the descriptor drops the flock
+
+
+def _check_owner(path: Path, command: str, flag: str) -> None:
+    """Refuse a folder that holds a run of another command (its manifest, or `full`'s seed folders)."""
+    m = path / "manifest.json"
+    if m.exists():
+        other = read_manifest_file(m, flag).get("command")
+        if other is not None and other != command:
+            raise BadInput(flag, str(path), f"a new folder or one holding a {command} run (this one holds a "
+                           f"{other} run)")
+    elif command != "full" and any(path.glob("seed-*/manifest.json")):
+        raise BadInput(flag, str(path), f"a new folder or one holding a {command} run (this one holds full runs, "
+                       "one seed-N folder per seed)")
+
+
+def read_manifest_file(path: str | os.PathLike, flag: str = "--out") -> dict:
+    """A manifest's JSON; a damaged one is a `BadInput` naming the file and how to recover."""
+    path = Path(path)
+    try:
+        m = json.loads(path.read_text())
+        if not isinstance(m, dict):
+            raise ValueError("not a JSON object")
+        return m
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadInput(flag, str(path.parent), f"a run folder with a readable manifest.json ({path} is damaged: "
+                       f"{str(e).splitlines()[0][:60]}; move it away and rerun to resume with a fresh "
+                       "manifest)") from None
+
+
 class RunDir:
     """A run folder and its manifest.
 
@@ -150,7 +311,8 @@ class RunDir:
     >>> run.write_csv("results.csv", rows); run.finish()
 
     Re-opening an existing folder (a resumed run) keeps its first start time and records each
-    resume in ``manifest["resumes"]``.
+    resume in ``manifest["resumes"]``. `create` claims the folder (`claim_run_dir`: one run per
+    folder, no folder of another command); `finish` releases it.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -160,7 +322,7 @@ class RunDir:
     def create(cls, path: str | os.PathLike, command: str, config: Any, seeds: list[int] | None = None,
                argv: list[str] | None = None, extra: dict | None = None) -> "RunDir":
         run = cls(path)
-        run.path.mkdir(parents=True, exist_ok=True)
+        claim_run_dir(run.path, command)
         old = run.read_manifest() if run.manifest_path.exists() else None
         manifest = {
             "command": command,
@@ -184,7 +346,7 @@ class RunDir:
         return self.path / "manifest.json"
 
     def read_manifest(self) -> dict:
-        return json.loads(self.manifest_path.read_text())
+        return read_manifest_file(self.manifest_path)
 
     def update_manifest(self, **fields: Any) -> None:
         m = self.read_manifest()
@@ -192,7 +354,13 @@ class RunDir:
         atomic_write_json(self.manifest_path, m)
 
     def finish(self, **fields: Any) -> None:
+        """Record the end time (and `fields`) and release the folder for the next run."""
         self.update_manifest(ended=now_iso(), **fields)
+        self.release()
+
+    def release(self) -> None:
+        """Release this process's claim on the folder (see `claim_run_dir`)."""
+        release_run_dir(self.path)
 
     def file(self, name: str) -> Path:
         return self.path / name

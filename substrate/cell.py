@@ -50,7 +50,7 @@ from sandbox.cells import Cell, parse_cell
 from sandbox.errors import BadInput, require
 from sandbox.lifecycle import (LifecycleConfig, Population, event_rows, fitness, lifecycle_step, loo_gates,
                                reset_adam_state, reset_mask)
-from sandbox.results import RunDir, atomic_save_torch, to_jsonable
+from sandbox.results import RunDir, atomic_save_torch, claim_run_dir, load_torch, read_json, to_jsonable
 from sandbox.router import Router, RouterConfig, gate_rows
 from substrate.corpus import Corpus, CorpusConfig, load_text_domains, sample_batch, synthetic_corpus
 from substrate.model import GPT, POOLINGS, PRESETS, autocast, freeze_base, load_banks, preset, routing_features
@@ -479,16 +479,26 @@ def run_cell(cfg: CellConfig, out: str | Path, cache_dir: str | Path = "runs/cac
     `progress(step, steps, info)` is called after every step.
     """
     out = Path(out)
+    claim_run_dir(out, "full")   # one run per folder, never another command's folder
     ck_path = out / "checkpoint.pt"
     if (out / "metrics.json").exists():
-        import json
-
-        m = json.loads((out / "metrics.json").read_text())
-        if m.get("config", {}) == to_jsonable(cfg.identity()):
-            return CellResult(out, True, m["steps"], m)
-        raise BadInput("--out", str(out), "an empty folder or one holding a run of the same config (this one "
-                       "holds a finished run with a different config)")
-    ck = torch.load(ck_path, map_location="cpu", weights_only=False) if ck_path.exists() else None
+        m = read_json(out / "metrics.json", "--out", "metrics.json",
+                      "delete it and rerun to resume from the checkpoint, or delete the folder to start over")
+        if m.get("config", {}) != to_jsonable(cfg.identity()):
+            raise BadInput("--out", str(out), "an empty folder or one holding a run of the same config (this one "
+                           "holds a finished run with a different config)")
+        run = RunDir(out)
+        if not run.manifest_path.exists():
+            run = RunDir.create(out, "full", cfg, seeds=[cfg.seed], argv=argv)
+        if run.read_manifest().get("ended") is None or ck_path.exists():
+            _complete(run, m, figures)   # killed between metrics.json and the end: finish the folder now
+        else:
+            run.release()
+        return CellResult(out, True, m["steps"], m)
+    ck = None
+    if ck_path.exists():
+        ck = load_torch(ck_path, "--out", "checkpoint", "delete it and rerun to restart this seed from step 0",
+                        map_location="cpu", weights_only=False)
     if ck is not None and ck["config"] != cfg.identity():
         raise BadInput("--out", str(out), "an empty folder or one holding a run of the same config (its "
                        "checkpoint has a different config)")
@@ -527,17 +537,26 @@ def run_cell(cfg: CellConfig, out: str | Path, cache_dir: str | Path = "runs/cac
             atomic_save_torch(ck_path, checkpoint(cfg, st))
         if stopping:
             _write_tables(run, st)
+            run.release()
             return CellResult(out, False, st.step, None)
     st.wall_s += time.perf_counter() - t0
     metrics = finish(cfg, st, sub, run)
+    _complete(run, metrics, figures)
+    return CellResult(out, True, st.step, metrics)
+
+
+def _complete(run: RunDir, metrics: dict, figures: bool) -> None:
+    """Everything after ``metrics.json``: the figures, the checkpoint removed, then the manifest's
+    end time (the last write, so a folder is finished exactly when ``ended`` is set and no
+    checkpoint is left). Idempotent: a rerun of a folder killed in between calls it again."""
     if figures:
         from figures.report import build_report
 
-        build_report(out)
-    run.finish(metrics=metrics)
+        build_report(run.path)
+    ck_path = run.path / "checkpoint.pt"
     if ck_path.exists():
         ck_path.unlink()
-    return CellResult(out, True, st.step, metrics)
+    run.finish(metrics=metrics)
 
 
 def _write_tables(run: RunDir, st: RunState) -> None:

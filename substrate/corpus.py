@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from sandbox.errors import BadInput, require
-from sandbox.results import atomic_write_bytes, atomic_write_json, config_hash
+from sandbox.results import atomic_write_bytes, atomic_write_json, config_hash, damaged
 from sandbox.tasks import TaskSpec, make_task, stream
 
 # Stream offsets for the user seed (sandbox.tasks uses 0..2).
@@ -310,7 +310,11 @@ def synthetic_corpus(cfg: CorpusConfig, cache_dir: str | Path | None = None) -> 
     splits: dict[str, torch.Tensor] = {}
     if path is not None and all((path / f"{s}.npy").exists() for s in SPLITS):
         for s in SPLITS:
-            splits[s] = torch.from_numpy(np.load(path / f"{s}.npy"))
+            try:
+                splits[s] = torch.from_numpy(np.load(path / f"{s}.npy"))
+            except (ValueError, EOFError, OSError) as e:
+                raise damaged(path / f"{s}.npy", "--cache", "cached corpus split", e,
+                              "delete it and rerun to sample the corpus again") from None
     else:
         sizes = {"train": cfg.train_windows, "heldout": cfg.heldout_windows}
         for j, s in enumerate(SPLITS):

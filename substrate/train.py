@@ -33,7 +33,7 @@ from torch import Tensor
 
 from sandbox.adapters import init_factors, product_inner, product_norm, refactor
 from sandbox.errors import require
-from sandbox.results import atomic_save_torch, config_hash
+from sandbox.results import atomic_save_torch, config_hash, load_torch
 from sandbox.tasks import stream
 from substrate.corpus import Corpus, sample_batch
 from substrate.model import GPT, ModelConfig, autocast, build_model, freeze_base
@@ -127,7 +127,8 @@ def pretrain(model_cfg: ModelConfig, corpus: Corpus, steps: int = 300, lr: float
     model = build_model(model_cfg, seed, device)
     path = Path(cache_dir) / f"base-{pretrain_key(model_cfg, corpus, tcfg)}.pt" if cache_dir is not None else None
     if path is not None and path.exists():
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = load_torch(path, "--cache", "cached base checkpoint", "delete it and rerun to pretrain the base again",
+                           map_location=device, weights_only=True)
         _load_base(model, state["weights"])
         if log is not None:
             log.extend(state["log"])
@@ -202,7 +203,8 @@ def train_specialists(base: GPT, corpus: Corpus, steps: int = 200, lr: float = 1
                        "train": asdict(tcfg)}, n=16)
     path = Path(cache_dir) / f"specialists-{key}.pt" if cache_dir is not None else None
     if path is not None and path.exists():
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch(path, "--cache", "cached specialists checkpoint", "delete it and rerun to train them again",
+                           map_location="cpu", weights_only=True)
         if log is not None:
             log.extend(state["log"])
         return {k: (v["A"], v["B"]) for k, v in state["factors"].items()}

@@ -11,8 +11,10 @@ keyed by the user attribute ``key = "<cell>/<seed>"``:
   new trial is opened for the key; the cell run itself resumes from its checkpoint in
   ``trials/<cell>_s<seed>/``, so at most one checkpoint interval of work is lost.
 
-One process drives one folder at a time (two processes on the same folder would both see a
-RUNNING trial as stale). The base, the corpus and the specialists are prepared once and shared by
+One process drives one folder at a time: the folder is claimed for the run's duration
+(`sandbox.results.claim_run_dir`), and a second factorial on it is refused with one line naming
+``--out`` (two processes on one ledger would each see the other's RUNNING trial as stale). The
+base, the corpus and the specialists are prepared once and shared by
 every trial (`substrate.cell.prepare_substrate`), so the cells differ only in their letters and
 pair by seed.
 
@@ -35,7 +37,7 @@ import pandas as pd
 from sandbox.cells import DEFAULT_CELLS, parse_cell
 from sandbox.errors import BadInput, require
 from sandbox.options import DEFAULT_SEEDS
-from sandbox.results import RunDir, atomic_write_csv, config_hash, to_jsonable
+from sandbox.results import RunDir, atomic_write_csv, claim_run_dir, config_hash, to_jsonable
 from substrate.cell import CellConfig, prepare_substrate, run_cell
 from sweeps.ledger import TrialLedger
 
@@ -124,6 +126,7 @@ def run_factorial(fcfg: FactorialConfig, out: str | Path, cache_dir: str | Path 
     `progress(cell, seed, step, steps, info)` after every step of a computed trial.
     """
     out = Path(out)
+    claim_run_dir(out, "factorial")   # one run per folder, never another command's folder
     manifest = out / "manifest.json"
     if manifest.exists():
         old = RunDir(out).read_manifest().get("settings")
@@ -132,7 +135,8 @@ def run_factorial(fcfg: FactorialConfig, out: str | Path, cache_dir: str | Path 
                            "(cells and seeds may differ)")
     run = RunDir.create(out, "factorial", fcfg, seeds=list(fcfg.seeds), argv=argv,
                         extra={"settings": fcfg.settings(), "eps": fcfg.eps, "alpha": fcfg.alpha})
-    ledger = TrialLedger(storage or out / "ledger.journal", f"{STUDY}-{config_hash(fcfg.settings())}")
+    ledger = TrialLedger(storage or out / "ledger.journal", f"{STUDY}-{config_hash(fcfg.settings())}",
+                         flag="--storage" if storage else "--out")
     sub = None
     rows, computed, reused = [], 0, 0
     for seed in fcfg.seeds:

@@ -23,38 +23,214 @@ User attributes of a trial: ``key``, ``point_key``, ``seed``, ``axes`` (axis nam
 ``rows`` (the results.csv rows of both arms, without point index and axis columns) and ``delta``.
 The trial's value is delta (``log loss_grad - log loss_evo``); a pair with a diverged arm is stored
 as a FAIL trial (Optuna values must be finite) but is still a finished result.
+
+Journal files (the default storage):
+
+- the path is made absolute, and writers serialise on ``flock`` of ``<journal>.flock``
+  (`FlockLock`) instead of Optuna's default symlink lock. The kernel drops a flock when its holder
+  dies, so a run killed while appending never leaves a stale lock behind. (Optuna's symlink lock,
+  left behind by a kill, pointed at a relative target that did not exist; its grace period never
+  started and the next run spun forever.)
+- a kill in the middle of an append can leave a final line without its newline. Opening the
+  journal cuts that partial line (`repair_journal`, under the lock) before anything is appended,
+  so a resumed run never writes after a cut line; the lost write is the trial in flight, which is
+  computed again.
+- a journal damaged anywhere else, an unreachable or malformed storage URL, or a missing database
+  driver is a one-line `BadInput` naming the flag (``--out`` for the default journal, ``--storage``
+  otherwise).
 """
 
 from __future__ import annotations
 
+import errno
 import math
+import os
+import time
 from pathlib import Path
 from typing import Callable, Iterable
 
 import optuna
 from optuna.distributions import FloatDistribution
+from optuna.storages.journal import JournalFileOpenLock
 from optuna.trial import TrialState, create_trial
 
-from sandbox.results import to_jsonable
+from sandbox.errors import BadInput
+from sandbox.results import FILE_MODE, LOCK_NAME, claim_run_dir, release_run_dir, to_jsonable
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: Optuna's open lock with a short grace period
+    fcntl = None
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
+#: Grace period (s) of the fallback lock on filesystems without flock: a lock file older than this
+#: is broken (appends take milliseconds).
+FALLBACK_GRACE_S = 10
 
-def journal_or_url(storage: str | Path):
-    """An Optuna storage URL (anything with ``://``) as it is; otherwise a journal file at that path."""
-    s = str(storage)
-    if "://" in s:
-        return s
+
+class FlockLock:
+    """Journal writers' lock: an exclusive ``flock`` on ``<journal>.flock`` (the ``acquire`` /
+    ``release`` interface of Optuna's journal file locks).
+
+    Blocking, and held only while one append runs. The kernel releases it when the holding
+    process exits or is killed, so, unlike Optuna's symlink/open locks, it can never be left stale.
+    """
+
+    def __init__(self, journal: str | Path):
+        self.path = str(journal) + ".flock"
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)   # drops the flock
+
+
+def journal_lock(journal: str | Path):
+    """`FlockLock` where the filesystem supports flock; else Optuna's open lock on the absolute
+    path with a grace period of `FALLBACK_GRACE_S` seconds (a stale lock is broken after that)."""
+    journal = os.path.abspath(journal)
+    if fcntl is not None:
+        probe = FlockLock(journal)
+        try:
+            fd = os.open(probe.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return probe
+            except BlockingIOError:
+                return probe       # held by a live writer: flock works here
+            except OSError as e:
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+    return JournalFileOpenLock(journal, grace_period=FALLBACK_GRACE_S)
+
+
+def repair_journal(path: str | Path) -> int:
+    """Cut a final line left without its newline by a kill mid-append; returns the bytes removed.
+
+    Optuna appends whole lines (each ends with a newline), so only the last line can be partial,
+    and it was never a complete operation. Without the cut, the next append would land after the
+    partial line and make it an undecodable line in the middle of the journal. Call it holding
+    the journal's lock (`journal_or_url` does).
+    """
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        keep, pos = 0, size
+        while pos > 0:
+            start = max(0, pos - 65536)
+            f.seek(start)
+            i = f.read(pos - start).rfind(b"\n")
+            if i >= 0:
+                keep = start + i + 1
+                break
+            pos = start
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+        return size - keep
+
+
+def _first_line(e: BaseException, n: int = 100) -> str:
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text[:n] + ("..." if len(text) > n else "")
+
+
+def _journal(path: Path, flag: str):
+    """A `JournalStorage` on the journal file `path` (absolute, flock, partial last line cut)."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    Path(s).parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(s))
+    path = Path(os.path.abspath(path))
+    if path.exists() and not path.is_file():
+        raise BadInput(flag, str(path), "a journal file path (this is a folder)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = journal_lock(path)
+        with open(path, "ab"):
+            pass
+        lock.acquire()
+        try:
+            repair_journal(path)
+        finally:
+            lock.release()
+    except OSError as e:
+        raise BadInput(flag, str(path), f"a journal file this user can create and write ({e.strerror or e})") from None
+    try:
+        return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise BadInput(flag, str(path), f"an intact Optuna journal (this one is damaged: {_first_line(e, 60)}; move "
+                       "it away to start the ledger afresh, losing its finished trials)") from None
 
 
-def storage_for(out: Path, storage: str | None):
-    """`storage` (an Optuna URL) or, by default, a journal file ``out/trials.journal``."""
-    return journal_or_url(storage if storage is not None else Path(out) / "trials.journal")
+def _rdb(url: str, flag: str, attempts: int = 5):
+    """An `RDBStorage` on `url`; a creation race (two runs creating one fresh database's tables)
+    is retried, anything else is a `BadInput` naming `flag`."""
+    from optuna.storages import RDBStorage
+
+    allowed = "a reachable Optuna storage URL, e.g. sqlite:///runs/ledger.db or postgresql://user@host/db"
+    for i in range(attempts):
+        try:
+            return RDBStorage(url)
+        except Exception as e:   # sqlalchemy errors, missing drivers, bad URLs: all one line
+            if "already exists" in str(e) and i + 1 < attempts:
+                time.sleep(0.2 * (i + 1))
+                continue
+            raise BadInput(flag, url, f"{allowed} ({type(e).__name__}: {_first_line(e)})") from None
+    raise AssertionError("unreachable")
+
+
+def journal_or_url(storage: str | Path, flag: str = "--storage"):
+    """An Optuna storage: an `RDBStorage` for a URL (anything with ``://``), otherwise a journal
+    file at that path (see the module docstring). Problems are `BadInput` naming `flag`."""
+    s = str(storage)
+    if "://" in s:
+        return _rdb(s, flag)
+    return _journal(Path(s), flag)
+
+
+def storage_for(out: Path, storage: str | None, command: str = "sweep"):
+    """The ledger of run folder `out`: `storage` (an Optuna URL or journal path) or, by default, a
+    journal file ``out/trials.journal``.
+
+    Claims `out` first (`sandbox.results.claim_run_dir`), so a second run on the same folder is
+    refused before it touches the ledger and a folder of another command is never written.
+    """
+    out = Path(out)
+    fresh = not out.exists()
+    claim_run_dir(out, command)
+    try:
+        if storage is not None:
+            return journal_or_url(storage, "--storage")
+        return journal_or_url(out / "trials.journal", "--out")
+    except BadInput:
+        if fresh:   # leave no empty folder behind a refused storage
+            release_run_dir(out)
+            (out / LOCK_NAME).unlink(missing_ok=True)
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+        raise
 
 
 def open_study(store, study: str, direction: str = "maximize", sampler=None) -> optuna.Study:
@@ -98,10 +274,11 @@ class TrialLedger:
     Args:
         storage: an Optuna storage URL, or a path used as an Optuna journal file.
         study: the study name.
+        flag: the flag named when the storage is unusable (``--out`` for a journal in the run folder).
     """
 
-    def __init__(self, storage: str | Path, study: str):
-        self.study = open_study(journal_or_url(storage), study, direction="minimize")
+    def __init__(self, storage: str | Path, study: str, flag: str = "--storage"):
+        self.study = open_study(journal_or_url(storage, flag), study, direction="minimize")
 
     def _trials(self, key: str, state) -> list:
         return [t for t in self.study.get_trials(deepcopy=False, states=(state,)) if t.user_attrs.get("key") == key]

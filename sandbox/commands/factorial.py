@@ -28,7 +28,7 @@ def factorial(
     anneal_steps: Optional[int] = O["anneal_steps"], pooling: str = O["pooling"], perturb_base: float = O["perturb_base"],
     slots: int = O["slots"], rank: int = O["rank"], context: Optional[int] = O["context"],
     pretrain_steps: Optional[int] = O["pretrain_steps"], eval_windows: Optional[int] = O["eval_windows"],
-    cache: str = O["cache"], threads: Optional[int] = O["threads"],
+    cache: str = O["cache"], threads: Optional[int] = O["threads"], yes: bool = O["yes"],
     no_figures: bool = typer.Option(False, "--no-figures", help="Skip drawing figures (tables only)."),
 ) -> None:
     """Run the factorial of cells x seeds and attribute the effect (probes: --inherit-alpha 0, --perturb-base S)."""
@@ -52,11 +52,15 @@ def factorial(
     chosen = [c.name for c in parse_cells(cells)]
     seed_list = parse_seeds(seeds)
     notes: list[str] = []
-    template = cell_template(chosen[0], seed_list[0], kw, notes.append)
+    template = cell_template(chosen[0], seed_list[0], kw, notes.append, yes=yes)
     fcfg = FactorialConfig(base=template, cells=tuple(chosen), seeds=tuple(seed_list), eps=eps, alpha=alpha_level)
     for note in notes:  # printed only once every option is known to be valid
         err.print(note)
     root = Path(out) if out else Path("runs") / f"factorial-{config_hash(fcfg.settings())[:8]}"
+    from sandbox.results import check_folder, claim_run_dir
+
+    check_folder(cache, "--cache")
+    claim_run_dir(root, "factorial")   # refuse a held or foreign folder before printing anything
     err.print(f"factorial: {len(chosen)} cells x {len(seed_list)} seeds, preset {template.preset}, "
               f"{template.steps} steps each on {template.device} -> {root}")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -20,7 +20,8 @@ PRESET_STEPS = {"tiny": 100, "small": CPU_STEPS}
 # Shared option declarations (used by `full` and `factorial`).
 O = dict(
     preset=typer.Option(None, "--preset", help="tiny, small or widened-1536 (default: widened-1536 with CUDA, small on CPU)."),
-    steps=typer.Option(None, "--steps", help="Adaptation steps (default: 25000 for widened-1536 on CUDA, 200 on CPU)."),
+    steps=typer.Option(None, "--steps", help="Adaptation steps (default: 25000 for widened-1536, 200 for small, 100 "
+                       "for tiny; with no --preset, widened-1536 on CUDA and small on CPU)."),
     alignment=typer.Option(0.5, "--alignment", help="Starting adapters: 0 random .. 1 the per-domain specialists."),
     data=typer.Option(None, "--data", help="Real text folder (one subfolder of .txt files per domain)."),
     device=typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -51,9 +52,12 @@ O = dict(
     eval_windows=typer.Option(None, "--eval-windows", help="Held-out windows per domain per evaluation (default all)."),
     cache=typer.Option("runs/cache", "--cache", help="Cache folder for corpora, pretrained bases and specialists."),
     threads=typer.Option(None, "--threads", help="torch CPU threads (default: 1 on machines with <= 2 cores, else torch's default)."),
+    yes=typer.Option(False, "--yes", help="Run widened-1536 on a CPU anyway (it takes weeks there; refused without it)."),
 )
 #: The options that become `CellConfig` fields (all of `O` except the execution settings).
-KNOBS = tuple(k for k in O if k not in ("cache", "threads"))
+KNOBS = tuple(k for k in O if k not in ("cache", "threads", "yes"))
+#: Throughput of widened-1536 measured on 2 CPU cores (README, "Speed on this machine"): tokens/s.
+CPU_TOKENS_PER_S = {"adapt": 40.0, "pretrain": 16.0}
 
 
 def apply_threads(threads: int | None) -> None:
@@ -92,8 +96,29 @@ def schedule(steps: int, interval: int | None, min_age: int | None, eval_every: 
             "checkpoint_every": checkpoint_every if checkpoint_every is not None else ev}
 
 
-def cell_template(cell: str, seed: int, kw: dict, say) -> "CellConfig":
-    """A validated `CellConfig` from the command's options (`kw`), resolving device and defaults."""
+def cpu_hours(cfg) -> float:
+    """Rough CPU hours of one run of `cfg` (adaptation plus, if not cached yet, pretraining), from
+    the throughput measured for widened-1536 on 2 cores (`CPU_TOKENS_PER_S`)."""
+    s = cfg.substrate()
+    adapt = cfg.steps * cfg.batch * s["context"] / CPU_TOKENS_PER_S["adapt"]
+    pre = s["pretrain_steps"] * s["pretrain_batch"] * s["context"] / CPU_TOKENS_PER_S["pretrain"]
+    return (adapt + pre) / 3600
+
+
+def check_affordable(cfg, yes: bool) -> None:
+    """Refuse widened-1536 on a CPU unless `yes`: it would silently start weeks of work."""
+    from sandbox.errors import BadInput
+
+    if cfg.device == "cpu" and cfg.preset == GPU_PRESET and not yes:
+        s = cfg.substrate()
+        raise BadInput("--preset", cfg.preset, f"tiny or small on a CPU ({GPU_PRESET} here means {cfg.steps} steps plus "
+                       f"{s['pretrain_steps']} pretraining steps, roughly {cpu_hours(cfg):,.0f} CPU hours at the "
+                       f"throughput measured on 2 cores; add --yes to run it anyway)")
+
+
+def cell_template(cell: str, seed: int, kw: dict, say, yes: bool = False) -> "CellConfig":
+    """A validated `CellConfig` from the command's options (`kw`), resolving device and defaults.
+    widened-1536 on a CPU is refused unless `yes` (`check_affordable`)."""
     from sandbox.errors import BadInput
     from substrate.cell import CellConfig
 
@@ -120,6 +145,7 @@ def cell_template(cell: str, seed: int, kw: dict, say) -> "CellConfig":
     if kw.get("data") is not None and not Path(kw["data"]).is_dir():
         raise BadInput("--data", kw["data"], "a folder with one subfolder of .txt files per domain")
     cfg = CellConfig(cell=cell, seed=seed, preset=preset, steps=steps, device=device, **kw)   # validates every knob
+    check_affordable(cfg, yes)
     if note:
         say(note)
     return cfg
@@ -141,7 +167,7 @@ def full(
     anneal_steps: Optional[int] = O["anneal_steps"], pooling: str = O["pooling"], perturb_base: float = O["perturb_base"],
     slots: int = O["slots"], rank: int = O["rank"], context: Optional[int] = O["context"],
     pretrain_steps: Optional[int] = O["pretrain_steps"], eval_windows: Optional[int] = O["eval_windows"],
-    cache: str = O["cache"], threads: Optional[int] = O["threads"],
+    cache: str = O["cache"], threads: Optional[int] = O["threads"], yes: bool = O["yes"],
 ) -> None:
     """Run one factorial cell (R: sigmoid router on hidden states; E: per-domain fitness; L: lifecycle)."""
     kw = {k: v for k, v in locals().items() if k in KNOBS}
@@ -159,8 +185,12 @@ def full(
     seed_list = parse_seeds(seeds)
     if stop_after is not None:
         check_int(stop_after, "--stop-after", 1)
-    template = cell_template(name, seed_list[0], kw, lambda m: console.print(m))
+    template = cell_template(name, seed_list[0], kw, lambda m: console.print(m), yes=yes)
     root = Path(out) if out else Path("runs") / f"full-{name.replace('+', '')}-{config_hash(template.identity())[:8]}"
+    from sandbox.results import claim_run_dir, check_folder
+
+    check_folder(cache, "--cache")
+    claim_run_dir(root, "full")   # the seeds' parent: never another command's folder, one run at a time
     rows = []
     for seed in seed_list:
         cfg = replace(template, seed=seed)
@@ -199,7 +229,7 @@ def _print_summary(cell: str, rows) -> None:
 
     t = Table(title=f"cell {cell}: held-out log-PPL (nats/token), floor = true entropy rate")
     for c in ("seed", "balanced log-PPL", "gap to floor", "start", "plain base", "events", "tokens/s", "diverged", "folder"):
-        t.add_column(c)
+        t.add_column(c, overflow="fold")
     for seed, folder, m in rows:
         if m is None:
             t.add_row(str(seed), "(stopped)", "", "", "", "", "", "", str(folder))
@@ -208,7 +238,14 @@ def _print_summary(cell: str, rows) -> None:
         t.add_row(str(seed), f("balanced_log_ppl", ".4f"), f("balanced_gap_to_floor", "+.4f"),
                   f("initial_balanced_log_ppl", ".4f"), f("base_balanced_log_ppl", ".4f"), str(m["lifecycle_events"]),
                   f("tokens_per_s", ".0f"), f"step {m['diverged_step']}" if m["diverged"] else "no", str(folder))
-    Console().print(t)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
+        console = Console(width=200)
+    console.print(t)
+    for seed, folder, m in rows:   # on their own lines, so no table width can hide them
+        if m is not None:
+            console.print(f"seed {seed}: tables in {folder}, figures in {Path(folder) / 'figures'}", highlight=False,
+                          soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

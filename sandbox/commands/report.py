@@ -23,8 +23,41 @@ def _cell(v) -> str:
     return str(v)
 
 
+def run_folders(run_dir) -> list:
+    """The folders to report for `run_dir`: itself, or, for the folder given to ``full --out`` (no
+    table of its own, one ``seed-N`` run folder per seed), every seed's folder in seed order."""
+    from pathlib import Path
+
+    from figures.report import TABLES
+
+    root = Path(run_dir)
+    if root.is_dir() and not any((root / t).is_file() for t in TABLES):
+        seeds = [d for d in root.glob("seed-*") if d.is_dir() and any((d / t).is_file() for t in TABLES)]
+        if seeds:
+            return sorted(seeds, key=lambda d: (len(d.name), d.name))
+    return [root]
+
+
+def truncated_tables(folder) -> list[str]:
+    """The CSV tables of `folder` whose last line lacks its newline: cut short by a copy or a disk
+    problem (this tool writes every file atomically), so their last row is partial or missing."""
+    from pathlib import Path
+
+    cut = []
+    for f in sorted(Path(folder).glob("*.csv")):
+        with open(f, "rb") as fh:
+            size = fh.seek(0, 2)
+            if size == 0:
+                continue
+            fh.seek(size - 1)
+            if fh.read(1) != b"\n":
+                cut.append(f.name)
+    return cut
+
+
 def report(
-    run_dir: str = typer.Argument(..., metavar="DIR", help="A run folder written by sweep, factorial or full."),
+    run_dir: str = typer.Argument(..., metavar="DIR", help="A run folder written by sweep, factorial or full "
+                                  "(for full, the --out folder reports every seed-N folder in it)."),
     recompute: bool = typer.Option(False, "--recompute", help="Regenerate summary.csv / attribution.csv from "
                                    "results.csv / cells.csv even when they exist."),
     study: bool = typer.Option(False, "--study", help="Draw the study's reported contrast values "
@@ -32,16 +65,27 @@ def report(
 ) -> None:
     """Rebuild the figures (PNG + SVG under DIR/figures) and print the summary tables."""
     from rich.console import Console
-    from rich.table import Table
-
-    import pandas as pd
 
     from figures.report import build_report
 
-    rep = build_report(run_dir, recompute=recompute, study=study)
     console = Console()
     if not console.is_terminal:  # piped or captured: do not squeeze the tables into 80 columns
         console = Console(width=160)
+    err = Console(stderr=True, width=console.width)
+    folders = run_folders(run_dir)
+    for folder in folders:
+        if len(folders) > 1:
+            console.print(f"[bold]{folder}[/bold]", highlight=False)
+        for name in truncated_tables(folder):
+            err.print(f"warning: {folder}/{name} ends in the middle of a line (cut short?): its last row is "
+                      "partial or missing, so the summary below may be wrong", highlight=False, soft_wrap=True)
+        _report_one(console, build_report(folder, recompute=recompute, study=study), folder)
+
+
+def _report_one(console, rep, run_dir) -> None:
+    import pandas as pd
+    from rich.table import Table
+
     for title, df in rep.tables.items():
         t = Table(title=title, title_justify="left")
         for col in df.columns:
