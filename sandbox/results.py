@@ -228,6 +228,7 @@ def claim_run_dir(path: str | os.PathLike, command: str, flag: str = "--out") ->
         path.mkdir(parents=True, exist_ok=True)
         key = os.path.realpath(path)
         if key in _HELD:
+            _check_owner(path, command, flag)
             return path
         fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, FILE_MODE)
     except OSError as e:

@@ -43,6 +43,7 @@ Journal files (the default storage):
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import time
@@ -150,6 +151,23 @@ def repair_journal(path: str | Path) -> int:
         return size - keep
 
 
+def check_journal(path: str | Path) -> None:
+    """Raise ValueError naming the first line of journal `path` that is not one JSON operation.
+
+    After `repair_journal` every line is complete, so such a line was damaged outside this tool (or
+    by an older release that appended after a partial line). Optuna reports one only when a later
+    line follows it, possibly in the middle of a run; checking every line up front says so at once.
+    """
+    with open(path, "rb") as f:
+        for i, line in enumerate(f, start=1):
+            try:
+                op = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"line {i}: {e}") from None
+            if not isinstance(op, dict) or "op_code" not in op:
+                raise ValueError(f"line {i}: not a journal operation")
+
+
 def _first_line(e: BaseException, n: int = 100) -> str:
     text = (str(e).strip().splitlines() or [type(e).__name__])[0]
     return text[:n] + ("..." if len(text) > n else "")
@@ -176,6 +194,7 @@ def _journal(path: Path, flag: str):
     except OSError as e:
         raise BadInput(flag, str(path), f"a journal file this user can create and write ({e.strerror or e})") from None
     try:
+        check_journal(path)
         return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
     except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise BadInput(flag, str(path), f"an intact Optuna journal (this one is damaged: {_first_line(e, 60)}; move "

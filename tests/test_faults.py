@@ -132,6 +132,19 @@ def test_repair_journal_cuts_only_a_partial_last_line(tmp_path, content, kept):
     assert p.read_bytes() == kept
 
 
+def test_journal_with_a_damaged_complete_last_line_is_refused_before_the_run(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["sweep", "--out", str(out), "--points", "1", "--seeds", "1", *SMALL]) == 0
+    j = out / "trials.journal"
+    lines = j.read_bytes().splitlines(keepends=True)
+    j.write_bytes(b"".join(lines[:-1]) + lines[-1][:9] + lines[-1])   # undecodable, but ends in a newline
+    before = j.read_bytes()
+    capsys.readouterr()
+    assert main(["sweep", "--out", str(out), "--points", "2", "--seeds", "1", *SMALL]) == 2
+    assert f"line {len(lines)}" in one_line(capsys.readouterr().err, "--out")
+    assert j.read_bytes() == before
+
+
 def test_journal_damaged_in_the_middle_is_one_line_naming_out(tmp_path, capsys):
     out = tmp_path / "s"
     assert main(["sweep", "--out", str(out), "--points", "2", "--seeds", "2", *SMALL]) == 0

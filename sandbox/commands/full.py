@@ -187,7 +187,7 @@ def full(
         check_int(stop_after, "--stop-after", 1)
     template = cell_template(name, seed_list[0], kw, lambda m: console.print(m), yes=yes)
     root = Path(out) if out else Path("runs") / f"full-{name.replace('+', '')}-{config_hash(template.identity())[:8]}"
-    from sandbox.results import claim_run_dir, check_folder
+    from sandbox.results import check_folder, claim_run_dir, release_run_dir
 
     check_folder(cache, "--cache")
     claim_run_dir(root, "full")   # the seeds' parent: never another command's folder, one run at a time
@@ -197,6 +197,7 @@ def full(
         folder = root / f"seed-{seed}"
         metrics = _run_one(cfg, folder, cache, stop_after, console)
         rows.append((seed, folder, metrics))
+    release_run_dir(root)
     _print_summary(name, rows)
 
 
