@@ -237,7 +237,7 @@ def plot_curve(df: pd.DataFrame, x: str | None = None, eps: float | None = None,
     eps = float(df.attrs.get("eps", np.nan) if eps is None else eps)
     xv = df[x].to_numpy(float)
     with theme():
-        fig = new_figure(7.8, 5.6)
+        fig = new_figure(10.8, 5.6)
         top, strip = fig.subplots(2, 1, sharex=True, height_ratios=[5, 1])
         band = None
         if np.isfinite(eps) and eps > 0:
@@ -251,9 +251,9 @@ def plot_curve(df: pd.DataFrame, x: str | None = None, eps: float | None = None,
         room = restart = None
         if "room" in df and df["room"].notna().any():
             rv = df["room"].to_numpy(float)
-            room = top.fill_between(xv, 0, rv, color=OKABE_ITO["purple"], alpha=0.16, lw=0, zorder=1,
+            room = top.fill_between(xv, 0, rv, color=OKABE_ITO["purple"], alpha=0.22, lw=0, zorder=1,
                                     label="room: oracle ceiling vs grad (mean)")
-            top.plot(xv, rv, color=OKABE_ITO["purple"], lw=1.2, zorder=2)
+            top.plot(xv, rv, color=OKABE_ITO["purple"], lw=1.4, ls=":", zorder=2)
         if "delta_restart" in df and df["delta_restart"].notna().any():
             top.fill_between(xv, df["restart_ci_low"].to_numpy(float), df["restart_ci_high"].to_numpy(float),
                              color=OKABE_ITO["orange"], alpha=0.18, lw=0, zorder=2)
@@ -263,7 +263,7 @@ def plot_curve(df: pd.DataFrame, x: str | None = None, eps: float | None = None,
         (line,) = top.plot(xv, df["mean_delta"].to_numpy(float), color=OKABE_ITO["blue"], lw=2.0,
                            marker="o", ms=4, zorder=3, label="delta: evo search vs grad")
         top.set_ylabel(DELTA_LABEL)
-        top.legend(loc="upper left", frameon=True, framealpha=0.9, fontsize=9)
+        top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8.5)
         top.set_title(title or "Evolution vs gradient along " + x.replace("_", " ") + "\n"
                       + _title_bits(df, eps), fontsize=11.5)
         # Regime strip: one coloured marker per point, on one row beneath the curve.

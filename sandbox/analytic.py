@@ -127,7 +127,7 @@ class SandboxConfig:
         require(isinstance(self.draws, int) and 1 <= self.draws <= 4096, "draws", self.draws, "an integer in [1, 4096]")
         require(isinstance(self.eval_draws, int) and 1 <= self.eval_draws <= 65536, "eval_draws", self.eval_draws,
                 "an integer in [1, 65536]")
-        require(_pos(self.lora_alpha), "lora_alpha", self.lora_alpha, "a number > 0")
+        require(_pos(self.lora_alpha) and self.lora_alpha <= 1e6, "lora_alpha", self.lora_alpha, "a number in (0, 1e6]")
         require(_num(self.loss_floor) and 0 <= self.loss_floor <= 100, "loss_floor", self.loss_floor, "a number in [0, 100]")
         self.evolution  # validates evo, population, mutation_scale, interval
 

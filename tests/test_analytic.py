@@ -223,7 +223,7 @@ def test_gradient_training_reduces_loss():
     ("router", "tanh", "--router"), ("population", 1, "--population"), ("mutation_scale", 0.0, "--mutation-scale"),
     ("interval", 0, "--interval"), ("budget", "flops", "--budget"), ("scope", "local", "--scope"),
     ("loss_floor", -1.0, "--loss-floor"), ("evo", "ga", "--evo"), ("oracle", "best", "--oracle"),
-    ("reset_on_accept", "yes", "--reset-on-accept"),
+    ("reset_on_accept", "yes", "--reset-on-accept"), ("lora_alpha", 1e200, "--lora-alpha"),
 ])
 def test_config_validation_names_flag(field, value, flag):
     with pytest.raises(BadInput) as e:
