@@ -44,6 +44,7 @@ A seed whose loss turns NaN/inf is marked diverged at that step and frozen; the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -169,15 +170,26 @@ def router_config(spec: TaskSpec, cfg: SandboxConfig) -> RouterConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def gram_terms(A: Tensor, B: Tensor, U: Tensor, V: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _per_row(x: float | Tensor, like: Tensor) -> float | Tensor:
+    """A per-row value (a float, or a tensor ``(S,)`` over the leading batch dim of stacked grid
+    points) shaped to broadcast against ``like (S, ...)``."""
+    if not isinstance(x, Tensor):
+        return x
+    return x.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
+def gram_terms(A: Tensor, B: Tensor, U: Tensor, V: Tensor, scale: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``G (*b, K, K)``, ``c (*b, M, K)``, ``e (*b, M)`` of the quadratic loss (module docstring).
 
-    A ``(*b, K, r, d)``, B ``(*b, K, d, r)``, U ``(*b, M, d, r*)``, V ``(*b, M, r*, d)``.
+    A ``(*b, K, r, d)``, B ``(*b, K, d, r)``, U ``(*b, M, d, r*)``, V ``(*b, M, r*, d)``; `scale`
+    a float or a per-row tensor ``(S,)`` (stacked grid points).
     """
-    G = scale ** 2 * slot_gram(A, B)                                   # (*b, K, K)
+    G = slot_gram(A, B)                                                # (*b, K, K)
+    G = _per_row(scale, G) ** 2 * G
     BtU = torch.einsum("...kdi,...mdj->...mkij", B, U)                 # (*b, M, K, r, r*)
     VAt = torch.einsum("...mjd,...kid->...mkij", V, A)                 # (*b, M, K, r, r*)  (= (V A^T)^T)
-    c = scale * (BtU * VAt).sum((-1, -2))                              # (*b, M, K)
+    c = (BtU * VAt).sum((-1, -2))                                      # (*b, M, K)
+    c = _per_row(scale, c) * c
     e = lowrank_inner(U, V, U, V)                                      # (*b, M)
     return G, c, e
 
@@ -206,7 +218,7 @@ def leave_one_out(gates: Tensor, G: Tensor, c: Tensor, e: Tensor) -> Tensor:
 
 
 def domain_losses(rcfg: RouterConfig, params: dict[str, Tensor], A: Tensor, B: Tensor, task: Task,
-                  features: Tensor, step: int, scale: float, floor: float = 0.0) -> Tensor:
+                  features: Tensor, step: int, scale: float | Tensor, floor: float | Tensor = 0.0) -> Tensor:
     """Expected loss per domain ``(S, *p, M)``: mean over the feature draws of
     ``||W(h) - D_m||^2 + floor`` (floor = irreducible teacher noise ``sigma^2 d``).
 
@@ -221,7 +233,8 @@ def domain_losses(rcfg: RouterConfig, params: dict[str, Tensor], A: Tensor, B: T
     feats = features.reshape(S, *([1] * extra), M * N, F)              # (S, [1,] M*N, F)
     gates = router_gates(rcfg, params, feats, step)                    # (S, [P,] M*N, K)
     gates = gates.reshape(*gates.shape[:-2], M, N, gates.shape[-1])    # (S, [P,] M, N, K)
-    return quadratic_loss(gates, G, c, e).mean(-1) + floor
+    out = quadratic_loss(gates, G, c, e).mean(-1)                     # (S, [P,] M)
+    return out + _per_row(floor, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +290,7 @@ class ArmResult:
         return self.accepted.to(DTYPE) / self.generations
 
     def lifecycle_events(self, seeds: Sequence[int]) -> list[int]:
-        """Lifecycle events per seed, in the order of `seeds`."""
+        """Lifecycle events per seed, in the order of `seeds` (one grid point's result)."""
         return [sum(1 for ev in self.events if ev["seed"] == s) for s in seeds]
 
 
@@ -289,16 +302,21 @@ def evo_evaluations(spec: TaskSpec, cfg: SandboxConfig) -> int:
     return cfg.steps + n_gen * cfg.population + (n_life * (spec.slots + 1) if cfg.lifecycle else 0)
 
 
-def _features(task: Task, spec: TaskSpec, cfg: SandboxConfig, salt: int, draws: int) -> Tensor:
-    if spec.context_noise == 0:
-        return task.contexts[:, :, None, :].to(DTYPE)                      # (S, M, 1, F)
-    return noisy_contexts(task, spec.context_noise, draws, salt).to(DTYPE)  # (S, M, N, F)
+def _features(rows: "Rows", salt: int, draws: int) -> Tensor:
+    """Routing features of every row ``(S, M, N, F)``: the contexts when the group is noise-free,
+    else each point's own noise level on its own rows (each seed's own stream)."""
+    if not rows.noisy:
+        return rows.task.contexts[:, :, None, :].to(DTYPE)                        # (S, M, 1, F)
+    parts = [noisy_contexts(rows.part_task(i), spec.context_noise, draws, salt) for i, (spec, _) in
+             enumerate(rows.parts)]
+    return torch.cat(parts).to(DTYPE)                                              # (S, M, N, F)
 
 
 class _Adam:
     """Adam with a per-seed step count, so a seed's moments can be reset on their own."""
 
-    def __init__(self, tensors: dict[str, Tensor], lrs: dict[str, float], S: int, betas=(0.9, 0.999), eps=1e-8):
+    def __init__(self, tensors: dict[str, Tensor], lrs: dict[str, float | Tensor], S: int, betas=(0.9, 0.999),
+                 eps=1e-8):
         self.lrs, self.b1, self.b2, self.eps = lrs, betas[0], betas[1], eps
         self.m = {k: torch.zeros_like(v) for k, v in tensors.items()}
         self.v = {k: torch.zeros_like(v) for k, v in tensors.items()}
@@ -306,16 +324,20 @@ class _Adam:
 
     @torch.no_grad()
     def step(self, tensors: dict[str, Tensor], grads: dict[str, Tensor], alive: Tensor) -> None:
+        """One Adam step in place; rows not `alive` get a zero gradient and no update. Written with
+        in-place and fused ops (lerp_, addcmul_, addcdiv_): at hundreds of stacked rows the
+        adapter update is memory-bound, so every pass over the factors counts."""
+        live = alive.to(DTYPE)                                               # (S,)
         for k, g in grads.items():
             shape = (-1,) + (1,) * (g.ndim - 1)
-            self.t[k] += alive.to(DTYPE)
-            t = self.t[k].clamp_min(1).view(shape)                          # (S, 1, ...)
-            g = torch.where(alive.view(shape), g, torch.zeros_like(g))
-            self.m[k].mul_(self.b1).add_((1 - self.b1) * g)
-            self.v[k].mul_(self.b2).add_((1 - self.b2) * g * g)
-            mhat = self.m[k] / (1 - self.b1 ** t)
-            vhat = self.v[k] / (1 - self.b2 ** t)
-            tensors[k].sub_(self.lrs[k] * alive.view(shape) * mhat / (vhat.sqrt() + self.eps))
+            self.t[k] += live
+            t = self.t[k].clamp_min(1)                                       # (S,)
+            g = g * live.view(shape)
+            self.m[k].lerp_(g, 1 - self.b1)                                  # b1 m + (1 - b1) g
+            self.v[k].mul_(self.b2).addcmul_(g, g, value=1 - self.b2)        # b2 v + (1 - b2) g^2
+            step = (self.lrs[k] * live / (1 - self.b1 ** t)).view(shape)     # (S, 1, ...) lr / bias corr.
+            denom = (self.v[k] / (1 - self.b2 ** t).view(shape)).sqrt_().add_(self.eps)
+            tensors[k].addcdiv_(self.m[k] * step, denom, value=-1.0)
 
     def reset(self, keys: Sequence[str], seeds_mask: Tensor) -> None:
         for k in keys:
@@ -326,12 +348,118 @@ class _Adam:
             self.t[k].mul_(keep)
 
 
+# ---------------------------------------------------------------------------------------------
+# Grid points stacked on the batch dimension
+# ---------------------------------------------------------------------------------------------
+
+#: Knobs that may differ between the rows of one batch (they change values, not shapes).
+ROW_TASK_FIELDS = ("alignment", "overlap", "context_noise")
+ROW_SOLVER_FIELDS = ("lr", "plasticity", "mutation_scale", "loss_floor", "lora_alpha")
+
+
+def group_key(spec: TaskSpec, cfg: SandboxConfig) -> tuple[TaskSpec, SandboxConfig]:
+    """Points with equal keys share every tensor shape and schedule, so their rows can be stacked:
+    the key is the point with its per-row knobs blanked, keeping whether routing noise is on (it
+    sets the number of draws) and whether the adapters train (it sets the optimised tensors)."""
+    s = dataclasses.replace(spec, alignment=0.0, overlap=0.0, context_noise=float(spec.context_noise > 0))
+    c = dataclasses.replace(cfg, lr=1.0, plasticity=float(cfg.plasticity > 0), mutation_scale=1.0, loss_floor=0.0,
+                            lora_alpha=1.0)
+    return s, c
+
+
+@dataclass
+class Rows:
+    """The rows (point, seed) of one or more grid points that share a `group_key`, stacked on the
+    leading batch dim in point order; per-row knobs are tensors ``(S,)``."""
+
+    task: Task
+    parts: list                 # [(TaskSpec, SandboxConfig)] per point, in row order
+    sizes: list                 # rows per point
+    scale: Tensor               # (S,) bank scale lora_alpha / rank
+    floor: Tensor               # (S,) loss floor
+    lr: Tensor                  # (S,) router learning rate
+    adapter_lr: Tensor          # (S,) adapter learning rate lr * plasticity
+    step0: Tensor               # (S,) initial search step (mutation_scale)
+
+    @property
+    def spec(self) -> TaskSpec:
+        return self.parts[0][0]
+
+    @property
+    def cfg(self) -> SandboxConfig:
+        return self.parts[0][1]
+
+    @property
+    def noisy(self) -> bool:
+        return self.spec.context_noise > 0
+
+    def bounds(self, i: int) -> tuple[int, int]:
+        lo = sum(self.sizes[:i])
+        return lo, lo + self.sizes[i]
+
+    def part_task(self, i: int) -> Task:
+        lo, hi = self.bounds(i)
+        t = self.task
+        return Task(U=t.U[lo:hi], V=t.V[lo:hi], contexts=t.contexts[lo:hi], assignment=t.assignment[lo:hi],
+                    seeds=t.seeds[lo:hi])
+
+
+def stack_rows(points: Sequence[tuple[TaskSpec, SandboxConfig, Sequence[int]]],
+               tasks: Sequence[Task] | None = None) -> Rows:
+    """Stack points ``(spec, cfg, seeds)`` of one `group_key` into `Rows` (tasks drawn unless given)."""
+    keys = {group_key(spec, cfg) for spec, cfg, _ in points}
+    require(len(keys) == 1, "points", len(keys), "points of one group_key (equal shapes and schedules)")
+    tasks = list(tasks) if tasks is not None else [make_task(spec, seeds) for spec, _, seeds in points]
+    cat = lambda name: torch.cat([getattr(t, name) for t in tasks])               # noqa: E731
+    task = Task(U=cat("U"), V=cat("V"), contexts=cat("contexts"), assignment=cat("assignment"),
+                seeds=tuple(s for t in tasks for s in t.seeds))
+    per_row = lambda f: torch.cat([torch.full((len(t.seeds),), float(f(spec, cfg)), dtype=DTYPE)  # noqa: E731
+                                   for (spec, cfg, _), t in zip(points, tasks)])
+    return Rows(task=task, parts=[(spec, cfg) for spec, cfg, _ in points], sizes=[len(t.seeds) for t in tasks],
+                scale=per_row(lambda sp, c: c.scale(sp)), floor=per_row(lambda sp, c: c.loss_floor),
+                lr=per_row(lambda sp, c: c.lr), adapter_lr=per_row(lambda sp, c: c.lr * c.plasticity),
+                step0=per_row(lambda sp, c: c.mutation_scale))
+
+
+def initial_rows_state(rows: Rows) -> State:
+    """`initial_state` of every point, stacked: each point alone would start from the same."""
+    states = [initial_state(rows.part_task(i), spec, cfg) for i, (spec, cfg) in enumerate(rows.parts)]
+    return State({k: torch.cat([s.params[k] for s in states]) for k in states[0].params},
+                 torch.cat([s.A for s in states]), torch.cat([s.B for s in states]))
+
+
+def split_result(res: ArmResult, rows: Rows) -> list[ArmResult]:
+    """One `ArmResult` per point of `rows` (row slices; events re-indexed to the point's rows)."""
+    out = []
+    for i in range(len(rows.parts)):
+        lo, hi = rows.bounds(i)
+        evs = [{**{k: v for k, v in e.items() if k != "row"}} for e in res.events if lo <= e["row"] < hi]
+        part = ArmResult(res.arm, res.final_loss[lo:hi], res.domain_loss[lo:hi], res.initial_loss[lo:hi],
+                         res.loss_evals, res.grad_steps, res.diverged[lo:hi], res.diverged_step[lo:hi],
+                         res.curve[lo:hi], generations=res.generations,
+                         accepted=None if res.accepted is None else res.accepted[lo:hi],
+                         step_size=None if res.step_size is None else res.step_size[lo:hi], events=evs)
+        part.wall_s = getattr(res, "wall_s", float("nan")) * (hi - lo) / max(len(rows.task.seeds), 1)
+        out.append(part)
+    return out
+
+
 def solve(task: Task, spec: TaskSpec, cfg: SandboxConfig, arm: str, state: State | None = None) -> ArmResult:
-    """Run one arm for every seed of `task` at once; see the module docstring."""
+    """Run one arm for every seed of `task` at once (one grid point); see the module docstring."""
+    rows = stack_rows([(spec, cfg, task.seeds)], tasks=[task])
+    res = solve_rows(rows, arm, state)
+    for e in res.events:
+        e.pop("row", None)
+    return res
+
+
+def solve_rows(rows: Rows, arm: str, state: State | None = None) -> ArmResult:
+    """Run one arm for every row of `rows` (stacked grid points x seeds) at once."""
     require(arm in ARMS, "arm", arm, "one of " + ", ".join(ARMS))
+    task, spec, cfg = rows.task, rows.spec, rows.cfg
     rcfg = router_config(spec, cfg)
-    scale = cfg.scale(spec)
-    st = (state or initial_state(task, spec, cfg)).clone()
+    scale, floor = rows.scale, rows.floor
+    st = (state or initial_rows_state(rows)).clone()
     S = len(task.seeds)
     steps = cfg.steps
     ceiling = arm == "oracle" and cfg.oracle == "ceiling"   # the grad trajectory, best gates at the end
@@ -339,21 +467,21 @@ def solve(task: Task, spec: TaskSpec, cfg: SandboxConfig, arm: str, state: State
         steps = evo_evaluations(spec, cfg)
     train_adapters = cfg.plasticity > 0
     draws = 1 if spec.context_noise == 0 else cfg.draws
-    eval_feats = _features(task, spec, cfg, _EVAL_SALT, cfg.eval_draws)
-    fixed_feats = _features(task, spec, cfg, 0, draws)
+    eval_feats = _features(rows, _EVAL_SALT, cfg.eval_draws)
+    fixed_feats = _features(rows, 0, draws)
 
     with torch.no_grad():
-        initial = domain_losses(rcfg, st.params, st.A, st.B, task, eval_feats, 0, scale, cfg.loss_floor).mean(-1)
+        initial = domain_losses(rcfg, st.params, st.A, st.B, task, eval_feats, 0, scale, floor).mean(-1)
 
     tensors = dict(st.params)
-    lrs = {k: cfg.lr for k in st.params}
+    lrs = {k: rows.lr for k in st.params}
     if train_adapters:
         tensors.update(A=st.A, B=st.B)
-        lrs.update(A=cfg.lr * cfg.plasticity, B=cfg.lr * cfg.plasticity)
+        lrs.update(A=rows.adapter_lr, B=rows.adapter_lr)
     opt = _Adam(tensors, lrs, S)
     ecfg = cfg.evolution
     gens = [stream(s, _EVO_STREAM) for s in task.seeds]
-    search = evo.init_search(ecfg, S, rcfg.n_params, gens) if arm == "evo" else None
+    search = evo.init_search(ecfg, S, rcfg.n_params, gens, sigma0=rows.step0) if arm == "evo" else None
     table = None            # oracle arm: (S, M, K) best gates per domain once the first event has run
     alive = torch.ones(S, dtype=torch.bool)
     div_step = torch.full((S,), -1, dtype=torch.long)
@@ -362,22 +490,22 @@ def solve(task: Task, spec: TaskSpec, cfg: SandboxConfig, arm: str, state: State
     pop = lc.Population.founders((S,), spec.slots)
 
     for t in range(steps):
-        feats = _features(task, spec, cfg, t + 1, draws) if (cfg.fresh_noise and draws > 1) else fixed_feats
+        feats = _features(rows, t + 1, draws) if (cfg.fresh_noise and draws > 1) else fixed_feats
         leaves = {k: v.detach().requires_grad_(True) for k, v in tensors.items()}
         params = {k: leaves[k] for k in st.params}
         A = leaves.get("A", tensors.get("A", st.A))
         B = leaves.get("B", tensors.get("B", st.B))
         if table is None:
-            loss = domain_losses(rcfg, params, A, B, task, feats, t, scale, cfg.loss_floor).mean(-1)   # (S,)
+            loss = domain_losses(rcfg, params, A, B, task, feats, t, scale, floor).mean(-1)   # (S,)
         else:
-            loss = _table_losses(table, A, B, task, scale, cfg.loss_floor).mean(-1)                      # (S,)
+            loss = _table_losses(table, A, B, task, scale, floor).mean(-1)                      # (S,)
         evals += 1
         bad = ~torch.isfinite(loss) & alive
         div_step[bad] = t
         alive &= ~bad
         curve[:, t] = loss.detach()
         grads = torch.autograd.grad(loss.sum(), list(leaves.values()), allow_unused=True)
-        grads = {k: torch.zeros_like(leaves[k]) if g is None else torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+        grads = {k: torch.zeros_like(leaves[k]) if g is None else g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
                  for k, g in zip(leaves, grads)}
         opt.step(tensors, grads, alive)
         if arm == "grad" or ceiling or (t + 1) % ecfg.interval != 0 or t + 1 > cfg.steps:
@@ -388,12 +516,12 @@ def solve(task: Task, spec: TaskSpec, cfg: SandboxConfig, arm: str, state: State
         elif arm == "oracle":
             table = _oracle_table(rcfg, tensors, st, task, scale, table)
         else:
-            took = _generation(task, rcfg, tensors, st, feats, t + 1, scale, ecfg, search, gens, alive, cfg.loss_floor)
+            took = _generation(task, rcfg, tensors, st, feats, t + 1, scale, ecfg, search, gens, alive, floor)
             if cfg.reset_on_accept:
                 opt.reset(list(st.params), took)
             evals += ecfg.population
             if cfg.lifecycle and t + 1 < steps:  # an event at the very end would leave no time to recover
-                pop, evs = _lifecycle(task, rcfg, cfg, tensors, st, pop, feats, t + 1, scale, opt)
+                pop, evs = _lifecycle(task, rcfg, cfg, tensors, st, pop, feats, t + 1, scale, floor, opt)
                 events += evs
                 evals += spec.slots + 1
 
@@ -402,9 +530,9 @@ def solve(task: Task, spec: TaskSpec, cfg: SandboxConfig, arm: str, state: State
         A, B = tensors.get("A", st.A), tensors.get("B", st.B)
         if arm == "oracle":   # the ceiling for the final adapters, whatever the schedule
             table = _oracle_table(rcfg, tensors, st, task, scale, table)
-            dom = _table_losses(table, A, B, task, scale, cfg.loss_floor)                             # (S, M)
+            dom = _table_losses(table, A, B, task, scale, floor)                             # (S, M)
         else:
-            dom = domain_losses(rcfg, params, A, B, task, eval_feats, steps, scale, cfg.loss_floor)     # (S, M)
+            dom = domain_losses(rcfg, params, A, B, task, eval_feats, steps, scale, floor)     # (S, M)
     final = dom.mean(-1)
     bad = ~torch.isfinite(final) & alive
     div_step[bad] = steps
@@ -415,14 +543,16 @@ def solve(task: Task, spec: TaskSpec, cfg: SandboxConfig, arm: str, state: State
                      step_size=search.sigma.clone() if search else None, events=events)
 
 
-def _table_losses(table: Tensor, A: Tensor, B: Tensor, task: Task, scale: float, floor: float) -> Tensor:
+def _table_losses(table: Tensor, A: Tensor, B: Tensor, task: Task, scale: float | Tensor,
+                  floor: float | Tensor) -> Tensor:
     """Per-domain loss ``(S, M)`` of constant gates per domain ``table (S, M, K)`` (feature-free)."""
     G, c, e = gram_terms(A, B, task.U.to(A.dtype), task.V.to(A.dtype), scale)
-    return quadratic_loss(table.unsqueeze(-2), G, c, e).squeeze(-1) + floor
+    out = quadratic_loss(table.unsqueeze(-2), G, c, e).squeeze(-1)              # (S, M)
+    return out + _per_row(floor, out)
 
 
 @torch.no_grad()
-def _oracle_table(rcfg: RouterConfig, tensors: dict[str, Tensor], st: State, task: Task, scale: float,
+def _oracle_table(rcfg: RouterConfig, tensors: dict[str, Tensor], st: State, task: Task, scale: float | Tensor,
                   warm: Tensor | None) -> Tensor:
     """The exact best gates per domain for the current adapters: ``(S, M, K)`` (`sandbox.oracle`)."""
     A, B = tensors.get("A", st.A), tensors.get("B", st.B)
@@ -433,8 +563,8 @@ def _oracle_table(rcfg: RouterConfig, tensors: dict[str, Tensor], st: State, tas
 
 @torch.no_grad()
 def _generation(task: Task, rcfg: RouterConfig, tensors: dict[str, Tensor], st: State, feats: Tensor, step: int,
-                scale: float, ecfg: evo.EvolutionConfig, search: evo.SearchState, gens: list, alive: Tensor,
-                floor: float) -> Tensor:
+                scale: float | Tensor, ecfg: evo.EvolutionConfig, search: evo.SearchState, gens: list, alive: Tensor,
+                floor: float | Tensor) -> Tensor:
     """One generation of routing search in place on `tensors`; returns which seeds took a child (S,)."""
     params = {k: tensors[k] for k in st.params}
     x = params_to_vector(params)                                                     # (S, D)
@@ -458,7 +588,8 @@ def lifecycle_generator(seed: int, step: int) -> torch.Generator:
 
 @torch.no_grad()
 def _lifecycle(task: Task, rcfg: RouterConfig, cfg: SandboxConfig, tensors: dict[str, Tensor], st: State,
-               pop: lc.Population, feats: Tensor, step: int, scale: float, opt: _Adam) -> tuple[lc.Population, list]:
+               pop: lc.Population, feats: Tensor, step: int, scale: float | Tensor, floor: float | Tensor,
+               opt: _Adam) -> tuple[lc.Population, list]:
     """One lifecycle event on the bank (in place on `tensors`), with leave-one-out fitness in Gram form.
 
     ``loo[s, k, m]`` = domain m's loss with slot k's gate zeroed (`leave_one_out`), so the fitness is
@@ -472,8 +603,10 @@ def _lifecycle(task: Task, rcfg: RouterConfig, cfg: SandboxConfig, tensors: dict
     S, M, N, F = feats.shape
     G, c, e = gram_terms(A, B, task.U.to(A.dtype), task.V.to(A.dtype), scale)
     gates = router_gates(rcfg, params, feats.reshape(S, M * N, F), step).reshape(S, M, N, -1)   # (S, M, N, K)
-    full = quadratic_loss(gates, G, c, e).mean(-1) + cfg.loss_floor                             # (S, M)
-    loo = leave_one_out(gates, G, c, e).mean(-2) + cfg.loss_floor                               # (S, M, K)
+    full = quadratic_loss(gates, G, c, e).mean(-1)                                             # (S, M)
+    full = full + _per_row(floor, full)
+    loo = leave_one_out(gates, G, c, e).mean(-2)                                               # (S, M, K)
+    loo = loo + _per_row(floor, loo)
     fit = lc.fitness(loo.transpose(-1, -2), full, lcfg.scope, lcfg.per_domain_agg)            # (S, K)
     gens = [lifecycle_generator(s, step) for s in task.seeds]
     pop, (A2, B2), new_params, events = lc.lifecycle_step(pop, (A, B), params, fit, lcfg, gens, step,
@@ -489,20 +622,57 @@ def _lifecycle(task: Task, rcfg: RouterConfig, cfg: SandboxConfig, tensors: dict
         m.mul_(keep)
         opt.v[k].mul_(keep)
     for ev in events:
-        ev["seed"] = task.seeds[ev.pop("batch")]
+        ev["row"] = ev.pop("batch")
+        ev["seed"] = task.seeds[ev["row"]]
     return pop, events
 
 
 def run_arms(spec: TaskSpec, cfg: SandboxConfig, seeds: Sequence[int], arms: Sequence[str] = ARMS) -> dict[str, ArmResult]:
     """The arms for every seed from one task and one shared initial state (common random numbers)."""
-    task = make_task(spec, seeds)
-    state = initial_state(task, spec, cfg)
-    out = {}
-    for arm in arms:
-        t0 = time.perf_counter()
-        res = solve(task, spec, cfg, arm, state)
-        res.wall_s = time.perf_counter() - t0
-        out[arm] = res
+    return run_points([(spec, cfg, seeds)], arms)[0]
+
+
+#: Default bound on the rows (point x seed) solved in one batch: memory grows with rows x P x M x N x K.
+CHUNK_ROWS = 512
+
+
+def run_points(points: Sequence[tuple[TaskSpec, SandboxConfig, Sequence[int]]], arms: Sequence[str] = ARMS,
+               chunk_rows: int = CHUNK_ROWS, on_chunk=None) -> list[dict[str, ArmResult]]:
+    """Every arm for many grid points ``(spec, cfg, seeds)``: points of one `group_key` are stacked
+    on the batch dim (in chunks of at most `chunk_rows` rows; a larger point runs alone), so the
+    per-operation overhead is paid once per chunk instead of once per point. Each point's rows see
+    exactly what they would alone (per-seed streams, per-row knobs), so a point's results do not
+    depend on which points share its batch (tested against one point at a time).
+
+    ``on_chunk(indices, results)`` is called after each chunk with the point indices it solved.
+    Returns one ``{arm: ArmResult}`` per point, in input order.
+    """
+    require(isinstance(chunk_rows, int) and chunk_rows >= 1, "chunk_rows", chunk_rows, "an integer >= 1")
+    groups: dict = {}
+    for i, (spec, cfg, _) in enumerate(points):
+        groups.setdefault(group_key(spec, cfg), []).append(i)
+    out: list = [None] * len(points)
+    for idx in groups.values():
+        chunk, size = [], 0
+        for i in idx + [None]:
+            n = len(points[i][2]) if i is not None else 0
+            if chunk and (i is None or size + n > chunk_rows):
+                rows = stack_rows([points[j] for j in chunk])
+                state = initial_rows_state(rows)
+                per_arm = {}
+                for arm in arms:
+                    t0 = time.perf_counter()
+                    res = solve_rows(rows, arm, state)
+                    res.wall_s = time.perf_counter() - t0
+                    per_arm[arm] = split_result(res, rows)
+                for k, j in enumerate(chunk):
+                    out[j] = {arm: per_arm[arm][k] for arm in arms}
+                if on_chunk is not None:
+                    on_chunk(list(chunk), [out[j] for j in chunk])
+                chunk, size = [], 0
+            if i is not None:
+                chunk.append(i)
+                size += n
     return out
 
 

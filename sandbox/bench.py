@@ -18,6 +18,11 @@ Sections (each returns plain dicts, so `--json` is just `json.dumps` of `run_ben
    D x D layer (``W x + mixture`` against ``W x + single LoRA``).
 3. `substrate.bench.bench_adaptation`: one adaptation step of each substrate preset.
 4. `bench_sweep`: the default `sandbox sweep` end to end, in-process, in a temporary folder.
+5. `bench_grid`: the default map's 11 points x 10 seeds x 4 arms solved point by point
+   (`run_arms` per point) and as stacked batches (`run_points`), interleaved; the ratio of
+   seed-points per second.
+6. `bench_heatmap` (on request): a 21 x 21 alignment x plasticity map with 16 seeds and all four
+   arms through `run_points`, timed once.
 
 `targets` turns the figures into the pass/miss lines of issue 9. Nothing here asserts on time.
 """
@@ -42,7 +47,9 @@ from torch import Tensor
 
 from sandbox.errors import require
 
-SECTIONS = ("loss", "mixture", "adaptation", "sweep")
+SECTIONS = ("loss", "mixture", "adaptation", "sweep", "grid", "heatmap")
+#: Sections run by default; `heatmap` (a 21 x 21 x 16-seed map, minutes) runs on request.
+DEFAULT_SECTIONS = ("loss", "mixture", "adaptation", "sweep", "grid")
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,7 @@ class BenchConfig:
     """r: adapter rank of the gated mixture."""
     presets: tuple[str, ...] = ("tiny", "small", "widened-1536")
     """Substrate presets whose adaptation step is timed."""
-    sections: tuple[str, ...] = SECTIONS
+    sections: tuple[str, ...] = DEFAULT_SECTIONS
     """Which sections run."""
     seed: int = 0
     """Seed of every random input."""
@@ -386,6 +393,60 @@ def bench_sweep(cfg: BenchConfig) -> dict:
             "target_s": 60.0}
 
 
+# ---------------------------------------------------------------------------------------------
+# 5-6. Stacked grid points
+
+
+def _grid_points(n_align: int, n_axis: int, seeds: int, steps: int | None = None) -> list:
+    """``(spec, cfg, seeds)`` of an alignment (x plasticity when ``n_axis > 1``) grid at the defaults."""
+    import dataclasses
+
+    import numpy as np
+
+    from sandbox.analytic import SandboxConfig
+    from sandbox.tasks import TaskSpec
+
+    base = SandboxConfig() if steps is None else SandboxConfig(steps=steps)
+    plast = [base.plasticity] if n_axis == 1 else np.linspace(0.0, 0.2, n_axis).round(12).tolist()
+    return [(TaskSpec(alignment=float(a)), dataclasses.replace(base, plasticity=float(p)), list(range(seeds)))
+            for a in np.linspace(0, 1, n_align).round(12) for p in plast]
+
+
+def bench_grid(cfg: BenchConfig) -> dict:
+    """Seed-points per second of the default map solved point by point and stacked (interleaved)."""
+    from sandbox.analytic import run_arms, run_points
+
+    pts = _grid_points(11, 1, 4, steps=20) if cfg.quick else _grid_points(11, 1, 10)
+    rows = sum(len(s) for _, _, s in pts)
+    fns = {"per_point": lambda: [run_arms(sp, c, s) for sp, c, s in pts], "stacked": lambda: run_points(pts)}
+    rounds = 1 if cfg.quick else 2
+    times = {k: [] for k in fns}
+    for _ in range(rounds):                      # alternate, so load hits both candidates alike
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    best = {k: min(v) for k, v in times.items()}
+    return {"case": f"11 points x {len(pts[0][2])} seeds x 4 arms, {pts[0][1].steps} steps", "seed_points": rows,
+            "per_point_s": best["per_point"], "stacked_s": best["stacked"],
+            "per_point_sp_s": rows / best["per_point"], "stacked_sp_s": rows / best["stacked"],
+            "ratio": best["per_point"] / best["stacked"], "rounds": rounds, "target_ratio": 5.0}
+
+
+def bench_heatmap(cfg: BenchConfig) -> dict:
+    """Wall time of a 21 x 21 x 16-seed, four-arm alignment x plasticity map (5 x 5 x 4 when quick)."""
+    from sandbox.analytic import run_points
+
+    n, seeds = (5, 4) if cfg.quick else (21, 16)
+    pts = _grid_points(n, n, seeds)
+    t0 = time.perf_counter()
+    run_points(pts)
+    wall = time.perf_counter() - t0
+    rows = sum(len(s) for _, _, s in pts)
+    return {"case": f"{n} x {n} alignment x plasticity, {seeds} seeds, 4 arms", "seed_points": rows, "wall_s": wall,
+            "seed_points_per_s": rows / wall, "target_s": 300.0, "full_size": not cfg.quick}
+
+
 def _invoke(app, argv: list[str], log: io.StringIO) -> int:
     """Run a command of the typer `app` in this process; its exit code (2 for a `BadInput`).
 
@@ -433,6 +494,12 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     if "sweep" in cfg.sections:
         say("default sweep, end to end")
         out["sweep"] = bench_sweep(cfg)
+    if "grid" in cfg.sections:
+        say("default map: point by point vs stacked")
+        out["grid"] = bench_grid(cfg)
+    if "heatmap" in cfg.sections:
+        say("21 x 21 x 16-seed heatmap, four arms")
+        out["heatmap"] = bench_heatmap(cfg)
     out["targets"] = targets(out)
     out["bench_wall_s"] = time.perf_counter() - t0
     out["machine"]["load_avg_after"] = machine_info()["load_avg_1_5_15"]
@@ -474,4 +541,11 @@ def targets(res: dict) -> list[dict]:
                 "<= 60 s", sw["wall_s"] <= 60)
         else:
             add("default sweep within 60 s", "not measured", None, "<= 60 s", None)
+    gr = res.get("grid")
+    if gr is not None:
+        add("stacked grid >= 5x point-by-point seed-points/s", gr["case"], gr["ratio"], ">= 5", gr["ratio"] >= 5)
+    hm = res.get("heatmap")
+    if hm is not None:
+        add("21 x 21 x 16-seed four-arm heatmap within 5 min", hm["case"], hm["wall_s"], "<= 300 s",
+            hm["wall_s"] <= 300 if hm["full_size"] else None)
     return rows

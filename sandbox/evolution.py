@@ -116,18 +116,18 @@ class SearchState:
 
 
 def init_search(cfg: EvolutionConfig, S: int, D: int, generators: Sequence[torch.Generator],
-                dtype: torch.dtype = torch.float64) -> SearchState:
-    """Fresh search state for S seeds and D router parameters."""
+                dtype: torch.dtype = torch.float64, sigma0: Tensor | None = None) -> SearchState:
+    """Fresh search state for S seeds and D router parameters; ``sigma0 (S,)`` overrides the
+    initial step ``cfg.mutation_scale`` per seed (stacked grid points)."""
     require(len(generators) == S, "generators", len(generators), f"one per seed ({S})")
-    state = SearchState(sigma=torch.full((S,), float(cfg.mutation_scale), dtype=dtype),
-                        accepted=torch.zeros(S, dtype=torch.long))
+    sigma = torch.full((S,), float(cfg.mutation_scale), dtype=dtype) if sigma0 is None else sigma0.to(dtype).clone()
+    state = SearchState(sigma=sigma, accepted=torch.zeros(S, dtype=torch.long))
     if cfg.method == "cma":
         from cmaes import CMA
 
-        for g in generators:
+        for g, s0 in zip(generators, sigma.tolist()):
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
-            state.cma.append(CMA(mean=np.zeros(D), sigma=float(cfg.mutation_scale), seed=seed,
-                                 population_size=cfg.population - 1))
+            state.cma.append(CMA(mean=np.zeros(D), sigma=float(s0), seed=seed, population_size=cfg.population - 1))
     return state
 
 
@@ -149,7 +149,7 @@ def propose(x: Tensor, unit: Tensor, state: SearchState, cfg: EvolutionConfig,
     else:
         eps = torch.stack([torch.randn(lam, D, generator=g) for g in generators])          # (S, lam, D)
         eps = eps.to(dtype=x.dtype, device=x.device)
-        size = state.sigma.to(x.dtype)[:, None, None] if cfg.method == "es" else cfg.mutation_scale
+        size = state.sigma.to(x.dtype)[:, None, None]          # es: adapted; fixed: the constant step
         children = x[:, None, :] + size * unit[:, None, :] * eps                             # (S, lam, D)
     return torch.cat([x[:, None, :], children], dim=1)                                      # (S, P, D)
 

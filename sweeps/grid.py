@@ -157,9 +157,15 @@ Evaluate = Callable[[TaskSpec, SandboxConfig, Sequence[int]], list[tuple[int, li
 
 def evaluate_point(spec: TaskSpec, solver: SandboxConfig, seeds: Sequence[int]) -> list[tuple[int, list[dict], float]]:
     """Run every arm for `seeds` as one batch: ``[(seed, rows of the arms, delta), ...]``."""
-    from sandbox.analytic import result_rows, run_arms
+    from sandbox.analytic import run_arms
 
-    res = run_arms(spec, solver, seeds)
+    return _records(run_arms(spec, solver, seeds), seeds)
+
+
+def _records(res: dict, seeds: Sequence[int]) -> list[tuple[int, list[dict], float]]:
+    """Ledger records of one point's arm results: ``[(seed, rows of the arms, delta), ...]``."""
+    from sandbox.analytic import result_rows
+
     rows = result_rows(res, seeds)
     out = []
     for i, seed in enumerate(seeds):
@@ -214,13 +220,53 @@ def results_table(cfg: SweepConfig, points: list[dict[str, float]], done: dict[s
     return df.sort_values(["point", "seed", "arm"], kind="stable").reset_index(drop=True)
 
 
+def _ensure_points_batched(cfg: SweepConfig, study, done: dict[str, dict], points: list[dict[str, float]],
+                           chunk_rows: int, progress, start: int, total: int) -> tuple[int, int]:
+    """`ensure_point` for many points at once: the missing (point, seed) rows of points that share
+    tensor shapes are solved as stacked batches of at most `chunk_rows` rows
+    (`sandbox.analytic.run_points`); each point is recorded in the ledger as soon as its batch
+    ends, so a kill loses at most the batch in flight. Returns ``(computed, reused)``."""
+    from sandbox.analytic import run_points
+    from sweeps import ledger
+
+    pending, reused = [], 0
+    for values in points:
+        spec, solver = point_config(cfg, values)
+        key = point_key(spec, solver)
+        missing = [s for s in cfg.seeds if ledger.trial_key(key, s) not in done]
+        reused += len(cfg.seeds) - len(missing)
+        if missing:
+            pending.append((values, spec, solver, key, missing))
+    computed = 0
+
+    def record(indices, results):
+        nonlocal computed
+        for j, res in zip(indices, results):
+            values, _, _, key, missing = pending[j]
+            recs = _records(res, missing)
+            ledger.record(study, key, values, cfg.bounds(), recs)
+            for seed, rows, delta in recs:
+                done[ledger.trial_key(key, seed)] = {"rows": rows, "delta": delta}
+            computed += len(missing)
+            if progress:
+                progress(start + reused + computed, total, values)
+
+    if progress and reused:
+        progress(start + reused, total, points[0])
+    run_points([(spec, solver, missing) for _, spec, solver, _, missing in pending], chunk_rows=chunk_rows,
+               on_chunk=record)
+    return computed, reused
+
+
 def run_sweep(cfg: SweepConfig, out: Path, storage: str | None = None, study: str | None = None,
               evaluate: Evaluate = evaluate_point, progress: Callable[[int, int, dict], None] | None = None,
-              figures: bool = True, argv: list[str] | None = None) -> SweepOutcome:
+              figures: bool = True, argv: list[str] | None = None, chunk_rows: int = 512) -> SweepOutcome:
     """Run (or resume) a sweep into `out`; see the module docstring.
 
-    `evaluate` computes a point's missing seeds (injected by tests to count calls); `progress`
-    is called as ``progress(done_seeds, total_seeds, point_values)`` after each point.
+    `evaluate` computes a point's missing seeds (injected by tests to count calls; a custom one
+    runs point by point); with the default, points that share tensor shapes are solved as
+    stacked batches of at most `chunk_rows` rows (0: point by point). `progress` is called as
+    ``progress(done_seeds, total_seeds, point_values)`` as points finish.
     """
     from sandbox import stats
     from sandbox.results import RunDir
@@ -242,11 +288,15 @@ def run_sweep(cfg: SweepConfig, out: Path, storage: str | None = None, study: st
     done = ledger.finished(st)
     total = len(points) * len(cfg.seeds)
     computed, reused = searched, -searched   # the search's trials are found again below
-    for values in points:
-        c, r = ensure_point(cfg, st, done, values, evaluate)
+    if evaluate is evaluate_point and chunk_rows > 0:
+        c, r = _ensure_points_batched(cfg, st, done, points, chunk_rows, progress, computed + reused, total)
         computed, reused = computed + c, reused + r
-        if progress:
-            progress(computed + reused, total, values)
+    else:
+        for values in points:
+            c, r = ensure_point(cfg, st, done, values, evaluate)
+            computed, reused = computed + c, reused + r
+            if progress:
+                progress(computed + reused, total, values)
     results = results_table(cfg, points, done)
     run.write_csv("results.csv", results)
     summary = stats.decompose(results, by=["point", *cfg.axes], eps=cfg.eps, alpha=cfg.alpha)

@@ -228,6 +228,9 @@ def test_quick_json_reports_every_figure(capsys, one_thread):
     assert "skipped" in by["widened-1536"]            # too big for a quick CPU run; says why
     sw = res["sweep"]
     assert ("seed_points_per_s" in sw and "wall_s" in sw) or sw.get("skipped")
+    gr = res["grid"]
+    assert gr["seed_points"] == 11 * 4 and gr["ratio"] == pytest.approx(gr["per_point_s"] / gr["stacked_s"])
+    assert any(r["target"].startswith("stacked grid") for r in res["targets"])
     assert _finite_numbers(res) == []
     for row in res["targets"]:
         assert row["met"] in (True, False) or (row["met"] is None and row["value"] is None)

@@ -11,8 +11,9 @@ import typer
 def bench(
     quick: bool = typer.Option(False, "--quick", help="Small sizes and few repeats: a smoke run of every figure (~30 s)."),
     as_json: bool = typer.Option(False, "--json", help="Print every figure as JSON instead of tables."),
-    only: str = typer.Option(",".join(("loss", "mixture", "adaptation", "sweep")), "--only",
-                             help="Comma list of sections: loss, mixture, adaptation, sweep."),
+    only: str = typer.Option(",".join(("loss", "mixture", "adaptation", "sweep", "grid")), "--only",
+                             help="Comma list of sections: loss, mixture, adaptation, sweep, grid, heatmap "
+                                  "(heatmap: a 21 x 21 x 16-seed map, minutes; on request)."),
     repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed rounds per comparison (default 7, quick 3)."),
     presets: Optional[str] = typer.Option(None, "--presets", help="Comma list of substrate presets to time "
                                           "(default tiny,small,widened-1536)."),
@@ -131,6 +132,22 @@ def print_tables(res: dict, console) -> None:
         else:
             t.add_row(sw["command"], _f(sw["wall_s"], "{:.1f}"), str(sw["seed_points"]), _f(sw["seed_points_per_s"], "{:.2f}"),
                       "<= 60 s")
+        console.print(t)
+    if "grid" in res:
+        g = res["grid"]
+        t = Table(title="5. default map: point by point vs stacked batches (best of interleaved rounds)")
+        for c in ("case", "per point s", "stacked s", "per point sp/s", "stacked sp/s", "ratio", "target"):
+            t.add_column(c, justify="right")
+        t.add_row(g["case"], _f(g["per_point_s"], "{:.1f}"), _f(g["stacked_s"], "{:.1f}"),
+                  _f(g["per_point_sp_s"], "{:.1f}"), _f(g["stacked_sp_s"], "{:.1f}"), _f(g["ratio"], "{:.2f}"), ">= 5")
+        console.print(t)
+    if "heatmap" in res:
+        h = res["heatmap"]
+        t = Table(title="6. heatmap, four arms, stacked")
+        for c in ("case", "seed-points", "wall s", "seed-points/s", "target"):
+            t.add_column(c, justify="right")
+        t.add_row(h["case"], str(h["seed_points"]), _f(h["wall_s"], "{:.1f}"), _f(h["seed_points_per_s"], "{:.1f}"),
+                  "<= 300 s" if h["full_size"] else "(quick size)")
         console.print(t)
     t = Table(title="targets (each a ratio from this run)")
     for c in ("target", "case", "value", "limit", "met"):

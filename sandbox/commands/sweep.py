@@ -53,6 +53,7 @@ def sweep(
     loss_floor: float = typer.Option(0.01, "--loss-floor", help="Irreducible loss added to every loss (log-loss floor)."),
     lora_alpha: float = typer.Option(4.0, "--lora-alpha", help="LoRA alpha (scale = alpha / rank)."),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads (small tensors: 1 is fastest)."),
+    chunk_rows: int = typer.Option(512, "--chunk-rows", help="Rows (point x seed) solved per stacked batch; 0 runs point by point."),
 ) -> None:
     """Map the regime boundary: delta = log loss_grad - log loss_evo per seed (positive = evo better)."""
     from sandbox.errors import BadInput
@@ -62,6 +63,7 @@ def sweep(
     check_int(points, "--points", 1, 1001)
     check_int(axis_points, "--axis-points", 1, 1001)
     check_int(threads, "--threads", 1, 256)
+    check_int(chunk_rows, "--chunk-rows", 0, 1_000_000)
     seed_list = parse_seeds(seeds, "--seeds")
     axis_name, axis_rng = None, None
     from sweeps.grid import AXES
@@ -108,6 +110,7 @@ def sweep(
                        description=", ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
 
         res = run_sweep(cfg, run_dir, storage=storage, study=study, progress=progress, figures=figures,
+                        chunk_rows=chunk_rows,
                         argv=["sandbox", "sweep", *sys.argv[2:]] if sys.argv[1:2] == ["sweep"] else None)
     _print_summary(console, res.summary, cfg.axes)
     console.print(f"{res.computed} seed-points computed, {res.reused} reused from the ledger, "
