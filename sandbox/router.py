@@ -26,6 +26,7 @@ from sandbox.adapters import randn
 from sandbox.errors import require
 
 KINDS = ("softmax", "sigmoid")
+INITS = ("zero", "mass")
 SCHEDULES = ("linear", "cosine", "exp")
 PARAM_ORDER = ("W", "bias", "phi")  # the flat-vector layout of `params_to_vector`
 
@@ -47,6 +48,14 @@ class RouterConfig:
         schedule: ``linear``, ``cosine`` (default) or ``exp`` (geometric) interpolation.
         init_std: initial ``W ~ N(0, init_std^2 / F)`` (small, so gates start near uniform).
         phi_init: initial floor logit (0 gives ``floor_max / 2``).
+        init: how the sigmoid router's bias starts. ``zero`` (default here, and the analytic
+            sandbox's behaviour): ``bias = 0``, so every gate starts near ``f + (1 - f) / 2`` and the
+            total gate weight per token is about ``K (1 + f) / 2`` (8.4 for K = 16, f = 0.05).
+            ``mass``: a fair start against the softmax (`mass_init`): the bias (and, only when the
+            floors alone would exceed it, the floor logit) is set so that the expected total gate
+            weight per token at step 0 is ``init_mass``. Softmax routers ignore it (their total is 1).
+        init_mass: target total gate weight per token at step 0 for ``init = mass``; 1 = the
+            softmax's, in ``(0, K)``.
     """
 
     kind: str = "sigmoid"
@@ -61,6 +70,8 @@ class RouterConfig:
     schedule: str = "cosine"
     init_std: float = 0.1
     phi_init: float = 0.0
+    init: str = "zero"
+    init_mass: float = 1.0
 
     def __post_init__(self):
         require(self.kind in KINDS, "router", self.kind, "one of " + ", ".join(KINDS))
@@ -75,6 +86,10 @@ class RouterConfig:
         require(self.schedule in SCHEDULES, "schedule", self.schedule, "one of " + ", ".join(SCHEDULES))
         require(_finite(self.init_std) and self.init_std >= 0, "init_std", self.init_std, "a number >= 0")
         require(_finite(self.phi_init), "phi_init", self.phi_init, "a finite number")
+        require(self.init in INITS, "router_init", self.init, "one of " + ", ".join(INITS))
+        require(_finite(self.init_mass) and self.init_mass > 0, "init_mass", self.init_mass, "a number > 0")
+        require(self.kind != "sigmoid" or self.init != "mass" or self.init_mass < self.n_slots, "init_mass",
+                self.init_mass, f"a number in (0, K = {self.n_slots}) for a sigmoid router with --router-init mass")
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -99,16 +114,45 @@ def _finite(v) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+def mass_init(cfg: RouterConfig) -> tuple[float, float]:
+    """``(bias, phi)`` of a sigmoid router whose expected total gate weight per token at step 0 is
+    ``cfg.init_mass`` (`RouterConfig.init` = ``mass``; ``(0, phi_init)`` for ``zero`` or softmax).
+
+    With ``W`` small the logits are ``z ~ bias``, so each gate is ``f + (1 - f) sigmoid(bias / tau0)``
+    with ``f = floor_max sigmoid(phi)`` and ``tau0 = temperature(cfg, 0)``; setting ``K`` times
+    that to the target ``m`` gives ``bias = tau0 logit((m / K - f) / (1 - f))``. The floor is kept
+    (``phi = phi_init``) unless the floors alone would carry more than half the target
+    (``K f > m / 2``); then ``phi`` is lowered so the floors carry exactly half
+    (``f = m / (2 K)``), and the bias the other half. The neglected spread of ``h W`` (std
+    ``init_std |h| / sqrt(F)`` in logit units) shifts the mean by second order only; the test measures
+    the total on real features.
+    """
+    if cfg.kind != "sigmoid" or cfg.init == "zero":
+        return 0.0, float(cfg.phi_init)
+    K, m = cfg.n_slots, float(cfg.init_mass)
+    phi = float(cfg.phi_init)
+    f = cfg.floor_max / (1 + math.exp(-phi))
+    if K * f > m / 2:
+        f = m / (2 * K)
+        q = f / cfg.floor_max              # sigmoid(phi) = f / floor_max < 1 since K f_max >= K f > m / 2
+        phi = math.log(q / (1 - q))
+    p = (m / K - f) / (1 - f)              # in (0, 1): f <= m / (2K) < m / K and m < K
+    tau0 = float(temperature(cfg, 0))
+    return tau0 * math.log(p / (1 - p)), phi
+
+
 def init_router_params(cfg: RouterConfig, batch_shape: tuple[int, ...] = (), generator: torch.Generator | None = None,
                        dtype: torch.dtype = torch.float32, device=None) -> dict[str, Tensor]:
-    """Fresh parameters: ``W ~ N(0, init_std^2 / F)`` ``(*b, F, K)``, ``bias = 0`` ``(*b, K)``,
-    ``phi = phi_init`` ``(*b, K)`` (sigmoid only)."""
+    """Fresh parameters: ``W ~ N(0, init_std^2 / F)`` ``(*b, F, K)``, ``bias`` ``(*b, K)`` and
+    ``phi`` ``(*b, K)`` (sigmoid only) from `mass_init` (``bias = 0``, ``phi = phi_init`` for
+    ``init = zero``). The draw of ``W`` does not depend on ``init``."""
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     F, K = cfg.n_features, cfg.n_slots
     W = randn((*batch_shape, F, K), gen, dtype, device) * (cfg.init_std / math.sqrt(F))
-    params = {"W": W, "bias": torch.zeros((*batch_shape, K), dtype=dtype, device=device)}
+    bias, phi = mass_init(cfg)
+    params = {"W": W, "bias": torch.full((*batch_shape, K), bias, dtype=dtype, device=device)}
     if cfg.kind == "sigmoid":
-        params["phi"] = torch.full((*batch_shape, K), float(cfg.phi_init), dtype=dtype, device=device)
+        params["phi"] = torch.full((*batch_shape, K), phi, dtype=dtype, device=device)
     return params
 
 

@@ -122,6 +122,10 @@ class CellConfig:
     """Upper clamp of the temperature."""
     anneal_steps: int | None = None
     """Length of the temperature anneal (default: all steps)."""
+    router_init: str = "mass"
+    """Sigmoid router start: mass (fair start: gate bias set so the expected total gate weight per
+    token at step 0 is the softmax's 1, `sandbox.router.mass_init`) or zero (bias 0: total about
+    K (1 + floor) / 2, the behaviour before issue 20)."""
     pooling: str = "causal"
     """Routing-feature pooling: causal prefix means, or sequence (leaks future tokens)."""
     perturb_base: float = 0.0
@@ -179,7 +183,8 @@ class CellConfig:
         return RouterConfig(kind="sigmoid" if self.factors.router else "softmax", n_features=n_features,
                             n_slots=self.slots, floor_max=self.floor_max, tau_start=self.tau_start, tau_end=self.tau_end,
                             tau_min=self.tau_min, tau_max=self.tau_max,
-                            anneal_steps=self.steps if self.anneal_steps is None else self.anneal_steps)
+                            anneal_steps=self.steps if self.anneal_steps is None else self.anneal_steps,
+                            init=self.router_init, init_mass=1.0)
 
     def lifecycle_config(self) -> LifecycleConfig:
         return LifecycleConfig(interval=self.interval, n_die=self.n_die, min_age=self.min_age,
@@ -202,9 +207,14 @@ class CellConfig:
         return s
 
     def identity(self) -> dict:
-        """What must match for a checkpoint to be resumed (everything except the device)."""
+        """What must match for a checkpoint to be resumed (everything except the device).
+
+        ``router_init`` is left out when it is ``zero``, so folders and ledgers written before the
+        option existed (all zero-bias starts) resume under ``--router-init zero``."""
         d = asdict(self)
         d.pop("device")
+        if d["router_init"] == "zero":
+            d.pop("router_init")
         return d
 
 
@@ -465,14 +475,16 @@ class CellResult:
 
 
 def run_cell(cfg: CellConfig, out: str | Path, cache_dir: str | Path = "runs/cache", *, substrate: Substrate | None = None,
-             stop_after: int | None = None, figures: bool = True, argv: list[str] | None = None,
+             stop_after: int | None = None, draw_figures: Callable[[Path], object] | None = None,
+             argv: list[str] | None = None,
              progress: Callable[[int, int, dict], None] | None = None,
              log: Callable[[str], None] | None = None) -> CellResult:
     """Run (or resume, or just report) one cell into the run folder `out`.
 
     Writes ``manifest.json``, ``checkpoint.pt`` (every ``checkpoint_every`` steps, atomic),
     ``curves.csv``, ``gates.csv``, ``fitness.csv``, ``lifecycle.csv``, ``train_loss.csv``,
-    ``metrics.json`` and, with `figures`, ``figures/`` (`figures.report.build_report`).
+    ``metrics.json`` and, with `draw_figures` (e.g. `figures.report.build_report`, passed in by
+    the caller: this layer never imports the figures), the figures it draws from the folder.
     A folder with a finished run of the same config returns its metrics without training; one with
     a checkpoint resumes from it. `stop_after` caps the steps of THIS invocation (it checkpoints
     and returns ``done=False``), which is how a run is interrupted on purpose.
@@ -491,7 +503,7 @@ def run_cell(cfg: CellConfig, out: str | Path, cache_dir: str | Path = "runs/cac
         if not run.manifest_path.exists():
             run = RunDir.create(out, "full", cfg, seeds=[cfg.seed], argv=argv)
         if run.read_manifest().get("ended") is None or ck_path.exists():
-            _complete(run, m, figures)   # killed between metrics.json and the end: finish the folder now
+            _complete(run, m, draw_figures)   # killed between metrics.json and the end: finish the folder now
         else:
             run.release()
         return CellResult(out, True, m["steps"], m)
@@ -541,18 +553,16 @@ def run_cell(cfg: CellConfig, out: str | Path, cache_dir: str | Path = "runs/cac
             return CellResult(out, False, st.step, None)
     st.wall_s += time.perf_counter() - t0
     metrics = finish(cfg, st, sub, run)
-    _complete(run, metrics, figures)
+    _complete(run, metrics, draw_figures)
     return CellResult(out, True, st.step, metrics)
 
 
-def _complete(run: RunDir, metrics: dict, figures: bool) -> None:
+def _complete(run: RunDir, metrics: dict, draw_figures: Callable[[Path], object] | None) -> None:
     """Everything after ``metrics.json``: the figures, the checkpoint removed, then the manifest's
     end time (the last write, so a folder is finished exactly when ``ended`` is set and no
     checkpoint is left). Idempotent: a rerun of a folder killed in between calls it again."""
-    if figures:
-        from figures.report import build_report
-
-        build_report(run.path)
+    if draw_figures is not None:
+        draw_figures(run.path)
     ck_path = run.path / "checkpoint.pt"
     if ck_path.exists():
         ck_path.unlink()
@@ -586,6 +596,8 @@ def finish(cfg: CellConfig, st: RunState, sub: Substrate, run: RunDir) -> dict:
     balanced = sum(nll) / len(nll)
     tokens = st.step * cfg.batch * corpus.seq_len
     first = [r for r in st.curves if r["step"] == 0 and r["domain"] == "balanced"]
+    initial = first[0]["log_ppl"] if first else math.nan
+    base = sum(sub.base_nll) / len(sub.base_nll)   # the plain frozen base, no adapters
     metrics = {
         "config": to_jsonable(cfg.identity()), "cell": cfg.cell, "seed": cfg.seed, "preset": cfg.preset,
         "balanced_log_ppl": balanced,
@@ -593,8 +605,9 @@ def finish(cfg: CellConfig, st: RunState, sub: Substrate, run: RunDir) -> dict:
         "floor": dict(zip(corpus.names, floors)),
         "gap_to_floor": {n: v - f for n, v, f in zip(corpus.names, nll, floors)},
         "balanced_gap_to_floor": balanced - sum(floors) / len(floors),
-        "initial_balanced_log_ppl": first[0]["log_ppl"] if first else math.nan,
-        "base_balanced_log_ppl": sum(sub.base_nll) / len(sub.base_nll),
+        "initial_balanced_log_ppl": initial,
+        "base_balanced_log_ppl": base,
+        "initial_gap_to_base": initial - base,
         "steps": st.step, "tokens": tokens, "wall_s": st.wall_s,
         "tokens_per_s": tokens / st.wall_s if st.wall_s > 0 else math.nan,
         "diverged": diverged, "diverged_step": st.diverged_step,

@@ -197,3 +197,46 @@ def test_config_validation_names_flags():
         RouterConfig(floor_max=1.5)
     with pytest.raises(BadInput, match="--schedule"):
         RouterConfig(schedule="step")
+
+
+# --- fair starts (issue 20): --router-init mass --------------------------------------------------
+
+@pytest.mark.parametrize("K,floor_max,tau_start,mass", [(16, 0.1, 2.0, 1.0), (4, 0.1, 2.0, 1.0), (64, 0.1, 0.5, 1.0),
+                                                       (16, 0.0, 2.0, 1.0), (16, 0.5, 1.0, 3.0), (2, 0.9, 4.0, 1.5)])
+def test_mass_init_total_gate_weight_matches_target(K, floor_max, tau_start, mass):
+    """At step 0 the total gate weight per token is the target (1 = the softmax's) on real, unit-scale
+    features, for any K, floor and temperature; zero keeps the old bias-0 start (about K (1 + f) / 2)."""
+    g = torch.Generator().manual_seed(K)
+    F = 32
+    cfg = RouterConfig(kind="sigmoid", n_features=F, n_slots=K, floor_max=floor_max, tau_start=tau_start,
+                       init="mass", init_mass=mass)
+    h = torch.randn(4096, F, generator=g)                               # features of RMS 1
+    total = router_gates(cfg, init_router_params(cfg, (), g), h, 0).sum(-1)  # (N,)
+    assert abs(float(total.mean()) - mass) < 0.01 * mass
+    soft = RouterConfig(kind="softmax", n_features=F, n_slots=K, init="mass")
+    assert_close(router_gates(soft, init_router_params(soft, (), g), h, 0).sum(-1), torch.ones(4096))
+    zero = RouterConfig(kind="sigmoid", n_features=F, n_slots=K, floor_max=floor_max, tau_start=tau_start)
+    f = floor_max / 2
+    assert abs(float(router_gates(zero, init_router_params(zero, (), g), h, 0).sum(-1).mean()) - K * (f + (1 - f) / 2)) < 0.02 * K
+
+
+def test_mass_init_keeps_floor_in_bounds_and_w_draw():
+    from sandbox.router import mass_init
+
+    cfg = RouterConfig(kind="sigmoid", n_features=3, n_slots=16, init="mass")   # floors alone: 16 x 0.05 = 0.8 > 1/2
+    bias, phi = mass_init(cfg)
+    assert abs(16 * 0.1 / (1 + math.exp(-phi)) - 0.5) < 1e-12                    # floors carry half the mass
+    low = RouterConfig(kind="sigmoid", n_features=3, n_slots=4, init="mass")     # 4 x 0.05 = 0.2 <= 1/2: floor kept
+    assert mass_init(low)[1] == 0.0
+    zero = RouterConfig(kind="sigmoid", n_features=3, n_slots=16)
+    assert mass_init(zero) == (0.0, 0.0)
+    a = init_router_params(cfg, (2,), torch.Generator().manual_seed(5))
+    b = init_router_params(zero, (2,), torch.Generator().manual_seed(5))
+    assert torch.equal(a["W"], b["W"]) and torch.equal(b["bias"], torch.zeros(2, 16))
+
+
+def test_router_init_errors_name_the_flag():
+    with pytest.raises(BadInput, match="--router-init"):
+        RouterConfig(init="uniform")
+    with pytest.raises(BadInput, match="--init-mass"):
+        RouterConfig(n_slots=4, init="mass", init_mass=4.0)
