@@ -201,15 +201,35 @@ def _journal(path: Path, flag: str):
                        "it away to start the ledger afresh, losing its finished trials)") from None
 
 
+#: Seconds a PostgreSQL connection attempt may take (an unreachable host fails instead of hanging).
+PG_CONNECT_TIMEOUT_S = 10
+
+
+def _pg_engine(url: str) -> tuple[str, dict]:
+    """SQLAlchemy URL and engine options for `url`: a bare ``postgresql://`` (or ``postgres://``)
+    URL gets the installed driver (psycopg 3, else psycopg2; SQLAlchemy's default differs by
+    release) and a connect timeout; any other URL is passed through."""
+    scheme, sep, rest = url.partition("://")
+    if scheme not in ("postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg2"):
+        return url, {}
+    if scheme in ("postgresql", "postgres"):
+        import importlib.util
+
+        driver = "psycopg" if importlib.util.find_spec("psycopg") else "psycopg2"
+        url = f"postgresql+{driver}{sep}{rest}"
+    return url, {"connect_args": {"connect_timeout": PG_CONNECT_TIMEOUT_S}}
+
+
 def _rdb(url: str, flag: str, attempts: int = 5):
     """An `RDBStorage` on `url`; a creation race (two runs creating one fresh database's tables)
     is retried, anything else is a `BadInput` naming `flag`."""
     from optuna.storages import RDBStorage
 
     allowed = "a reachable Optuna storage URL, e.g. sqlite:///runs/ledger.db or postgresql://user@host/db"
+    engine_url, kwargs = _pg_engine(url)
     for i in range(attempts):
         try:
-            return RDBStorage(url)
+            return RDBStorage(engine_url, engine_kwargs=kwargs) if kwargs else RDBStorage(engine_url)
         except Exception as e:   # sqlalchemy errors, missing drivers, bad URLs: all one line
             if "already exists" in str(e) and i + 1 < attempts:
                 time.sleep(0.2 * (i + 1))
@@ -263,10 +283,15 @@ def trial_key(point_key: str, seed: int) -> str:
 
 
 def finished(study: optuna.Study) -> dict[str, dict]:
-    """``key -> user_attrs`` of every finished trial (the first one if a key was stored twice)."""
+    """``key -> user_attrs`` of every finished trial (the first one if a key was stored twice).
+
+    A FAIL trial that a worker gave back or that was declared lost (attribute ``declared``, see
+    `sweeps.worker`) is no result, even if its slow worker wrote rows before noticing."""
     out: dict[str, dict] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
         attrs = t.user_attrs
+        if t.state == TrialState.FAIL and "declared" in attrs:
+            continue
         if "key" in attrs and "rows" in attrs and attrs["key"] not in out:
             out[attrs["key"]] = attrs
     return out

@@ -1,0 +1,108 @@
+"""`sandbox worker`: claim planned trials of a study on a PostgreSQL storage, run them, record them,
+exit when none is left (any number at once, on any machines); and the define step's helpers used
+by ``sandbox sweep|factorial --enqueue-only``."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from typing import Optional
+
+import typer
+
+
+def worker(
+    storage: str = typer.Option(..., "--storage", help="PostgreSQL URL holding the study, e.g. postgresql://user@host/db."),
+    study: str = typer.Option(..., "--study", help="Study name (printed by the define step: sweep/factorial --enqueue-only)."),
+    retries: int = typer.Option(2, "--retries", help="Times a trial that raised is queued again (it runs at most N+1 times)."),
+    heartbeat: float = typer.Option(10.0, "--heartbeat", help="Seconds between heartbeats of the running trial."),
+    grace: float = typer.Option(60.0, "--grace", help="Seconds without a heartbeat after which a running trial's worker counts as dead and the trial is re-run."),
+    max_trials: Optional[int] = typer.Option(None, "--max-trials", help="Stop after claiming this many trials (default: until none is left)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Factorial trials: folder for the per-trial runs (default: the define step's --out)."),
+    cache: Optional[str] = typer.Option(None, "--cache", help="Factorial trials: base-model cache folder (default: the define step's)."),
+    threads: int = typer.Option(1, "--threads", help="torch CPU threads (small tensors: 1 is fastest)."),
+) -> None:
+    """Run planned trials of a study until none is waiting or running (see README: many machines)."""
+    from sandbox.errors import BadInput
+    from sandbox.options import check_int
+
+    check_int(retries, "--retries", 0, 100)
+    check_int(threads, "--threads", 1, 256)
+    if max_trials is not None:
+        check_int(max_trials, "--max-trials", 1, 10**9)
+    if not (math.isfinite(heartbeat) and 0.1 <= heartbeat <= 3600):
+        raise BadInput("--heartbeat", heartbeat, "seconds in [0.1, 3600]")
+    if not (math.isfinite(grace) and grace >= 2 * heartbeat and grace <= 86400):
+        raise BadInput("--grace", grace, f"seconds in [2 x --heartbeat = {2 * heartbeat:g}, 86400]")
+    from sweeps.worker import database
+
+    store = database(storage, "--storage")    # refuses journal/SQLite/unreachable with one line
+
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sweeps.worker import WorkerContext, run_worker
+
+    torch.set_num_threads(threads)
+    console = Console(stderr=True)
+
+    def _term(signum, frame):   # SLURM / kill: give the running trial back at once
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+    t0 = time.perf_counter()
+    with Progress(TextColumn("[bold]worker"), BarColumn(), MofNCompleteColumn(), TextColumn("trials"),
+                  TimeElapsedColumn(), TextColumn("{task.description}"), console=console, transient=False) as bar:
+        task_id = bar.add_task("", total=None)
+
+        def progress(done: int, total: int, mine: int, desc: str) -> None:
+            bar.update(task_id, completed=done, total=total, description=f"{mine} claimed here; {desc}")
+
+        counts = run_worker(store, study, retries=retries, heartbeat_s=heartbeat, grace_s=grace,
+                            max_trials=max_trials, progress=progress,
+                            ctx=WorkerContext(out=out, cache=cache, log=lambda m: console.print(m, highlight=False)))
+    print(f"worker: {counts.claimed} claimed, {counts.completed} completed, {counts.failed} failed "
+          f"({counts.retried} queued again, {counts.gave_up} given up), {counts.requeued_lost} lost trials of "
+          f"other workers queued again, {counts.dropped} results dropped, {counts.interrupted} given back; "
+          f"{time.perf_counter() - t0:.1f} s; study {study}", flush=True)
+
+
+def define(console, jobs, storage: str, study: str, direction: str, what: str, argv=None) -> None:
+    """The define step: enqueue `jobs` in `study` on PostgreSQL `storage` and print what to start."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from sweeps.worker import database, enqueue
+
+    store = database(storage, "--storage")
+    with Progress(TextColumn("[bold]enqueue"), BarColumn(), MofNCompleteColumn(), console=console,
+                  transient=True) as bar:
+        tid = bar.add_task("", total=None)
+        counts = enqueue(store, study, jobs, direction=direction,
+                         progress=lambda i, n: bar.update(tid, completed=i, total=n), argv=argv)
+    console.print(f"{what}: {counts.planned} trials planned in study '{study}': {counts.enqueued} queued now "
+                  f"({counts.requeued} of them failed before), {counts.pending} already waiting or running, "
+                  f"{counts.finished} already finished", highlight=False)
+    console.print(f"start workers (any number, any machine): sandbox worker --storage {storage} --study {study}; "
+                  "then rerun this command without --enqueue-only to collect", highlight=False)
+
+
+def check_collect(storage: Optional[str], study: str, jobs) -> None:
+    """Before a single-process run on a PostgreSQL study: refuse while planned trials are pending."""
+    from sweeps.worker import check_settled, database, is_database
+
+    if not is_database(storage):
+        return
+    import optuna
+
+    store = database(storage, "--storage")
+    try:
+        st = optuna.load_study(study_name=study, storage=store)
+    except KeyError:
+        return
+    check_settled(st, [j.key for j in jobs], storage, study)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("worker")(worker)

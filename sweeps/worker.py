@@ -1,0 +1,615 @@
+"""Many machines, every trial exactly once: a study's plan of WAITING trials and the workers that run it.
+
+The define step (``sandbox sweep|factorial --enqueue-only --storage postgresql://...``) writes every
+planned trial (grid point or cell, and seed) into the study as a WAITING Optuna trial (`enqueue`).
+Any number of ``sandbox worker`` processes, on any machines, then claim waiting trials one at a
+time, run them and record them (`run_worker`) until none is left. Re-running the defining command
+without ``--enqueue-only`` collects: every trial is in the ledger, so it computes nothing.
+
+The plan:
+
+- A planned trial carries the user attribute ``job`` (`Job.payload`): ``{"system": NAME, ...}``,
+  everything a worker needs to rebuild the trial's configuration (for the analytic sandbox the
+  point's full `TaskSpec` and `SandboxConfig` and the seed; for the factorial the trial's
+  `CellConfig`, the run folder and the cache). `SYSTEMS` maps a system name to the function that
+  runs such a payload; a new system (e.g. substrate sweeps) plugs in by adding one entry. It also
+  carries ``key`` and the attributes the collecting code reads (sweeps: ``point_key``, ``seed``,
+  ``axes``; factorial: ``cell``, ``seed``), and ``attempt`` (1 for the first run).
+- A finished trial carries what the single-process code writes for the same key, so
+  `sweeps.ledger.finished` (sweeps) and `sweeps.ledger.TrialLedger` (factorial) read it unchanged:
+  sweeps ``rows`` and ``delta`` (COMPLETE; FAIL with rows for a diverged pair), the factorial
+  ``result`` (COMPLETE, value = balanced log-PPL or +inf).
+- Enqueueing holds a PostgreSQL advisory transaction lock on the study (`plan_lock`), so running the
+  define step twice, or on two machines at once, adds every key once: a key is added only when the
+  study holds no result and no waiting or running trial for it. (Optuna's
+  ``enqueue_trial(skip_if_exists=True)`` checks and writes without a lock.)
+
+Claims: a worker lists waiting trials (`claim`) and moves one to RUNNING with Optuna's
+``set_trial_state_values``, which on an RDB storage re-reads the row under ``SELECT ... FOR UPDATE``
+and refuses unless it is still WAITING, so two workers never run the same trial. A worker never
+calls ``study.ask()`` (which creates a new trial when none is waiting): it runs planned trials only.
+
+Faults:
+
+- heartbeats: the claimer writes the trial's heartbeat (Optuna's ``trial_heartbeats`` table, database
+  clock) just before claiming and then every ``heartbeat_s`` from a thread. A RUNNING planned trial
+  whose heartbeat is older than ``grace_s`` belongs to a dead worker (kill -9, lost machine): any
+  worker marks it FAIL (the row-locked state change succeeds for one worker only) and enqueues a
+  copy (``reason = "lost"``), which the next free worker runs. A worker that was only slow, not
+  dead, finds its trial finished when it reports and drops its result (counted as ``dropped``).
+  A trial is re-queued as lost at most `MAX_LOST` times (a trial that kills every worker stops).
+- a trial that raises is recorded FAIL with ``error`` (exception type and first line) and without
+  rows or result, so no table ever averages it in; a copy is enqueued while its ``attempt`` is at
+  most ``retries`` (so it runs at most ``retries + 1`` times). A key whose last attempt failed is
+  re-queued by the next define step.
+- Ctrl-C or SIGTERM (e.g. a SLURM time limit) gives the running trial back at once (``reason =
+  "interrupted"``) instead of after the grace period.
+
+Storage: PostgreSQL only (`database`). SQLite and the journal file are refused for workers: they
+have no row locks across machines (the journal's lock is a local ``flock``) and no heartbeats, so a
+killed worker's trial could never be re-run; a single process runs them without workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState, create_trial
+
+from sandbox.errors import BadInput
+from sandbox.results import to_jsonable
+from sweeps import ledger
+
+#: A trial re-queued as lost (its worker died) this many times is given up: it kills its workers.
+MAX_LOST = 10
+#: Candidate waiting trials listed per claim attempt.
+CLAIM_BATCH = 16
+
+_DB_ALLOWED = ("a postgresql:// URL of a reachable server (workers claim trials under the database's "
+               "row locks and keep heartbeats in it)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage
+# ---------------------------------------------------------------------------------------------
+
+
+def is_database(storage: str | None) -> bool:
+    """True for a PostgreSQL URL (the only storage a plan and workers can use)."""
+    return storage is not None and str(storage).split("://", 1)[0].split("+", 1)[0] in ("postgresql", "postgres")
+
+
+def database(storage: str | None, flag: str = "--storage"):
+    """An `RDBStorage` on the PostgreSQL URL `storage`; anything else is a one-line `BadInput`.
+
+    SQLite and the journal file are refused: a journal's lock is a local ``flock`` and SQLite's a
+    file lock, neither works across machines, and neither keeps heartbeats, so a killed worker's
+    trial could never be re-run. Several workers on one machine also need a (local) PostgreSQL
+    server; one process with the journal needs no worker at all (plain ``sandbox sweep``).
+    """
+    s = str(storage) if storage is not None else ""
+    if not s:
+        raise BadInput(flag, s, _DB_ALLOWED)
+    if not is_database(s):
+        kind = ("a SQLite file" if s.startswith("sqlite") else "a journal file" if "://" not in s
+                else f"a {s.split('://', 1)[0]} URL")
+        raise BadInput(flag, s, f"a postgresql:// URL, not {kind}: workers on one or several machines claim trials "
+                       "under PostgreSQL row locks and heartbeats (start a server as in the README); without "
+                       "workers, run the sweep/factorial command itself on the journal or SQLite")
+    return ledger.journal_or_url(s, flag)
+
+
+@contextmanager
+def plan_lock(store, study_name: str):
+    """Hold PostgreSQL's advisory transaction lock of `study_name` (one definer/requeuer at a time).
+
+    The lock lives in a transaction on its own connection and is released when the block ends, and
+    by the server if this process dies (its connection closes)."""
+    from sqlalchemy import text
+
+    k = int.from_bytes(hashlib.sha256(f"molora-plan:{study_name}".encode()).digest()[:8], "big", signed=True)
+    with store.engine.begin() as conn:
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": k})
+        yield
+
+
+def _study_id(store, name: str, flag: str = "--study") -> int:
+    try:
+        return store.get_study_id_from_name(name)
+    except KeyError:
+        names = sorted(s.study_name for s in store.get_all_studies())
+        raise BadInput(flag, name, "a study defined on this --storage with `sandbox sweep|factorial --enqueue-only` "
+                       f"(it holds: {', '.join(names[:8]) or 'none'}{', ...' if len(names) > 8 else ''})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """One planned trial: its ledger key, what a worker needs (`payload`, stored as ``job``), the
+    user attributes the collecting code reads (`attrs`) and Optuna params (sweep axes)."""
+
+    key: str
+    payload: dict
+    attrs: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+    distributions: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PlanCounts:
+    """What one define step found and did (printed, and stored as the study attribute ``plan``)."""
+
+    planned: int
+    """Trials in this plan (points or cells x seeds)."""
+    enqueued: int
+    """Added as waiting trials now (new keys plus `requeued`)."""
+    requeued: int
+    """Keys whose last attempt had failed, queued again."""
+    finished: int
+    """Keys already holding a result (from workers or a single-process run)."""
+    pending: int
+    """Keys already waiting or running (queued by an earlier define step)."""
+
+
+def has_result(t) -> bool:
+    """A finished trial with a result the tables read (sweeps: rows; factorial: result)."""
+    a = t.user_attrs
+    return "key" in a and (t.state == TrialState.COMPLETE
+                           or (t.state == TrialState.FAIL and "rows" in a and "declared" not in a))
+
+
+def _key_states(study: optuna.Study) -> tuple[dict, set, set, dict]:
+    """Per key: the result trial (first), pending keys (waiting or running), failed-out keys, trials."""
+    done, pending, by_key = {}, set(), {}
+    for t in study.get_trials(deepcopy=False):
+        k = t.user_attrs.get("key")
+        if k is None:
+            continue
+        by_key.setdefault(k, []).append(t)
+        if has_result(t):
+            done.setdefault(k, t)
+        elif t.state in (TrialState.WAITING, TrialState.RUNNING) and "job" in t.user_attrs:
+            pending.add(k)
+    failed = {k for k, ts in by_key.items() if k not in done and k not in pending
+              and any("job" in t.user_attrs and t.state == TrialState.FAIL for t in ts)}
+    return done, pending, failed, by_key
+
+
+def _waiting_trial(job_attrs: dict, params: dict, distributions: dict):
+    return create_trial(state=TrialState.WAITING, params=params, distributions=distributions, user_attrs=job_attrs)
+
+
+def enqueue(store, study_name: str, jobs: Sequence[Job], direction: str = "maximize",
+            progress: Callable[[int, int], None] | None = None, argv: list[str] | None = None) -> PlanCounts:
+    """Write every job not yet finished, waiting or running as a WAITING trial, under `plan_lock`.
+
+    Idempotent: a second call (or a concurrent one on another machine) adds nothing. A key whose
+    planned trials all failed is queued again (attempt 1)."""
+    study = ledger.open_study(store, study_name, direction=direction)
+    keys = [j.key for j in jobs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate keys in a plan")
+    with plan_lock(store, study_name):
+        done, pending, failed, _ = _key_states(study)
+        todo = [j for j in jobs if j.key not in done and j.key not in pending]
+        requeued = sum(j.key in failed for j in todo)
+        for i, j in enumerate(todo):
+            attrs = {**to_jsonable(j.attrs), "key": j.key, "job": to_jsonable(j.payload), "attempt": 1}
+            study.add_trial(_waiting_trial(attrs, j.params, j.distributions))
+            if progress:
+                progress(i + 1, len(todo))
+        counts = PlanCounts(planned=len(jobs), enqueued=len(todo), requeued=requeued,
+                            finished=sum(k in done for k in keys), pending=sum(k in pending for k in keys))
+        study.set_user_attr("plan", {**dataclasses.asdict(counts), "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                     "host": socket.gethostname(), "argv": argv})
+    return counts
+
+
+@dataclass(frozen=True)
+class Settled:
+    """State of a plan's keys in a study (`plan_state`)."""
+
+    planned: int
+    finished: int
+    pending: int
+    """Waiting or running."""
+    failed: list
+    """``(key, error)`` of keys whose every planned attempt failed."""
+
+
+def plan_state(study: optuna.Study, keys: Iterable[str]) -> Settled:
+    keys = list(keys)
+    done, pending, failed, by_key = _key_states(study)
+    errs = []
+    for k in keys:
+        if k in failed:
+            last = max((t for t in by_key[k] if t.state == TrialState.FAIL), key=lambda t: t.number)
+            errs.append((k, last.user_attrs.get("error", "worker lost")))
+    return Settled(len(keys), sum(k in done for k in keys), sum(k in pending for k in keys), errs)
+
+
+def check_settled(study: optuna.Study, keys: Iterable[str], storage: str, study_name: str) -> None:
+    """Refuse (one line naming ``--storage``) to collect while planned trials of `keys` are waiting
+    or running, or failed out: computing them here would run a key that a worker may also run."""
+    s = plan_state(study, keys)
+    if s.pending:
+        raise BadInput("--storage", storage, f"a study whose planned trials have finished: {s.pending} of {s.planned} "
+                       f"are still waiting or running in study '{study_name}'; start `sandbox worker --storage URL "
+                       f"--study {study_name}` or wait for the running ones, then rerun to collect")
+    if s.failed:
+        k, err = s.failed[0]
+        raise BadInput("--storage", storage, f"a study whose planned trials have finished: {len(s.failed)} failed every "
+                       f"attempt in study '{study_name}' (first: {k}: {err}); fix the cause and rerun with "
+                       "--enqueue-only to queue them again, then start workers")
+
+
+def sweep_jobs(cfg) -> list[Job]:
+    """The plan of a grid sweep (`sweeps.grid.SweepConfig`): one job per (point, seed)."""
+    from sweeps.grid import point_config, point_key
+
+    require_grid = getattr(cfg, "search", "grid") == "grid"
+    if not require_grid:
+        raise BadInput("--search", cfg.search, "grid with --enqueue-only (the boundary search picks points as results "
+                       "arrive, so it cannot be planned ahead)")
+    bounds = cfg.bounds()
+    jobs = []
+    for values in cfg.grid_points():
+        spec, solver = point_config(cfg, values)
+        pk = point_key(spec, solver)
+        dists = {k: FloatDistribution(min(bounds[k][0], v), max(bounds[k][1], v)) for k, v in values.items()}
+        for seed in cfg.seeds:
+            jobs.append(Job(key=ledger.trial_key(pk, seed),
+                            payload={"system": "analytic", "task": dataclasses.asdict(spec),
+                                     "solver": dataclasses.asdict(solver), "seed": int(seed), "point_key": pk},
+                            attrs={"point_key": pk, "seed": int(seed), "axes": {k: float(v) for k, v in values.items()}},
+                            params={k: float(v) for k, v in values.items()}, distributions=dists))
+    return jobs
+
+
+def factorial_jobs(fcfg, out: str | Path, cache: str | Path) -> list[Job]:
+    """The plan of a factorial (`sweeps.factorial.FactorialConfig`): one job per (cell, seed); the
+    per-trial folders go under `out` (workers on a shared filesystem resume each other's
+    checkpoints there) and the base model cache under `cache`, unless a worker overrides them."""
+    from sweeps.factorial import trial_key
+
+    out, cache = os.path.abspath(out), os.path.abspath(cache)
+    return [Job(key=trial_key(cell, seed),
+                payload={"system": "factorial", "cell": dataclasses.asdict(fcfg.trial_config(cell, seed)),
+                         "out": out, "cache": cache},
+                attrs={"cell": cell, "seed": int(seed)})
+            for seed in fcfg.seeds for cell in fcfg.cells]
+
+
+# ---------------------------------------------------------------------------------------------
+# Systems: payload -> result attributes
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a system returns for one trial: user attributes to add, the value and the final state."""
+
+    attrs: dict
+    value: float | None
+    state: TrialState = TrialState.COMPLETE
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """Per-worker state shared by a system's trials (overrides and caches)."""
+
+    out: str | None = None
+    cache: str | None = None
+    log: Callable[[str], None] | None = None
+    substrates: dict = field(default_factory=dict)
+
+
+def run_analytic(job: dict, ctx: WorkerContext) -> Outcome:
+    """One (point, seed) of an analytic sweep; refuses a payload whose configuration hashes
+    differently here (a worker running another version of the code than the definer)."""
+    from sandbox.analytic import SandboxConfig
+    from sandbox.tasks import TaskSpec
+    from sweeps.grid import evaluate_point, point_key
+
+    spec, solver = TaskSpec(**job["task"]), SandboxConfig(**job["solver"])
+    if point_key(spec, solver) != job["point_key"]:
+        raise RuntimeError("the point's configuration hashes differently on this worker (another version of "
+                           "the code than the define step's); run the same version everywhere")
+    [(seed, rows, delta)] = evaluate_point(spec, solver, [int(job["seed"])])
+    ok = math.isfinite(delta)
+    return Outcome({"rows": rows, "delta": float(delta) if ok else None}, float(delta) if ok else None,
+                   TrialState.COMPLETE if ok else TrialState.FAIL)
+
+
+def run_factorial_trial(job: dict, ctx: WorkerContext) -> Outcome:
+    """One (cell, seed) of a factorial: the substrate is prepared once per worker (cached on disk)."""
+    from substrate.cell import CellConfig, prepare_substrate, run_cell
+    from sweeps.factorial import trial_dir
+
+    cfg = CellConfig(**job["cell"])
+    out, cache = Path(ctx.out or job["out"]), ctx.cache or job["cache"]
+    from sandbox.results import config_hash
+
+    base = config_hash({**cfg.identity(), "cell": None, "seed": None, "cache": str(cache)})
+    sub = ctx.substrates.get(base)
+    if sub is None:
+        sub = ctx.substrates[base] = prepare_substrate(cfg, cache, ctx.log)
+    res = run_cell(cfg, trial_dir(out, cfg.cell, cfg.seed), cache, substrate=sub, log=ctx.log)
+    metrics = to_jsonable(res.metrics)
+    v = metrics.get("balanced_log_ppl")
+    return Outcome({"result": metrics}, float(v) if isinstance(v, (int, float)) and math.isfinite(v) else math.inf)
+
+
+#: system name -> runner. A new system (e.g. substrate sweeps) adds its plan builder and one entry.
+SYSTEMS: dict[str, Callable[[dict, WorkerContext], Outcome]] = {
+    "analytic": run_analytic,
+    "factorial": run_factorial_trial,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerCounts:
+    """What one worker did (printed, and stored as the study attribute ``worker:<host>:<pid>:<start>``)."""
+
+    claimed: int = 0
+    """Waiting trials this worker claimed."""
+    completed: int = 0
+    """Claimed trials recorded with a result (a diverged sweep pair included)."""
+    failed: int = 0
+    """Claimed trials that raised (recorded FAIL with their error)."""
+    retried: int = 0
+    """Of those, queued again (attempt <= --retries)."""
+    gave_up: int = 0
+    """Of those, not queued again (retries spent)."""
+    requeued_lost: int = 0
+    """Other workers' trials found without a heartbeat for --grace and queued again."""
+    dropped: int = 0
+    """Own results dropped because the trial had been declared lost meanwhile."""
+    interrupted: int = 0
+    """Own trials given back on Ctrl-C / SIGTERM."""
+    wall_s: float = 0.0
+
+
+class Heartbeat:
+    """A thread writing trial `trial_id`'s heartbeat every `every` seconds until `stop`."""
+
+    def __init__(self, store, trial_id: int, every: float):
+        self._store, self._id, self._every = store, trial_id, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{trial_id}", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._every):
+            try:
+                self._store.record_heartbeat(self._id)
+            except Exception:   # a transient database error: the next beat tries again
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _models():
+    from optuna.storages._rdb import models
+
+    return models
+
+
+def _waiting_ids(store, study_id: int, limit: int) -> list[int]:
+    m = _models()
+    session = store.scoped_session()
+    try:
+        rows = (session.query(m.TrialModel.trial_id)
+                .filter(m.TrialModel.study_id == study_id, m.TrialModel.state == TrialState.WAITING)
+                .order_by(m.TrialModel.number).limit(limit).all())
+        session.commit()
+    finally:
+        session.close()
+    return [r[0] for r in rows]
+
+
+def claim(store, study_id: int) -> int | None:
+    """Move one planned WAITING trial of the study to RUNNING (heartbeat written first); its trial
+    id, or None when no planned trial is waiting. Safe under any number of concurrent claimers."""
+    while True:
+        ids = _waiting_ids(store, study_id, CLAIM_BATCH)
+        if not ids:
+            return None
+        for tid in ids:
+            try:
+                if "job" not in store.get_trial(tid).user_attrs:
+                    continue   # not a planned trial (someone's enqueue_trial): never ours to run
+                store.record_heartbeat(tid)
+                if store.set_trial_state_values(tid, state=TrialState.RUNNING):
+                    return tid
+            except UpdateFinishedTrialError:
+                continue
+        if all("job" not in store.get_trial(t).user_attrs for t in ids):
+            return None
+
+
+def running_planned(store, study_id: int) -> list[tuple[int, object]]:
+    """``(trial_id, heartbeat age in seconds)`` of RUNNING trials with a heartbeat (planned trials:
+    a single-process factorial's RUNNING trials have none and are never touched)."""
+    import sqlalchemy
+
+    m = _models()
+    session = store.scoped_session()
+    try:
+        now = session.execute(sqlalchemy.func.now()).scalar().replace(tzinfo=None)
+        rows = (session.query(m.TrialModel.trial_id, m.TrialHeartbeatModel.heartbeat)
+                .join(m.TrialHeartbeatModel, m.TrialHeartbeatModel.trial_id == m.TrialModel.trial_id)
+                .filter(m.TrialModel.study_id == study_id, m.TrialModel.state == TrialState.RUNNING).all())
+        session.commit()
+    finally:
+        session.close()
+    return [(tid, (now - hb).total_seconds()) for tid, hb in rows]
+
+
+def count_waiting(store, study_id: int) -> int:
+    m = _models()
+    session = store.scoped_session()
+    try:
+        n = (session.query(m.TrialModel.trial_id)
+             .filter(m.TrialModel.study_id == study_id, m.TrialModel.state == TrialState.WAITING).count())
+        session.commit()
+    finally:
+        session.close()
+    return n
+
+
+def _requeue(study: optuna.Study, old, reason: str, attempt: int, lost: int) -> None:
+    attrs = {k: v for k, v in old.user_attrs.items()
+             if k not in ("rows", "delta", "result", "error", "worker", "declared")}
+    attrs.update(attempt=attempt, lost=lost, requeue_of=old.number, reason=reason)
+    study.add_trial(_waiting_trial(attrs, old.params, old.distributions))
+
+
+def _fail_and_requeue(store, study: optuna.Study, tid: int, reason: str, count_attempt: bool) -> bool:
+    """Mark RUNNING trial `tid` FAIL and queue a copy; False if it had finished meanwhile (or is
+    over `MAX_LOST`). Only one caller can win the row-locked state change."""
+    old = store.get_trial(tid)
+    try:   # marked first: a slow worker's rows written meanwhile never count on a FAIL trial
+        store.set_trial_user_attr(tid, "declared", reason)
+        store.set_trial_state_values(tid, state=TrialState.FAIL)
+    except UpdateFinishedTrialError:
+        return False
+    lost = int(old.user_attrs.get("lost", 0)) + (reason == "lost")
+    if lost > MAX_LOST:
+        return False
+    _requeue(study, old, reason, int(old.user_attrs.get("attempt", 1)) + count_attempt, lost)
+    return True
+
+
+def requeue_lost(store, study: optuna.Study, study_id: int, grace_s: float) -> int:
+    """FAIL and queue again every planned RUNNING trial whose heartbeat is older than `grace_s`."""
+    n = 0
+    for tid, age in running_planned(store, study_id):
+        if age > grace_s and "job" in store.get_trial(tid).user_attrs:
+            n += _fail_and_requeue(store, study, tid, "lost", count_attempt=False)
+    return n
+
+
+def _first_line(e: BaseException, n: int = 300) -> str:
+    text = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {text[:n]}" if text else type(e).__name__
+
+
+def run_worker(store, study_name: str, *, retries: int = 2, heartbeat_s: float = 10.0, grace_s: float = 60.0,
+               max_trials: int | None = None, ctx: WorkerContext | None = None,
+               progress: Callable[[int, int, int, str], None] | None = None,
+               systems: dict | None = None) -> WorkerCounts:
+    """Claim, run and record planned trials of `study_name` until none is waiting or running.
+
+    While other workers' trials run and nothing waits, this worker polls (every ``min(heartbeat_s,
+    grace_s / 2)``) so that a trial whose worker died is re-run here after `grace_s`. `max_trials`
+    stops after that many claims. `progress(finished_in_plan, total_in_plan, claimed_by_me,
+    description)` is called after every state change seen. Counts are stored in the study.
+    """
+    systems = systems or SYSTEMS
+    ctx = ctx or WorkerContext()
+    study_id = _study_id(store, study_name)
+    study = optuna.load_study(study_name=study_name, storage=store)
+    t0 = time.perf_counter()
+    c = dict(claimed=0, completed=0, failed=0, retried=0, gave_up=0, requeued_lost=0, dropped=0, interrupted=0)
+    worker_id = f"{socket.gethostname()}:{os.getpid()}:{time.strftime('%Y%m%dT%H%M%S')}"
+    poll = max(0.2, min(heartbeat_s, grace_s / 2))
+    start_left = None
+
+    def report(desc: str) -> None:
+        nonlocal start_left
+        if progress is None:
+            return
+        left = count_waiting(store, study_id) + len(running_planned(store, study_id))
+        start_left = left if start_left is None else max(start_left, left + c["claimed"])
+        progress(start_left - left, start_left, c["claimed"], desc)
+
+    def store_counts() -> WorkerCounts:
+        counts = WorkerCounts(**c, wall_s=round(time.perf_counter() - t0, 3))
+        try:
+            study.set_user_attr(f"worker:{worker_id}", dataclasses.asdict(counts))
+        except Exception:
+            pass
+        return counts
+
+    report("starting")
+    try:
+        while max_trials is None or c["claimed"] < max_trials:
+            c["requeued_lost"] += requeue_lost(store, study, study_id, grace_s)
+            tid = claim(store, study_id)
+            if tid is None:
+                if not running_planned(store, study_id) and not count_waiting(store, study_id):
+                    break
+                report("waiting for running trials")
+                time.sleep(poll)
+                continue
+            c["claimed"] += 1
+            frozen = store.get_trial(tid)
+            job = frozen.user_attrs["job"]
+            desc = f"{frozen.user_attrs.get('key')} (attempt {frozen.user_attrs.get('attempt', 1)})"
+            report(desc)
+            store.set_trial_user_attr(tid, "worker", worker_id)
+            beat = Heartbeat(store, tid, heartbeat_s)
+            try:
+                run = systems.get(job.get("system"))
+                if run is None:
+                    raise RuntimeError(f"unknown system {job.get('system')!r} (a newer version defined this plan)")
+                outcome = run(job, ctx)
+            except Exception as e:
+                beat.stop()
+                c["failed"] += 1
+                try:
+                    store.set_trial_user_attr(tid, "error", _first_line(e))
+                    store.set_trial_state_values(tid, state=TrialState.FAIL)
+                except UpdateFinishedTrialError:
+                    c["dropped"] += 1
+                    continue
+                if int(frozen.user_attrs.get("attempt", 1)) <= retries:
+                    _requeue(study, frozen, "error", int(frozen.user_attrs.get("attempt", 1)) + 1,
+                             int(frozen.user_attrs.get("lost", 0)))
+                    c["retried"] += 1
+                else:
+                    c["gave_up"] += 1
+                report(f"{desc} failed: {_first_line(e, 80)}")
+                continue
+            except BaseException:   # Ctrl-C / SIGTERM: give the trial back now
+                beat.stop()
+                c["interrupted"] += _fail_and_requeue(store, study, tid, "interrupted", count_attempt=False)
+                raise
+            beat.stop()
+            try:
+                for k, v in to_jsonable(outcome.attrs).items():
+                    store.set_trial_user_attr(tid, k, v)
+                store.set_trial_state_values(tid, state=outcome.state,
+                                             values=None if outcome.value is None else [outcome.value])
+                c["completed"] += 1
+            except UpdateFinishedTrialError:   # declared lost while we were slow: its copy counts
+                c["dropped"] += 1
+            report(desc)
+    finally:
+        counts = store_counts()
+    return counts
