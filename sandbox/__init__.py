@@ -1,8 +1,8 @@
 """Mixture-of-LoRA regime explorer: the shared core (router, adapters, lifecycle, tasks, stats),
-the analytic sandbox and the `sandbox` command line.
+the analytic sandbox; `sandbox.app` is the `sandbox` command line on top of every layer.
 
-Core modules import neither `substrate`, `sweeps` nor `figures`; only `sandbox.cli` and the
-command modules in `sandbox.commands` reach them, lazily.
+Core modules import neither `substrate`, `sweeps`, `figures` nor `sandbox.app`; only the app
+(`sandbox.app`: the CLI, its commands and the benchmark runner) reaches every layer.
 """
 
 __version__ = "0.1.0"

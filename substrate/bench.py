@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from sandbox.bench import BenchConfig, interleaved, matmul_case
+from sandbox.timing import BenchConfig, interleaved, matmul_case
 from substrate.model import ModelConfig, build_model, flops_per_token, param_breakdown, preset
 
 # (batch, context) per preset for the CPU benchmark as (full, quick); None = not in quick mode.

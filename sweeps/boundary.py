@@ -22,29 +22,30 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
 
-def _distributions(cfg) -> dict:
-    from sweeps.grid import AXES
-
+def _distributions(cfg, axes: dict) -> dict:
     d = {"alignment": FloatDistribution(*cfg.alignment)} if cfg.alignment[0] < cfg.alignment[1] else {}
     if cfg.axis and cfg.axis_range[0] < cfg.axis_range[1]:
         lo, hi = cfg.axis_range
-        d[cfg.axis] = IntDistribution(int(math.ceil(lo)), int(math.floor(hi))) if AXES[cfg.axis][2] else FloatDistribution(lo, hi)
+        d[cfg.axis] = IntDistribution(int(math.ceil(lo)), int(math.floor(hi))) if axes[cfg.axis][2] else FloatDistribution(lo, hi)
     return d
 
 
-def propose_points(cfg, store, study: optuna.Study, evaluate) -> tuple[list[dict[str, float]], int]:
+def propose_points(cfg, store, study: optuna.Study, evaluate, *, ensure_point, point_id, axes: dict
+                   ) -> tuple[list[dict[str, float]], int]:
     """Run the boundary search up to ``cfg.trials`` told proposals.
 
     Returns every told point and the number of (point, seed) trials computed here.
 
-    `store` is the storage holding `study` (the ledger); the boundary study lives beside it.
+    `store` is the storage holding `study` (the ledger); the boundary study lives beside it. The
+    grid engine passes its own parts in (`ensure_point` computes a point's missing seeds,
+    `point_id(values)` is a point's ledger key, `axes` the axis table), so this module does not
+    import the engine that calls it.
     """
     from sweeps import ledger
-    from sweeps.grid import ensure_point
 
     bstudy = ledger.open_study(store, study.study_name + "-boundary", direction="minimize",
                                sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=4))
-    dists = _distributions(cfg)
+    dists = _distributions(cfg, axes)
     fixed = {"alignment": float(cfg.alignment[0])}
     if cfg.axis:
         fixed[cfg.axis] = cfg.axis_range[0]
@@ -57,7 +58,7 @@ def propose_points(cfg, store, study: optuna.Study, evaluate) -> tuple[list[dict
                               for k, v in trial.params.items()}}
         values = {"alignment": values["alignment"], **{k: v for k, v in values.items() if k != "alignment"}}
         computed += ensure_point(cfg, study, done, values, evaluate)[0]
-        deltas = _deltas(cfg, done, values)
+        deltas = _deltas(cfg, done, point_id(values))
         trial.set_user_attr("values", values)
         bstudy.tell(trial, float(abs(abs(np.mean(deltas)) - cfg.eps)) if deltas else float("inf"))
     points = []
@@ -68,10 +69,7 @@ def propose_points(cfg, store, study: optuna.Study, evaluate) -> tuple[list[dict
     return sorted(points, key=lambda v: tuple(v.values())), computed
 
 
-def _deltas(cfg, done: dict, values: dict) -> list[float]:
-    from sweeps.grid import point_config, point_key
-
-    key = point_key(*point_config(cfg, values))
+def _deltas(cfg, done: dict, key: str) -> list[float]:
     out = []
     for s in cfg.seeds:
         d = done.get(f"{key}:{s}", {}).get("delta")

@@ -151,7 +151,7 @@ def run_factorial(fcfg: FactorialConfig, out: str | Path, cache_dir: str | Path 
             def go(cell=cell, seed=seed) -> dict:
                 cb = (lambda s, n, info: progress(cell, seed, s, n, info)) if progress else None
                 res = run_cell(fcfg.trial_config(cell, seed), trial_dir(out, cell, seed), cache_dir, substrate=sub,
-                               figures=False, progress=cb, log=log)
+                               progress=cb, log=log)
                 return res.metrics
 
             metrics, did = ledger.run(key, go, "balanced_log_ppl", {"cell": cell, "seed": seed})

@@ -282,7 +282,8 @@ def run_sweep(cfg: SweepConfig, out: Path, storage: str | None = None, study: st
     if cfg.search == "boundary":
         from sweeps.boundary import propose_points
 
-        points, searched = propose_points(cfg, store, st, evaluate)
+        points, searched = propose_points(cfg, store, st, evaluate, ensure_point=ensure_point, axes=AXES,
+                                          point_id=lambda v: point_key(*point_config(cfg, v)))
     else:
         points, searched = cfg.grid_points(), 0
     done = ledger.finished(st)

@@ -5,11 +5,11 @@ import sys
 
 import pytest
 
-from sandbox.cli import main
+from sandbox.app.cli import main
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "sandbox.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "sandbox.app.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_help_and_version():

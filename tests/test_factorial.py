@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sandbox import stats
-from sandbox.cli import main
+from sandbox.app.cli import main
 from sweeps.factorial import TrialLedger, cells_row
 
 TINY_ARGS = ["--preset", "tiny", "--steps", "4", "--slots", "4", "--rank", "4", "--batch", "2", "--eval-windows", "2",
@@ -169,7 +169,7 @@ def test_scope_under_lifecycle_matches_scipy():
 
 
 def test_cpu_defaults_are_said_plainly():
-    from sandbox.commands.full import KNOBS, O, cell_template, schedule
+    from sandbox.app.commands.full import KNOBS, O, cell_template, schedule
 
     said = []
     kw = {k: O[k].default for k in KNOBS}

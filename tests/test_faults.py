@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from sandbox.analytic import SandboxConfig
-from sandbox.cli import main
+from sandbox.app.cli import main
 from sandbox.errors import BadInput
 from sandbox.results import LOCK_NAME, RunDir, atomic_write_text, claim_run_dir, release_run_dir
 from sandbox.tasks import TaskSpec
@@ -42,7 +42,7 @@ def _env() -> dict:
 
 def cli(*args, cwd, timeout=60):
     """`sandbox ARGS` in a fresh process (as a user runs it); a hang fails the test, not the suite."""
-    return subprocess.run([sys.executable, "-m", "sandbox.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "sandbox.app.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=_env())
 
 
@@ -158,7 +158,7 @@ def test_journal_damaged_in_the_middle_is_one_line_naming_out(tmp_path, capsys):
 
 def test_sweep_killed_for_real_resumes_to_the_uninterrupted_result(tmp_path, capsys):
     args = ["sweep", "--points", "6", "--seeds", "4", *SMALL]
-    p = subprocess.Popen([sys.executable, "-m", "sandbox.cli", *args, "--out", "k"], cwd=tmp_path, env=_env(),
+    p = subprocess.Popen([sys.executable, "-m", "sandbox.app.cli", *args, "--out", "k"], cwd=tmp_path, env=_env(),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = tmp_path / "k" / "trials.journal"
     import time
@@ -358,7 +358,7 @@ def test_full_killed_after_metrics_is_finished_by_the_rerun(tmp_path, cache, cap
         import os, signal
         import figures.report
         figures.report.build_report = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
-        from sandbox.cli import main
+        from sandbox.app.cli import main
         main({args!r})
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
@@ -425,7 +425,7 @@ def test_cache_naming_a_file_is_one_line(tmp_path, capsys):
 
 
 def test_steps_help_states_each_presets_default():
-    from sandbox.commands.full import O, PRESET_STEPS
+    from sandbox.app.commands.full import O, PRESET_STEPS
 
     help_text = O["steps"].help
     for preset, steps in PRESET_STEPS.items():

@@ -1,4 +1,4 @@
-"""`sandbox report DIR` end to end on temporary run folders, through `sandbox.cli.main`."""
+"""`sandbox report DIR` end to end on temporary run folders, through `sandbox.app.cli.main`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from figures.report import TABLES, build_report
 from sandbox import stats
-from sandbox.cli import main
+from sandbox.app.cli import main
 
 SEEDS = (42, 137, 2026)
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from sandbox.analytic import SandboxConfig
-from sandbox.cli import main
+from sandbox.app.cli import main
 from sandbox.errors import BadInput
 from sandbox.tasks import TaskSpec
 from sweeps import grid, ledger
@@ -224,7 +224,7 @@ def test_cli_defaults_match_dataclasses():
     """The typer defaults are literals; they must agree with the dataclass defaults."""
     import inspect
 
-    from sandbox.commands.sweep import sweep
+    from sandbox.app.commands.sweep import sweep
 
     sig = inspect.signature(sweep).parameters
     for obj in (TaskSpec(), SandboxConfig(), grid.SweepConfig()):

@@ -1,6 +1,6 @@
 """The `sandbox` command line: a thin typer app.
 
-Each command lives in `sandbox/commands/<name>.py` as a plain function with typed options; it
+Each command lives in `sandbox/app/commands/<name>.py` as a plain function with typed options; it
 parses, builds a config, calls library code (imported lazily, so `sandbox --help` stays fast) and
 prints a `rich` table. User mistakes raise `BadInput` (or click's usage errors) and come out here as
 one line on stderr with exit code 2.
@@ -46,11 +46,11 @@ def _root(
 
 def _register() -> None:
     # One line per command module; each module defines `register(app)`.
-    from sandbox.commands import cells as _cells
-    from sandbox.commands import report as _report
-    from sandbox.commands import bench as _bench
-    from sandbox.commands import full as _full, factorial as _factorial
-    from sandbox.commands import sweep as _sweep
+    from sandbox.app.commands import cells as _cells
+    from sandbox.app.commands import report as _report
+    from sandbox.app.commands import bench as _bench
+    from sandbox.app.commands import full as _full, factorial as _factorial
+    from sandbox.app.commands import sweep as _sweep
 
     for mod in (_cells, _report, _bench, _full, _factorial, _sweep):
         mod.register(app)

@@ -206,6 +206,7 @@ def _run_one(cfg, folder: Path, cache: str, stop_after, console):
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from figures.report import build_report
     from substrate.cell import run_cell
 
     console.print(f"cell {cfg.cell} seed {cfg.seed}: preset {cfg.preset}, {cfg.steps} steps on {cfg.device} -> {folder}")
@@ -217,7 +218,7 @@ def _run_one(cfg, folder: Path, cache: str, stop_after, console):
             bar.update(task, completed=step, loss=f"{info['loss']:.4f}")
 
         res = run_cell(cfg, folder, cache, stop_after=stop_after, argv=["sandbox", *sys.argv[1:]], progress=progress,
-                       log=lambda m: console.print(m))
+                       log=lambda m: console.print(m), draw_figures=build_report)
         bar.update(task, completed=res.step)
     if not res.done:
         console.print(f"stopped at step {res.step} (checkpoint saved; run the same command to resume)")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from sandbox.commands.full import KNOBS, O
+from sandbox.app.commands.full import KNOBS, O
 
 
 def factorial(
@@ -33,7 +33,7 @@ def factorial(
 ) -> None:
     """Run the factorial of cells x seeds and attribute the effect (probes: --inherit-alpha 0, --perturb-base S)."""
     kw = {k: v for k, v in locals().items() if k in KNOBS}
-    from sandbox.commands.full import apply_threads
+    from sandbox.app.commands.full import apply_threads
 
     apply_threads(threads)
     import sys
@@ -43,7 +43,7 @@ def factorial(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from sandbox.cells import parse_cells
-    from sandbox.commands.full import cell_template
+    from sandbox.app.commands.full import cell_template
     from sandbox.options import parse_seeds
     from sandbox.results import config_hash
     from sweeps.factorial import FactorialConfig, run_factorial

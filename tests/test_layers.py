@@ -1,0 +1,117 @@
+"""The layering rule, checked on the source: imports point one way and never form a loop.
+
+Layers, bottom to top: core (`sandbox` outside `sandbox.app`) <- `substrate` <- `sweeps`, with
+`figures` beside them reading tables (it may import the core's table helpers but neither torch,
+`substrate` nor `sweeps`), and the app (`sandbox.app`: the CLI, its commands, the benchmark
+runner) on top, the only code that may import every layer. Every import counts, also one inside
+a function body (a lazy import is still a dependency).
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("sandbox", "substrate", "sweeps", "figures")
+MAY_IMPORT = {
+    "core": {"core"},
+    "substrate": {"core", "substrate"},
+    "figures": {"core", "figures"},
+    "sweeps": {"core", "substrate", "figures", "sweeps"},
+    "app": {"core", "substrate", "figures", "sweeps", "app"},
+}
+
+
+def _layer(module: str) -> str:
+    top = module.split(".")[0]
+    if top == "sandbox":
+        return "app" if module == "sandbox.app" or module.startswith("sandbox.app.") else "core"
+    return top
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            out[name] = path
+    return out
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """Project modules `name` imports (``from pkg import mod`` resolves to ``pkg.mod`` when it exists)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            targets = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+        else:
+            continue
+        for t in targets:
+            while t and t not in known:
+                t = t.rpartition(".")[0]
+            if t and t != name and t.split(".")[0] in PACKAGES:
+                found.add(t)
+    return found
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    mods = _modules()
+    return {name: _imports(name, path, set(mods)) for name, path in mods.items()}
+
+
+def test_every_import_points_down_the_layers(graph):
+    bad = [f"{a} ({_layer(a)}) imports {b} ({_layer(b)})" for a, deps in graph.items() for b in deps
+           if _layer(b) not in MAY_IMPORT[_layer(a)]]
+    assert bad == []
+
+
+def test_figures_never_import_torch():
+    offenders = []
+    for path in sorted((ROOT / "figures").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "torch"]
+    assert offenders == []
+
+
+def _loops(graph: dict[str, set[str]]) -> list[str]:
+    """Depth-first search for cycles among project modules (a module importing its own package's
+    `__init__` is not a loop)."""
+    state: dict[str, int] = {}            # 1 = on the stack, 2 = done
+    loops = []
+
+    def visit(node, stack):
+        state[node] = 1
+        for dep in sorted(graph.get(node, ())):
+            if dep not in graph or dep == node or node.startswith(dep + "."):
+                continue
+            if state.get(dep) == 1:
+                loops.append(" -> ".join(stack[stack.index(dep):] + [dep]))
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    return loops
+
+
+def test_no_import_loops(graph):
+    assert _loops(graph) == []
+
+
+def test_the_checker_sees_a_violation():
+    """The rule is not vacuous: a core module importing the app is caught."""
+    assert "app" not in MAY_IMPORT[_layer("sandbox.analytic")]
+    assert _layer("sandbox.app.commands.sweep") == "app" and _layer("sandbox.stats") == "core"
+    fake = {"sandbox.stats": {"sandbox.app.cli"}, "sandbox.app.cli": set()}
+    assert [a for a, deps in fake.items() for b in deps if _layer(b) not in MAY_IMPORT[_layer(a)]] == ["sandbox.stats"]
+    loop = {"sweeps.grid": {"sweeps.boundary"}, "sweeps.boundary": {"sweeps.grid"}, "sweeps": set()}
+    assert _loops(loop) == ["sweeps.boundary -> sweeps.grid -> sweeps.boundary"]
