@@ -54,6 +54,7 @@ def sweep(
     lora_alpha: float = typer.Option(4.0, "--lora-alpha", help="LoRA alpha (scale = alpha / rank)."),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads (small tensors: 1 is fastest)."),
     chunk_rows: int = typer.Option(512, "--chunk-rows", help="Rows (point x seed) solved per stacked batch; 0 runs point by point."),
+    enqueue_only: bool = typer.Option(False, "--enqueue-only", help="Define step for `sandbox worker`: queue every (point, seed) trial in --study on a PostgreSQL --storage and exit."),
 ) -> None:
     """Map the regime boundary: delta = log loss_grad - log loss_evo per seed (positive = evo better)."""
     from sandbox.errors import BadInput
@@ -100,6 +101,17 @@ def sweep(
     console = Console(stderr=False)
     if not console.is_terminal:
         console = Console(width=150)
+    from sandbox.app.commands.worker import check_collect, define
+    from sweeps.grid import DEFAULT_STUDY
+    from sweeps.worker import is_database, sweep_jobs
+
+    if enqueue_only or is_database(storage):
+
+        jobs = sweep_jobs(cfg) if enqueue_only or cfg.search == "grid" else []
+        if enqueue_only:
+            return define(console, jobs, storage, study or DEFAULT_STUDY, "maximize", "sweep",
+                          argv=["sandbox", *sys.argv[1:]])
+        check_collect(storage, study or DEFAULT_STUDY, jobs)   # workers still running: refuse, not compute
     t0 = time.perf_counter()
     with Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("seed-points"),
                   TimeElapsedColumn(), TextColumn("{task.description}"), console=console, transient=False) as bar:
