@@ -120,6 +120,47 @@ CONTRASTS: tuple[Contrast, ...] = (
     Contrast("lifecycle", parse_cell("R+E"), FULL, "lifecycle: R+E+L vs R+E"),
     Contrast("lifecycle_global", parse_cell("R"), parse_cell("R+L"), "lifecycle under global scope: R+L vs R"),
     Contrast("full", B3, FULL, "full system: R+E+L vs B3"),
+    # Contrasts only the three extra cells of the 2^3 design (E, L, E+L; `--cells all`) make possible.
+    Contrast("scope_alone", B3, parse_cell("E"), "E without R or L: E vs B3 (zero by construction: E acts through L)"),
+    Contrast("lifecycle_softmax", B3, parse_cell("L"), "L without R: L vs B3 (lifecycle under the softmax router)"),
+    Contrast("lifecycle_softmax_scope", parse_cell("E"), parse_cell("E+L"),
+             "L without R under per-domain scope: E+L vs E"),
+    Contrast("scope_softmax_lifecycle", parse_cell("L"), parse_cell("E+L"),
+             "E without R, acting through L: E+L vs L"),
+    Contrast("router_under_lifecycle", parse_cell("L"), parse_cell("R+L"), "router with the lifecycle on: R+L vs L"),
+)
+
+
+@dataclass(frozen=True)
+class Interaction:
+    """An interaction of the 2^3 design as a per-seed contrast over all eight cells.
+
+    With ``x_f = +1`` if factor f is on in a cell and ``-1`` if off, the per-seed value is
+    ``sum_cells w_c log PPL_c`` with ``w_c = -prod_{f in factors} x_f / 2^(3 - |factors|)``: for two
+    factors A, B it is (A's improvement with B on - A's improvement with B off), averaged over the
+    third factor; for all three, the A x B interaction with C on minus with C off. Positive = the
+    factors help more together than apart (the sign convention of every delta).
+    """
+
+    name: str
+    factors: tuple[str, ...]
+    description: str
+
+    def weights(self) -> dict[Cell, float]:
+        w = {}
+        for c in all_cells():
+            sign = 1.0
+            for f in self.factors:
+                sign *= 1.0 if f in c.factors else -1.0
+            w[c] = -sign / 2 ** (len(ORDER) - len(self.factors))
+        return w
+
+
+INTERACTIONS: tuple[Interaction, ...] = (
+    Interaction("RxE", ("R", "E"), "router x scope: router gain with E on - with E off (mean over L)"),
+    Interaction("RxL", ("R", "L"), "router x lifecycle: router gain with L on - with L off (mean over E)"),
+    Interaction("ExL", ("E", "L"), "scope x lifecycle: scope gain with L on - with L off (mean over R)"),
+    Interaction("RxExL", ("R", "E", "L"), "three-way: the R x E interaction with L on - with L off"),
 )
 
 #: One-factor steps from B3 to the full cell; their sum should match the direct `full` contrast.
@@ -130,3 +171,8 @@ def contrasts_for(cells: list[Cell]) -> list[Contrast]:
     """The named contrasts whose two cells are both present in `cells`."""
     have = set(cells)
     return [c for c in CONTRASTS if c.reference in have and c.treated in have]
+
+
+def interactions_for(cells: list[Cell]) -> list[Interaction]:
+    """The interactions, when all eight cells are present (none otherwise)."""
+    return list(INTERACTIONS) if set(all_cells()) <= set(cells) else []

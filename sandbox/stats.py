@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from scipy import special, stats
 
-from sandbox.cells import CHAIN, CONTRASTS, Cell, contrasts_for, parse_cell
+from sandbox.cells import CHAIN, CONTRASTS, Cell, contrasts_for, interactions_for, parse_cell
 from sandbox.errors import BadInput, require
 
 #: Default equivalence margin (nats): +-0.01 in a log quantity is a 1% ratio of losses / PPLs.
@@ -59,7 +59,9 @@ DECOMPOSITION = ("delta_restart", "restart_ci_low", "restart_ci_high", "restart_
 SUMMARY_STATS = ("n", "n_diverged", "mean_delta", "se", "ci_low", "ci_high", "t", "df", "p", "p_holm",
                  "d_z", "boot_low", "boot_high", "p_tost", "eps", "regime", "reason", "seeds_needed")
 ATTRIBUTION_COLUMNS = ("contrast", "kind", "reference", "treated", "n", "n_diverged", "mean_delta", "se",
-                       "ci_low", "ci_high", "t", "df", "p", "d_z", "note")
+                       "ci_low", "ci_high", "t", "df", "p", "d_z", "p_holm", "regime", "seeds_needed", "reason", "note")
+#: Kinds of attribution.csv rows that are tested (Holm family, regimes, seeds_needed, sequential design).
+TESTED_KINDS = ("named", "interaction")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,7 +526,7 @@ def label_point(regime: str, reason: str, acted: bool | None, room_high: float, 
 
 
 def decompose(df: pd.DataFrame, by: list[str], eps: float = DEFAULT_EPS, alpha: float = 0.05, n_boot: int = 10_000,
-              seed: int = 0, power: float = DEFAULT_POWER) -> pd.DataFrame:
+              seed: int = 0, power: float = DEFAULT_POWER, oracle_is_ceiling: bool = True) -> pd.DataFrame:
     """summary.csv of a sweep with control arms: the headline ``delta`` (evo vs grad) decomposed.
 
     Columns: ``by``, ``SUMMARY_STATS`` of evo vs grad (its ``regime`` is the `label_point` label),
@@ -534,6 +536,8 @@ def decompose(df: pd.DataFrame, by: list[str], eps: float = DEFAULT_EPS, alpha: 
     search changed the router), ``accepted_seeds`` (seeds whose search accepted at least once) and
     ``lifecycle_events`` (summed over seeds), read from the evo rows' columns of the same names.
     A missing control arm or count column leaves its columns NaN (and skips its label rule).
+    ``oracle_is_ceiling=False`` (an oracle that is not a proven bound, e.g. domain-oracle routing
+    on the transformer) reports the room but never labels a point ``no-room``.
     """
     kw = dict(value="log_loss", eps=eps, alpha=alpha, n_boot=n_boot, seed=seed, power=power)
     out = summarize(df, by, "grad", "evo", **kw)
@@ -558,7 +562,7 @@ def decompose(df: pd.DataFrame, by: list[str], eps: float = DEFAULT_EPS, alpha: 
     for r in out.to_dict("records"):
         have = pd.notna(r["accepted_seeds"]) or pd.notna(r["lifecycle_events"])
         acted = None if not have else bool((r["accepted_seeds"] or 0) > 0 or (r["lifecycle_events"] or 0) > 0)
-        high = float(r["room_ci_high"]) if pd.notna(r["room_ci_high"]) else float("nan")
+        high = float(r["room_ci_high"]) if pd.notna(r["room_ci_high"]) and oracle_is_ceiling else float("nan")
         labels.append(label_point(r["regime"], r["reason"], acted, high, eps))
     out["regime"] = [l for l, _ in labels]
     out["reason"] = [w for _, w in labels]
@@ -593,6 +597,13 @@ def attribution(table: pd.DataFrame, value: str = "balanced_log_ppl", eps: float
     - ``kind = chain_gap``: ``chain_sum.mean_delta - full.mean_delta``. The chain telescopes, so
       on identical seed sets the gap is 0 up to rounding; a non-zero gap means different seeds
       (missing or diverged runs) entered the chain and the direct contrast.
+    - ``kind = interaction`` (only with all eight cells): ``sandbox.cells.INTERACTIONS``, per seed
+      ``sum_c w_c value_s(c)`` over the seeds finite in all eight cells (reference/treated empty).
+    Tested rows (``named``, ``interaction``) get ``p_holm`` (Holm over those rows), ``regime`` and
+    ``reason`` (`classify`) and ``seeds_needed`` for EVERY such row, classified or not: the total
+    seeds giving 80% power at the observed mean and SD (TOST within eps for |mean| < eps, else the
+    paired t at the Bonferroni level alpha / family size; `seeds_needed`), empty when none up to
+    10,000 would.
     """
     _check_eps_alpha(eps, alpha)
     _require_columns(table, [cell_col, "seed", value], "cells table")
@@ -639,7 +650,55 @@ def attribution(table: pd.DataFrame, value: str = "balanced_log_ppl", eps: float
                              treated=cells[-1].name, n=min(pr.n, full.n), n_diverged=max(pr.n_diverged, full.n_diverged),
                              mean_delta=gap, se=nan, ci_low=nan, ci_high=nan, t=nan, df=nan, p=nan, d_z=nan,
                              note=note))
+    for it in interactions_for(list(wide.columns)):
+        w = it.weights()
+        cells = list(w)
+        vals = rows_for(cells)
+        ok = np.isfinite(vals.to_numpy()).all(axis=1)
+        finite = vals[ok]
+        delta = sum(w[c] * finite[c].to_numpy() for c in cells)                # (seeds,)
+        scale = float(np.abs(finite.to_numpy()).max(initial=0.0))
+        pr = _describe(np.asarray(delta, dtype=float), int((~ok).sum()), eps, alpha, n_boot, seed, scale=scale)
+        by_name[it.name] = pr
+        rows.append(dict(contrast=it.name, kind="interaction", reference="", treated="", **_attr_stats(pr),
+                         note=it.description))
+    _classify_rows(rows, by_name, eps, alpha)
     return pd.DataFrame(rows, columns=list(ATTRIBUTION_COLUMNS))
+
+
+def contrast_deltas(table: pd.DataFrame, value: str = "balanced_log_ppl", cell_col: str = "cell") -> pd.DataFrame:
+    """Per-seed deltas of the tested contrasts (the ``named`` and ``interaction`` rows of `attribution`):
+    index ``seed`` (in the table's order of first appearance), one column per contrast,
+    ``value(reference) - value(treated)`` (interactions: ``sum_c w_c value(c)``); NaN where a cell is
+    missing or diverged. The input of the sequential design (`sandbox.sequential.decide`)."""
+    _require_columns(table, [cell_col, "seed", value], "cells table")
+    work = table.assign(_cell=[parse_cell(c, f"cells table column {cell_col!r}") for c in table[cell_col]],
+                        _v=_finite_values(table, value))
+    wide = work.pivot_table(index="seed", columns="_cell", values="_v", aggfunc="first", dropna=False)
+    wide = wide.reindex(list(dict.fromkeys(work["seed"])))
+    cols = {}
+    for c in contrasts_for(list(wide.columns)):
+        cols[c.name] = (wide[c.reference] - wide[c.treated]).to_numpy(float)
+    for it in interactions_for(list(wide.columns)):
+        cols[it.name] = sum(w * wide[c].to_numpy(float) for c, w in it.weights().items())
+    return pd.DataFrame(cols, index=wide.index)
+
+
+def _classify_rows(rows: list[dict[str, Any]], by_name: dict[str, Paired], eps: float, alpha: float) -> None:
+    """Holm over the tested rows, then regime, reason and seeds_needed per tested row (in place)."""
+    tested = [r for r in rows if r["kind"] in TESTED_KINDS]
+    if not tested:
+        return
+    p_holm = holm([r["p"] for r in tested])
+    m = max(1, int(np.isfinite([r["p"] for r in tested]).sum()))
+    for r, ph in zip(tested, p_holm):
+        pr = by_name[r["contrast"]]
+        regime, reason, _ = classify(pr, float(ph), alpha, n_tests=m)
+        need, why = seeds_needed(pr.mean, pr.sd, eps, alpha, n_tests=m)
+        if pr.zero_variance:
+            need, why = pr.n, "zero spread: every seed gives the same delta"
+        r.update(p_holm=float(ph), regime=regime, seeds_needed=need,
+                 reason=reason if regime == "inconclusive" else f"{reason}; {why}")
 
 
 def _attr_stats(pr: Paired) -> dict[str, Any]:

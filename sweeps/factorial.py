@@ -44,7 +44,7 @@ from sweeps.ledger import TrialLedger
 STUDY = "factorial"
 #: Columns of cells.csv that come straight from a run's metrics.json.
 METRIC_COLUMNS = ("balanced_log_ppl", "diverged", "diverged_step", "balanced_gap_to_floor", "initial_balanced_log_ppl",
-                  "base_balanced_log_ppl", "steps", "tokens", "wall_s", "tokens_per_s", "lifecycle_events", "router",
+                  "base_balanced_log_ppl", "initial_gap_to_base", "steps", "tokens", "wall_s", "tokens_per_s", "lifecycle_events", "router",
                   "features", "scope")
 
 
@@ -64,6 +64,13 @@ class FactorialConfig:
     """Equivalence margin (nats) of the paired statistics."""
     alpha: float = 0.05
     """Test level of the paired statistics."""
+    seeds_to_resolve: int | None = None
+    """Sequential run: add seeds in rounds until every tested contrast is classified or this many
+    seeds are reached (`sandbox.sequential`); None = the fixed seeds only."""
+    round_seeds: int | None = None
+    """Seeds added per round of a sequential run (default: as many as `seeds`; at least 2)."""
+    spending: str = "obf"
+    """Alpha-spending function of the sequential design: obf (O'Brien-Fleming type) or pocock."""
 
     def __post_init__(self) -> None:
         names = tuple(parse_cell(c, "--cells").name for c in self.cells)
@@ -74,6 +81,37 @@ class FactorialConfig:
                 "distinct non-negative integers")
         require(isinstance(self.eps, (int, float)) and 0 < self.eps < 10, "eps", self.eps, "a number in (0, 10)")
         require(isinstance(self.alpha, (int, float)) and 0 < self.alpha < 1, "alpha", self.alpha, "a number in (0, 1)")
+        from sandbox.sequential import SPENDINGS
+
+        require(self.spending in SPENDINGS, "spending", self.spending, "one of " + ", ".join(SPENDINGS))
+        if self.seeds_to_resolve is not None:
+            n = self.seeds_to_resolve
+            require(isinstance(n, int) and not isinstance(n, bool) and n >= max(2, len(self.seeds)),
+                    "seeds_to_resolve", n, f"an integer >= the number of --seeds ({len(self.seeds)}) and >= 2")
+            require(len(self.seeds) >= 2, "seeds", self.seeds, "at least 2 seeds to start a sequential run")
+        if self.round_seeds is not None:
+            r = self.round_seeds
+            require(isinstance(r, int) and not isinstance(r, bool) and r >= 2, "round_seeds", r,
+                    "an integer >= 2 (each round is a stage with its own paired t test)")
+
+    def seed_pool(self) -> tuple[int, ...]:
+        """The seeds in the order a sequential run adds them: `seeds`, then the smallest non-negative
+        integers not among them, up to `seeds_to_resolve` in all (just `seeds` for a fixed run)."""
+        pool = list(self.seeds)
+        k = 0
+        while len(pool) < (self.seeds_to_resolve or 0):
+            if k not in pool:
+                pool.append(k)
+            k += 1
+        return tuple(pool)
+
+    def looks(self) -> list[int]:
+        """Seeds in the run at each look of a sequential run (`sandbox.sequential.look_schedule`)."""
+        from sandbox.sequential import look_schedule
+
+        if self.seeds_to_resolve is None:
+            return [len(self.seeds)]
+        return look_schedule(len(self.seeds), self.seeds_to_resolve, self.round_seeds or max(2, len(self.seeds)))
 
     def settings(self) -> dict:
         """The settings every trial shares (the template without cell, seed and device)."""
@@ -84,6 +122,11 @@ class FactorialConfig:
 
     def trial_config(self, cell: str, seed: int) -> CellConfig:
         return replace(self.base, cell=cell, seed=seed)
+
+
+def study_name(fcfg: FactorialConfig) -> str:
+    """The factorial's ledger study: one per shared settings (cells and seeds may differ)."""
+    return f"{STUDY}-{config_hash(fcfg.settings())}"
 
 
 def trial_key(cell: str, seed: int) -> str:
@@ -102,12 +145,18 @@ class FactorialResult:
     computed: int
     reused: int
     figures: list = field(default_factory=list)
+    sequential: list = field(default_factory=list)
+    """`sandbox.sequential.Decision` per tested contrast (sequential runs only)."""
+    looks: list = field(default_factory=list)
+    """Seeds in the run at each look taken (sequential runs only)."""
 
 
 def cells_row(cell: str, seed: int, metrics: dict) -> dict:
     """One cells.csv row from a run's metrics (per-domain log-PPL as ``log_ppl_<domain>``)."""
     row = {"cell": cell, "seed": seed}
     row.update({k: metrics.get(k) for k in METRIC_COLUMNS})
+    if row["initial_gap_to_base"] is None:   # metrics.json written before the column existed
+        row["initial_gap_to_base"] = (row["initial_balanced_log_ppl"] or math.nan) - (row["base_balanced_log_ppl"] or math.nan)
     if row["diverged"]:
         row["balanced_log_ppl"] = math.nan
     for name, v in (metrics.get("log_ppl") or {}).items():
@@ -135,35 +184,74 @@ def run_factorial(fcfg: FactorialConfig, out: str | Path, cache_dir: str | Path 
                            "(cells and seeds may differ)")
     run = RunDir.create(out, "factorial", fcfg, seeds=list(fcfg.seeds), argv=argv,
                         extra={"settings": fcfg.settings(), "eps": fcfg.eps, "alpha": fcfg.alpha})
-    ledger = TrialLedger(storage or out / "ledger.journal", f"{STUDY}-{config_hash(fcfg.settings())}",
+    ledger = TrialLedger(storage or out / "ledger.journal", study_name(fcfg),
                          flag="--storage" if storage else "--out")
+    if storage:   # trials planned for `sandbox worker` and still waiting or running: refuse, not compute
+        from sweeps.worker import check_settled, is_database
+
+        if is_database(storage):
+            check_settled(ledger.study, [trial_key(c, s) for s in fcfg.seeds for c in fcfg.cells], storage,
+                          study_name(fcfg))
     sub = None
-    rows, computed, reused = [], 0, 0
-    for seed in fcfg.seeds:
-        for cell in fcfg.cells:
-            key = trial_key(cell, seed)
-            stored = ledger.get(key)
-            if on_trial is not None:
-                on_trial(cell, seed, stored is None)
-            if stored is None and sub is None:
-                sub = prepare_substrate(fcfg.base, cache_dir, log)
+    done: dict[tuple[str, int], dict] = {}
+    computed = reused = 0
 
-            def go(cell=cell, seed=seed) -> dict:
-                cb = (lambda s, n, info: progress(cell, seed, s, n, info)) if progress else None
-                res = run_cell(fcfg.trial_config(cell, seed), trial_dir(out, cell, seed), cache_dir, substrate=sub,
-                               progress=cb, log=log)
-                return res.metrics
+    def run_trials(seeds) -> pd.DataFrame:
+        nonlocal sub, computed, reused
+        for seed in seeds:
+            for cell in fcfg.cells:
+                if (cell, seed) in done:
+                    continue
+                key = trial_key(cell, seed)
+                stored = ledger.get(key)
+                if on_trial is not None:
+                    on_trial(cell, seed, stored is None)
+                if stored is None and sub is None:
+                    sub = prepare_substrate(fcfg.base, cache_dir, log)
 
-            metrics, did = ledger.run(key, go, "balanced_log_ppl", {"cell": cell, "seed": seed})
-            computed += did
-            reused += not did
-            rows.append(cells_row(cell, seed, metrics))
-    cells = pd.DataFrame(rows)
-    atomic_write_csv(out / "cells.csv", cells)
-    _concat_tables(fcfg, out)
+                def go(cell=cell, seed=seed) -> dict:
+                    cb = (lambda s, n, info: progress(cell, seed, s, n, info)) if progress else None
+                    res = run_cell(fcfg.trial_config(cell, seed), trial_dir(out, cell, seed), cache_dir, substrate=sub,
+                                   progress=cb, log=log)
+                    return res.metrics
+
+                metrics, did = ledger.run(key, go, "balanced_log_ppl", {"cell": cell, "seed": seed})
+                computed += did
+                reused += not did
+                done[(cell, seed)] = cells_row(cell, seed, metrics)
+        return pd.DataFrame([done[(c, s)] for s in seeds for c in fcfg.cells])
+
     from sandbox import stats
 
+    decisions, looks, seq_rows = [], [], []
+    if fcfg.seeds_to_resolve is None:
+        cells = run_trials(fcfg.seeds)
+    else:
+        from sandbox.sequential import decide
+
+        pool = fcfg.seed_pool()
+        for n in fcfg.looks():
+            looks.append(n)
+            cells = run_trials(pool[:n])
+            deltas = stats.contrast_deltas(cells)
+            decisions, seq_rows = decide(deltas.to_numpy(float), list(deltas.columns), looks, fcfg.seeds_to_resolve,
+                                         fcfg.alpha, fcfg.eps, fcfg.spending)
+            if log is not None:
+                open_ = [d.contrast for d in decisions if d.regime == "inconclusive"]
+                log(f"look {len(looks)}: {n} seeds; " + (f"unclassified: {', '.join(open_)}" if open_ else
+                                                         "every contrast classified"))
+            if all(d.regime != "inconclusive" for d in decisions):
+                break
+        atomic_write_csv(out / "sequential.csv", pd.DataFrame(seq_rows))
+    atomic_write_csv(out / "cells.csv", cells)
+    fcfg = replace(fcfg, seeds=tuple(dict.fromkeys(cells["seed"].tolist())))   # the seeds actually run
+    _concat_tables(fcfg, out)
+
     att = stats.attribution(cells, eps=fcfg.eps, alpha=fcfg.alpha) if cells["cell"].nunique() >= 2 else pd.DataFrame()
+    if len(att) and decisions:
+        seq = {d.contrast: d for d in decisions}
+        att["sequential_regime"] = [seq[c].regime if c in seq else "" for c in att["contrast"]]
+        att["sequential_look"] = [seq[c].look if c in seq else None for c in att["contrast"]]
     if len(att):
         atomic_write_csv(out / "attribution.csv", att)
     written = []
@@ -171,8 +259,9 @@ def run_factorial(fcfg: FactorialConfig, out: str | Path, cache_dir: str | Path 
         from figures.report import build_report
 
         written = list(build_report(out, study=True))
-    run.finish(computed=computed, reused=reused)
-    return FactorialResult(out, cells, att, computed, reused, written)
+    extra = {"looks": looks, "seeds_run": list(fcfg.seeds)} if looks else {}
+    run.finish(computed=computed, reused=reused, **extra)
+    return FactorialResult(out, cells, att, computed, reused, written, decisions, looks)
 
 
 def _concat_tables(fcfg: FactorialConfig, out: Path) -> None:

@@ -66,7 +66,9 @@ def test_design():
 
 def test_contrasts_are_one_factor_steps_and_chain_reaches_full():
     by_name = {c.name: c for c in CONTRASTS}
-    assert set(by_name) == {"router", "scope", "lifecycle", "lifecycle_global", "full"}
+    assert set(by_name) == {"router", "scope", "lifecycle", "lifecycle_global", "full", "scope_alone",
+                            "lifecycle_softmax", "lifecycle_softmax_scope", "scope_softmax_lifecycle",
+                            "router_under_lifecycle"}
     for c in CONTRASTS:
         if c.name != "full":
             added = c.treated.factors - c.reference.factors
@@ -76,6 +78,26 @@ def test_contrasts_are_one_factor_steps_and_chain_reaches_full():
     assert steps[0].reference == B3 and steps[-1].treated == FULL
     for a, b in itertools.pairwise(steps):
         assert a.treated == b.reference
-    # Every named contrast is estimable from the default five cells.
-    assert len(contrasts_for(list(DEFAULT_CELLS))) == len(CONTRASTS)
+    # The study's five named contrasts are estimable from the default five cells; the rest need E, L, E+L.
+    assert [c.name for c in contrasts_for(list(DEFAULT_CELLS))] == ["router", "scope", "lifecycle", "lifecycle_global",
+                                                                    "full"]
+    assert len(contrasts_for(all_cells())) == len(CONTRASTS)
     assert [c.name for c in contrasts_for([B3, parse_cell("R")])] == ["router"]
+
+
+def test_interactions_are_differences_of_one_factor_gains():
+    """RxL = (router gain with L on - with L off), averaged over E; weights sum to 0 and each
+    interaction is orthogonal to the others (a 2^3 design)."""
+    from sandbox.cells import INTERACTIONS, interactions_for
+
+    assert interactions_for(list(DEFAULT_CELLS)) == [] and len(interactions_for(all_cells())) == 4
+    by = {i.name: i.weights() for i in INTERACTIONS}
+    v = {c: float(len(c.factors) ** 2 + 3 * c.per_domain) for c in all_cells()}   # any cell values
+    gain = lambda ref, tr: v[parse_cell(ref)] - v[parse_cell(tr)]
+    rxl = 0.5 * ((gain("L", "R+L") - gain("B3", "R")) + (gain("E+L", "R+E+L") - gain("E", "R+E")))
+    assert sum(w * v[c] for c, w in by["RxL"].items()) == pytest.approx(rxl)
+    names = list(by)
+    for i, a in enumerate(names):
+        assert sum(by[a].values()) == pytest.approx(0)
+        for b in names[i + 1:]:
+            assert sum(by[a][c] * by[b][c] for c in all_cells()) == pytest.approx(0)

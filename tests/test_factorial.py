@@ -180,3 +180,69 @@ def test_cpu_defaults_are_said_plainly():
     assert (cfg.interval, cfg.min_age, cfg.eval_every) == (40, 80, 40)
     assert schedule(25_000, None, None, None, None) == {"interval": 250, "min_age": 500, "eval_every": 1000,
                                                        "checkpoint_every": 1000}
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 20: all eight cells, seeds_needed, the sequential run
+# ---------------------------------------------------------------------------------------------
+
+
+def _synthetic_cells(seeds, effect=None, sd=0.01, seed=0):
+    """A cells table for all 8 cells: value = 5 - effect[cell] + noise (lower is better)."""
+    import numpy as np
+
+    from sandbox.cells import all_cells
+
+    rng = np.random.default_rng(seed)
+    effect = effect or {}
+    rows = []
+    for s in seeds:
+        base = 5 + rng.normal(0, 0.05)                                       # per-seed level, cancels in pairs
+        for c in all_cells():
+            rows.append({"cell": c.name, "seed": s, "balanced_log_ppl": base - effect.get(c.name, 0.0) + rng.normal(0, sd)})
+    return pd.DataFrame(rows)
+
+
+def test_attribution_with_all_cells_adds_contrasts_interactions_and_seeds_needed():
+    import numpy as np
+
+    eff = {"R": 0.05, "R+E": 0.05, "R+L": 0.08, "R+E+L": 0.08, "L": 0.0, "E+L": 0.0}   # router helps more with L
+    cells = _synthetic_cells(range(6), eff)
+    att = stats.attribution(cells).set_index("contrast")
+    for name in ("lifecycle_softmax", "scope_alone", "router_under_lifecycle", "RxL", "RxExL"):
+        assert name in att.index
+    assert att.loc["RxL", "kind"] == "interaction"
+    wide = cells.pivot(index="seed", columns="cell", values="balanced_log_ppl")
+    rxl = 0.5 * ((wide["L"] - wide["R+L"]) - (wide["B3"] - wide["R"]) + (wide["E+L"] - wide["R+E+L"]) - (wide["E"] - wide["R+E"]))
+    assert att.loc["RxL", "mean_delta"] == pytest.approx(rxl.mean(), abs=1e-12)
+    assert att.loc["chain_sum - full", "mean_delta"] == pytest.approx(0, abs=1e-12)            # chain kept
+    tested = att[att["kind"].isin(["named", "interaction"])]
+    assert tested["p_holm"].notna().all() and (tested["p_holm"] >= tested["p"] - 1e-15).all()
+    assert att.loc["router", "regime"] == "beats"
+    # seeds_needed: every tested row; consistent with stats.seeds_needed at the family's Bonferroni level
+    m = int(np.isfinite(tested["p"]).sum())
+    r = att.loc["lifecycle"]
+    pr = stats.paired(wide["R+E"], wide["R+E+L"])
+    assert r["seeds_needed"] == stats.seeds_needed(pr.mean, pr.sd, 0.01, 0.05, n_tests=m)[0]
+    assert att[att["kind"] == "chain_sum"]["seeds_needed"].isna().all()
+    deltas = stats.contrast_deltas(cells)
+    assert list(deltas.index) == list(range(6)) and set(deltas.columns) == set(tested.index)
+    assert deltas["router"].to_numpy() == pytest.approx((wide["B3"] - wide["R"]).to_numpy())
+
+
+def test_sequential_factorial_adds_seeds_in_rounds(tmp_path, cache, capsys):
+    out = tmp_path / "seq"
+    args = ["factorial", "--cells", "B3,R", "--seeds", "1,2", "--seeds-to-resolve", "4", "--round-seeds", "2",
+            "--eps", "5", "--out", str(out), "--cache", cache, "--no-figures", *TINY_ARGS]
+    assert main(args) == 0
+    seq = pd.read_csv(out / "sequential.csv")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["looks"][0] == 2 and set(seq["look"]) == set(range(1, len(m["looks"]) + 1))
+    att = pd.read_csv(out / "attribution.csv").set_index("contrast")
+    # a huge margin: the router contrast ties (equivalence) as soon as the design allows, else runs to 4 seeds
+    assert att.loc["router", "sequential_regime"] in ("ties", "inconclusive")
+    if att.loc["router", "sequential_regime"] == "inconclusive":
+        assert m["looks"] == [2, 4]
+    cells = pd.read_csv(out / "cells.csv")
+    assert sorted(cells["seed"].unique()) == sorted(m["seeds_run"]) and len(m["seeds_run"]) == m["looks"][-1]
+    assert "sequential design" in capsys.readouterr().out
