@@ -2,7 +2,9 @@
 
 Rows of attribution.csv: ``contrast, kind, reference, treated, n, mean_delta, se, ci_low, ci_high,
 t, df, p, d_z`` with ``kind`` = ``named`` (one paired contrast between two cells) or ``chain_sum``
-(the one-factor steps router + scope + lifecycle summed per seed). For every row
+(the one-factor steps router + scope + lifecycle summed per seed) or ``interaction`` (with all eight
+cells: a difference of one-factor gains, `sandbox.cells.INTERACTIONS`, drawn after the named
+contrasts and before ``full``). For every row
 ``delta = log PPL(reference) - log PPL(treated)``, so a positive delta means the treated cell is
 better. A ``chain_gap`` row (chain_sum - full, as `sandbox.stats.attribution` writes it) is not
 drawn as a row; its value (or, without it, the difference computed here) is printed in the title.
@@ -35,12 +37,15 @@ def collect(attribution: pd.DataFrame, study: bool = False) -> pd.DataFrame:
         df["kind"] = "named"
     named = df[df["kind"] == "named"]
     chain = df[df["kind"] == "chain_sum"]
-    rows = pd.concat([named[named["contrast"] != "full"], named[named["contrast"] == "full"], chain])
+    inter = df[df["kind"] == "interaction"]
+    rows = pd.concat([named[named["contrast"] != "full"], inter, named[named["contrast"] == "full"], chain])
     rows = rows.reset_index(drop=True)
 
     def label(r) -> str:
         if r["kind"] == "chain_sum":
             return "chain sum\n(router + scope + lifecycle)"
+        if r["kind"] == "interaction":
+            return f"{r['contrast']}\n(interaction, 8 cells)"
         ref, tr = r.get("reference"), r.get("treated")
         cells = f"{tr} vs {ref}" if isinstance(ref, str) and isinstance(tr, str) else ""
         return f"{r['contrast']}\n({cells})" if cells else str(r["contrast"])
