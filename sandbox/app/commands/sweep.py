@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from typing import Optional
 
 import typer
 
@@ -34,14 +35,14 @@ def sweep(
     context_noise: float = typer.Option(0.0, "--context-noise", help="Noise on routing features."),
     overlap: float = typer.Option(0.0, "--overlap", help="Shared component between domains' updates, in [0, 1]."),
     # solver
-    steps: int = typer.Option(150, "--steps", help="Gradient steps per arm."),
-    lr: float = typer.Option(0.05, "--lr", help="Adam learning rate (router)."),
-    plasticity: float = typer.Option(0.1, "--plasticity", help="Adapter lr multiplier; 0 freezes the adapters."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Gradient steps per arm (default 150; substrate: per preset, tiny 100, small 200)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate of the router (default 0.05; substrate 3e-3)."),
+    plasticity: Optional[float] = typer.Option(None, "--plasticity", help="Adapter lr multiplier; 0 freezes the adapters (default 0.1; substrate 1)."),
     router: str = typer.Option("softmax", "--router", help="softmax (B3 baseline) or sigmoid (the rewrite)."),
     evo: str = typer.Option("es", "--evo", help="Routing search: es ((1+lambda)-ES, 1/5th rule), cma (CMA-ES) or fixed."),
     population: int = typer.Option(16, "--population", help="Evolution population (member 0 = current router)."),
     mutation_scale: float = typer.Option(0.1, "--mutation-scale", help="Step in logit units: initial sigma (es, cma) or the fixed step (fixed)."),
-    interval: int = typer.Option(10, "--interval", help="Gradient steps between generations (and restarts)."),
+    interval: Optional[int] = typer.Option(None, "--interval", help="Gradient steps between generations and restarts (default 10; substrate steps/10)."),
     reset_on_accept: bool = typer.Option(False, "--reset-on-accept/--keep-state", help="Reset the router's Adam state when the search replaces it."),
     oracle: str = typer.Option("ceiling", "--oracle", help="Oracle arm: ceiling (best gates for grad's final adapters) or replace."),
     lifecycle: bool = typer.Option(False, "--lifecycle/--no-lifecycle", help="Adapter lifecycle in the evo arm."),
@@ -54,6 +55,12 @@ def sweep(
     lora_alpha: float = typer.Option(4.0, "--lora-alpha", help="LoRA alpha (scale = alpha / rank)."),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads (small tensors: 1 is fastest)."),
     chunk_rows: int = typer.Option(512, "--chunk-rows", help="Rows (point x seed) solved per stacked batch; 0 runs point by point."),
+    system: str = typer.Option("analytic", "--system", help="analytic (the closed-form sandbox) or substrate (the transformer)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="substrate: tiny or small on a CPU (default tiny), widened-1536 on CUDA."),
+    batch: int = typer.Option(8, "--batch", help="substrate: training windows per step."),
+    data: Optional[str] = typer.Option(None, "--data", help="substrate: real text folder (one subfolder per domain)."),
+    cache: str = typer.Option("runs/cache", "--cache", help="substrate: cache of corpus, pretrained base and specialists."),
+    device: str = typer.Option("auto", "--device", help="substrate: auto, cpu or cuda."),
     enqueue_only: bool = typer.Option(False, "--enqueue-only", help="Define step for `sandbox worker`: queue every (point, seed) trial in --study on a PostgreSQL --storage and exit."),
 ) -> None:
     """Map the regime boundary: delta = log loss_grad - log loss_evo per seed (positive = evo better)."""
@@ -85,6 +92,22 @@ def sweep(
     from sweeps.grid import SweepConfig, run_sweep
 
     torch.set_num_threads(threads)
+    if system not in ("analytic", "substrate"):
+        raise BadInput("--system", system, "analytic or substrate")
+    if system == "substrate":
+        from sandbox.app.commands.sweep_substrate import substrate_sweep
+
+        return substrate_sweep(alignment=(rng.lo, rng.hi), points=points, axis=axis, axis_points=axis_points,
+                               seeds=tuple(seed_list), eps=eps, alpha=alpha, out=out, storage=storage, study=study,
+                               figures=figures, steps=steps, lr=lr, plasticity=plasticity, router=router, evo=evo,
+                               population=population, mutation_scale=mutation_scale, interval=interval,
+                               reset_on_accept=reset_on_accept, preset=preset, batch=batch, data=data, cache=cache,
+                               device=device, point_count_given=_given("--points"), seeds_given=_given("--seeds"),
+                               print_summary=_print_summary)
+    steps = 150 if steps is None else steps
+    lr = 0.05 if lr is None else lr
+    plasticity = 0.1 if plasticity is None else plasticity
+    interval = 10 if interval is None else interval
     task = TaskSpec(domains=domains, slots=slots, dim=dim, rank=rank, true_rank=true_rank, alignment=rng.lo,
                     context_dim=context_dim, context_noise=context_noise, overlap=overlap)
     solver = SandboxConfig(steps=steps, lr=lr, plasticity=plasticity, router=router, population=population,
@@ -106,7 +129,6 @@ def sweep(
     from sweeps.worker import is_database, sweep_jobs
 
     if enqueue_only or is_database(storage):
-
         jobs = sweep_jobs(cfg) if enqueue_only or cfg.search == "grid" else []
         if enqueue_only:
             return define(console, jobs, storage, study or DEFAULT_STUDY, "maximize", "sweep",
@@ -129,6 +151,11 @@ def sweep(
                   f"{time.perf_counter() - t0:.1f} s; folder {run_dir}", highlight=False)
     for f in res.figures:
         console.print(f"  {f}", highlight=False)
+
+
+def _given(flag: str) -> bool:
+    """Whether `flag` was typed on the command line (to tell a chosen value from a default)."""
+    return any(a == flag or a.startswith(flag + "=") for a in sys.argv[1:])
 
 
 def _fmt(v) -> str:

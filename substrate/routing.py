@@ -1,0 +1,198 @@
+"""The regime map's arms on the transformer: gradient, routing search, restart control, oracle ceiling.
+
+The same comparison as the analytic sandbox (`sandbox.analytic`), on a frozen pretrained base with
+an adapter bank per adapted projection and one router. Every arm of one seed starts from the same
+state (`substrate.cell.build_state`: the bank interpolated between random and the per-domain
+specialists by the alignment, a fresh router) and sees the same training batches (the batch of
+step t is a pure function of (seed, t)): common random numbers, so deltas are paired by seed.
+
+* ``grad``: Adam on the router and, at ``lr * plasticity``, on the adapters (warm-up + cosine).
+* ``evo``: the same steps plus, every `interval` steps, one generation of the routing search of
+  `sandbox.evolution` (the same implementation as the sandbox: ``es``, ``cma`` or ``fixed``) on
+  the router's parameters. Its objective is the balanced (equal weight per domain) mean token NLL
+  on *fresh training windows* drawn for that generation, never on held-out data. The population
+  is evaluated in one batched forward pass: every member's gates are computed from its own
+  parameters and the members are folded into the batch (`population_losses`, tested equal to a
+  loop over members). The router's Adam state is kept on acceptance (``reset_on_accept`` resets it).
+* ``restart`` (control): the grad steps with the router's Adam state reset at every event.
+* ``oracle`` (ceiling, not a method): domain-oracle routing on the grad arm's final adapters,
+  every token of domain m gated to m's slot only (on the synthetic corpus the slot holding m's
+  specialist at the start; gate 1 there, 0 elsewhere).
+
+Reported metric: balanced held-out log-PPL per arm (nats); ``delta = log PPL_grad - log PPL_evo``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from sandbox import evolution as evo
+from sandbox.errors import require
+from sandbox.router import params_to_vector, router_gates, vector_to_params
+from substrate.cell import CellConfig, RunState, Substrate, build_state, evaluate_state, step_generator
+from substrate.corpus import sample_batch
+from substrate.model import autocast, routing_features
+from substrate.train import TrainConfig, evaluate, lr_at
+
+ARMS = ("grad", "evo", "restart", "oracle")
+_BATCH, _SEARCH, _SEARCH_NOISE = 1, 11, 12     # step_generator purposes (1 = the cell's training batches)
+
+
+@dataclass(frozen=True)
+class RoutingArms:
+    """One seed's comparison on the transformer. Field names are CLI flags."""
+
+    cell: CellConfig = field(default_factory=lambda: CellConfig(cell="B3", preset="tiny", steps=100))
+    """The substrate, router kind (cell B3: softmax; R: sigmoid), steps, batch, lr, alignment, seed."""
+    evolution: evo.EvolutionConfig = field(default_factory=evo.EvolutionConfig)
+    """The routing search (method, population, initial step, interval)."""
+    plasticity: float = 1.0
+    """Adapter learning rate = lr * plasticity; 0 freezes the adapters (only routing moves)."""
+    reset_on_accept: bool = False
+    """Reset the router's Adam state when the search replaces the router."""
+    search_windows: int = 2
+    """Fresh training windows per domain in the search objective of one generation."""
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.plasticity, (int, float)) and math.isfinite(self.plasticity)
+                and 0 <= self.plasticity <= 100, "plasticity", self.plasticity, "a number in [0, 100]")
+        require(isinstance(self.search_windows, int) and 1 <= self.search_windows <= 256, "search_windows",
+                self.search_windows, "an integer in [1, 256]")
+        require(not self.cell.factors.lifecycle, "cell", self.cell.cell, "a cell without L (B3 or R: the map "
+                "compares routing, the lifecycle is the factorial's question)")
+
+
+def _optimizer(st: RunState, lr: float, plasticity: float) -> torch.optim.Adam:
+    """Adam with two groups: adapters at ``lr * plasticity`` (left out when 0), router at ``lr``."""
+    groups = [{"params": list(st.router.parameters()), "lr": lr, "scale": 1.0}]
+    if plasticity > 0:
+        groups.insert(0, {"params": st.model.adapter_parameters(), "lr": lr * plasticity, "scale": plasticity})
+    else:
+        for p in st.model.adapter_parameters():
+            p.requires_grad_(False)
+    return torch.optim.Adam(groups, lr=lr)
+
+
+def _reset_router_state(opt: torch.optim.Adam, st: RunState) -> None:
+    """Forget the router's Adam moments (and step count): what an optimiser restart does."""
+    for p in st.router.parameters():
+        opt.state.pop(p, None)
+
+
+def _train_step(rc: RoutingArms, st: RunState, sub: Substrate, opt: torch.optim.Adam, tcfg: TrainConfig) -> float:
+    cell = rc.cell
+    x, y, _ = sample_batch(sub.corpus, "train", cell.batch, step_generator(cell.seed, st.step, _BATCH))
+    x, y = x.to(cell.device), y.to(cell.device)
+    lr = lr_at(st.step, tcfg)
+    for g in opt.param_groups:
+        g["lr"] = lr * g["scale"]
+    feats = routing_features(st.model, x, cell.features, cell.pooling)
+    with autocast(cell.device):
+        _, loss = st.model(x, st.router(feats, st.step), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def population_losses(rc: RoutingArms, st: RunState, vectors: Tensor, x: Tensor, y: Tensor, domains: Tensor,
+                      n_domains: int) -> Tensor:
+    """Balanced mean token NLL of every router in ``vectors (P, D)`` on windows ``x, y (N, T)``:
+    ``(P,)``. One forward pass: member p's gates come from its own parameters and the members are
+    folded into the batch (``(P * N, T)`` tokens, each row with its member's gates)."""
+    cell = rc.cell
+    P, (N, T) = vectors.shape[0], x.shape
+    feats = routing_features(st.model, x, cell.features, cell.pooling)               # (N, T, F)
+    params = vector_to_params(vectors.to(feats.dtype), st.router.cfg)                # (P, ...) each
+    gates = router_gates(st.router.cfg, params, feats.reshape(1, N * T, -1), st.step)  # (P, N*T, K)
+    gates = gates.reshape(P * N, T, -1)                                              # (P*N, T, K)
+    with autocast(cell.device):
+        nll = st.model.token_nll(x.repeat(P, 1), y.repeat(P, 1), gates).mean(-1)     # (P*N,)
+    per_window = nll.double().view(P, N)                                             # (P, N)
+    onehot = torch.nn.functional.one_hot(domains.to(x.device), n_domains).double()   # (N, M)
+    per_domain = (per_window @ onehot) / onehot.sum(0).clamp_min(1)                  # (P, M)
+    return per_domain.mean(-1).cpu()
+
+
+def _generation(rc: RoutingArms, st: RunState, sub: Substrate, search: evo.SearchState, gens: list) -> bool:
+    """One generation of routing search on fresh training windows; True when the router changed."""
+    cell, M = rc.cell, sub.corpus.domains
+    dom = torch.arange(M).repeat_interleave(rc.search_windows)
+    x, y, dom = sample_batch(sub.corpus, "train", len(dom), step_generator(cell.seed, st.step, _SEARCH), domains=dom)
+    x, y = x.to(cell.device), y.to(cell.device)
+    params = {k: v.detach().double().cpu() for k, v in st.router.params().items()}
+    vec = params_to_vector(params)[None]                                             # (1, D)
+    ecfg = rc.evolution
+    unit = evo.mutation_scales({k: v[None] for k, v in params.items()}) if ecfg.method == "fixed" \
+        else evo.logit_units({k: v[None] for k, v in params.items()})
+    pop = evo.propose(vec, params_to_vector(unit), search, ecfg, gens)                # (1, P, D)
+    obj = population_losses(rc, st, pop[0], x, y, dom, M)[None]                      # (1, P)
+    new, took = evo.advance(search, pop, obj, ecfg)
+    if bool(took[0]):
+        with torch.no_grad():
+            st.router.load_params({k: v[0].to(st.router.bias.dtype) for k, v in
+                                   vector_to_params(new, st.router.cfg).items()})
+    return bool(took[0])
+
+
+def _oracle_gates(st: RunState, K: int):
+    """Domain-oracle gates: every token of domain m on m's slot (`assignment`), ``(B, 1, K)``."""
+    def gates_fn(x: Tensor, m: int) -> Tensor:
+        g = torch.zeros(x.shape[0], 1, K, device=x.device)
+        g[:, :, int(st.assignment[m])] = 1.0
+        return g
+    return gates_fn
+
+
+def run_arms(rc: RoutingArms, sub: Substrate, arms=ARMS) -> dict[str, dict]:
+    """Every arm for one seed; ``{arm: {balanced, nll (M,), accepted, generations, diverged_step, wall_s}}``."""
+    require(all(a in ARMS for a in arms), "arms", ",".join(arms), "a subset of " + ", ".join(ARMS))
+    cell = rc.cell
+    tcfg = TrainConfig(steps=cell.steps, lr=cell.lr, batch=cell.batch, warmup=max(1, cell.steps // 20),
+                       min_lr_ratio=0.1)
+    out = {}
+    trained = [a for a in ("grad", "evo", "restart") if a in arms or (a == "grad" and "oracle" in arms)]
+    for arm in trained:
+        t0 = time.perf_counter()
+        st = build_state(cell, sub)
+        opt = _optimizer(st, cell.lr, rc.plasticity)
+        gens = [step_generator(cell.seed, 0, _SEARCH_NOISE)]
+        D = params_to_vector({k: v.detach()[None] for k, v in st.router.params().items()}).shape[-1]
+        search = evo.init_search(rc.evolution, 1, D, gens) if arm == "evo" else None
+        n_events, accepted, diverged = 0, 0, None
+        for _ in range(cell.steps):
+            loss = _train_step(rc, st, sub, opt, tcfg)
+            st.step += 1
+            if not math.isfinite(loss):
+                diverged = st.step - 1
+                break
+            if arm != "grad" and st.step % rc.evolution.interval == 0:
+                n_events += 1
+                if arm == "restart":
+                    _reset_router_state(opt, st)
+                elif _generation(rc, st, sub, search, gens):
+                    accepted += 1
+                    if rc.reset_on_accept:
+                        _reset_router_state(opt, st)
+        nan = float("nan")
+        res = evaluate_state(cell, st, sub.corpus) if diverged is None else None
+        out[arm] = {"balanced": res.balanced if res else nan, "nll": res.nll.tolist() if res else [nan] * sub.corpus.domains,
+                    "generations": n_events, "accepted": accepted, "diverged_step": -1 if diverged is None else diverged,
+                    "step_size": float(search.sigma[0]) if search is not None else nan,
+                    "wall_s": time.perf_counter() - t0}
+        if arm == "grad" and "oracle" in arms:
+            t1 = time.perf_counter()
+            ores = evaluate(st.model, sub.corpus, "heldout", _oracle_gates(st, cell.slots), max_windows=cell.eval_windows,
+                            device=cell.device) if diverged is None else None
+            out["oracle"] = {"balanced": ores.balanced if ores else nan, "nll": ores.nll.tolist() if ores else out[arm]["nll"],
+                             "generations": 0, "accepted": 0, "diverged_step": out[arm]["diverged_step"],
+                             "step_size": nan, "wall_s": time.perf_counter() - t1}
+    return {a: out[a] for a in arms}

@@ -1,0 +1,94 @@
+"""The regime map's arms on the transformer (`substrate.routing`): one batched forward for the whole
+search population (against a loop over members), common random numbers across arms, the search
+counts what it did, and the domain-oracle ceiling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sandbox import evolution as evo
+from sandbox.errors import BadInput
+from sandbox.router import params_to_vector, vector_to_params
+from substrate import routing
+from substrate.cell import CellConfig, build_state, gates_for, prepare_substrate, step_generator
+from substrate.corpus import sample_batch
+
+TINY = dict(preset="tiny", steps=12, batch=4, slots=4, rank=4, eval_windows=4, seed=3)
+
+
+@pytest.fixture(scope="module")
+def sub(tmp_path_factory):
+    torch.set_num_threads(1)
+    return prepare_substrate(CellConfig(**TINY), tmp_path_factory.mktemp("cache"))
+
+
+@pytest.mark.parametrize("cell", ["B3", "R"])
+def test_population_forward_equals_a_loop_over_members(sub, cell):
+    rc = routing.RoutingArms(cell=CellConfig(**TINY, cell=cell), evolution=evo.EvolutionConfig(population=5))
+    st = build_state(rc.cell, sub)
+    M = sub.corpus.domains
+    dom = torch.arange(M).repeat_interleave(2)
+    x, y, dom = sample_batch(sub.corpus, "train", len(dom), step_generator(3, 0, 99), domains=dom)
+    base = params_to_vector({k: v.detach().double()[None] for k, v in st.router.params().items()})   # (1, D)
+    pop = base + 0.5 * torch.randn(5, base.shape[-1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = routing.population_losses(rc, st, pop, x, y, dom, M)                                         # (5,)
+    want = []
+    for p in range(5):
+        with torch.no_grad():
+            st.router.load_params({k: v[0] for k, v in vector_to_params(pop[p:p + 1], st.router.cfg).items()})
+            nll = st.model.token_nll(x, y, gates_for(rc.cell, st, x, st.step)).mean(-1).double()   # (N,)
+        want.append(torch.stack([nll[dom == m].mean() for m in range(M)]).mean())
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-6)
+
+
+def test_arms_share_their_start_and_the_search_counts_what_it_did(sub):
+    rc = routing.RoutingArms(cell=CellConfig(**TINY, cell="B3"),
+                             evolution=evo.EvolutionConfig(population=4, interval=4, mutation_scale=0.1))
+    res = routing.run_arms(rc, sub)
+    assert set(res) == set(routing.ARMS)
+    assert res["evo"]["generations"] == res["restart"]["generations"] == 3 and res["grad"]["generations"] == 0
+    assert 0 <= res["evo"]["accepted"] <= 3
+    for arm in routing.ARMS:
+        assert math.isfinite(res[arm]["balanced"]) and len(res[arm]["nll"]) == sub.corpus.domains
+    # a search that accepts nothing leaves evo == grad exactly (same batches, same start, state kept)
+    inert = routing.RoutingArms(cell=CellConfig(**TINY, cell="B3"),
+                                evolution=evo.EvolutionConfig(population=3, interval=4, method="fixed",
+                                                              mutation_scale=100.0))
+    r2 = routing.run_arms(inert, sub, arms=("grad", "evo"))
+    assert r2["evo"]["accepted"] == 0 and r2["evo"]["balanced"] == r2["grad"]["balanced"]
+    assert r2["grad"]["balanced"] == res["grad"]["balanced"]          # common random numbers across calls
+
+
+def test_lifecycle_cells_are_refused():
+    with pytest.raises(BadInput, match="--cell"):
+        routing.RoutingArms(cell=CellConfig(**TINY, cell="R+L"))
+
+
+def test_substrate_sweep_records_resumes_and_decomposes(sub, tmp_path):
+    from sweeps import substrate_map as sm
+
+    arms = routing.RoutingArms(cell=CellConfig(**{**TINY, "steps": 8}, cell="B3"),
+                               evolution=evo.EvolutionConfig(population=3, interval=4))
+    cfg = sm.SubstrateSweepConfig(arms=arms, points=2, seeds=(0, 1), cache=str(tmp_path / "cache"))
+    first = sm.run_substrate_sweep(cfg, tmp_path / "map", figures=False)
+    assert first.computed == 4 and first.reused == 0
+    assert set(first.results["arm"]) == set(routing.ARMS) and len(first.results) == 2 * 2 * 4
+    s = first.summary
+    assert {"mean_delta", "delta_restart", "room", "accepted", "regime"} <= set(s.columns)
+    assert "no-room" not in set(s["regime"])                 # the domain oracle is not a proven ceiling
+    wide = first.results.pivot_table(index=["point", "seed"], columns="arm", values="log_loss")
+    assert s["mean_delta"].to_numpy() == pytest.approx((wide["grad"] - wide["evo"]).groupby(level=0).mean().to_numpy())
+    assert set(first.base) == {"train_nll", "heldout_nll", "floor", "memorising"}
+    again = sm.run_substrate_sweep(cfg, tmp_path / "map", figures=False)
+    assert again.computed == 0 and again.reused == 4
+    pd_cols = [c for c in first.results.columns if c != "wall_s"]
+    assert again.results[pd_cols].equals(first.results[pd_cols])
+
+
+def test_cli_system_flag_is_checked():
+    from sandbox.app.cli import main
+
+    assert main(["sweep", "--system", "quantum"]) == 2
