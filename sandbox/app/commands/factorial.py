@@ -17,6 +17,13 @@ def factorial(
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL for the ledger (default OUT/ledger.journal)."),
     eps: float = typer.Option(0.01, "--eps", help="Equivalence margin (nats) for the paired statistics."),
     alpha_level: float = typer.Option(0.05, "--alpha", help="Test level."),
+    seeds_to_resolve: Optional[int] = typer.Option(None, "--seeds-to-resolve", help="Add seeds in rounds until every "
+                                                   "named contrast is classified or this many seeds are reached "
+                                                   "(group-sequential, overall error alpha)."),
+    round_seeds: Optional[int] = typer.Option(None, "--round-seeds", help="Seeds added per round with "
+                                              "--seeds-to-resolve (default: as many as --seeds; >= 2)."),
+    spending: str = typer.Option("obf", "--spending", help="Alpha spending of the sequential design: obf "
+                                 "(Lan-DeMets O'Brien-Fleming type) or pocock."),
     preset: Optional[str] = O["preset"], steps: Optional[int] = O["steps"], alignment: float = O["alignment"],
     data: Optional[str] = O["data"], device: str = O["device"], batch: int = O["batch"], lr: float = O["lr"],
     eval_every: Optional[int] = O["eval_every"], checkpoint_every: Optional[int] = O["checkpoint_every"],
@@ -25,11 +32,13 @@ def factorial(
     mutation_sigma: float = O["mutation_sigma"], per_domain_agg: str = O["per_domain_agg"],
     fit_windows: int = O["fit_windows"], floor_max: float = O["floor_max"], tau_start: float = O["tau_start"],
     tau_end: float = O["tau_end"], tau_min: float = O["tau_min"], tau_max: float = O["tau_max"],
-    anneal_steps: Optional[int] = O["anneal_steps"], pooling: str = O["pooling"], perturb_base: float = O["perturb_base"],
+    anneal_steps: Optional[int] = O["anneal_steps"], router_init: str = O["router_init"], pooling: str = O["pooling"],
+    perturb_base: float = O["perturb_base"],
     slots: int = O["slots"], rank: int = O["rank"], context: Optional[int] = O["context"],
     pretrain_steps: Optional[int] = O["pretrain_steps"], eval_windows: Optional[int] = O["eval_windows"],
     cache: str = O["cache"], threads: Optional[int] = O["threads"], yes: bool = O["yes"],
     no_figures: bool = typer.Option(False, "--no-figures", help="Skip drawing figures (tables only)."),
+    enqueue_only: bool = typer.Option(False, "--enqueue-only", help="Define step for `sandbox worker`: queue every (cell, seed) trial on a PostgreSQL --storage and exit."),
 ) -> None:
     """Run the factorial of cells x seeds and attribute the effect (probes: --inherit-alpha 0, --perturb-base S)."""
     kw = {k: v for k, v in locals().items() if k in KNOBS}
@@ -53,22 +62,42 @@ def factorial(
     seed_list = parse_seeds(seeds)
     notes: list[str] = []
     template = cell_template(chosen[0], seed_list[0], kw, notes.append, yes=yes)
-    fcfg = FactorialConfig(base=template, cells=tuple(chosen), seeds=tuple(seed_list), eps=eps, alpha=alpha_level)
+    fcfg = FactorialConfig(base=template, cells=tuple(chosen), seeds=tuple(seed_list), eps=eps, alpha=alpha_level,
+                           seeds_to_resolve=seeds_to_resolve, round_seeds=round_seeds, spending=spending)
     for note in notes:  # printed only once every option is known to be valid
         err.print(note)
     root = Path(out) if out else Path("runs") / f"factorial-{config_hash(fcfg.settings())[:8]}"
     from sandbox.results import check_folder, claim_run_dir
 
     check_folder(cache, "--cache")
+    if enqueue_only:   # workers write trials/<cell>_s<seed> under OUT; the collect run claims OUT later
+        from sandbox.app.commands.worker import define
+        from sweeps.factorial import study_name
+        from sweeps.worker import factorial_jobs
+
+        return define(err, factorial_jobs(fcfg, root, cache), storage, study_name(fcfg), "minimize", "factorial",
+                      argv=["sandbox", *sys.argv[1:]])
     claim_run_dir(root, "factorial")   # refuse a held or foreign folder before printing anything
     err.print(f"factorial: {len(chosen)} cells x {len(seed_list)} seeds, preset {template.preset}, "
               f"{template.steps} steps each on {template.device} -> {root}")
+    if seeds_to_resolve is not None:
+        err.print(f"sequential: looks at {fcfg.looks()} seeds ({spending} alpha spending, alpha {alpha_level:g}, "
+                  f"Holm over the contrasts)")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err) as bar:
         trials = bar.add_task("trials", total=len(chosen) * len(seed_list))
+        grown = [len(seed_list)]
+
+        def grow(n: int) -> None:   # a sequential run's next round adds trials to the bar
+            if n > grown[0]:
+                bar.update(trials, total=len(chosen) * n)
+                grown[0] = n
         steps_task = bar.add_task("steps", total=template.steps, visible=False)
 
+        pool = fcfg.seed_pool()
+
         def on_trial(cell, seed, computed):
+            grow(pool.index(seed) + 1)
             bar.update(steps_task, description=f"{cell} s{seed}", completed=0, visible=computed)
             if not computed:
                 bar.advance(trials)
@@ -108,13 +137,17 @@ def print_attribution(res) -> None:
         console.print("attribution: needs at least two cells of a named contrast")
         return
     t = Table(title="attribution: delta = log PPL(reference) - log PPL(treated), > 0 = treated better")
-    for col in ("contrast", "cells", "n", "mean delta", "95% CI", "t", "p"):
+    for col in ("contrast", "cells", "n", "mean delta", "95% CI", "t", "p", "p Holm", "regime", "seeds needed"):
         t.add_column(col)
     fmt = lambda v, f: "" if v is None or not math.isfinite(v) else format(v, f)
     for _, r in a.iterrows():
         ci = "" if not math.isfinite(r["ci_low"]) else f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
-        t.add_row(str(r["contrast"]), f"{r['treated']} vs {r['reference']}", str(int(r["n"])), fmt(r["mean_delta"], "+.4f"),
-                  ci, fmt(r["t"], ".2f"), fmt(r["p"], ".3g"))
+        cells = f"{r['treated']} vs {r['reference']}" if r["kind"] != "interaction" else "8 cells"
+        need = r.get("seeds_needed")
+        need = "" if need is None or need != need else str(int(need))
+        regime = r.get("regime") if isinstance(r.get("regime"), str) else ""
+        t.add_row(str(r["contrast"]), cells, str(int(r["n"])), fmt(r["mean_delta"], "+.4f"),
+                  ci, fmt(r["t"], ".2f"), fmt(r["p"], ".3g"), fmt(r.get("p_holm", math.nan), ".3g"), regime, need)
     console.print(t)
     by = {r["contrast"]: r for _, r in a.iterrows()}
     if "chain_sum" in by and "full" in by:
@@ -126,6 +159,13 @@ def print_attribution(res) -> None:
     if extra is not None and extra.n:
         console.print(f"scope under lifecycle (R+E+L vs R+L, not a named contrast): n={extra.n} mean delta "
                       f"{extra.mean:+.4f} [{extra.ci_low:+.4f}, {extra.ci_high:+.4f}] t={extra.t:.2f} p={extra.p:.3g}")
+    if res.sequential:
+        t = Table(title=f"sequential design: looks at {res.looks} seeds; a verdict holds the overall error at alpha")
+        for col in ("contrast", "verdict", "look", "seeds", "why"):
+            t.add_column(col, overflow="fold")
+        for d in res.sequential:
+            t.add_row(d.contrast, d.regime, str(d.look or ""), str(d.seeds), d.reason)
+        console.print(t)
     console.print(f"tables and figures in {res.out}")
 
 

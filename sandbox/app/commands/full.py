@@ -43,6 +43,8 @@ O = dict(
     tau_min=typer.Option(0.25, "--tau-min", help="Lower temperature bound."),
     tau_max=typer.Option(4.0, "--tau-max", help="Upper temperature bound."),
     anneal_steps=typer.Option(None, "--anneal-steps", help="Temperature anneal length (default: all steps)."),
+    router_init=typer.Option("mass", "--router-init", help="Sigmoid router start: mass (fair: expected total gate "
+                             "weight per token at step 0 = the softmax's 1) or zero (bias 0, total about K(1+floor)/2)."),
     pooling=typer.Option("causal", "--pooling", help="Routing-feature pooling: causal, or sequence (leaks the future)."),
     perturb_base=typer.Option(0.0, "--perturb-base", help="Probe: relative Gaussian noise on the frozen base weights."),
     slots=typer.Option(16, "--slots", help="K adapter slots."),
@@ -164,7 +166,8 @@ def full(
     mutation_sigma: float = O["mutation_sigma"], per_domain_agg: str = O["per_domain_agg"],
     fit_windows: int = O["fit_windows"], floor_max: float = O["floor_max"], tau_start: float = O["tau_start"],
     tau_end: float = O["tau_end"], tau_min: float = O["tau_min"], tau_max: float = O["tau_max"],
-    anneal_steps: Optional[int] = O["anneal_steps"], pooling: str = O["pooling"], perturb_base: float = O["perturb_base"],
+    anneal_steps: Optional[int] = O["anneal_steps"], router_init: str = O["router_init"], pooling: str = O["pooling"],
+    perturb_base: float = O["perturb_base"],
     slots: int = O["slots"], rank: int = O["rank"], context: Optional[int] = O["context"],
     pretrain_steps: Optional[int] = O["pretrain_steps"], eval_windows: Optional[int] = O["eval_windows"],
     cache: str = O["cache"], threads: Optional[int] = O["threads"], yes: bool = O["yes"],
@@ -230,15 +233,17 @@ def _print_summary(cell: str, rows) -> None:
     from rich.table import Table
 
     t = Table(title=f"cell {cell}: held-out log-PPL (nats/token), floor = true entropy rate")
-    for c in ("seed", "balanced log-PPL", "gap to floor", "start", "plain base", "events", "tokens/s", "diverged", "folder"):
+    for c in ("seed", "balanced log-PPL", "gap to floor", "start", "plain base", "start - base", "events", "tokens/s",
+              "diverged", "folder"):
         t.add_column(c, overflow="fold")
     for seed, folder, m in rows:
         if m is None:
-            t.add_row(str(seed), "(stopped)", "", "", "", "", "", "", str(folder))
+            t.add_row(str(seed), "(stopped)", "", "", "", "", "", "", "", str(folder))
             continue
         f = lambda key, spec: "n/a" if not isinstance(m.get(key), (int, float)) or m[key] != m[key] else format(m[key], spec)
         t.add_row(str(seed), f("balanced_log_ppl", ".4f"), f("balanced_gap_to_floor", "+.4f"),
-                  f("initial_balanced_log_ppl", ".4f"), f("base_balanced_log_ppl", ".4f"), str(m["lifecycle_events"]),
+                  f("initial_balanced_log_ppl", ".4f"), f("base_balanced_log_ppl", ".4f"), f("initial_gap_to_base", "+.4f"),
+                  str(m["lifecycle_events"]),
                   f("tokens_per_s", ".0f"), f"step {m['diverged_step']}" if m["diverged"] else "no", str(folder))
     console = Console()
     if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
