@@ -62,8 +62,13 @@ def report(
                                    "results.csv / cells.csv even when they exist."),
     study: bool = typer.Option(False, "--study", help="Draw the study's reported contrast values "
                                "(arXiv 2605.11153) as hollow markers on the attribution plot."),
+    other: str = typer.Argument(None, metavar="[OTHER]", help="A second sweep folder (e.g. the substrate map of "
+                                "an analytic one): compare the two maps along alignment (transfer.csv + figure)."),
+    out: str = typer.Option(None, "--out", help="With OTHER: folder for transfer.csv and its figure "
+                            "(default runs/transfer-<hash of the two folders>)."),
 ) -> None:
-    """Rebuild the figures (PNG + SVG under DIR/figures) and print the summary tables."""
+    """Rebuild the figures (PNG + SVG under DIR/figures) and print the summary tables; with OTHER,
+    compare two sweep maps along alignment (does the regime boundary transfer?)."""
     from rich.console import Console
 
     from figures.report import build_report
@@ -71,6 +76,8 @@ def report(
     console = Console()
     if not console.is_terminal:  # piped or captured: do not squeeze the tables into 80 columns
         console = Console(width=160)
+    if other is not None:
+        return _transfer(console, run_dir, other, out)
     err = Console(stderr=True, width=console.width)
     folders = run_folders(run_dir)
     for folder in folders:
@@ -80,6 +87,50 @@ def report(
             err.print(f"warning: {folder}/{name} ends in the middle of a line (cut short?): its last row is "
                       "partial or missing, so the summary below may be wrong", highlight=False, soft_wrap=True)
         _report_one(console, build_report(folder, recompute=recompute, study=study), folder)
+
+
+def _transfer(console, first: str, second: str, out: str | None) -> None:
+    """transfer.csv and transfer.png/svg of two sweep folders' summary tables."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+    from rich.table import Table
+
+    from figures import transfer
+    from sandbox.errors import BadInput
+    from sandbox.results import RunDir, config_hash, save_figure
+
+    tables, names = [], []
+    for flag, d in (("DIR", first), ("OTHER", second)):
+        f = Path(d) / "summary.csv"
+        if not f.is_file():
+            raise BadInput(flag, d, "a sweep folder holding summary.csv")
+        tables.append(pd.read_csv(f))
+        try:
+            system = json.loads((Path(d) / "manifest.json").read_text()).get("system", "analytic")
+        except (OSError, ValueError):
+            system = "analytic"
+        names.append(system if system not in names else f"{system}-2")
+    try:
+        df = transfer.collect(tables[0], tables[1], names=tuple(names))
+    except ValueError as e:
+        raise BadInput("DIR", f"{first} {second}", f"two one-axis maps along alignment ({e})") from None
+    root = Path(out) if out else Path("runs") / f"transfer-{config_hash([str(Path(first).resolve()), str(Path(second).resolve())])[:8]}"
+    run = RunDir.create(root, command="report", config={"first": str(first), "second": str(second)})
+    run.write_csv("transfer.csv", df)
+    fig = transfer.plot(df, tuple(names))
+    paths = save_figure(fig, root / "figures" / "transfer")
+    run.finish()
+    t = Table(title=f"transfer: {names[0]} vs {names[1]} (delta = log loss/PPL of grad - of evo)", title_justify="left")
+    for c in df.columns:
+        t.add_column(str(c), justify="right")
+    for row in df.itertuples(index=False):
+        t.add_row(*(_cell(v) for v in row))
+    console.print(t)
+    console.print(f"transfer.csv and figures in {root}", highlight=False)
+    for p in paths or []:
+        console.print(f"  {p}", highlight=False)
 
 
 def _report_one(console, rep, run_dir) -> None:
