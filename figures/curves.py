@@ -123,3 +123,42 @@ def plot_cells(df: pd.DataFrame, title: str | None = None) -> Figure:
         ax.set_title(title or "Balanced log-PPL per cell (lines join a seed)", fontsize=12)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return attach(fig, kind="cells", cells=order, n_points=int(len(ok)), n_diverged=int(len(bad)))
+
+
+def collect_runs(curves: dict[str, pd.DataFrame], cells: tuple[str, ...] = ("B3", "R")) -> pd.DataFrame:
+    """Balanced held-out log-PPL per ``run, cell, step``, mean over seeds, from several factorial
+    runs' curves.csv (``{label: table}``, e.g. ``{"fair start": ..., "zero start": ...}``), for the
+    named cells. Compares runs that differ in one setting (e.g. ``--router-init``) on the same base."""
+    parts = []
+    for label, df in curves.items():
+        sub = df[(df["domain"].astype(str) == BALANCED) & df["cell"].astype(str).isin(cells)]
+        g = sub.groupby(["cell", "step"], as_index=False)["log_ppl"].mean()
+        g["n_seeds"] = sub.groupby(["cell", "step"])["seed"].nunique().to_numpy() if "seed" in sub else 1
+        parts.append(g.assign(run=label))
+    out = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["run", "cell", "step", "log_ppl"])
+    return out[["run", "cell", "step", "log_ppl", "n_seeds"]]
+
+
+def plot_runs(df: pd.DataFrame, base: float | None = None, title: str | None = None) -> Figure:
+    """One line per (run, cell): colour = cell, line style = run; the plain base as a grey line."""
+    cells = sorted(pd.unique(df["cell"].astype(str)), key=str)
+    runs = list(pd.unique(df["run"].astype(str)))
+    colours = category_colours(cells)
+    styles = ["-", "--", ":", "-."]
+    lines = {}
+    with theme():
+        fig = new_figure(9.0, 5.0)
+        ax = fig.add_subplot()
+        for i, r in enumerate(runs):
+            for c in cells:
+                sub = df[(df["run"].astype(str) == r) & (df["cell"].astype(str) == c)].sort_values("step")
+                if len(sub):
+                    (lines[(r, c)],) = ax.plot(sub["step"], sub["log_ppl"], color=colours[c], ls=styles[i % 4],
+                                               lw=2.0, marker="o", ms=4, label=f"{c}, {r}")
+        if base is not None:
+            ax.axhline(base, color="0.5", lw=1.0, label="plain frozen base")
+        ax.set_xlabel("adaptation step")
+        ax.set_ylabel("balanced held-out log-PPL  (nats per token)")
+        ax.set_title(title or "Learning curves by cell and run (mean over seeds)", fontsize=12)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return attach(fig, kind="curves_runs", lines=lines, runs=runs, cells=cells)
