@@ -50,7 +50,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -60,13 +59,13 @@ from sandbox import oracle as orc
 from sandbox.adapters import slot_gram
 from sandbox.errors import require
 from sandbox.router import RouterConfig, init_router_params, params_to_vector, router_gates, vector_to_params
-from sandbox.tasks import Task, TaskSpec, initial_adapters, lowrank_inner, make_task, noisy_contexts, stream
+from sandbox.streams import Purpose, generator
+from sandbox.tasks import Task, TaskSpec, initial_adapters, lowrank_inner, make_task, noisy_contexts
 
 DTYPE = torch.float64
 BUDGETS = ("steps", "evals")
 ARMS = ("grad", "evo", "restart", "oracle")
 ORACLES = ("ceiling", "replace")
-_ROUTER_STREAM, _EVO_STREAM, _LIFECYCLE_STREAM = 3, 4, 5
 _EVAL_SALT = 1_000_003
 LOSS_FLOOR = 1e-12  # clamp before log: exact-fit losses cancel to ~1e-16 in float64
 
@@ -259,7 +258,7 @@ def initial_state(task: Task, spec: TaskSpec, cfg: SandboxConfig) -> State:
     scale = cfg.scale(spec)
     A, B = initial_adapters(task, spec, scale=scale)
     rcfg = router_config(spec, cfg)
-    per_seed = [init_router_params(rcfg, (), stream(s, _ROUTER_STREAM)) for s in task.seeds]
+    per_seed = [init_router_params(rcfg, (), generator(Purpose.ROUTER_INIT, s)) for s in task.seeds]
     params = {k: torch.stack([p[k] for p in per_seed]).to(DTYPE) for k in per_seed[0]}
     return State(params, A.to(DTYPE), B.to(DTYPE))
 
@@ -480,7 +479,7 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None) -> ArmResult:
         lrs.update(A=rows.adapter_lr, B=rows.adapter_lr)
     opt = _Adam(tensors, lrs, S)
     ecfg = cfg.evolution
-    gens = [stream(s, _EVO_STREAM) for s in task.seeds]
+    gens = [generator(Purpose.EVO_SEARCH, s) for s in task.seeds]
     search = evo.init_search(ecfg, S, rcfg.n_params, gens, sigma0=rows.step0) if arm == "evo" else None
     table = None            # oracle arm: (S, M, K) best gates per domain once the first event has run
     alive = torch.ones(S, dtype=torch.bool)
@@ -582,8 +581,7 @@ def _generation(task: Task, rcfg: RouterConfig, tensors: dict[str, Tensor], st: 
 def lifecycle_generator(seed: int, step: int) -> torch.Generator:
     """The CPU generator of seed `seed`'s lifecycle event at `step`: a pure function of
     ``(seed, lifecycle stream, step)``, hashed by numpy's `SeedSequence` (no collisions in practice)."""
-    ss = np.random.SeedSequence((int(seed) % 2**64, _LIFECYCLE_STREAM, int(step)))
-    return torch.Generator().manual_seed(int(ss.generate_state(1, np.uint64)[0]) % (2**63 - 1))
+    return generator(Purpose.SANDBOX_LIFECYCLE, seed, step)
 
 
 @torch.no_grad()

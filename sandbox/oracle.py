@@ -11,8 +11,9 @@ The best gates any router could reach:
 
 `best_gates` solves every problem of a batch at once: accelerated projected gradient (FISTA,
 step ``1 / L`` with ``L = 2 lambda_max(G)``), then an exact polish on the active set it found
-(the KKT system of the face, solved in one batched linear solve) kept wherever it is feasible
-and no worse. Tests check it against brute-force enumeration of every face.
+(the KKT system of the face, solved in one batched least-squares solve with LAPACK's gelsd: the
+default gelsy gave results differing in the last bit from run to run) kept wherever it is
+feasible and no worse. Tests check it against brute-force enumeration of every face.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def _polish(x: Tensor, G: Tensor, c: Tensor, kind: str, tol: float = 1e-9) -> Te
         last = torch.cat([torch.ones_like(c), torch.zeros_like(c[..., :1])], dim=-1).unsqueeze(-2)
         A = torch.cat([top, last], dim=-2)                                  # (*b, K+1, K+1)
         rhs = torch.cat([torch.where(free, 2 * c, torch.zeros_like(c)), torch.ones_like(c[..., :1])], dim=-1)
-        sol = torch.linalg.lstsq(A, rhs.unsqueeze(-1)).solution.squeeze(-1)[..., :K]
+        sol = torch.linalg.lstsq(A, rhs.unsqueeze(-1), driver="gelsd").solution.squeeze(-1)[..., :K]
         ok = (sol >= -1e-12).all(-1) & ((sol.sum(-1) - 1).abs() < 1e-9)
         sol = project_simplex(sol)
     else:
@@ -95,7 +96,7 @@ def _polish(x: Tensor, G: Tensor, c: Tensor, kind: str, tol: float = 1e-9) -> Te
         fixed_val = torch.where(hi, torch.ones_like(x), torch.zeros_like(x))
         A = torch.where(free.unsqueeze(-1), 2 * G, eye)
         rhs = torch.where(free, 2 * c, fixed_val)
-        sol = torch.linalg.lstsq(A, rhs.unsqueeze(-1)).solution.squeeze(-1)
+        sol = torch.linalg.lstsq(A, rhs.unsqueeze(-1), driver="gelsd").solution.squeeze(-1)
         ok = ((sol >= -1e-12) & (sol <= 1 + 1e-12)).all(-1)
         sol = sol.clamp(0.0, 1.0)
     better = ok & torch.isfinite(sol).all(-1) & (quadratic(sol, G, c) <= quadratic(x, G, c) + 1e-14)

@@ -33,18 +33,7 @@ from typing import Sequence
 import torch
 
 from sandbox.errors import require
-
-# Offsets that split one user seed into independent random streams.
-_TASK_STREAM = 0
-_ADAPTER_STREAM = 1
-_NOISE_STREAM = 2
-
-
-def stream(seed: int, which: int) -> torch.Generator:
-    """A CPU generator for stream `which` of user seed `seed` (independent, reproducible)."""
-    g = torch.Generator()
-    g.manual_seed((int(seed) * 1_000_003 + 7919 * which) % (2**63 - 1))
-    return g
+from sandbox.streams import Purpose, generator
 
 
 @dataclass(frozen=True)
@@ -138,7 +127,7 @@ def make_task(spec: TaskSpec, seeds: Sequence[int]) -> Task:
     M, K, d, rs, F = spec.domains, spec.slots, spec.dim, spec.true_rank, spec.context_dim
     Us, Vs, Cs, As = [], [], [], []
     for seed in seeds:  # draws only; each seed has its own stream
-        g = stream(seed, _TASK_STREAM)
+        g = generator(Purpose.TASK, seed)
         Us.append(torch.randn(M + 1, d, rs, generator=g))   # index M is the shared component
         Vs.append(torch.randn(M + 1, rs, d, generator=g))
         Cs.append(torch.randn(M, F, generator=g))
@@ -163,7 +152,7 @@ def random_factors(spec: TaskSpec, seeds: Sequence[int], scale: float = 1.0) -> 
     sigma = (1.0 / (d * scale * r ** 0.5)) ** 0.5
     As, Bs = [], []
     for seed in seeds:
-        g = stream(seed, _ADAPTER_STREAM)
+        g = generator(Purpose.ADAPTERS, seed)
         As.append(torch.randn(K, r, d, generator=g) * sigma)
         Bs.append(torch.randn(K, d, r, generator=g) * sigma)
     return torch.stack(As), torch.stack(Bs)
@@ -240,6 +229,6 @@ def noisy_contexts(task: Task, noise: float, draws: int, salt: int = 0) -> torch
     S, M, F = task.contexts.shape
     eps = []
     for seed in task.seeds:
-        g = stream(seed * 65_537 + int(salt), _NOISE_STREAM)
+        g = generator(Purpose.CONTEXT_NOISE, seed, int(salt))
         eps.append(torch.randn(M, draws, F, generator=g))
     return task.contexts[:, :, None, :] + float(noise) * torch.stack(eps)   # (S, M, N, F)

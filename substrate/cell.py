@@ -52,13 +52,15 @@ from sandbox.lifecycle import (LifecycleConfig, Population, event_rows, fitness,
                                reset_adam_state, reset_mask)
 from sandbox.results import RunDir, atomic_save_torch, claim_run_dir, load_torch, read_json, to_jsonable
 from sandbox.router import Router, RouterConfig, gate_rows
+from sandbox.streams import Purpose, generator
 from substrate.corpus import Corpus, CorpusConfig, load_text_domains, sample_batch, synthetic_corpus
 from substrate.model import GPT, POOLINGS, PRESETS, autocast, freeze_base, load_banks, preset, routing_features
 from substrate.train import TrainConfig, evaluate, initial_banks, lr_at, pretrain, train_specialists
 
 DEVICES = ("cpu", "cuda")
-# Purposes of the per-step generators (see `step_generator`).
-_BATCH, _FIT, _LIFE, _INIT, _PERTURB = 1, 2, 3, 4, 5
+# Purposes of the per-step generators (`sandbox.streams`).
+_BATCH, _FIT, _LIFE = Purpose.CELL_BATCH, Purpose.CELL_FITNESS, Purpose.CELL_LIFECYCLE
+_INIT, _PERTURB = Purpose.CELL_INIT, Purpose.CELL_PERTURB
 
 #: Per-preset substrate settings (corpus size, context, pretraining and specialist budgets).
 #: ``context`` is the window length T used for pretraining and adaptation (<= the preset's seq_len).
@@ -226,10 +228,9 @@ def _int(x, name: str, lo: int) -> None:
     require(isinstance(x, int) and not isinstance(x, bool) and x >= lo, name, x, f"an integer >= {lo}")
 
 
-def step_generator(seed: int, step: int, purpose: int) -> torch.Generator:
-    """A CPU generator that is a pure function of ``(seed, step, purpose)``."""
-    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step) * 7_919 + purpose * 104_729 + 1)
-                                         % (2**63 - 1))
+def step_generator(seed: int, step: int, purpose: Purpose) -> torch.Generator:
+    """The CPU generator of a run's `purpose` at `step` (`sandbox.streams.generator`)."""
+    return generator(purpose, seed, step)
 
 
 # ---------------------------------------------------------------------------------------------

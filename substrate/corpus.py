@@ -55,11 +55,10 @@ import torch
 
 from sandbox.errors import BadInput, require
 from sandbox.results import atomic_write_bytes, atomic_write_json, config_hash, damaged
-from sandbox.tasks import TaskSpec, make_task, stream
+from sandbox.streams import Purpose, generator
+from sandbox.tasks import TaskSpec, make_task
 
 # Stream offsets for the user seed (sandbox.tasks uses 0..2).
-_LANG_STREAM = 10
-_SAMPLE_STREAM = 11
 SPLITS = ("train", "heldout")
 EOT = "<|endoftext|>"
 
@@ -185,7 +184,7 @@ def build_language(cfg: CorpusConfig) -> Language:
     task = make_task(TaskSpec(domains=M, slots=M, dim=d, rank=cfg.true_rank, true_rank=cfg.true_rank,
                               overlap=float(cfg.overlap)), [cfg.seed])
     U, Vf = task.U[0].double(), task.V[0].double()                     # (M, d, r*), (M, r*, d)
-    g = stream(cfg.seed, _LANG_STREAM)
+    g = generator(Purpose.LANGUAGE, cfg.seed)
     cluster_of = torch.empty(V, dtype=torch.long)
     cluster_of[torch.randperm(V, generator=g)] = torch.arange(V) % C    # balanced clusters
     rank = torch.randperm(V, generator=g).double()                      # Zipf rank of each token
@@ -320,7 +319,7 @@ def synthetic_corpus(cfg: CorpusConfig, cache_dir: str | Path | None = None) -> 
         for j, s in enumerate(SPLITS):
             splits[s] = torch.stack([
                 sample_windows(lang, m, sizes[s], cfg.seq_len + 1,
-                               stream(cfg.seed * 4099 + 17 * m + j, _SAMPLE_STREAM))
+                               generator(Purpose.CORPUS_SAMPLE, cfg.seed, m, j))
                 for m in range(cfg.domains)])                           # (M, N, T+1)
         if path is not None:
             for s in SPLITS:

@@ -34,13 +34,13 @@ from torch import Tensor
 from sandbox import evolution as evo
 from sandbox.errors import require
 from sandbox.router import params_to_vector, router_gates, vector_to_params
-from substrate.cell import CellConfig, RunState, Substrate, build_state, evaluate_state, step_generator
+from sandbox.streams import Purpose, generator
+from substrate.cell import CellConfig, RunState, Substrate, build_state, evaluate_state
 from substrate.corpus import sample_batch
 from substrate.model import autocast, routing_features
 from substrate.train import TrainConfig, evaluate, lr_at
 
 ARMS = ("grad", "evo", "restart", "oracle")
-_BATCH, _SEARCH, _SEARCH_NOISE = 1, 11, 12     # step_generator purposes (1 = the cell's training batches)
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def _reset_router_state(opt: torch.optim.Adam, st: RunState) -> None:
 
 def _train_step(rc: RoutingArms, st: RunState, sub: Substrate, opt: torch.optim.Adam, tcfg: TrainConfig) -> float:
     cell = rc.cell
-    x, y, _ = sample_batch(sub.corpus, "train", cell.batch, step_generator(cell.seed, st.step, _BATCH))
+    x, y, _ = sample_batch(sub.corpus, "train", cell.batch, generator(Purpose.CELL_BATCH, cell.seed, st.step))
     x, y = x.to(cell.device), y.to(cell.device)
     lr = lr_at(st.step, tcfg)
     for g in opt.param_groups:
@@ -126,7 +126,8 @@ def _generation(rc: RoutingArms, st: RunState, sub: Substrate, search: evo.Searc
     """One generation of routing search on fresh training windows; True when the router changed."""
     cell, M = rc.cell, sub.corpus.domains
     dom = torch.arange(M).repeat_interleave(rc.search_windows)
-    x, y, dom = sample_batch(sub.corpus, "train", len(dom), step_generator(cell.seed, st.step, _SEARCH), domains=dom)
+    x, y, dom = sample_batch(sub.corpus, "train", len(dom), generator(Purpose.SEARCH_BATCH, cell.seed, st.step),
+                             domains=dom)
     x, y = x.to(cell.device), y.to(cell.device)
     params = {k: v.detach().double().cpu() for k, v in st.router.params().items()}
     vec = params_to_vector(params)[None]                                             # (1, D)
@@ -164,7 +165,7 @@ def run_arms(rc: RoutingArms, sub: Substrate, arms=ARMS) -> dict[str, dict]:
         t0 = time.perf_counter()
         st = build_state(cell, sub)
         opt = _optimizer(st, cell.lr, rc.plasticity)
-        gens = [step_generator(cell.seed, 0, _SEARCH_NOISE)]
+        gens = [generator(Purpose.SEARCH_NOISE, cell.seed, 0)]
         D = params_to_vector({k: v.detach()[None] for k, v in st.router.params().items()}).shape[-1]
         search = evo.init_search(rc.evolution, 1, D, gens) if arm == "evo" else None
         n_events, accepted, diverged = 0, 0, None

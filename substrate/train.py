@@ -34,12 +34,9 @@ from torch import Tensor
 from sandbox.adapters import init_factors, product_inner, product_norm, refactor
 from sandbox.errors import require
 from sandbox.results import atomic_save_torch, config_hash, load_torch
-from sandbox.tasks import stream
+from sandbox.streams import Purpose, generator
 from substrate.corpus import Corpus, sample_batch
 from substrate.model import GPT, ModelConfig, autocast, build_model, freeze_base
-
-_BATCH_STREAM = 20
-_SPECIALIST_STREAM = 21
 
 
 @dataclass(frozen=True)
@@ -153,7 +150,7 @@ def _fit_base(model: GPT, corpus: Corpus, cfg: TrainConfig, device, log_every: i
     decay = [p for n, p in model.named_parameters() if ".bank." not in n and p.dim() >= 2]
     plain = [p for n, p in model.named_parameters() if ".bank." not in n and p.dim() < 2]
     opt = _adamw(decay, plain, cfg, device)
-    g = stream(cfg.seed, _BATCH_STREAM)
+    g = generator(Purpose.PRETRAIN_BATCH, cfg.seed)
     rows, t0 = [], time.perf_counter()
     for step in range(cfg.steps):
         _set_lr(opt, lr_at(step, cfg))
@@ -208,11 +205,11 @@ def train_specialists(base: GPT, corpus: Corpus, steps: int = 200, lr: float = 1
         if log is not None:
             log.extend(state["log"])
         return {k: (v["A"], v["B"]) for k, v in state["factors"].items()}
-    model = GPT(replace(base.cfg, slots=M), stream(seed, _SPECIALIST_STREAM)).to(device)
+    model = GPT(replace(base.cfg, slots=M), generator(Purpose.SPECIALIST_INIT, seed)).to(device)
     _load_base(model, base.base_state_dict())
     params = freeze_base(model)
     opt = _adamw([], params, tcfg, device)
-    g = stream(seed + 1, _SPECIALIST_STREAM)
+    g = generator(Purpose.SPECIALIST_BATCH, seed)
     domains = torch.arange(M).repeat_interleave(per)                            # (B,) balanced
     gates = Fn.one_hot(domains, M).float()[:, None, :].to(device)               # (B, 1, M)
     rows, t0 = [], time.perf_counter()

@@ -84,3 +84,12 @@ def test_feasible_sets():
     assert feasible_set("softmax") == "simplex" and feasible_set("sigmoid") == "box"
     with pytest.raises(Exception):
         feasible_set("tanh")
+
+
+def test_same_input_same_bits(gen):
+    """The solver is deterministic (LAPACK's default least-squares driver was not, in the last bit)."""
+    X = torch.randn(10, 4, 8, 6, generator=gen, dtype=torch.float64)
+    G, c = X @ X.transpose(-1, -2), torch.randn(10, 4, 8, generator=gen, dtype=torch.float64)
+    for kind in ("simplex", "box"):
+        first = best_gates(G, c, kind)
+        assert all(torch.equal(first, best_gates(G, c, kind)) for _ in range(10))

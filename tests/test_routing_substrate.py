@@ -13,7 +13,8 @@ from sandbox import evolution as evo
 from sandbox.errors import BadInput
 from sandbox.router import params_to_vector, vector_to_params
 from substrate import routing
-from substrate.cell import CellConfig, build_state, gates_for, prepare_substrate, step_generator
+from sandbox.streams import Purpose, generator
+from substrate.cell import CellConfig, build_state, gates_for, prepare_substrate
 from substrate.corpus import sample_batch
 
 TINY = dict(preset="tiny", steps=12, batch=4, slots=4, rank=4, eval_windows=4, seed=3)
@@ -31,7 +32,7 @@ def test_population_forward_equals_a_loop_over_members(sub, cell):
     st = build_state(rc.cell, sub)
     M = sub.corpus.domains
     dom = torch.arange(M).repeat_interleave(2)
-    x, y, dom = sample_batch(sub.corpus, "train", len(dom), step_generator(3, 0, 99), domains=dom)
+    x, y, dom = sample_batch(sub.corpus, "train", len(dom), generator(Purpose.SEARCH_BATCH, 3, 0), domains=dom)
     base = params_to_vector({k: v.detach().double()[None] for k, v in st.router.params().items()})   # (1, D)
     pop = base + 0.5 * torch.randn(5, base.shape[-1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     got = routing.population_losses(rc, st, pop, x, y, dom, M)                                         # (5,)
