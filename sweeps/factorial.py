@@ -187,7 +187,7 @@ def run_factorial(fcfg: FactorialConfig, out: str | Path, cache_dir: str | Path 
     ledger = TrialLedger(storage or out / "ledger.journal", study_name(fcfg),
                          flag="--storage" if storage else "--out")
     if storage:   # trials planned for `sandbox worker` and still waiting or running: refuse, not compute
-        from sweeps.worker import check_settled, is_database
+        from sweeps.ledger import check_settled, is_database
 
         if is_database(storage):
             check_settled(ledger.study, [trial_key(c, s) for s in fcfg.seeds for c in fcfg.cells], storage,

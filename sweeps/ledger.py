@@ -48,6 +48,7 @@ import math
 import os
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import optuna
@@ -362,3 +363,75 @@ class TrialLedger:
         v = result.get(value)
         self.study.tell(trial, float(v) if isinstance(v, (int, float)) and math.isfinite(v) else math.inf)
         return result, True
+
+
+# ---------------------------------------------------------------------------------------------
+# Planned trials (`sweeps.worker`): what the collecting code checks before computing anything
+# ---------------------------------------------------------------------------------------------
+
+
+def is_database(storage: str | None) -> bool:
+    """True for a PostgreSQL URL (the only storage a plan and workers can use)."""
+    return storage is not None and str(storage).split("://", 1)[0].split("+", 1)[0] in ("postgresql", "postgres")
+
+
+def has_result(t) -> bool:
+    """A finished trial with a result the tables read (sweeps: rows; factorial: result)."""
+    a = t.user_attrs
+    return "key" in a and (t.state == TrialState.COMPLETE
+                           or (t.state == TrialState.FAIL and "rows" in a and "declared" not in a))
+
+
+def _key_states(study: optuna.Study) -> tuple[dict, set, set, dict]:
+    """Per key: the result trial (first), pending keys (waiting or running), failed-out keys, trials."""
+    done, pending, by_key = {}, set(), {}
+    for t in study.get_trials(deepcopy=False):
+        k = t.user_attrs.get("key")
+        if k is None:
+            continue
+        by_key.setdefault(k, []).append(t)
+        if has_result(t):
+            done.setdefault(k, t)
+        elif t.state in (TrialState.WAITING, TrialState.RUNNING) and "job" in t.user_attrs:
+            pending.add(k)
+    failed = {k for k, ts in by_key.items() if k not in done and k not in pending
+              and any("job" in t.user_attrs and t.state == TrialState.FAIL for t in ts)}
+    return done, pending, failed, by_key
+
+
+@dataclass(frozen=True)
+class Settled:
+    """State of a plan's keys in a study (`plan_state`)."""
+
+    planned: int
+    finished: int
+    pending: int
+    """Waiting or running."""
+    failed: list
+    """``(key, error)`` of keys whose every planned attempt failed."""
+
+
+def plan_state(study: optuna.Study, keys: Iterable[str]) -> Settled:
+    keys = list(keys)
+    done, pending, failed, by_key = _key_states(study)
+    errs = []
+    for k in keys:
+        if k in failed:
+            last = max((t for t in by_key[k] if t.state == TrialState.FAIL), key=lambda t: t.number)
+            errs.append((k, last.user_attrs.get("error", "worker lost")))
+    return Settled(len(keys), sum(k in done for k in keys), sum(k in pending for k in keys), errs)
+
+
+def check_settled(study: optuna.Study, keys: Iterable[str], storage: str, study_name: str) -> None:
+    """Refuse (one line naming ``--storage``) to collect while planned trials of `keys` are waiting
+    or running, or failed out: computing them here would run a key that a worker may also run."""
+    s = plan_state(study, keys)
+    if s.pending:
+        raise BadInput("--storage", storage, f"a study whose planned trials have finished: {s.pending} of {s.planned} "
+                       f"are still waiting or running in study '{study_name}'; start `sandbox worker --storage URL "
+                       f"--study {study_name}` or wait for the running ones, then rerun to collect")
+    if s.failed:
+        k, err = s.failed[0]
+        raise BadInput("--storage", storage, f"a study whose planned trials have finished: {len(s.failed)} failed every "
+                       f"attempt in study '{study_name}' (first: {k}: {err}); fix the cause and rerun with "
+                       "--enqueue-only to queue them again, then start workers")

@@ -70,6 +70,12 @@ def test_enqueue_needs_a_database_and_a_grid(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "postgresql://" in err and not (tmp_path / "t.journal").exists()
 
 
+def test_enqueue_is_refused_for_substrate_sweeps_not_ignored(capsys):
+    assert main(["sweep", "--system", "substrate", "--enqueue-only", "--storage", "postgresql://u@h/db"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--enqueue-only" in err
+
+
 def test_unreachable_database_is_one_line_exit_2(capsys):
     assert main(["worker", "--storage", "postgresql://nobody@127.0.0.1:1/none", "--study", "s"]) == 2
     err = capsys.readouterr().err.strip()
@@ -220,7 +226,7 @@ def test_a_sigkilled_workers_trial_is_run_again_by_another_worker(pg_url, tmp_pa
     victim.send_signal(signal.SIGKILL)       # mid-trial: its trial stays RUNNING with a stopping heartbeat
     victim.wait()
     killed_at = time.time()
-    killed_i = int(started[0].name.split("-")[0])
+    killed_i = int(max(started, key=lambda p: float(p.name.split("-", 1)[1])).name.split("-")[0])   # its last trial
     rescuer = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
     assert rescuer.returncode == 0, rescuer.stderr[-800:]
     assert "1 lost trials of other workers queued again" in rescuer.stdout

@@ -95,6 +95,9 @@ def sweep(
     if system not in ("analytic", "substrate"):
         raise BadInput("--system", system, "analytic or substrate")
     if system == "substrate":
+        if enqueue_only:   # no worker system for substrate points yet (sweeps/worker.py: SYSTEMS)
+            raise BadInput("--enqueue-only", "--system substrate", "--system analytic (substrate sweeps run in one "
+                           "process for now; factorials take --enqueue-only)")
         from sandbox.app.commands.sweep_substrate import substrate_sweep
 
         return substrate_sweep(alignment=(rng.lo, rng.hi), points=points, axis=axis, axis_points=axis_points,

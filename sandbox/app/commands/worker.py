@@ -38,6 +38,9 @@ def worker(
     from sweeps.worker import database
 
     store = database(storage, "--storage")    # refuses journal/SQLite/unreachable with one line
+    from sweeps.worker import _study_id
+
+    _study_id(store, study)                    # an unknown --study: one line, before any display
 
     import torch
     from rich.console import Console
