@@ -122,6 +122,8 @@ def print_attribution(res) -> None:
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:  # piped or captured: do not squeeze the tables into 80 columns
+        console = Console(width=200)
     c = res.cells
     t = Table(title="cells: balanced held-out log-PPL (nats/token), per seed")
     t.add_column("cell")
