@@ -42,7 +42,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from sandbox.adapters import AdapterBank, lowrank_svd, product_inner, rand, randn, refactor, slot_gram, split_factors
+from sandbox.adapters import (AdapterBank, lowrank_svd, product_inner, product_norm, rand, randn, refactor, slot_gram,
+                              split_factors)
 from sandbox.errors import require
 
 Generators = torch.Generator | Sequence[torch.Generator]
@@ -51,6 +52,16 @@ Generators = torch.Generator | Sequence[torch.Generator]
 SCOPES = ("global", "per-domain")
 AGGS = ("max", "mean", "median")
 MODES = ("blend", "child")
+SELECTIONS = ("tournament", "roulette")
+CROSSOVERS = ("none", "slerp")
+MUTATION_KINDS = ("svd", "finetune", "svd+finetune")
+
+FinetuneLoss = Callable[..., Tensor]
+"""``loss(factors, router_params, target, k) -> (*b,)``: the loss per batch element of the target
+domain (``target (*b,)`` long, -1 = all domains) under the given adapter factors (same container
+as the banks passed to `lifecycle_step`: a dict name -> ``(A, B)``, else one ``(A, B)`` tuple, in
+the banks' shapes) and router parameters; ``k`` counts the fine-tune steps of the event (fresh
+data per step). Must be differentiable in the factors."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,20 @@ class LifecycleConfig:
         scope: fitness scope, ``global`` or ``per-domain``.
         per_domain_agg: aggregator over domains in per-domain scope: ``max``, ``mean``, ``median``.
         death, inheritance, mutation, reallocation: switch each operator on or off.
+        selection: how a fit parent is picked among the survivors: ``tournament`` (the fittest of
+            ``tournament`` uniform draws) or ``roulette`` (EvoMerge: probability proportional to
+            shifted fitness, `roulette_parent`).
+        crossover: ``none`` (the newborn starts from one parent) or ``slerp`` (EvoMerge: the
+            spherical interpolation of two fit parents' updates, `slerp_factors`).
+        crossover_t: the SLERP weight t of the second parent in [0, 1], or None to draw it
+            ``U(0, 1)`` per newborn.
+        mutation_kind: ``svd`` (singular-value noise and rotation), ``finetune`` (EvoMerge: k
+            gradient steps on the target domain for the newborn alone, instead of the SVD noise) or
+            ``svd+finetune`` (the fine-tune after the SVD mutation). Fine-tuning needs a loss
+            callback (`lifecycle_step`'s ``finetune``); ``mutation = False`` switches both off.
+        finetune_steps: k, gradient steps of the fine-tune.
+        finetune_lr: length of each fine-tune step in factor space (normalised gradient descent on
+            the newborn's factors of every layer together).
     """
 
     interval: int = 250
@@ -91,6 +116,12 @@ class LifecycleConfig:
     inheritance: bool = True
     mutation: bool = True
     reallocation: bool = True
+    selection: str = "tournament"
+    crossover: str = "none"
+    crossover_t: float | None = None
+    mutation_kind: str = "svd"
+    finetune_steps: int = 1
+    finetune_lr: float = 0.01
 
     def __post_init__(self):
         for name in ("interval", "n_die", "tournament"):
@@ -106,6 +137,24 @@ class LifecycleConfig:
         require(self.per_domain_agg in AGGS, "per_domain_agg", self.per_domain_agg, "one of " + ", ".join(AGGS))
         for name in ("death", "inheritance", "mutation", "reallocation"):
             require(isinstance(getattr(self, name), bool), name, getattr(self, name), "true or false")
+        require(self.selection in SELECTIONS, "selection", self.selection, "one of " + ", ".join(SELECTIONS))
+        require(self.crossover in CROSSOVERS, "crossover", self.crossover, "one of " + ", ".join(CROSSOVERS))
+        require(self.crossover_t is None or (_num(self.crossover_t) and 0 <= self.crossover_t <= 1), "crossover_t",
+                self.crossover_t, "a number in [0, 1], or none (drawn per newborn)")
+        require(self.mutation_kind in MUTATION_KINDS, "mutation", self.mutation_kind, "one of " + ", ".join(MUTATION_KINDS))
+        require(isinstance(self.finetune_steps, int) and not isinstance(self.finetune_steps, bool)
+                and self.finetune_steps >= 1, "finetune_steps", self.finetune_steps, "an integer >= 1")
+        require(_num(self.finetune_lr) and self.finetune_lr > 0, "finetune_lr", self.finetune_lr, "a number > 0")
+
+    @property
+    def svd_mutation(self) -> bool:
+        """Whether newborns get the SVD mutation."""
+        return self.mutation and self.mutation_kind in ("svd", "svd+finetune")
+
+    @property
+    def finetunes(self) -> bool:
+        """Whether newborns are fine-tuned (needs a loss callback)."""
+        return self.mutation and self.mutation_kind in ("finetune", "svd+finetune")
 
     def due(self, step: int) -> bool:
         """Whether a lifecycle event happens after gradient step ``step`` (every ``interval``)."""
@@ -265,6 +314,41 @@ def tournament_parent(fit: Tensor, alive: Tensor, size: int, generator: Generato
     return cand.gather(-1, f.argmax(-1, keepdim=True)).squeeze(-1)
 
 
+def roulette_weights(fit: Tensor, alive: Tensor) -> Tensor:
+    """Selection probabilities ``(n, K)`` of roulette (fitness-proportional) selection.
+
+    Fitness is shifted so every survivor has a positive weight: ``w_k = f_k - min f + (max f -
+    min f) / n_alive`` over the alive slots with finite fitness (the least fit survivor keeps a
+    small chance); equal fitness gives a uniform draw. Dying slots (``alive`` False) and NaN
+    fitness get weight 0; a row without any usable slot falls back to uniform over the alive slots
+    (or all slots). Rows sum to 1."""
+    f = fit.to(torch.float64)
+    ok = alive & torch.isfinite(f)
+    big = torch.finfo(torch.float64).max
+    lo = torch.where(ok, f, torch.full_like(f, big)).amin(-1, keepdim=True)
+    hi = torch.where(ok, f, torch.full_like(f, -big)).amax(-1, keepdim=True)
+    n_ok = ok.sum(-1, keepdim=True).clamp_min(1)
+    spread = (hi - lo).clamp_min(0)
+    w = torch.where(ok, f - lo + spread / n_ok, torch.zeros_like(f))
+    w = torch.where(ok & (spread == 0), torch.ones_like(f), w)  # all survivors equally fit: uniform
+    empty = w.sum(-1, keepdim=True) <= 0
+    fallback = alive.to(torch.float64) + (~alive.any(-1, keepdim=True)).to(torch.float64)
+    w = torch.where(empty, fallback, w)
+    return w / w.sum(-1, keepdim=True)
+
+
+def roulette_parent(fit: Tensor, alive: Tensor, generator: Generators) -> Tensor:
+    """Pick a parent per row ``(n,)`` with probability `roulette_weights` (one draw per row)."""
+    return _multinomial(roulette_weights(fit, alive), 1, generator).to(fit.device).squeeze(-1)
+
+
+def select_parent(fit: Tensor, alive: Tensor, cfg: "LifecycleConfig", generator: Generators) -> Tensor:
+    """A fit parent per row by the configured selection (``tournament`` or ``roulette``)."""
+    if cfg.selection == "roulette":
+        return roulette_parent(fit, alive, generator)
+    return tournament_parent(fit, alive, cfg.tournament, generator)
+
+
 # ---------------------------------------------------------------------------------------------
 # Operators on factors (one bank, batch flattened to n)
 # ---------------------------------------------------------------------------------------------
@@ -291,6 +375,46 @@ def blend(A_n: Tensor, B_n: Tensor, A_d: Tensor, B_d: Tensor, alpha: float, rank
     L = torch.cat([(1 - alpha) * B_n, alpha * B_d], dim=-1)  # (n, d_out, 2r)
     R = torch.cat([A_n, A_d], dim=-2)  # (n, 2r, d_in)
     return refactor(L, R, rank)
+
+
+def slerp_factors(A1: Tensor, B1: Tensor, A2: Tensor, B2: Tensor, t: float | Tensor, rank: int,
+                  eps: float = 1e-7) -> tuple[Tensor, Tensor]:
+    """Rank-``rank`` factors of the SLERP of two updates ``X1 = B1 A1`` and ``X2 = B2 A2`` (per row).
+
+    As in EvoMerge/mergekit, each update is one flattened vector: with ``theta`` the angle between
+    X1 and X2, the direction is ``sin((1-t) theta)/sin(theta) X1/|X1| + sin(t theta)/sin(theta)
+    X2/|X2|`` and the norm is interpolated linearly, ``(1-t)|X1| + t|X2|``. In factor form: the
+    direction is ``[c1 B1, c2 B2] [A1; A2]`` (rank <= 2r, inner products from r x r Grams), cut to
+    its best rank-``rank`` approximation (Eckart-Young, `lowrank_svd`) whose singular values are then
+    rescaled to the interpolated norm, so the result's norm lies between the parents' exactly.
+    Nearly (anti)parallel parents (``sin theta < eps``) use the linear blend of the directions; a
+    zero parent contributes only its norm. ``t = 0`` / ``t = 1`` return X1 / X2 (re-factorised),
+    identical parents return the parent. A ``(n, r, d_in)``, B ``(n, d_out, r)``, ``t`` a float or
+    ``(n,)``. Returns ``A (n, rank, d_in)``, ``B (n, d_out, rank)``; nothing ``d_out x d_in`` is formed.
+    """
+    f64 = torch.float64
+    t = torch.as_tensor(t, dtype=f64, device=A1.device).expand(A1.shape[:-2])  # (n,)
+    n1 = product_norm(A1, B1).to(f64)
+    n2 = product_norm(A2, B2).to(f64)
+    tiny = 1e-300
+    cos = (product_inner(A1, B1, A2, B2).to(f64) / (n1 * n2).clamp_min(tiny)).clamp(-1, 1)
+    theta = torch.arccos(cos)
+    sin = torch.sin(theta)
+    lin = sin < eps
+    safe = torch.where(lin, torch.ones_like(sin), sin)
+    w1 = torch.where(lin, 1 - t, torch.sin((1 - t) * theta) / safe)
+    w2 = torch.where(lin, t, torch.sin(t * theta) / safe)
+    z1, z2 = n1 <= tiny, n2 <= tiny
+    w1, w2 = (torch.where(z1, torch.zeros_like(w1), torch.where(z2, torch.ones_like(w1), w1)),
+              torch.where(z2, torch.zeros_like(w2), torch.where(z1, torch.ones_like(w2), w2)))
+    c1 = (w1 / n1.clamp_min(tiny)).to(B1.dtype)[..., None, None]
+    c2 = (w2 / n2.clamp_min(tiny)).to(B2.dtype)[..., None, None]
+    U, S, Vh = lowrank_svd(torch.cat([c1 * B1, c2 * B2], dim=-1), torch.cat([A1, A2], dim=-2))
+    target = (1 - t) * n1 + t * n2  # (n,)
+    kept = S[..., :rank].to(f64).pow(2).sum(-1).sqrt()
+    gain = torch.where(kept > tiny, target / kept.clamp_min(tiny), torch.zeros_like(kept))
+    A, B = split_factors(U, S * gain.to(S.dtype).unsqueeze(-1), Vh, rank)
+    return A.to(A1.dtype), B.to(B1.dtype)
 
 
 def _expm(x: Tensor, per_row: bool) -> Tensor:
@@ -453,10 +577,12 @@ def _repack(banks, kind: str, new: dict[str, tuple[Tensor, Tensor]]):
 
 
 def _replace_slot(A: Tensor, B: Tensor, d: Tensor, nb: Tensor, parent: Tensor, v: Tensor, cfg: LifecycleConfig,
-                  generator: Generators, do_blend: bool, do_child: bool):
+                  generator: Generators, do_blend: bool, do_child: bool, parent2: Tensor | None = None,
+                  t: Tensor | None = None):
     """One layer's part of one death rank: blend the dying slot ``d`` into ``nb`` (blend mode),
-    then fill ``d`` with the (mutated) parent clone or a fresh init (blended with the dying slot in
-    child mode). A ``(n, K, r, d_in)``, B ``(n, K, d_out, r)``; rows with ``v`` False untouched.
+    then fill ``d`` with the (mutated) parent clone, or the SLERP of ``parent`` and ``parent2`` at
+    ``t`` (crossover), or a fresh init (blended with the dying slot in child mode).
+    A ``(n, K, r, d_in)``, B ``(n, K, d_out, r)``; rows with ``v`` False untouched.
     Returns new A, B and ``||child - parent||_F^2``, ``||parent||_F^2`` per row (unscaled)."""
     r, d_in, d_out = A.shape[-2], A.shape[-1], B.shape[-2]
     a = float(cfg.inherit_alpha)
@@ -465,8 +591,13 @@ def _replace_slot(A: Tensor, B: Tensor, d: Tensor, nb: Tensor, parent: Tensor, v
         A_nb, B_nb = blend(_take(A, nb), _take(B, nb), A_d, B_d, a, r)
         A, B = _put(A, nb, A_nb, v), _put(B, nb, B_nb, v)
     A_p, B_p = _take(A, parent), _take(B, parent)
-    if cfg.mutation:
-        A_c, B_c = mutate_svd(A_p, B_p, cfg.mutation_sigma, cfg.rotation, generator, r)
+    A_b, B_b = A_p, B_p
+    if parent2 is not None:
+        A_b, B_b = slerp_factors(A_p, B_p, _take(A, parent2), _take(B, parent2), t, r)
+    if cfg.svd_mutation:
+        A_c, B_c = mutate_svd(A_b, B_b, cfg.mutation_sigma, cfg.rotation, generator, r)
+    elif cfg.mutation or parent2 is not None:  # fine-tune only, or an unmutated crossover child
+        A_c, B_c = A_b.clone(), B_b.clone()
     else:
         A_c, B_c = fresh_factors(A.shape[0], r, d_in, d_out, generator, A)
     if do_child:
@@ -478,9 +609,11 @@ def _replace_slot(A: Tensor, B: Tensor, d: Tensor, nb: Tensor, parent: Tensor, v
 
 
 def _death_events(step, v, d, nb, parent, target, f, old_id, new_id, par_id, nb_id, msize, alpha,
-                  do_blend, do_child, uses_parent) -> list[dict]:
-    """Event dicts for one death rank (rows where ``v``): death, inherit (if any), birth."""
+                  do_blend, do_child, uses_parent, extra: dict[str, Tensor] | None = None) -> list[dict]:
+    """Event dicts for one death rank (rows where ``v``): death, inherit (if any), birth.
+    ``extra``: more columns of the birth events, name -> ``(n,)`` (only with the EvoMerge options)."""
     events = []
+    extra = extra or {}
     for row in torch.nonzero(v).flatten().tolist():
         base = {"step": step, "batch": row, "alpha": alpha}
         blank = {"mutation_size": math.nan, "domain": -1}
@@ -502,14 +635,54 @@ def _death_events(step, v, d, nb, parent, target, f, old_id, new_id, par_id, nb_
                        "parent_id": int(par_id[row]) if uses_parent else -1, "neighbour_id": -1,
                        "fitness": float(f[row, parent[row]]) if uses_parent else math.nan,
                        "mutation_size": float(msize[row]), "domain": int(target[row]),
-                       "parent_slot": int(parent[row]) if uses_parent else -1, "neighbour_slot": -1})
+                       "parent_slot": int(parent[row]) if uses_parent else -1, "neighbour_slot": -1,
+                       **{k: x[row].item() for k, x in extra.items()}})
     return events
+
+
+def _finetune(new: dict[str, tuple[Tensor, Tensor]], layers: dict, kind: str, rp: dict[str, Tensor] | None,
+              router_params: dict[str, Tensor] | None, slot: Tensor, valid: Tensor, target: Tensor,
+              cfg: LifecycleConfig, loss_fn: FinetuneLoss, bshape: tuple[int, ...], k0: int):
+    """``cfg.finetune_steps`` normalised gradient steps on the newborn ``slot (n,)`` alone (rows where
+    ``valid``): the gradient of ``loss_fn`` is masked to that slot's factors in every layer (every
+    other slot, and rows without a birth, are untouched), and each row moves ``finetune_lr`` along
+    its own gradient direction. Returns the new factors and the loss per row before and after."""
+    n, K = slot.shape[0], next(iter(new.values()))[0].shape[1]
+    sel = (torch.nn.functional.one_hot(slot, K).bool() & valid.unsqueeze(-1))  # (n, K)
+    rpar = router_params if rp is None else {k: x.reshape(router_params[k].shape) for k, x in rp.items()}
+    tgt = target.reshape(bshape)
+
+    def loss_of(fac, j):
+        shaped = {name: (A.reshape(*bshape, *A.shape[1:]), B.reshape(*bshape, *B.shape[1:])) for name, (A, B) in fac.items()}
+        arg = shaped if kind == "dict" else shaped[""]
+        return loss_fn(arg, rpar, tgt, j).reshape(n)
+
+    before = None
+    for j in range(cfg.finetune_steps):
+        with torch.enable_grad():
+            leaves = {name: (A.detach().requires_grad_(True), B.detach().requires_grad_(True)) for name, (A, B) in new.items()}
+            loss = loss_of(leaves, k0 + j)
+            flat = [x for AB in leaves.values() for x in AB]
+            grads = torch.autograd.grad(loss.sum(), flat, allow_unused=True)
+        if before is None:
+            before = loss.detach().to(torch.float64)
+        grads = [torch.zeros_like(x) if g is None else
+                 torch.where(sel.reshape(n, K, 1, 1), torch.nan_to_num(g.detach()), torch.zeros_like(g))
+                 for x, g in zip(flat, grads)]
+        sq = sum(g.to(torch.float64).pow(2).sum((1, 2, 3)) for g in grads)  # (n,)
+        step = (cfg.finetune_lr / sq.sqrt().clamp_min(1e-30)).where(sq > 0, torch.zeros_like(sq))  # (n,)
+        it = iter(grads)
+        new = {name: (A - step.to(A.dtype).reshape(n, 1, 1, 1) * next(it), B - step.to(B.dtype).reshape(n, 1, 1, 1) * next(it))
+               for name, (A, B) in new.items()}
+    after = loss_of(new, k0 + cfg.finetune_steps).detach().to(torch.float64)
+    return new, before, after
 
 
 @torch.no_grad()
 def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | None, fitness: Tensor,
                    cfg: LifecycleConfig, generator: Generators, step: int,
-                   domain_losses: Tensor | None = None, domain_features: Tensor | None = None):
+                   domain_losses: Tensor | None = None, domain_features: Tensor | None = None,
+                   finetune: FinetuneLoss | None = None):
     """One lifecycle event: death, inheritance, birth with SVD mutation, reallocation.
 
     Args:
@@ -527,6 +700,17 @@ def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | No
         step: the current step (ages are advanced to it).
         domain_losses: ``(*b, M)`` current per-domain losses (for reallocation), or None.
         domain_features: ``(*b, M, F)`` mean routing feature per domain, or None.
+        finetune: the loss callback of ``mutation_kind`` ``finetune`` / ``svd+finetune`` (see
+            `FinetuneLoss`); the newborn is tuned on the worst domain of ``domain_losses`` (all
+            domains without them). Required when ``cfg.finetunes``.
+
+    EvoMerge options (`LifecycleConfig`): ``selection = roulette`` picks parents by
+    `roulette_parent`; ``crossover = slerp`` draws a second parent among the other survivors
+    (same selection) and the newborn starts from `slerp_factors` of the two at ``crossover_t``
+    (drawn ``U(0, 1)`` when None); their birth events gain ``parent2_id``, ``parent2_slot``,
+    ``crossover_t``, and fine-tuned births ``finetune_loss_before`` / ``finetune_loss_after``.
+    With the defaults (tournament, no crossover, SVD mutation) the draws and results are exactly
+    those of the lifecycle before these options existed.
 
     Returns:
         ``(pop, banks, router_params, events)``; events are dicts with keys ``step, batch`` (flat
@@ -544,6 +728,8 @@ def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | No
            for k, (A, B, sc) in layers.items()}  # (n, K, r, d_in), (n, K, d_out, r)
     f = fitness.reshape(n, K).to(torch.float64)
     events: list[dict] = []
+    require(not cfg.finetunes or finetune is not None, "mutation", cfg.mutation_kind,
+            "svd here (this system supplies no fine-tune gradient callback)")
     if not cfg.death or K < 2:
         return pop, banks, router_params, events
     order, valid = _death_order(f, pop.ages.reshape(n, K), cfg.n_die, cfg.min_age)
@@ -573,12 +759,20 @@ def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | No
         if not bool(v.any()):
             continue
         gen = _only(generator, v)  # with per-row generators, rows without this death draw from throwaways
-        parent = tournament_parent(f, alive, cfg.tournament, gen)  # (n,)
+        parent = select_parent(f, alive, cfg, gen)  # (n,)
+        parent2 = t = None
+        extra: dict[str, Tensor] = {}
+        if cfg.crossover == "slerp":  # a second parent among the other survivors (the same if none)
+            others = alive & ~torch.nn.functional.one_hot(parent, K).bool()
+            parent2 = select_parent(f, torch.where(others.any(-1, keepdim=True), others, alive), cfg, gen)
+            t = (torch.full((n,), float(cfg.crossover_t), dtype=torch.float64) if cfg.crossover_t is not None
+                 else _draw(rand, (n,), gen, torch.float64, None))
+            extra = {"parent2_id": _take(ids, parent2), "parent2_slot": parent2, "crossover_t": t}
         nb = torch.where(alive, _take(cos, d), torch.full_like(f, -math.inf)).argmax(-1)  # (n,)
         sq_diff = torch.zeros(n, dtype=torch.float64, device=f.device)  # ||child - parent||^2 over layers
         sq_par = torch.zeros(n, dtype=torch.float64, device=f.device)  # ||parent||^2 over layers
         for name, (A, B) in new.items():
-            A, B, diff2, par2 = _replace_slot(A, B, d, nb, parent, v, cfg, gen, do_blend, do_child)
+            A, B, diff2, par2 = _replace_slot(A, B, d, nb, parent, v, cfg, gen, do_blend, do_child, parent2, t)
             new[name] = (A, B)
             sq_diff += fac[name][2] ** 2 * diff2
             sq_par += fac[name][2] ** 2 * par2
@@ -587,8 +781,15 @@ def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | No
             dl = domain_losses.reshape(n, -1) if domain_losses is not None else None
             df = domain_features.reshape(n, *domain_features.shape[-2:]) if domain_features is not None else None
             rp, target = reallocate(rp, d, parent, v, cfg, gen, dl, df)
-        msize = (sq_diff / sq_par).sqrt() if cfg.mutation else torch.full((n,), math.nan, dtype=torch.float64)
-        uses_parent = cfg.mutation or (cfg.reallocation and rp is not None)
+        if cfg.finetunes:
+            goal = (domain_losses.reshape(n, -1).argmax(-1) if domain_losses is not None
+                    else torch.full((n,), -1, dtype=torch.long))
+            new, before, after = _finetune(new, layers, kind, rp, router_params, d, v, goal.to(d.device), cfg, finetune,
+                                           bshape, i * (cfg.finetune_steps + 1))
+            extra = {**extra, "finetune_loss_before": before, "finetune_loss_after": after}
+        mutated = cfg.mutation or parent2 is not None
+        msize = (sq_diff / sq_par).sqrt() if mutated else torch.full((n,), math.nan, dtype=torch.float64)
+        uses_parent = mutated or (cfg.reallocation and rp is not None)
         old_id, par_id, nb_id = _take(ids, d), _take(ids, parent), _take(ids, nb)
         new_id = next_id.clone()
         ids = _put(ids, d, new_id, v)
@@ -596,7 +797,7 @@ def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | No
         parents = _put(parents, d, par_id if uses_parent else torch.full_like(par_id, -1), v)
         next_id = next_id + v.long()
         events += _death_events(step, v, d, nb, parent, target, f, old_id, new_id, par_id, nb_id, msize,
-                                a if cfg.inheritance else 0.0, do_blend, do_child, uses_parent)
+                                a if cfg.inheritance else 0.0, do_blend, do_child, uses_parent, extra)
 
     new_pop = Population(ids.reshape(*bshape, K), ages.reshape(*bshape, K), parents.reshape(*bshape, K),
                          next_id.reshape(bshape), step)
