@@ -52,8 +52,9 @@ def _register() -> None:
     from sandbox.app.commands import full as _full, factorial as _factorial
     from sandbox.app.commands import sweep as _sweep
     from sandbox.app.commands import worker as _worker
+    from sandbox.app.commands import fusion as _fusion
 
-    for mod in (_cells, _report, _bench, _full, _factorial, _sweep, _worker):
+    for mod in (_cells, _report, _bench, _full, _factorial, _sweep, _worker, _fusion):
         mod.register(app)
 
 

@@ -1,0 +1,130 @@
+"""`sandbox fusion`: when does specialist fusion pay? The divergence-gain map (`sweeps.fusion`).
+
+From one shared base, specialists are trained for each of ``--specialist-steps`` (the points; more
+steps = more divergence), fused by the B3 (softmax) and R (sigmoid) routers trained alone for
+``--router-steps``, and compared with the best single specialist, uniform averaging and
+domain-oracle routing, per seed. Writes fusion.csv, fit.csv / fit.json and figures/fusion.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _steps_list(text: str) -> tuple[int, ...]:
+    from sandbox.errors import BadInput
+
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not parts or not all(re.fullmatch(r"\d{1,7}", p) for p in parts):
+        raise BadInput("--specialist-steps", text, "a comma list of distinct integers in 1..1000000 (e.g. 1,3,10,30,100)")
+    vals = tuple(int(p) for p in parts)
+    if min(vals) < 1 or len(set(vals)) != len(vals):
+        raise BadInput("--specialist-steps", text, "a comma list of distinct integers in 1..1000000 (e.g. 1,3,10,30,100)")
+    return vals
+
+
+def fusion(
+    specialist_steps: str = typer.Option("1,3,10,30,100", "--specialist-steps",
+                                         help="Points: specialist training steps (more steps = more divergence)."),
+    seeds: str = typer.Option("3", "--seeds", help="A count (3 -> 0..2) or a comma list (42,137,2026)."),
+    router_steps: int = typer.Option(100, "--router-steps", help="Router-only training steps of each fused model."),
+    router_lr: float = typer.Option(1e-2, "--router-lr", help="Peak Adam learning rate of the router."),
+    specialist_lr: float = typer.Option(1e-2, "--specialist-lr", help="Peak learning rate of the specialists."),
+    batch: int = typer.Option(8, "--batch", help="Training windows per router step."),
+    preset: str = typer.Option("tiny", "--preset", help="Shared base: tiny (CPU default), small or widened-1536."),
+    alpha: float = typer.Option(0.05, "--alpha", help="1 - confidence level of the fit's intervals."),
+    out: Optional[str] = typer.Option(None, "--out", help="Run folder (default runs/fusion-<config hash>; the same command resumes)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL or journal path (default: a journal file in --out)."),
+    study: Optional[str] = typer.Option(None, "--study", help="Optuna study name (default fusion)."),
+    cache: str = typer.Option("runs/cache", "--cache", help="Cache of corpus, pretrained base and specialists."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default 1 on <= 2 cores)."),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="Draw figures/fusion.{png,svg}."),
+    yes: bool = typer.Option(False, "--yes", help="Run widened-1536 on a CPU anyway."),
+) -> None:
+    """Gain of fusing specialists over the best one, against their divergence, with a line fit."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from sandbox.app.commands.full import apply_threads, resolve_device
+    from sandbox.errors import BadInput
+    from sandbox.options import check_float, check_int, parse_seeds
+    from sandbox.results import check_folder, default_out
+
+    steps = _steps_list(specialist_steps)
+    seed_list = parse_seeds(seeds, "--seeds")
+    check_int(router_steps, "--router-steps", 1, 1_000_000)
+    check_int(batch, "--batch", 1, 100_000)
+    check_float(router_lr, "--router-lr", 1e-9, 1.0)
+    check_float(specialist_lr, "--specialist-lr", 1e-9, 1.0)
+    check_float(alpha, "--alpha", 1e-9, 0.999999)
+    if preset not in ("tiny", "small", "widened-1536"):
+        raise BadInput("--preset", preset, "tiny, small or widened-1536")
+    dev = resolve_device(device)
+    if dev == "cpu" and preset == "widened-1536" and not yes:
+        raise BadInput("--preset", preset, "tiny or small on a CPU (widened-1536 would take CPU-days; --yes runs it anyway)")
+    check_folder(cache, "--cache")
+    apply_threads(threads)
+
+    from figures.fusion import draw
+    from substrate.fusion import FusionConfig
+    from sweeps.fusion import PUBLISHED, FusionSweepConfig, run_fusion_map
+
+    base = FusionConfig(preset=preset, specialist_lr=float(specialist_lr), router_steps=router_steps,
+                        router_lr=float(router_lr), batch=batch, device=dev)
+    cfg = FusionSweepConfig(base=base, specialist_steps=steps, seeds=tuple(seed_list), alpha=float(alpha), cache=cache)
+    run_dir = Path(out) if out else default_out("fusion", cfg.folder_key())
+    err = Console(stderr=True)
+    console = Console() if Console().is_terminal else Console(width=160)
+    err.print(f"fusion map: preset {preset}, specialist steps {','.join(map(str, steps))} x {len(seed_list)} seeds, "
+              f"routers B3 and R for {router_steps} steps, on {dev} -> {run_dir}", highlight=False)
+    t0 = time.perf_counter()
+    with Progress(TextColumn("[bold]fusion"), BarColumn(), MofNCompleteColumn(), TextColumn("point-seeds"),
+                  TimeElapsedColumn(), TextColumn("{task.description}"), console=err, transient=False) as bar:
+        task_id = bar.add_task("", total=len(steps) * len(seed_list))
+
+        def progress(done, total, values):
+            bar.update(task_id, completed=done, total=total,
+                       description=", ".join(f"{k}={v}" for k, v in values.items()))
+
+        res = run_fusion_map(cfg, run_dir, storage=storage, study=study, progress=progress,
+                             draw=draw if figures else None, argv=["sandbox", *sys.argv[1:]],
+                             log=lambda m: err.print(m, highlight=False))
+    wall = time.perf_counter() - t0
+    means = (res.table.groupby(["specialist_steps", "method"], sort=False)[["divergence", "gain"]].mean()
+             .reset_index())
+    t = Table(title="mean over seeds: divergence and gain over the best specialist (%)")
+    for c in ("specialist steps", "divergence", "uniform", "oracle", "B3", "R"):
+        t.add_column(c, justify="right")
+    for s in steps:
+        d = means[means["specialist_steps"] == s].set_index("method")
+        g = lambda m: f"{d.loc[m, 'gain']:+.2f}" if m in d.index else "-"
+        t.add_row(str(s), f"{d['divergence'].iloc[0]:.2f}", g("uniform"), g("oracle"), g("B3"), g("R"))
+    console.print(t)
+    f = Table(title=f"fit gain = a x divergence + b ({100 * (1 - alpha):.0f}% CIs); published 0.82 / -2.72 and 0.83 / -2.80")
+    for c in ("method", "level", "n", "a", "a CI", "b", "b CI", "R^2", "zero at", "LOO RMSE", "published in CIs (a, b)"):
+        f.add_column(c, justify="right")
+    for r in res.fit.to_dict("records"):
+        f.add_row(r["method"], r["level"], str(r["n"]), f"{r['slope']:.3f}",
+                  f"[{r['slope_ci_low']:.3f}, {r['slope_ci_high']:.3f}]", f"{r['intercept']:+.3f}",
+                  f"[{r['intercept_ci_low']:+.3f}, {r['intercept_ci_high']:+.3f}]", f"{r['r2']:.3f}",
+                  f"{r['threshold']:.2f}", f"{r['loo_rmse']:.3f}",
+                  f"n6: {'y' if r['pub6_slope_in_ci'] else 'n'},{'y' if r['pub6_intercept_in_ci'] else 'n'}; "
+                  f"n8: {'y' if r['pub8_slope_in_ci'] else 'n'},{'y' if r['pub8_intercept_in_ci'] else 'n'}")
+    console.print(f)
+    console.print(f"{res.computed} point-seeds computed, {res.reused} reused from the ledger, {wall:.1f} s; "
+                  f"folder {run_dir}", highlight=False)
+    for p in res.figures:
+        console.print(f"  {p}", highlight=False)
+    _ = PUBLISHED
+
+
+def register(app: typer.Typer) -> None:
+    app.command("fusion")(fusion)
