@@ -303,7 +303,7 @@ def perturb_(model: GPT, scale: float, generator: torch.Generator) -> None:
     """Add ``scale * rms(W) * N(0, 1)`` noise to every frozen base matrix W (dim >= 2) in place."""
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            if ".bank." in name or p.dim() < 2:
+            if GPT.is_adapter(name) or p.dim() < 2:
                 continue
             rms = p.float().pow(2).mean().sqrt()
             p.add_(scale * rms * torch.randn(p.shape, generator=generator).to(p))
@@ -315,7 +315,7 @@ def build_state(cfg: CellConfig, sub: Substrate) -> RunState:
     mcfg = cfg.model_config()
     model = GPT(mcfg, torch.Generator().manual_seed(0))
     missing, unexpected = model.load_state_dict(sub.base_state, strict=False)
-    assert not unexpected and all(".bank." in k for k in missing)
+    assert not unexpected and all(GPT.is_adapter(k) for k in missing)
     if cfg.perturb_base > 0:
         perturb_(model, cfg.perturb_base, step_generator(cfg.seed, 0, _PERTURB))
     g = step_generator(cfg.seed, 0, _INIT)

@@ -188,7 +188,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=False)
         resid = 0.02 / math.sqrt(2 * cfg.n_layer)
         for name, p in self.named_parameters():
-            if ".bank." in name or name.startswith("ln") or ".ln" in name:
+            if self.is_adapter(name) or name.startswith("ln") or ".ln" in name:
                 continue
             std = resid if name.endswith(("attn.out.weight", "mlp.proj.weight")) else 0.02
             nn.init.normal_(p, 0.0, std, generator=g)
@@ -218,19 +218,25 @@ class GPT(nn.Module):
         logits = self(idx, gates)
         return Fn.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")   # (B, T)
 
+    @staticmethod
+    def is_adapter(name: str) -> bool:
+        """Whether a parameter or state-dict entry belongs to an adapter bank: the one place that
+        knows how the model names its adapter parts (every other module asks here)."""
+        return ".bank." in name
+
     def banks(self) -> dict[str, AdapterBank]:
         """Every adapter bank by name (``blocks.0.attn.qkv`` ...), in layer order."""
         return {name[: -len(".bank")]: m for name, m in self.named_modules() if name.endswith(".bank")}
 
     def base_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.named_parameters() if ".bank." not in n]
+        return [p for n, p in self.named_parameters() if not self.is_adapter(n)]
 
     def adapter_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.named_parameters() if ".bank." in n]
+        return [p for n, p in self.named_parameters() if self.is_adapter(n)]
 
     def base_state_dict(self) -> dict[str, Tensor]:
         """The base weights only (no adapter factors): what pretraining caches."""
-        return {k: v for k, v in self.state_dict().items() if ".bank." not in k}
+        return {k: v for k, v in self.state_dict().items() if not self.is_adapter(k)}
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cpu") -> GPT:
@@ -327,8 +333,8 @@ def meta_model(cfg: ModelConfig) -> GPT:
 
 def count_params(model: nn.Module) -> dict[str, int]:
     """Counted from a built model: ``base`` (every non-adapter weight, tied head counted once) and ``adapters``."""
-    base = sum(p.numel() for n, p in model.named_parameters() if ".bank." not in n)
-    ad = sum(p.numel() for n, p in model.named_parameters() if ".bank." in n)
+    base = sum(p.numel() for n, p in model.named_parameters() if not GPT.is_adapter(n))
+    ad = sum(p.numel() for n, p in model.named_parameters() if GPT.is_adapter(n))
     return {"base": base, "adapters": ad}
 
 

@@ -141,14 +141,14 @@ def pretrain(model_cfg: ModelConfig, corpus: Corpus, steps: int = 300, lr: float
 
 def _load_base(model: GPT, weights: dict[str, Tensor]) -> None:
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    require(not unexpected and all(".bank." in k for k in missing), "cache_dir", sorted(unexpected)[:3] or sorted(missing)[:3],
+    require(not unexpected and all(GPT.is_adapter(k) for k in missing), "cache_dir", sorted(unexpected)[:3] or sorted(missing)[:3],
             "a cached base whose weights match the model")
 
 
 def _fit_base(model: GPT, corpus: Corpus, cfg: TrainConfig, device, log_every: int, progress) -> list[dict]:
     model.train()
-    decay = [p for n, p in model.named_parameters() if ".bank." not in n and p.dim() >= 2]
-    plain = [p for n, p in model.named_parameters() if ".bank." not in n and p.dim() < 2]
+    decay = [p for n, p in model.named_parameters() if not GPT.is_adapter(n) and p.dim() >= 2]
+    plain = [p for n, p in model.named_parameters() if not GPT.is_adapter(n) and p.dim() < 2]
     opt = _adamw(decay, plain, cfg, device)
     g = generator(Purpose.PRETRAIN_BATCH, cfg.seed)
     rows, t0 = [], time.perf_counter()
