@@ -17,7 +17,8 @@ from figures.style import OKABE_ITO, attach, new_figure, theme
 PUBLISHED = ((0.82, -2.72, "published: 0.82 div - 2.72 (R² 0.856, n 6)"),
              (0.83, -2.80, "published: 0.83 div - 2.80 (R² 0.872, n 8)"))
 STYLE = {"R": (OKABE_ITO["blue"], "o", "R (sigmoid router)"), "B3": (OKABE_ITO["vermillion"], "s", "B3 (softmax router)"),
-         "uniform": (OKABE_ITO["green"], "D", "uniform average"), "oracle": ("0.45", "^", "domain oracle")}
+         "uniform": (OKABE_ITO["green"], "D", "uniform average"), "oracle": ("0.45", "^", "domain oracle"),
+         "base": (OKABE_ITO["black"], "x", "plain base (no adapter)")}
 
 
 def collect(table: pd.DataFrame) -> pd.DataFrame:
@@ -48,6 +49,10 @@ def plot(df: pd.DataFrame, fit: pd.DataFrame | None = None, level: str = "seed",
         for method, (colour, marker, label) in STYLE.items():
             d = df[df["method"] == method]
             if d.empty:
+                continue
+            if marker == "x":
+                points[method] = ax.scatter(d["divergence"], d["gain"], marker=marker, s=30, zorder=3, color=colour,
+                                            lw=1.2, label=label)
                 continue
             hollow = method in ("uniform", "oracle")
             points[method] = ax.scatter(d["divergence"], d["gain"], marker=marker, s=34, zorder=3,

@@ -14,7 +14,7 @@ Baselines on the same specialists (no training): ``uniform`` (every slot gated 1
 plus the mean of the specialists' updates: weight averaging of the fine-tuned copies) and
 ``oracle`` (domain-oracle routing: each held-out window of domain m gated one-hot on slot m).
 ``best_specialist`` is the single specialist with the lowest balanced held-out loss when it
-serves every domain.
+serves every domain; ``base`` is the plain shared base (no adapter), reported on the same gain scale.
 
 Every loss is the held-out mean token NLL per domain (nats), balanced = equal weight per domain.
 
@@ -48,7 +48,7 @@ from substrate.model import GPT, PRESETS, autocast, load_banks, routing_features
 from substrate.train import TrainConfig, evaluate, lr_at, train_specialists
 
 ROUTERS = {"B3": "B3", "R": "R"}
-METHODS = ("best_specialist", "uniform", "oracle", "B3", "R")
+METHODS = ("best_specialist", "base", "uniform", "oracle", "B3", "R")
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def summarize(losses: dict) -> list[dict]:
     base = np.asarray(losses["base"], float)
     div = divergence(base, np.diag(spec))
     k, best = best_specialist(spec)
-    per = {"best_specialist": spec[k], "oracle": np.asarray(losses.get("oracle", np.diag(spec)), float)}
+    per = {"best_specialist": spec[k], "base": base, "oracle": np.asarray(losses.get("oracle", np.diag(spec)), float)}
     for m in ("uniform", "B3", "R"):
         if m in losses:
             per[m] = np.asarray(losses[m], float)

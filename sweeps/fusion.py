@@ -8,7 +8,7 @@ it finishes, so a kill loses at most the trial in flight and a rerun computes on
 
 Tables:
 
-- ``fusion.csv``: one row per point x seed x method (``best_specialist, uniform, oracle, B3, R``):
+- ``fusion.csv``: one row per point x seed x method (``best_specialist, base, uniform, oracle, B3, R``):
   ``point, specialist_steps, seed, method, divergence, gain, balanced_nll, best_specialist,
   best_specialist_nll, base_nll, diverged, wall_s, nll_<m>...`` (divergence and gain in percent,
   see `substrate.fusion`).
@@ -41,7 +41,7 @@ PUBLISHED = (
     {"name": "published n=6", "slope": 0.82, "intercept": -2.72, "r2": 0.856, "n": 6},
     {"name": "published n=8", "slope": 0.83, "intercept": -2.80, "r2": 0.872, "n": 8},
 )
-FIT_METHODS = ("B3", "R", "uniform", "oracle")
+FIT_METHODS = ("B3", "R", "uniform", "oracle", "base")
 FUSION_COLUMNS = ["point", "specialist_steps", "seed", "method", "divergence", "gain", "balanced_nll",
                   "best_specialist", "best_specialist_nll", "base_nll", "diverged", "wall_s"]
 
@@ -79,7 +79,7 @@ class FusionSweepConfig:
 
 def point_key(cfg: FusionConfig) -> str:
     """Ledger identity of a point: the trial's full config without seed and device."""
-    return config_hash({"system": "fusion", "trial": cfg.identity()}, n=16)
+    return config_hash({"system": "fusion", "v": 2, "trial": cfg.identity()}, n=16)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ def test_divergence_and_gain_on_a_hand_case():
     assert rows["oracle"]["gain"] == pytest.approx(gain(4.2, 3.5))
     assert rows["B3"]["gain"] == pytest.approx(100 * (4.2 - 3.6) / 4.2)
     assert rows["R"]["divergence"] == pytest.approx(22.5)
+    assert rows["base"]["gain"] == pytest.approx(100 * (4.2 - 4.5) / 4.2)
 
 
 def test_identical_specialists_have_divergence_zero():
@@ -132,8 +133,8 @@ def test_tiny_map_resumes_without_recomputing(tiny_substrate, tmp_path, monkeypa
                             seeds=(0,), cache=str(cache))
     first = run_fusion_map(cfg, tmp_path / "run")
     assert first.computed == 3 and first.reused == 0
-    assert set(first.table["method"]) == {"best_specialist", "uniform", "oracle", "B3", "R"}
-    assert len(first.table) == 3 * 5
+    assert set(first.table["method"]) == {"best_specialist", "base", "uniform", "oracle", "B3", "R"}
+    assert len(first.table) == 3 * 6
     assert (tmp_path / "run" / "fit.csv").exists() and (tmp_path / "run" / "manifest.json").exists()
     calls = []
     monkeypatch.setattr(sf, "run_fusion", lambda *a, **k: calls.append(1))

@@ -101,12 +101,12 @@ def fusion(
     means = (res.table.groupby(["specialist_steps", "method"], sort=False)[["divergence", "gain"]].mean()
              .reset_index())
     t = Table(title="mean over seeds: divergence and gain over the best specialist (%)")
-    for c in ("specialist steps", "divergence", "uniform", "oracle", "B3", "R"):
+    for c in ("specialist steps", "divergence", "base", "uniform", "oracle", "B3", "R"):
         t.add_column(c, justify="right")
     for s in steps:
         d = means[means["specialist_steps"] == s].set_index("method")
         g = lambda m: f"{d.loc[m, 'gain']:+.2f}" if m in d.index else "-"
-        t.add_row(str(s), f"{d['divergence'].iloc[0]:.2f}", g("uniform"), g("oracle"), g("B3"), g("R"))
+        t.add_row(str(s), f"{d['divergence'].iloc[0]:.2f}", g("base"), g("uniform"), g("oracle"), g("B3"), g("R"))
     console.print(t)
     f = Table(title=f"fit gain = a x divergence + b ({100 * (1 - alpha):.0f}% CIs); published 0.82 / -2.72 and 0.83 / -2.80")
     for c in ("method", "level", "n", "a", "a CI", "b", "b CI", "R^2", "zero at", "LOO RMSE", "published in CIs (a, b)"):
