@@ -113,6 +113,19 @@ class SandboxConfig:
     loss_floor: float = 0.01
     """Irreducible loss sigma^2 d added to every loss (teacher noise, like an entropy floor under
     log-PPL); keeps log losses finite and comparable when a fit is exact. 0 disables it."""
+    selection: str = "tournament"
+    """Lifecycle parent selection: tournament, or roulette (EvoMerge: fitness-proportional)."""
+    crossover: str = "none"
+    """Lifecycle crossover: none, or slerp (EvoMerge: a newborn is the SLERP of two fit parents)."""
+    crossover_t: float | None = None
+    """SLERP weight of the second parent in [0, 1]; none draws it U(0, 1) per newborn."""
+    mutation: str = "svd"
+    """Newborn mutation: svd, finetune (EvoMerge: gradient steps on its target domain, the newborn
+    alone, on the closed-form loss) or svd+finetune."""
+    finetune_steps: int = 1
+    """Gradient steps of the fine-tune mutation."""
+    finetune_lr: float = 0.01
+    """Length of each fine-tune step in factor space (normalised gradient descent)."""
 
     def __post_init__(self) -> None:
         require(isinstance(self.steps, int) and 0 <= self.steps <= 1_000_000, "steps", self.steps, "an integer in [0, 1000000]")
@@ -130,6 +143,7 @@ class SandboxConfig:
         require(_pos(self.lora_alpha) and self.lora_alpha <= 1e6, "lora_alpha", self.lora_alpha, "a number in (0, 1e6]")
         require(_num(self.loss_floor) and 0 <= self.loss_floor <= 100, "loss_floor", self.loss_floor, "a number in [0, 100]")
         self.evolution  # validates evo, population, mutation_scale, interval
+        self.lifecycle_config  # validates the lifecycle options (selection, crossover, mutation, ...)
 
     @property
     def alpha(self) -> float:
@@ -148,7 +162,10 @@ class SandboxConfig:
     @property
     def lifecycle_config(self) -> lc.LifecycleConfig:
         """The shared lifecycle at the generation events; a slot must live one interval to die."""
-        return lc.LifecycleConfig(interval=self.interval, min_age=self.interval, scope=self.scope)
+        return lc.LifecycleConfig(interval=self.interval, min_age=self.interval, scope=self.scope,
+                                  selection=self.selection, crossover=self.crossover, crossover_t=self.crossover_t,
+                                  mutation_kind=self.mutation, finetune_steps=self.finetune_steps,
+                                  finetune_lr=self.finetune_lr)
 
 
 def _num(x: object) -> bool:
@@ -607,8 +624,16 @@ def _lifecycle(task: Task, rcfg: RouterConfig, cfg: SandboxConfig, tensors: dict
     loo = loo + _per_row(floor, loo)
     fit = lc.fitness(loo.transpose(-1, -2), full, lcfg.scope, lcfg.per_domain_agg)            # (S, K)
     gens = [lifecycle_generator(s, step) for s in task.seeds]
+
+    def finetune_loss(fac, rp, target, k):  # closed-form loss of each row's target domain (-1: all)
+        Gf, cf, ef = gram_terms(fac[0], fac[1], task.U.to(A.dtype), task.V.to(A.dtype), scale)
+        gf = router_gates(rcfg, rp, feats.reshape(S, M * N, F), step).reshape(S, M, N, -1)
+        per = quadratic_loss(gf, Gf, cf, ef).mean(-1)                                          # (S, M)
+        return torch.where(target >= 0, per.gather(-1, target.clamp_min(0)[:, None])[:, 0], per.mean(-1))
+
     pop, (A2, B2), new_params, events = lc.lifecycle_step(pop, (A, B), params, fit, lcfg, gens, step,
-                                                          domain_losses=full, domain_features=feats.mean(-2))
+                                                          domain_losses=full, domain_features=feats.mean(-2),
+                                                          finetune=finetune_loss if lcfg.finetunes else None)
     mask = lc.reset_mask(events, (S,), A.shape[1])                                             # (S, K)
     A.copy_(A2)
     B.copy_(B2)

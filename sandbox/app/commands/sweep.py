@@ -47,6 +47,12 @@ def sweep(
     oracle: str = typer.Option("ceiling", "--oracle", help="Oracle arm: ceiling (best gates for grad's final adapters) or replace."),
     lifecycle: bool = typer.Option(False, "--lifecycle/--no-lifecycle", help="Adapter lifecycle in the evo arm."),
     scope: str = typer.Option("per-domain", "--scope", help="Lifecycle fitness scope: per-domain or global."),
+    selection: str = typer.Option("tournament", "--selection", help="Lifecycle parent selection: tournament or roulette (EvoMerge, fitness-proportional)."),
+    crossover: str = typer.Option("none", "--crossover", help="Lifecycle crossover: none or slerp (EvoMerge: newborn = SLERP of two fit parents)."),
+    crossover_t: Optional[float] = typer.Option(None, "--crossover-t", help="SLERP weight of the second parent in [0, 1] (default: drawn U(0, 1) per newborn)."),
+    mutation: str = typer.Option("svd", "--mutation", help="Newborn mutation: svd, finetune (EvoMerge: gradient steps on its target domain) or svd+finetune."),
+    finetune_steps: int = typer.Option(1, "--finetune-steps", help="Gradient steps of --mutation finetune."),
+    finetune_lr: float = typer.Option(0.01, "--finetune-lr", help="Step length (factor space) of --mutation finetune."),
     budget: str = typer.Option("steps", "--budget", help="steps (equal gradient steps) or evals (equal loss evaluations)."),
     draws: int = typer.Option(8, "--draws", help="Routing-noise draws per domain (training objective)."),
     eval_draws: int = typer.Option(64, "--eval-draws", help="Fresh noise draws per domain for the final loss."),
@@ -117,7 +123,9 @@ def sweep(
                            mutation_scale=mutation_scale, interval=interval, lifecycle=lifecycle, scope=scope,
                            evo=evo, reset_on_accept=reset_on_accept, oracle=oracle,
                            budget=budget, draws=draws, eval_draws=eval_draws, fresh_noise=fresh_noise,
-                           loss_floor=loss_floor, lora_alpha=lora_alpha)
+                           loss_floor=loss_floor, lora_alpha=lora_alpha, selection=selection, crossover=crossover,
+                           crossover_t=crossover_t, mutation=mutation, finetune_steps=finetune_steps,
+                           finetune_lr=finetune_lr)
     cfg = SweepConfig(task=task, solver=solver, alignment=(rng.lo, rng.hi), points=points, axis=axis_name,
                       axis_range=(axis_rng.lo, axis_rng.hi) if axis_rng else None, axis_points=axis_points,
                       seeds=tuple(seed_list), eps=eps, alpha=alpha, search=search, trials=trials)
