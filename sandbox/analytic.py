@@ -625,7 +625,7 @@ def _lifecycle(task: Task, rcfg: RouterConfig, cfg: SandboxConfig, tensors: dict
     fit = lc.fitness(loo.transpose(-1, -2), full, lcfg.scope, lcfg.per_domain_agg)            # (S, K)
     gens = [lifecycle_generator(s, step) for s in task.seeds]
 
-    def finetune_loss(fac, rp, target, k):  # closed-form loss of each row's target domain (-1: all)
+    def finetune_loss(fac, rp, target, k, gen):  # closed-form loss of each row's target domain (-1: all)
         Gf, cf, ef = gram_terms(fac[0], fac[1], task.U.to(A.dtype), task.V.to(A.dtype), scale)
         gf = router_gates(rcfg, rp, feats.reshape(S, M * N, F), step).reshape(S, M, N, -1)
         per = quadratic_loss(gf, Gf, cf, ef).mean(-1)                                          # (S, M)

@@ -57,11 +57,13 @@ CROSSOVERS = ("none", "slerp")
 MUTATION_KINDS = ("svd", "finetune", "svd+finetune")
 
 FinetuneLoss = Callable[..., Tensor]
-"""``loss(factors, router_params, target, k) -> (*b,)``: the loss per batch element of the target
+"""``loss(factors, router_params, target, k, generator) -> (*b,)``: the loss per batch element of the target
 domain (``target (*b,)`` long, -1 = all domains) under the given adapter factors (same container
 as the banks passed to `lifecycle_step`: a dict name -> ``(A, B)``, else one ``(A, B)`` tuple, in
 the banks' shapes) and router parameters; ``k`` counts the fine-tune steps of the event (fresh
-data per step). Must be differentiable in the factors."""
+data per step); ``generator`` is the lifecycle's own (one, or one per row), for drawing that
+data (so a run's draws stay a pure function of its lifecycle stream). Must be differentiable in
+the factors."""
 
 
 @dataclass(frozen=True)
@@ -642,7 +644,7 @@ def _death_events(step, v, d, nb, parent, target, f, old_id, new_id, par_id, nb_
 
 def _finetune(new: dict[str, tuple[Tensor, Tensor]], layers: dict, kind: str, rp: dict[str, Tensor] | None,
               router_params: dict[str, Tensor] | None, slot: Tensor, valid: Tensor, target: Tensor,
-              cfg: LifecycleConfig, loss_fn: FinetuneLoss, bshape: tuple[int, ...], k0: int):
+              cfg: LifecycleConfig, loss_fn: FinetuneLoss, bshape: tuple[int, ...], k0: int, generator: Generators):
     """``cfg.finetune_steps`` normalised gradient steps on the newborn ``slot (n,)`` alone (rows where
     ``valid``): the gradient of ``loss_fn`` is masked to that slot's factors in every layer (every
     other slot, and rows without a birth, are untouched), and each row moves ``finetune_lr`` along
@@ -655,7 +657,7 @@ def _finetune(new: dict[str, tuple[Tensor, Tensor]], layers: dict, kind: str, rp
     def loss_of(fac, j):
         shaped = {name: (A.reshape(*bshape, *A.shape[1:]), B.reshape(*bshape, *B.shape[1:])) for name, (A, B) in fac.items()}
         arg = shaped if kind == "dict" else shaped[""]
-        return loss_fn(arg, rpar, tgt, j).reshape(n)
+        return loss_fn(arg, rpar, tgt, j, generator).reshape(n)
 
     before = None
     for j in range(cfg.finetune_steps):
@@ -785,7 +787,7 @@ def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | No
             goal = (domain_losses.reshape(n, -1).argmax(-1) if domain_losses is not None
                     else torch.full((n,), -1, dtype=torch.long))
             new, before, after = _finetune(new, layers, kind, rp, router_params, d, v, goal.to(d.device), cfg, finetune,
-                                           bshape, i * (cfg.finetune_steps + 1))
+                                           bshape, i * (cfg.finetune_steps + 1), gen)
             extra = {**extra, "finetune_loss_before": before, "finetune_loss_after": after}
         mutated = cfg.mutation or parent2 is not None
         msize = (sq_diff / sq_par).sqrt() if mutated else torch.full((n,), math.nan, dtype=torch.float64)

@@ -125,7 +125,7 @@ def _population(seed, S=3, K=5, r=2, d=6):
 
 
 def _quadratic_loss(targetW):
-    def loss(fac, rp, target, k):
+    def loss(fac, rp, target, k, generator):
         A, B = fac
         return ((B @ A).sum(-3) - targetW).pow(2).sum((-1, -2))   # (S,)
     return loss
