@@ -51,7 +51,7 @@ from sandbox.errors import BadInput, require
 from sandbox.lifecycle import (LifecycleConfig, Population, event_rows, fitness, lifecycle_step, loo_gates,
                                reset_adam_state, reset_mask)
 from sandbox.results import RunDir, atomic_save_torch, claim_run_dir, load_torch, read_json, to_jsonable
-from sandbox.router import Router, RouterConfig, gate_rows
+from sandbox.router import Router, RouterConfig, gate_rows, router_gates
 from sandbox.streams import Purpose, generator
 from substrate.corpus import Corpus, CorpusConfig, load_text_domains, sample_batch, synthetic_corpus
 from substrate.model import GPT, POOLINGS, PRESETS, autocast, freeze_base, load_banks, preset, routing_features
@@ -110,6 +110,19 @@ class CellConfig:
     """Log-normal noise on the newborn's singular values."""
     per_domain_agg: str = "max"
     """Aggregator over domains of per-domain fitness (E): max, mean or median."""
+    selection: str = "tournament"
+    """Lifecycle parent selection: tournament, or roulette (EvoMerge: fitness-proportional)."""
+    crossover: str = "none"
+    """Lifecycle crossover: none, or slerp (EvoMerge: a newborn is the SLERP of two fit parents)."""
+    crossover_t: float | None = None
+    """SLERP weight of the second parent in [0, 1]; none draws it U(0, 1) per newborn."""
+    mutation: str = "svd"
+    """Newborn mutation: svd, finetune (EvoMerge: gradient steps on its target domain's fresh
+    training windows, the newborn alone, other slots frozen) or svd+finetune."""
+    finetune_steps: int = 1
+    """Gradient steps of the fine-tune mutation (each on --batch fresh windows)."""
+    finetune_lr: float = 0.01
+    """Length of each fine-tune step in factor space (normalised gradient descent)."""
     fit_windows: int = 4
     """Selection-batch windows per domain for leave-one-out fitness."""
     floor_max: float = 0.1
@@ -193,7 +206,9 @@ class CellConfig:
                                inherit_alpha=float(self.inherit_alpha), inherit_mode=self.inherit_mode,
                                mutation_sigma=float(self.mutation_sigma),
                                scope="per-domain" if self.factors.per_domain else "global",
-                               per_domain_agg=self.per_domain_agg)
+                               per_domain_agg=self.per_domain_agg, selection=self.selection,
+                               crossover=self.crossover, crossover_t=self.crossover_t, mutation_kind=self.mutation,
+                               finetune_steps=self.finetune_steps, finetune_lr=self.finetune_lr)
 
     @property
     def features(self) -> str:
@@ -217,7 +232,16 @@ class CellConfig:
         d.pop("device")
         if d["router_init"] == "zero":
             d.pop("router_init")
+        for k, v in EVOMERGE_DEFAULTS.items():   # the EvoMerge options (issue 18) only when used
+            if d[k] == v:
+                d.pop(k)
         return d
+
+
+#: EvoMerge lifecycle options at their defaults: left out of `CellConfig.identity`, so folders and
+#: ledgers written before the options existed still resume.
+EVOMERGE_DEFAULTS = dict(selection="tournament", crossover="none", crossover_t=None, mutation="svd",
+                         finetune_steps=1, finetune_lr=0.01)
 
 
 def _num(x) -> bool:
@@ -428,7 +452,8 @@ def fitness_event(cfg: CellConfig, st: RunState, corpus: Corpus) -> None:
     rp = {k: v.detach().cpu() for k, v in st.router.params().items()}
     st.pop, _, rp, events = lifecycle_step(st.pop, cpu_banks, rp, fit.to(torch.float64), lcfg,
                                            step_generator(cfg.seed, st.step, _LIFE), st.step,
-                                           domain_losses=full, domain_features=hbar)
+                                           domain_losses=full, domain_features=hbar,
+                                           finetune=finetune_loss(cfg, st, corpus) if lcfg.finetunes else None)
     for n, b in banks.items():
         b.set_factors(cpu_banks[n].A, cpu_banks[n].B)
     st.router.load_params(rp)
@@ -439,6 +464,44 @@ def fitness_event(cfg: CellConfig, st: RunState, corpus: Corpus) -> None:
     for p in st.router.params().values():
         reset_adam_state(st.opt, p, mask, -1)
     st.events.extend(event_rows(events, [cfg.seed]))
+
+
+def finetune_loss(cfg: CellConfig, st: RunState, corpus: Corpus):
+    """The loss callback of the fine-tune mutation (`sandbox.lifecycle.FinetuneLoss`): mean token
+    NLL of ``cfg.batch`` fresh training windows of the target domain (all domains for -1), drawn
+    from the lifecycle's generator, with the given factors in every bank (a functional call: the
+    live model is untouched) and the router's reallocated parameters; gates carry no gradient."""
+    names = list(st.model.banks())
+    rcfg = st.router.cfg
+
+    def loss(fac, rp, target, k, gen):
+        m = int(target.reshape(-1)[0])
+        dom = torch.full((cfg.batch,), m, dtype=torch.long) if m >= 0 else None
+        x, y, _ = sample_batch(corpus, "train", cfg.batch, gen, domains=dom)
+        x, y = x.to(cfg.device), y.to(cfg.device)
+        with torch.no_grad():
+            feats = routing_features(st.model, x, cfg.features, cfg.pooling)
+            gates = router_gates(rcfg, {n: v.to(cfg.device) for n, v in rp.items()}, feats, st.step)
+        over = {}
+        for n in names:
+            A, B = fac[n]
+            over[f"{n}.bank.A"], over[f"{n}.bank.B"] = A.to(cfg.device), B.to(cfg.device)
+        with autocast(cfg.device):
+            nll = torch.func.functional_call(_TokenNLL(st.model), {f"m.{k}": v for k, v in over.items()}, (x, y, gates))
+        return nll.mean().float().cpu().reshape(1)
+
+    return loss
+
+
+class _TokenNLL(torch.nn.Module):
+    """``token_nll`` as a module's forward (so `torch.func.functional_call` can swap parameters)."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.m = model
+
+    def forward(self, x: Tensor, y: Tensor, gates: Tensor) -> Tensor:
+        return self.m.token_nll(x, y, gates)
 
 
 def evaluate_state(cfg: CellConfig, st: RunState, corpus: Corpus):
@@ -577,6 +640,8 @@ def _write_tables(run: RunDir, st: RunState) -> None:
         run.write_csv(f"{name}.csv", pd.DataFrame(getattr(st, name)))
     cols = ["step", "event", "slot", "slot_id", "parent_id", "neighbour_id", "fitness", "mutation_size", "alpha",
             "domain", "seed"]
+    cols += [c for c in ("parent2_id", "crossover_t", "finetune_loss_before", "finetune_loss_after")
+             if any(c in e for e in st.events)]   # EvoMerge options (issue 18), only when used
     run.write_csv("lifecycle.csv", pd.DataFrame(st.events, columns=cols))
 
 

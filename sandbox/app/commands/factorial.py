@@ -30,6 +30,8 @@ def factorial(
     interval: Optional[int] = O["interval"], n_die: int = O["n_die"], min_age: Optional[int] = O["min_age"],
     inherit_alpha: float = O["inherit_alpha"], inherit_mode: str = O["inherit_mode"],
     mutation_sigma: float = O["mutation_sigma"], per_domain_agg: str = O["per_domain_agg"],
+    selection: str = O["selection"], crossover: str = O["crossover"], crossover_t: Optional[float] = O["crossover_t"],
+    mutation: str = O["mutation"], finetune_steps: int = O["finetune_steps"], finetune_lr: float = O["finetune_lr"],
     fit_windows: int = O["fit_windows"], floor_max: float = O["floor_max"], tau_start: float = O["tau_start"],
     tau_end: float = O["tau_end"], tau_min: float = O["tau_min"], tau_max: float = O["tau_max"],
     anneal_steps: Optional[int] = O["anneal_steps"], router_init: str = O["router_init"], pooling: str = O["pooling"],
