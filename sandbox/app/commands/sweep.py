@@ -113,10 +113,11 @@ def sweep(
                                reset_on_accept=reset_on_accept, preset=preset, batch=batch, data=data, cache=cache,
                                device=device, point_count_given=_given("--points"), seeds_given=_given("--seeds"),
                                print_summary=_print_summary)
-    steps = 150 if steps is None else steps
-    lr = 0.05 if lr is None else lr
-    plasticity = 0.1 if plasticity is None else plasticity
-    interval = 10 if interval is None else interval
+    defaults = SandboxConfig()          # options shared with --system substrate default to None: the
+    steps = defaults.steps if steps is None else steps                  # analytic value is declared once,
+    lr = defaults.lr if lr is None else lr                              # in the dataclass
+    plasticity = defaults.plasticity if plasticity is None else plasticity
+    interval = defaults.interval if interval is None else interval
     task = TaskSpec(domains=domains, slots=slots, dim=dim, rank=rank, true_rank=true_rank, alignment=rng.lo,
                     context_dim=context_dim, context_noise=context_noise, overlap=overlap)
     solver = SandboxConfig(steps=steps, lr=lr, plasticity=plasticity, router=router, population=population,
