@@ -217,6 +217,26 @@ def sweep_jobs(cfg) -> list[Job]:
     return jobs
 
 
+def substrate_sweep_jobs(cfg) -> list[Job]:
+    """The plan of a substrate map (`sweeps.substrate_map.SubstrateSweepConfig`): one job per
+    (point, seed); the payload is the point's full comparison (`RoutingArms`) and the cache of the
+    shared base (made absolute, so workers on a shared filesystem reuse it)."""
+    from sweeps.substrate_map import point_arms, point_key
+
+    bounds = cfg.bounds()
+    jobs = []
+    for values in cfg.grid_points():
+        pk = point_key(point_arms(cfg, values, cfg.seeds[0]))
+        dists = {k: FloatDistribution(min(bounds[k][0], v), max(bounds[k][1], v)) for k, v in values.items()}
+        for seed in cfg.seeds:
+            jobs.append(Job(key=ledger.trial_key(pk, seed),
+                            payload={"system": "substrate", "arms": dataclasses.asdict(point_arms(cfg, values, seed)),
+                                     "seed": int(seed), "point_key": pk, "cache": os.path.abspath(cfg.cache)},
+                            attrs={"point_key": pk, "seed": int(seed), "axes": {k: float(v) for k, v in values.items()}},
+                            params={k: float(v) for k, v in values.items()}, distributions=dists))
+    return jobs
+
+
 def factorial_jobs(fcfg, out: str | Path, cache: str | Path) -> list[Job]:
     """The plan of a factorial (`sweeps.factorial.FactorialConfig`): one job per (cell, seed); the
     per-trial folders go under `out` (workers on a shared filesystem resume each other's
@@ -291,10 +311,40 @@ def run_factorial_trial(job: dict, ctx: WorkerContext) -> Outcome:
     return Outcome({"result": metrics}, float(v) if isinstance(v, (int, float)) and math.isfinite(v) else math.inf)
 
 
-#: system name -> runner. A new system (e.g. substrate sweeps) adds its plan builder and one entry.
+def run_substrate_point(job: dict, ctx: WorkerContext) -> Outcome:
+    """One (point, seed) of a substrate map: the base is prepared once per worker (cached on disk);
+    refuses a payload that hashes differently here (another version of the code)."""
+    from sandbox.evolution import EvolutionConfig
+    from substrate.cell import CellConfig, prepare_substrate
+    from substrate.routing import RoutingArms, run_arms
+    from sweeps.substrate_map import point_key, seed_rows
+
+    d = job["arms"]
+    rc = RoutingArms(cell=CellConfig(**d["cell"]), evolution=EvolutionConfig(**d["evolution"]),
+                     **{k: v for k, v in d.items() if k not in ("cell", "evolution")})
+    if point_key(rc) != job["point_key"]:
+        raise RuntimeError("the point's configuration hashes differently on this worker (another version of "
+                           "the code than the define step's); run the same version everywhere")
+    cache = ctx.cache or job["cache"]
+    from sandbox.results import config_hash
+
+    base = config_hash({**rc.cell.identity(), "cell": None, "seed": None, "alignment": None, "cache": str(cache)})
+    sub = ctx.substrates.get(base)
+    if sub is None:
+        sub = ctx.substrates[base] = prepare_substrate(rc.cell, cache, ctx.log)
+    rows = seed_rows(run_arms(rc, sub))
+    by = {r["arm"]: r["log_loss"] for r in rows}
+    delta = by["grad"] - by["evo"]
+    ok = math.isfinite(delta)
+    return Outcome({"rows": rows, "delta": float(delta) if ok else None}, float(delta) if ok else None,
+                   TrialState.COMPLETE if ok else TrialState.FAIL)
+
+
+#: system name -> runner. A new system adds its plan builder and one entry.
 SYSTEMS: dict[str, Callable[[dict, WorkerContext], Outcome]] = {
     "analytic": run_analytic,
     "factorial": run_factorial_trial,
+    "substrate": run_substrate_point,
 }
 
 

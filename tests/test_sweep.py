@@ -227,7 +227,7 @@ def test_cli_defaults_match_dataclasses():
     from sandbox.app.commands.sweep import sweep
 
     sig = inspect.signature(sweep).parameters
-    shared = {"steps", "lr", "plasticity", "interval"}   # None: resolved per --system (analytic: the dataclass)
+    shared = {"steps", "lr", "plasticity", "interval", "points"}   # None: resolved per --system
     for obj in (TaskSpec(), SandboxConfig(), grid.SweepConfig()):
         for name, value in obj.__dict__.items():
             if name in sig and name not in ("alignment", "seeds", "axis"):

@@ -70,10 +70,11 @@ def test_enqueue_needs_a_database_and_a_grid(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "postgresql://" in err and not (tmp_path / "t.journal").exists()
 
 
-def test_enqueue_is_refused_for_substrate_sweeps_not_ignored(capsys):
-    assert main(["sweep", "--system", "substrate", "--enqueue-only", "--storage", "postgresql://u@h/db"]) == 2
+def test_substrate_enqueue_needs_a_database(capsys, tmp_path):
+    assert main(["sweep", "--system", "substrate", "--enqueue-only", "--storage", str(tmp_path / "t.journal"),
+                 "--points", "2", "--seeds", "1", "--steps", "4"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--enqueue-only" in err
+    assert len(err.splitlines()) == 1 and "--storage" in err
 
 
 def test_unreachable_database_is_one_line_exit_2(capsys):
@@ -253,3 +254,18 @@ def test_tiny_factorial_through_workers_collects_without_computing(pg_url, tmp_p
     assert main(args) == 0
     assert "trials: 0 computed, 2 reused" in capsys.readouterr().err
     assert len(pd.read_csv(tmp_path / "f" / "cells.csv")) == 2
+
+
+def test_tiny_substrate_map_through_a_worker_collects_without_computing(pg_url, tmp_path, capsys):
+    args = ["sweep", "--system", "substrate", "--points", "2", "--seeds", "1", "--steps", "4", "--batch", "2",
+            "--population", "3", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "s"),
+            "--storage", pg_url, "--study", _study(), "--device", "cpu", "--no-figures"]
+    assert main([*args, "--enqueue-only"]) == 0
+    capsys.readouterr()
+    study = args[args.index("--study") + 1]
+    counts = worker.run_worker(worker.database(pg_url), study, heartbeat_s=1, grace_s=5)
+    assert (counts.claimed, counts.completed) == (2, 2)
+    assert main(args) == 0
+    assert "0 seed-points computed, 2 reused" in capsys.readouterr().out
+    res = pd.read_csv(tmp_path / "s" / "results.csv")
+    assert len(res) == 2 * 4 and set(res["arm"]) == {"grad", "evo", "restart", "oracle"}

@@ -13,10 +13,10 @@ import typer
 
 def sweep(
     alignment: str = typer.Option("0..1", "--alignment", help="Alignment range LO..HI in [0, 1], or one value."),
-    points: int = typer.Option(11, "--points", help="Alignment grid points."),
+    points: Optional[int] = typer.Option(None, "--points", help="Alignment grid points (default 11; substrate 5 on a CPU)."),
     axis: str = typer.Option(None, "--axis", help="Second regime axis NAME=LO..HI, e.g. plasticity=0..1."),
     axis_points: int = typer.Option(5, "--axis-points", help="Grid points of the second axis."),
-    seeds: str = typer.Option("10", "--seeds", help="A count (10 -> 0..9) or a comma list (42,137,2026)."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="A count (10 -> 0..9) or a comma list (42,137,2026); default 10 (substrate: 5 on a CPU, 3 on CUDA)."),
     eps: float = typer.Option(0.01, "--eps", help="Equivalence margin for TOST (nats of log loss), fixed in advance."),
     alpha: float = typer.Option(0.05, "--alpha", help="Test level (Holm over the sweep's points)."),
     out: str = typer.Option(None, "--out", help="Run folder (default runs/sweep-<config hash>; the same command resumes)."),
@@ -74,6 +74,9 @@ def sweep(
     from sandbox.options import check_int, parse_axis, parse_range, parse_seeds
 
     rng = parse_range(alignment, "--alignment", 0.0, 1.0)
+    points_given, seeds_given = points is not None, seeds is not None
+    points = 11 if points is None else points          # the analytic defaults (SweepConfig: 11 points, 10 seeds)
+    seeds = "10" if seeds is None else seeds
     check_int(points, "--points", 1, 1001)
     check_int(axis_points, "--axis-points", 1, 1001)
     check_int(threads, "--threads", 1, 256)
@@ -101,9 +104,6 @@ def sweep(
     if system not in ("analytic", "substrate"):
         raise BadInput("--system", system, "analytic or substrate")
     if system == "substrate":
-        if enqueue_only:   # no worker system for substrate points yet (sweeps/worker.py: SYSTEMS)
-            raise BadInput("--enqueue-only", "--system substrate", "--system analytic (substrate sweeps run in one "
-                           "process for now; factorials take --enqueue-only)")
         from sandbox.app.commands.sweep_substrate import substrate_sweep
 
         return substrate_sweep(alignment=(rng.lo, rng.hi), points=points, axis=axis, axis_points=axis_points,
@@ -111,8 +111,8 @@ def sweep(
                                figures=figures, steps=steps, lr=lr, plasticity=plasticity, router=router, evo=evo,
                                population=population, mutation_scale=mutation_scale, interval=interval,
                                reset_on_accept=reset_on_accept, preset=preset, batch=batch, data=data, cache=cache,
-                               device=device, point_count_given=_given("--points"), seeds_given=_given("--seeds"),
-                               print_summary=_print_summary)
+                               device=device, point_count_given=points_given, seeds_given=seeds_given,
+                               print_summary=_print_summary, enqueue_only=enqueue_only)
     defaults = SandboxConfig()          # options shared with --system substrate default to None: the
     steps = defaults.steps if steps is None else steps                  # analytic value is declared once,
     lr = defaults.lr if lr is None else lr                              # in the dataclass
@@ -163,11 +163,6 @@ def sweep(
                   f"{time.perf_counter() - t0:.1f} s; folder {run_dir}", highlight=False)
     for f in res.figures:
         console.print(f"  {f}", highlight=False)
-
-
-def _given(flag: str) -> bool:
-    """Whether `flag` was typed on the command line (to tell a chosen value from a default)."""
-    return any(a == flag or a.startswith(flag + "=") for a in sys.argv[1:])
 
 
 def _fmt(v) -> str:

@@ -19,7 +19,7 @@ PRESET_STEPS = {"tiny": 100, "small": 200, "widened-1536": 25_000}
 
 def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, out, storage, study, figures, steps, lr,
                     plasticity, router, evo, population, mutation_scale, interval, reset_on_accept, preset, batch, data,
-                    cache, device, point_count_given, seeds_given, print_summary) -> None:
+                    cache, device, point_count_given, seeds_given, print_summary, enqueue_only=False) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -59,6 +59,16 @@ def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, 
                                seeds=tuple(seeds), eps=eps, alpha=alpha, cache=cache)
     run_dir = Path(out) if out else default_out("sweep", cfg.folder_key())
     err = Console(stderr=True)
+    from sandbox.app.commands.worker import check_collect, define
+    from sweeps.substrate_map import DEFAULT_STUDY
+    from sweeps.worker import is_database, substrate_sweep_jobs
+
+    if enqueue_only or is_database(storage):
+        jobs = substrate_sweep_jobs(cfg)
+        if enqueue_only:    # the define step: every (point, seed) queued for `sandbox worker`
+            return define(console, jobs, storage, study or DEFAULT_STUDY, "maximize", "substrate sweep",
+                          argv=["sandbox", *sys.argv[1:]])
+        check_collect(storage, study or DEFAULT_STUDY, jobs)   # workers still running: refuse, not compute
     err.print(f"substrate map: preset {preset}, {steps} steps, batch {batch}, router {router}, {len(cfg.grid_points())} "
               f"points x {len(seeds)} seeds, 4 arms, an event every {ecfg.interval} steps, --evo {evo}, "
               f"plasticity {arms.plasticity}, on {dev} -> {run_dir}", highlight=False)
