@@ -67,6 +67,7 @@ def sweep(
     data: Optional[str] = typer.Option(None, "--data", help="substrate: real text folder (one subfolder per domain)."),
     cache: str = typer.Option("runs/cache", "--cache", help="substrate: cache of corpus, pretrained base and specialists."),
     device: str = typer.Option("auto", "--device", help="substrate: auto, cpu or cuda."),
+    search_windows: int = typer.Option(2, "--search-windows", help="substrate: fresh training windows per domain in one generation's search objective."),
     enqueue_only: bool = typer.Option(False, "--enqueue-only", help="Define step for `sandbox worker`: queue every (point, seed) trial in --study on a PostgreSQL --storage and exit."),
 ) -> None:
     """Map the regime boundary: delta = log loss_grad - log loss_evo per seed (positive = evo better)."""
@@ -112,7 +113,7 @@ def sweep(
                                population=population, mutation_scale=mutation_scale, interval=interval,
                                reset_on_accept=reset_on_accept, preset=preset, batch=batch, data=data, cache=cache,
                                device=device, point_count_given=points_given, seeds_given=seeds_given,
-                               print_summary=_print_summary, enqueue_only=enqueue_only)
+                               print_summary=_print_summary, enqueue_only=enqueue_only, search_windows=search_windows)
     defaults = SandboxConfig()          # options shared with --system substrate default to None: the
     steps = defaults.steps if steps is None else steps                  # analytic value is declared once,
     lr = defaults.lr if lr is None else lr                              # in the dataclass

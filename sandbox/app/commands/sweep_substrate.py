@@ -19,7 +19,8 @@ PRESET_STEPS = {"tiny": 100, "small": 200, "widened-1536": 25_000}
 
 def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, out, storage, study, figures, steps, lr,
                     plasticity, router, evo, population, mutation_scale, interval, reset_on_accept, preset, batch, data,
-                    cache, device, point_count_given, seeds_given, print_summary, enqueue_only=False) -> None:
+                    cache, device, point_count_given, seeds_given, print_summary, enqueue_only=False,
+                    search_windows=2) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -53,7 +54,7 @@ def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, 
     ecfg = EvolutionConfig(population=population, mutation_scale=mutation_scale, method=evo,
                            interval=interval if interval is not None else max(1, steps // 10))
     arms = RoutingArms(cell=cell, evolution=ecfg, plasticity=1.0 if plasticity is None else plasticity,
-                       reset_on_accept=reset_on_accept)
+                       reset_on_accept=reset_on_accept, search_windows=search_windows)
     cfg = SubstrateSweepConfig(arms=arms, alignment=alignment, points=points, axis=axis_name,
                                axis_range=(axis_rng.lo, axis_rng.hi) if axis_rng else None, axis_points=axis_points,
                                seeds=tuple(seeds), eps=eps, alpha=alpha, cache=cache)
