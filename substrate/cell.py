@@ -53,11 +53,13 @@ from sandbox.lifecycle import (LifecycleConfig, Population, event_rows, fitness,
 from sandbox.results import RunDir, atomic_save_torch, claim_run_dir, load_torch, read_json, to_jsonable
 from sandbox.router import Router, RouterConfig, gate_rows, router_gates
 from sandbox.streams import Purpose, generator
+from substrate import acar
 from substrate.corpus import Corpus, CorpusConfig, load_text_domains, sample_batch, synthetic_corpus
 from substrate.model import GPT, POOLINGS, PRESETS, autocast, freeze_base, load_banks, preset, routing_features
 from substrate.train import TrainConfig, evaluate, initial_banks, lr_at, pretrain, train_specialists
 
 DEVICES = ("cpu", "cuda")
+ROUTER_KINDS = ("auto", "acar")
 # Purposes of the per-step generators (`sandbox.streams`).
 _BATCH, _FIT, _LIFE = Purpose.CELL_BATCH, Purpose.CELL_FITNESS, Purpose.CELL_LIFECYCLE
 _INIT, _PERTURB = Purpose.CELL_INIT, Purpose.CELL_PERTURB
@@ -141,6 +143,10 @@ class CellConfig:
     """Sigmoid router start: mass (fair start: gate bias set so the expected total gate weight per
     token at step 0 is the softmax's 1, `sandbox.router.mass_init`) or zero (bias 0: total about
     K (1 + floor) / 2, the behaviour before issue 20)."""
+    router_kind: str = "auto"
+    """Router kind: auto (the cell's: softmax for B3, sigmoid with R) or acar (sigma routing,
+    `substrate.acar`: top-3 slots by held-in loss, gated 1/2/3 equally by the probes' agreement;
+    nothing of the router is trained)."""
     pooling: str = "causal"
     """Routing-feature pooling: causal prefix means, or sequence (leaks future tokens)."""
     perturb_base: float = 0.0
@@ -185,6 +191,8 @@ class CellConfig:
         require(ctx <= PRESETS[self.preset].seq_len, "context", ctx, f"at most the preset's {PRESETS[self.preset].seq_len}")
         self.lifecycle_config()  # validates the lifecycle knobs, naming their flags
         self.router_config(1)    # validates the router knobs
+        require(self.router_kind in ROUTER_KINDS, "router", self.router_kind, "one of " + ", ".join(ROUTER_KINDS))
+        require(self.router_kind != "acar" or self.slots >= 3, "slots", self.slots, "at least 3 with --router acar")
 
     @property
     def factors(self) -> Cell:
@@ -230,6 +238,8 @@ class CellConfig:
         option existed (all zero-bias starts) resume under ``--router-init zero``."""
         d = asdict(self)
         d.pop("device")
+        if d["router_kind"] == "auto":   # issue 18: only when not the cell's own router
+            d.pop("router_kind")
         if d["router_init"] == "zero":
             d.pop("router_init")
         for k, v in EVOMERGE_DEFAULTS.items():   # the EvoMerge options (issue 18) only when used
@@ -321,6 +331,8 @@ class RunState:
     events: list = dataclasses.field(default_factory=list)
     fitness: list = dataclasses.field(default_factory=list)
     train_loss: list = dataclasses.field(default_factory=list)
+    acar_score: Tensor | None = None
+    """--router acar: the cheap per-slot score ``(K,)`` (minus held-in loss, measured at build)."""
 
 
 def perturb_(model: GPT, scale: float, generator: torch.Generator) -> None:
@@ -350,7 +362,21 @@ def build_state(cfg: CellConfig, sub: Substrate) -> RunState:
     params = freeze_base(model)
     router = Router(cfg.router_config(mcfg.d_model), generator=g).to(cfg.device)
     opt = torch.optim.Adam(params + list(router.parameters()), lr=cfg.lr)
-    return RunState(model, router, opt, Population.founders((), cfg.slots), assignment)   # population on CPU
+    st = RunState(model, router, opt, Population.founders((), cfg.slots), assignment)   # population on CPU
+    if cfg.router_kind == "acar":
+        st.acar_score = acar_held_in_score(cfg, st, sub.corpus)
+    return st
+
+
+def acar_held_in_score(cfg: CellConfig, st: RunState, corpus: Corpus) -> Tensor:
+    """--router acar: minus each slot's held-in loss ``(K,)`` on ``fit_windows`` training windows per
+    domain, drawn from the fitness stream of step 0 (which no fitness event uses: those run at
+    steps >= 1), so the score is a pure function of (seed, starting bank)."""
+    M, w = corpus.domains, cfg.fit_windows
+    dom = torch.arange(M).repeat_interleave(w)
+    x, y, _ = sample_batch(corpus, "train", M * w, step_generator(cfg.seed, 0, _FIT), domains=dom)
+    with autocast(cfg.device):
+        return acar.held_in_score(st.model, x.to(cfg.device), y.to(cfg.device), cfg.slots)
 
 
 def checkpoint(cfg: CellConfig, st: RunState) -> dict:
@@ -382,6 +408,9 @@ def restore(st: RunState, ck: dict) -> None:
 
 def gates_for(cfg: CellConfig, st: RunState, x: Tensor, step: int) -> Tensor:
     """Gates ``(B, T, K)`` of the run's router for tokens ``x (B, T)`` at `step`."""
+    if cfg.router_kind == "acar":                                               # no grad, no router
+        with autocast(cfg.device):
+            return acar.acar_gates(st.model, x, st.acar_score, cfg.slots).gates
     feats = routing_features(st.model, x, cfg.features, cfg.pooling)          # (B, T, D), no grad
     return st.router(feats, step)
 
@@ -414,7 +443,7 @@ def loo_losses(cfg: CellConfig, st: RunState, corpus: Corpus, step: int) -> tupl
     x, y, _ = sample_batch(corpus, "train", M * w, step_generator(cfg.seed, step, _FIT), domains=dom)
     x, y = x.to(cfg.device), y.to(cfg.device)
     feats = routing_features(st.model, x, cfg.features, cfg.pooling)            # (N, T, F)
-    gates = st.router(feats, step)                                              # (N, T, K)
+    gates = gates_for(cfg, st, x, step) if cfg.router_kind == "acar" else st.router(feats, step)   # (N, T, K)
     onehot = torch.nn.functional.one_hot(dom, M).double().to(cfg.device)        # (N, M)
     per_domain = lambda nll: (nll.double() @ onehot) / w                        # (..., N) -> (..., M)
     with autocast(cfg.device):
@@ -681,5 +710,31 @@ def finish(cfg: CellConfig, st: RunState, sub: Substrate, run: RunDir) -> dict:
         "router": st.router.cfg.kind, "features": cfg.features, "scope": cfg.lifecycle_config().scope,
         "assignment": st.assignment.tolist(), "device": cfg.device,
     }
+    if cfg.router_kind == "acar" and not diverged:
+        metrics["router_kind"] = "acar"
+        metrics["acar"] = acar_usage(cfg, st, corpus, run)
     run.write_json("metrics.json", metrics)
     return metrics
+
+
+@torch.no_grad()
+def acar_usage(cfg: CellConfig, st: RunState, corpus: Corpus, run: RunDir, batch: int = 64) -> dict:
+    """--router acar: mode usage on the held-out evaluation windows (the final evaluation's), one
+    acar.csv row per domain plus ``all``; returns the ``all`` row (`substrate.acar.usage_row`)."""
+    import pandas as pd
+
+    rows, total = [], {m: 0 for m in acar.MODES}
+    for m, windows in enumerate(corpus.heldout):
+        w = windows[:cfg.eval_windows] if cfg.eval_windows else windows
+        counts = {k: 0 for k in acar.MODES}
+        for i in range(0, w.shape[0], batch):
+            x = w[i:i + batch, :-1].long().to(cfg.device)
+            with autocast(cfg.device):
+                c = acar.acar_gates(st.model, x, st.acar_score, cfg.slots).counts()
+            for k in acar.MODES:
+                counts[k] += c[k]
+                total[k] += c[k]
+        rows.append(acar.usage_row(counts, step=st.step, domain=corpus.names[m], seed=cfg.seed, cell=cfg.cell))
+    rows.append(acar.usage_row(total, step=st.step, domain="all", seed=cfg.seed, cell=cfg.cell))
+    run.write_csv("acar.csv", pd.DataFrame(rows))
+    return rows[-1]

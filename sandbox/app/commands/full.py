@@ -51,6 +51,8 @@ O = dict(
     anneal_steps=typer.Option(None, "--anneal-steps", help="Temperature anneal length (default: all steps)."),
     router_init=typer.Option("mass", "--router-init", help="Sigmoid router start: mass (fair: expected total gate "
                              "weight per token at step 0 = the softmax's 1) or zero (bias 0, total about K(1+floor)/2)."),
+    router_kind=typer.Option("auto", "--router", help="Router kind: auto (the cell's: softmax for B3, sigmoid with R) or "
+                             "acar (sigma routing: top-3 slots by held-in loss, 1/2/3 gated equally by their agreement)."),
     pooling=typer.Option("causal", "--pooling", help="Routing-feature pooling: causal, or sequence (leaks the future)."),
     perturb_base=typer.Option(0.0, "--perturb-base", help="Probe: relative Gaussian noise on the frozen base weights."),
     slots=typer.Option(16, "--slots", help="K adapter slots."),
@@ -175,6 +177,7 @@ def full(
     fit_windows: int = O["fit_windows"], floor_max: float = O["floor_max"], tau_start: float = O["tau_start"],
     tau_end: float = O["tau_end"], tau_min: float = O["tau_min"], tau_max: float = O["tau_max"],
     anneal_steps: Optional[int] = O["anneal_steps"], router_init: str = O["router_init"], pooling: str = O["pooling"],
+    router_kind: str = O["router_kind"],
     perturb_base: float = O["perturb_base"],
     slots: int = O["slots"], rank: int = O["rank"], context: Optional[int] = O["context"],
     pretrain_steps: Optional[int] = O["pretrain_steps"], eval_windows: Optional[int] = O["eval_windows"],
