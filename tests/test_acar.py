@@ -74,6 +74,33 @@ def test_causal_and_counts_add_up(model):
     assert row["saved_vs_always3"] == pytest.approx(1 - row["adapter_units"] / row["always3_units"])
 
 
+class _Rule:
+    """A causal stand-in model: slot k's next-token prediction at t is a function of x[t] alone, and
+    the three candidate slots agree or not depending on x[t] (so every mode occurs)."""
+
+    vocab = 12
+
+    def __call__(self, x, g):
+        slot = g.argmax(-1)                                                     # (B, T): probes gate one slot
+        pred = (x + (slot == 1) * (x % 2 == 0) + 2 * (slot == 2) * (x % 3 == 0)) % self.vocab
+        return torch.nn.functional.one_hot(pred, self.vocab).float()
+
+
+def test_every_mode_occurs_and_gates_are_causal_on_a_rule_model():
+    x = torch.randint(0, _Rule.vocab, (64, 20), generator=torch.Generator().manual_seed(2))
+    score = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    res = acar.acar_gates(_Rule(), x, score, 4)
+    c = res.counts()
+    assert all(c[m] > 0 for m in acar.MODES) and sum(c.values()) == x.numel()
+    d = acar.disagreement(acar.probe_predictions(_Rule(), x, res.top, 4))
+    torch.testing.assert_close(res.sigma, d.cumsum(-1) / torch.arange(1, 21))
+    x2 = x.clone()
+    x2[:, 12:] = (x2[:, 12:] * 5 + 1) % _Rule.vocab
+    res2 = acar.acar_gates(_Rule(), x2, score, 4)
+    torch.testing.assert_close(res.gates[:, :12], res2.gates[:, :12])
+    assert not torch.equal(res.gates[:, 12:], res2.gates[:, 12:])
+
+
 @pytest.fixture(scope="module")
 def sub(tmp_path_factory):
     torch.set_num_threads(1)
