@@ -134,3 +134,11 @@ def test_run_writes_acar_csv_and_identity(sub, tmp_path):
     assert m["router_kind"] == "acar" and m["acar"]["tokens"] == total["tokens"]
     with pytest.raises(BadInput):
         CellConfig(**FAST, router_kind="bogus")
+
+
+def test_acar_run_resumes_to_the_same_metrics(sub, tmp_path):
+    cfg = CellConfig(**FAST, router_kind="acar")
+    whole = run_cell(cfg, tmp_path / "whole", substrate=sub).metrics
+    assert not run_cell(cfg, tmp_path / "cut", substrate=sub, stop_after=1).done
+    resumed = run_cell(cfg, tmp_path / "cut", substrate=sub).metrics
+    assert resumed["balanced_log_ppl"] == whole["balanced_log_ppl"] and resumed["acar"] == whole["acar"]
