@@ -101,3 +101,13 @@ def test_interactions_are_differences_of_one_factor_gains():
         assert sum(by[a].values()) == pytest.approx(0)
         for b in names[i + 1:]:
             assert sum(by[a][c] * by[b][c] for c in all_cells()) == pytest.approx(0)
+
+
+def test_cells_command_lists_interactions_only_for_all_eight(capsys):
+    from sandbox.app.cli import main
+
+    assert main(["cells", "--cells", "all"]) == 0
+    out = capsys.readouterr().out
+    assert "interactions" in out and "RxExL" in out
+    assert main(["cells", "--cells", "partial"]) == 0
+    assert "interactions" not in capsys.readouterr().out

@@ -12,7 +12,7 @@ def cells(
     from rich.console import Console
     from rich.table import Table
 
-    from sandbox.cells import DEFAULT_CELLS, FACTORS, contrasts_for, parse_cells
+    from sandbox.cells import DEFAULT_CELLS, FACTORS, contrasts_for, interactions_for, parse_cells
 
     chosen = parse_cells(spec)
     console = Console()
@@ -36,6 +36,14 @@ def cells(
     for c in contrasts_for(chosen):
         n.add_row(c.name, c.reference.name, c.treated.name, c.description)
     console.print(n)
+    inter = interactions_for(chosen)
+    if inter:
+        i = Table(title="interactions (all eight cells; > 0 = the factors help more together than apart)")
+        for col in ("name", "factors", "description"):
+            i.add_column(col)
+        for x in inter:
+            i.add_row(x.name, " x ".join(x.factors), x.description)
+        console.print(i)
 
 
 def register(app: typer.Typer) -> None:
