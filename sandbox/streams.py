@@ -47,6 +47,7 @@ class Purpose(Enum):
     CELL_PERTURB = ("step", 5)         # base-perturbation probe (keys: 0)
     SEARCH_BATCH = ("step", 11)        # fresh training windows of a routing-search generation (keys: step)
     SEARCH_NOISE = ("step", 12)        # routing-search noise on the transformer (keys: 0)
+    SEARCH_CONFIRM = ("step", 13)      # the second fresh batch that confirms an accepted child (keys: step)
 
 
 def _fold(purpose: Purpose, seed: int, keys: tuple[int, ...]) -> int:

@@ -57,6 +57,9 @@ class RoutingArms:
     """Reset the router's Adam state when the search replaces the router."""
     search_windows: int = 2
     """Fresh training windows per domain in the search objective of one generation."""
+    confirm: bool = False
+    """Re-evaluate an accepted child against its parent on a second fresh batch and keep it only if
+    it still wins (the best of P children on one small batch wins by chance nearly always)."""
 
     def __post_init__(self) -> None:
         require(isinstance(self.plasticity, (int, float)) and math.isfinite(self.plasticity)
@@ -122,13 +125,19 @@ def population_losses(rc: RoutingArms, st: RunState, vectors: Tensor, x: Tensor,
     return per_domain.mean(-1).cpu()
 
 
-def _generation(rc: RoutingArms, st: RunState, sub: Substrate, search: evo.SearchState, gens: list) -> bool:
-    """One generation of routing search on fresh training windows; True when the router changed."""
+def _search_batch(rc: RoutingArms, sub: Substrate, purpose: Purpose, step: int):
+    """``search_windows`` fresh training windows per domain: ``x, y (N, T)``, ``domains (N,)``."""
     cell, M = rc.cell, sub.corpus.domains
     dom = torch.arange(M).repeat_interleave(rc.search_windows)
-    x, y, dom = sample_batch(sub.corpus, "train", len(dom), generator(Purpose.SEARCH_BATCH, cell.seed, st.step),
-                             domains=dom)
-    x, y = x.to(cell.device), y.to(cell.device)
+    x, y, dom = sample_batch(sub.corpus, "train", len(dom), generator(purpose, cell.seed, step), domains=dom)
+    return x.to(cell.device), y.to(cell.device), dom
+
+
+def _generation(rc: RoutingArms, st: RunState, sub: Substrate, search: evo.SearchState, gens: list) -> tuple[bool, bool]:
+    """One generation of routing search on fresh training windows: ``(router changed, a child won
+    on the search batch but lost the confirmation)``."""
+    M = sub.corpus.domains
+    x, y, dom = _search_batch(rc, sub, Purpose.SEARCH_BATCH, st.step)
     params = {k: v.detach().double().cpu() for k, v in st.router.params().items()}
     vec = params_to_vector(params)[None]                                             # (1, D)
     ecfg = rc.evolution
@@ -137,11 +146,17 @@ def _generation(rc: RoutingArms, st: RunState, sub: Substrate, search: evo.Searc
     pop = evo.propose(vec, params_to_vector(unit), search, ecfg, gens)                # (1, P, D)
     obj = population_losses(rc, st, pop[0], x, y, dom, M)[None]                      # (1, P)
     new, took = evo.advance(search, pop, obj, ecfg)
+    if bool(took[0]) and rc.confirm:
+        x2, y2, dom2 = _search_batch(rc, sub, Purpose.SEARCH_CONFIRM, st.step)
+        parent, child = population_losses(rc, st, torch.cat([vec, new]), x2, y2, dom2, M).tolist()
+        if not child < parent:
+            search.accepted[0] -= 1                       # not a change after all
+            return False, True
     if bool(took[0]):
         with torch.no_grad():
             st.router.load_params({k: v[0].to(st.router.bias.dtype) for k, v in
                                    vector_to_params(new, st.router.cfg).items()})
-    return bool(took[0])
+    return bool(took[0]), False
 
 
 def _oracle_gates(st: RunState, K: int):
@@ -154,7 +169,8 @@ def _oracle_gates(st: RunState, K: int):
 
 
 def run_arms(rc: RoutingArms, sub: Substrate, arms=ARMS) -> dict[str, dict]:
-    """Every arm for one seed; ``{arm: {balanced, nll (M,), accepted, generations, diverged_step, wall_s}}``."""
+    """Every arm for one seed; ``{arm: {balanced, nll (M,), accepted, unconfirmed, generations, diverged_step,
+    step_size, wall_s}}`` (``unconfirmed``: children that won the search batch but lost the confirmation)."""
     require(all(a in ARMS for a in arms), "arms", ",".join(arms), "a subset of " + ", ".join(ARMS))
     cell = rc.cell
     tcfg = TrainConfig(steps=cell.steps, lr=cell.lr, batch=cell.batch, warmup=max(1, cell.steps // 20),
@@ -168,7 +184,7 @@ def run_arms(rc: RoutingArms, sub: Substrate, arms=ARMS) -> dict[str, dict]:
         gens = [generator(Purpose.SEARCH_NOISE, cell.seed, 0)]
         D = params_to_vector({k: v.detach()[None] for k, v in st.router.params().items()}).shape[-1]
         search = evo.init_search(rc.evolution, 1, D, gens) if arm == "evo" else None
-        n_events, accepted, diverged = 0, 0, None
+        n_events, accepted, unconfirmed, diverged = 0, 0, 0, None
         for _ in range(cell.steps):
             loss = _train_step(rc, st, sub, opt, tcfg)
             st.step += 1
@@ -179,14 +195,19 @@ def run_arms(rc: RoutingArms, sub: Substrate, arms=ARMS) -> dict[str, dict]:
                 n_events += 1
                 if arm == "restart":
                     _reset_router_state(opt, st)
-                elif _generation(rc, st, sub, search, gens):
-                    accepted += 1
+                else:
+                    changed, rejected = _generation(rc, st, sub, search, gens)
+                    accepted += changed
+                    unconfirmed += rejected
+                    if not changed:
+                        continue
                     if rc.reset_on_accept:
                         _reset_router_state(opt, st)
         nan = float("nan")
         res = evaluate_state(cell, st, sub.corpus) if diverged is None else None
         out[arm] = {"balanced": res.balanced if res else nan, "nll": res.nll.tolist() if res else [nan] * sub.corpus.domains,
-                    "generations": n_events, "accepted": accepted, "diverged_step": -1 if diverged is None else diverged,
+                    "generations": n_events, "accepted": accepted, "unconfirmed": unconfirmed,
+                    "diverged_step": -1 if diverged is None else diverged,
                     "step_size": float(search.sigma[0]) if search is not None else nan,
                     "wall_s": time.perf_counter() - t0}
         if arm == "grad" and "oracle" in arms:
@@ -194,6 +215,6 @@ def run_arms(rc: RoutingArms, sub: Substrate, arms=ARMS) -> dict[str, dict]:
             ores = evaluate(st.model, sub.corpus, "heldout", _oracle_gates(st, cell.slots), max_windows=cell.eval_windows,
                             device=cell.device) if diverged is None else None
             out["oracle"] = {"balanced": ores.balanced if ores else nan, "nll": ores.nll.tolist() if ores else out[arm]["nll"],
-                             "generations": 0, "accepted": 0, "diverged_step": out[arm]["diverged_step"],
+                             "generations": 0, "accepted": 0, "unconfirmed": 0, "diverged_step": out[arm]["diverged_step"],
                              "step_size": nan, "wall_s": time.perf_counter() - t1}
     return {a: out[a] for a in arms}

@@ -125,7 +125,8 @@ def seed_rows(res: dict) -> list[dict]:
         rows.append({"arm": arm, "log_loss": r["balanced"] if ok else float("nan"),
                      "final_loss": math.exp(r["balanced"]) if ok else float("nan"),
                      "diverged": not ok, "diverged_step": r["diverged_step"], "generations": gens,
-                     "accepted": r["accepted"] / gens if gens else 0.0, "step_size": r["step_size"],
+                     "accepted": r["accepted"] / gens if gens else 0.0, "unconfirmed": r.get("unconfirmed", 0),
+                     "step_size": r["step_size"],
                      "lifecycle_events": 0, "wall_s": r["wall_s"]})
     return rows
 
@@ -210,7 +211,7 @@ def run_substrate_sweep(cfg: SubstrateSweepConfig, out: Path, storage: str | Non
             for r in done[ledger.trial_key(key, seed)]["rows"]:
                 table.append({"point": i, "seed": int(seed), **values, **r})
     cols = ["point", "seed", "arm", *cfg.axes, "final_loss", "log_loss", "diverged", "diverged_step", "generations",
-            "accepted", "step_size", "lifecycle_events", "wall_s"]
+            "accepted", "unconfirmed", "step_size", "lifecycle_events", "wall_s"]
     results = pd.DataFrame(table, columns=cols).sort_values(["point", "seed", "arm"], kind="stable").reset_index(drop=True)
     run.write_csv("results.csv", results)
     # domain-oracle routing is not a proven bound on the transformer: room is reported, no-room never used

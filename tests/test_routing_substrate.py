@@ -93,3 +93,15 @@ def test_cli_system_flag_is_checked():
     from sandbox.app.cli import main
 
     assert main(["sweep", "--system", "quantum"]) == 2
+
+
+def test_confirmation_keeps_only_children_that_win_twice(sub):
+    """--confirm: every child that won its search batch is either kept (accepted) or rejected on a
+    second batch (unconfirmed); a rejected child leaves the router as it was."""
+    base = dict(cell=CellConfig(**TINY, cell="B3"), evolution=evo.EvolutionConfig(population=6, interval=2))
+    plain = routing.run_arms(routing.RoutingArms(**base), sub, arms=("evo",))["evo"]
+    conf = routing.run_arms(routing.RoutingArms(**base, confirm=True), sub, arms=("evo",))["evo"]
+    assert plain["unconfirmed"] == 0
+    assert conf["generations"] == plain["generations"] == 6
+    assert conf["accepted"] + conf["unconfirmed"] <= conf["generations"]
+    assert conf["unconfirmed"] > 0 and conf["accepted"] < plain["accepted"]   # it acted: it rejected batch winners

@@ -28,7 +28,8 @@ def _legacy(purpose: Purpose, seed: int, *keys: int) -> torch.Generator:
     if purpose in codes:
         return stream(seed, codes[purpose])
     step_codes = {Purpose.CELL_BATCH: 1, Purpose.CELL_FITNESS: 2, Purpose.CELL_LIFECYCLE: 3, Purpose.CELL_INIT: 4,
-                  Purpose.CELL_PERTURB: 5, Purpose.SEARCH_BATCH: 11, Purpose.SEARCH_NOISE: 12}
+                  Purpose.CELL_PERTURB: 5, Purpose.SEARCH_BATCH: 11, Purpose.SEARCH_NOISE: 12,
+                  Purpose.SEARCH_CONFIRM: 13}   # new with the confirmation step (no legacy formula to match)
     return g.manual_seed((seed * 1_000_003 + keys[0] * 7_919 + step_codes[purpose] * 104_729 + 1) % MOD)
 
 

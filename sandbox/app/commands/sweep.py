@@ -68,6 +68,7 @@ def sweep(
     cache: str = typer.Option("runs/cache", "--cache", help="substrate: cache of corpus, pretrained base and specialists."),
     device: str = typer.Option("auto", "--device", help="substrate: auto, cpu or cuda."),
     search_windows: int = typer.Option(2, "--search-windows", help="substrate: fresh training windows per domain in one generation's search objective."),
+    confirm: bool = typer.Option(False, "--confirm/--no-confirm", help="substrate: keep an accepted child only if it also beats its parent on a second fresh batch."),
     enqueue_only: bool = typer.Option(False, "--enqueue-only", help="Define step for `sandbox worker`: queue every (point, seed) trial in --study on a PostgreSQL --storage and exit."),
 ) -> None:
     """Map the regime boundary: delta = log loss_grad - log loss_evo per seed (positive = evo better)."""
@@ -113,7 +114,8 @@ def sweep(
                                population=population, mutation_scale=mutation_scale, interval=interval,
                                reset_on_accept=reset_on_accept, preset=preset, batch=batch, data=data, cache=cache,
                                device=device, point_count_given=points_given, seeds_given=seeds_given,
-                               print_summary=_print_summary, enqueue_only=enqueue_only, search_windows=search_windows)
+                               print_summary=_print_summary, enqueue_only=enqueue_only, search_windows=search_windows,
+                               confirm=confirm)
     defaults = SandboxConfig()          # options shared with --system substrate default to None: the
     steps = defaults.steps if steps is None else steps                  # analytic value is declared once,
     lr = defaults.lr if lr is None else lr                              # in the dataclass

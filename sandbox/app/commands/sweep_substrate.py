@@ -20,7 +20,7 @@ PRESET_STEPS = {"tiny": 100, "small": 200, "widened-1536": 25_000}
 def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, out, storage, study, figures, steps, lr,
                     plasticity, router, evo, population, mutation_scale, interval, reset_on_accept, preset, batch, data,
                     cache, device, point_count_given, seeds_given, print_summary, enqueue_only=False,
-                    search_windows=2) -> None:
+                    search_windows=2, confirm=False) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -54,7 +54,7 @@ def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, 
     ecfg = EvolutionConfig(population=population, mutation_scale=mutation_scale, method=evo,
                            interval=interval if interval is not None else max(1, steps // 10))
     arms = RoutingArms(cell=cell, evolution=ecfg, plasticity=1.0 if plasticity is None else plasticity,
-                       reset_on_accept=reset_on_accept, search_windows=search_windows)
+                       reset_on_accept=reset_on_accept, search_windows=search_windows, confirm=confirm)
     cfg = SubstrateSweepConfig(arms=arms, alignment=alignment, points=points, axis=axis_name,
                                axis_range=(axis_rng.lo, axis_rng.hi) if axis_rng else None, axis_points=axis_points,
                                seeds=tuple(seeds), eps=eps, alpha=alpha, cache=cache)
@@ -72,7 +72,8 @@ def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, 
         check_collect(storage, study or DEFAULT_STUDY, jobs)   # workers still running: refuse, not compute
     err.print(f"substrate map: preset {preset}, {steps} steps, batch {batch}, router {router}, {len(cfg.grid_points())} "
               f"points x {len(seeds)} seeds, 4 arms, an event every {ecfg.interval} steps, --evo {evo}, "
-              f"plasticity {arms.plasticity}, on {dev} -> {run_dir}", highlight=False)
+              f"plasticity {arms.plasticity}{', confirmed acceptances' if confirm else ''}, on {dev} -> {run_dir}",
+              highlight=False)
     t0 = time.perf_counter()
     with Progress(TextColumn("[bold]substrate sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("seed-points"),
                   TimeElapsedColumn(), TextColumn("{task.description}"), console=err, transient=False) as bar:
