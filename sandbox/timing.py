@@ -10,17 +10,14 @@ the transformer, `sandbox.app.bench` for the sandbox and the runner that compose
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import gc
-import io
 import math
 import os
 import platform
 import statistics
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch

@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as Fn
 from torch import Tensor
 
 from sandbox.errors import require

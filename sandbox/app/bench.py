@@ -30,7 +30,6 @@ Sections (each returns plain dicts, so `--json` is just `json.dumps` of `run_ben
 from __future__ import annotations
 
 import contextlib
-import gc
 import io
 import math
 import os
@@ -42,7 +41,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from sandbox.timing import SECTIONS, DEFAULT_SECTIONS, BenchConfig, Timing, interleaved, machine_info, matmul_case  # noqa: F401
+from sandbox.timing import BenchConfig, interleaved, machine_info, matmul_case  # noqa: F401 (BenchConfig: re-exported)
 # ---------------------------------------------------------------------------------------------
 # 1. Sandbox loss: Gram form against dense form
 # ---------------------------------------------------------------------------------------------

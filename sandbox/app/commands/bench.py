@@ -27,7 +27,8 @@ def bench(
     import torch
     from rich.console import Console
 
-    from sandbox.app.bench import SECTIONS, BenchConfig, run_bench
+    from sandbox.app.bench import BenchConfig, run_bench
+    from sandbox.timing import SECTIONS
     from sandbox.errors import BadInput
     from sandbox.options import check_int
     from sandbox.results import atomic_write_json, to_jsonable
