@@ -74,6 +74,8 @@ class FusionSweepConfig:
             d.pop(k)
         d["base"].pop("seed")
         d["base"].pop("device")
+        if d["base"]["specialists"] == "lora":      # the default keeps the folder hash it had before the option
+            d["base"].pop("specialists")
         return d
 
 

@@ -142,3 +142,89 @@ def test_tiny_map_resumes_without_recomputing(tiny_substrate, tmp_path, monkeypa
     again = run_fusion_map(more, tmp_path / "run")
     assert again.computed == 0 and again.reused == 3 and not calls
     pd.testing.assert_frame_equal(first.table, again.table)
+
+
+# ---------------------------------------------------------------------------------------------
+# --specialists full: full fine-tuned copies and the output mixture
+# ---------------------------------------------------------------------------------------------
+
+
+def test_full_copies_refused_above_small():
+    from sandbox.errors import BadInput
+
+    with pytest.raises(BadInput, match=r"--specialists .*--preset widened-1536"):
+        FusionConfig(preset="widened-1536", specialists="full")
+    assert FusionConfig(preset="small", specialists="full").specialists == "full"
+    # the default leaves the trial identity (ledger key) and the folder key as they were
+    assert "specialists" not in FusionConfig().identity()
+    assert "specialists" not in FusionSweepConfig().folder_key()["base"]
+    assert FusionConfig(specialists="full").identity()["specialists"] == "full"
+
+
+def test_full_copies_refused_by_the_command(capsys):
+    from sandbox.app.cli import main
+
+    assert main(["fusion", "--specialists", "full", "--preset", "widened-1536"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--specialists" in err and "--preset widened-1536" in err and len(err.splitlines()) == 1
+
+
+def test_full_copy_differs_from_the_base_only_by_trained_weights(tiny_substrate):
+    from substrate.fusion import base_model, base_weights, train_full_copies
+
+    sub, _ = tiny_substrate
+    cfg = FusionConfig(specialists="full", eval_windows=4)
+    base = base_model(sub, cfg)
+    before = {n: w.clone() for n, w in base_weights(base).items()}
+    copies = train_full_copies(base, sub.corpus, steps=2, lr=1e-3, seed=0)
+    after = base_weights(base)
+    assert all(torch.equal(before[n], after[n]) for n in before)                 # the base is untouched
+    assert set(copies) == set(before)                                             # every base weight, nothing else
+    assert not any(".bank." in n for n in copies)
+    M = cfg.domains
+    for n, w in copies.items():
+        assert w.shape == (M, *before[n].shape)
+    moved = [n for n in before if not torch.equal(copies[n][0], before[n])]
+    assert moved and any("blocks" in n for n in moved)                            # trained weights changed
+    for m in range(1, M):                                                         # each copy is its own run
+        assert any(not torch.equal(copies[n][m], copies[n][0]) for n in copies)
+
+
+def test_mixture_one_hot_picks_the_copy_and_uniform_averages(tiny_substrate):
+    from substrate.fusion import base_model, base_weights, copy_logits, copy_logprobs, mixture_nll
+
+    sub, _ = tiny_substrate
+    cfg = FusionConfig(specialists="full")
+    model = base_model(sub, cfg)
+    g = torch.Generator().manual_seed(1)
+    M = cfg.domains
+    copies = {n: torch.stack([w + 0.05 * torch.randn(w.shape, generator=g) for _ in range(M)])
+              for n, w in base_weights(model).items()}
+    x = sub.corpus.split("heldout")[0][:3].long()
+    x, y = x[:, :-1], x[:, 1:]
+    with torch.no_grad():
+        logits = copy_logits(model, copies, x)
+        logp = copy_logprobs(model, copies, x, y)
+        from torch.func import functional_call
+        for k in range(M):                                                        # the batched pass = each copy alone
+            single = functional_call(model, {n: w[k] for n, w in copies.items()}, (x,))
+            assert torch.allclose(logits[k], single, atol=1e-5)
+            own = torch.nn.functional.cross_entropy(single.transpose(1, 2), y, reduction="none")
+            onehot = torch.nn.functional.one_hot(torch.tensor(k), M).float()[None, None].expand(3, 1, M)
+            assert torch.allclose(mixture_nll(logp, onehot), own, atol=1e-5)
+        p = torch.softmax(logits, -1).mean(0)                                     # uniform = average of the distributions
+        want = -torch.log(p.gather(-1, y[..., None])[..., 0])
+        assert torch.allclose(mixture_nll(logp, torch.full((3, y.shape[1], M), 1.0 / M)), want, atol=1e-5)
+
+
+def test_full_fusion_runs_every_method_on_a_tiny_case(tiny_substrate):
+    from substrate.fusion import run_fusion
+
+    sub, cache = tiny_substrate
+    cfg = FusionConfig(specialists="full", router_steps=2, eval_windows=2, specialist_steps=2, specialist_lr=1e-3)
+    res = run_fusion(cfg, sub, cache)
+    rows = {r["method"]: r for r in res["rows"]}
+    assert set(rows) == set(("best_specialist", "base", "uniform", "oracle", "B3", "R"))
+    L = res["losses"]
+    assert np.allclose(L["oracle"], np.diag(np.asarray(L["spec"])))
+    assert all(math.isfinite(r["gain"]) for r in rows.values())

@@ -35,8 +35,13 @@ def fusion(
     seeds: str = typer.Option("3", "--seeds", help="A count (3 -> 0..2) or a comma list (42,137,2026)."),
     router_steps: int = typer.Option(100, "--router-steps", help="Router-only training steps of each fused model."),
     router_lr: float = typer.Option(1e-2, "--router-lr", help="Peak Adam learning rate of the router."),
-    specialist_lr: float = typer.Option(1e-2, "--specialist-lr", help="Peak learning rate of the specialists."),
+    specialist_lr: Optional[float] = typer.Option(None, "--specialist-lr",
+                                                  help="Peak learning rate of the specialists (default 1e-2 for lora, "
+                                                       "1e-3 for full copies)."),
     batch: int = typer.Option(8, "--batch", help="Training windows per router step."),
+    specialists: str = typer.Option("lora", "--specialists",
+                                    help="lora (LoRA slots of one bank) or full (full fine-tuned copies, output mixture; "
+                                         "--preset tiny or small only)."),
     preset: str = typer.Option("tiny", "--preset", help="Shared base: tiny (CPU default), small or widened-1536."),
     alpha: float = typer.Option(0.05, "--alpha", help="1 - confidence level of the fit's intervals."),
     out: Optional[str] = typer.Option(None, "--out", help="Run folder (default runs/fusion-<config hash>; the same command resumes)."),
@@ -63,10 +68,16 @@ def fusion(
     check_int(router_steps, "--router-steps", 1, 1_000_000)
     check_int(batch, "--batch", 1, 100_000)
     check_float(router_lr, "--router-lr", 1e-9, 1.0)
+    if specialist_lr is None:
+        specialist_lr = 1e-3 if specialists == "full" else 1e-2
     check_float(specialist_lr, "--specialist-lr", 1e-9, 1.0)
     check_float(alpha, "--alpha", 1e-9, 0.999999)
     if preset not in ("tiny", "small", "widened-1536"):
         raise BadInput("--preset", preset, "tiny, small or widened-1536")
+    if specialists not in ("lora", "full"):
+        raise BadInput("--specialists", specialists, "lora or full")
+    if specialists == "full" and preset not in ("tiny", "small"):
+        raise BadInput("--specialists", specialists, f"lora with --preset {preset} (full copies only with --preset tiny or small)")
     dev = resolve_device(device)
     if dev == "cpu" and preset == "widened-1536" and not yes:
         raise BadInput("--preset", preset, "tiny or small on a CPU (widened-1536 would take CPU-days; --yes runs it anyway)")
@@ -78,12 +89,12 @@ def fusion(
     from sweeps.fusion import PUBLISHED, FusionSweepConfig, run_fusion_map
 
     base = FusionConfig(preset=preset, specialist_lr=float(specialist_lr), router_steps=router_steps,
-                        router_lr=float(router_lr), batch=batch, device=dev)
+                        router_lr=float(router_lr), batch=batch, device=dev, specialists=specialists)
     cfg = FusionSweepConfig(base=base, specialist_steps=steps, seeds=tuple(seed_list), alpha=float(alpha), cache=cache)
     run_dir = Path(out) if out else default_out("fusion", cfg.folder_key())
     err = Console(stderr=True)
     console = Console() if Console().is_terminal else Console(width=160)
-    err.print(f"fusion map: preset {preset}, specialist steps {','.join(map(str, steps))} x {len(seed_list)} seeds, "
+    err.print(f"fusion map: preset {preset}, {specialists} specialists, specialist steps {','.join(map(str, steps))} x {len(seed_list)} seeds, "
               f"routers B3 and R for {router_steps} steps, on {dev} -> {run_dir}", highlight=False)
     t0 = time.perf_counter()
     with Progress(TextColumn("[bold]fusion"), BarColumn(), MofNCompleteColumn(), TextColumn("point-seeds"),
