@@ -222,11 +222,12 @@ def _const_gates(x: Tensor, g: Tensor) -> Tensor:
     return g.to(x.device)[None, None, :].expand(x.shape[0], 1, g.shape[0])       # (B, 1, K)
 
 
-def train_router(model: GPT, sub: Substrate, cfg: FusionConfig, router: str) -> tuple[Router, list[float]]:
-    """Router-only training on the fused bank for ``router_steps`` steps; returns the router and the losses."""
+def _fit_router(model: GPT, sub: Substrate, cfg: FusionConfig, router: str, loss_fn) -> tuple[Router, list[float]]:
+    """Router-only training for ``router_steps`` steps: a fresh router of the cell's kind (the
+    cell's init stream), the cell's batches, warm-up + cosine, clip 1; ``loss_fn(x, y, gates)``
+    is the fused loss. Returns the router and the per-step losses."""
     cell = cfg.cell(router)
-    g = generator(Purpose.CELL_INIT, cfg.seed, 0)
-    rt = Router(cell.router_config(model.cfg.d_model), generator=g).to(cfg.device)
+    rt = Router(cell.router_config(model.cfg.d_model), generator=generator(Purpose.CELL_INIT, cfg.seed, 0)).to(cfg.device)
     opt = torch.optim.Adam(rt.parameters(), lr=cfg.router_lr)
     tcfg = TrainConfig(steps=cfg.router_steps, lr=cfg.router_lr, warmup=max(1, cfg.router_steps // 10))
     losses = []
@@ -236,14 +237,21 @@ def train_router(model: GPT, sub: Substrate, cfg: FusionConfig, router: str) -> 
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tcfg)
         feats = routing_features(model, x, cell.features, cell.pooling)
-        with autocast(cfg.device):
-            _, loss = model(x, rt(feats, step), y)
+        loss = loss_fn(x, y, rt(feats, step))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(rt.parameters()), 1.0)
         opt.step()
         losses.append(float(loss.detach()))
     return rt, losses
+
+
+def train_router(model: GPT, sub: Substrate, cfg: FusionConfig, router: str) -> tuple[Router, list[float]]:
+    """Router-only training on the fused bank (`_fit_router`); returns the router and the losses."""
+    def loss_fn(x, y, gates):
+        with autocast(cfg.device):
+            return model(x, gates, y)[1]
+    return _fit_router(model, sub, cfg, router, loss_fn)
 
 
 def held_out(model: GPT, sub: Substrate, cfg: FusionConfig, gates_fn) -> np.ndarray:
@@ -397,28 +405,13 @@ def full_copies_for(sub: Substrate, cfg: FusionConfig, cache_dir: str | Path | N
 
 def train_mixture_router(model: GPT, copies: dict[str, Tensor], sub: Substrate, cfg: FusionConfig,
                          router: str) -> tuple[Router, list[float]]:
-    """Router-only training over the frozen copies' output mixture for ``router_steps`` steps (as
-    `train_router`: same start, batches, schedule and clipping); returns the router and the losses."""
-    cell = cfg.cell(router)
-    rt = Router(cell.router_config(model.cfg.d_model), generator=generator(Purpose.CELL_INIT, cfg.seed, 0)).to(cfg.device)
-    opt = torch.optim.Adam(rt.parameters(), lr=cfg.router_lr)
-    tcfg = TrainConfig(steps=cfg.router_steps, lr=cfg.router_lr, warmup=max(1, cfg.router_steps // 10))
-    losses = []
-    for step in range(cfg.router_steps):
-        x, y, _ = sample_batch(sub.corpus, "train", cfg.batch, generator(Purpose.CELL_BATCH, cfg.seed, step))
-        x, y = x.to(cfg.device), y.to(cfg.device)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, tcfg)
-        feats = routing_features(model, x, cell.features, cell.pooling)
+    """Router-only training over the frozen copies' output mixture (`_fit_router`: the same start,
+    batches, schedule and clipping as `train_router`); returns the router and the losses."""
+    def loss_fn(x, y, gates):
         with torch.no_grad(), autocast(cfg.device):
             logp = copy_logprobs(model, copies, x, y)                           # frozen copies
-        loss = mixture_nll(logp, normalise_gates(rt(feats, step), router)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(rt.parameters()), 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
-    return rt, losses
+        return mixture_nll(logp, normalise_gates(gates, router)).mean()
+    return _fit_router(model, sub, cfg, router, loss_fn)
 
 
 @torch.no_grad()
