@@ -469,8 +469,12 @@ def solve(task: Task, spec: TaskSpec, cfg: SandboxConfig, arm: str, state: State
     return res
 
 
-def solve_rows(rows: Rows, arm: str, state: State | None = None) -> ArmResult:
-    """Run one arm for every row of `rows` (stacked grid points x seeds) at once."""
+def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: bool = False) -> ArmResult:
+    """Run one arm for every row of `rows` (stacked grid points x seeds) at once.
+
+    ``with_ceiling`` (grad arm only) also returns, as ``result.ceiling``, the ``oracle`` arm in
+    ceiling mode: it follows the grad trajectory exactly, so it is the best gates for this run's
+    final adapters, without running the same steps twice."""
     require(arm in ARMS, "arm", arm, "one of " + ", ".join(ARMS))
     task, spec, cfg = rows.task, rows.spec, rows.cfg
     rcfg = router_config(spec, cfg)
@@ -549,14 +553,29 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None) -> ArmResult:
             dom = _table_losses(table, A, B, task, scale, floor)                             # (S, M)
         else:
             dom = domain_losses(rcfg, params, A, B, task, eval_feats, steps, scale, floor)     # (S, M)
+    ceiling_dom = None
+    if with_ceiling and arm == "grad":
+        with torch.no_grad():
+            ceiling_dom = _table_losses(_oracle_table(rcfg, tensors, st, task, scale, None), A, B, task, scale, floor)
+    final, div, dstep, live = _finish(dom, alive, div_step, steps)
+    res = ArmResult(arm, final, dom, initial, evals, steps, div, dstep, curve, generations=n_events,
+                    accepted=search.accepted.clone() if search else None,
+                    step_size=search.sigma.clone() if search else None, events=events)
+    if ceiling_dom is not None:
+        cfinal, cdiv, cstep, _ = _finish(ceiling_dom, alive, div_step, steps)
+        res.ceiling = ArmResult("oracle", cfinal, ceiling_dom, initial, evals, steps, cdiv, cstep, curve.clone())
+    return res
+
+
+def _finish(dom: Tensor, alive: Tensor, div_step: Tensor, steps: int):
+    """Final balanced loss ``(S,)`` (NaN for diverged rows), diverged flags, their steps, alive."""
     final = dom.mean(-1)
     bad = ~torch.isfinite(final) & alive
+    div_step = div_step.clone()
     div_step[bad] = steps
-    alive &= ~bad
+    alive = alive & ~bad
     final = torch.where(alive, final, torch.full_like(final, float("nan")))
-    return ArmResult(arm, final, dom, initial, evals, steps, ~alive, div_step, curve, generations=n_events,
-                     accepted=search.accepted.clone() if search else None,
-                     step_size=search.sigma.clone() if search else None, events=events)
+    return final, ~alive, div_step, alive
 
 
 def _table_losses(table: Tensor, A: Tensor, B: Tensor, task: Task, scale: float | Tensor,
@@ -683,11 +702,17 @@ def run_points(points: Sequence[tuple[TaskSpec, SandboxConfig, Sequence[int]]], 
                 rows = stack_rows([points[j] for j in chunk])
                 state = initial_rows_state(rows)
                 per_arm = {}
+                shared = "grad" in arms and "oracle" in arms and rows.cfg.oracle == "ceiling"
                 for arm in arms:
+                    if shared and arm == "oracle":
+                        continue                  # taken from the grad arm's run below
                     t0 = time.perf_counter()
-                    res = solve_rows(rows, arm, state)
+                    res = solve_rows(rows, arm, state, with_ceiling=shared and arm == "grad")
                     res.wall_s = time.perf_counter() - t0
                     per_arm[arm] = split_result(res, rows)
+                    if shared and arm == "grad":
+                        res.ceiling.wall_s = 0.0        # its cost is inside the grad arm's
+                        per_arm["oracle"] = split_result(res.ceiling, rows)
                 for k, j in enumerate(chunk):
                     out[j] = {arm: per_arm[arm][k] for arm in arms}
                 if on_chunk is not None:

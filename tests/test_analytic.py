@@ -349,3 +349,16 @@ def test_noisy_points_stack_and_shape_changing_points_form_groups():
     calls.clear()
     an.run_points(noisy, chunk_rows=2, on_chunk=lambda idx, res: calls.append(idx))
     assert calls == [[0], [1]]
+
+
+@pytest.mark.parametrize("budget", ["steps", "evals"])
+def test_ceiling_taken_from_the_grad_run_equals_the_oracle_arm_run_alone(budget):
+    """run_points reads the ceiling off the grad arm's final adapters instead of repeating its steps;
+    that is the oracle arm solved on its own, bit for bit."""
+    cfg = an.SandboxConfig(**FAST, budget=budget)
+    res = an.run_arms(SPEC, cfg, [4, 5])
+    task = make_task(SPEC, [4, 5])
+    alone = an.solve(task, SPEC, cfg, "oracle", an.initial_state(task, SPEC, cfg))
+    for name in ("final_loss", "domain_loss", "initial_loss", "curve", "diverged_step"):
+        torch.testing.assert_close(getattr(res["oracle"], name), getattr(alone, name), rtol=0, atol=0)
+    assert res["oracle"].loss_evals == alone.loss_evals and res["oracle"].grad_steps == alone.grad_steps
