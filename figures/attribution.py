@@ -3,7 +3,7 @@
 Rows of attribution.csv: ``contrast, kind, reference, treated, n, mean_delta, se, ci_low, ci_high,
 t, df, p, d_z`` with ``kind`` = ``named`` (one paired contrast between two cells) or ``chain_sum``
 (the one-factor steps router + scope + lifecycle summed per seed) or ``interaction`` (with all eight
-cells: a difference of one-factor gains, `sandbox.cells.INTERACTIONS`, drawn after the named
+cells: a difference of one-factor gains, `sandbox.factors.INTERACTIONS`, drawn after the named
 contrasts and before ``full``). For every row
 ``delta = log PPL(reference) - log PPL(treated)``, so a positive delta means the treated cell is
 better. A ``chain_gap`` row (chain_sum - full, as `sandbox.stats.attribution` writes it) is not

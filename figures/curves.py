@@ -79,7 +79,7 @@ def plot(df: pd.DataFrame, title: str | None = None) -> Figure:
 
 def collect_cells(cells: pd.DataFrame, value: str = "balanced_log_ppl") -> pd.DataFrame:
     """``cell, seed, value, diverged`` in design order (B3 first, then by number of factors)."""
-    from sandbox.cells import parse_cell
+    from sandbox.factors import parse_cell
 
     df = cells.copy()
     if "diverged" not in df:

@@ -56,11 +56,11 @@ from torch import Tensor
 from sandbox import evolution as evo
 from sandbox import lifecycle as lc
 from sandbox import oracle as orc
-from sandbox.adapters import slot_gram
+from sandbox.adapters import product_inner, slot_gram
 from sandbox.errors import require
 from sandbox.router import RouterConfig, init_router_params, params_to_vector, router_gates, vector_to_params
 from sandbox.streams import Purpose, generator
-from sandbox.tasks import Task, TaskSpec, initial_adapters, lowrank_inner, make_task, noisy_contexts
+from sandbox.tasks import Task, TaskSpec, initial_adapters, make_task, noisy_contexts
 
 DTYPE = torch.float64
 BUDGETS = ("steps", "evals")
@@ -71,7 +71,7 @@ LOSS_FLOOR = 1e-12  # clamp before log: exact-fit losses cancel to ~1e-16 in flo
 
 
 @dataclass(frozen=True)
-class SandboxConfig:
+class AnalyticConfig:
     """Solver knobs. Field names are CLI flags (``mutation_scale`` is ``--mutation-scale``)."""
 
     steps: int = 150
@@ -176,7 +176,7 @@ def _pos(x: object) -> bool:
     return _num(x) and x > 0
 
 
-def router_config(spec: TaskSpec, cfg: SandboxConfig) -> RouterConfig:
+def router_config(spec: TaskSpec, cfg: AnalyticConfig) -> RouterConfig:
     """The shared router for this sandbox: F = context_dim, K = slots, anneal over `steps`."""
     return RouterConfig(kind=cfg.router, n_features=spec.context_dim, n_slots=spec.slots, anneal_steps=cfg.steps)
 
@@ -206,7 +206,7 @@ def gram_terms(A: Tensor, B: Tensor, U: Tensor, V: Tensor, scale: float | Tensor
     VAt = torch.einsum("...mjd,...kid->...mkij", V, A)                 # (*b, M, K, r, r*)  (= (V A^T)^T)
     c = (BtU * VAt).sum((-1, -2))                                      # (*b, M, K)
     c = _per_row(scale, c) * c
-    e = lowrank_inner(U, V, U, V)                                      # (*b, M)
+    e = product_inner(V, U, V, U)                                      # (*b, M)
     return G, c, e
 
 
@@ -270,7 +270,7 @@ class State:
         return State({k: v.clone() for k, v in self.params.items()}, self.A.clone(), self.B.clone())
 
 
-def initial_state(task: Task, spec: TaskSpec, cfg: SandboxConfig) -> State:
+def initial_state(task: Task, spec: TaskSpec, cfg: AnalyticConfig) -> State:
     """The shared starting point of both arms: pre-aligned bank and a fresh router, per seed."""
     scale = cfg.scale(spec)
     A, B = initial_adapters(task, spec, scale=scale)
@@ -310,7 +310,7 @@ class ArmResult:
         return [sum(1 for ev in self.events if ev["seed"] == s) for s in seeds]
 
 
-def evo_evaluations(spec: TaskSpec, cfg: SandboxConfig) -> int:
+def evo_evaluations(spec: TaskSpec, cfg: AnalyticConfig) -> int:
     """Loss evaluations per seed of the evo arm: T + n_gen P (+ n_life (K + 1) with the lifecycle,
     which skips an event at the very last step)."""
     n_gen = cfg.steps // cfg.interval
@@ -373,7 +373,7 @@ ROW_TASK_FIELDS = ("alignment", "overlap", "context_noise")
 ROW_SOLVER_FIELDS = ("lr", "plasticity", "mutation_scale", "loss_floor", "lora_alpha")
 
 
-def group_key(spec: TaskSpec, cfg: SandboxConfig) -> tuple[TaskSpec, SandboxConfig]:
+def group_key(spec: TaskSpec, cfg: AnalyticConfig) -> tuple[TaskSpec, AnalyticConfig]:
     """Points with equal keys share every tensor shape and schedule, so their rows can be stacked:
     the key is the point with its per-row knobs blanked, keeping whether routing noise is on (it
     sets the number of draws) and whether the adapters train (it sets the optimised tensors)."""
@@ -389,7 +389,7 @@ class Rows:
     leading batch dim in point order; per-row knobs are tensors ``(S,)``."""
 
     task: Task
-    parts: list                 # [(TaskSpec, SandboxConfig)] per point, in row order
+    parts: list                 # [(TaskSpec, AnalyticConfig)] per point, in row order
     sizes: list                 # rows per point
     scale: Tensor               # (S,) bank scale lora_alpha / rank
     floor: Tensor               # (S,) loss floor
@@ -402,7 +402,7 @@ class Rows:
         return self.parts[0][0]
 
     @property
-    def cfg(self) -> SandboxConfig:
+    def cfg(self) -> AnalyticConfig:
         return self.parts[0][1]
 
     @property
@@ -420,7 +420,7 @@ class Rows:
                     seeds=t.seeds[lo:hi])
 
 
-def stack_rows(points: Sequence[tuple[TaskSpec, SandboxConfig, Sequence[int]]],
+def stack_rows(points: Sequence[tuple[TaskSpec, AnalyticConfig, Sequence[int]]],
                tasks: Sequence[Task] | None = None) -> Rows:
     """Stack points ``(spec, cfg, seeds)`` of one `group_key` into `Rows` (tasks drawn unless given)."""
     keys = {group_key(spec, cfg) for spec, cfg, _ in points}
@@ -460,7 +460,7 @@ def split_result(res: ArmResult, rows: Rows) -> list[ArmResult]:
     return out
 
 
-def solve(task: Task, spec: TaskSpec, cfg: SandboxConfig, arm: str, state: State | None = None) -> ArmResult:
+def solve(task: Task, spec: TaskSpec, cfg: AnalyticConfig, arm: str, state: State | None = None) -> ArmResult:
     """Run one arm for every seed of `task` at once (one grid point); see the module docstring."""
     rows = stack_rows([(spec, cfg, task.seeds)], tasks=[task])
     res = solve_rows(rows, arm, state)
@@ -621,7 +621,7 @@ def lifecycle_generator(seed: int, step: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def _lifecycle(task: Task, rcfg: RouterConfig, cfg: SandboxConfig, tensors: dict[str, Tensor], st: State,
+def _lifecycle(task: Task, rcfg: RouterConfig, cfg: AnalyticConfig, tensors: dict[str, Tensor], st: State,
                pop: lc.Population, feats: Tensor, step: int, scale: float | Tensor, floor: float | Tensor,
                opt: _Adam) -> tuple[lc.Population, list]:
     """One lifecycle event on the bank (in place on `tensors`), with leave-one-out fitness in Gram form.
@@ -669,7 +669,7 @@ def _lifecycle(task: Task, rcfg: RouterConfig, cfg: SandboxConfig, tensors: dict
     return pop, events
 
 
-def run_arms(spec: TaskSpec, cfg: SandboxConfig, seeds: Sequence[int], arms: Sequence[str] = ARMS) -> dict[str, ArmResult]:
+def run_arms(spec: TaskSpec, cfg: AnalyticConfig, seeds: Sequence[int], arms: Sequence[str] = ARMS) -> dict[str, ArmResult]:
     """The arms for every seed from one task and one shared initial state (common random numbers)."""
     return run_points([(spec, cfg, seeds)], arms)[0]
 
@@ -678,7 +678,7 @@ def run_arms(spec: TaskSpec, cfg: SandboxConfig, seeds: Sequence[int], arms: Seq
 CHUNK_ROWS = 512
 
 
-def run_points(points: Sequence[tuple[TaskSpec, SandboxConfig, Sequence[int]]], arms: Sequence[str] = ARMS,
+def run_points(points: Sequence[tuple[TaskSpec, AnalyticConfig, Sequence[int]]], arms: Sequence[str] = ARMS,
                chunk_rows: int = CHUNK_ROWS, on_chunk=None) -> list[dict[str, ArmResult]]:
     """Every arm for many grid points ``(spec, cfg, seeds)``: points of one `group_key` are stacked
     on the batch dim (in chunks of at most `chunk_rows` rows; a larger point runs alone), so the

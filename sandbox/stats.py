@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from scipy import special, stats
 
-from sandbox.cells import CHAIN, CONTRASTS, Cell, contrasts_for, interactions_for, parse_cell
+from sandbox.factors import CHAIN, CONTRASTS, Cell, contrasts_for, interactions_for, parse_cell
 from sandbox.errors import BadInput, require
 
 #: Default equivalence margin (nats): +-0.01 in a log quantity is a 1% ratio of losses / PPLs.
@@ -590,14 +590,14 @@ def attribution(table: pd.DataFrame, value: str = "balanced_log_ppl", eps: float
         table: one row per (cell, seed) with columns ``cell_col, seed, value`` (and optionally
             ``diverged``); cell names in any accepted spelling (``L+R``, ``full``, ``B3``).
     Rows (columns ``ATTRIBUTION_COLUMNS``):
-    - ``kind = named``: every contrast of ``sandbox.cells.CONTRASTS`` whose two cells are present,
+    - ``kind = named``: every contrast of ``sandbox.factors.CONTRASTS`` whose two cells are present,
       ``delta_s = value_s(reference) - value_s(treated)`` paired by seed (positive = treated better).
     - ``kind = chain_sum``: per seed, the sum of the ``CHAIN`` step deltas (router + scope +
       lifecycle, B3 -> R -> R+E -> R+E+L), over seeds finite in all four cells.
     - ``kind = chain_gap``: ``chain_sum.mean_delta - full.mean_delta``. The chain telescopes, so
       on identical seed sets the gap is 0 up to rounding; a non-zero gap means different seeds
       (missing or diverged runs) entered the chain and the direct contrast.
-    - ``kind = interaction`` (only with all eight cells): ``sandbox.cells.INTERACTIONS``, per seed
+    - ``kind = interaction`` (only with all eight cells): ``sandbox.factors.INTERACTIONS``, per seed
       ``sum_c w_c value_s(c)`` over the seeds finite in all eight cells (reference/treated empty).
     Tested rows (``named``, ``interaction``) get ``p_holm`` (Holm over those rows), ``regime`` and
     ``reason`` (`classify`) and ``seeds_needed`` for EVERY such row, classified or not: the total

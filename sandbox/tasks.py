@@ -32,6 +32,7 @@ from typing import Sequence
 
 import torch
 
+from sandbox.adapters import product_inner, product_norm
 from sandbox.errors import require
 from sandbox.streams import Purpose, generator
 
@@ -186,16 +187,6 @@ def initial_adapters(task: Task, spec: TaskSpec, seeds: Sequence[int] | None = N
     return A, B
 
 
-def lowrank_inner(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> torch.Tensor:
-    """Frobenius inner product ``<B1 A1, B2 A2> = tr((B1^T B2)(A2 A1^T))`` without d x d matrices.
-
-    B1 ``(*b, d, r1)``, A1 ``(*b, r1, d)``, B2 ``(*b, d, r2)``, A2 ``(*b, r2, d)`` -> ``(*b,)``.
-    """
-    left = B1.transpose(-1, -2) @ B2        # (*b, r1, r2)
-    right = A2 @ A1.transpose(-1, -2)       # (*b, r2, r1)
-    return (left * right.transpose(-1, -2)).sum((-1, -2))
-
-
 def alignment_cosine(task: Task, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """Cosine between each domain's assigned adapter ``B_k A_k`` and ``D_m``: ``(S, M)``.
 
@@ -205,16 +196,16 @@ def alignment_cosine(task: Task, A: torch.Tensor, B: torch.Tensor) -> torch.Tens
     idx = task.assignment
     A_sel = A.gather(1, idx[:, :, None, None].expand(-1, -1, *A.shape[-2:]))   # (S, M, r, d)
     B_sel = B.gather(1, idx[:, :, None, None].expand(-1, -1, *B.shape[-2:]))   # (S, M, d, r)
-    inner = lowrank_inner(B_sel, A_sel, task.U, task.V)
-    norm_w = lowrank_inner(B_sel, A_sel, B_sel, A_sel).clamp_min(0).sqrt()
-    norm_d = lowrank_inner(task.U, task.V, task.U, task.V).clamp_min(0).sqrt()
+    inner = product_inner(A_sel, B_sel, task.V, task.U)
+    norm_w = product_norm(A_sel, B_sel)
+    norm_d = product_norm(task.V, task.U)
     return inner / (norm_w * norm_d)
 
 
 def domain_cosines(task: Task) -> torch.Tensor:
     """Cosines between the domains' true updates: ``(S, M, M)`` (diagonal 1)."""
     U, V = task.U, task.V
-    G = lowrank_inner(U[:, :, None], V[:, :, None], U[:, None], V[:, None])   # (S, M, M)
+    G = product_inner(V[:, :, None], U[:, :, None], V[:, None], U[:, None])   # (S, M, M)
     n = torch.diagonal(G, dim1=-2, dim2=-1).clamp_min(0).sqrt()               # (S, M)
     return G / (n[:, :, None] * n[:, None, :])
 

@@ -1,6 +1,6 @@
 """One factorial cell on the transformer substrate: config, adaptation loop, checkpoints, metrics.
 
-A cell is a set of factors (`sandbox.cells`): R, E, L. Every cell runs the same loop on the same
+A cell is a set of factors (`sandbox.factors`): R, E, L. Every cell runs the same loop on the same
 frozen, pretrained base with the same starting bank for a seed (common random numbers, so cells
 pair by seed); the letters only switch what the loop does:
 
@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from sandbox.adapters import AdapterBank
-from sandbox.cells import Cell, parse_cell
+from sandbox.factors import Cell, parse_cell
 from sandbox.errors import BadInput, require
 from sandbox.lifecycle import (LifecycleConfig, Population, event_rows, fitness, lifecycle_step, loo_gates,
                                reset_adam_state, reset_mask)

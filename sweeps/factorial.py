@@ -34,7 +34,7 @@ from typing import Callable
 
 import pandas as pd
 
-from sandbox.cells import DEFAULT_CELLS, parse_cell
+from sandbox.factors import DEFAULT_CELLS, parse_cell
 from sandbox.errors import BadInput, require
 from sandbox.options import DEFAULT_SEEDS
 from sandbox.results import RunDir, atomic_write_csv, claim_run_dir, config_hash, to_jsonable
@@ -292,7 +292,7 @@ def contrast_table(att: pd.DataFrame) -> pd.DataFrame:
 def scope_under_lifecycle(cells: pd.DataFrame, eps: float = 0.01, alpha: float = 0.05):
     """Paired R+E+L vs R+L (the scope factor where it can act: through the lifecycle's deaths).
 
-    Not one of the named contrasts (`sandbox.cells.CONTRASTS`): without L, E changes nothing but the
+    Not one of the named contrasts (`sandbox.factors.CONTRASTS`): without L, E changes nothing but the
     logged fitness, so ``scope`` (R+E vs R) is zero by construction here; this contrast is the one
     that can show a scope effect. Returns a `sandbox.stats.Paired` or None if a cell is missing.
     """

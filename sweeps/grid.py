@@ -1,7 +1,7 @@
 """Regime sweeps of the analytic sandbox over alignment and at most one more axis.
 
 A sweep point fixes the alignment and, optionally, one more knob (an *axis*); the rest of the
-configuration is the base `TaskSpec` and `SandboxConfig`. For every point the missing seeds are
+configuration is the base `TaskSpec` and `AnalyticConfig`. For every point the missing seeds are
 computed as one batch (`sandbox.analytic.run_arms`, vectorised over seeds and population) and
 stored as trials in the ledger (`sweeps.ledger`), so re-running the same command resumes.
 
@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from sandbox.analytic import SandboxConfig
+from sandbox.analytic import AnalyticConfig
 from sandbox.errors import require
 from sandbox.options import Range
 from sandbox.results import config_hash
@@ -57,7 +57,7 @@ class SweepConfig:
     """A sweep: base configuration, the grid, the seeds and the statistics settings."""
 
     task: TaskSpec = field(default_factory=TaskSpec)
-    solver: SandboxConfig = field(default_factory=SandboxConfig)
+    solver: AnalyticConfig = field(default_factory=AnalyticConfig)
     alignment: tuple[float, float] = (0.0, 1.0)
     """Alignment range (lo, hi); lo == hi is a single value."""
     points: int = 11
@@ -139,7 +139,7 @@ def _num(axis: str, v: float) -> float | int:
     return int(round(v)) if AXES[axis][2] else float(v)
 
 
-def point_config(cfg: SweepConfig, values: dict[str, float]) -> tuple[TaskSpec, SandboxConfig]:
+def point_config(cfg: SweepConfig, values: dict[str, float]) -> tuple[TaskSpec, AnalyticConfig]:
     """The task spec and solver config of one point (the base with the axis values filled in)."""
     task_fields = {f.name for f in dataclasses.fields(TaskSpec)}
     t = {k: v for k, v in values.items() if k in task_fields}
@@ -147,15 +147,15 @@ def point_config(cfg: SweepConfig, values: dict[str, float]) -> tuple[TaskSpec, 
     return dataclasses.replace(cfg.task, **t), dataclasses.replace(cfg.solver, **s)
 
 
-def point_key(spec: TaskSpec, solver: SandboxConfig) -> str:
+def point_key(spec: TaskSpec, solver: AnalyticConfig) -> str:
     """Hash of a point's full configuration (the ledger's point identity)."""
     return config_hash({"task": spec, "solver": solver}, n=16)
 
 
-Evaluate = Callable[[TaskSpec, SandboxConfig, Sequence[int]], list[tuple[int, list[dict], float]]]
+Evaluate = Callable[[TaskSpec, AnalyticConfig, Sequence[int]], list[tuple[int, list[dict], float]]]
 
 
-def evaluate_point(spec: TaskSpec, solver: SandboxConfig, seeds: Sequence[int]) -> list[tuple[int, list[dict], float]]:
+def evaluate_point(spec: TaskSpec, solver: AnalyticConfig, seeds: Sequence[int]) -> list[tuple[int, list[dict], float]]:
     """Run every arm for `seeds` as one batch: ``[(seed, rows of the arms, delta), ...]``."""
     from sandbox.analytic import run_arms
 

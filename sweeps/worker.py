@@ -10,7 +10,7 @@ The plan:
 
 - A planned trial carries the user attribute ``job`` (`Job.payload`): ``{"system": NAME, ...}``,
   everything a worker needs to rebuild the trial's configuration (for the analytic sandbox the
-  point's full `TaskSpec` and `SandboxConfig` and the seed; for the factorial the trial's
+  point's full `TaskSpec` and `AnalyticConfig` and the seed; for the factorial the trial's
   `CellConfig`, the run folder and the cache). `SYSTEMS` maps a system name to the function that
   runs such a payload; a new system (e.g. substrate sweeps) plugs in by adding one entry. It also
   carries ``key`` and the attributes the collecting code reads (sweeps: ``point_key``, ``seed``,
@@ -278,11 +278,11 @@ class WorkerContext:
 def run_analytic(job: dict, ctx: WorkerContext) -> Outcome:
     """One (point, seed) of an analytic sweep; refuses a payload whose configuration hashes
     differently here (a worker running another version of the code than the definer)."""
-    from sandbox.analytic import SandboxConfig
+    from sandbox.analytic import AnalyticConfig
     from sandbox.tasks import TaskSpec
     from sweeps.grid import evaluate_point, point_key
 
-    spec, solver = TaskSpec(**job["task"]), SandboxConfig(**job["solver"])
+    spec, solver = TaskSpec(**job["task"]), AnalyticConfig(**job["solver"])
     if point_key(spec, solver) != job["point_key"]:
         raise RuntimeError("the point's configuration hashes differently on this worker (another version of "
                            "the code than the define step's); run the same version everywhere")

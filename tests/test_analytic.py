@@ -91,7 +91,7 @@ def test_gram_gradient_matches_dense(gen):
 
 
 def test_domain_losses_match_router_and_dense():
-    cfg = an.SandboxConfig(**FAST, loss_floor=0.0)
+    cfg = an.AnalyticConfig(**FAST, loss_floor=0.0)
     task = make_task(SPEC, [4, 9])
     st = an.initial_state(task, SPEC, cfg)
     rcfg = an.router_config(SPEC, cfg)
@@ -104,11 +104,11 @@ def test_domain_losses_match_router_and_dense():
 
 
 def test_both_arms_share_task_and_initial_weights():
-    cfg = an.SandboxConfig(**FAST)
+    cfg = an.AnalyticConfig(**FAST)
     res = an.run_arms(SPEC, cfg, [10, 11, 12])
     torch.testing.assert_close(res["grad"].initial_loss, res["evo"].initial_loss, rtol=0, atol=0)
     # with no generation inside the budget the evo arm IS the grad arm, bit for bit
-    quiet = an.SandboxConfig(steps=30, interval=31, population=6)
+    quiet = an.AnalyticConfig(steps=30, interval=31, population=6)
     r2 = an.run_arms(SPEC, quiet, [10, 11, 12])
     torch.testing.assert_close(r2["grad"].final_loss, r2["evo"].final_loss, rtol=0, atol=0)
     assert r2["evo"].loss_evals == r2["grad"].loss_evals == 30
@@ -124,7 +124,7 @@ def test_both_arms_share_task_and_initial_weights():
 def test_batched_seeds_match_one_seed_at_a_time(kw):
     spec_kw = {k: v for k, v in kw.items() if k == "context_noise"}
     spec = TaskSpec(**{**SPEC.__dict__, **spec_kw})
-    cfg = an.SandboxConfig(**FAST, **{k: v for k, v in kw.items() if k not in spec_kw}, draws=3, eval_draws=5)
+    cfg = an.AnalyticConfig(**FAST, **{k: v for k, v in kw.items() if k not in spec_kw}, draws=3, eval_draws=5)
     seeds = [3, 1, 4]
     both = an.run_arms(spec, cfg, seeds)
     for i, s in enumerate(seeds):
@@ -134,7 +134,7 @@ def test_batched_seeds_match_one_seed_at_a_time(kw):
 
 
 def test_generation_never_worsens_search_objective():
-    cfg = an.SandboxConfig(**FAST, plasticity=0.0)
+    cfg = an.AnalyticConfig(**FAST, plasticity=0.0)
     task = make_task(SPEC, [1, 2, 3, 4])
     st = an.initial_state(task, SPEC, cfg)
     rcfg = an.router_config(SPEC, cfg)
@@ -152,7 +152,7 @@ def test_generation_never_worsens_search_objective():
 
 
 def test_divergence_is_recorded_not_raised():
-    cfg = an.SandboxConfig(**FAST)
+    cfg = an.AnalyticConfig(**FAST)
     task = make_task(SPEC, [1, 2])
     st = an.initial_state(task, SPEC, cfg)
     st.params["W"][1, 0, 0] = float("nan")
@@ -166,7 +166,7 @@ def test_divergence_is_recorded_not_raised():
 
 
 def test_evals_budget_matches_counts():
-    cfg = an.SandboxConfig(**FAST, budget="evals")
+    cfg = an.AnalyticConfig(**FAST, budget="evals")
     res = an.run_arms(SPEC, cfg, [1])
     n = an.evo_evaluations(SPEC, cfg)
     assert n == 30 + 3 * 6
@@ -175,7 +175,7 @@ def test_evals_budget_matches_counts():
 
 
 def test_lifecycle_runs_and_counts():
-    cfg = an.SandboxConfig(**FAST, lifecycle=True)
+    cfg = an.AnalyticConfig(**FAST, lifecycle=True)
     res = an.run_arms(SPEC, cfg, [1, 2])
     evo = res["evo"]
     assert evo.loss_evals == an.evo_evaluations(SPEC, cfg) == 30 + 3 * 6 + 2 * (5 + 1)
@@ -191,7 +191,7 @@ def test_lifecycle_seed_is_independent_of_its_batch(kw):
     (who dies, who is born from whom, the target domain) must match exactly; losses to float
     rounding, since batched float64 matmuls may round differently by batch size (about 1e-16
     relative; a shared lifecycle generator gave differences near 1e-2)."""
-    cfg = an.SandboxConfig(**FAST, lifecycle=True, **kw)
+    cfg = an.AnalyticConfig(**FAST, lifecycle=True, **kw)
     both, one = an.run_arms(SPEC, cfg, [0, 1, 2]), an.run_arms(SPEC, cfg, [1])
     for arm in ("grad", "evo"):
         for name in ("final_loss", "domain_loss", "curve"):
@@ -213,7 +213,7 @@ def test_lifecycle_seed_is_independent_of_its_batch(kw):
 
 
 def test_gradient_training_reduces_loss():
-    cfg = an.SandboxConfig(steps=60, interval=20, population=4)
+    cfg = an.AnalyticConfig(steps=60, interval=20, population=4)
     res = an.run_arms(SPEC, cfg, [1, 2, 3])
     assert (res["grad"].final_loss < res["grad"].initial_loss).all()
 
@@ -227,7 +227,7 @@ def test_gradient_training_reduces_loss():
 ])
 def test_config_validation_names_flag(field, value, flag):
     with pytest.raises(BadInput) as e:
-        an.SandboxConfig(**{field: value})
+        an.AnalyticConfig(**{field: value})
     assert e.value.flag == flag
 
 
@@ -239,14 +239,14 @@ def test_config_validation_names_flag(field, value, flag):
 def test_common_random_numbers_across_all_four_arms(evo_method):
     """Every arm starts from the same task and weights; arms that make no change on an event are
     the grad arm bit for bit (restart before its first event, evo with no generation in budget)."""
-    cfg = an.SandboxConfig(**FAST, evo=evo_method)
+    cfg = an.AnalyticConfig(**FAST, evo=evo_method)
     res = an.run_arms(SPEC, cfg, [10, 11, 12])
     for arm in an.ARMS:
         torch.testing.assert_close(res[arm].initial_loss, res["grad"].initial_loss, rtol=0, atol=0)
         torch.testing.assert_close(res[arm].curve[:, :10], res["grad"].curve[:, :10], rtol=0, atol=0)
     # the ceiling arm follows the grad trajectory exactly
     torch.testing.assert_close(res["oracle"].curve, res["grad"].curve, rtol=0, atol=0)
-    quiet = an.SandboxConfig(steps=30, interval=31, population=6, evo=evo_method)
+    quiet = an.AnalyticConfig(steps=30, interval=31, population=6, evo=evo_method)
     r2 = an.run_arms(SPEC, quiet, [10, 11, 12])
     for arm in ("evo", "restart"):
         torch.testing.assert_close(r2[arm].final_loss, r2["grad"].final_loss, rtol=0, atol=0)
@@ -255,7 +255,7 @@ def test_common_random_numbers_across_all_four_arms(evo_method):
 
 def test_evo_without_acceptance_equals_grad_and_is_counted():
     """A search that never accepts leaves evo == grad bit for bit (state kept), and says so."""
-    cfg = an.SandboxConfig(**FAST, evo="fixed", mutation_scale=50.0, plasticity=0.0)
+    cfg = an.AnalyticConfig(**FAST, evo="fixed", mutation_scale=50.0, plasticity=0.0)
     res = an.run_arms(SPEC, cfg, [1, 2])
     assert res["evo"].generations == 3 and res["evo"].accepted.tolist() == [0, 0]
     torch.testing.assert_close(res["evo"].final_loss, res["grad"].final_loss, rtol=0, atol=0)
@@ -264,18 +264,18 @@ def test_evo_without_acceptance_equals_grad_and_is_counted():
 
 
 def test_restart_resets_and_reset_on_accept_changes_evo():
-    cfg = an.SandboxConfig(**FAST)
+    cfg = an.AnalyticConfig(**FAST)
     res = an.run_arms(SPEC, cfg, [1, 2])
     assert res["restart"].generations == 3
     assert not torch.equal(res["restart"].final_loss, res["grad"].final_loss)
     assert (res["evo"].accepted > 0).any()
-    reset = an.run_arms(SPEC, an.SandboxConfig(**FAST, reset_on_accept=True), [1, 2], arms=("evo",))
+    reset = an.run_arms(SPEC, an.AnalyticConfig(**FAST, reset_on_accept=True), [1, 2], arms=("evo",))
     assert not torch.equal(reset["evo"].final_loss, res["evo"].final_loss)
 
 
 @pytest.mark.parametrize("router", ["softmax", "sigmoid"])
 def test_oracle_is_a_ceiling_for_the_grad_adapters(router):
-    cfg = an.SandboxConfig(**FAST, router=router)
+    cfg = an.AnalyticConfig(**FAST, router=router)
     res = an.run_arms(SPEC.__class__(**{**SPEC.__dict__, "context_noise": 0.3}), cfg, [1, 2, 3],
                       arms=("grad", "oracle"))
     assert (res["oracle"].final_loss <= res["grad"].final_loss + 1e-12).all()
@@ -284,7 +284,7 @@ def test_oracle_is_a_ceiling_for_the_grad_adapters(router):
 def test_decomposition_known_answer_with_frozen_adapters():
     """Frozen adapters: at a = 1 the best routing is far below the gradient router after a short
     budget (room > eps); at a = 0 the random adapters leave nothing to route to (room < eps)."""
-    cfg = an.SandboxConfig(steps=60, interval=10, population=8, plasticity=0.0)
+    cfg = an.AnalyticConfig(steps=60, interval=10, population=8, plasticity=0.0)
     spec = TaskSpec()
     room = {}
     for a in (0.0, 1.0):
@@ -300,12 +300,12 @@ def test_decomposition_known_answer_with_frozen_adapters():
 
 def _points(kw=None):
     kw = kw or {}
-    base_cfg = an.SandboxConfig(**FAST, **kw)
+    base_cfg = an.AnalyticConfig(**FAST, **kw)
     pts = []
     for a, p, lr, ms, fl, la, ov in [(0.0, 0.1, 0.05, 0.1, 0.01, 4.0, 0.0), (0.6, 0.3, 0.02, 0.3, 0.0, 2.0, 0.3),
                                      (1.0, 0.05, 0.1, 0.05, 0.05, 8.0, 0.6)]:
         spec = TaskSpec(**{**SPEC.__dict__, "alignment": a, "overlap": ov})
-        cfg = an.SandboxConfig(**{**base_cfg.__dict__, "plasticity": p, "lr": lr, "mutation_scale": ms,
+        cfg = an.AnalyticConfig(**{**base_cfg.__dict__, "plasticity": p, "lr": lr, "mutation_scale": ms,
                                   "loss_floor": fl, "lora_alpha": la})
         pts.append((spec, cfg, [3, 1, 4][: 2 + len(pts) % 2]))
     return pts
@@ -333,10 +333,10 @@ def test_stacked_points_equal_each_point_alone(kw):
 
 
 def test_noisy_points_stack_and_shape_changing_points_form_groups():
-    noisy = [(TaskSpec(**{**SPEC.__dict__, "context_noise": z}), an.SandboxConfig(**FAST, draws=3, eval_draws=4), [5, 6])
+    noisy = [(TaskSpec(**{**SPEC.__dict__, "context_noise": z}), an.AnalyticConfig(**FAST, draws=3, eval_draws=4), [5, 6])
              for z in (0.1, 0.4)]
-    quiet = (TaskSpec(**{**SPEC.__dict__, "context_noise": 0.0}), an.SandboxConfig(**FAST), [5, 6])
-    bigger = (TaskSpec(**{**SPEC.__dict__, "slots": 6}), an.SandboxConfig(**FAST), [5])
+    quiet = (TaskSpec(**{**SPEC.__dict__, "context_noise": 0.0}), an.AnalyticConfig(**FAST), [5, 6])
+    bigger = (TaskSpec(**{**SPEC.__dict__, "slots": 6}), an.AnalyticConfig(**FAST), [5])
     pts = noisy + [quiet, bigger]
     assert len({an.group_key(s, c) for s, c, _ in pts}) == 3
     calls = []
@@ -355,7 +355,7 @@ def test_noisy_points_stack_and_shape_changing_points_form_groups():
 def test_ceiling_taken_from_the_grad_run_equals_the_oracle_arm_run_alone(budget):
     """run_points reads the ceiling off the grad arm's final adapters instead of repeating its steps;
     that is the oracle arm solved on its own, bit for bit."""
-    cfg = an.SandboxConfig(**FAST, budget=budget)
+    cfg = an.AnalyticConfig(**FAST, budget=budget)
     res = an.run_arms(SPEC, cfg, [4, 5])
     task = make_task(SPEC, [4, 5])
     alone = an.solve(task, SPEC, cfg, "oracle", an.initial_state(task, SPEC, cfg))

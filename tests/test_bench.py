@@ -27,7 +27,7 @@ def test_dense_form_matches_gram_form():
     from sandbox.tasks import TaskSpec, make_task, noisy_contexts
 
     spec = TaskSpec(dim=12, domains=3, slots=5, rank=3, true_rank=2, context_noise=0.3, alignment=0.4)
-    cfg = analytic.SandboxConfig(draws=3)
+    cfg = analytic.AnalyticConfig(draws=3)
     task = make_task(spec, [3, 9])
     st = analytic.initial_state(task, spec, cfg)
     rcfg = analytic.router_config(spec, cfg)

@@ -191,7 +191,7 @@ def _synthetic_cells(seeds, effect=None, sd=0.01, seed=0):
     """A cells table for all 8 cells: value = 5 - effect[cell] + noise (lower is better)."""
     import numpy as np
 
-    from sandbox.cells import all_cells
+    from sandbox.factors import all_cells
 
     rng = np.random.default_rng(seed)
     effect = effect or {}

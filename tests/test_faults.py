@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sandbox.analytic import SandboxConfig
+from sandbox.analytic import AnalyticConfig
 from sandbox.app.cli import main
 from sandbox.errors import BadInput
 from sandbox.results import LOCK_NAME, RunDir, atomic_write_text, claim_run_dir, release_run_dir
@@ -25,7 +25,7 @@ from sandbox.tasks import TaskSpec
 from sweeps import grid, ledger
 
 TASK = TaskSpec(domains=2, slots=3, dim=6, rank=2, true_rank=1, context_dim=4)
-SOLVER = SandboxConfig(steps=20, interval=5, population=4, plasticity=0.0)
+SOLVER = AnalyticConfig(steps=20, interval=5, population=4, plasticity=0.0)
 SMALL = ["--domains", "2", "--slots", "3", "--dim", "6", "--rank", "2", "--true-rank", "1", "--context-dim", "4",
          "--steps", "20", "--interval", "5", "--population", "4", "--plasticity", "0", "--no-figures"]
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,14 +6,14 @@ import math
 import pandas as pd
 import pytest
 
-from sandbox.analytic import SandboxConfig
+from sandbox.analytic import AnalyticConfig
 from sandbox.app.cli import main
 from sandbox.errors import BadInput
 from sandbox.tasks import TaskSpec
 from sweeps import grid, ledger
 
 TASK = TaskSpec(domains=2, slots=3, dim=6, rank=2, true_rank=1, context_dim=4)
-SOLVER = SandboxConfig(steps=20, interval=5, population=4, plasticity=0.0)
+SOLVER = AnalyticConfig(steps=20, interval=5, population=4, plasticity=0.0)
 SMALL = ["--domains", "2", "--slots", "3", "--dim", "6", "--rank", "2", "--true-rank", "1", "--context-dim", "4",
          "--steps", "20", "--interval", "5", "--population", "4", "--plasticity", "0"]
 
@@ -228,7 +228,7 @@ def test_cli_defaults_match_dataclasses():
 
     sig = inspect.signature(sweep).parameters
     shared = {"steps", "lr", "plasticity", "interval", "points"}   # None: resolved per --system
-    for obj in (TaskSpec(), SandboxConfig(), grid.SweepConfig()):
+    for obj in (TaskSpec(), AnalyticConfig(), grid.SweepConfig()):
         for name, value in obj.__dict__.items():
             if name in sig and name not in ("alignment", "seeds", "axis"):
                 assert sig[name].default.default == (None if name in shared else value), name

@@ -83,7 +83,7 @@ def bench_sandbox_loss(d: int, cfg: BenchConfig) -> dict:
     from sandbox.tasks import TaskSpec, make_task, noisy_contexts
 
     spec = TaskSpec(dim=d, context_noise=0.1)
-    scfg = analytic.SandboxConfig(draws=cfg.loss_draws)
+    scfg = analytic.AnalyticConfig(draws=cfg.loss_draws)
     task = make_task(spec, list(range(cfg.seed, cfg.seed + cfg.loss_seeds)))
     st = analytic.initial_state(task, spec, scfg)
     rcfg = analytic.router_config(spec, scfg)
@@ -244,10 +244,10 @@ def _grid_points(n_align: int, n_axis: int, seeds: int, steps: int | None = None
 
     import numpy as np
 
-    from sandbox.analytic import SandboxConfig
+    from sandbox.analytic import AnalyticConfig
     from sandbox.tasks import TaskSpec
 
-    base = SandboxConfig() if steps is None else SandboxConfig(steps=steps)
+    base = AnalyticConfig() if steps is None else AnalyticConfig(steps=steps)
     plast = [base.plasticity] if n_axis == 1 else np.linspace(0.0, 0.2, n_axis).round(12).tolist()
     return [(TaskSpec(alignment=float(a)), dataclasses.replace(base, plasticity=float(p)), list(range(seeds)))
             for a in np.linspace(0, 1, n_align).round(12) for p in plast]

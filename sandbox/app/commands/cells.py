@@ -12,7 +12,7 @@ def cells(
     from rich.console import Console
     from rich.table import Table
 
-    from sandbox.cells import DEFAULT_CELLS, FACTORS, contrasts_for, interactions_for, parse_cells
+    from sandbox.factors import DEFAULT_CELLS, FACTORS, contrasts_for, interactions_for, parse_cells
 
     chosen = parse_cells(spec)
     console = Console()

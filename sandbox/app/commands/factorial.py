@@ -54,7 +54,7 @@ def factorial(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from sandbox.cells import parse_cells
+    from sandbox.factors import parse_cells
     from sandbox.app.commands.full import cell_template
     from sandbox.options import parse_seeds
     from sandbox.results import config_hash

@@ -190,7 +190,7 @@ def full(
 
     from rich.console import Console
 
-    from sandbox.cells import parse_cell
+    from sandbox.factors import parse_cell
     from sandbox.options import check_int, parse_seeds
     from sandbox.results import config_hash
 

@@ -97,7 +97,7 @@ def sweep(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from sandbox.analytic import SandboxConfig
+    from sandbox.analytic import AnalyticConfig
     from sandbox.results import default_out
     from sandbox.tasks import TaskSpec
     from sweeps.grid import SweepConfig, run_sweep
@@ -116,14 +116,14 @@ def sweep(
                                device=device, point_count_given=points_given, seeds_given=seeds_given,
                                print_summary=_print_summary, enqueue_only=enqueue_only, search_windows=search_windows,
                                confirm=confirm)
-    defaults = SandboxConfig()          # options shared with --system substrate default to None: the
+    defaults = AnalyticConfig()          # options shared with --system substrate default to None: the
     steps = defaults.steps if steps is None else steps                  # analytic value is declared once,
     lr = defaults.lr if lr is None else lr                              # in the dataclass
     plasticity = defaults.plasticity if plasticity is None else plasticity
     interval = defaults.interval if interval is None else interval
     task = TaskSpec(domains=domains, slots=slots, dim=dim, rank=rank, true_rank=true_rank, alignment=rng.lo,
                     context_dim=context_dim, context_noise=context_noise, overlap=overlap)
-    solver = SandboxConfig(steps=steps, lr=lr, plasticity=plasticity, router=router, population=population,
+    solver = AnalyticConfig(steps=steps, lr=lr, plasticity=plasticity, router=router, population=population,
                            mutation_scale=mutation_scale, interval=interval, lifecycle=lifecycle, scope=scope,
                            evo=evo, reset_on_accept=reset_on_accept, oracle=oracle,
                            budget=budget, draws=draws, eval_draws=eval_draws, fresh_noise=fresh_noise,

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sandbox.cells import (
+from sandbox.factors import (
     CHAIN,
     CONTRASTS,
     DEFAULT_CELLS,
@@ -88,7 +88,7 @@ def test_contrasts_are_one_factor_steps_and_chain_reaches_full():
 def test_interactions_are_differences_of_one_factor_gains():
     """RxL = (router gain with L on - with L off), averaged over E; weights sum to 0 and each
     interaction is orthogonal to the others (a 2^3 design)."""
-    from sandbox.cells import INTERACTIONS, interactions_for
+    from sandbox.factors import INTERACTIONS, interactions_for
 
     assert interactions_for(list(DEFAULT_CELLS)) == [] and len(interactions_for(all_cells())) == 4
     by = {i.name: i.weights() for i in INTERACTIONS}
