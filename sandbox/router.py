@@ -44,11 +44,13 @@ class RouterConfig:
         tau_end: sigmoid temperature at ``anneal_steps`` and after.
         tau_min: lower clamp on the temperature, applied at every step.
         tau_max: upper clamp on the temperature, applied at every step.
-        anneal_steps: length of the anneal (0 = ``tau_end`` from the start).
+        anneal_steps: length of the anneal (0 = ``tau_end`` from the start); None leaves it to the
+            owner to resolve before use (a cell anneals over its run's steps), and `temperature`
+            refuses it.
         schedule: ``linear``, ``cosine`` (default) or ``exp`` (geometric) interpolation.
         init_std: initial ``W ~ N(0, init_std^2 / F)`` (small, so gates start near uniform).
         phi_init: initial floor logit (0 gives ``floor_max / 2``).
-        init: how the sigmoid router's bias starts. ``zero`` (default here, and the analytic
+        init: how the sigmoid router's bias starts. ``zero`` (the class default, and the analytic
             sandbox's behaviour): ``bias = 0``, so every gate starts near ``f + (1 - f) / 2`` and the
             total gate weight per token is about ``K (1 + f) / 2`` (8.4 for K = 16, f = 0.05).
             ``mass``: a fair start against the softmax (`mass_init`): the bias (and, only when the
@@ -66,7 +68,7 @@ class RouterConfig:
     tau_end: float = 0.5
     tau_min: float = 0.25
     tau_max: float = 4.0
-    anneal_steps: int = 1000
+    anneal_steps: int | None = 1000
     schedule: str = "cosine"
     init_std: float = 0.1
     phi_init: float = 0.0
@@ -82,7 +84,8 @@ class RouterConfig:
             v = getattr(self, name)
             require(_finite(v) and v > 0, name, v, "a number > 0")
         require(self.tau_min <= self.tau_max, "tau_min", self.tau_min, f"a number <= --tau-max ({self.tau_max})")
-        require(isinstance(self.anneal_steps, int) and self.anneal_steps >= 0, "anneal_steps", self.anneal_steps, "an integer >= 0")
+        require(self.anneal_steps is None or (isinstance(self.anneal_steps, int) and self.anneal_steps >= 0), "anneal_steps",
+                self.anneal_steps, "an integer >= 0")
         require(self.schedule in SCHEDULES, "schedule", self.schedule, "one of " + ", ".join(SCHEDULES))
         require(_finite(self.init_std) and self.init_std >= 0, "init_std", self.init_std, "a number >= 0")
         require(_finite(self.phi_init), "phi_init", self.phi_init, "a finite number")
@@ -163,6 +166,8 @@ def temperature(cfg: RouterConfig, step: int | float | Tensor) -> float | Tensor
     linear ``s + (e - s) p``; cosine ``e + (s - e)(1 + cos(pi p)) / 2``; exp ``s (e / s)^p``.
     A float step gives a float, a tensor of steps a tensor of the same shape.
     """
+    if cfg.anneal_steps is None:
+        raise ValueError("temperature: anneal_steps is unresolved (None); resolve it to a step count first")
     s, e = cfg.tau_start, cfg.tau_end
     t = torch.as_tensor(step, dtype=torch.float64)  # one code path for float and tensor steps
     p = (t / cfg.anneal_steps).clamp(0, 1) if cfg.anneal_steps else torch.ones_like(t)

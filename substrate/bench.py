@@ -103,7 +103,7 @@ def make_step(name: str, batch: int, seq_len: int, device: str = "cpu", seed: in
     from substrate.cell import CellConfig, build_state, train_step
     from substrate.train import TrainConfig
 
-    ccfg = CellConfig(cell=cell, preset=name, batch=batch, context=seq_len, seed=seed, device=device, steps=1_000_000,
+    ccfg = CellConfig.of(cell=cell, preset=name, batch=batch, context=seq_len, seed=seed, device=device, steps=1_000_000,
                       **overrides)
     sub = bench_substrate(ccfg.model_config(), seq_len, seed=seed)
     st = build_state(ccfg, sub)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -76,12 +76,35 @@ SUBSTRATE: dict[str, dict] = {
 }
 
 
+#: The router a cell starts from. Its knobs are the sigmoid rewrite's (a B3 cell runs the softmax and
+#: ignores them); ``kind``, ``n_slots`` and ``n_features`` are set from the cell and the preset, and
+#: ``anneal_steps=None`` anneals over all the run's steps (`CellConfig.router_config`).
+CELL_ROUTER = RouterConfig(init="mass", init_mass=1.0, anneal_steps=None)
+#: The lifecycle a cell runs (factor L); ``scope`` is set from factor E. ``interval`` and
+#: ``min_age`` suit the default 200 steps (the CLI scales them to the step count, `schedule`).
+CELL_LIFECYCLE = LifecycleConfig(interval=50, min_age=50)
+
+#: The nested knobs a cell exposes under flat names (CLI flags, `CellConfig.flat`, `identity`, the
+#: ledgers' payloads): flat name -> (group, field). Every other nested field keeps its default.
+NESTED: dict[str, tuple[str, str]] = {
+    **{n: ("router", n) for n in ("floor_max", "tau_start", "tau_end", "tau_min", "tau_max", "anneal_steps")},
+    "router_init": ("router", "init"),
+    **{n: ("lifecycle", n) for n in ("interval", "n_die", "min_age", "inherit_alpha", "inherit_mode", "mutation_sigma",
+                                     "per_domain_agg", "selection", "crossover", "crossover_t")},
+    "mutation": ("lifecycle", "mutation_kind"),
+    **{n: ("lifecycle", n) for n in ("finetune_steps", "finetune_lr")},
+}
+
+
 @dataclass(frozen=True)
 class CellConfig:
-    """One cell run. Field names are CLI flags of ``sandbox full`` (``n_die`` is ``--n-die``)."""
+    """One cell run: the run's own settings, the router (`RouterConfig`) and the lifecycle
+    (`LifecycleConfig`). Field names are CLI flags of ``sandbox full`` (``n_die`` is ``--n-die``); the
+    nested knobs are flags under their flat names (`NESTED`: ``router.init`` is ``--router-init``).
+    Build one from flat names with `CellConfig.of`."""
 
     cell: str = "B3"
-    """Factors switched on: B3, R, E, L, R+E, R+L, E+L, R+E+L (alias full); order and case free."""
+    """Factors switched on: B3, R, E, L, R+E, R+L, E+L, R+E+L; order and case free."""
     preset: str = "small"
     """Model preset: tiny, small or widened-1536."""
     steps: int = 200
@@ -98,51 +121,13 @@ class CellConfig:
     """Steps between held-out evaluations (also at step 0 and at the end)."""
     checkpoint_every: int = 50
     """Steps between checkpoints (0 = only when a run stops early)."""
-    interval: int = 50
-    """Steps between lifecycle events (L) and fitness measurements (every cell)."""
-    n_die: int = 1
-    """Slots that die per lifecycle event."""
-    min_age: int = 50
-    """Slots younger than this many steps never die."""
-    inherit_alpha: float = 0.5
-    """Inheritance blend alpha in [0, 1]; 0 is the study's counterfactual (no inheritance)."""
-    inherit_mode: str = "blend"
-    """blend (dying -> nearest neighbour) or child (newborn = alpha dying + (1 - alpha) clone)."""
-    mutation_sigma: float = 0.1
-    """Log-normal noise on the newborn's singular values."""
-    per_domain_agg: str = "max"
-    """Aggregator over domains of per-domain fitness (E): max, mean or median."""
-    selection: str = "tournament"
-    """Lifecycle parent selection: tournament, or roulette (EvoMerge: fitness-proportional)."""
-    crossover: str = "none"
-    """Lifecycle crossover: none, or slerp (EvoMerge: a newborn is the SLERP of two fit parents)."""
-    crossover_t: float | None = None
-    """SLERP weight of the second parent in [0, 1]; none draws it U(0, 1) per newborn."""
-    mutation: str = "svd"
-    """Newborn mutation: svd, finetune (EvoMerge: gradient steps on its target domain's fresh
-    training windows, the newborn alone, other slots frozen) or svd+finetune."""
-    finetune_steps: int = 1
-    """Gradient steps of the fine-tune mutation (each on --batch fresh windows)."""
-    finetune_lr: float = 0.01
-    """Length of each fine-tune step in factor space (normalised gradient descent)."""
+    router: RouterConfig = CELL_ROUTER
+    """The router's knobs (`CELL_ROUTER`)."""
+    lifecycle: LifecycleConfig = CELL_LIFECYCLE
+    """The lifecycle's knobs (`CELL_LIFECYCLE`); fitness is measured every ``lifecycle.interval`` steps
+    in every cell."""
     fit_windows: int = 4
     """Selection-batch windows per domain for leave-one-out fitness."""
-    floor_max: float = 0.1
-    """Upper bound of the sigmoid router's learnable per-slot floor."""
-    tau_start: float = 2.0
-    """Sigmoid temperature at step 0."""
-    tau_end: float = 0.5
-    """Sigmoid temperature at the end of the anneal."""
-    tau_min: float = 0.25
-    """Lower clamp of the temperature."""
-    tau_max: float = 4.0
-    """Upper clamp of the temperature."""
-    anneal_steps: int | None = None
-    """Length of the temperature anneal (default: all steps)."""
-    router_init: str = "mass"
-    """Sigmoid router start: mass (fair start: gate bias set so the expected total gate weight per
-    token at step 0 is the softmax's 1, `sandbox.router.mass_init`) or zero (bias 0: total about
-    K (1 + floor) / 2, the behaviour before issue 20)."""
     router_kind: str = "auto"
     """Router kind: auto (the cell's: softmax for B3, sigmoid with R) or acar (sigma routing,
     `substrate.acar`: top-3 slots by held-in loss, gated 1/2/3 equally by the probes' agreement;
@@ -174,12 +159,11 @@ class CellConfig:
         object.__setattr__(self, "cell", parse_cell(self.cell).name)
         require(self.preset in PRESETS, "preset", self.preset, "one of " + ", ".join(PRESETS))
         for name, lo in (("steps", 1), ("seed", 0), ("batch", 1), ("eval_every", 1), ("checkpoint_every", 0),
-                         ("interval", 1), ("n_die", 1), ("min_age", 0), ("fit_windows", 1), ("slots", 2),
-                         ("rank", 1), ("domains", 1)):
+                         ("fit_windows", 1), ("slots", 2), ("rank", 1), ("domains", 1)):
             _int(getattr(self, name), name, lo)
-        for name in ("anneal_steps", "pretrain_steps", "specialist_steps", "eval_windows", "context"):
+        for name in ("pretrain_steps", "specialist_steps", "eval_windows", "context"):
             if getattr(self, name) is not None:
-                _int(getattr(self, name), name, 0 if name == "anneal_steps" else 1)
+                _int(getattr(self, name), name, 1)
         require(_num(self.alignment) and 0 <= self.alignment <= 1, "alignment", self.alignment, "a number in [0, 1]")
         require(_num(self.lr) and 0 < self.lr <= 1, "lr", self.lr, "a number in (0, 1]")
         require(_num(self.perturb_base) and 0 <= self.perturb_base <= 10, "perturb_base", self.perturb_base,
@@ -189,10 +173,46 @@ class CellConfig:
         require(self.domains <= self.slots, "domains", self.domains, f"at most --slots ({self.slots})")
         ctx = self.context or SUBSTRATE[self.preset]["context"]
         require(ctx <= PRESETS[self.preset].seq_len, "context", ctx, f"at most the preset's {PRESETS[self.preset].seq_len}")
-        self.lifecycle_config()  # validates the lifecycle knobs, naming their flags
-        self.router_config(1)    # validates the router knobs
+        require(isinstance(self.router, RouterConfig), "router", self.router, "a RouterConfig")
+        require(isinstance(self.lifecycle, LifecycleConfig), "lifecycle", self.lifecycle, "a LifecycleConfig")
+        ra = self.router.anneal_steps
+        require(ra is None or (isinstance(ra, int) and not isinstance(ra, bool) and ra >= 0), "anneal_steps", ra,
+                "an integer >= 0")
+        # The parts the cell decides (so a stored config is whole and never contradicts itself).
+        object.__setattr__(self, "router", replace(
+            self.router, kind="sigmoid" if self.factors.router else "softmax", n_slots=self.slots,
+            n_features=PRESETS[self.preset].d_model, init_mass=1.0))
+        object.__setattr__(self, "lifecycle", replace(
+            self.lifecycle, scope="per-domain" if self.factors.per_domain else "global"))
         require(self.router_kind in ROUTER_KINDS, "router", self.router_kind, "one of " + ", ".join(ROUTER_KINDS))
         require(self.router_kind != "acar" or self.slots >= 3, "slots", self.slots, "at least 3 with --router acar")
+
+    @classmethod
+    def of(cls, **flat) -> "CellConfig":
+        """A config from flat names (the CLI's flags, `flat`'s keys): ``CellConfig.of(cell="R+L",
+        interval=20, router_init="zero")``. Nested knobs not given keep their defaults."""
+        groups: dict[str, dict] = {"router": {}, "lifecycle": {}}
+        top = {}
+        for k, v in flat.items():
+            if k in NESTED:
+                g, f = NESTED[k]
+                groups[g][f] = v
+            else:
+                top[k] = v
+        router = replace(top.pop("router", CELL_ROUTER), **groups["router"])
+        lifecycle = replace(top.pop("lifecycle", CELL_LIFECYCLE), **groups["lifecycle"])
+        return cls(router=router, lifecycle=lifecycle, **top)
+
+    def with_(self, **flat) -> "CellConfig":
+        """A copy with some settings changed, by flat name (``cfg.with_(inherit_alpha=0.0, seed=7)``)."""
+        return CellConfig.of(**{**self.flat(), **flat})
+
+    def flat(self) -> dict:
+        """Every setting under its flat name (the nested knobs of `NESTED` beside the run's own)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("router", "lifecycle")}
+        for k, (g, f) in NESTED.items():
+            d[k] = getattr(getattr(self, g), f)
+        return d
 
     @property
     def factors(self) -> Cell:
@@ -202,21 +222,12 @@ class CellConfig:
         return preset(self.preset, slots=self.slots, rank=self.rank)
 
     def router_config(self, n_features: int) -> RouterConfig:
-        """Softmax (B3) or sigmoid (R) router over ``n_features``-wide features."""
-        return RouterConfig(kind="sigmoid" if self.factors.router else "softmax", n_features=n_features,
-                            n_slots=self.slots, floor_max=self.floor_max, tau_start=self.tau_start, tau_end=self.tau_end,
-                            tau_min=self.tau_min, tau_max=self.tau_max,
-                            anneal_steps=self.steps if self.anneal_steps is None else self.anneal_steps,
-                            init=self.router_init, init_mass=1.0)
+        """The cell's router over ``n_features``-wide features, its anneal resolved to the run's steps."""
+        a = self.router.anneal_steps
+        return replace(self.router, n_features=n_features, anneal_steps=self.steps if a is None else a)
 
     def lifecycle_config(self) -> LifecycleConfig:
-        return LifecycleConfig(interval=self.interval, n_die=self.n_die, min_age=self.min_age,
-                               inherit_alpha=float(self.inherit_alpha), inherit_mode=self.inherit_mode,
-                               mutation_sigma=float(self.mutation_sigma),
-                               scope="per-domain" if self.factors.per_domain else "global",
-                               per_domain_agg=self.per_domain_agg, selection=self.selection,
-                               crossover=self.crossover, crossover_t=self.crossover_t, mutation_kind=self.mutation,
-                               finetune_steps=self.finetune_steps, finetune_lr=self.finetune_lr)
+        return self.lifecycle
 
     @property
     def features(self) -> str:
@@ -232,26 +243,23 @@ class CellConfig:
         return s
 
     def identity(self) -> dict:
-        """What must match for a checkpoint to be resumed (everything except the device).
+        """What must match for a checkpoint to be resumed (every flat setting except the device).
 
-        ``router_init`` is left out when it is ``zero``, so folders and ledgers written before the
-        option existed (all zero-bias starts) resume under ``--router-init zero``."""
-        d = asdict(self)
+        Options added after folders and ledgers were first written are left out at the value those
+        runs had (`LATER_DEFAULTS`), so old folders still resume."""
+        d = self.flat()
         d.pop("device")
-        if d["router_kind"] == "auto":   # issue 18: only when not the cell's own router
-            d.pop("router_kind")
-        if d["router_init"] == "zero":
-            d.pop("router_init")
-        for k, v in EVOMERGE_DEFAULTS.items():   # the EvoMerge options (issue 18) only when used
+        for k, v in LATER_DEFAULTS.items():
             if d[k] == v:
                 d.pop(k)
         return d
 
 
-#: EvoMerge lifecycle options at their defaults: left out of `CellConfig.identity`, so folders and
-#: ledgers written before the options existed still resume.
-EVOMERGE_DEFAULTS = dict(selection="tournament", crossover="none", crossover_t=None, mutation="svd",
-                         finetune_steps=1, finetune_lr=0.01)
+#: Options added after the first folders and ledgers were written, at the value those runs had:
+#: left out of `CellConfig.identity` at that value. ``router_kind`` auto (the cell's own router),
+#: ``router_init`` zero (the zero-bias start of every earlier run) and the EvoMerge operators off.
+LATER_DEFAULTS = dict(router_kind="auto", router_init="zero", selection="tournament", crossover="none",
+                      crossover_t=None, mutation="svd", finetune_steps=1, finetune_lr=0.01)
 
 
 def _num(x) -> bool:

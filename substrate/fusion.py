@@ -122,7 +122,7 @@ class FusionConfig:
 
     def cell(self, router: str = "B3") -> CellConfig:
         """The cell whose substrate (corpus, base) and router settings the fusion reuses."""
-        return CellConfig(cell=router, preset=self.preset, steps=self.router_steps, seed=self.seed, slots=self.domains,
+        return CellConfig.of(cell=router, preset=self.preset, steps=self.router_steps, seed=self.seed, slots=self.domains,
                           domains=self.domains, batch=self.batch, lr=self.router_lr, eval_windows=self.eval_windows,
                           device=self.device)
 

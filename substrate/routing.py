@@ -47,7 +47,7 @@ ARMS = ("grad", "evo", "restart", "oracle")
 class RoutingArms:
     """One seed's comparison on the transformer. Field names are CLI flags."""
 
-    cell: CellConfig = field(default_factory=lambda: CellConfig(cell="B3", preset="tiny", steps=100))
+    cell: CellConfig = field(default_factory=lambda: CellConfig.of(cell="B3", preset="tiny", steps=100))
     """The substrate, router kind (cell B3: softmax; R: sigmoid), steps, batch, lr, alignment, seed."""
     evolution: evo.EvolutionConfig = field(default_factory=evo.EvolutionConfig)
     """The routing search (method, population, initial step, interval)."""

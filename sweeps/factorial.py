@@ -38,6 +38,7 @@ from sandbox.factors import DEFAULT_CELLS, parse_cell
 from sandbox.errors import BadInput, require
 from sandbox.options import DEFAULT_SEEDS
 from sandbox.results import RunDir, atomic_write_csv, claim_run_dir, config_hash, to_jsonable
+from sandbox.stats import DEFAULT_EPS
 from substrate.cell import CellConfig, prepare_substrate, run_cell
 from sweeps.ledger import TrialLedger
 
@@ -60,7 +61,7 @@ class FactorialConfig:
     base: CellConfig = field(default_factory=CellConfig)
     cells: tuple[str, ...] = tuple(c.name for c in DEFAULT_CELLS)
     seeds: tuple[int, ...] = DEFAULT_SEEDS
-    eps: float = 0.01
+    eps: float = DEFAULT_EPS
     """Equivalence margin (nats) of the paired statistics."""
     alpha: float = 0.05
     """Test level of the paired statistics."""
@@ -289,7 +290,7 @@ def contrast_table(att: pd.DataFrame) -> pd.DataFrame:
     return t
 
 
-def scope_under_lifecycle(cells: pd.DataFrame, eps: float = 0.01, alpha: float = 0.05):
+def scope_under_lifecycle(cells: pd.DataFrame, eps: float = DEFAULT_EPS, alpha: float = 0.05):
     """Paired R+E+L vs R+L (the scope factor where it can act: through the lifecycle's deaths).
 
     Not one of the named contrasts (`sandbox.factors.CONTRASTS`): without L, E changes nothing but the

@@ -26,6 +26,7 @@ from sandbox.analytic import AnalyticConfig
 from sandbox.errors import require
 from sandbox.options import Range
 from sandbox.results import config_hash
+from sandbox.stats import DEFAULT_EPS
 from sandbox.tasks import TaskSpec
 
 #: Axes a sweep can span besides alignment: name -> (lowest, highest, integer?).
@@ -67,7 +68,7 @@ class SweepConfig:
     axis_range: tuple[float, float] | None = None
     axis_points: int = 5
     seeds: tuple[int, ...] = tuple(range(10))
-    eps: float = 0.01
+    eps: float = DEFAULT_EPS
     """Equivalence margin (nats of log loss) for TOST, fixed before the sweep."""
     alpha: float = 0.05
     """Test level (two-sided; Holm over the sweep's points)."""

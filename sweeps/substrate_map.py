@@ -25,6 +25,7 @@ import pandas as pd
 from sandbox.errors import require
 from sandbox.options import Range
 from sandbox.results import config_hash
+from sandbox.stats import DEFAULT_EPS
 from substrate.routing import ARMS, RoutingArms
 
 #: Axes of the substrate map besides alignment: name -> (lowest, highest, integer?).
@@ -49,7 +50,7 @@ class SubstrateSweepConfig:
     axis_range: tuple[float, float] | None = None
     axis_points: int = 3
     seeds: tuple[int, ...] = (0, 1, 2)
-    eps: float = 0.01
+    eps: float = DEFAULT_EPS
     alpha: float = 0.05
     cache: str = "runs/cache"
     """Folder of the cached corpus, pretrained base and specialists."""
@@ -108,9 +109,15 @@ def point_arms(cfg: SubstrateSweepConfig, values: dict, seed: int) -> RoutingArm
     return dataclasses.replace(rc, cell=cell, evolution=ecfg, **kw)
 
 
+def arms_payload(rc: RoutingArms) -> dict:
+    """`rc` as plain data, its cell under flat names (`CellConfig.flat`): a ledger payload and the
+    input of `point_key` (`sweeps.worker.run_substrate_point` rebuilds it)."""
+    return {**dataclasses.asdict(rc), "cell": rc.cell.flat()}
+
+
 def point_key(rc: RoutingArms) -> str:
     """Ledger identity of a point: its full comparison config without the seed (and device)."""
-    d = dataclasses.asdict(rc)
+    d = arms_payload(rc)
     d["cell"].pop("seed")
     d["cell"].pop("device")
     return config_hash({"system": "substrate", "arms": d}, n=16)

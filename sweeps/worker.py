@@ -221,7 +221,7 @@ def substrate_sweep_jobs(cfg) -> list[Job]:
     """The plan of a substrate map (`sweeps.substrate_map.SubstrateSweepConfig`): one job per
     (point, seed); the payload is the point's full comparison (`RoutingArms`) and the cache of the
     shared base (made absolute, so workers on a shared filesystem reuse it)."""
-    from sweeps.substrate_map import point_arms, point_key
+    from sweeps.substrate_map import arms_payload, point_arms, point_key
 
     bounds = cfg.bounds()
     jobs = []
@@ -230,7 +230,7 @@ def substrate_sweep_jobs(cfg) -> list[Job]:
         dists = {k: FloatDistribution(min(bounds[k][0], v), max(bounds[k][1], v)) for k, v in values.items()}
         for seed in cfg.seeds:
             jobs.append(Job(key=ledger.trial_key(pk, seed),
-                            payload={"system": "substrate", "arms": dataclasses.asdict(point_arms(cfg, values, seed)),
+                            payload={"system": "substrate", "arms": arms_payload(point_arms(cfg, values, seed)),
                                      "seed": int(seed), "point_key": pk, "cache": os.path.abspath(cfg.cache)},
                             attrs={"point_key": pk, "seed": int(seed), "axes": {k: float(v) for k, v in values.items()}},
                             params={k: float(v) for k, v in values.items()}, distributions=dists))
@@ -245,7 +245,7 @@ def factorial_jobs(fcfg, out: str | Path, cache: str | Path) -> list[Job]:
 
     out, cache = os.path.abspath(out), os.path.abspath(cache)
     return [Job(key=trial_key(cell, seed),
-                payload={"system": "factorial", "cell": dataclasses.asdict(fcfg.trial_config(cell, seed)),
+                payload={"system": "factorial", "cell": fcfg.trial_config(cell, seed).flat(),
                          "out": out, "cache": cache},
                 attrs={"cell": cell, "seed": int(seed)})
             for seed in fcfg.seeds for cell in fcfg.cells]
@@ -297,7 +297,7 @@ def run_factorial_trial(job: dict, ctx: WorkerContext) -> Outcome:
     from substrate.cell import CellConfig, prepare_substrate, run_cell
     from sweeps.factorial import trial_dir
 
-    cfg = CellConfig(**job["cell"])
+    cfg = CellConfig.of(**job["cell"])
     out, cache = Path(ctx.out or job["out"]), ctx.cache or job["cache"]
     from sandbox.results import config_hash
 
@@ -320,7 +320,7 @@ def run_substrate_point(job: dict, ctx: WorkerContext) -> Outcome:
     from sweeps.substrate_map import point_key, seed_rows
 
     d = job["arms"]
-    rc = RoutingArms(cell=CellConfig(**d["cell"]), evolution=EvolutionConfig(**d["evolution"]),
+    rc = RoutingArms(cell=CellConfig.of(**d["cell"]), evolution=EvolutionConfig(**d["evolution"]),
                      **{k: v for k, v in d.items() if k not in ("cell", "evolution")})
     if point_key(rc) != job["point_key"]:
         raise RuntimeError("the point's configuration hashes differently on this worker (another version of "

@@ -104,11 +104,11 @@ def test_every_mode_occurs_and_gates_are_causal_on_a_rule_model():
 @pytest.fixture(scope="module")
 def sub(tmp_path_factory):
     torch.set_num_threads(1)
-    return prepare_substrate(CellConfig(**FAST), tmp_path_factory.mktemp("cache"))
+    return prepare_substrate(CellConfig.of(**FAST), tmp_path_factory.mktemp("cache"))
 
 
 def test_no_gradient_reaches_the_router_and_adapters_learn(sub):
-    cfg = CellConfig(**FAST, router_kind="acar")
+    cfg = CellConfig.of(**FAST, router_kind="acar")
     st = build_state(cfg, sub)
     assert st.acar_score.shape == (cfg.slots,)
     cellmod.train_step(cfg, st, sub.corpus, TrainConfig(steps=3, lr=cfg.lr, batch=cfg.batch, warmup=1))
@@ -121,8 +121,8 @@ def test_no_gradient_reaches_the_router_and_adapters_learn(sub):
 
 
 def test_run_writes_acar_csv_and_identity(sub, tmp_path):
-    assert "router_kind" not in CellConfig(**FAST).identity()                   # old folders still resume
-    cfg = CellConfig(**FAST, router_kind="acar")
+    assert "router_kind" not in CellConfig.of(**FAST).identity()                   # old folders still resume
+    cfg = CellConfig.of(**FAST, router_kind="acar")
     assert cfg.identity()["router_kind"] == "acar"
     m = run_cell(cfg, tmp_path / "a", substrate=sub).metrics
     t = pd.read_csv(tmp_path / "a" / "acar.csv")
@@ -133,11 +133,11 @@ def test_run_writes_acar_csv_and_identity(sub, tmp_path):
     assert total["tokens"] == sub.corpus.domains * FAST["eval_windows"] * sub.corpus.seq_len
     assert m["router_kind"] == "acar" and m["acar"]["tokens"] == total["tokens"]
     with pytest.raises(BadInput):
-        CellConfig(**FAST, router_kind="bogus")
+        CellConfig.of(**FAST, router_kind="bogus")
 
 
 def test_acar_run_resumes_to_the_same_metrics(sub, tmp_path):
-    cfg = CellConfig(**FAST, router_kind="acar")
+    cfg = CellConfig.of(**FAST, router_kind="acar")
     whole = run_cell(cfg, tmp_path / "whole", substrate=sub).metrics
     assert not run_cell(cfg, tmp_path / "cut", substrate=sub, stop_after=1).done
     resumed = run_cell(cfg, tmp_path / "cut", substrate=sub).metrics

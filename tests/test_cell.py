@@ -29,7 +29,7 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sub(cache):
     torch.set_num_threads(1)
-    return prepare_substrate(CellConfig(**TINY), cache)
+    return prepare_substrate(CellConfig.of(**TINY), cache)
 
 
 def run(cfg, path, sub, **kw):
@@ -37,12 +37,12 @@ def run(cfg, path, sub, **kw):
 
 
 def test_router_letter_switches_router_kind_and_features(sub):
-    b3, r = build_state(CellConfig(**TINY, cell="B3"), sub), build_state(CellConfig(**TINY, cell="R"), sub)
-    assert (b3.router.cfg.kind, CellConfig(**TINY, cell="B3").features) == ("softmax", "embed")
-    assert (r.router.cfg.kind, CellConfig(**TINY, cell="R").features) == ("sigmoid", "hidden")
+    b3, r = build_state(CellConfig.of(**TINY, cell="B3"), sub), build_state(CellConfig.of(**TINY, cell="R"), sub)
+    assert (b3.router.cfg.kind, CellConfig.of(**TINY, cell="B3").features) == ("softmax", "embed")
+    assert (r.router.cfg.kind, CellConfig.of(**TINY, cell="R").features) == ("sigmoid", "hidden")
     x = sub.corpus.heldout[0][:2, :-1].long()
-    g_b3 = cellmod.gates_for(CellConfig(**TINY, cell="B3"), b3, x, 0)
-    g_r = cellmod.gates_for(CellConfig(**TINY, cell="R"), r, x, 0)
+    g_b3 = cellmod.gates_for(CellConfig.of(**TINY, cell="B3"), b3, x, 0)
+    g_r = cellmod.gates_for(CellConfig.of(**TINY, cell="R"), r, x, 0)
     torch.testing.assert_close(g_b3.sum(-1), torch.ones(g_b3.shape[:-1]))       # softmax: on the simplex
     floors = r.router.floors()
     assert bool((g_r >= floors - 1e-6).all()) and bool((g_r <= 1).all())
@@ -54,8 +54,8 @@ def test_router_letter_switches_router_kind_and_features(sub):
 
 
 def test_scope_letter_changes_fitness_only(sub, tmp_path):
-    r = run(CellConfig(**TINY, cell="R"), tmp_path / "r", sub).metrics
-    re_ = run(CellConfig(**TINY, cell="R+E"), tmp_path / "re", sub).metrics
+    r = run(CellConfig.of(**TINY, cell="R"), tmp_path / "r", sub).metrics
+    re_ = run(CellConfig.of(**TINY, cell="R+E"), tmp_path / "re", sub).metrics
     # E without L trains exactly like R: it only changes how fitness is measured and logged.
     assert r["balanced_log_ppl"] == re_["balanced_log_ppl"]
     fr, fe = pd.read_csv(tmp_path / "r" / "fitness.csv"), pd.read_csv(tmp_path / "re" / "fitness.csv")
@@ -70,8 +70,8 @@ def test_scope_letter_changes_fitness_only(sub, tmp_path):
 
 
 def test_lifecycle_letter_produces_events_with_lineage(sub, tmp_path):
-    rl = run(CellConfig(**TINY, cell="R+L"), tmp_path / "rl", sub).metrics
-    r = run(CellConfig(**TINY, cell="R"), tmp_path / "r", sub).metrics
+    rl = run(CellConfig.of(**TINY, cell="R+L"), tmp_path / "rl", sub).metrics
+    r = run(CellConfig.of(**TINY, cell="R"), tmp_path / "r", sub).metrics
     ev = pd.read_csv(tmp_path / "rl" / "lifecycle.csv")
     assert rl["lifecycle_events"] == 2 and (ev["event"] == "death").sum() == 2       # steps 5 and 10
     assert set(ev["event"]) == {"death", "inherit", "birth"}
@@ -82,7 +82,7 @@ def test_lifecycle_letter_produces_events_with_lineage(sub, tmp_path):
 
 
 def test_loo_losses_match_a_loop_over_slots(sub):
-    cfg = CellConfig(**TINY, cell="R")
+    cfg = CellConfig.of(**TINY, cell="R")
     st = build_state(cfg, sub)
     loo, full, hbar = loo_losses(cfg, st, sub.corpus, 7)
     M, w = sub.corpus.domains, cfg.fit_windows
@@ -110,7 +110,7 @@ def test_data_order_is_a_pure_function_of_seed_and_step(sub):
 
 
 def test_kill_and_resume_equals_uninterrupted(sub, tmp_path):
-    cfg = CellConfig(**{**TINY, "steps": 12}, cell="R+E+L")
+    cfg = CellConfig.of(**{**TINY, "steps": 12}, cell="R+E+L")
     whole = run(cfg, tmp_path / "whole", sub)
     first = run(cfg, tmp_path / "cut", sub, stop_after=7)
     assert not first.done and first.step == 7 and (tmp_path / "cut" / "checkpoint.pt").exists()
@@ -128,7 +128,7 @@ def test_kill_and_resume_equals_uninterrupted(sub, tmp_path):
 
 
 def test_resume_refuses_a_different_config(sub, tmp_path):
-    cfg = CellConfig(**TINY, cell="R")
+    cfg = CellConfig.of(**TINY, cell="R")
     run(cfg, tmp_path / "x", sub, stop_after=2)
     with pytest.raises(BadInput, match="--out"):
         run(replace(cfg, lr=1e-2), tmp_path / "x", sub)
@@ -142,13 +142,13 @@ def test_divergence_is_recorded_not_raised(sub, tmp_path, monkeypatch):
         return math.inf if st.step == 3 else loss
 
     monkeypatch.setattr(cellmod, "train_step", exploding)
-    m = run(CellConfig(**TINY, cell="B3"), tmp_path / "d", sub).metrics
+    m = run(CellConfig.of(**TINY, cell="B3"), tmp_path / "d", sub).metrics
     assert m["diverged"] is True and m["diverged_step"] == 3 and math.isnan(m["balanced_log_ppl"])
     assert m["steps"] == 3 and json.loads((tmp_path / "d" / "metrics.json").read_text())["diverged"] is True
 
 
 def test_perturb_base_relative_scale(sub):
-    cfg = CellConfig(**TINY, cell="B3")
+    cfg = CellConfig.of(**TINY, cell="B3")
     plain, noisy = build_state(cfg, sub), build_state(replace(cfg, perturb_base=0.1), sub)
     W0 = plain.model.blocks[0].mlp.fc.weight
     W1 = noisy.model.blocks[0].mlp.fc.weight
@@ -167,12 +167,12 @@ def test_perturb_base_relative_scale(sub):
 ])
 def test_bad_knobs_name_their_flag(kw, flag):
     with pytest.raises(BadInput) as e:
-        CellConfig(**{**TINY, **kw})
+        CellConfig.of(**{**TINY, **kw})
     assert e.value.flag == flag and "\n" not in e.value.one_line()
 
 
 def test_cell_spelling_is_canonical():
-    assert CellConfig(**TINY, cell="l+r").cell == "R+L" and CellConfig(**TINY, cell="full").cell == "R+E+L"
+    assert CellConfig.of(**TINY, cell="l+r").cell == "R+L" and CellConfig.of(**TINY, cell="full").cell == "R+E+L"
 
 
 def test_real_text_folder_runs_with_unknown_floors(tmp_path, cache):
@@ -184,7 +184,7 @@ def test_real_text_folder_runs_with_unknown_floors(tmp_path, cache):
     for dom, words in vocab.items():
         (tmp_path / "data" / dom).mkdir(parents=True)
         (tmp_path / "data" / dom / "a.txt").write_text(" ".join(rng.choice(words) for _ in range(1500)))
-    cfg = CellConfig(**{**TINY, "steps": 4, "pretrain_steps": 5, "specialist_steps": 3}, cell="R",
+    cfg = CellConfig.of(**{**TINY, "steps": 4, "pretrain_steps": 5, "specialist_steps": 3}, cell="R",
                      data=str(tmp_path / "data"))
     m = run_cell(cfg, tmp_path / "run", cache).metrics
     assert set(m["log_ppl"]) == {"code", "prose"} and math.isfinite(m["balanced_log_ppl"])
@@ -198,12 +198,12 @@ def test_fair_start_gives_the_sigmoid_router_the_softmax_total_and_reports_the_s
     x = torch.cat([w[:4, :-1].long() for w in sub.corpus.heldout])
     totals = {}
     for init in ("mass", "zero"):
-        cfg = CellConfig(**TINY, cell="R", router_init=init)
+        cfg = CellConfig.of(**TINY, cell="R", router_init=init)
         totals[init] = float(cellmod.gates_for(cfg, build_state(cfg, sub), x, 0).sum(-1).mean())
     assert abs(totals["mass"] - 1.0) < 0.03          # measured 0.984: W h adds a little spread on K = 4
     assert abs(totals["zero"] - 4 * (0.05 + 0.95 / 2)) < 0.05
-    assert "router_init" not in CellConfig(**TINY, router_init="zero").identity()   # old folders still resume
-    m = run(CellConfig(**{**TINY, "steps": 2}, cell="R"), tmp_path / "r", sub).metrics
+    assert "router_init" not in CellConfig.of(**TINY, router_init="zero").identity()   # old folders still resume
+    m = run(CellConfig.of(**{**TINY, "steps": 2}, cell="R"), tmp_path / "r", sub).metrics
     assert m["initial_gap_to_base"] == pytest.approx(m["initial_balanced_log_ppl"] - m["base_balanced_log_ppl"])
     with pytest.raises(BadInput, match="--router-init"):
-        CellConfig(**TINY, router_init="half")
+        CellConfig.of(**TINY, router_init="half")

@@ -169,15 +169,15 @@ def test_scope_under_lifecycle_matches_scipy():
 
 
 def test_cpu_defaults_are_said_plainly():
-    from sandbox.app.commands.full import KNOBS, O, cell_template, schedule
+    from sandbox.app.commands.full import cell_options, cell_template, schedule
 
     said = []
-    kw = {k: O[k].default for k in KNOBS}
+    kw = {o.name: o.default for o in cell_options()}
     kw["device"] = "cpu"
     cfg = cell_template("L+R", 42, kw, said.append)
     assert (cfg.preset, cfg.steps, cfg.cell, cfg.device) == ("small", 200, "R+L", "cpu")
     assert said == ["no CUDA: running preset small for 200 steps instead of widened-1536 x 25000"]
-    assert (cfg.interval, cfg.min_age, cfg.eval_every) == (40, 80, 40)
+    assert (cfg.lifecycle.interval, cfg.lifecycle.min_age, cfg.eval_every) == (40, 80, 40)
     assert schedule(25_000, None, None, None, None) == {"interval": 250, "min_age": 500, "eval_every": 1000,
                                                        "checkpoint_every": 1000}
 

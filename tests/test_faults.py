@@ -425,9 +425,9 @@ def test_cache_naming_a_file_is_one_line(tmp_path, capsys):
 
 
 def test_steps_help_states_each_presets_default():
-    from sandbox.app.commands.full import O, PRESET_STEPS
+    from sandbox.app.commands.full import PRESET_STEPS, cell_options
 
-    help_text = O["steps"].help
+    help_text = next(o.help for o in cell_options() if o.name == "steps")
     for preset, steps in PRESET_STEPS.items():
         assert f"{steps} for {preset}" in help_text
 

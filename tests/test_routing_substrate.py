@@ -23,12 +23,12 @@ TINY = dict(preset="tiny", steps=12, batch=4, slots=4, rank=4, eval_windows=4, s
 @pytest.fixture(scope="module")
 def sub(tmp_path_factory):
     torch.set_num_threads(1)
-    return prepare_substrate(CellConfig(**TINY), tmp_path_factory.mktemp("cache"))
+    return prepare_substrate(CellConfig.of(**TINY), tmp_path_factory.mktemp("cache"))
 
 
 @pytest.mark.parametrize("cell", ["B3", "R"])
 def test_population_forward_equals_a_loop_over_members(sub, cell):
-    rc = routing.RoutingArms(cell=CellConfig(**TINY, cell=cell), evolution=evo.EvolutionConfig(population=5))
+    rc = routing.RoutingArms(cell=CellConfig.of(**TINY, cell=cell), evolution=evo.EvolutionConfig(population=5))
     st = build_state(rc.cell, sub)
     M = sub.corpus.domains
     dom = torch.arange(M).repeat_interleave(2)
@@ -46,7 +46,7 @@ def test_population_forward_equals_a_loop_over_members(sub, cell):
 
 
 def test_arms_share_their_start_and_the_search_counts_what_it_did(sub):
-    rc = routing.RoutingArms(cell=CellConfig(**TINY, cell="B3"),
+    rc = routing.RoutingArms(cell=CellConfig.of(**TINY, cell="B3"),
                              evolution=evo.EvolutionConfig(population=4, interval=4, mutation_scale=0.1))
     res = routing.run_arms(rc, sub)
     assert set(res) == set(routing.ARMS)
@@ -55,7 +55,7 @@ def test_arms_share_their_start_and_the_search_counts_what_it_did(sub):
     for arm in routing.ARMS:
         assert math.isfinite(res[arm]["balanced"]) and len(res[arm]["nll"]) == sub.corpus.domains
     # a search that accepts nothing leaves evo == grad exactly (same batches, same start, state kept)
-    inert = routing.RoutingArms(cell=CellConfig(**TINY, cell="B3"),
+    inert = routing.RoutingArms(cell=CellConfig.of(**TINY, cell="B3"),
                                 evolution=evo.EvolutionConfig(population=3, interval=4, method="fixed",
                                                               mutation_scale=100.0))
     r2 = routing.run_arms(inert, sub, arms=("grad", "evo"))
@@ -65,13 +65,13 @@ def test_arms_share_their_start_and_the_search_counts_what_it_did(sub):
 
 def test_lifecycle_cells_are_refused():
     with pytest.raises(BadInput, match="--cell"):
-        routing.RoutingArms(cell=CellConfig(**TINY, cell="R+L"))
+        routing.RoutingArms(cell=CellConfig.of(**TINY, cell="R+L"))
 
 
 def test_substrate_sweep_records_resumes_and_decomposes(sub, tmp_path):
     from sweeps import substrate_map as sm
 
-    arms = routing.RoutingArms(cell=CellConfig(**{**TINY, "steps": 8}, cell="B3"),
+    arms = routing.RoutingArms(cell=CellConfig.of(**{**TINY, "steps": 8}, cell="B3"),
                                evolution=evo.EvolutionConfig(population=3, interval=4))
     cfg = sm.SubstrateSweepConfig(arms=arms, points=2, seeds=(0, 1), cache=str(tmp_path / "cache"))
     first = sm.run_substrate_sweep(cfg, tmp_path / "map", figures=False)
@@ -98,7 +98,7 @@ def test_cli_system_flag_is_checked():
 def test_confirmation_keeps_only_children_that_win_twice(sub):
     """--confirm: every child that won its search batch is either kept (accepted) or rejected on a
     second batch (unconfirmed); a rejected child leaves the router as it was."""
-    base = dict(cell=CellConfig(**TINY, cell="B3"), evolution=evo.EvolutionConfig(population=6, interval=2))
+    base = dict(cell=CellConfig.of(**TINY, cell="B3"), evolution=evo.EvolutionConfig(population=6, interval=2))
     plain = routing.run_arms(routing.RoutingArms(**base), sub, arms=("evo",))["evo"]
     conf = routing.run_arms(routing.RoutingArms(**base, confirm=True), sub, arms=("evo",))["evo"]
     assert plain["unconfirmed"] == 0

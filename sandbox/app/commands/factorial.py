@@ -7,44 +7,30 @@ from typing import Optional
 
 import typer
 
-from sandbox.app.commands.full import KNOBS, O
+from sandbox.app.commands.full import cell_options, run_options
 
 
-def factorial(
-    cells: str = typer.Option("partial", "--cells", help="Comma list of cells, 'partial' (B3,R,R+E,R+L,R+E+L) or 'all'."),
-    seeds: str = typer.Option("42,137,2026", "--seeds", help="Seeds: a comma list or a count."),
-    out: Optional[str] = typer.Option(None, "--out", help="Output folder (default runs/factorial-<hash>); rerun to resume."),
-    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL for the ledger (default OUT/ledger.journal)."),
-    eps: float = typer.Option(0.01, "--eps", help="Equivalence margin (nats) for the paired statistics."),
-    alpha_level: float = typer.Option(0.05, "--alpha", help="Test level."),
-    seeds_to_resolve: Optional[int] = typer.Option(None, "--seeds-to-resolve", help="Add seeds in rounds until every "
-                                                   "named contrast is classified or this many seeds are reached "
-                                                   "(group-sequential, overall error alpha)."),
-    round_seeds: Optional[int] = typer.Option(None, "--round-seeds", help="Seeds added per round with "
-                                              "--seeds-to-resolve (default: as many as --seeds; >= 2)."),
-    spending: str = typer.Option("obf", "--spending", help="Alpha spending of the sequential design: obf "
-                                 "(Lan-DeMets O'Brien-Fleming type) or pocock."),
-    preset: Optional[str] = O["preset"], steps: Optional[int] = O["steps"], alignment: float = O["alignment"],
-    data: Optional[str] = O["data"], device: str = O["device"], batch: int = O["batch"], lr: float = O["lr"],
-    eval_every: Optional[int] = O["eval_every"], checkpoint_every: Optional[int] = O["checkpoint_every"],
-    interval: Optional[int] = O["interval"], n_die: int = O["n_die"], min_age: Optional[int] = O["min_age"],
-    inherit_alpha: float = O["inherit_alpha"], inherit_mode: str = O["inherit_mode"],
-    mutation_sigma: float = O["mutation_sigma"], per_domain_agg: str = O["per_domain_agg"],
-    selection: str = O["selection"], crossover: str = O["crossover"], crossover_t: Optional[float] = O["crossover_t"],
-    mutation: str = O["mutation"], finetune_steps: int = O["finetune_steps"], finetune_lr: float = O["finetune_lr"],
-    fit_windows: int = O["fit_windows"], floor_max: float = O["floor_max"], tau_start: float = O["tau_start"],
-    tau_end: float = O["tau_end"], tau_min: float = O["tau_min"], tau_max: float = O["tau_max"],
-    anneal_steps: Optional[int] = O["anneal_steps"], router_init: str = O["router_init"], pooling: str = O["pooling"],
-    router_kind: str = O["router_kind"],
-    perturb_base: float = O["perturb_base"],
-    slots: int = O["slots"], rank: int = O["rank"], context: Optional[int] = O["context"],
-    pretrain_steps: Optional[int] = O["pretrain_steps"], eval_windows: Optional[int] = O["eval_windows"],
-    cache: str = O["cache"], threads: Optional[int] = O["threads"], yes: bool = O["yes"],
-    no_figures: bool = typer.Option(False, "--no-figures", help="Skip drawing figures (tables only)."),
-    enqueue_only: bool = typer.Option(False, "--enqueue-only", help="Define step for `sandbox worker`: queue every (cell, seed) trial on a PostgreSQL --storage and exit."),
-) -> None:
+def _factorial_options() -> list:
+    from sandbox.app.declare import from_fields, own
+    from sweeps.factorial import FactorialConfig
+
+    return [own("cells", "partial", "--cells", help="Comma list of cells, 'partial' (B3,R,R+E,R+L,R+E+L) or 'all'."),
+            own("seeds", "42,137,2026", "--seeds", help="Seeds: a comma list or a count."),
+            own("out", None, "--out", help="Output folder (default runs/factorial-<hash>); rerun to resume."),
+            own("storage", None, "--storage", help="Optuna storage URL for the ledger (default OUT/ledger.journal)."),
+            *from_fields(FactorialConfig, ("eps", "alpha", "seeds_to_resolve", "round_seeds", "spending")),
+            *cell_options(), *run_options(),
+            own("no_figures", False, "--no-figures", help="Skip drawing figures (tables only)."),
+            own("enqueue_only", False, "--enqueue-only", help="Define step for `sandbox worker`: queue every (cell, "
+                "seed) trial on a PostgreSQL --storage and exit.")]
+
+
+def factorial(**kw) -> None:
     """Run the factorial of cells x seeds and attribute the effect (probes: --inherit-alpha 0, --perturb-base S)."""
-    kw = {k: v for k, v in locals().items() if k in KNOBS}
+    cells, seeds, out, storage = kw.pop("cells"), kw.pop("seeds"), kw.pop("out"), kw.pop("storage")
+    design = {k: kw.pop(k) for k in ("eps", "alpha", "seeds_to_resolve", "round_seeds", "spending")}
+    cache, threads, yes = kw.pop("cache"), kw.pop("threads"), kw.pop("yes")
+    no_figures, enqueue_only = kw.pop("no_figures"), kw.pop("enqueue_only")
     from sandbox.app.commands.full import apply_threads
 
     apply_threads(threads)
@@ -65,8 +51,7 @@ def factorial(
     seed_list = parse_seeds(seeds)
     notes: list[str] = []
     template = cell_template(chosen[0], seed_list[0], kw, notes.append, yes=yes)
-    fcfg = FactorialConfig(base=template, cells=tuple(chosen), seeds=tuple(seed_list), eps=eps, alpha=alpha_level,
-                           seeds_to_resolve=seeds_to_resolve, round_seeds=round_seeds, spending=spending)
+    fcfg = FactorialConfig(base=template, cells=tuple(chosen), seeds=tuple(seed_list), **design)
     for note in notes:  # printed only once every option is known to be valid
         err.print(note)
     root = Path(out) if out else Path("runs") / f"factorial-{config_hash(fcfg.settings())[:8]}"
@@ -83,8 +68,8 @@ def factorial(
     claim_run_dir(root, "factorial")   # refuse a held or foreign folder before printing anything
     err.print(f"factorial: {len(chosen)} cells x {len(seed_list)} seeds, preset {template.preset}, "
               f"{template.steps} steps each on {template.device} -> {root}")
-    if seeds_to_resolve is not None:
-        err.print(f"sequential: looks at {fcfg.looks()} seeds ({spending} alpha spending, alpha {alpha_level:g}, "
+    if fcfg.seeds_to_resolve is not None:
+        err.print(f"sequential: looks at {fcfg.looks()} seeds ({fcfg.spending} alpha spending, alpha {fcfg.alpha:g}, "
                   f"Holm over the contrasts)")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err) as bar:
@@ -175,4 +160,6 @@ def print_attribution(res) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("factorial")(factorial)
+    from sandbox.app.declare import declared
+
+    app.command("factorial")(declared(_factorial_options())(factorial))

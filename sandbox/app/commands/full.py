@@ -17,55 +17,49 @@ GPU_PRESET, GPU_STEPS = "widened-1536", 25_000
 CPU_PRESET, CPU_STEPS = "small", 200
 PRESET_STEPS = {"tiny": 100, "small": CPU_STEPS}
 
-# Shared option declarations (used by `full` and `factorial`).
-O = dict(
-    preset=typer.Option(None, "--preset", help="tiny, small or widened-1536 (default: widened-1536 with CUDA, small on CPU)."),
-    steps=typer.Option(None, "--steps", help="Adaptation steps (default: 25000 for widened-1536, 200 for small, 100 "
-                       "for tiny; with no --preset, widened-1536 on CUDA and small on CPU)."),
-    alignment=typer.Option(0.5, "--alignment", help="Starting adapters: 0 random .. 1 the per-domain specialists."),
-    data=typer.Option(None, "--data", help="Real text folder (one subfolder of .txt files per domain)."),
-    device=typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    batch=typer.Option(8, "--batch", help="Training windows per step."),
-    lr=typer.Option(3e-3, "--lr", help="Peak Adam learning rate."),
-    eval_every=typer.Option(None, "--eval-every", help="Steps between held-out evaluations (default steps/5, at most 1000)."),
-    checkpoint_every=typer.Option(None, "--checkpoint-every", help="Steps between checkpoints (default = --eval-every)."),
-    interval=typer.Option(None, "--interval", help="Steps between lifecycle events / fitness measurements (default steps/5, at most 250)."),
-    n_die=typer.Option(1, "--n-die", help="Slots that die per lifecycle event."),
-    min_age=typer.Option(None, "--min-age", help="Minimum age (steps) before a slot may die (default 2 x interval, at most 500)."),
-    inherit_alpha=typer.Option(0.5, "--inherit-alpha", help="Inheritance alpha in [0, 1]; 0 = the no-inheritance counterfactual."),
-    inherit_mode=typer.Option("blend", "--inherit-mode", help="blend (into nearest neighbour) or child (into the newborn)."),
-    mutation_sigma=typer.Option(0.1, "--mutation-sigma", help="Log-normal SVD mutation scale on singular values."),
-    per_domain_agg=typer.Option("max", "--per-domain-agg", help="Per-domain fitness aggregator (E): max, mean or median."),
-    selection=typer.Option("tournament", "--selection", help="Lifecycle parent selection: tournament or roulette (EvoMerge, fitness-proportional)."),
-    crossover=typer.Option("none", "--crossover", help="Lifecycle crossover: none or slerp (EvoMerge: newborn = SLERP of two fit parents)."),
-    crossover_t=typer.Option(None, "--crossover-t", help="SLERP weight of the second parent in [0, 1] (default: drawn U(0, 1) per newborn)."),
-    mutation=typer.Option("svd", "--mutation", help="Newborn mutation: svd, finetune (EvoMerge: gradient steps on its target domain, other slots frozen) or svd+finetune."),
-    finetune_steps=typer.Option(1, "--finetune-steps", help="Gradient steps of --mutation finetune (each on --batch fresh windows)."),
-    finetune_lr=typer.Option(0.01, "--finetune-lr", help="Step length (factor space) of --mutation finetune."),
-    fit_windows=typer.Option(4, "--fit-windows", help="Selection-batch windows per domain for leave-one-out fitness."),
-    floor_max=typer.Option(0.1, "--floor-max", help="Upper bound of the sigmoid router's per-slot floor."),
-    tau_start=typer.Option(2.0, "--tau-start", help="Sigmoid temperature at step 0."),
-    tau_end=typer.Option(0.5, "--tau-end", help="Sigmoid temperature at the end of the anneal."),
-    tau_min=typer.Option(0.25, "--tau-min", help="Lower temperature bound."),
-    tau_max=typer.Option(4.0, "--tau-max", help="Upper temperature bound."),
-    anneal_steps=typer.Option(None, "--anneal-steps", help="Temperature anneal length (default: all steps)."),
-    router_init=typer.Option("mass", "--router-init", help="Sigmoid router start: mass (fair: expected total gate "
-                             "weight per token at step 0 = the softmax's 1) or zero (bias 0, total about K(1+floor)/2)."),
-    router_kind=typer.Option("auto", "--router", help="Router kind: auto (the cell's: softmax for B3, sigmoid with R) or "
-                             "acar (sigma routing: top-3 slots by held-in loss, 1/2/3 gated equally by their agreement)."),
-    pooling=typer.Option("causal", "--pooling", help="Routing-feature pooling: causal, or sequence (leaks the future)."),
-    perturb_base=typer.Option(0.0, "--perturb-base", help="Probe: relative Gaussian noise on the frozen base weights."),
-    slots=typer.Option(16, "--slots", help="K adapter slots."),
-    rank=typer.Option(8, "--rank", help="Adapter rank r."),
-    context=typer.Option(None, "--context", help="Window length T (default per preset)."),
-    pretrain_steps=typer.Option(None, "--pretrain-steps", help="Base pretraining steps (default per preset; cached)."),
-    eval_windows=typer.Option(None, "--eval-windows", help="Held-out windows per domain per evaluation (default all)."),
-    cache=typer.Option("runs/cache", "--cache", help="Cache folder for corpora, pretrained bases and specialists."),
-    threads=typer.Option(None, "--threads", help="torch CPU threads (default: 1 on machines with <= 2 cores, else torch's default)."),
-    yes=typer.Option(False, "--yes", help="Run widened-1536 on a CPU anyway (it takes weeks there; refused without it)."),
-)
-#: The options that become `CellConfig` fields (all of `O` except the execution settings).
-KNOBS = tuple(k for k in O if k not in ("cache", "threads", "yes"))
+#: Run-time defaults of the cell options (`sandbox.app.declare`): keyword -> what None resolves to.
+AUTO = {
+    "preset": "widened-1536 with CUDA, small on a CPU",
+    "steps": "25000 for widened-1536, 200 for small, 100 for tiny; with no --preset, widened-1536 on CUDA and "
+             "small on CPU",
+    "device": "cuda when visible, else cpu",
+    "eval_every": "steps/5, at most 1000",
+    "checkpoint_every": "--eval-every",
+    "interval": "steps/5, at most 250",
+    "min_age": "2 x interval, at most 500",
+}
+
+
+def cell_options() -> list:
+    """Every knob of `substrate.cell.CellConfig` as an option, the nested router and lifecycle knobs
+    under their flat names (`substrate.cell.NESTED`); ``cell`` and ``seed`` are the commands' own."""
+    from dataclasses import fields
+
+    from sandbox.app.declare import from_fields
+    from sandbox.lifecycle import LifecycleConfig
+    from sandbox.router import RouterConfig
+    from substrate.cell import CELL_LIFECYCLE, CELL_ROUTER, NESTED, CellConfig
+
+    top = [f.name for f in fields(CellConfig) if f.name not in ("cell", "seed", "router", "lifecycle")]
+    opts = from_fields(CellConfig, top, auto=AUTO, flags={"router_kind": "--router"})
+    for group, cls, inst in (("router", RouterConfig, CELL_ROUTER), ("lifecycle", LifecycleConfig, CELL_LIFECYCLE)):
+        mine = {k: f for k, (g, f) in NESTED.items() if g == group}
+        opts += from_fields(cls, list(mine.values()), instance=inst, rename={f: k for k, f in mine.items()}, auto=AUTO)
+    return opts
+
+
+def run_options() -> list:
+    """The execution settings shared by `full` and `factorial` (not part of a cell's identity)."""
+    from sandbox.app.declare import own
+
+    return [own("cache", "runs/cache", "--cache", help="Cache folder for corpora, pretrained bases and specialists."),
+            own("threads", None, "--threads", annotation=Optional[int],
+                help="torch CPU threads (default: 1 on machines with <= 2 cores, else torch's default)."),
+            own("yes", False, "--yes", help="Run widened-1536 on a CPU anyway (it takes weeks there; refused without it).")]
+
+
+#: The options that become `CellConfig` fields.
+KNOBS = tuple(o.name for o in cell_options())
 #: Throughput of widened-1536 measured on 2 CPU cores (README, "Speed on this machine"): tokens/s.
 CPU_TOKENS_PER_S = {"adapt": 40.0, "pretrain": 16.0}
 
@@ -85,11 +79,13 @@ def apply_threads(threads: int | None) -> None:
         torch.set_num_threads(1)
 
 
-def resolve_device(device: str) -> str:
+def resolve_device(device: str | None) -> str:
+    """None or ``auto``: cuda when visible, else cpu; ``cuda`` without a GPU is refused."""
     import torch
 
     from sandbox.errors import BadInput
 
+    device = "auto" if device is None else device
     if device not in ("auto", "cpu", "cuda"):
         raise BadInput("--device", device, "auto, cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
@@ -154,37 +150,29 @@ def cell_template(cell: str, seed: int, kw: dict, say, yes: bool = False) -> "Ce
     kw.update(schedule(steps, kw.pop("interval"), kw.pop("min_age"), kw.pop("eval_every"), kw.pop("checkpoint_every")))
     if kw.get("data") is not None and not Path(kw["data"]).is_dir():
         raise BadInput("--data", kw["data"], "a folder with one subfolder of .txt files per domain")
-    cfg = CellConfig(cell=cell, seed=seed, preset=preset, steps=steps, device=device, **kw)   # validates every knob
+    cfg = CellConfig.of(cell=cell, seed=seed, preset=preset, steps=steps, device=device, **kw)   # validates every knob
     check_affordable(cfg, yes)
     if note:
         say(note)
     return cfg
 
 
-def full(
-    cell: str = typer.Option(..., "--cell", help="Factors: B3, R, E, L, R+E, L+R, E+L, R+E+L (full); order and case free."),
-    seeds: str = typer.Option("42,", "--seeds", help="Seeds: a comma list (42,137,2026) or a count; one run folder per seed."),
-    out: Optional[str] = typer.Option(None, "--out", help="Output folder (default runs/full-<cell>-<hash>); seed s goes to OUT/seed-s."),
-    stop_after: Optional[int] = typer.Option(None, "--stop-after", hidden=True, help="Stop each run after this many steps in this invocation."),
-    preset: Optional[str] = O["preset"], steps: Optional[int] = O["steps"], alignment: float = O["alignment"],
-    data: Optional[str] = O["data"], device: str = O["device"], batch: int = O["batch"], lr: float = O["lr"],
-    eval_every: Optional[int] = O["eval_every"], checkpoint_every: Optional[int] = O["checkpoint_every"],
-    interval: Optional[int] = O["interval"], n_die: int = O["n_die"], min_age: Optional[int] = O["min_age"],
-    inherit_alpha: float = O["inherit_alpha"], inherit_mode: str = O["inherit_mode"],
-    mutation_sigma: float = O["mutation_sigma"], per_domain_agg: str = O["per_domain_agg"],
-    selection: str = O["selection"], crossover: str = O["crossover"], crossover_t: Optional[float] = O["crossover_t"],
-    mutation: str = O["mutation"], finetune_steps: int = O["finetune_steps"], finetune_lr: float = O["finetune_lr"],
-    fit_windows: int = O["fit_windows"], floor_max: float = O["floor_max"], tau_start: float = O["tau_start"],
-    tau_end: float = O["tau_end"], tau_min: float = O["tau_min"], tau_max: float = O["tau_max"],
-    anneal_steps: Optional[int] = O["anneal_steps"], router_init: str = O["router_init"], pooling: str = O["pooling"],
-    router_kind: str = O["router_kind"],
-    perturb_base: float = O["perturb_base"],
-    slots: int = O["slots"], rank: int = O["rank"], context: Optional[int] = O["context"],
-    pretrain_steps: Optional[int] = O["pretrain_steps"], eval_windows: Optional[int] = O["eval_windows"],
-    cache: str = O["cache"], threads: Optional[int] = O["threads"], yes: bool = O["yes"],
-) -> None:
+def _full_options() -> list:
+    from sandbox.app.declare import own
+
+    return [own("cell", ..., "--cell", annotation=str,
+                help="Factors: B3, R, E, L, R+E, L+R, E+L, R+E+L; order and case free."),
+            own("seeds", "42,", "--seeds", help="Seeds: a comma list (42,137,2026) or a count; one run folder per seed."),
+            own("out", None, "--out", help="Output folder (default runs/full-<cell>-<hash>); seed s goes to OUT/seed-s."),
+            own("stop_after", None, "--stop-after", annotation=Optional[int], hidden=True,
+                help="Stop each run after this many steps in this invocation."),
+            *cell_options(), *run_options()]
+
+
+def full(**kw) -> None:
     """Run one factorial cell (R: sigmoid router on hidden states; E: per-domain fitness; L: lifecycle)."""
-    kw = {k: v for k, v in locals().items() if k in KNOBS}
+    cell, seeds, out, stop_after = kw.pop("cell"), kw.pop("seeds"), kw.pop("out"), kw.pop("stop_after")
+    cache, threads, yes = kw.pop("cache"), kw.pop("threads"), kw.pop("yes")
     apply_threads(threads)
     from dataclasses import replace
 
@@ -267,4 +255,6 @@ def _print_summary(cell: str, rows) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("full")(full)
+    from sandbox.app.declare import declared
+
+    app.command("full")(declared(_full_options())(full))

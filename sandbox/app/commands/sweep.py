@@ -10,6 +10,8 @@ from typing import Optional
 
 import typer
 
+from sandbox.stats import DEFAULT_EPS
+
 
 def sweep(
     alignment: str = typer.Option("0..1", "--alignment", help="Alignment range LO..HI in [0, 1], or one value."),
@@ -17,7 +19,7 @@ def sweep(
     axis: str = typer.Option(None, "--axis", help="Second regime axis NAME=LO..HI, e.g. plasticity=0..1."),
     axis_points: int = typer.Option(5, "--axis-points", help="Grid points of the second axis."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="A count (10 -> 0..9) or a comma list (42,137,2026); default 10 (substrate: 5 on a CPU, 3 on CUDA)."),
-    eps: float = typer.Option(0.01, "--eps", help="Equivalence margin for TOST (nats of log loss), fixed in advance."),
+    eps: float = typer.Option(DEFAULT_EPS, "--eps", help="Equivalence margin for TOST (nats of log loss), fixed in advance."),
     alpha: float = typer.Option(0.05, "--alpha", help="Test level (Holm over the sweep's points)."),
     out: str = typer.Option(None, "--out", help="Run folder (default runs/sweep-<config hash>; the same command resumes)."),
     storage: str = typer.Option(None, "--storage", help="Optuna storage URL (default: a journal file in --out)."),

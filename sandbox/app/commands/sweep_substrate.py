@@ -48,7 +48,7 @@ def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, 
     axis_name, axis_rng = None, None
     if axis:
         axis_name, axis_rng = parse_axis(axis, "--axis", {k: (lo, hi) for k, (lo, hi, _) in AXES.items()})
-    cell = CellConfig(cell="R" if router == "sigmoid" else "B3", preset=preset, steps=steps, batch=batch,
+    cell = CellConfig.of(cell="R" if router == "sigmoid" else "B3", preset=preset, steps=steps, batch=batch,
                       lr=3e-3 if lr is None else lr, data=data, device=dev, seed=seeds[0])
     check_affordable(cell, yes=False)
     ecfg = EvolutionConfig(population=population, mutation_scale=mutation_scale, method=evo,

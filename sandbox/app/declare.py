@@ -1,0 +1,171 @@
+"""Command options declared once: built from the config dataclasses' fields.
+
+A setting lives in one place, the dataclass field that holds it: its default, its type and its
+docstring (the string literal under the field, or the class docstring's ``Attributes:`` entry).
+A command asks for options by field (`from_fields`), adds the few options that are its own
+(`own`: seeds, output folder, ...) and `declared` turns the list into the function signature typer
+reads (``--n-die`` from field ``n_die``). The command then receives plain keyword arguments named
+after the fields, so a reader (and `tests/test_declare.py`) can follow a flag from the command line
+to the field where it acts.
+
+A command may leave a field's default to run time (``auto``): its option defaults to ``None`` and
+the help says what it resolves to (the step-scaled lifecycle interval, the machine's device).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import re
+import textwrap
+import types
+import typing
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable, Iterable, Optional
+
+import typer
+
+from sandbox.errors import flag_for
+
+
+@dataclass(frozen=True)
+class Opt:
+    """One command option.
+
+    Attributes:
+        name: the keyword the command receives (a field name, or the command's own).
+        default: the option's default (``None`` for an ``auto`` option).
+        annotation: the type typer parses the value into.
+        decls: typer's parameter declarations, e.g. ``("--n-die",)``.
+        help: the help text.
+        source: ``(dataclass, field)`` the option comes from, or None for a command's own option.
+        auto: the command resolves the default at run time (then ``default`` is None).
+        hidden: left out of ``--help`` (test hooks).
+    """
+
+    name: str
+    default: Any
+    annotation: Any
+    decls: tuple[str, ...]
+    help: str
+    source: tuple[type, str] | None = None
+    auto: bool = False
+    hidden: bool = False
+
+    def parameter(self) -> inspect.Parameter:
+        info = typer.Option(self.default, *self.decls, help=self.help, hidden=self.hidden)
+        return inspect.Parameter(self.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=self.annotation)
+
+
+def own(name: str, default: Any, *decls: str, help: str, annotation: Any = None, hidden: bool = False) -> Opt:
+    """An option that belongs to the command, not to a config (``--seeds``, ``--out``)."""
+    ann = annotation if annotation is not None else (type(default) if default not in (None, ...) else Optional[str])
+    return Opt(name, default, ann, decls or (flag_for(name),), help, hidden=hidden)
+
+
+@lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """``{field: doc}`` for a dataclass: the string literal under each field, else the field's entry
+    in the class docstring's ``Attributes:`` section. Whitespace is folded, reST quotes dropped."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        docs.update(_attributes_section(klass.__doc__ or ""))
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = nxt.value.value
+    return {k: _fold(v) for k, v in docs.items()}
+
+
+def _attributes_section(doc: str) -> dict[str, str]:
+    lines = textwrap.dedent("\n".join(doc.splitlines()[1:])).splitlines()
+    out: dict[str, str] = {}
+    inside, current, indent = False, None, None
+    for line in lines:
+        if line.strip() == "Attributes:":
+            inside = True
+            continue
+        if not inside:
+            continue
+        if line.strip() and not line.startswith(" "):
+            break                                      # the section ended
+        m = re.match(r"^(\s+)(\w+): (.*)$", line)
+        if m and (indent is None or len(m.group(1)) == indent):
+            indent, current = len(m.group(1)), m.group(2)
+            out[current] = m.group(3)
+        elif current is not None and line.strip():
+            out[current] += " " + line.strip()
+    return out
+
+
+def _fold(text: str) -> str:
+    text = " ".join(text.split())
+    return re.sub(r"`+([^`]+)`+", r"\1", text)
+
+
+def _annotation(cls: type, name: str, auto: bool) -> Any:
+    hint = typing.get_type_hints(cls)[name]
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        hint = Optional[inner[0]] if len(inner) == 1 else hint
+    elif auto:
+        hint = Optional[hint]
+    return hint
+
+
+def from_fields(cls: type, names: Iterable[str], *, instance: Any = None, flags: dict[str, str] | None = None,
+                auto: dict[str, str] | None = None, rename: dict[str, str] | None = None,
+                decls: dict[str, tuple[str, ...]] | None = None) -> list[Opt]:
+    """Options for fields ``names`` of dataclass ``cls``.
+
+    Args:
+        instance: where the defaults come from (default: ``cls()``); a cell's router, say, has
+            other defaults than `RouterConfig`'s class defaults.
+        rename: field -> the keyword the command receives (``{"init": "router_init"}``); the flag is
+            derived from the keyword unless ``flags`` names it.
+        flags: keyword -> flag, where the flag differs from ``--keyword-with-dashes``.
+        auto: keyword -> what the run-time default resolves to (the option defaults to None).
+        decls: keyword -> full typer declarations (``("--fresh-noise/--fixed-noise",)``).
+    """
+    inst = cls() if instance is None else instance
+    docs = field_docs(cls)
+    flags, auto, rename, decls = flags or {}, auto or {}, rename or {}, decls or {}
+    known = {f.name for f in dataclasses.fields(cls)}
+    opts = []
+    for name in names:
+        if name not in known:
+            raise KeyError(f"{cls.__name__} has no field {name!r}")
+        key = rename.get(name, name)
+        is_auto = key in auto
+        help_text = docs.get(name, "")
+        help_text = help_text[:1].upper() + help_text[1:]
+        if is_auto:
+            help_text = f"{help_text} (default: {auto[key]})".strip()
+        opts.append(Opt(key, None if is_auto else getattr(inst, name), _annotation(cls, name, is_auto),
+                        decls.get(key, (flags.get(key, flag_for(key)),)), help_text, (cls, name), is_auto))
+    return opts
+
+
+def declared(opts: list[Opt]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give ``fn(**kw)`` the signature typer reads: one keyword-only parameter per option, in order."""
+    names = [o.name for o in opts]
+    if len(set(names)) != len(names):
+        raise ValueError("options declared twice: " + ", ".join(sorted({n for n in names if names.count(n) > 1})))
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn.__signature__ = inspect.Signature([o.parameter() for o in opts], return_annotation=None)
+        fn.__annotations__ = {o.name: o.annotation for o in opts}
+        fn.__declared__ = tuple(opts)
+        return fn
+
+    return wrap
