@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sandbox.errors import BadInput, require
+from sandbox.errors import BadInput, check, require
 
 INITS = ("lora", "random")
 
@@ -202,7 +202,7 @@ def init_factors(
       has Frobenius norm ``init_norm``.
     Draws are made on the generator's device and moved to ``device``.
     """
-    require(init in INITS, "init", init, "one of " + ", ".join(INITS))
+    check(init in INITS, "init", init, "one of " + ", ".join(INITS))
     shape_a = (*batch_shape, n_slots, rank, d_in)
     shape_b = (*batch_shape, n_slots, d_out, rank)
     if init == "lora":
@@ -250,7 +250,7 @@ class BankConfig:
             object.__setattr__(self, "alpha", float(self.rank))
         require(math.isfinite(float(self.alpha)) and float(self.alpha) > 0, "alpha", self.alpha, "a number > 0")
         object.__setattr__(self, "batch_shape", tuple(int(b) for b in self.batch_shape))
-        require(all(b >= 1 for b in self.batch_shape), "batch_shape", self.batch_shape, "dims >= 1")
+        check(all(b >= 1 for b in self.batch_shape), "batch_shape", self.batch_shape, "dims >= 1")
 
     @property
     def scale(self) -> float:

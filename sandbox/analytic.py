@@ -57,7 +57,7 @@ from sandbox import evolution as evo
 from sandbox import lifecycle as lc
 from sandbox import oracle as orc
 from sandbox.adapters import product_inner, slot_gram
-from sandbox.errors import require
+from sandbox.errors import check, require
 from sandbox.router import RouterConfig, init_router_params, params_to_vector, router_gates, vector_to_params
 from sandbox.streams import Purpose, generator
 from sandbox.tasks import Task, TaskSpec, initial_adapters, make_task, noisy_contexts
@@ -475,7 +475,7 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
     ``with_ceiling`` (grad arm only) also returns, as ``result.ceiling``, the ``oracle`` arm in
     ceiling mode: it follows the grad trajectory exactly, so it is the best gates for this run's
     final adapters, without running the same steps twice."""
-    require(arm in ARMS, "arm", arm, "one of " + ", ".join(ARMS))
+    check(arm in ARMS, "arm", arm, "one of " + ", ".join(ARMS))
     task, spec, cfg = rows.task, rows.spec, rows.cfg
     rcfg = router_config(spec, cfg)
     scale, floor = rows.scale, rows.floor

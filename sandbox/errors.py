@@ -35,6 +35,16 @@ def flag_for(field: str) -> str:
 
 
 def require(ok: bool, field: str, value: Any, allowed: str) -> None:
-    """Raise `BadInput` for config field `field` unless `ok` (for `__post_init__` checks)."""
+    """Raise `BadInput` for config field `field` unless `ok` (for `__post_init__` checks). The field
+    must be settable by a command's flag (`tests/test_declare.py` checks that every such flag exists);
+    settings no command exposes use `check`."""
     if not ok:
         raise BadInput(flag_for(field), value, allowed)
+
+
+def check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    """Raise `BadInput` naming argument or setting `name` itself (no ``--``) unless `ok`: for values
+    that no command takes as a flag (a function's argument, an internal config field), so the
+    message never points a user at a flag that does not exist."""
+    if not ok:
+        raise BadInput(name, value, allowed)

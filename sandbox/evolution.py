@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sandbox.errors import require
+from sandbox.errors import check, require
 
 METHODS = ("es", "cma", "fixed")
 TARGET_SUCCESS = 0.2   # the 1/5th rule
@@ -74,7 +74,7 @@ class EvolutionConfig:
                 and 0 < self.mutation_scale <= 100, "mutation_scale", self.mutation_scale, "a number in (0, 100]")
         require(isinstance(self.interval, int) and self.interval >= 1, "interval", self.interval, "an integer >= 1")
         require(self.method in METHODS, "evo", self.method, "one of " + ", ".join(METHODS))
-        require(isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping > 0,
+        check(isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping > 0,
                 "damping", self.damping, "a number > 0")
         if self.method == "cma":
             require(self.population >= 3, "population", self.population, "an integer >= 3 with --evo cma")
@@ -119,7 +119,7 @@ def init_search(cfg: EvolutionConfig, S: int, D: int, generators: Sequence[torch
                 dtype: torch.dtype = torch.float64, sigma0: Tensor | None = None) -> SearchState:
     """Fresh search state for S seeds and D router parameters; ``sigma0 (S,)`` overrides the
     initial step ``cfg.mutation_scale`` per seed (stacked grid points)."""
-    require(len(generators) == S, "generators", len(generators), f"one per seed ({S})")
+    check(len(generators) == S, "generators", len(generators), f"one per seed ({S})")
     sigma = torch.full((S,), float(cfg.mutation_scale), dtype=dtype) if sigma0 is None else sigma0.to(dtype).clone()
     state = SearchState(sigma=sigma, accepted=torch.zeros(S, dtype=torch.long))
     if cfg.method == "cma":
@@ -139,7 +139,7 @@ def propose(x: Tensor, unit: Tensor, state: SearchState, cfg: EvolutionConfig,
     ``fixed``); one generator per seed draws the ``(P - 1, D)`` noise.
     """
     S, D = x.shape
-    require(len(generators) == S, "generators", len(generators), f"one per seed ({S})")
+    check(len(generators) == S, "generators", len(generators), f"one per seed ({S})")
     lam = cfg.population - 1
     if cfg.method == "cma":
         state.asked = [np.stack([es.ask() for _ in range(lam)]) for es in state.cma]          # S x (lam, D)

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from sandbox.adapters import (AdapterBank, lowrank_svd, product_inner, product_norm, rand, randn, refactor, slot_gram,
                               split_factors)
-from sandbox.errors import require
+from sandbox.errors import check, require
 
 Generators = torch.Generator | Sequence[torch.Generator]
 """One generator for the whole batch, or one per flattened batch element (row-major)."""
@@ -526,7 +526,7 @@ def reset_adam_state(optimizer: torch.optim.Optimizer, param: Tensor, slot_mask:
         return
     nb = slot_mask.dim() - 1
     s = slot_dim % param.dim()
-    require(s >= nb and param.shape[s] == slot_mask.shape[-1], "slot_dim", slot_dim, f"the slot axis of a {tuple(param.shape)} parameter")
+    check(s >= nb and param.shape[s] == slot_mask.shape[-1], "slot_dim", slot_dim, f"the slot axis of a {tuple(param.shape)} parameter")
     shape = list(slot_mask.shape[:nb]) + [1] * (param.dim() - nb)
     shape[s] = slot_mask.shape[-1]
     m = slot_mask.reshape(shape).to(param.device)  # (*b, 1.., K, 1..) aligned with param

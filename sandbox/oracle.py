@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sandbox.errors import require
+from sandbox.errors import check, require
 
 SETS = ("simplex", "box")
 
@@ -58,7 +58,7 @@ def best_gates(G: Tensor, c: Tensor, kind: str, iters: int = 400, init: Tensor |
 
     G ``(*b, K, K)`` (symmetric PSD), c ``(*b, K)`` -> g ``(*b, K)``; `init` warm-starts FISTA.
     """
-    require(kind in SETS, "oracle set", kind, "simplex or box")
+    check(kind in SETS, "oracle set", kind, "simplex or box")
     K = c.shape[-1]
     G = 0.5 * (G + G.transpose(-1, -2))
     L = 2 * torch.linalg.eigvalsh(G)[..., -1].clamp_min(1e-12)             # (*b,)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from sandbox.adapters import randn
-from sandbox.errors import require
+from sandbox.errors import check, require
 
 KINDS = ("softmax", "sigmoid")
 INITS = ("zero", "mass")
@@ -77,8 +77,8 @@ class RouterConfig:
 
     def __post_init__(self):
         require(self.kind in KINDS, "router", self.kind, "one of " + ", ".join(KINDS))
-        require(isinstance(self.n_features, int) and self.n_features >= 1, "n_features", self.n_features, "an integer >= 1")
-        require(isinstance(self.n_slots, int) and self.n_slots >= 1, "n_slots", self.n_slots, "an integer >= 1")
+        check(isinstance(self.n_features, int) and self.n_features >= 1, "n_features", self.n_features, "an integer >= 1")
+        check(isinstance(self.n_slots, int) and self.n_slots >= 1, "n_slots", self.n_slots, "an integer >= 1")
         require(_finite(self.floor_max) and 0 <= self.floor_max < 1, "floor_max", self.floor_max, "a number in [0, 1)")
         for name in ("tau_start", "tau_end", "tau_min", "tau_max"):
             v = getattr(self, name)
@@ -86,12 +86,12 @@ class RouterConfig:
         require(self.tau_min <= self.tau_max, "tau_min", self.tau_min, f"a number <= --tau-max ({self.tau_max})")
         require(self.anneal_steps is None or (isinstance(self.anneal_steps, int) and self.anneal_steps >= 0), "anneal_steps",
                 self.anneal_steps, "an integer >= 0")
-        require(self.schedule in SCHEDULES, "schedule", self.schedule, "one of " + ", ".join(SCHEDULES))
-        require(_finite(self.init_std) and self.init_std >= 0, "init_std", self.init_std, "a number >= 0")
-        require(_finite(self.phi_init), "phi_init", self.phi_init, "a finite number")
+        check(self.schedule in SCHEDULES, "schedule", self.schedule, "one of " + ", ".join(SCHEDULES))
+        check(_finite(self.init_std) and self.init_std >= 0, "init_std", self.init_std, "a number >= 0")
+        check(_finite(self.phi_init), "phi_init", self.phi_init, "a finite number")
         require(self.init in INITS, "router_init", self.init, "one of " + ", ".join(INITS))
-        require(_finite(self.init_mass) and self.init_mass > 0, "init_mass", self.init_mass, "a number > 0")
-        require(self.kind != "sigmoid" or self.init != "mass" or self.init_mass < self.n_slots, "init_mass",
+        check(_finite(self.init_mass) and self.init_mass > 0, "init_mass", self.init_mass, "a number > 0")
+        check(self.kind != "sigmoid" or self.init != "mass" or self.init_mass < self.n_slots, "init_mass",
                 self.init_mass, f"a number in (0, K = {self.n_slots}) for a sigmoid router with --router-init mass")
 
     @property
@@ -219,7 +219,7 @@ def params_to_vector(params: dict[str, Tensor]) -> Tensor:
 
 def vector_to_params(vec: Tensor, cfg: RouterConfig) -> dict[str, Tensor]:
     """Inverse of `params_to_vector`: ``(*b, n)`` -> dict of ``(*b, F, K)``, ``(*b, K)``, ..."""
-    require(vec.shape[-1] == cfg.n_params, "router_vector", tuple(vec.shape), f"last dim {cfg.n_params}")
+    check(vec.shape[-1] == cfg.n_params, "router_vector", tuple(vec.shape), f"last dim {cfg.n_params}")
     batch = vec.shape[:-1]
     out, i = {}, 0
     for name, shape in cfg.param_shapes().items():

@@ -43,7 +43,7 @@ from typing import Sequence
 import numpy as np
 from scipy import optimize, special, stats
 
-from sandbox.errors import require
+from sandbox.errors import check, require
 
 SPENDINGS = ("obf", "pocock")
 _GRID = 801          # grid points of the continuation region (odd: includes 0)
@@ -64,7 +64,7 @@ def boundaries(fractions: Sequence[float], alpha: float, kind: str = "obf") -> n
     """Two-sided z boundaries ``(K,)`` for looks at increasing information fractions (``inf`` where a
     look spends nothing, e.g. past ``t = 1``)."""
     t = np.minimum(np.asarray(fractions, dtype=float), 1.0)
-    require(t.ndim == 1 and t.size >= 1 and (t > 0).all() and (np.diff(t) >= 0).all(), "fractions", list(fractions),
+    check(t.ndim == 1 and t.size >= 1 and (t > 0).all() and (np.diff(t) >= 0).all(), "fractions", list(fractions),
             "increasing information fractions in (0, 1]")
     out = np.empty(t.size)
     grid, dens = None, None           # continuation density of W(t_{k-1}) on its grid

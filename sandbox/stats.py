@@ -38,7 +38,7 @@ import pandas as pd
 from scipy import special, stats
 
 from sandbox.factors import CHAIN, CONTRASTS, Cell, contrasts_for, interactions_for, parse_cell
-from sandbox.errors import BadInput, require
+from sandbox.errors import BadInput, check, require
 
 #: Default equivalence margin (nats): +-0.01 in a log quantity is a 1% ratio of losses / PPLs.
 DEFAULT_EPS = 0.01
@@ -236,7 +236,7 @@ def bootstrap_ci(delta, alpha: float = 0.05, n_boot: int = 10_000, seed: int = 0
     distinct resamples and is optimistic; the t interval is the one used for decisions.
     """
     delta = np.asarray(delta, dtype=float)
-    require(isinstance(n_boot, int) and n_boot >= 1, "n_boot", n_boot, "a positive integer")
+    check(isinstance(n_boot, int) and n_boot >= 1, "n_boot", n_boot, "a positive integer")
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, delta.size, size=(n_boot, delta.size))  # (n_boot, n)
     means = delta[idx].mean(axis=1)                                 # (n_boot,)
@@ -469,7 +469,7 @@ def summarize(df: pd.DataFrame, by: list[str], reference_arm: str = "grad", test
     _check_eps_alpha(eps, alpha)
     _require_columns(df, [*by, "seed", "arm", value], "results table")
     arms = set(df["arm"].astype(str))
-    for flag, arm in (("--reference-arm", reference_arm), ("--test-arm", test_arm)):
+    for flag, arm in (("reference_arm", reference_arm), ("test_arm", test_arm)):
         if arm not in arms:
             raise BadInput(flag, arm, f"an arm present in the results table ({', '.join(sorted(arms))})")
     work = df.assign(_v=_finite_values(df, value), arm=df["arm"].astype(str))

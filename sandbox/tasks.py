@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 
 from sandbox.adapters import product_inner, product_norm
-from sandbox.errors import require
+from sandbox.errors import check, require
 from sandbox.streams import Purpose, generator
 
 
@@ -169,7 +169,7 @@ def initial_adapters(task: Task, spec: TaskSpec, seeds: Sequence[int] | None = N
     """
     seeds = task.seeds if seeds is None else tuple(int(s) for s in seeds)
     require(tuple(seeds) == task.seeds, "seeds", seeds, f"the task's seeds {task.seeds}")
-    require(_finite(scale) and scale > 0, "scale", scale, "a positive number")
+    check(_finite(scale) and scale > 0, "scale", scale, "a positive number")
     a = float(spec.alignment)
     A, B = random_factors(spec, seeds, scale)               # (S, K, r, d), (S, K, d, r)
     S, M = task.assignment.shape

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from sandbox.errors import require
+from sandbox.errors import check, require
 
 SECTIONS = ("loss", "mixture", "adaptation", "sweep", "grid", "heatmap")
 #: Sections run by default; `heatmap` (a 21 x 21 x 16-seed map, minutes) runs on request.
@@ -67,20 +67,20 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         require(isinstance(self.repeats, int) and 1 <= self.repeats <= 1000, "repeats", self.repeats, "an integer in [1, 1000]")
-        require(isinstance(self.min_sample_s, (int, float)) and 0 <= self.min_sample_s <= 60, "min_sample_s",
+        check(isinstance(self.min_sample_s, (int, float)) and 0 <= self.min_sample_s <= 60, "min_sample_s",
                 self.min_sample_s, "a number of seconds in [0, 60]")
-        require(all(isinstance(d, int) and 2 <= d <= 4096 for d in self.loss_dims), "loss_dims", self.loss_dims,
+        check(all(isinstance(d, int) and 2 <= d <= 4096 for d in self.loss_dims), "loss_dims", self.loss_dims,
                 "integers in [2, 4096]")
-        require(isinstance(self.loss_seeds, int) and 1 <= self.loss_seeds <= 1024, "loss_seeds", self.loss_seeds,
+        check(isinstance(self.loss_seeds, int) and 1 <= self.loss_seeds <= 1024, "loss_seeds", self.loss_seeds,
                 "an integer in [1, 1024]")
-        require(isinstance(self.loss_draws, int) and 1 <= self.loss_draws <= 4096, "loss_draws", self.loss_draws,
+        check(isinstance(self.loss_draws, int) and 1 <= self.loss_draws <= 4096, "loss_draws", self.loss_draws,
                 "an integer in [1, 4096]")
-        require(all(isinstance(d, int) and 1 <= d <= 16384 for d in self.mixture_dims), "mixture_dims",
+        check(all(isinstance(d, int) and 1 <= d <= 16384 for d in self.mixture_dims), "mixture_dims",
                 self.mixture_dims, "integers in [1, 16384]")
         for name in ("tokens", "slots", "rank"):
             v = getattr(self, name)
             require(isinstance(v, int) and 1 <= v <= 1 << 20, name, v, "an integer in [1, 1048576]")
-        require(all(s in SECTIONS for s in self.sections) and len(self.sections) > 0, "sections", ",".join(self.sections),
+        require(all(s in SECTIONS for s in self.sections) and len(self.sections) > 0, "only", ",".join(self.sections),
                 "a comma list of " + ", ".join(SECTIONS))
         require(self.device in ("cpu", "cuda"), "device", self.device, "cpu or cuda")
 

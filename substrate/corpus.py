@@ -53,7 +53,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from sandbox.errors import BadInput, require
+from sandbox.errors import BadInput, check, require
 from sandbox.results import atomic_write_bytes, atomic_write_json, config_hash, damaged
 from sandbox.streams import Purpose, generator
 from sandbox.tasks import TaskSpec, make_task
@@ -106,7 +106,7 @@ class CorpusConfig:
         for name in ("domain_scale", "shared_scale", "zipf"):
             v = getattr(self, name)
             require(_num(v) and 0 <= v <= 100, name, v, "a number in [0, 100]")
-        require(_num(self.temperature) and 0.01 <= self.temperature <= 100, "temperature", self.temperature,
+        check(_num(self.temperature) and 0.01 <= self.temperature <= 100, "temperature", self.temperature,
                 "a number in [0.01, 100]")
         _int(self.seq_len, "seq_len", 1, 1 << 16)
         _int(self.train_windows, "train_windows", 1, 1 << 24)
@@ -258,7 +258,7 @@ class Corpus:
         return len(self.names)
 
     def split(self, split: str) -> list[torch.Tensor]:
-        require(split in SPLITS, "split", split, "one of " + ", ".join(SPLITS))
+        check(split in SPLITS, "split", split, "one of " + ", ".join(SPLITS))
         return self.train if split == "train" else self.heldout
 
     def tokens(self, split: str) -> list[int]:
@@ -357,7 +357,7 @@ def load_text_domains(data_dir: str | Path, vocab: int, seq_len: int, heldout_fr
     """
     root = Path(data_dir)
     require(root.is_dir(), flag.lstrip("-"), str(data_dir), "a folder with one subfolder of .txt files per domain")
-    require(0 < heldout_frac < 1, "heldout_frac", heldout_frac, "a number in (0, 1)")
+    check(0 < heldout_frac < 1, "heldout_frac", heldout_frac, "a number in (0, 1)")
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and any(p.glob("*.txt")))
     if not subdirs:
         raise BadInput(flag, str(data_dir), "a folder with one subfolder of .txt files per domain")

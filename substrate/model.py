@@ -31,7 +31,7 @@ import torch.nn.functional as Fn
 from torch import Tensor, nn
 
 from sandbox.adapters import AdapterBank, BankConfig
-from sandbox.errors import require
+from sandbox.errors import check, require
 
 TARGETS = ("attn+mlp", "attn", "mlp")
 FEATURE_KINDS = ("embed", "hidden")
@@ -69,11 +69,11 @@ class ModelConfig:
                              ("slots", 1, 1024), ("rank", 1, 4096)):
             v = getattr(self, name)
             require(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi, name, v, f"an integer in [{lo}, {hi}]")
-        require(self.d_model % self.n_head == 0, "n_head", self.n_head, f"a divisor of --d-model ({self.d_model})")
+        check(self.d_model % self.n_head == 0, "n_head", self.n_head, f"a divisor of --d-model ({self.d_model})")
         require(self.rank <= self.d_model, "rank", self.rank, f"an integer <= --d-model ({self.d_model})")
         require(isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0,
                 "lora_alpha", self.lora_alpha, "a number > 0")
-        require(self.targets in TARGETS, "targets", self.targets, "one of " + ", ".join(TARGETS))
+        check(self.targets in TARGETS, "targets", self.targets, "one of " + ", ".join(TARGETS))
 
     @property
     def base_fields(self) -> dict:
@@ -196,7 +196,7 @@ class GPT(nn.Module):
     def embed(self, idx: Tensor) -> Tensor:
         """Token plus position embeddings ``(B, T, D)``."""
         T = idx.shape[1]
-        require(T <= self.cfg.seq_len, "seq_len", T, f"a context of at most {self.cfg.seq_len} tokens")
+        check(T <= self.cfg.seq_len, "seq_len", T, f"a context of at most {self.cfg.seq_len} tokens")
         return self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))   # (B, T, D)
 
     def hidden(self, idx: Tensor, gates: Tensor | None = None) -> Tensor:
@@ -254,7 +254,7 @@ def freeze_base(model: GPT) -> list[nn.Parameter]:
 def load_banks(model: GPT, factors: dict[str, tuple[Tensor, Tensor]]) -> None:
     """Copy factors ``{name: (A (K, r, d_in), B (K, d_out, r))}`` into the model's banks in place."""
     banks = model.banks()
-    require(set(factors) == set(banks), "banks", sorted(factors)[:3], f"exactly the model's banks {sorted(banks)[:3]}...")
+    check(set(factors) == set(banks), "banks", sorted(factors)[:3], f"exactly the model's banks {sorted(banks)[:3]}...")
     for name, (A, B) in factors.items():
         banks[name].set_factors(A.to(banks[name].A), B.to(banks[name].B))
 
@@ -293,7 +293,7 @@ def routing_features(model: GPT, idx: Tensor, kind: str = "embed", pooling: str 
     ``hidden``: pooled post-stack hidden states of the base WITHOUT adapters (gates None): the
     sigmoid rewrite's input. Both are causal under the default pooling (see `pool`).
     """
-    require(kind in FEATURE_KINDS, "features", kind, "one of " + ", ".join(FEATURE_KINDS))
+    check(kind in FEATURE_KINDS, "features", kind, "one of " + ", ".join(FEATURE_KINDS))
     h = model.wte(idx) if kind == "embed" else model.hidden(idx, None)
     return pool(h.float(), pooling)
 

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from sandbox import evolution as evo
-from sandbox.errors import require
+from sandbox.errors import check, require
 from sandbox.router import params_to_vector, router_gates, vector_to_params
 from sandbox.streams import Purpose, generator
 from substrate.cell import CellConfig, RunState, Substrate, build_state, evaluate_state
@@ -171,7 +171,7 @@ def _oracle_gates(st: RunState, K: int):
 def run_arms(rc: RoutingArms, sub: Substrate, arms=ARMS) -> dict[str, dict]:
     """Every arm for one seed; ``{arm: {balanced, nll (M,), accepted, unconfirmed, generations, diverged_step,
     step_size, wall_s}}`` (``unconfirmed``: children that won the search batch but lost the confirmation)."""
-    require(all(a in ARMS for a in arms), "arms", ",".join(arms), "a subset of " + ", ".join(ARMS))
+    check(all(a in ARMS for a in arms), "arms", ",".join(arms), "a subset of " + ", ".join(ARMS))
     cell = rc.cell
     tcfg = TrainConfig(steps=cell.steps, lr=cell.lr, batch=cell.batch, warmup=max(1, cell.steps // 20),
                        min_lr_ratio=0.1)

@@ -32,7 +32,7 @@ import torch.nn.functional as Fn
 from torch import Tensor
 
 from sandbox.adapters import init_factors, product_inner, product_norm, refactor
-from sandbox.errors import require
+from sandbox.errors import check, require
 from sandbox.results import atomic_save_torch, config_hash, load_torch
 from sandbox.streams import Purpose, generator
 from substrate.corpus import Corpus, sample_batch
@@ -65,9 +65,9 @@ class TrainConfig:
             v = getattr(self, name)
             require(isinstance(v, int) and not isinstance(v, bool) and v >= lo, name, v, f"an integer >= {lo}")
         require(_pos(self.lr) and self.lr <= 10, "lr", self.lr, "a number in (0, 10]")
-        require(_num(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
-        require(_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
-        require(_num(self.grad_clip) and self.grad_clip >= 0, "grad_clip", self.grad_clip, "a number >= 0")
+        check(_num(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+        check(_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        check(_num(self.grad_clip) and self.grad_clip >= 0, "grad_clip", self.grad_clip, "a number >= 0")
 
 
 def _num(x) -> bool:
@@ -117,8 +117,8 @@ def pretrain(model_cfg: ModelConfig, corpus: Corpus, steps: int = 300, lr: float
     `log` (a list) receives rows ``{step, loss, lr, tokens, elapsed_s}`` every `log_every` steps and
     at the last step (from the cache on a hit); `progress` is called with each row.
     """
-    require(corpus.vocab == model_cfg.vocab, "vocab", model_cfg.vocab, f"the corpus vocabulary {corpus.vocab}")
-    require(corpus.seq_len <= model_cfg.seq_len, "seq_len", corpus.seq_len, f"at most the model context {model_cfg.seq_len}")
+    check(corpus.vocab == model_cfg.vocab, "vocab", model_cfg.vocab, f"the corpus vocabulary {corpus.vocab}")
+    check(corpus.seq_len <= model_cfg.seq_len, "seq_len", corpus.seq_len, f"at most the model context {model_cfg.seq_len}")
     tcfg = TrainConfig(steps=steps, lr=lr, batch=batch, warmup=max(1, steps // 10) if warmup is None else warmup,
                        min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed)
     model = build_model(model_cfg, seed, device)
@@ -141,7 +141,7 @@ def pretrain(model_cfg: ModelConfig, corpus: Corpus, steps: int = 300, lr: float
 
 def _load_base(model: GPT, weights: dict[str, Tensor]) -> None:
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    require(not unexpected and all(GPT.is_adapter(k) for k in missing), "cache_dir", sorted(unexpected)[:3] or sorted(missing)[:3],
+    check(not unexpected and all(GPT.is_adapter(k) for k in missing), "cache_dir", sorted(unexpected)[:3] or sorted(missing)[:3],
             "a cached base whose weights match the model")
 
 
@@ -246,7 +246,7 @@ def initial_banks(specialists: dict[str, tuple[Tensor, Tensor]], alignment: floa
     require(isinstance(slots, int) and slots >= M, "slots", slots, f"an integer >= the number of domains ({M})")
     if assignment is None:
         assignment = torch.randperm(slots, generator=generator)[:M]
-    require(assignment.shape == (M,) and len(set(assignment.tolist())) == M and int(assignment.max()) < slots,
+    check(assignment.shape == (M,) and len(set(assignment.tolist())) == M and int(assignment.max()) < slots,
             "assignment", assignment.tolist(), f"{M} distinct slots in [0, {slots})")
     keep = math.sqrt(1.0 - alignment * alignment)
     out = {}

@@ -3,7 +3,6 @@ then the attribution of the effect to router, scope and lifecycle (named contras
 
 from __future__ import annotations
 
-from typing import Optional
 
 import typer
 
