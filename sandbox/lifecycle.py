@@ -36,7 +36,7 @@ stays batched), so a seed's result does not depend on which other seeds share it
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -610,36 +610,76 @@ def _replace_slot(A: Tensor, B: Tensor, d: Tensor, nb: Tensor, parent: Tensor, v
     return _put(A, d, A_c, v), _put(B, d, B_c, v), diff2, par2
 
 
-def _death_events(step, v, d, nb, parent, target, f, old_id, new_id, par_id, nb_id, msize, alpha,
-                  do_blend, do_child, uses_parent, extra: dict[str, Tensor] | None = None) -> list[dict]:
-    """Event dicts for one death rank (rows where ``v``): death, inherit (if any), birth.
-    ``extra``: more columns of the birth events, name -> ``(n,)`` (only with the EvoMerge options)."""
-    events = []
-    extra = extra or {}
-    for row in torch.nonzero(v).flatten().tolist():
-        base = {"step": step, "batch": row, "alpha": alpha}
-        blank = {"mutation_size": math.nan, "domain": -1}
-        events.append({**base, "event": "death", "slot": int(d[row]), "slot_id": int(old_id[row]),
-                       "parent_id": -1, "neighbour_id": int(nb_id[row]) if do_blend else -1,
-                       "fitness": float(f[row, d[row]]), **blank,
-                       "parent_slot": -1, "neighbour_slot": int(nb[row]) if do_blend else -1})
-        if do_blend:  # the receiver is the neighbour; its "parent" here is the dying donor
-            events.append({**base, "event": "inherit", "slot": int(nb[row]), "slot_id": int(nb_id[row]),
-                           "parent_id": int(old_id[row]), "neighbour_id": int(nb_id[row]),
-                           "fitness": float(f[row, nb[row]]), **blank,
-                           "parent_slot": int(d[row]), "neighbour_slot": int(nb[row])})
-        if do_child:  # the receiver is the newborn
-            events.append({**base, "event": "inherit", "slot": int(d[row]), "slot_id": int(new_id[row]),
-                           "parent_id": int(old_id[row]), "neighbour_id": -1,
+@dataclass(frozen=True)
+class DeathRank:
+    """What one death rank of `lifecycle_step` did, per batch row: the record its events are read
+    from (`events`). Tensors are ``(n,)`` over the flattened batch; rows where ``valid`` is False had
+    no death at this rank.
+
+    Attributes:
+        step: the step of the lifecycle event.
+        valid: rows with a death at this rank.
+        dying, neighbour, parent: slots of the dying adapter, its nearest surviving neighbour and
+            the newborn's parent.
+        target: the domain the freed router column was pushed toward (-1: none).
+        fitness: ``(n, K)`` fitness of every slot.
+        old_id, new_id, parent_id, neighbour_id: slot ids (the dying one, the newborn's, ...).
+        mutation_size: ``||child - parent|| / ||parent||`` of the newborn (NaN when not mutated).
+        alpha: the inheritance alpha in effect (0 without inheritance).
+        blended: the dying adapter was blended into its neighbour (``blend`` mode).
+        child: the newborn inherited from the dying adapter (``child`` mode).
+        uses_parent: the newborn descends from ``parent`` (mutation, crossover or reallocation).
+        extra: more columns of the birth events, name -> ``(n,)`` (only with the EvoMerge options).
+    """
+
+    step: int
+    valid: Tensor
+    dying: Tensor
+    neighbour: Tensor
+    parent: Tensor
+    target: Tensor
+    fitness: Tensor
+    old_id: Tensor
+    new_id: Tensor
+    parent_id: Tensor
+    neighbour_id: Tensor
+    mutation_size: Tensor
+    alpha: float
+    blended: bool
+    child: bool
+    uses_parent: bool
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    def events(self) -> list[dict]:
+        """Event dicts (rows of ``lifecycle.csv``) for the rows with a death: death, inherit (if
+        any), birth."""
+        events = []
+        d, nb, parent, f = self.dying, self.neighbour, self.parent, self.fitness
+        blend_, child, uses = self.blended, self.child, self.uses_parent
+        for row in torch.nonzero(self.valid).flatten().tolist():
+            base = {"step": self.step, "batch": row, "alpha": self.alpha}
+            blank = {"mutation_size": math.nan, "domain": -1}
+            events.append({**base, "event": "death", "slot": int(d[row]), "slot_id": int(self.old_id[row]),
+                           "parent_id": -1, "neighbour_id": int(self.neighbour_id[row]) if blend_ else -1,
                            "fitness": float(f[row, d[row]]), **blank,
-                           "parent_slot": int(d[row]), "neighbour_slot": -1})
-        events.append({**base, "event": "birth", "slot": int(d[row]), "slot_id": int(new_id[row]),
-                       "parent_id": int(par_id[row]) if uses_parent else -1, "neighbour_id": -1,
-                       "fitness": float(f[row, parent[row]]) if uses_parent else math.nan,
-                       "mutation_size": float(msize[row]), "domain": int(target[row]),
-                       "parent_slot": int(parent[row]) if uses_parent else -1, "neighbour_slot": -1,
-                       **{k: x[row].item() for k, x in extra.items()}})
-    return events
+                           "parent_slot": -1, "neighbour_slot": int(nb[row]) if blend_ else -1})
+            if blend_:  # the receiver is the neighbour; its "parent" here is the dying donor
+                events.append({**base, "event": "inherit", "slot": int(nb[row]), "slot_id": int(self.neighbour_id[row]),
+                               "parent_id": int(self.old_id[row]), "neighbour_id": int(self.neighbour_id[row]),
+                               "fitness": float(f[row, nb[row]]), **blank,
+                               "parent_slot": int(d[row]), "neighbour_slot": int(nb[row])})
+            if child:  # the receiver is the newborn
+                events.append({**base, "event": "inherit", "slot": int(d[row]), "slot_id": int(self.new_id[row]),
+                               "parent_id": int(self.old_id[row]), "neighbour_id": -1,
+                               "fitness": float(f[row, d[row]]), **blank,
+                               "parent_slot": int(d[row]), "neighbour_slot": -1})
+            events.append({**base, "event": "birth", "slot": int(d[row]), "slot_id": int(self.new_id[row]),
+                           "parent_id": int(self.parent_id[row]) if uses else -1, "neighbour_id": -1,
+                           "fitness": float(f[row, parent[row]]) if uses else math.nan,
+                           "mutation_size": float(self.mutation_size[row]), "domain": int(self.target[row]),
+                           "parent_slot": int(parent[row]) if uses else -1, "neighbour_slot": -1,
+                           **{k: x[row].item() for k, x in self.extra.items()}})
+        return events
 
 
 def _finetune(new: dict[str, tuple[Tensor, Tensor]], layers: dict, kind: str, rp: dict[str, Tensor] | None,
@@ -798,8 +838,10 @@ def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | No
         ages = _put(ages, d, torch.zeros_like(new_id), v)
         parents = _put(parents, d, par_id if uses_parent else torch.full_like(par_id, -1), v)
         next_id = next_id + v.long()
-        events += _death_events(step, v, d, nb, parent, target, f, old_id, new_id, par_id, nb_id, msize,
-                                a if cfg.inheritance else 0.0, do_blend, do_child, uses_parent, extra)
+        events += DeathRank(step=step, valid=v, dying=d, neighbour=nb, parent=parent, target=target, fitness=f,
+                            old_id=old_id, new_id=new_id, parent_id=par_id, neighbour_id=nb_id, mutation_size=msize,
+                            alpha=a if cfg.inheritance else 0.0, blended=do_blend, child=do_child,
+                            uses_parent=uses_parent, extra=extra).events()
 
     new_pop = Population(ids.reshape(*bshape, K), ages.reshape(*bshape, K), parents.reshape(*bshape, K),
                          next_id.reshape(bshape), step)

@@ -178,7 +178,7 @@ def test_targets_rows():
 def test_config_errors_name_the_flag():
     with pytest.raises(BadInput, match="--repeats"):
         BenchConfig(repeats=0)
-    with pytest.raises(BadInput, match="--sections"):
+    with pytest.raises(BadInput, match="--only"):
         BenchConfig(sections=("loss", "nope"))
     with pytest.raises(BadInput, match="--device"):
         BenchConfig(device="tpu")

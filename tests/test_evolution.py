@@ -151,7 +151,7 @@ def test_mutation_scales_rms_with_floor():
 
 @pytest.mark.parametrize("field, value, flag", [
     ("population", 1, "--population"), ("mutation_scale", -1.0, "--mutation-scale"), ("interval", 0, "--interval"),
-    ("method", "ga", "--evo"), ("damping", 0.0, "--damping"),
+    ("method", "ga", "--evo"), ("damping", 0.0, "damping"),
 ])
 def test_config_validation(field, value, flag):
     with pytest.raises(BadInput) as e:

