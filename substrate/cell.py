@@ -56,7 +56,8 @@ from sandbox.streams import Purpose, generator
 from substrate import acar
 from substrate.corpus import Corpus, CorpusConfig, load_text_domains, sample_batch, synthetic_corpus
 from substrate.model import GPT, POOLINGS, PRESETS, autocast, freeze_base, load_banks, preset, routing_features
-from substrate.train import TrainConfig, evaluate, initial_banks, lr_at, pretrain, train_specialists
+from substrate.train import (TrainConfig, clip_gradients, evaluate, initial_banks, lr_at, pretrain, pretraining,
+                            train_specialists)
 
 DEVICES = ("cpu", "cuda")
 ROUTER_KINDS = ("auto", "acar")
@@ -309,7 +310,7 @@ def prepare_substrate(cfg: CellConfig, cache_dir: str | Path, log: Callable[[str
     require(corpus.domains <= cfg.slots, "slots", cfg.slots, f"at least the number of domains ({corpus.domains})")
     say(f"substrate {cfg.preset}: {corpus.domains} domains, context {s['context']}; pretraining "
         f"{s['pretrain_steps']} steps (cached in {cache_dir})")
-    base = pretrain(mcfg, corpus, steps=s["pretrain_steps"], batch=s["pretrain_batch"], device=cfg.device,
+    base = pretrain(mcfg, corpus, pretraining(s["pretrain_steps"], batch=s["pretrain_batch"]), device=cfg.device,
                     cache_dir=cache_dir)
     say(f"specialists: {s['specialist_steps']} steps (cached)")
     spec = train_specialists(base, corpus, steps=s["specialist_steps"], device=cfg.device, cache_dir=cache_dir)
@@ -434,7 +435,7 @@ def train_step(cfg: CellConfig, st: RunState, corpus: Corpus, tcfg: TrainConfig)
     st.opt.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for g in st.opt.param_groups for p in g["params"]]
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    clip_gradients(params, tcfg)
     st.opt.step()
     return float(loss.detach())
 

@@ -68,7 +68,7 @@ from sandbox.streams import Purpose, generator
 from substrate.cell import DEVICES, CellConfig, Substrate
 from substrate.corpus import sample_batch
 from substrate.model import GPT, PRESETS, autocast, load_banks, routing_features
-from substrate.train import TrainConfig, evaluate, lr_at, train_specialists, weights_fingerprint
+from substrate.train import TrainConfig, clip_gradients, evaluate, lr_at, train_specialists, weights_fingerprint
 
 ROUTERS = {"B3": "B3", "R": "R"}
 METHODS = ("best_specialist", "base", "uniform", "oracle", "B3", "R")
@@ -198,7 +198,7 @@ def fused_model(sub: Substrate, cfg: FusionConfig, specialists: dict[str, tuple[
     mcfg = replace(cfg.cell().model_config(), slots=cfg.domains)
     model = GPT(mcfg, torch.Generator().manual_seed(0))
     missing, unexpected = model.load_state_dict(sub.base_state, strict=False)
-    assert not unexpected and all(".bank." in k for k in missing)
+    assert not unexpected and all(GPT.is_adapter(k) for k in missing)
     load_banks(model, specialists)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -240,7 +240,7 @@ def _fit_router(model: GPT, sub: Substrate, cfg: FusionConfig, router: str, loss
         loss = loss_fn(x, y, rt(feats, step))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(rt.parameters()), 1.0)
+        clip_gradients(list(rt.parameters()), tcfg)
         opt.step()
         losses.append(float(loss.detach()))
     return rt, losses

@@ -38,7 +38,7 @@ from sandbox.streams import Purpose, generator
 from substrate.cell import CellConfig, RunState, Substrate, build_state, evaluate_state
 from substrate.corpus import sample_batch
 from substrate.model import autocast, routing_features
-from substrate.train import TrainConfig, evaluate, lr_at
+from substrate.train import TrainConfig, clip_gradients, evaluate, lr_at
 
 ARMS = ("grad", "evo", "restart", "oracle")
 
@@ -100,7 +100,7 @@ def _train_step(rc: RoutingArms, st: RunState, sub: Substrate, opt: torch.optim.
     opt.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    clip_gradients(params, tcfg)
     opt.step()
     return float(loss.detach())
 

@@ -105,12 +105,22 @@ def pretrain_key(model_cfg: ModelConfig, corpus: Corpus, train_cfg: TrainConfig)
     return config_hash({"model": model_cfg.base_fields, "corpus": corpus.key, "train": asdict(train_cfg)}, n=16)
 
 
-def pretrain(model_cfg: ModelConfig, corpus: Corpus, steps: int = 300, lr: float = 3e-3, batch: int = 32,
-             device: str | torch.device = "cpu", cache_dir: str | Path | None = None, seed: int = 0, *,
-             warmup: int | None = None, weight_decay: float = 0.1, grad_clip: float = 1.0,
-             min_lr_ratio: float = 0.1, log: list | None = None, log_every: int = 10,
-             progress: Callable[[dict], None] | None = None) -> GPT:
-    """Pretrain a base from scratch on the balanced domain mixture of ``corpus.train``.
+def pretraining(steps: int, **settings) -> TrainConfig:
+    """The pretraining run of ``steps`` steps: `TrainConfig`'s settings, warm-up a tenth of the steps."""
+    return TrainConfig(steps=steps, **{"warmup": max(1, steps // 10), **settings})
+
+
+def clip_gradients(params, cfg: TrainConfig) -> None:
+    """Clip the global gradient norm of ``params`` to ``cfg.grad_clip`` (0: no clipping)."""
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+
+
+def pretrain(model_cfg: ModelConfig, corpus: Corpus, tcfg: TrainConfig | None = None,
+             device: str | torch.device = "cpu", cache_dir: str | Path | None = None, *, log: list | None = None,
+             log_every: int = 10, progress: Callable[[dict], None] | None = None) -> GPT:
+    """Pretrain a base from scratch on the balanced domain mixture of ``corpus.train`` under ``tcfg``
+    (default `pretraining` of `TrainConfig`'s steps).
 
     Returns the model in eval mode on `device`. With `cache_dir`, the base weights and the loss log
     are stored as ``cache_dir/base-<key>.pt`` (see `pretrain_key`) and reloaded on a later call.
@@ -119,9 +129,8 @@ def pretrain(model_cfg: ModelConfig, corpus: Corpus, steps: int = 300, lr: float
     """
     check(corpus.vocab == model_cfg.vocab, "vocab", model_cfg.vocab, f"the corpus vocabulary {corpus.vocab}")
     check(corpus.seq_len <= model_cfg.seq_len, "seq_len", corpus.seq_len, f"at most the model context {model_cfg.seq_len}")
-    tcfg = TrainConfig(steps=steps, lr=lr, batch=batch, warmup=max(1, steps // 10) if warmup is None else warmup,
-                       min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed)
-    model = build_model(model_cfg, seed, device)
+    tcfg = pretraining(TrainConfig.steps) if tcfg is None else tcfg
+    model = build_model(model_cfg, tcfg.seed, device)
     path = Path(cache_dir) / f"base-{pretrain_key(model_cfg, corpus, tcfg)}.pt" if cache_dir is not None else None
     if path is not None and path.exists():
         state = load_torch(path, "--cache", "cached base checkpoint", "delete it and rerun to pretrain the base again",
@@ -160,8 +169,7 @@ def _fit_base(model: GPT, corpus: Corpus, cfg: TrainConfig, device, log_every: i
             _, loss = model(x, targets=y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(decay + plain, cfg.grad_clip)
+        clip_gradients(decay + plain, cfg)
         opt.step()
         if step % log_every == 0 or step == cfg.steps - 1:
             row = {"step": step, "loss": loss.item(), "lr": lr_at(step, cfg), "tokens": (step + 1) * x.numel(),

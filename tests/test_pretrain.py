@@ -11,7 +11,7 @@ from sandbox.adapters import product_norm, products
 from sandbox.errors import BadInput
 from substrate.corpus import CorpusConfig, synthetic_corpus
 from substrate.model import build_model, load_banks, preset
-from substrate.train import (TrainConfig, bank_alignment, evaluate, initial_banks, lr_at, measure_throughput, pretrain,
+from substrate.train import (TrainConfig, bank_alignment, evaluate, initial_banks, lr_at, measure_throughput, pretrain, pretraining,
                              train_specialists)
 
 CFG = preset("tiny", seq_len=32, slots=6, rank=4)
@@ -30,7 +30,7 @@ def corpus():
 def trained(corpus, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     log: list = []
-    model = pretrain(CFG, corpus, steps=40, lr=1e-2, batch=12, cache_dir=cache, seed=0, log=log, log_every=1)
+    model = pretrain(CFG, corpus, pretraining(40, lr=1e-2, batch=12, seed=0), cache_dir=cache, log=log, log_every=1)
     return model, log, cache
 
 
@@ -77,16 +77,16 @@ def test_evaluate_matches_direct_loss(trained, corpus):
 
 def test_same_seed_same_weights_and_cache(trained, corpus, monkeypatch):
     model, log, cache = trained
-    a = pretrain(CFG, corpus, steps=4, lr=1e-2, batch=4, seed=3)
-    b = pretrain(CFG, corpus, steps=4, lr=1e-2, batch=4, seed=3)
-    c = pretrain(CFG, corpus, steps=4, lr=1e-2, batch=4, seed=4)
+    a = pretrain(CFG, corpus, pretraining(4, lr=1e-2, batch=4, seed=3))
+    b = pretrain(CFG, corpus, pretraining(4, lr=1e-2, batch=4, seed=3))
+    c = pretrain(CFG, corpus, pretraining(4, lr=1e-2, batch=4, seed=4))
     for (n, p), q in zip(a.base_state_dict().items(), b.base_state_dict().values()):
         assert torch.equal(p, q), n
     assert not torch.equal(a.wte.weight, c.wte.weight)
     assert len(list(cache.glob("base-*.pt"))) == 1
     monkeypatch.setattr(train_mod, "_fit_base", lambda *a, **k: pytest.fail("should load from the cache"))
     log2: list = []
-    again = pretrain(CFG, corpus, steps=40, lr=1e-2, batch=12, cache_dir=cache, seed=0, log=log2)
+    again = pretrain(CFG, corpus, pretraining(40, lr=1e-2, batch=12, seed=0), cache_dir=cache, log=log2)
     assert log2 == log
     for p, q in zip(model.state_dict().values(), again.state_dict().values()):
         assert torch.equal(p, q)
@@ -94,7 +94,7 @@ def test_same_seed_same_weights_and_cache(trained, corpus, monkeypatch):
 
 def test_bad_vocab_is_refused(corpus):
     with pytest.raises(BadInput, match="vocab"):
-        pretrain(preset("tiny", vocab=128), corpus, steps=1)
+        pretrain(preset("tiny", vocab=128), corpus, pretraining(1))
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_specialists_shapes_cache_and_benefit(trained, corpus, specialists, monk
     assert A.shape == (M, CFG.rank, CFG.d_model) and B.shape == (M, 3 * CFG.d_model, CFG.rank)
     assert (product_norm(A, B) > 0).all()
     # the frozen base is untouched
-    assert torch.equal(model.wte.weight, pretrain(CFG, corpus, steps=40, lr=1e-2, batch=12, cache_dir=cache, seed=0).wte.weight)
+    assert torch.equal(model.wte.weight, pretrain(CFG, corpus, pretraining(40, lr=1e-2, batch=12, seed=0), cache_dir=cache).wte.weight)
     # cached
     monkeypatch.setattr(train_mod, "_adamw", lambda *a, **k: pytest.fail("should load from the cache"))
     again = train_specialists(model, corpus, steps=25, lr=2e-2, batch=12, cache_dir=cache, seed=0)
