@@ -1,7 +1,7 @@
 """The shared adapter bank: K stacked LoRA adapters for one weight matrix.
 
 A slot k holds the update ``delta W_k = s * B_k A_k`` with ``A_k: (r, d_in)``, ``B_k: (d_out, r)``
-and scale ``s = alpha / r``. A bank stacks the K slots, with optional leading batch dimensions
+and scale ``s = lora_alpha / r``. A bank stacks the K slots, with optional leading batch dimensions
 ``*b`` (seeds S, population P) in front of the slot axis:
 
     A: (*b, K, r, d_in)        B: (*b, K, d_out, r)
@@ -49,7 +49,7 @@ def gated_mixture(x: Tensor, A: Tensor, B: Tensor, gates: Tensor, scale: float |
         A: down factors ``(*b, K, r, d_in)``.
         B: up factors ``(*b, K, d_out, r)``.
         gates: ``(*b, N, K)``; a per-sequence gate is ``(*b, 1, K)`` (broadcast over N).
-        scale: ``alpha / r``, a float or a tensor broadcastable to the gates ``(*b, N, K)``.
+        scale: ``lora_alpha / r``, a float or a tensor broadcastable to the gates ``(*b, N, K)``.
 
     All leading dims broadcast against each other (e.g. x ``(S, 1, N, d_in)`` with a bank
     ``(S, P, K, r, d_in)`` gives ``(S, P, N, d_out)``).
@@ -230,7 +230,8 @@ class BankConfig:
         rank: r, rank of each adapter.
         d_in: input width of the adapted weight matrix.
         d_out: output width.
-        alpha: LoRA alpha; the update is ``(alpha / rank) * B A``. ``None`` means ``alpha = rank``.
+        lora_alpha: LoRA alpha; the update is ``(lora_alpha / rank) * B A``. ``None`` means
+            ``lora_alpha = rank``.
         batch_shape: leading batch dims of the factors (``()`` for the transformer, ``(S,)`` or
             ``(S, P)`` in the analytic sandbox).
     """
@@ -239,26 +240,27 @@ class BankConfig:
     rank: int = 8
     d_in: int = 64
     d_out: int = 64
-    alpha: float | None = None
+    lora_alpha: float | None = None
     batch_shape: tuple[int, ...] = ()
 
     def __post_init__(self):
         for name in ("n_slots", "rank", "d_in", "d_out"):
             v = getattr(self, name)
             require(isinstance(v, int) and v >= 1, name, v, "an integer >= 1")
-        if self.alpha is None:
-            object.__setattr__(self, "alpha", float(self.rank))
-        require(math.isfinite(float(self.alpha)) and float(self.alpha) > 0, "alpha", self.alpha, "a number > 0")
+        if self.lora_alpha is None:
+            object.__setattr__(self, "lora_alpha", float(self.rank))
+        require(math.isfinite(float(self.lora_alpha)) and float(self.lora_alpha) > 0, "lora_alpha", self.lora_alpha,
+                "a number > 0")
         object.__setattr__(self, "batch_shape", tuple(int(b) for b in self.batch_shape))
         check(all(b >= 1 for b in self.batch_shape), "batch_shape", self.batch_shape, "dims >= 1")
 
     @property
     def scale(self) -> float:
-        return float(self.alpha) / self.rank
+        return float(self.lora_alpha) / self.rank
 
 
 class AdapterBank(nn.Module):
-    """K LoRA adapters for one weight matrix: ``forward(x, gates) = sum_k g_k (alpha/r) B_k A_k x``.
+    """K LoRA adapters for one weight matrix: ``forward(x, gates) = sum_k g_k (lora_alpha/r) B_k A_k x``.
 
     Parameters ``A (*b, K, r, d_in)`` and ``B (*b, K, d_out, r)``; see the module docstring.
     Adding the base layer's output ``W0 x`` is the caller's job.
@@ -275,12 +277,12 @@ class AdapterBank(nn.Module):
         self.B = nn.Parameter(B)
 
     @classmethod
-    def from_factors(cls, A: Tensor, B: Tensor, alpha: float | None = None) -> "AdapterBank":
+    def from_factors(cls, A: Tensor, B: Tensor, lora_alpha: float | None = None) -> "AdapterBank":
         """A bank holding copies of given factors ``A (*b, K, r, d_in)``, ``B (*b, K, d_out, r)``."""
         *batch, K, r, d_in = A.shape
         if tuple(B.shape) != (*batch, K, B.shape[-2], r):
             raise BadInput("B", tuple(B.shape), f"shape (*b, K, d_out, r) matching A {tuple(A.shape)}")
-        cfg = BankConfig(K, r, d_in, B.shape[-2], alpha, tuple(batch))
+        cfg = BankConfig(K, r, d_in, B.shape[-2], lora_alpha, tuple(batch))
         bank = cls.__new__(cls)
         nn.Module.__init__(bank)
         bank.cfg = cfg
@@ -293,8 +295,8 @@ class AdapterBank(nn.Module):
         return self.cfg.scale
 
     @property
-    def alpha(self) -> float:
-        return float(self.cfg.alpha)
+    def lora_alpha(self) -> float:
+        return float(self.cfg.lora_alpha)
 
     def forward(self, x: Tensor, gates: Tensor) -> Tensor:
         """x ``(*b, N, d_in)``, gates ``(*b, N, K)`` (or ``(*b, 1, K)``) -> ``(*b, N, d_out)``."""
@@ -325,7 +327,7 @@ class AdapterBank(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.cfg
-        return f"batch={c.batch_shape}, K={c.n_slots}, r={c.rank}, d_in={c.d_in}, d_out={c.d_out}, alpha={c.alpha}"
+        return f"batch={c.batch_shape}, K={c.n_slots}, r={c.rank}, d_in={c.d_in}, d_out={c.d_out}, lora_alpha={c.lora_alpha}"
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``{"config", "A", "B"}`` atomically with `torch.save`."""
@@ -339,11 +341,14 @@ class AdapterBank(nn.Module):
         """Inverse of `save`; a missing or malformed file is a `BadInput` naming the path."""
         try:
             state = torch.load(path, map_location=map_location, weights_only=True)
-            cfg = BankConfig(**{**state["config"], "batch_shape": tuple(state["config"]["batch_shape"])})
+            saved = dict(state["config"])
+            if "alpha" in saved:   # banks saved before the field was renamed lora_alpha
+                saved["lora_alpha"] = saved.pop("alpha")
+            cfg = BankConfig(**{**saved, "batch_shape": tuple(saved["batch_shape"])})
             A, B = state["A"], state["B"]
         except (OSError, KeyError, TypeError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
             raise BadInput(str(path), type(e).__name__, "an adapter bank written by AdapterBank.save") from None
-        bank = cls.from_factors(A, B, cfg.alpha)
+        bank = cls.from_factors(A, B, cfg.lora_alpha)
         if bank.cfg != cfg:
             raise BadInput(str(path), "config/factor mismatch", "an adapter bank written by AdapterBank.save")
         return bank

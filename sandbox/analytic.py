@@ -145,11 +145,6 @@ class AnalyticConfig:
         self.evolution  # validates evo, population, mutation_scale, interval
         self.lifecycle_config  # validates the lifecycle options (selection, crossover, mutation, ...)
 
-    @property
-    def alpha(self) -> float:
-        """Alias of `lora_alpha` (not a field, so manifests never confuse it with a test level)."""
-        return self.lora_alpha
-
     def scale(self, spec: TaskSpec) -> float:
         """The bank scale ``s = lora_alpha / rank``."""
         return self.lora_alpha / spec.rank

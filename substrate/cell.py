@@ -486,7 +486,7 @@ def fitness_event(cfg: CellConfig, st: RunState, corpus: Corpus) -> None:
     # The lifecycle runs on CPU copies (its generator is a CPU generator; the tensors are small),
     # then the new factors and router columns are copied back in place, so Adam keeps its Parameters.
     banks = st.model.banks()
-    cpu_banks = {n: AdapterBank.from_factors(b.A.detach().cpu(), b.B.detach().cpu(), b.alpha) for n, b in banks.items()}
+    cpu_banks = {n: AdapterBank.from_factors(b.A.detach().cpu(), b.B.detach().cpu(), b.lora_alpha) for n, b in banks.items()}
     rp = {k: v.detach().cpu() for k, v in st.router.params().items()}
     st.pop, _, rp, events = lifecycle_step(st.pop, cpu_banks, rp, fit.to(torch.float64), lcfg,
                                            step_generator(cfg.seed, st.step, _LIFE), st.step,

@@ -138,7 +138,7 @@ def test_slot_rank(gen):
 
 
 def test_bank_module_forward_svd_rebalance(gen):
-    bank = AdapterBank(BankConfig(n_slots=3, rank=2, d_in=5, d_out=4, alpha=4.0, batch_shape=(2,)),
+    bank = AdapterBank(BankConfig(n_slots=3, rank=2, d_in=5, d_out=4, lora_alpha=4.0, batch_shape=(2,)),
                        init="random", generator=gen)
     assert bank.scale == 2.0
     x = torch.randn(2, 6, 5, generator=gen)
@@ -157,7 +157,7 @@ def test_bank_module_forward_svd_rebalance(gen):
 
 
 def test_save_load_roundtrip(tmp_path, gen):
-    bank = AdapterBank(BankConfig(3, 2, 5, 4, alpha=3.0, batch_shape=(2,)), init="random", generator=gen)
+    bank = AdapterBank(BankConfig(3, 2, 5, 4, lora_alpha=3.0, batch_shape=(2,)), init="random", generator=gen)
     path = bank.save(tmp_path / "bank.pt")
     back = AdapterBank.load(path)
     assert back.cfg == bank.cfg
@@ -170,6 +170,6 @@ def test_save_load_roundtrip(tmp_path, gen):
 def test_config_validation_names_flags():
     with pytest.raises(BadInput, match="--rank"):
         BankConfig(rank=0)
-    with pytest.raises(BadInput, match="--alpha"):
-        BankConfig(alpha=-1.0)
-    assert BankConfig(rank=4).alpha == 4.0
+    with pytest.raises(BadInput, match="--lora-alpha"):
+        BankConfig(lora_alpha=-1.0)
+    assert BankConfig(rank=4).lora_alpha == 4.0

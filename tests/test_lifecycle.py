@@ -208,7 +208,7 @@ def test_blend_goes_to_nearest_neighbour(gen):
 def make_state(S, K, r, seed, dict_banks, ages_max=6):
     g = torch.Generator().manual_seed(seed)
     if dict_banks:
-        banks = {"q": AdapterBank(BankConfig(K, r, 5, 4, alpha=2.0 * r, batch_shape=(S,)), init="random", generator=g),
+        banks = {"q": AdapterBank(BankConfig(K, r, 5, 4, lora_alpha=2.0 * r, batch_shape=(S,)), init="random", generator=g),
                  "mlp": AdapterBank(BankConfig(K, r, 4, 6, batch_shape=(S,)), init="lora", generator=g)}
         banks["mlp"].B.data.normal_(generator=g)  # make the second layer non-zero too
     else:
