@@ -422,7 +422,7 @@ def _row_state(state, i, dict_banks):
     pop, banks, rp, fit, losses, feats = state
     one = lambda x: x[i:i + 1].clone()  # noqa: E731
     if dict_banks:
-        banks = {k: AdapterBank.from_factors(one(b.A.detach()), one(b.B.detach()), b.alpha) for k, b in banks.items()}
+        banks = {k: AdapterBank.from_factors(one(b.A.detach()), one(b.B.detach()), b.lora_alpha) for k, b in banks.items()}
     else:
         banks = (one(banks[0]), one(banks[1]))
     pop = Population(one(pop.ids), one(pop.ages), one(pop.parents), one(pop.next_id), pop.step)
