@@ -169,7 +169,8 @@ def test_scope_under_lifecycle_matches_scipy():
 
 
 def test_cpu_defaults_are_said_plainly():
-    from sandbox.app.commands.full import cell_options, cell_template, schedule
+    from sandbox.app.commands.full import cell_options, cell_template
+    from substrate.defaults import schedule
 
     said = []
     kw = {o.name: o.default for o in cell_options()}

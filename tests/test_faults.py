@@ -425,7 +425,8 @@ def test_cache_naming_a_file_is_one_line(tmp_path, capsys):
 
 
 def test_steps_help_states_each_presets_default():
-    from sandbox.app.commands.full import PRESET_STEPS, cell_options
+    from sandbox.app.commands.full import cell_options
+    from substrate.defaults import PRESET_STEPS
 
     help_text = next(o.help for o in cell_options() if o.name == "steps")
     for preset, steps in PRESET_STEPS.items():

@@ -1,9 +1,10 @@
 """`sandbox full --cell CELL`: one factorial cell on the transformer substrate, one run folder per seed.
 
 The knob options are shared with `sandbox factorial` (`cell_template` builds the `CellConfig`).
-Defaults that depend on the machine: with CUDA the preset is widened-1536 for 25,000 steps; on a
-CPU it is `small` for `CPU_STEPS` steps, and the command says so. Lifecycle interval, minimum age,
-evaluation and checkpoint intervals default to values scaled to the step count (`schedule`).
+Defaults that depend on the machine come from `substrate.defaults`: with CUDA the preset is
+widened-1536 for 25,000 steps; on a CPU it is `small` for 200 steps, and the command says so.
+Lifecycle interval, minimum age, evaluation and checkpoint intervals default to values scaled to
+the step count (`substrate.defaults.schedule`).
 """
 
 from __future__ import annotations
@@ -13,15 +14,13 @@ from typing import Optional
 
 import typer
 
-GPU_PRESET, GPU_STEPS = "widened-1536", 25_000
-CPU_PRESET, CPU_STEPS = "small", 200
-PRESET_STEPS = {"tiny": 100, "small": CPU_STEPS}
+from substrate.defaults import CPU_PRESET, GPU_PRESET, PRESET_STEPS
 
 #: Run-time defaults of the cell options (`sandbox.app.declare`): keyword -> what None resolves to.
 AUTO = {
-    "preset": "widened-1536 with CUDA, small on a CPU",
-    "steps": "25000 for widened-1536, 200 for small, 100 for tiny; with no --preset, widened-1536 on CUDA and "
-             "small on CPU",
+    "preset": f"{GPU_PRESET} with CUDA, {CPU_PRESET} on a CPU",
+    "steps": ", ".join(f"{n} for {p}" for p, n in PRESET_STEPS.items())
+             + f"; with no --preset, {GPU_PRESET} on CUDA and {CPU_PRESET} on CPU",
     "device": "cuda when visible, else cpu",
     "eval_every": "steps/5, at most 1000",
     "checkpoint_every": "--eval-every",
@@ -60,10 +59,6 @@ def run_options() -> list:
 
 #: The options that become `CellConfig` fields.
 KNOBS = tuple(o.name for o in cell_options())
-#: Throughput of widened-1536 measured on 2 CPU cores (README, "Speed on this machine"): tokens/s.
-CPU_TOKENS_PER_S = {"adapt": 40.0, "pretrain": 16.0}
-
-
 def apply_threads(threads: int | None) -> None:
     """Set torch's CPU threads. On <= 2 shared cores two threads made the `small` adaptation step up to
     7x slower (BENCHMARKS.md), so the default there is one; elsewhere torch's own default stays."""
@@ -79,74 +74,15 @@ def apply_threads(threads: int | None) -> None:
         torch.set_num_threads(1)
 
 
-def resolve_device(device: str | None) -> str:
-    """None or ``auto``: cuda when visible, else cpu; ``cuda`` without a GPU is refused."""
-    import torch
-
-    from sandbox.errors import BadInput
-
-    device = "auto" if device is None else device
-    if device not in ("auto", "cpu", "cuda"):
-        raise BadInput("--device", device, "auto, cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BadInput("--device", device, "auto or cpu (no CUDA device is visible)")
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
-def schedule(steps: int, interval: int | None, min_age: int | None, eval_every: int | None,
-             checkpoint_every: int | None) -> dict:
-    """Step-scaled defaults: interval steps/5 (<= 250), min age 2 x interval (<= 500), eval steps/5 (<= 1000)."""
-    iv = interval if interval is not None else min(250, max(5, steps // 5))
-    ev = eval_every if eval_every is not None else min(1000, max(1, steps // 5))
-    return {"interval": iv, "min_age": min_age if min_age is not None else min(500, 2 * iv), "eval_every": ev,
-            "checkpoint_every": checkpoint_every if checkpoint_every is not None else ev}
-
-
-def cpu_hours(cfg) -> float:
-    """Rough CPU hours of one run of `cfg` (adaptation plus, if not cached yet, pretraining), from
-    the throughput measured for widened-1536 on 2 cores (`CPU_TOKENS_PER_S`)."""
-    s = cfg.substrate()
-    adapt = cfg.steps * cfg.batch * s["context"] / CPU_TOKENS_PER_S["adapt"]
-    pre = s["pretrain_steps"] * s["pretrain_batch"] * s["context"] / CPU_TOKENS_PER_S["pretrain"]
-    return (adapt + pre) / 3600
-
-
-def check_affordable(cfg, yes: bool) -> None:
-    """Refuse widened-1536 on a CPU unless `yes`: it would silently start weeks of work."""
-    from sandbox.errors import BadInput
-
-    if cfg.device == "cpu" and cfg.preset == GPU_PRESET and not yes:
-        s = cfg.substrate()
-        raise BadInput("--preset", cfg.preset, f"tiny or small on a CPU ({GPU_PRESET} here means {cfg.steps} steps plus "
-                       f"{s['pretrain_steps']} pretraining steps, roughly {cpu_hours(cfg):,.0f} CPU hours at the "
-                       f"throughput measured on 2 cores; add --yes to run it anyway)")
-
-
 def cell_template(cell: str, seed: int, kw: dict, say, yes: bool = False) -> "CellConfig":
     """A validated `CellConfig` from the command's options (`kw`), resolving device and defaults.
     widened-1536 on a CPU is refused unless `yes` (`check_affordable`)."""
     from sandbox.errors import BadInput
     from substrate.cell import CellConfig
+    from substrate.defaults import check_affordable, choose_run, resolve_device, schedule
 
     device = resolve_device(kw.pop("device"))
-    preset, steps = kw.pop("preset"), kw.pop("steps")
-    note = None
-    if preset is None and steps is None:
-        if device == "cuda":
-            preset, steps = GPU_PRESET, GPU_STEPS
-        else:
-            preset, steps = CPU_PRESET, CPU_STEPS
-            note = f"no CUDA: running preset {CPU_PRESET} for {CPU_STEPS} steps instead of {GPU_PRESET} x {GPU_STEPS}"
-    elif preset is None:
-        preset = GPU_PRESET if device == "cuda" else CPU_PRESET
-    elif steps is None:
-        steps = GPU_STEPS if (preset == GPU_PRESET and device == "cuda") else PRESET_STEPS.get(preset, GPU_STEPS)
-    if not isinstance(steps, int) or steps < 1:
-        raise BadInput("--steps", steps, "an integer >= 1")
-    for k in ("interval", "min_age", "eval_every", "checkpoint_every"):
-        v = kw.get(k)
-        if v is not None and v < (1 if k in ("interval", "eval_every") else 0):
-            raise BadInput("--" + k.replace("_", "-"), v, "an integer >= " + ("1" if k in ("interval", "eval_every") else "0"))
+    preset, steps, note = choose_run(kw.pop("preset"), kw.pop("steps"), device)
     kw.update(schedule(steps, kw.pop("interval"), kw.pop("min_age"), kw.pop("eval_every"), kw.pop("checkpoint_every")))
     if kw.get("data") is not None and not Path(kw["data"]).is_dir():
         raise BadInput("--data", kw["data"], "a folder with one subfolder of .txt files per domain")

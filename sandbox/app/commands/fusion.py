@@ -58,7 +58,8 @@ def fusion(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from sandbox.app.commands.full import apply_threads, resolve_device
+    from sandbox.app.commands.full import apply_threads
+    from substrate.defaults import resolve_device
     from sandbox.errors import BadInput
     from sandbox.options import check_float, check_int, parse_seeds
     from sandbox.results import check_folder, default_out

@@ -14,7 +14,6 @@ from pathlib import Path
 
 CPU_DEFAULTS = dict(preset="tiny", steps=100, points=5, seeds=(0, 1, 2, 3, 4))
 GPU_DEFAULTS = dict(preset="widened-1536", steps=25_000, points=5, seeds=(0, 1, 2))
-PRESET_STEPS = {"tiny": 100, "small": 200, "widened-1536": 25_000}
 
 
 def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, out, storage, study, figures, steps, lr,
@@ -24,7 +23,7 @@ def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from sandbox.app.commands.full import check_affordable, resolve_device
+    from substrate.defaults import PRESET_STEPS, check_affordable, resolve_device
     from sandbox.errors import BadInput
     from sandbox.evolution import EvolutionConfig
     from sandbox.options import parse_axis
@@ -48,13 +47,14 @@ def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, 
     axis_name, axis_rng = None, None
     if axis:
         axis_name, axis_rng = parse_axis(axis, "--axis", {k: (lo, hi) for k, (lo, hi, _) in AXES.items()})
+    given = {k: v for k, v in (("lr", lr),) if v is not None}          # else the cell's own default
     cell = CellConfig.of(cell="R" if router == "sigmoid" else "B3", preset=preset, steps=steps, batch=batch,
-                      lr=3e-3 if lr is None else lr, data=data, device=dev, seed=seeds[0])
+                         data=data, device=dev, seed=seeds[0], **given)
     check_affordable(cell, yes=False)
     ecfg = EvolutionConfig(population=population, mutation_scale=mutation_scale, method=evo,
                            interval=interval if interval is not None else max(1, steps // 10))
-    arms = RoutingArms(cell=cell, evolution=ecfg, plasticity=1.0 if plasticity is None else plasticity,
-                       reset_on_accept=reset_on_accept, search_windows=search_windows, confirm=confirm)
+    arms = RoutingArms(cell=cell, evolution=ecfg, reset_on_accept=reset_on_accept, search_windows=search_windows,
+                       confirm=confirm, **({} if plasticity is None else {"plasticity": plasticity}))
     cfg = SubstrateSweepConfig(arms=arms, alignment=alignment, points=points, axis=axis_name,
                                axis_range=(axis_rng.lo, axis_rng.hi) if axis_rng else None, axis_points=axis_points,
                                seeds=tuple(seeds), eps=eps, alpha=alpha, cache=cache)
