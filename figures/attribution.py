@@ -4,16 +4,16 @@ Rows of attribution.csv: ``contrast, kind, reference, treated, n, mean_delta, se
 t, df, p, d_z`` with ``kind`` = ``named`` (one paired contrast between two cells) or ``chain_sum``
 (the one-factor steps router + scope + lifecycle summed per seed) or ``interaction`` (with all eight
 cells: a difference of one-factor gains, `sandbox.factors.INTERACTIONS`, drawn after the named
-contrasts and before ``full``). For every row
+contrasts and before ``system``). For every row
 ``delta = log PPL(reference) - log PPL(treated)``, so a positive delta means the treated cell is
-better. A ``chain_gap`` row (chain_sum - full, as `sandbox.stats.attribution` writes it) is not
+better. A ``chain_gap`` row (chain_sum - system, as `sandbox.stats.attribution` writes it) is not
 drawn as a row; its value (or, without it, the difference computed here) is printed in the title.
 
 Layout: one row per named contrast (mean delta as a dot, 95% CI whiskers), then the direct
-``full`` (R+E+L vs B3) row with the ``chain_sum`` row right beneath it, a vertical line at 0, and a
+``system`` (R+E+L vs B3) row with the ``chain_sum`` row right beneath it, a vertical line at 0, and a
 text column with mean [CI], p and n. With ``study=True`` the study's reported values are drawn as
 hollow reference markers (arXiv 2605.11153: router +0.0426, scope 0 (null), lifecycle -0.028,
-full +0.015).
+system +0.015).
 """
 
 from __future__ import annotations
@@ -25,20 +25,20 @@ from matplotlib.figure import Figure
 from figures.style import OKABE_ITO, attach, format_p, new_figure, theme
 
 #: The study's reported deltas (balanced log-PPL, nats, n = 3 seeds) per named contrast.
-STUDY_VALUES: dict[str, float] = {"router": 0.0426, "scope": 0.0, "lifecycle": -0.028, "full": 0.015}
+STUDY_VALUES: dict[str, float] = {"router": 0.0426, "scope": 0.0, "lifecycle": -0.028, "system": 0.015}
 
 
 def collect(attribution: pd.DataFrame, study: bool = False) -> pd.DataFrame:
-    """Forest rows in display order (top first): named contrasts as in the table, then ``full``,
+    """Forest rows in display order (top first): named contrasts as in the table, then ``system``,
     then ``chain_sum``. Adds ``label`` and ``study`` (the reported value, NaN where none or when
-    ``study`` is False). ``attrs['gap']`` = chain_sum mean - full mean (NaN if either is missing)."""
+    ``study`` is False). ``attrs['gap']`` = chain_sum mean - system mean (NaN if either is missing)."""
     df = attribution.copy()
     if "kind" not in df:
         df["kind"] = "named"
     named = df[df["kind"] == "named"]
     chain = df[df["kind"] == "chain_sum"]
     inter = df[df["kind"] == "interaction"]
-    rows = pd.concat([named[named["contrast"] != "full"], inter, named[named["contrast"] == "full"], chain])
+    rows = pd.concat([named[named["contrast"] != "system"], inter, named[named["contrast"] == "system"], chain])
     rows = rows.reset_index(drop=True)
 
     def label(r) -> str:
@@ -53,7 +53,7 @@ def collect(attribution: pd.DataFrame, study: bool = False) -> pd.DataFrame:
     rows["label"] = [label(r) for _, r in rows.iterrows()]
     rows["study"] = [STUDY_VALUES.get(c, np.nan) if (study and k == "named") else np.nan
                      for c, k in zip(rows["contrast"], rows["kind"])]
-    full = rows.loc[(rows["kind"] == "named") & (rows["contrast"] == "full"), "mean_delta"]
+    full = rows.loc[(rows["kind"] == "named") & (rows["contrast"] == "system"), "mean_delta"]
     csum = rows.loc[rows["kind"] == "chain_sum", "mean_delta"]
     gap_row = df[df["kind"] == "chain_gap"]
     if len(gap_row):  # the statistics module states the gap itself (and why it is not zero)
@@ -71,7 +71,7 @@ def plot(df: pd.DataFrame, title: str | None = None) -> Figure:
         fig = new_figure(8.6, 1.5 + 0.62 * max(n, 1))
         ax, txt = fig.subplots(1, 2, sharey=True, width_ratios=[3.0, 1.45])
         chain_mask = (df["kind"] == "chain_sum").to_numpy()
-        full_mask = ((df["kind"] == "named") & (df["contrast"] == "full")).to_numpy()
+        full_mask = ((df["kind"] == "named") & (df["contrast"] == "system")).to_numpy()
         if chain_mask.any() or full_mask.any():  # group the direct contrast with the chain's sum
             ys = ypos[chain_mask | full_mask]
             ax.axhspan(ys.min() - 0.45, ys.max() + 0.45, color="0.93", zorder=0)
@@ -101,7 +101,7 @@ def plot(df: pd.DataFrame, title: str | None = None) -> Figure:
         txt.set_axis_off()
         txt.set_xlim(0, 1)
         gap = df.attrs.get("gap", np.nan)
-        sub = f"chain sum − full = {gap:+.4f} nats" if np.isfinite(gap) else "paired by seed; 95% t intervals"
+        sub = f"chain sum − system = {gap:+.4f} nats" if np.isfinite(gap) else "paired by seed; 95% t intervals"
         ax.set_title(title or f"Attribution of the full system's effect\n{sub}", loc="left", fontsize=11.5)
         txt.set_title("mean [95% CI]", loc="left", fontsize=10)
         leg = list(handles.values())

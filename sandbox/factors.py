@@ -1,7 +1,7 @@
 """Cells of the 2^3 factorial over router rewrite (R), evaluation scope (E) and lifecycle (L).
 
 A cell is the set of factors switched on, written with ``+``: ``B3`` is the empty cell (the static
-baseline), ``full`` is ``R+E+L``. Order and case do not matter (``L+R`` == ``r+l``). The canonical
+baseline), ``R+E+L`` the whole system. Order and case do not matter (``L+R`` == ``r+l``). The canonical
 spelling orders letters R, E, L: ``R+E+L``, ``R+L``.
 
 Named contrasts pair two cells by seed; delta = metric(b) - metric(a) is reported by the
@@ -23,7 +23,7 @@ FACTORS: dict[str, str] = {
     "L": "lifecycle (death, inheritance, SVD mutation, reallocation)",
 }
 ORDER = ("R", "E", "L")
-_ALLOWED = "factor letters R, E, L joined by '+' (each at most once), or B3 (none) or full (R+E+L)"
+_ALLOWED = "factor letters R, E, L joined by '+' (each at most once), or B3 (none); the whole system is R+E+L"
 
 
 @dataclass(frozen=True)
@@ -62,12 +62,10 @@ def _sort_key(c: Cell) -> tuple:
 
 
 def parse_cell(text: str, flag: str = "--cell") -> Cell:
-    """Parse a cell name: ``B3``, ``full``, or letters from R/E/L joined by ``+`` in any order/case."""
+    """Parse a cell name: ``B3``, or letters from R/E/L joined by ``+`` in any order/case."""
     s = str(text).strip()
     if s.upper() == "B3" or s.lower() == "none":
         return Cell(frozenset())
-    if s.lower() == "full":
-        return Cell(frozenset(ORDER))
     if not s:
         raise BadInput(flag, text, _ALLOWED)
     parts = [p.strip().upper() for p in re.split(r"\+", s)]
@@ -99,7 +97,7 @@ def all_cells() -> list[Cell]:
 
 
 B3 = parse_cell("B3")
-FULL = parse_cell("full")
+FULL = parse_cell("R+E+L")
 #: The study's partial design: the chain B3 -> R -> R+E -> R+E+L plus R+L.
 DEFAULT_CELLS: tuple[Cell, ...] = tuple(parse_cell(c) for c in ("B3", "R", "R+E", "R+L", "R+E+L"))
 
@@ -119,7 +117,7 @@ CONTRASTS: tuple[Contrast, ...] = (
     Contrast("scope", parse_cell("R"), parse_cell("R+E"), "per-domain scope: R+E vs R"),
     Contrast("lifecycle", parse_cell("R+E"), FULL, "lifecycle: R+E+L vs R+E"),
     Contrast("lifecycle_global", parse_cell("R"), parse_cell("R+L"), "lifecycle under global scope: R+L vs R"),
-    Contrast("full", B3, FULL, "full system: R+E+L vs B3"),
+    Contrast("system", B3, FULL, "the whole system: R+E+L vs B3"),
     # Contrasts only the three extra cells of the 2^3 design (E, L, E+L; `--cells all`) make possible.
     Contrast("scope_alone", B3, parse_cell("E"), "E without R or L: E vs B3 (zero by construction: E acts through L)"),
     Contrast("lifecycle_softmax", B3, parse_cell("L"), "L without R: L vs B3 (lifecycle under the softmax router)"),
@@ -163,7 +161,7 @@ INTERACTIONS: tuple[Interaction, ...] = (
     Interaction("RxExL", ("R", "E", "L"), "three-way: the R x E interaction with L on - with L off"),
 )
 
-#: One-factor steps from B3 to the full cell; their sum should match the direct `full` contrast.
+#: One-factor steps from B3 to R+E+L; their sum should match the direct `system` contrast.
 CHAIN: tuple[str, ...] = ("router", "scope", "lifecycle")
 
 

@@ -594,7 +594,7 @@ def attribution(table: pd.DataFrame, value: str = "balanced_log_ppl", eps: float
       ``delta_s = value_s(reference) - value_s(treated)`` paired by seed (positive = treated better).
     - ``kind = chain_sum``: per seed, the sum of the ``CHAIN`` step deltas (router + scope +
       lifecycle, B3 -> R -> R+E -> R+E+L), over seeds finite in all four cells.
-    - ``kind = chain_gap``: ``chain_sum.mean_delta - full.mean_delta``. The chain telescopes, so
+    - ``kind = chain_gap``: ``chain_sum.mean_delta - system.mean_delta``. The chain telescopes, so
       on identical seed sets the gap is 0 up to rounding; a non-zero gap means different seeds
       (missing or diverged runs) entered the chain and the direct contrast.
     - ``kind = interaction`` (only with all eight cells): ``sandbox.factors.INTERACTIONS``, per seed
@@ -639,14 +639,14 @@ def attribution(table: pd.DataFrame, value: str = "balanced_log_ppl", eps: float
         pr = _describe(np.asarray(chain, dtype=float), int((~ok).sum()), eps, alpha, n_boot, seed, scale=scale)
         rows.append(dict(contrast="chain_sum", kind="chain_sum", reference=cells[0].name, treated=cells[-1].name,
                          **_attr_stats(pr), note="sum per seed of " + " + ".join(CHAIN)))
-        if "full" in by_name:
-            full = by_name["full"]
+        if "system" in by_name:
+            full = by_name["system"]
             same = full.n == pr.n  # the chain's seeds are a subset of the direct contrast's
             gap = pr.mean - full.mean
             note = ("telescoping chain: identical seeds, so the gap is rounding only" if same else
-                    f"chain on {pr.n} seeds vs full on {full.n}: the gap comes from different seed sets")
+                    f"chain on {pr.n} seeds vs system on {full.n}: the gap comes from different seed sets")
             nan = float("nan")
-            rows.append(dict(contrast="chain_sum - full", kind="chain_gap", reference=cells[0].name,
+            rows.append(dict(contrast="chain_sum - system", kind="chain_gap", reference=cells[0].name,
                              treated=cells[-1].name, n=min(pr.n, full.n), n_diverged=max(pr.n_diverged, full.n_diverged),
                              mean_delta=gap, se=nan, ci_low=nan, ci_high=nan, t=nan, df=nan, p=nan, d_z=nan,
                              note=note))

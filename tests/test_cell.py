@@ -172,7 +172,7 @@ def test_bad_knobs_name_their_flag(kw, flag):
 
 
 def test_cell_spelling_is_canonical():
-    assert CellConfig.of(**TINY, cell="l+r").cell == "R+L" and CellConfig.of(**TINY, cell="full").cell == "R+E+L"
+    assert CellConfig.of(**TINY, cell="l+r").cell == "R+L" and CellConfig.of(**TINY, cell="e+l+r").cell == "R+E+L"
 
 
 def test_real_text_folder_runs_with_unknown_floors(tmp_path, cache):

@@ -87,7 +87,7 @@ def test_smoke_factorial_on_tiny(tmp_path, cache, capsys):
     assert (cells.loc[cells["cell"].str.contains("L"), "lifecycle_events"] > 0).all()
     assert (cells.loc[~cells["cell"].str.contains("L"), "lifecycle_events"] == 0).all()
     att = pd.read_csv(out / "attribution.csv")
-    assert set(att.loc[att["kind"] == "named", "contrast"]) == {"router", "scope", "lifecycle", "lifecycle_global", "full"}
+    assert set(att.loc[att["kind"] == "named", "contrast"]) == {"router", "scope", "lifecycle", "lifecycle_global", "system"}
     expect = stats.attribution(cells)
     pd.testing.assert_series_equal(att["mean_delta"], expect["mean_delta"], check_names=False)
     # the router contrast is the paired difference B3 - R, by seed
@@ -216,7 +216,7 @@ def test_attribution_with_all_cells_adds_contrasts_interactions_and_seeds_needed
     wide = cells.pivot(index="seed", columns="cell", values="balanced_log_ppl")
     rxl = 0.5 * ((wide["L"] - wide["R+L"]) - (wide["B3"] - wide["R"]) + (wide["E+L"] - wide["R+E+L"]) - (wide["E"] - wide["R+E"]))
     assert att.loc["RxL", "mean_delta"] == pytest.approx(rxl.mean(), abs=1e-12)
-    assert att.loc["chain_sum - full", "mean_delta"] == pytest.approx(0, abs=1e-12)            # chain kept
+    assert att.loc["chain_sum - system", "mean_delta"] == pytest.approx(0, abs=1e-12)            # chain kept
     tested = att[att["kind"].isin(["named", "interaction"])]
     assert tested["p_holm"].notna().all() and (tested["p_holm"] >= tested["p"] - 1e-15).all()
     assert att.loc["router", "regime"] == "beats"

@@ -39,7 +39,7 @@ def test_round_trip(ls):
 
 def test_aliases_and_flags():
     assert parse_cell("B3") == parse_cell("b3") == B3 and B3.name == "B3"
-    assert parse_cell("full") == parse_cell("R+E+L") == parse_cell("l+e+r") == FULL
+    assert parse_cell("R+E+L") == parse_cell("l+e+r") == FULL
     assert FULL.name == "R+E+L"
     c = parse_cell("L+R")
     assert c.name == "R+L" and c.router and c.lifecycle and not c.per_domain
@@ -66,21 +66,21 @@ def test_design():
 
 def test_contrasts_are_one_factor_steps_and_chain_reaches_full():
     by_name = {c.name: c for c in CONTRASTS}
-    assert set(by_name) == {"router", "scope", "lifecycle", "lifecycle_global", "full", "scope_alone",
+    assert set(by_name) == {"router", "scope", "lifecycle", "lifecycle_global", "system", "scope_alone",
                             "lifecycle_softmax", "lifecycle_softmax_scope", "scope_softmax_lifecycle",
                             "router_under_lifecycle"}
     for c in CONTRASTS:
-        if c.name != "full":
+        if c.name != "system":
             added = c.treated.factors - c.reference.factors
             assert len(added) == 1 and c.reference.factors < c.treated.factors
-    # The chain B3 -> R -> R+E -> R+E+L telescopes to the direct full contrast.
+    # The chain B3 -> R -> R+E -> R+E+L telescopes to the direct system contrast.
     steps = [by_name[n] for n in CHAIN]
     assert steps[0].reference == B3 and steps[-1].treated == FULL
     for a, b in itertools.pairwise(steps):
         assert a.treated == b.reference
     # The study's five named contrasts are estimable from the default five cells; the rest need E, L, E+L.
     assert [c.name for c in contrasts_for(list(DEFAULT_CELLS))] == ["router", "scope", "lifecycle", "lifecycle_global",
-                                                                    "full"]
+                                                                    "system"]
     assert len(contrasts_for(all_cells())) == len(CONTRASTS)
     assert [c.name for c in contrasts_for([B3, parse_cell("R")])] == ["router"]
 

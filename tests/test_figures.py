@@ -190,25 +190,25 @@ def attribution_table(with_gap=True):
     for c, ref, tr, m, h, p in (("router", "B3", "R", 0.04, 0.01, 0.006), ("scope", "R", "R+E", 0.001, 0.02, 0.8),
                                 ("lifecycle", "R+E", "R+E+L", -0.03, 0.02, 0.047),
                                 ("lifecycle_global", "R", "R+L", -0.02, 0.03, 0.2),
-                                ("full", "B3", "R+E+L", 0.011, 0.02, 0.19)):
+                                ("system", "B3", "R+E+L", 0.011, 0.02, 0.19)):
         rows.append(dict(contrast=c, kind="named", reference=ref, treated=tr, n=3, mean_delta=m, se=h / 4.3,
                          ci_low=m - h, ci_high=m + h, t=1.0, df=2, p=p, d_z=0.5))
     rows.append(dict(contrast="chain_sum", kind="chain_sum", reference="B3", treated="R+E+L", n=3, mean_delta=0.0112,
                      se=0.005, ci_low=-0.01, ci_high=0.032, t=1.0, df=2, p=0.21, d_z=0.5))
     if with_gap:
-        rows.append(dict(contrast="chain_sum - full", kind="chain_gap", reference="B3", treated="R+E+L", n=3,
+        rows.append(dict(contrast="chain_sum - system", kind="chain_gap", reference="B3", treated="R+E+L", n=3,
                          mean_delta=0.0002, se=np.nan, ci_low=np.nan, ci_high=np.nan, t=np.nan, df=np.nan,
                          p=np.nan, d_z=np.nan))
     return pd.DataFrame(rows)
 
 
-def test_forest_rows_are_the_tables_contrasts_with_chain_sum_beside_full():
+def test_forest_rows_are_the_tables_contrasts_with_chain_sum_beside_system():
     t = attribution_table()
     fig = attribution.plot(attribution.collect(t))
     enc = fig.encoding
-    assert enc["rows"] == ["router", "scope", "lifecycle", "lifecycle_global", "full", "chain_sum"]
+    assert enc["rows"] == ["router", "scope", "lifecycle", "lifecycle_global", "system", "chain_sum"]
     y = dict(zip(enc["rows"], enc["y"]))
-    assert abs(y["full"] - y["chain_sum"]) == 1.0
+    assert abs(y["system"] - y["chain_sum"]) == 1.0
     assert enc["gap"] == pytest.approx(0.0002)  # the chain_gap row's value, not a row itself
     named = enc["points"]["contrast: mean, 95% CI"]
     xs = named.lines[0].get_xdata()

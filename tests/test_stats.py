@@ -496,8 +496,8 @@ def test_summarize_unpaired_and_bad_tables():
 # attribution
 
 
-def _cells_table(rng, seeds=(42, 137, 2026), spellings=("B3", "R", "R+E", "L+R", "full")):
-    effects = {"B3": 0.0, "R": 0.0426, "R+E": 0.0426, "L+R": 0.02, "full": 0.0146}
+def _cells_table(rng, seeds=(42, 137, 2026), spellings=("B3", "R", "R+E", "L+R", "R+E+L")):
+    effects = {"B3": 0.0, "R": 0.0426, "R+E": 0.0426, "L+R": 0.02, "R+E+L": 0.0146}
     rows = []
     for s in seeds:
         base = 3.0 + rng.normal(0, 0.05)
@@ -513,9 +513,9 @@ def test_attribution_named_contrasts_chain_and_gap():
     out = attribution(t, eps=0.01, n_boot=200)
     assert list(out.columns) == list(ATTRIBUTION_COLUMNS)
     named = out[out.kind == "named"].set_index("contrast")
-    assert set(named.index) == {"router", "scope", "lifecycle", "lifecycle_global", "full"}
+    assert set(named.index) == {"router", "scope", "lifecycle", "lifecycle_global", "system"}
     v = t.pivot(index="seed", columns="cell", values="balanced_log_ppl")
-    for name, ref, trt in [("router", "B3", "R"), ("lifecycle_global", "R", "L+R"), ("full", "B3", "full")]:
+    for name, ref, trt in [("router", "B3", "R"), ("lifecycle_global", "R", "L+R"), ("system", "B3", "R+E+L")]:
         res = sps.ttest_rel(v[ref], v[trt])
         assert named.loc[name, "t"] == pytest.approx(res.statistic, rel=1e-10)
         assert abs(named.loc[name, "p"] - res.pvalue) < TOL
@@ -524,7 +524,7 @@ def test_attribution_named_contrasts_chain_and_gap():
     chain = out[out.kind == "chain_sum"].iloc[0]
     step_sum = sum(named.loc[k, "mean_delta"] for k in ("router", "scope", "lifecycle"))
     assert chain.mean_delta == pytest.approx(step_sum, abs=1e-12)
-    assert chain.mean_delta == pytest.approx(named.loc["full", "mean_delta"], abs=1e-12)
+    assert chain.mean_delta == pytest.approx(named.loc["system", "mean_delta"], abs=1e-12)
     gap = out[out.kind == "chain_gap"].iloc[0]
     assert abs(gap.mean_delta) < 1e-12 and "identical seeds" in gap.note
 
@@ -535,9 +535,9 @@ def test_attribution_gap_from_a_diverged_seed():
     t.loc[(t.cell == "R+E") & (t.seed == 2), "diverged"] = True
     out = attribution(t, eps=0.01, n_boot=100).set_index("contrast")
     assert out.loc["scope", "n"] == 3 and out.loc["scope", "n_diverged"] == 1
-    assert out.loc["full", "n"] == 4 and out.loc["chain_sum", "n"] == 3 and out.loc["chain_sum", "n_diverged"] == 1
-    gap = out.loc["chain_sum - full"]
-    assert gap.mean_delta == pytest.approx(out.loc["chain_sum", "mean_delta"] - out.loc["full", "mean_delta"])
+    assert out.loc["system", "n"] == 4 and out.loc["chain_sum", "n"] == 3 and out.loc["chain_sum", "n_diverged"] == 1
+    gap = out.loc["chain_sum - system"]
+    assert gap.mean_delta == pytest.approx(out.loc["chain_sum", "mean_delta"] - out.loc["system", "mean_delta"])
     assert abs(gap.mean_delta) > 1e-6 and "different seed sets" in gap.note
 
 
@@ -555,7 +555,7 @@ def test_attribution_partial_cells_and_bad_input():
 
 def test_attribution_reproduces_the_study_table():
     # per-seed deltas with the study's means and t values (n = 3): router +0.0426 (t = 12.86),
-    # lifecycle -0.028 (t = -4.46), full +0.015 (t = 1.94); scope is whatever closes the chain
+    # lifecycle -0.028 (t = -4.46), system +0.015 (t = 1.94); scope is whatever closes the chain
     def with_t(mean, t, pattern):
         z = (pattern - pattern.mean()) / pattern.std(ddof=1)
         return mean + z * abs(mean) * math.sqrt(3) / abs(t)
@@ -569,11 +569,11 @@ def test_attribution_reproduces_the_study_table():
     re = r - d_e
     rel = re - d_l
     t = pd.DataFrame([dict(cell=c, seed=s, balanced_log_ppl=v[i])
-                      for c, v in (("B3", b3), ("R", r), ("R+E", re), ("full", rel)) for i, s in enumerate((42, 137, 2026))])
+                      for c, v in (("B3", b3), ("R", r), ("R+E", re), ("R+E+L", rel)) for i, s in enumerate((42, 137, 2026))])
     out = attribution(t, eps=0.01, n_boot=100).set_index("contrast")
     assert out.loc["router", "t"] == pytest.approx(12.86) and round(out.loc["router", "p"], 3) == 0.006
     assert out.loc["lifecycle", "t"] == pytest.approx(-4.46) and round(out.loc["lifecycle", "p"], 3) == 0.047
-    assert out.loc["full", "t"] == pytest.approx(1.94) and round(out.loc["full", "p"], 2) == 0.19
+    assert out.loc["system", "t"] == pytest.approx(1.94) and round(out.loc["system", "p"], 2) == 0.19
     assert out.loc["scope", "mean_delta"] == pytest.approx(0.015 - 0.0426 + 0.028, abs=1e-12)
     assert out.loc["chain_sum", "mean_delta"] == pytest.approx(0.015, abs=1e-12)
-    assert abs(out.loc["chain_sum - full", "mean_delta"]) < 1e-12
+    assert abs(out.loc["chain_sum - system", "mean_delta"]) < 1e-12

@@ -139,9 +139,9 @@ def print_attribution(res) -> None:
                   ci, fmt(r["t"], ".2f"), fmt(r["p"], ".3g"), fmt(r.get("p_holm", math.nan), ".3g"), regime, need)
     console.print(t)
     by = {r["contrast"]: r for _, r in a.iterrows()}
-    if "chain_sum" in by and "full" in by:
-        console.print(f"chain router + scope + lifecycle = {by['chain_sum']['mean_delta']:+.4f} vs direct full - B3 = "
-                      f"{by['full']['mean_delta']:+.4f} (gap {by['chain_sum']['mean_delta'] - by['full']['mean_delta']:+.2g})")
+    if "chain_sum" in by and "system" in by:
+        console.print(f"chain router + scope + lifecycle = {by['chain_sum']['mean_delta']:+.4f} vs direct R+E+L - B3 = "
+                      f"{by['system']['mean_delta']:+.4f} (gap {by['chain_sum']['mean_delta'] - by['system']['mean_delta']:+.2g})")
     from sweeps.factorial import scope_under_lifecycle
 
     extra = scope_under_lifecycle(c)
