@@ -9,7 +9,8 @@ Two derivations exist, kept exactly as the project first wrote them so that ever
 
 * stream purposes (the analytic sandbox and the corpora): ``seed' * 1_000_003 + 7919 * stream``
   modulo 2^63 - 1, where the purpose's keys first fold into ``seed'`` (see `_fold`);
-* step purposes (a transformer run): ``seed * 1_000_003 + step * 7_919 + code * 104_729 + 1``.
+* step purposes (a transformer run): ``seed * 1_000_003 + step * 7_919 + code * 104_729 + 1``;
+* the seed purpose (a model's initial weights): the user seed itself.
 
 A new purpose gets a new member with an unused code; never reuse one (two purposes with one code
 would share their random numbers).
@@ -48,6 +49,7 @@ class Purpose(Enum):
     SEARCH_BATCH = ("step", 11)        # fresh training windows of a routing-search generation (keys: step)
     SEARCH_NOISE = ("step", 12)        # routing-search noise on the transformer (keys: 0)
     SEARCH_CONFIRM = ("step", 13)      # the second fresh batch that confirms an accepted child (keys: step)
+    MODEL_INIT = ("seed", 30)          # a transformer's initial weights (a base before pretraining)
 
 
 def _fold(purpose: Purpose, seed: int, keys: tuple[int, ...]) -> int:
@@ -71,6 +73,10 @@ def generator(purpose: Purpose, seed: int, *keys: int) -> torch.Generator:
     g = torch.Generator()
     if family == "stream":
         return g.manual_seed((_fold(purpose, seed, keys) * 1_000_003 + 7919 * code) % _MOD)
+    if family == "seed":                                # the seed itself (as first written)
+        if keys:
+            raise ValueError(f"{purpose.name} takes no keys, got {keys}")
+        return g.manual_seed(int(seed) % _MOD)
     if family == "step":
         (step,) = keys
         return g.manual_seed((int(seed) * 1_000_003 + int(step) * 7_919 + code * 104_729 + 1) % _MOD)

@@ -196,7 +196,7 @@ def summarize(losses: dict) -> list[dict]:
 def fused_model(sub: Substrate, cfg: FusionConfig, specialists: dict[str, tuple[Tensor, Tensor]]) -> GPT:
     """The frozen base with an M-slot bank holding the specialists (slot m = specialist m), all frozen."""
     mcfg = replace(cfg.cell().model_config(), slots=cfg.domains)
-    model = GPT(mcfg, torch.Generator().manual_seed(0))
+    model = GPT(mcfg, generator(Purpose.MODEL_INIT, 0))    # every weight is overwritten just below
     missing, unexpected = model.load_state_dict(sub.base_state, strict=False)
     assert not unexpected and all(GPT.is_adapter(k) for k in missing)
     load_banks(model, specialists)

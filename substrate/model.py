@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from sandbox.adapters import AdapterBank, BankConfig
 from sandbox.errors import check, require
+from sandbox.streams import Purpose, generator
 
 TARGETS = ("attn+mlp", "attn", "mlp")
 FEATURE_KINDS = ("embed", "hidden")
@@ -241,7 +242,7 @@ class GPT(nn.Module):
 
 def build_model(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cpu") -> GPT:
     """A freshly initialised model from `seed` (weights drawn on CPU, then moved to `device`)."""
-    return GPT(cfg, torch.Generator().manual_seed(int(seed))).to(device)
+    return GPT(cfg, generator(Purpose.MODEL_INIT, int(seed))).to(device)
 
 
 def freeze_base(model: GPT) -> list[nn.Parameter]:

@@ -20,6 +20,8 @@ def _legacy(purpose: Purpose, seed: int, *keys: int) -> torch.Generator:
         return stream(seed * 4099 + 17 * keys[0] + keys[1], 11)
     if purpose is Purpose.SPECIALIST_BATCH:
         return stream(seed + 1, 21)
+    if purpose is Purpose.MODEL_INIT:                  # model.build_model: torch.Generator().manual_seed(seed)
+        return g.manual_seed(seed)
     if purpose is Purpose.SANDBOX_LIFECYCLE:
         ss = np.random.SeedSequence((seed % 2**64, 5, keys[0]))
         return g.manual_seed(int(ss.generate_state(1, np.uint64)[0]) % MOD)
