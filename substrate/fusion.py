@@ -73,6 +73,8 @@ from substrate.train import TrainConfig, clip_gradients, evaluate, lr_at, train_
 ROUTERS = {"B3": "B3", "R": "R"}
 METHODS = ("best_specialist", "base", "uniform", "oracle", "B3", "R")
 SPECIALISTS = ("lora", "full")
+#: Default peak learning rate of the specialists: LoRA slots, and full copies (whole weights move).
+SPECIALIST_LR = {"lora": 1e-2, "full": 1e-3}
 #: Presets small enough for full fine-tuned copies (M copies of every base weight, trained and run at once).
 FULL_PRESETS = ("tiny", "small")
 
@@ -85,8 +87,8 @@ class FusionConfig:
     """Model preset of the shared base: tiny, small or widened-1536."""
     specialist_steps: int = 30
     """Steps of each specialist (the point's divergence knob)."""
-    specialist_lr: float = 1e-2
-    """Peak learning rate of the specialists."""
+    specialist_lr: float | None = None
+    """Peak learning rate of the specialists (None: `SPECIALIST_LR` of the kind of specialists)."""
     router_steps: int = 100
     """Router-only training steps of each fused model."""
     router_lr: float = 1e-2
@@ -107,6 +109,8 @@ class FusionConfig:
     def __post_init__(self) -> None:
         require(self.preset in PRESETS, "preset", self.preset, "one of " + ", ".join(PRESETS))
         require(self.specialists in SPECIALISTS, "specialists", self.specialists, "lora or full")
+        if self.specialist_lr is None:
+            object.__setattr__(self, "specialist_lr", SPECIALIST_LR[self.specialists])
         require(self.specialists == "lora" or self.preset in FULL_PRESETS, "specialists", self.specialists,
                 f"lora with --preset {self.preset} (full copies only with --preset {' or '.join(FULL_PRESETS)})")
         for name, lo in (("specialist_steps", 1), ("router_steps", 1), ("batch", 1), ("seed", 0), ("domains", 2)):

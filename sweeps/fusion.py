@@ -54,6 +54,7 @@ class FusionSweepConfig:
     specialist_steps: tuple[int, ...] = (1, 3, 10, 30, 100)
     seeds: tuple[int, ...] = (0, 1, 2)
     alpha: float = 0.05
+    """1 - confidence level of the fit's intervals."""
     cache: str = "runs/cache"
     """Folder of the cached corpus, base and specialists."""
 

@@ -148,9 +148,10 @@ def from_fields(cls: type, names: Iterable[str], *, instance: Any = None, flags:
         key = rename.get(name, name)
         is_auto = key in auto
         help_text = docs.get(name, "")
-        help_text = help_text[:1].upper() + help_text[1:]
+        if not re.match(r"^\S+ \(", help_text):      # "lora (LoRA slots ...)" names a value: keep its case
+            help_text = help_text[:1].upper() + help_text[1:]
         if is_auto:
-            help_text = f"{help_text} (default: {auto[key]})".strip()
+            help_text = f"{help_text.rstrip('.')} (default: {auto[key]}).".lstrip(" ")
         opts.append(Opt(key, None if is_auto else getattr(inst, name), _annotation(cls, name, is_auto),
                         decls.get(key, (flags.get(key, flag_for(key)),)), help_text, (cls, name), is_auto))
     return opts

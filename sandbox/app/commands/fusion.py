@@ -29,69 +29,57 @@ def _steps_list(text: str) -> tuple[int, ...]:
     return vals
 
 
-def fusion(
-    specialist_steps: str = typer.Option("1,3,10,30,100", "--specialist-steps",
-                                         help="Points: specialist training steps (more steps = more divergence)."),
-    seeds: str = typer.Option("3", "--seeds", help="A count (3 -> 0..2) or a comma list (42,137,2026)."),
-    router_steps: int = typer.Option(100, "--router-steps", help="Router-only training steps of each fused model."),
-    router_lr: float = typer.Option(1e-2, "--router-lr", help="Peak Adam learning rate of the router."),
-    specialist_lr: Optional[float] = typer.Option(None, "--specialist-lr",
-                                                  help="Peak learning rate of the specialists (default 1e-2 for lora, "
-                                                       "1e-3 for full copies)."),
-    batch: int = typer.Option(8, "--batch", help="Training windows per router step."),
-    specialists: str = typer.Option("lora", "--specialists",
-                                    help="lora (LoRA slots of one bank) or full (full fine-tuned copies, output mixture; "
-                                         "--preset tiny or small only)."),
-    preset: str = typer.Option("tiny", "--preset", help="Shared base: tiny (CPU default), small or widened-1536."),
-    alpha: float = typer.Option(0.05, "--alpha", help="1 - confidence level of the fit's intervals."),
-    out: Optional[str] = typer.Option(None, "--out", help="Run folder (default runs/fusion-<config hash>; the same command resumes)."),
-    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL or journal path (default: a journal file in --out)."),
-    study: Optional[str] = typer.Option(None, "--study", help="Optuna study name (default fusion)."),
-    cache: str = typer.Option("runs/cache", "--cache", help="Cache of corpus, pretrained base and specialists."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default 1 on <= 2 cores)."),
-    figures: bool = typer.Option(True, "--figures/--no-figures", help="Draw figures/fusion.{png,svg}."),
-    yes: bool = typer.Option(False, "--yes", help="Run widened-1536 on a CPU anyway."),
-) -> None:
+def _fusion_options() -> list:
+    from sandbox.app.declare import from_fields, own
+    from substrate.fusion import FusionConfig
+    from sweeps.fusion import FusionSweepConfig
+
+    sweep = FusionSweepConfig()
+    return [own("specialist_steps", ",".join(map(str, sweep.specialist_steps)), "--specialist-steps",
+                help="Points: specialist training steps (more steps = more divergence)."),
+            own("seeds", str(len(sweep.seeds)), "--seeds", help="A count (3 -> 0..2) or a comma list (42,137,2026)."),
+            *from_fields(FusionConfig, ("router_steps", "router_lr", "specialist_lr", "batch", "specialists", "preset",
+                                        "device"),
+                         auto={"specialist_lr": "1e-2 for lora, 1e-3 for full copies",
+                               "device": "cuda when visible, else cpu"}),
+            *from_fields(FusionSweepConfig, ("alpha", "cache")),
+            own("out", None, "--out", help="Run folder (default runs/fusion-<config hash>; the same command resumes)."),
+            own("storage", None, "--storage", help="Optuna storage URL or journal path (default: a journal file in --out)."),
+            own("study", None, "--study", help="Optuna study name (default fusion)."),
+            own("threads", None, "--threads", annotation=Optional[int],
+                help="torch CPU threads (default 1 on <= 2 cores)."),
+            own("figures", True, "--figures/--no-figures", help="Draw figures/fusion.{png,svg}."),
+            own("yes", False, "--yes", help="Run widened-1536 on a CPU anyway.")]
+
+
+def fusion(**kw) -> None:
     """Gain of fusing specialists over the best one, against their divergence, with a line fit."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from sandbox.app.commands.full import apply_threads
-    from substrate.defaults import resolve_device
-    from sandbox.errors import BadInput
-    from sandbox.options import check_float, check_int, parse_seeds
+    from sandbox.options import parse_seeds
     from sandbox.results import check_folder, default_out
+    from substrate.defaults import check_affordable, resolve_device
 
-    steps = _steps_list(specialist_steps)
-    seed_list = parse_seeds(seeds, "--seeds")
-    check_int(router_steps, "--router-steps", 1, 1_000_000)
-    check_int(batch, "--batch", 1, 100_000)
-    check_float(router_lr, "--router-lr", 1e-9, 1.0)
-    if specialist_lr is None:
-        specialist_lr = 1e-3 if specialists == "full" else 1e-2
-    check_float(specialist_lr, "--specialist-lr", 1e-9, 1.0)
-    check_float(alpha, "--alpha", 1e-9, 0.999999)
-    if preset not in ("tiny", "small", "widened-1536"):
-        raise BadInput("--preset", preset, "tiny, small or widened-1536")
-    if specialists not in ("lora", "full"):
-        raise BadInput("--specialists", specialists, "lora or full")
-    if specialists == "full" and preset not in ("tiny", "small"):
-        raise BadInput("--specialists", specialists, f"lora with --preset {preset} (full copies only with --preset tiny or small)")
-    dev = resolve_device(device)
-    if dev == "cpu" and preset == "widened-1536" and not yes:
-        raise BadInput("--preset", preset, "tiny or small on a CPU (widened-1536 would take CPU-days; --yes runs it anyway)")
-    check_folder(cache, "--cache")
-    apply_threads(threads)
-
+    out, storage, study, threads = kw.pop("out"), kw.pop("storage"), kw.pop("study"), kw.pop("threads")
+    figures, yes, cache, alpha = kw.pop("figures"), kw.pop("yes"), kw.pop("cache"), kw.pop("alpha")
+    steps = _steps_list(kw.pop("specialist_steps"))
+    seed_list = parse_seeds(kw.pop("seeds"), "--seeds")
+    kw["device"] = resolve_device(kw["device"])
+    if kw["specialist_lr"] is None:
+        kw.pop("specialist_lr")                     # the config picks it for the kind of specialists
     from figures.fusion import draw
     from substrate.fusion import FusionConfig
     from sweeps.fusion import PUBLISHED, FusionSweepConfig, run_fusion_map
 
-    base = FusionConfig(preset=preset, specialist_lr=float(specialist_lr), router_steps=router_steps,
-                        router_lr=float(router_lr), batch=batch, device=dev, specialists=specialists)
-    cfg = FusionSweepConfig(base=base, specialist_steps=steps, seeds=tuple(seed_list), alpha=float(alpha), cache=cache)
+    base = FusionConfig(**kw)                        # validates every knob, naming its flag
+    cfg = FusionSweepConfig(base=base, specialist_steps=steps, seeds=tuple(seed_list), alpha=alpha, cache=cache)
+    check_affordable(base.cell(), yes)
+    check_folder(cache, "--cache")
+    apply_threads(threads)
+    preset, specialists, router_steps, dev = base.preset, base.specialists, base.router_steps, base.device
     run_dir = Path(out) if out else default_out("fusion", cfg.folder_key())
     err = Console(stderr=True)
     console = Console() if Console().is_terminal else Console(width=160)
@@ -139,4 +127,6 @@ def fusion(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("fusion")(fusion)
+    from sandbox.app.declare import declared
+
+    app.command("fusion")(declared(_fusion_options())(fusion))
