@@ -96,13 +96,6 @@ def slot_gram(A: Tensor, B: Tensor) -> Tensor:
     return (gb * ga).sum((-1, -2))
 
 
-def slot_cosine(A: Tensor, B: Tensor, eps: float = 1e-12) -> Tensor:
-    """Pairwise cosine similarity of the slots' products ``(*b, K, K)``; 0 where a slot is zero."""
-    g = slot_gram(A, B)
-    n = torch.diagonal(g, dim1=-2, dim2=-1).clamp_min(0).sqrt()  # (*b, K)
-    return g / (n.unsqueeze(-1) * n.unsqueeze(-2)).clamp_min(eps)
-
-
 def lowrank_svd(L: Tensor, R: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD of ``L @ R`` without forming it: ``L R = U diag(S) Vh``.
 
@@ -165,15 +158,6 @@ def refactor(L: Tensor, R: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """
     U, S, Vh = lowrank_svd(L, R)
     return split_factors(U, S, Vh, rank)
-
-
-def slot_rank(A: Tensor, B: Tensor, rtol: float = 1e-5) -> Tensor:
-    """Numerical rank of each slot's product ``B_k A_k``: ``(*b, K)`` long.
-
-    Counts singular values above ``rtol * max(S)`` (and above a tiny absolute floor)."""
-    _, S, _ = lowrank_svd(B, A)
-    top = S[..., :1]
-    return (S > (rtol * top).clamp_min(1e-30)).sum(-1)
 
 
 def randn(shape, generator: torch.Generator, dtype=torch.float32, device=None) -> Tensor:
@@ -311,13 +295,6 @@ class AdapterBank(nn.Module):
         ``S (*b,K,r)``, ``Vh (*b,K,r,d_in)``."""
         U, S, Vh = lowrank_svd(self.B.detach(), self.A.detach())
         return U, S * self.scale, Vh
-
-    @torch.no_grad()
-    def rebalance(self) -> None:
-        """Re-factorise every slot into balanced SVD factors (same products, ``||A|| = ||B||``)."""
-        A, B = refactor(self.B, self.A, self.cfg.rank)
-        self.A.copy_(A)
-        self.B.copy_(B)
 
     @torch.no_grad()
     def set_factors(self, A: Tensor, B: Tensor) -> None:

@@ -363,10 +363,6 @@ class _Adam:
 # Grid points stacked on the batch dimension
 # ---------------------------------------------------------------------------------------------
 
-#: Knobs that may differ between the rows of one batch (they change values, not shapes).
-ROW_TASK_FIELDS = ("alignment", "overlap", "context_noise")
-ROW_SOLVER_FIELDS = ("lr", "plasticity", "mutation_scale", "loss_floor", "lora_alpha")
-
 
 def group_key(spec: TaskSpec, cfg: AnalyticConfig) -> tuple[TaskSpec, AnalyticConfig]:
     """Points with equal keys share every tensor shape and schedule, so their rows can be stacked:
@@ -453,15 +449,6 @@ def split_result(res: ArmResult, rows: Rows) -> list[ArmResult]:
         part.wall_s = getattr(res, "wall_s", float("nan")) * (hi - lo) / max(len(rows.task.seeds), 1)
         out.append(part)
     return out
-
-
-def solve(task: Task, spec: TaskSpec, cfg: AnalyticConfig, arm: str, state: State | None = None) -> ArmResult:
-    """Run one arm for every seed of `task` at once (one grid point); see the module docstring."""
-    rows = stack_rows([(spec, cfg, task.seeds)], tasks=[task])
-    res = solve_rows(rows, arm, state)
-    for e in res.events:
-        e.pop("row", None)
-    return res
 
 
 def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: bool = False) -> ArmResult:

@@ -299,13 +299,6 @@ def _death_order(fit: Tensor, ages: Tensor, n_die: int, min_age: int) -> tuple[T
     return order, valid
 
 
-def select_deaths(fit: Tensor, ages: Tensor, cfg: LifecycleConfig) -> Tensor:
-    """Death mask ``(*b, K)``: the ``n_die`` least fit slots aged ``>= min_age``, never all K."""
-    order, valid = _death_order(fit, ages, cfg.n_die, cfg.min_age)
-    dead = torch.zeros_like(fit, dtype=torch.bool)
-    return dead.scatter(-1, order, valid) if order.shape[-1] else dead
-
-
 def tournament_parent(fit: Tensor, alive: Tensor, size: int, generator: Generators) -> Tensor:
     """Pick a parent per row ``(n,)``: the fittest of ``size`` slots drawn uniformly (with
     replacement) among ``alive (n, K)``. Rows with no alive slot get slot 0. ``generator``: one, or

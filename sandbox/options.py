@@ -116,11 +116,6 @@ def parse_seeds(text: str, flag: str = "--seeds") -> list[int]:
     return seeds
 
 
-def format_seeds(seeds: list[int]) -> str:
-    """Inverse of `parse_seeds` for explicit lists (always written as a comma list)."""
-    return ",".join(str(s) for s in seeds) + ("," if len(seeds) == 1 else "")
-
-
 def parse_axis(text: str, flag: str, allowed_names: dict[str, tuple[float | None, float | None]]) -> tuple[str, Range]:
     """Parse ``NAME=LO..HI`` where NAME is one of `allowed_names` (name -> (lo, hi) bounds).
 
@@ -141,11 +136,4 @@ def check_int(value: int, flag: str, lo: int | None = None, hi: int | None = Non
     """Check an integer option lies in [lo, hi]."""
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise BadInput(flag, value, f"an integer {_bounds_text(lo, hi).replace('LO <= HI', 'N')}")
-    return value
-
-
-def check_float(value: float, flag: str, lo: float | None = None, hi: float | None = None) -> float:
-    """Check a float option is finite and lies in [lo, hi]."""
-    if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise BadInput(flag, value, f"a finite number {_bounds_text(lo, hi).replace('LO <= HI', 'X')}".rstrip())
     return value

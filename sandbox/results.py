@@ -363,9 +363,6 @@ class RunDir:
         """Release this process's claim on the folder (see `claim_run_dir`)."""
         release_run_dir(self.path)
 
-    def file(self, name: str) -> Path:
-        return self.path / name
-
     def write_csv(self, name: str, table: pd.DataFrame | list[dict]) -> Path:
         return atomic_write_csv(self.path / name, table)
 

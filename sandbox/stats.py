@@ -4,7 +4,7 @@ Every conclusion of the tool comes from this module. Its rules:
 
 1. **Balanced log metric per seed.** ``balanced_log_ppl`` is the equal-weight mean over the M
    domains of each domain's mean token NLL (nats). Domains are never weighted by token count
-   (``token_weighted_log_ppl`` exists only to show the difference) and PPL values are never
+   (pooling can flip a conclusion: tests/test_stats.py shows one) and PPL values are never
    averaged: there is deliberately no function here that takes a mean of ``exp(...)``.
 2. **Across seeds only paired differences of log quantities.** ``delta_i = reference_i - test_i``
    for seed i, lower is better for both, so ``delta > 0`` means the test arm (or treated cell) is
@@ -47,9 +47,6 @@ DEFAULT_POWER = 0.8
 #: Beyond this many seeds an inconclusive point is reported as unreachable (``seeds_needed=None``).
 MAX_SEEDS = 10_000
 
-REGIMES = ("beats", "ties", "degrades", "inconclusive")
-#: Labels that say what happened, beside the four regimes (see `label_point` for the precedence).
-LABELS = ("inert", "beats", "degrades", "no-room", "beats<eps", "degrades<eps", "ties", "inconclusive")
 #: The decomposition columns of summary.csv (after ``by`` and ``SUMMARY_STATS``): each control
 #: contrast with its CI, Holm-adjusted p and its own label, and what the search did.
 DECOMPOSITION = ("delta_restart", "restart_ci_low", "restart_ci_high", "restart_p_holm", "restart_regime",
@@ -81,16 +78,6 @@ def balanced_log_ppl(nll_sum, tokens):
     if not bool((tokens > 0).all()):
         raise ValueError("balanced_log_ppl: every domain needs at least one token")
     return (nll_sum / tokens).mean(-1)  # (..., M) -> (...)
-
-
-def token_weighted_log_ppl(nll_sum, tokens):
-    """Token-weighted (pooled) log-PPL ``sum_m nll_sum / sum_m tokens``, ``(..., M) -> (...)``.
-
-    NOT the study's metric: a domain with many tokens dominates. Kept only to show, in tests and
-    docs, how pooling can flip a conclusion that the balanced metric gets right.
-    """
-    nll_sum, tokens = _as_array(nll_sum), _as_array(tokens)
-    return nll_sum.sum(-1) / tokens.sum(-1)  # (..., M) -> (...)
 
 
 def _as_array(x):
@@ -267,25 +254,6 @@ def holm(pvals) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # Power and the number of seeds that would resolve an inconclusive point
-
-
-def power_paired_t(mean: float, sd: float, n, alpha: float = 0.05):
-    """Power of the two-sided paired t test at true mean delta ``mean`` and SD ``sd`` with n seeds.
-
-    ``T ~ noncentral t(df = n - 1, nc = sqrt(n) mean / sd)``; power =
-    ``P(T > t_{1-alpha/2}) + P(T < -t_{1-alpha/2})``, the formula of statsmodels' ``TTestPower``.
-    scipy's noncentral t returns NaN for some large ``nc`` at small df (statsmodels inherits it);
-    those entries come from the equivalent integral over the sample SD (`_power_t_integral`).
-    """
-    n = np.asarray(n, dtype=float)
-    df, nc = n - 1, np.sqrt(n) * mean / sd
-    crit = stats.t.isf(alpha / 2, df)
-    out = np.asarray(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc), dtype=float)
-    bad = ~np.isfinite(out)
-    if bad.any():
-        out = out.copy()
-        out[bad] = [_power_t_integral(mean, sd, int(k), alpha) for k in np.broadcast_to(n, out.shape)[bad]]
-    return out if out.ndim else float(out)
 
 
 # Gauss-Legendre rule for expectations over the sample-SD ratio (96 nodes: error ~1e-11 here).

@@ -8,7 +8,7 @@ Domain structure (kept separate from any readout, so other systems can reuse it)
 * ``overlap`` o in [0, 1]: every domain shares one component. The mix is done on the factors,
   ``U_m ~ o^(1/4) U_shared + (1 - sqrt(o))^(1/2) U_own`` (same for V), so D_m keeps rank r* and
   the cosine between two domains' updates is about ``o`` (the cross terms are nearly orthogonal in
-  high d; measured by `domain_cosines`).
+  high d; measured in tests/test_tasks.py).
 * routing context of domain m: a unit vector ``c_m`` in R^F; the router sees ``c_m + noise``.
 * hidden assignment: M distinct slots out of K, one per domain, random per seed.
 
@@ -18,7 +18,7 @@ Pre-alignment a in [0, 1] (`initial_adapters`): the assigned slot k = assignment
 independent random rank-r matrix of the same expected norm at a = 0. The other K - M slots are
 random. The random draws do not depend on a (common random numbers along the alignment axis).
 Measured cosine between ``s B_k A_k`` and ``D_m`` (mean over 2,000 seeds, defaults d=32, r=4,
-r*=2): see `alignment_cosine` and the README table.
+r*=2): see the README table (measured in tests/test_tasks.py).
 
 Every draw comes from ``torch.Generator`` objects seeded from the user seed, one per seed, so a
 seed's task never depends on which other seeds share the batch (a resumed sweep recomputes the
@@ -32,7 +32,6 @@ from typing import Sequence
 
 import torch
 
-from sandbox.adapters import product_inner, product_norm
 from sandbox.errors import check, require
 from sandbox.streams import Purpose, generator
 
@@ -95,11 +94,6 @@ class Task:
     contexts: torch.Tensor
     assignment: torch.Tensor
     seeds: tuple[int, ...]
-
-    @property
-    def updates(self) -> torch.Tensor:
-        """Dense true updates ``D = U V``: ``(S, M, d, d)``. Small dims only (tests, substrate)."""
-        return self.U @ self.V
 
 
 def _balanced(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,29 +179,6 @@ def initial_adapters(task: Task, spec: TaskSpec, seeds: Sequence[int] | None = N
     A = A.scatter(1, idx[:, :, None, None].expand(-1, -1, r, spec.dim), keep * A_sel + a * Vt)
     B = B.scatter(1, idx[:, :, None, None].expand(-1, -1, spec.dim, r), keep * B_sel + a * Ut)
     return A, B
-
-
-def alignment_cosine(task: Task, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """Cosine between each domain's assigned adapter ``B_k A_k`` and ``D_m``: ``(S, M)``.
-
-    Scale-free, so it does not need the bank's ``alpha / r``.
-    """
-    S, M = task.assignment.shape
-    idx = task.assignment
-    A_sel = A.gather(1, idx[:, :, None, None].expand(-1, -1, *A.shape[-2:]))   # (S, M, r, d)
-    B_sel = B.gather(1, idx[:, :, None, None].expand(-1, -1, *B.shape[-2:]))   # (S, M, d, r)
-    inner = product_inner(A_sel, B_sel, task.V, task.U)
-    norm_w = product_norm(A_sel, B_sel)
-    norm_d = product_norm(task.V, task.U)
-    return inner / (norm_w * norm_d)
-
-
-def domain_cosines(task: Task) -> torch.Tensor:
-    """Cosines between the domains' true updates: ``(S, M, M)`` (diagonal 1)."""
-    U, V = task.U, task.V
-    G = product_inner(V[:, :, None], U[:, :, None], V[:, None], U[:, None])   # (S, M, M)
-    n = torch.diagonal(G, dim1=-2, dim2=-1).clamp_min(0).sqrt()               # (S, M)
-    return G / (n[:, :, None] * n[:, None, :])
 
 
 def noisy_contexts(task: Task, noise: float, draws: int, salt: int = 0) -> torch.Tensor:

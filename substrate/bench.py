@@ -66,13 +66,6 @@ def step_flops_per_token(cfg: ModelConfig, seq_len: int, features: str = "hidden
     return model + features + router
 
 
-def attention_flops_per_token(cfg: ModelConfig, seq_len: int, features: str = "hidden") -> float:
-    """The attention part of `step_flops_per_token` (scores and weighted sums, full T x T)."""
-    D, T, L = cfg.d_model, seq_len, cfg.n_layer
-    skipped = 8 * T * D if cfg.targets == "mlp" else 0
-    return 12 * L * T * D + (4 * L * T * D if features == "hidden" else 0) - skipped
-
-
 def bench_substrate(cfg: ModelConfig, seq_len: int, domains: int = 4, windows: int = 8, seed: int = 0):
     """A `substrate.cell.Substrate` for timing only: random base weights, random specialists, random
     token windows (speed does not depend on what the weights or tokens are), no pretraining."""

@@ -204,10 +204,6 @@ class CellConfig:
         lifecycle = replace(top.pop("lifecycle", CELL_LIFECYCLE), **groups["lifecycle"])
         return cls(router=router, lifecycle=lifecycle, **top)
 
-    def with_(self, **flat) -> "CellConfig":
-        """A copy with some settings changed, by flat name (``cfg.with_(inherit_alpha=0.0, seed=7)``)."""
-        return CellConfig.of(**{**self.flat(), **flat})
-
     def flat(self) -> dict:
         """Every setting under its flat name (the nested knobs of `NESTED` beside the run's own)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("router", "lifecycle")}

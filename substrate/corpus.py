@@ -44,7 +44,6 @@ cuts it into non-overlapping windows of ``seq_len + 1`` tokens and holds out the
 from __future__ import annotations
 
 import io
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -397,19 +396,3 @@ def load_text_domains(data_dir: str | Path, vocab: int, seq_len: int, heldout_fr
                                                "heldout_windows": [int(w.shape[0]) for w in held]})
     return Corpus(names=names, train=train, heldout=held, floors=torch.full((len(names),), float("nan"), dtype=torch.float64),
                   vocab=vocab, seq_len=seq_len, key=key, config=settings, tokenizer=tok)
-
-
-def describe_corpus(corpus: Corpus) -> str:
-    """A short multi-line description: domains, tokens, floors."""
-    lines = [f"corpus {corpus.key}: {corpus.domains} domains, vocab {corpus.vocab}, seq_len {corpus.seq_len}"]
-    for row in corpus.summary():
-        fl = "unknown" if math.isnan(row["floor"]) else f"{row['floor']:.4f} nats"
-        blind = f", domain-blind +{row['blind_excess']:.4f}" if "blind_excess" in row else ""
-        lines.append(f"  {row['domain']}: train {row['train_tokens']:,} tok, heldout {row['heldout_tokens']:,} tok, "
-                     f"floor {fl}{blind}")
-    return "\n".join(lines)
-
-
-def corpus_json(corpus: Corpus) -> str:
-    """The corpus description as JSON (for manifests)."""
-    return json.dumps({"key": corpus.key, "config": corpus.config, "domains": corpus.summary()})

@@ -70,7 +70,6 @@ from substrate.corpus import sample_batch
 from substrate.model import GPT, PRESETS, autocast, load_banks, routing_features
 from substrate.train import TrainConfig, clip_gradients, evaluate, lr_at, train_specialists, weights_fingerprint
 
-ROUTERS = {"B3": "B3", "R": "R"}
 METHODS = ("best_specialist", "base", "uniform", "oracle", "B3", "R")
 SPECIALISTS = ("lora", "full")
 #: Default peak learning rate of the specialists: LoRA slots, and full copies (whole weights move).

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -87,7 +86,7 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(vocab=256, d_model=64, n_layer=2, n_head=4, d_ff=256, seq_len=64),
     # ~1.1M base parameters: pretrains in minutes on 2 CPU cores.
     "small": ModelConfig(vocab=2048, d_model=128, n_layer=4, n_head=4, d_ff=512, seq_len=128),
-    # The study's substrate: D = 1536, V = 32,000, 4 blocks, ~163M parameters (see describe_params).
+    # The study's substrate: D = 1536, V = 32,000, 4 blocks, ~163M parameters (see param_breakdown).
     "widened-1536": ModelConfig(vocab=32000, d_model=1536, n_layer=4, n_head=12, d_ff=6144, seq_len=512),
 }
 
@@ -326,37 +325,6 @@ def param_breakdown(cfg: ModelConfig) -> dict[str, int]:
     return out
 
 
-def meta_model(cfg: ModelConfig) -> GPT:
-    """The model on the meta device: shapes and parameter counts without allocating weights."""
-    with torch.device("meta"):
-        return GPT(cfg, torch.Generator())
-
-
-def count_params(model: nn.Module) -> dict[str, int]:
-    """Counted from a built model: ``base`` (every non-adapter weight, tied head counted once) and ``adapters``."""
-    base = sum(p.numel() for n, p in model.named_parameters() if not GPT.is_adapter(n))
-    ad = sum(p.numel() for n, p in model.named_parameters() if GPT.is_adapter(n))
-    return {"base": base, "adapters": ad}
-
-
-def describe_params(cfg: ModelConfig) -> str:
-    """A human-readable breakdown of `param_breakdown` (exact counts)."""
-    b = param_breakdown(cfg)
-    D = cfg.d_model
-    lines = [
-        f"V={cfg.vocab} D={D} layers={cfg.n_layer} heads={cfg.n_head} d_ff={cfg.d_ff} T={cfg.seq_len} K={cfg.slots} r={cfg.rank}",
-        f"  token embedding (tied head)  {b['embedding']:>13,}  V*D",
-        f"  positions                    {b['positions']:>13,}  T*D",
-        f"  one block                    {b['block']:>13,}  4D^2 attn + 2*D*d_ff mlp + 2D norms",
-        f"  {cfg.n_layer} blocks                     {b['blocks']:>13,}",
-        f"  final norm                   {b['final_norm']:>13,}",
-        f"  base total                   {b['base']:>13,}  ({b['base'] / 1e6:.2f}M)",
-        f"  adapters ({cfg.targets}, K={cfg.slots}, r={cfg.rank})  {b['adapters']:>10,}  ({b['adapters'] / 1e6:.2f}M, "
-        f"{b['adapters_per_block']:,} per block)",
-    ]
-    return "\n".join(lines)
-
-
 def flops_per_token(cfg: ModelConfig, adapters: bool = True, frozen_base: bool | None = None,
                     seq_len: int | None = None) -> float:
     """Training FLOPs per token (forward + backward), 6N-style plus attention.
@@ -389,35 +357,4 @@ def gpu_peak_flops(device: int | str | torch.device = 0) -> float:
     for key, peak in GPU_PEAK_BF16.items():
         if key in name:
             return peak
-    raise ValueError(f"unknown GPU {name!r}: pass peak_flops explicitly")
-
-
-def estimate_mfu(cfg: ModelConfig, tokens_per_s: float, peak_flops: float | None = None,
-                 adapters: bool = True, frozen_base: bool | None = None) -> float:
-    """Model FLOPs utilisation: ``flops_per_token * tokens_per_s / peak`` (peak of the CUDA device if None)."""
-    peak = peak_flops if peak_flops is not None else gpu_peak_flops()
-    return flops_per_token(cfg, adapters, frozen_base) * tokens_per_s / peak
-
-
-def measure_matmul_flops(n: int = 1024, repeats: int = 10, dtype: torch.dtype = torch.float32,
-                         device: str | torch.device = "cpu") -> float:
-    """Measured dense matmul throughput (FLOP/s): the best of `repeats` timed ``n x n @ n x n``."""
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        a @ b
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
-
-
-def cpu_utilisation(cfg: ModelConfig, tokens_per_s: float, matmul_flops: float | None = None,
-                    adapters: bool = True, frozen_base: bool | None = None) -> float:
-    """The CPU analogue of MFU: achieved model FLOP/s as a fraction of measured matmul FLOP/s."""
-    peak = matmul_flops if matmul_flops is not None else measure_matmul_flops()
-    return flops_per_token(cfg, adapters, frozen_base) * tokens_per_s / peak
+    raise ValueError(f"unknown GPU {name!r}: add its dense bf16 peak to GPU_PEAK_BF16")

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor
 
-from sandbox.adapters import init_factors, product_inner, product_norm, refactor
+from sandbox.adapters import init_factors, product_norm, refactor
 from sandbox.errors import check, require
 from sandbox.results import atomic_save_torch, config_hash, load_torch
 from sandbox.streams import Purpose, generator
@@ -270,23 +270,6 @@ def initial_banks(specialists: dict[str, tuple[Tensor, Tensor]], alignment: floa
     return out, assignment
 
 
-def bank_alignment(factors: dict[str, tuple[Tensor, Tensor]], specialists: dict[str, tuple[Tensor, Tensor]],
-                   assignment: Tensor) -> Tensor:
-    """Cosine between each assigned slot's update and its domain's specialist, pooled over banks: ``(M,)``.
-
-    ``sum_banks <P_k, S_m> / sqrt(sum_banks ||P_k||^2 * sum_banks ||S_m||^2)`` (factor form).
-    """
-    inner = norm_p = norm_s = 0.0
-    for name, (SA, SB) in specialists.items():
-        A, B = factors[name]
-        A, B = A[assignment].double(), B[assignment].double()
-        SA, SB = SA.double(), SB.double()
-        inner = inner + product_inner(A, B, SA, SB)
-        norm_p = norm_p + product_inner(A, B, A, B)
-        norm_s = norm_s + product_inner(SA, SB, SA, SB)
-    return inner / (norm_p * norm_s).sqrt()
-
-
 @dataclass(frozen=True)
 class EvalResult:
     """Per-domain evaluation: ``nll`` mean token NLL (nats) ``(M,)``, ``nll_sum``, ``tokens`` ``(M,)``, ``floors``."""
@@ -340,41 +323,3 @@ def evaluate(model: GPT, corpus: Corpus, split: str = "heldout",
     model.train(was_training)
     s, t = torch.stack(sums), torch.tensor(counts, dtype=torch.float64)
     return EvalResult(corpus.names, s / t, s, t.long(), corpus.floors.clone())
-
-
-def measure_throughput(cfg: ModelConfig, batch: int = 8, steps: int = 3, device: str | torch.device = "cpu",
-                       adapters: bool = False, seed: int = 0, warmup: int = 1) -> dict:
-    """Training tokens per second of one preset on random tokens (forward + backward + AdamW step).
-
-    ``adapters=False`` times pretraining (all base weights train, no gates); ``adapters=True`` times
-    adaptation (frozen base, dense softmax gates over all K slots, adapters train). Returns
-    ``{tokens_per_s, step_s, tokens_per_step, flops_per_token, achieved_flops}``.
-    """
-    model = build_model(cfg, seed, device)
-    params = freeze_base(model) if adapters else model.base_parameters()
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    g = torch.Generator().manual_seed(seed)
-    T = cfg.seq_len
-    times = []
-    for i in range(warmup + steps):
-        x = torch.randint(cfg.vocab, (batch, T + 1), generator=g).to(device)
-        gates = torch.softmax(torch.randn(batch, T, cfg.slots, generator=g), -1).to(device) if adapters else None
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        with autocast(device):
-            _, loss = model(x[:, :-1], gates, x[:, 1:])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    from substrate.model import flops_per_token
-
-    step_s = sorted(times)[len(times) // 2]
-    tps = batch * T / step_s
-    fpt = flops_per_token(cfg, adapters=adapters)
-    return {"tokens_per_s": tps, "step_s": step_s, "tokens_per_step": batch * T, "flops_per_token": fpt,
-            "achieved_flops": fpt * tps}

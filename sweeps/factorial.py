@@ -280,16 +280,6 @@ def _concat_tables(fcfg: FactorialConfig, out: Path) -> None:
             atomic_write_csv(out / name, pd.concat(parts, ignore_index=True))
 
 
-def contrast_table(att: pd.DataFrame) -> pd.DataFrame:
-    """The printable attribution: contrast, cells, n, mean delta, 95% CI, t, p (one row each)."""
-    if not len(att):
-        return att
-    t = pd.DataFrame({"contrast": att["contrast"], "cells": [f"{b} vs {a}" for a, b in zip(att["reference"], att["treated"])],
-                      "n": att["n"], "mean_delta": att["mean_delta"], "ci_low": att["ci_low"], "ci_high": att["ci_high"],
-                      "t": att["t"], "p": att["p"], "kind": att["kind"]})
-    return t
-
-
 def scope_under_lifecycle(cells: pd.DataFrame, eps: float = DEFAULT_EPS, alpha: float = 0.05):
     """Paired R+E+L vs R+L (the scope factor where it can act: through the lifecycle's deaths).
 

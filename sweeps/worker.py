@@ -62,7 +62,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import optuna
 from optuna.distributions import FloatDistribution
@@ -72,7 +72,7 @@ from optuna.trial import TrialState, create_trial
 from sandbox.errors import BadInput
 from sandbox.results import to_jsonable
 from sweeps import ledger
-from sweeps.ledger import Settled, _key_states, check_settled, has_result, is_database, plan_state  # noqa: F401
+from sweeps.ledger import _key_states, is_database
 
 #: A trial re-queued as lost (its worker died) this many times is given up: it kills its workers.
 MAX_LOST = 10

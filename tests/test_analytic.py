@@ -16,6 +16,14 @@ SPEC = TaskSpec(domains=3, slots=5, dim=10, rank=3, true_rank=2, context_dim=6, 
 FAST = dict(steps=30, interval=10, population=6)
 
 
+def solve(task, spec, cfg, arm, state=None) -> an.ArmResult:
+    """One arm for every seed of `task` (one grid point) from a given state, through `solve_rows`."""
+    res = an.solve_rows(an.stack_rows([(spec, cfg, task.seeds)], tasks=[task]), arm, state)
+    for e in res.events:
+        e.pop("row", None)
+    return res
+
+
 def _bank(gen, S=2, K=5, r=3, d=10):
     A = torch.randn(S, K, r, d, generator=gen, dtype=torch.float64) / 3
     B = torch.randn(S, K, d, r, generator=gen, dtype=torch.float64) / 3
@@ -157,7 +165,7 @@ def test_divergence_is_recorded_not_raised():
     st = an.initial_state(task, SPEC, cfg)
     st.params["W"][1, 0, 0] = float("nan")
     for arm in an.ARMS:
-        r = an.solve(task, SPEC, cfg, arm, st)
+        r = solve(task, SPEC, cfg, arm, st)
         assert r.diverged.tolist() == [False, True]
         assert r.diverged_step.tolist() == [-1, 0]
         assert math.isfinite(r.final_loss[0]) and math.isnan(r.final_loss[1])
@@ -358,7 +366,7 @@ def test_ceiling_taken_from_the_grad_run_equals_the_oracle_arm_run_alone(budget)
     cfg = an.AnalyticConfig(**FAST, budget=budget)
     res = an.run_arms(SPEC, cfg, [4, 5])
     task = make_task(SPEC, [4, 5])
-    alone = an.solve(task, SPEC, cfg, "oracle", an.initial_state(task, SPEC, cfg))
+    alone = solve(task, SPEC, cfg, "oracle", an.initial_state(task, SPEC, cfg))
     for name in ("final_loss", "domain_loss", "initial_loss", "curve", "diverged_step"):
         torch.testing.assert_close(getattr(res["oracle"], name), getattr(alone, name), rtol=0, atol=0)
     assert res["oracle"].loss_evals == alone.loss_evals and res["oracle"].grad_steps == alone.grad_steps

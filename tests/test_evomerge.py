@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from scipy import stats
 from torch.testing import assert_close
 
-from sandbox.adapters import AdapterBank, product_norm, slot_rank
+from helpers import slot_rank
+from sandbox.adapters import AdapterBank, product_norm
 from sandbox.errors import BadInput
 from sandbox.lifecycle import (LifecycleConfig, Population, lifecycle_step, roulette_parent, roulette_weights,
                                slerp_factors)

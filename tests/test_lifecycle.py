@@ -10,13 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
-from sandbox.adapters import AdapterBank, BankConfig, gated_mixture, init_factors, lowrank_svd, products, slot_rank
+from helpers import slot_rank
+from sandbox.adapters import AdapterBank, BankConfig, gated_mixture, init_factors, lowrank_svd
 from sandbox.errors import BadInput
 from sandbox.lifecycle import (
     LifecycleConfig, Population, blend, event_rows, fitness, lifecycle_step, loo_gates, mutate_svd, reallocate,
-    reset_adam_state, reset_mask, select_deaths,
+    reset_adam_state, reset_mask, _death_order,
 )
-from sandbox.router import RouterConfig, init_router_params, router_logits
+from sandbox.router import RouterConfig, init_router_params
 
 F, M, P = 3, 3, 2  # routing features, domains, router individuals per population
 
@@ -51,11 +52,14 @@ def test_loo_gates_switch_off_one_slot(gen):
 
 @given(K=st.integers(2, 7), n_die=st.integers(1, 8), min_age=st.integers(0, 4), seed=st.integers(0, 2**31 - 1))
 @settings(max_examples=40)
-def test_select_deaths_matches_loop(K, n_die, min_age, seed):
+def test_death_order_matches_loop(K, n_die, min_age, seed):
+    """The slots `lifecycle_step` kills: the n_die least fit old enough (ties by slot), never all K."""
     g = torch.Generator().manual_seed(seed)
     fit = torch.randint(0, 4, (5, K), generator=g).double()  # ties on purpose
     ages = torch.randint(0, 6, (5, K), generator=g)
-    dead = select_deaths(fit, ages, LifecycleConfig(n_die=n_die, min_age=min_age))
+    order, valid = _death_order(fit, ages, n_die, min_age)
+    dead = torch.zeros_like(fit, dtype=torch.bool)
+    dead = dead.scatter(-1, order, valid) if order.shape[-1] else dead
     for i in range(5):
         eligible = [k for k in range(K) if ages[i, k] >= min_age]
         ranked = sorted(eligible, key=lambda k: (float(fit[i, k]), k))

@@ -9,13 +9,24 @@ from torch.utils.flop_counter import FlopCounterMode
 from sandbox.adapters import AdapterBank, init_factors
 from sandbox.errors import BadInput
 from sandbox.router import Router, RouterConfig
-from substrate.model import (PRESETS, GPT, build_model, count_params, describe_params, flops_per_token, freeze_base,
-                             load_banks, meta_model, param_breakdown, pool, preset, routing_features, ModelConfig,
-                             cpu_utilisation, estimate_mfu)
+from substrate.model import (PRESETS, GPT, build_model, flops_per_token, freeze_base, load_banks, param_breakdown, pool,
+                             preset, routing_features, ModelConfig)
 
 CFG = preset("tiny", slots=6, rank=4)
 
 
+def meta_model(cfg: ModelConfig) -> GPT:
+    """The model on the meta device: shapes and parameter counts without allocating weights."""
+    with torch.device("meta"):
+        return GPT(cfg, torch.Generator())
+
+
+def count_params(model: torch.nn.Module) -> dict[str, int]:
+    """Counted from a built model (the oracle for `param_breakdown`): ``base`` (every non-adapter
+    weight, tied head counted once) and ``adapters``."""
+    base = sum(p.numel() for n, p in model.named_parameters() if not GPT.is_adapter(n))
+    ad = sum(p.numel() for n, p in model.named_parameters() if GPT.is_adapter(n))
+    return {"base": base, "adapters": ad}
 
 
 def _randomise_banks(model: GPT, seed: int = 5) -> None:
@@ -171,8 +182,6 @@ def test_widened_1536_parameter_count_on_meta():
     assert 140e6 <= counted["base"] <= 165e6
     assert b["embedding"] == 32000 * 1536 == 49_152_000
     assert b["block"] == 12 * 1536 ** 2 + 2 * 1536                        # ~28.3M
-    text = describe_params(cfg)
-    assert f"{b['base']:,}" in text and "V*D" in text
 
 
 @pytest.mark.parametrize("name", ["tiny", "small"])
@@ -200,12 +209,6 @@ def test_flops_per_token_matches_flop_counter():
         loss.backward()
     measured = fc.get_total_flops() / idx[:, 1:].numel()
     assert measured <= flops_per_token(cfg, adapters=True) <= 1.05 * measured
-
-
-def test_utilisation_helpers():
-    cfg = preset("tiny")
-    assert estimate_mfu(cfg, 1e6, peak_flops=1e12, adapters=False) == pytest.approx(flops_per_token(cfg, False) * 1e6 / 1e12)
-    assert cpu_utilisation(cfg, 1e3, matmul_flops=1e10) == pytest.approx(flops_per_token(cfg) * 1e3 / 1e10)
 
 
 @pytest.mark.parametrize("field,value,flag", [("n_head", 3, "n_head"), ("targets", "ffn", "targets"),

@@ -25,12 +25,10 @@ from sandbox.stats import (
     holm,
     label_point,
     paired,
-    power_paired_t,
     power_tost,
     seeds_needed,
     summarize,
     t_to_p,
-    token_weighted_log_ppl,
 )
 from sandbox.stats import _power_t_integral
 
@@ -173,23 +171,22 @@ def test_holm_matches_statsmodels_with_nan(case):
 
 
 @pytest.mark.parametrize("d", [0.1, 0.3, 0.5, 0.8, 1.2, 2.5, -0.7, 7.47])
-def test_power_paired_t_matches_statsmodels_and_the_integral(d):
+def test_paired_t_power_matches_statsmodels(d):
+    """The power `seeds_needed` uses (an integral over the sample SD) against statsmodels' noncentral t."""
     ns = np.arange(2, 60)
-    ours = power_paired_t(d, 1.0, ns, 0.05)
+    ours = np.array([_power_t_integral(d, 1.0, int(n), 0.05) for n in ns])
     ref = TTestPower().power(effect_size=d, nobs=ns, alpha=0.05, alternative="two-sided")
-    ok = np.isfinite(ref)  # scipy's nct gives NaN at d = 7.47, n = 2 and 4; statsmodels inherits it
+    ok = np.isfinite(ref)  # scipy's nct gives NaN for some large nc at small df; statsmodels inherits it
     np.testing.assert_allclose(ours[ok], ref[ok], rtol=0, atol=TOL)
     assert np.isfinite(ours).all()
-    integral = [_power_t_integral(d, 1.0, int(n), 0.05) for n in ns[:12]]
-    np.testing.assert_allclose(ours[:12], integral, rtol=0, atol=1e-9)
 
 
-def test_power_paired_t_where_scipy_fails_against_monte_carlo():
+def test_paired_t_power_where_scipy_fails_against_monte_carlo():
     rng = np.random.default_rng(2)
     x = rng.normal(7.47, 1.0, size=(100000, 2))  # (R, n)
     t = x.mean(1) / (x.std(1, ddof=1) / math.sqrt(2))
     mc = (np.abs(t) > sps.t.isf(0.025, 1)).mean()
-    exact = power_paired_t(7.47, 1.0, 2)
+    exact = _power_t_integral(7.47, 1.0, 2, 0.05)
     assert abs(mc - exact) < 4 * math.sqrt(exact * (1 - exact) / 1e5)
 
 
@@ -436,7 +433,7 @@ def test_token_weighting_can_flip_the_sign():
     tokens = np.array([[9000, 100], [9000, 100]])           # domain 0 dominates the pool
     nll = np.array([[2.0, 3.0], [2.01, 2.5]]) * tokens        # arm 1: slightly worse on 0, far better on 1
     bal = balanced_log_ppl(nll, tokens)
-    pooled = token_weighted_log_ppl(nll, tokens)
+    pooled = nll.sum(-1) / tokens.sum(-1)                     # token-weighted (pooled): not the study's metric
     assert bal[0] - bal[1] > 0 > pooled[0] - pooled[1]
 
 

@@ -42,7 +42,7 @@ def _results_per_key(store, study: str) -> Counter:
     import optuna
 
     st = optuna.load_study(study_name=study, storage=store)
-    return Counter(t.user_attrs["key"] for t in st.get_trials(deepcopy=False) if worker.has_result(t))
+    return Counter(t.user_attrs["key"] for t in st.get_trials(deepcopy=False) if ledger.has_result(t))
 
 
 def _env() -> dict:
@@ -179,7 +179,7 @@ def test_a_raising_trial_is_failed_retried_at_most_n_times_and_never_a_result(pg
     assert "k1" not in ledger.TrialLedger.results(_Led(st))
     assert _results_per_key(store, study) == {"k0": 1, "k2": 1}
     with pytest.raises(BadInput, match="failed every attempt"):
-        worker.check_settled(st, ["k0", "k1", "k2"], pg_url, study)
+        ledger.check_settled(st, ["k0", "k1", "k2"], pg_url, study)
     # the next define step queues the failed key again (and nothing else)
     assert worker.enqueue(store, study, _jobs(3)).enqueued == 1
     assert st.user_attrs[[k for k in st.user_attrs if k.startswith("worker:")][0]]["gave_up"] == 1

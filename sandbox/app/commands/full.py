@@ -57,8 +57,6 @@ def run_options() -> list:
             own("yes", False, "--yes", help="Run widened-1536 on a CPU anyway (it takes weeks there; refused without it).")]
 
 
-#: The options that become `CellConfig` fields.
-KNOBS = tuple(o.name for o in cell_options())
 def apply_threads(threads: int | None) -> None:
     """Set torch's CPU threads. On <= 2 shared cores two threads made the `small` adaptation step up to
     7x slower (BENCHMARKS.md), so the default there is one; elsewhere torch's own default stays."""

@@ -93,7 +93,8 @@ def define(console, jobs, storage: str, study: str, direction: str, what: str, a
 
 def check_collect(storage: Optional[str], study: str, jobs) -> None:
     """Before a single-process run on a PostgreSQL study: refuse while planned trials are pending."""
-    from sweeps.worker import check_settled, database, is_database
+    from sweeps.ledger import check_settled
+    from sweeps.worker import database, is_database
 
     if not is_database(storage):
         return
