@@ -28,6 +28,11 @@ events of evo, restart and oracle fall on the same schedule (every `interval` st
   with leave-one-out fitness computed in Gram form.
 * ``restart`` (control): the grad steps with the router's Adam state reset at every event, no
   search: what an optimiser restart alone does.
+* ``acar`` (only with ``acar=True``, ``--acar``): sigma routing (ACAR, issue 18, `sandbox.acar`)
+  on the grad arm's final router and adapters: for each (domain, context draw) the top-3 slots of
+  the router's logits, sigma from the agreement of their predictions, 1 / 2 / 3 of them gated
+  equally; inference only (no gradient reaches it), so it follows the grad trajectory like the
+  ceiling and its rows count the inputs gated with 1, 2 and 3 slots.
 * ``oracle`` (ceiling, not a method): the exact best gates per domain (`sandbox.oracle`: on the
   simplex for softmax, in the box ``[0, 1]`` for sigmoid). With ``oracle="ceiling"`` (default) the
   arm follows the grad arm's trajectory and its final loss uses the best gates for grad's final
@@ -53,18 +58,21 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from sandbox import acar as acr
 from sandbox import evolution as evo
 from sandbox import lifecycle as lc
 from sandbox import oracle as orc
 from sandbox.adapters import product_inner, slot_gram
 from sandbox.errors import check, require
-from sandbox.router import RouterConfig, init_router_params, params_to_vector, router_gates, vector_to_params
+from sandbox.router import RouterConfig, init_router_params, params_to_vector, router_gates, router_logits, vector_to_params
 from sandbox.streams import Purpose, generator
 from sandbox.tasks import Task, TaskSpec, initial_adapters, make_task, noisy_contexts
 
 DTYPE = torch.float64
 BUDGETS = ("steps", "evals")
 ARMS = ("grad", "evo", "restart", "oracle")
+#: Every arm: the map's four and ``acar`` (added by ``AnalyticConfig.acar``).
+ALL_ARMS = ARMS + ("acar",)
 ORACLES = ("ceiling", "replace")
 _EVAL_SALT = 1_000_003
 LOSS_FLOOR = 1e-12  # clamp before log: exact-fit losses cancel to ~1e-16 in float64
@@ -126,6 +134,12 @@ class AnalyticConfig:
     """Gradient steps of the fine-tune mutation."""
     finetune_lr: float = 0.01
     """Length of each fine-tune step in factor space (normalised gradient descent)."""
+    acar: bool = False
+    """Add the acar arm: sigma routing (ACAR) over the grad arm's final router (top-3 of its logits)
+    and adapters, paired against grad; counts the inputs gated with 1, 2 and 3 slots."""
+    acar_tol: float = acr.DEFAULT_TOL
+    """ACAR agreement tolerance: two slots' predictions agree when their RMS difference is at most
+    this times the larger RMS prediction (`sandbox.acar`)."""
 
     def __post_init__(self) -> None:
         require(isinstance(self.steps, int) and 0 <= self.steps <= 1_000_000, "steps", self.steps, "an integer in [0, 1000000]")
@@ -142,8 +156,24 @@ class AnalyticConfig:
                 "an integer in [1, 65536]")
         require(_pos(self.lora_alpha) and self.lora_alpha <= 1e6, "lora_alpha", self.lora_alpha, "a number in (0, 1e6]")
         require(_num(self.loss_floor) and 0 <= self.loss_floor <= 100, "loss_floor", self.loss_floor, "a number in [0, 100]")
+        require(isinstance(self.acar, bool), "acar", self.acar, "true or false")
+        require(_num(self.acar_tol) and 0 <= self.acar_tol <= 10, "acar_tol", self.acar_tol, "a number in [0, 10]")
         self.evolution  # validates evo, population, mutation_scale, interval
         self.lifecycle_config  # validates the lifecycle options (selection, crossover, mutation, ...)
+
+    def identity(self) -> dict:
+        """The fields that name a point (ledger key, default folder): every field, with the ACAR
+        options (issue 18) left out while the acar arm is off, so keys from before they existed hold."""
+        d = dataclasses.asdict(self)
+        if not self.acar:
+            d.pop("acar")
+            d.pop("acar_tol")
+        return d
+
+    @property
+    def arms(self) -> tuple[str, ...]:
+        """The arms a sweep point runs: the map's four, and acar when `acar` is on."""
+        return ALL_ARMS if self.acar else ARMS
 
     def scale(self, spec: TaskSpec) -> float:
         """The bank scale ``s = lora_alpha / rank``."""
@@ -292,6 +322,7 @@ class ArmResult:
     accepted: Tensor | None = None   # (S,) long: generations in which the search replaced the router
     step_size: Tensor | None = None  # (S,) the search's final step size (es / cma), logit units
     events: list = field(default_factory=list)
+    modes: Tensor | None = None      # (S, 3) long: inputs gated with 1, 2, 3 slots (acar arm)
 
     def accepted_share(self) -> Tensor:
         """(S,) share of generations in which the search changed the router (0 for non-search arms)."""
@@ -445,19 +476,22 @@ def split_result(res: ArmResult, rows: Rows) -> list[ArmResult]:
                          res.loss_evals, res.grad_steps, res.diverged[lo:hi], res.diverged_step[lo:hi],
                          res.curve[lo:hi], generations=res.generations,
                          accepted=None if res.accepted is None else res.accepted[lo:hi],
-                         step_size=None if res.step_size is None else res.step_size[lo:hi], events=evs)
+                         step_size=None if res.step_size is None else res.step_size[lo:hi], events=evs,
+                         modes=None if res.modes is None else res.modes[lo:hi])
         part.wall_s = getattr(res, "wall_s", float("nan")) * (hi - lo) / max(len(rows.task.seeds), 1)
         out.append(part)
     return out
 
 
-def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: bool = False) -> ArmResult:
+def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: bool = False,
+               with_acar: bool = False) -> ArmResult:
     """Run one arm for every row of `rows` (stacked grid points x seeds) at once.
 
     ``with_ceiling`` (grad arm only) also returns, as ``result.ceiling``, the ``oracle`` arm in
     ceiling mode: it follows the grad trajectory exactly, so it is the best gates for this run's
-    final adapters, without running the same steps twice."""
-    check(arm in ARMS, "arm", arm, "one of " + ", ".join(ARMS))
+    final adapters, without running the same steps twice. ``with_acar`` (grad arm only) likewise
+    returns the ``acar`` arm as ``result.acar`` (ACAR's gates on grad's final router and adapters)."""
+    check(arm in ALL_ARMS, "arm", arm, "one of " + ", ".join(ALL_ARMS))
     task, spec, cfg = rows.task, rows.spec, rows.cfg
     rcfg = router_config(spec, cfg)
     scale, floor = rows.scale, rows.floor
@@ -465,6 +499,7 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
     S = len(task.seeds)
     steps = cfg.steps
     ceiling = arm == "oracle" and cfg.oracle == "ceiling"   # the grad trajectory, best gates at the end
+    ceiling = ceiling or arm == "acar"                      # the grad trajectory, ACAR's gates at the end
     if (arm == "grad" or ceiling) and cfg.budget == "evals":
         steps = evo_evaluations(spec, cfg)
     train_adapters = cfg.plasticity > 0
@@ -533,6 +568,8 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
         if arm == "oracle":   # the ceiling for the final adapters, whatever the schedule
             table = _oracle_table(rcfg, tensors, st, task, scale, table)
             dom = _table_losses(table, A, B, task, scale, floor)                             # (S, M)
+        elif arm == "acar":
+            dom, modes = _acar_losses(params, A, B, task, eval_feats, scale, floor, cfg.acar_tol)
         else:
             dom = domain_losses(rcfg, params, A, B, task, eval_feats, steps, scale, floor)     # (S, M)
     ceiling_dom = None
@@ -542,10 +579,15 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
     final, div, dstep, live = _finish(dom, alive, div_step, steps)
     res = ArmResult(arm, final, dom, initial, evals, steps, div, dstep, curve, generations=n_events,
                     accepted=search.accepted.clone() if search else None,
-                    step_size=search.sigma.clone() if search else None, events=events)
+                    step_size=search.sigma.clone() if search else None, events=events,
+                    modes=modes if arm == "acar" else None)
     if ceiling_dom is not None:
         cfinal, cdiv, cstep, _ = _finish(ceiling_dom, alive, div_step, steps)
         res.ceiling = ArmResult("oracle", cfinal, ceiling_dom, initial, evals, steps, cdiv, cstep, curve.clone())
+    if with_acar and arm == "grad":
+        adom, amodes = _acar_losses(params, A, B, task, eval_feats, scale, floor, cfg.acar_tol)
+        afinal, adiv, astep, _ = _finish(adom, alive, div_step, steps)
+        res.acar = ArmResult("acar", afinal, adom, initial, evals, steps, adiv, astep, curve.clone(), modes=amodes)
     return res
 
 
@@ -558,6 +600,21 @@ def _finish(dom: Tensor, alive: Tensor, div_step: Tensor, steps: int):
     alive = alive & ~bad
     final = torch.where(alive, final, torch.full_like(final, float("nan")))
     return final, ~alive, div_step, alive
+
+
+@torch.no_grad()
+def _acar_losses(params: dict[str, Tensor], A: Tensor, B: Tensor, task: Task, feats: Tensor,
+                 scale: float | Tensor, floor: float | Tensor, tol: float) -> tuple[Tensor, Tensor]:
+    """Per-domain loss ``(S, M)`` under ACAR's gates (`sandbox.acar.analytic_gates`: top-3 of the
+    router's logits per context draw, sigma from the candidates' agreement, equal gates) and the
+    inputs gated with 1 / 2 / 3 slots per seed ``(S, 3)`` (over every domain and draw of `feats`)."""
+    S, M, N, F = feats.shape
+    G, c, e = gram_terms(A, B, task.U.to(A.dtype), task.V.to(A.dtype), scale)
+    logits = router_logits(params, feats.reshape(S, M * N, F))                       # (S, M*N, K)
+    res = acr.analytic_gates(G, logits, tol)
+    gates = res.gates.reshape(S, M, N, -1)                                           # (S, M, N, K)
+    out = quadratic_loss(gates, G, c, e).mean(-1)                                    # (S, M)
+    return out + _per_row(floor, out), res.counts()
 
 
 def _table_losses(table: Tensor, A: Tensor, B: Tensor, task: Task, scale: float | Tensor,
@@ -651,8 +708,10 @@ def _lifecycle(task: Task, rcfg: RouterConfig, cfg: AnalyticConfig, tensors: dic
     return pop, events
 
 
-def run_arms(spec: TaskSpec, cfg: AnalyticConfig, seeds: Sequence[int], arms: Sequence[str] = ARMS) -> dict[str, ArmResult]:
-    """The arms for every seed from one task and one shared initial state (common random numbers)."""
+def run_arms(spec: TaskSpec, cfg: AnalyticConfig, seeds: Sequence[int],
+             arms: Sequence[str] | None = None) -> dict[str, ArmResult]:
+    """The arms (default ``cfg.arms``) for every seed from one task and one shared initial state
+    (common random numbers)."""
     return run_points([(spec, cfg, seeds)], arms)[0]
 
 
@@ -660,7 +719,7 @@ def run_arms(spec: TaskSpec, cfg: AnalyticConfig, seeds: Sequence[int], arms: Se
 CHUNK_ROWS = 512
 
 
-def run_points(points: Sequence[tuple[TaskSpec, AnalyticConfig, Sequence[int]]], arms: Sequence[str] = ARMS,
+def run_points(points: Sequence[tuple[TaskSpec, AnalyticConfig, Sequence[int]]], arms: Sequence[str] | None = None,
                chunk_rows: int = CHUNK_ROWS, on_chunk=None) -> list[dict[str, ArmResult]]:
     """Every arm for many grid points ``(spec, cfg, seeds)``: points of one `group_key` are stacked
     on the batch dim (in chunks of at most `chunk_rows` rows; a larger point runs alone), so the
@@ -668,6 +727,7 @@ def run_points(points: Sequence[tuple[TaskSpec, AnalyticConfig, Sequence[int]]],
     exactly what they would alone (per-seed streams, per-row knobs), so a point's results do not
     depend on which points share its batch (tested against one point at a time).
 
+    ``arms``: the arms of every point (default: each point's ``cfg.arms``, acar included when on).
     ``on_chunk(indices, results)`` is called after each chunk with the point indices it solved.
     Returns one ``{arm: ArmResult}`` per point, in input order.
     """
@@ -684,19 +744,25 @@ def run_points(points: Sequence[tuple[TaskSpec, AnalyticConfig, Sequence[int]]],
                 rows = stack_rows([points[j] for j in chunk])
                 state = initial_rows_state(rows)
                 per_arm = {}
-                shared = "grad" in arms and "oracle" in arms and rows.cfg.oracle == "ceiling"
-                for arm in arms:
-                    if shared and arm == "oracle":
+                chunk_arms = rows.cfg.arms if arms is None else tuple(arms)   # acar is in the group key
+                shared = "grad" in chunk_arms and "oracle" in chunk_arms and rows.cfg.oracle == "ceiling"
+                shared_acar = "grad" in chunk_arms and "acar" in chunk_arms
+                for arm in chunk_arms:
+                    if (shared and arm == "oracle") or (shared_acar and arm == "acar"):
                         continue                  # taken from the grad arm's run below
                     t0 = time.perf_counter()
-                    res = solve_rows(rows, arm, state, with_ceiling=shared and arm == "grad")
+                    res = solve_rows(rows, arm, state, with_ceiling=shared and arm == "grad",
+                                     with_acar=shared_acar and arm == "grad")
                     res.wall_s = time.perf_counter() - t0
                     per_arm[arm] = split_result(res, rows)
                     if shared and arm == "grad":
                         res.ceiling.wall_s = 0.0        # its cost is inside the grad arm's
                         per_arm["oracle"] = split_result(res.ceiling, rows)
+                    if shared_acar and arm == "grad":
+                        res.acar.wall_s = 0.0           # likewise
+                        per_arm["acar"] = split_result(res.acar, rows)
                 for k, j in enumerate(chunk):
-                    out[j] = {arm: per_arm[arm][k] for arm in arms}
+                    out[j] = {arm: per_arm[arm][k] for arm in chunk_arms}
                 if on_chunk is not None:
                     on_chunk(list(chunk), [out[j] for j in chunk])
                 chunk, size = [], 0
@@ -724,5 +790,6 @@ def result_rows(results: dict[str, ArmResult], seeds: Sequence[int], extra: dict
                 "step_size": float(r.step_size[i]) if r.step_size is not None else float("nan"),
                 "lifecycle_events": life[i],
                 "wall_s": getattr(r, "wall_s", float("nan")) / len(seeds),
+                **(acr.usage(dict(zip(acr.MODES, r.modes[i].tolist()))) if r.modes is not None else {}),
             })
     return rows

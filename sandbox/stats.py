@@ -52,6 +52,12 @@ MAX_SEEDS = 10_000
 DECOMPOSITION = ("delta_restart", "restart_ci_low", "restart_ci_high", "restart_p_holm", "restart_regime",
                  "room", "room_ci_low", "room_ci_high", "room_p_holm", "room_regime",
                  "accepted", "accepted_seeds", "lifecycle_events")
+#: The acar arm's columns of summary.csv (issue 18, only when the results hold an ``acar`` arm):
+#: acar vs grad (its CI, Holm p over the points, `classify` regime and seeds needed) and its mode
+#: usage pooled over seeds (shares of inputs gated with 1 / 2 / 3 slots, mean slots, compute saved
+#: against always running three).
+ACAR_SUMMARY = ("delta_acar", "acar_ci_low", "acar_ci_high", "acar_p_holm", "acar_regime", "acar_seeds_needed",
+                "acar_share1", "acar_share2", "acar_share3", "acar_mean_slots", "acar_saved")
 #: Statistic columns of summary.csv (after the point/axis columns given as ``by``).
 SUMMARY_STATS = ("n", "n_diverged", "mean_delta", "se", "ci_low", "ci_high", "t", "df", "p", "p_holm",
                  "d_z", "boot_low", "boot_high", "p_tost", "eps", "regime", "reason", "seeds_needed")
@@ -506,6 +512,7 @@ def decompose(df: pd.DataFrame, by: list[str], eps: float = DEFAULT_EPS, alpha: 
     A missing control arm or count column leaves its columns NaN (and skips its label rule).
     ``oracle_is_ceiling=False`` (an oracle that is not a proven bound, e.g. domain-oracle routing
     on the transformer) reports the room but never labels a point ``no-room``.
+    With an ``acar`` arm in ``df`` the ``ACAR_SUMMARY`` columns follow (`acar_summary`).
     """
     kw = dict(value="log_loss", eps=eps, alpha=alpha, n_boot=n_boot, seed=seed, power=power)
     out = summarize(df, by, "grad", "evo", **kw)
@@ -535,7 +542,32 @@ def decompose(df: pd.DataFrame, by: list[str], eps: float = DEFAULT_EPS, alpha: 
     out["regime"] = [l for l, _ in labels]
     out["reason"] = [w for _, w in labels]
     out.loc[out["regime"] != "inconclusive", "seeds_needed"] = pd.NA
-    return out[[*by, *SUMMARY_STATS, *DECOMPOSITION]]
+    cols = [*by, *SUMMARY_STATS, *DECOMPOSITION]
+    if "acar" in arms:
+        out, cols = out.merge(acar_summary(df, by, **kw), on=by, how="left"), cols + list(ACAR_SUMMARY)
+    return out[cols]
+
+
+def acar_summary(df: pd.DataFrame, by: list[str], **kw) -> pd.DataFrame:
+    """The ``ACAR_SUMMARY`` columns per point: ``delta_acar = log loss_grad - log loss_acar`` paired by
+    seed (`summarize`, Holm over the points; its regime from `classify`, no room or inert rule:
+    ACAR acts on every input and is not a re-routing of a search), and the acar rows' ``mode1..3``
+    pooled over seeds: ``acar_share<n>`` = inputs gated with n slots / inputs, ``acar_mean_slots``,
+    ``acar_saved = 1 - mean_slots / 3`` (NaN where the mode columns are absent)."""
+    part = summarize(df, by, "grad", "acar", **kw)[[*by, "mean_delta", "ci_low", "ci_high", "p_holm", "regime",
+                                                    "seeds_needed"]]
+    part.columns = [*by, *ACAR_SUMMARY[:6]]
+    rows = df[df["arm"].astype(str) == "acar"]
+    counts = [_per_point(rows, by, f"mode{m}", "sum") for m in (1, 2, 3)]
+    use = counts[0]
+    for c in counts[1:]:
+        use = use.merge(c, on=by, how="left")
+    total = use[["mode1", "mode2", "mode3"]].sum(axis=1, min_count=3)
+    for m in (1, 2, 3):
+        use[f"acar_share{m}"] = use[f"mode{m}"] / total
+    use["acar_mean_slots"] = use["acar_share1"] + 2 * use["acar_share2"] + 3 * use["acar_share3"]
+    use["acar_saved"] = 1 - use["acar_mean_slots"] / 3
+    return part.merge(use[[*by, *ACAR_SUMMARY[6:]]], on=by, how="left")
 
 
 def _per_point(df: pd.DataFrame, by: list[str], col: str, how: str) -> pd.DataFrame:

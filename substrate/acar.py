@@ -36,18 +36,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-#: Candidates compared (ACAR's N = 3 probes).
-N_PROBES = 3
-#: The gate modes: number of slots gated.
-MODES = (1, 2, 3)
+from sandbox import acar as rule
+from sandbox.acar import MODES, N_PROBES, equal_gates, modes  # noqa: F401  (the shared rule, re-exported)
 
 
 def disagreement(preds: Tensor) -> Tensor:
     """Per-position disagreement of three predictions ``preds (..., 3)`` (any integer labels):
     0 when all three agree, 0.5 when exactly two agree, 1 when all differ. Returns ``(...)`` float."""
     a, b, c = preds[..., 0], preds[..., 1], preds[..., 2]
-    pairs = (a == b).int() + (a == c).int() + (b == c).int()      # 3 all agree, 1 two agree, 0 none
-    return torch.where(pairs == 3, 0.0, torch.where(pairs == 1, 0.5, 1.0)).float()
+    return rule.sigma_from_pairs(a == b, a == c, b == c)
 
 
 def prefix_sigma(d: Tensor) -> Tensor:
@@ -56,27 +53,13 @@ def prefix_sigma(d: Tensor) -> Tensor:
     return d.float().cumsum(-1) / t
 
 
-def modes(sigma: Tensor) -> Tensor:
-    """Number of slots gated per token: sigma rounded to the nearest of 0 / 0.5 / 1 -> 1 / 2 / 3."""
-    return 1 + (sigma >= 0.25).long() + (sigma >= 0.75).long()
-
-
 def top3(score: Tensor, shape: tuple[int, int]) -> Tensor:
     """Indices ``(B, T, 3)`` of the three best slots of `score` (``(K,)`` or ``(B, T, K)``), best first."""
     B, T = shape
     s = score.float()
     if s.dim() == 1:
         s = s.expand(B, T, -1)
-    assert s.shape[-1] >= N_PROBES, "ACAR needs at least 3 slots"
-    return s.topk(N_PROBES, dim=-1).indices                                        # ties: lowest index first
-
-
-def equal_gates(top: Tensor, n: Tensor, k: int) -> Tensor:
-    """Gates ``(B, T, K)``: ``1 / n`` on the first ``n (B, T)`` of ``top (B, T, 3)``, 0 elsewhere."""
-    rank = torch.arange(N_PROBES, device=top.device)
-    on = (rank < n.unsqueeze(-1)).float() / n.unsqueeze(-1).float()             # (B, T, 3)
-    g = torch.zeros(*top.shape[:2], k, device=top.device)
-    return g.scatter_add_(-1, top, on)
+    return rule.top3(s)                                                         # ties: lowest index first
 
 
 @torch.no_grad()

@@ -15,6 +15,11 @@ step t is a pure function of (seed, t)): common random numbers, so deltas are pa
   parameters and the members are folded into the batch (`population_losses`, tested equal to a
   loop over members). The router's Adam state is kept on acceptance (``reset_on_accept`` resets it).
 * ``restart`` (control): the grad steps with the router's Adam state reset at every event.
+* ``acar`` (only with ``acar=True``, ``--acar``): sigma routing (ACAR, issue 18, `substrate.acar`)
+  on the grad arm's final router and adapters: per token, the top-3 slots of the router's logits
+  (``h W + b`` on its causal prefix features), three one-slot probes' next-token argmax, causal
+  prefix sigma, 1 / 2 / 3 of the candidates gated equally; held-out evaluation only (no gradient,
+  nothing trained), with the held-out tokens gated with 1, 2 and 3 slots counted.
 * ``oracle`` (ceiling, not a method): domain-oracle routing on the grad arm's final adapters,
   every token of domain m gated to m's slot only (on the synthetic corpus the slot holding m's
   specialist at the start; gate 1 there, 0 elsewhere).
@@ -33,14 +38,17 @@ from torch import Tensor
 
 from sandbox import evolution as evo
 from sandbox.errors import check, require
-from sandbox.router import params_to_vector, router_gates, vector_to_params
+from sandbox.router import params_to_vector, router_gates, router_logits, vector_to_params
 from sandbox.streams import Purpose, generator
+from substrate import acar
 from substrate.cell import CellConfig, RunState, Substrate, build_state, evaluate_state
 from substrate.corpus import sample_batch
 from substrate.model import autocast, routing_features
 from substrate.train import TrainConfig, clip_gradients, evaluate, lr_at
 
 ARMS = ("grad", "evo", "restart", "oracle")
+#: Every arm: the map's four and ``acar`` (added by ``RoutingArms.acar``).
+ALL_ARMS = ARMS + ("acar",)
 
 
 @dataclass(frozen=True)
@@ -60,14 +68,24 @@ class RoutingArms:
     confirm: bool = False
     """Re-evaluate an accepted child against its parent on a second fresh batch and keep it only if
     it still wins (the best of P children on one small batch wins by chance nearly always)."""
+    acar: bool = False
+    """Add the acar arm: sigma routing (ACAR) over the grad arm's final router (top-3 of its logits per
+    token) and adapters, paired against grad; counts the held-out tokens gated with 1, 2 and 3 slots."""
 
     def __post_init__(self) -> None:
         require(isinstance(self.plasticity, (int, float)) and math.isfinite(self.plasticity)
                 and 0 <= self.plasticity <= 100, "plasticity", self.plasticity, "a number in [0, 100]")
         require(isinstance(self.search_windows, int) and 1 <= self.search_windows <= 256, "search_windows",
                 self.search_windows, "an integer in [1, 256]")
+        require(isinstance(self.acar, bool), "acar", self.acar, "true or false")
+        require(not self.acar or self.cell.slots >= 3, "slots", self.cell.slots, "at least 3 with --acar")
         require(not self.cell.factors.lifecycle, "cell", self.cell.cell, "a cell without L (B3 or R: the map "
                 "compares routing, the lifecycle is the factorial's question)")
+
+    @property
+    def arms(self) -> tuple[str, ...]:
+        """The arms a point runs: the map's four, and acar when `acar` is on."""
+        return ALL_ARMS if self.acar else ARMS
 
 
 def _optimizer(st: RunState, lr: float, plasticity: float) -> torch.optim.Adam:
@@ -168,15 +186,37 @@ def _oracle_gates(st: RunState, K: int):
     return gates_fn
 
 
-def run_arms(rc: RoutingArms, sub: Substrate, arms=ARMS) -> dict[str, dict]:
-    """Every arm for one seed; ``{arm: {balanced, nll (M,), accepted, unconfirmed, generations, diverged_step,
-    step_size, wall_s}}`` (``unconfirmed``: children that won the search batch but lost the confirmation)."""
-    check(all(a in ARMS for a in arms), "arms", ",".join(arms), "a subset of " + ", ".join(ARMS))
+def _acar_eval(rc: RoutingArms, st: RunState, sub: Substrate) -> tuple:
+    """The acar arm on a trained state: held-out evaluation under ACAR's gates with the router's
+    logits (``h W + b`` on the cell's causal routing features) as the per-token score; returns the
+    `EvalResult` and the held-out tokens gated with 1, 2 and 3 slots ``[n1, n2, n3]``."""
+    cell, counts = rc.cell, dict.fromkeys(acar.MODES, 0)
+    params = st.router.params()
+
+    @torch.no_grad()
+    def gates_fn(x: Tensor, m: int) -> Tensor:
+        feats = routing_features(st.model, x, cell.features, cell.pooling)          # (B, T, F)
+        with autocast(cell.device):
+            res = acar.acar_gates(st.model, x, router_logits(params, feats.to(params["W"].dtype)), cell.slots)
+        for k, c in res.counts().items():
+            counts[k] += c
+        return res.gates
+
+    res = evaluate(st.model, sub.corpus, "heldout", gates_fn, max_windows=cell.eval_windows, device=cell.device)
+    return res, [counts[k] for k in acar.MODES]
+
+
+def run_arms(rc: RoutingArms, sub: Substrate, arms=None) -> dict[str, dict]:
+    """Every arm (default ``rc.arms``) for one seed; ``{arm: {balanced, nll (M,), accepted, unconfirmed,
+    generations, diverged_step, step_size, wall_s}}`` (``unconfirmed``: children that won the search
+    batch but lost the confirmation); the acar arm adds ``modes`` (held-out tokens gated with 1 / 2 / 3 slots)."""
+    arms = rc.arms if arms is None else tuple(arms)
+    check(all(a in ALL_ARMS for a in arms), "arms", ",".join(arms), "a subset of " + ", ".join(ALL_ARMS))
     cell = rc.cell
     tcfg = TrainConfig(steps=cell.steps, lr=cell.lr, batch=cell.batch, warmup=max(1, cell.steps // 20),
                        min_lr_ratio=0.1)
     out = {}
-    trained = [a for a in ("grad", "evo", "restart") if a in arms or (a == "grad" and "oracle" in arms)]
+    trained = [a for a in ("grad", "evo", "restart") if a in arms or (a == "grad" and ("oracle" in arms or "acar" in arms))]
     for arm in trained:
         t0 = time.perf_counter()
         st = build_state(cell, sub)
@@ -217,4 +257,10 @@ def run_arms(rc: RoutingArms, sub: Substrate, arms=ARMS) -> dict[str, dict]:
             out["oracle"] = {"balanced": ores.balanced if ores else nan, "nll": ores.nll.tolist() if ores else out[arm]["nll"],
                              "generations": 0, "accepted": 0, "unconfirmed": 0, "diverged_step": out[arm]["diverged_step"],
                              "step_size": nan, "wall_s": time.perf_counter() - t1}
+        if arm == "grad" and "acar" in arms:
+            t1 = time.perf_counter()
+            ares, modes = _acar_eval(rc, st, sub) if diverged is None else (None, [0, 0, 0])
+            out["acar"] = {"balanced": ares.balanced if ares else nan, "nll": ares.nll.tolist() if ares else out[arm]["nll"],
+                           "generations": 0, "accepted": 0, "unconfirmed": 0, "diverged_step": out[arm]["diverged_step"],
+                           "step_size": nan, "wall_s": time.perf_counter() - t1, "modes": modes}
     return {a: out[a] for a in arms}

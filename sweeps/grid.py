@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from sandbox.acar import USAGE_COLUMNS
 from sandbox.analytic import AnalyticConfig
 from sandbox.errors import require
 from sandbox.options import Range
@@ -29,6 +30,8 @@ from sandbox.results import config_hash
 from sandbox.stats import DEFAULT_EPS
 from sandbox.tasks import TaskSpec
 
+#: results.csv columns of the acar arm (`sandbox.acar.usage`), present when the arm is on.
+ACAR_COLUMNS = USAGE_COLUMNS
 #: Axes a sweep can span besides alignment: name -> (lowest, highest, integer?).
 AXES: dict[str, tuple[float, float, bool]] = {
     "plasticity": (0.0, 100.0, False),
@@ -93,7 +96,8 @@ class SweepConfig:
         require(self.search in SEARCHES, "search", self.search, "grid or boundary")
         require(isinstance(self.trials, int) and 1 <= self.trials <= 10_000, "trials", self.trials, "an integer in [1, 10000]")
         for a in self.grid_points():     # every point must be a valid configuration
-            point_config(self, a)
+            spec, solver = point_config(self, a)
+            require(not solver.acar or spec.slots >= 3, "slots", spec.slots, "at least 3 with --acar")
 
     @property
     def axes(self) -> list[str]:
@@ -133,6 +137,7 @@ class SweepConfig:
         d = dataclasses.asdict(self)
         for k in ("seeds", "eps", "alpha"):
             d.pop(k)
+        d["solver"] = self.solver.identity()     # the ACAR options only when the acar arm is on
         return d
 
 
@@ -150,7 +155,7 @@ def point_config(cfg: SweepConfig, values: dict[str, float]) -> tuple[TaskSpec, 
 
 def point_key(spec: TaskSpec, solver: AnalyticConfig) -> str:
     """Hash of a point's full configuration (the ledger's point identity)."""
-    return config_hash({"task": spec, "solver": solver}, n=16)
+    return config_hash({"task": spec, "solver": solver.identity()}, n=16)
 
 
 Evaluate = Callable[[TaskSpec, AnalyticConfig, Sequence[int]], list[tuple[int, list[dict], float]]]
@@ -217,6 +222,8 @@ def results_table(cfg: SweepConfig, points: list[dict[str, float]], done: dict[s
                              **{k: v for k, v in r.items() if k != "arm"}})
     cols = ["point", "seed", "arm", *cfg.axes, "final_loss", "log_loss", "loss_evals", "grad_steps",
             "diverged", "diverged_step", "generations", "accepted", "step_size", "lifecycle_events", "wall_s"]
+    if cfg.solver.acar:   # the acar arm's inputs gated with 1 / 2 / 3 slots (NaN on the other arms)
+        cols += list(ACAR_COLUMNS)
     df = pd.DataFrame(rows, columns=cols)
     return df.sort_values(["point", "seed", "arm"], kind="stable").reset_index(drop=True)
 

@@ -8,7 +8,10 @@ between random and the per-domain specialists) and at most one more axis from `A
 
 results.csv: one row per point x seed x arm with ``log_loss`` = balanced held-out log-PPL (so
 ``delta = log PPL_grad - log PPL_evo``), ``generations``, ``accepted`` (share of generations in
-which the search changed the router), ``step_size``, ``diverged``, ``wall_s``.
+which the search changed the router), ``step_size``, ``diverged``, ``wall_s``. With ``--acar``
+(`RoutingArms.acar`) an ``acar`` arm is added (sigma routing on the grad arm's final router and
+adapters) with ``mode1..3`` (held-out tokens gated with 1 / 2 / 3 slots), ``mean_slots`` and
+``saved_vs_always3``, and summary.csv gets ``delta_acar`` and its statistics (`sandbox.stats.acar_summary`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from sandbox.acar import MODES, USAGE_COLUMNS, usage
 from sandbox.errors import require
 from sandbox.options import Range
 from sandbox.results import config_hash
@@ -90,6 +94,8 @@ class SubstrateSweepConfig:
         d = dataclasses.asdict(self)
         for k in ("seeds", "eps", "alpha"):
             d.pop(k)
+        if not self.arms.acar:      # issue 18: only when the acar arm is on, so earlier folders hold
+            d["arms"].pop("acar")
         return d
 
 
@@ -120,6 +126,8 @@ def point_key(rc: RoutingArms) -> str:
     d = arms_payload(rc)
     d["cell"].pop("seed")
     d["cell"].pop("device")
+    if not rc.acar:                 # issue 18: only when the acar arm is on, so earlier ledgers hold
+        d.pop("acar")
     return config_hash({"system": "substrate", "arms": d}, n=16)
 
 
@@ -134,7 +142,8 @@ def seed_rows(res: dict) -> list[dict]:
                      "diverged": not ok, "diverged_step": r["diverged_step"], "generations": gens,
                      "accepted": r["accepted"] / gens if gens else 0.0, "unconfirmed": r.get("unconfirmed", 0),
                      "step_size": r["step_size"],
-                     "lifecycle_events": 0, "wall_s": r["wall_s"]})
+                     "lifecycle_events": 0, "wall_s": r["wall_s"],
+                     **(usage(dict(zip(MODES, r["modes"]))) if "modes" in r else {})})
     return rows
 
 
@@ -219,6 +228,8 @@ def run_substrate_sweep(cfg: SubstrateSweepConfig, out: Path, storage: str | Non
                 table.append({"point": i, "seed": int(seed), **values, **r})
     cols = ["point", "seed", "arm", *cfg.axes, "final_loss", "log_loss", "diverged", "diverged_step", "generations",
             "accepted", "unconfirmed", "step_size", "lifecycle_events", "wall_s"]
+    if cfg.arms.acar:               # the acar arm's mode usage (NaN on the other arms)
+        cols += list(USAGE_COLUMNS)
     results = pd.DataFrame(table, columns=cols).sort_values(["point", "seed", "arm"], kind="stable").reset_index(drop=True)
     run.write_csv("results.csv", results)
     # domain-oracle routing is not a proven bound on the transformer: room is reported, no-room never used

@@ -40,7 +40,7 @@ def sweep(
     steps: Optional[int] = typer.Option(None, "--steps", help="Gradient steps per arm (default 150; substrate: per preset, tiny 100, small 200)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate of the router (default 0.05; substrate 3e-3)."),
     plasticity: Optional[float] = typer.Option(None, "--plasticity", help="Adapter lr multiplier; 0 freezes the adapters (default 0.1; substrate 1)."),
-    router: str = typer.Option("softmax", "--router", help="softmax (B3 baseline) or sigmoid (the rewrite)."),
+    router: str = typer.Option("softmax", "--router", help="softmax (B3 baseline) or sigmoid (the rewrite); sigma routing is the --acar arm."),
     evo: str = typer.Option("es", "--evo", help="Routing search: es ((1+lambda)-ES, 1/5th rule), cma (CMA-ES) or fixed."),
     population: int = typer.Option(16, "--population", help="Evolution population (member 0 = current router)."),
     mutation_scale: float = typer.Option(0.1, "--mutation-scale", help="Step in logit units: initial sigma (es, cma) or the fixed step (fixed)."),
@@ -55,6 +55,8 @@ def sweep(
     mutation: str = typer.Option("svd", "--mutation", help="Newborn mutation: svd, finetune (EvoMerge: gradient steps on its target domain) or svd+finetune."),
     finetune_steps: int = typer.Option(1, "--finetune-steps", help="Gradient steps of --mutation finetune."),
     finetune_lr: float = typer.Option(0.01, "--finetune-lr", help="Step length (factor space) of --mutation finetune."),
+    acar: bool = typer.Option(False, "--acar/--no-acar", help="Add the acar arm (ACAR sigma routing, issue 18): on the grad arm's final router and adapters, each input's top-3 slots by router logits, sigma from their predictions' agreement, 1/2/3 of them gated equally; paired against grad (delta_acar) with its mode counts and compute saved."),
+    acar_tol: float = typer.Option(0.5, "--acar-tol", help="analytic --acar: two slots' predictions agree when their RMS difference is at most this times the larger RMS prediction."),
     budget: str = typer.Option("steps", "--budget", help="steps (equal gradient steps) or evals (equal loss evaluations)."),
     draws: int = typer.Option(8, "--draws", help="Routing-noise draws per domain (training objective)."),
     eval_draws: int = typer.Option(64, "--eval-draws", help="Fresh noise draws per domain for the final loss."),
@@ -91,6 +93,8 @@ def sweep(
 
     if axis:
         axis_name, axis_rng = parse_axis(axis, "--axis", {k: (lo, hi) for k, (lo, hi, _) in AXES.items()})
+    if router == "acar":
+        raise BadInput("--router", router, "softmax or sigmoid (sigma routing is an extra arm of the map: add --acar)")
     for flag, v in (("--eps", eps), ("--alpha", alpha)):
         if not math.isfinite(v):
             raise BadInput(flag, v, "a finite number")
@@ -117,7 +121,7 @@ def sweep(
                                reset_on_accept=reset_on_accept, preset=preset, batch=batch, data=data, cache=cache,
                                device=device, point_count_given=points_given, seeds_given=seeds_given,
                                print_summary=_print_summary, enqueue_only=enqueue_only, search_windows=search_windows,
-                               confirm=confirm)
+                               confirm=confirm, acar=acar)
     defaults = AnalyticConfig()          # options shared with --system substrate default to None: the
     steps = defaults.steps if steps is None else steps                  # analytic value is declared once,
     lr = defaults.lr if lr is None else lr                              # in the dataclass
@@ -131,7 +135,7 @@ def sweep(
                            budget=budget, draws=draws, eval_draws=eval_draws, fresh_noise=fresh_noise,
                            loss_floor=loss_floor, lora_alpha=lora_alpha, selection=selection, crossover=crossover,
                            crossover_t=crossover_t, mutation=mutation, finetune_steps=finetune_steps,
-                           finetune_lr=finetune_lr)
+                           finetune_lr=finetune_lr, acar=acar, acar_tol=acar_tol)
     cfg = SweepConfig(task=task, solver=solver, alignment=(rng.lo, rng.hi), points=points, axis=axis_name,
                       axis_range=(axis_rng.lo, axis_rng.hi) if axis_rng else None, axis_points=axis_points,
                       seeds=tuple(seed_list), eps=eps, alpha=alpha, search=search, trials=trials)
@@ -180,11 +184,14 @@ def _print_summary(console, summary, axes: list[str]) -> None:
 
     colours = {"beats": "green", "degrades": "red", "ties": "cyan", "inconclusive": "yellow", "inert": "bright_black",
                "no-room": "magenta", "beats<eps": "green", "degrades<eps": "red"}
+    acar = "delta_acar" in summary.columns          # the acar arm (--acar): its delta, label and mean slots
     t = Table(title="regimes (delta = log loss_grad - log loss_evo; positive = evolution better; "
-              "restart = optimiser restart only; room = oracle ceiling)", title_justify="left")
+              "restart = optimiser restart only; room = oracle ceiling"
+              + ("; acar = log loss_grad - log loss_acar, acar slots = mean slots gated" if acar else "") + ")",
+              title_justify="left")
     for c in ["point", *axes, "n", "delta", "95% CI", "p (Holm)", "regime", "restart", "room", "accepted",
-              "seeds needed"]:
-        t.add_column(c, justify="left" if c == "regime" else "right")
+              "seeds needed", *(["acar", "acar regime", "acar slots"] if acar else [])]:
+        t.add_column(c, justify="left" if c.endswith("regime") else "right")
 
     def num(v, fmt="+.4f") -> str:
         return "" if v is None or pd.isna(v) else format(v, fmt)
@@ -195,7 +202,9 @@ def _print_summary(console, summary, axes: list[str]) -> None:
                   f"[{num(r['ci_low'])}, {num(r['ci_high'])}]", num(r["p_holm"], ".3g"),
                   f"[{colours.get(r['regime'], 'white')}]{r['regime']}[/]",
                   num(r.get("delta_restart")), num(r.get("room")), num(r.get("accepted"), ".2f"),
-                  "" if need is None or pd.isna(need) else str(need))
+                  "" if need is None or pd.isna(need) else str(need),
+                  *([num(r["delta_acar"]), f"[{colours.get(r['acar_regime'], 'white')}]{r['acar_regime']}[/]",
+                     num(r["acar_mean_slots"], ".2f")] if acar else []))
     console.print(t)
 
 

@@ -19,7 +19,7 @@ GPU_DEFAULTS = dict(preset="widened-1536", steps=25_000, points=5, seeds=(0, 1, 
 def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, out, storage, study, figures, steps, lr,
                     plasticity, router, evo, population, mutation_scale, interval, reset_on_accept, preset, batch, data,
                     cache, device, point_count_given, seeds_given, print_summary, enqueue_only=False,
-                    search_windows=2, confirm=False) -> None:
+                    search_windows=2, confirm=False, acar=False) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -40,7 +40,8 @@ def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, 
     points = points if point_count_given else base["points"]
     seeds = seeds if seeds_given else base["seeds"]
     if router not in ("softmax", "sigmoid"):
-        raise BadInput("--router", router, "softmax or sigmoid")
+        raise BadInput("--router", router, "softmax or sigmoid" + (" (sigma routing is an extra arm of the map: add "
+                       "--acar)" if router == "acar" else ""))
     if data is not None and not Path(data).is_dir():
         raise BadInput("--data", data, "a folder with one subfolder of .txt files per domain")
     check_folder(cache, "--cache")
@@ -54,7 +55,7 @@ def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, 
     ecfg = EvolutionConfig(population=population, mutation_scale=mutation_scale, method=evo,
                            interval=interval if interval is not None else max(1, steps // 10))
     arms = RoutingArms(cell=cell, evolution=ecfg, reset_on_accept=reset_on_accept, search_windows=search_windows,
-                       confirm=confirm, **({} if plasticity is None else {"plasticity": plasticity}))
+                       confirm=confirm, acar=acar, **({} if plasticity is None else {"plasticity": plasticity}))
     cfg = SubstrateSweepConfig(arms=arms, alignment=alignment, points=points, axis=axis_name,
                                axis_range=(axis_rng.lo, axis_rng.hi) if axis_rng else None, axis_points=axis_points,
                                seeds=tuple(seeds), eps=eps, alpha=alpha, cache=cache)
@@ -71,7 +72,7 @@ def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, 
                           argv=["sandbox", *sys.argv[1:]])
         check_collect(storage, study or DEFAULT_STUDY, jobs)   # workers still running: refuse, not compute
     err.print(f"substrate map: preset {preset}, {steps} steps, batch {batch}, router {router}, {len(cfg.grid_points())} "
-              f"points x {len(seeds)} seeds, 4 arms, an event every {ecfg.interval} steps, --evo {evo}, "
+              f"points x {len(seeds)} seeds, {len(arms.arms)} arms{' (+ acar)' if acar else ''}, an event every {ecfg.interval} steps, --evo {evo}, "
               f"plasticity {arms.plasticity}{', confirmed acceptances' if confirm else ''}, on {dev} -> {run_dir}",
               highlight=False)
     t0 = time.perf_counter()
