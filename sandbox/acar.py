@@ -59,11 +59,11 @@ def top3(score: Tensor) -> Tensor:
     return score.topk(N_PROBES, dim=-1).indices
 
 
-def equal_gates(top: Tensor, n: Tensor, k: int) -> Tensor:
+def equal_gates(top: Tensor, n: Tensor, k: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """Gates ``(..., K)``: ``1 / n`` on the first ``n (...)`` of ``top (..., 3)``, 0 elsewhere (sum 1)."""
     rank = torch.arange(N_PROBES, device=top.device)
-    on = (rank < n.unsqueeze(-1)).float() / n.unsqueeze(-1).float()             # (..., 3)
-    g = torch.zeros(*top.shape[:-1], k, device=top.device)
+    on = (rank < n.unsqueeze(-1)).to(dtype) / n.unsqueeze(-1).to(dtype)        # (..., 3)
+    g = torch.zeros(*top.shape[:-1], k, device=top.device, dtype=dtype)
     return g.scatter_add_(-1, top, on)
 
 
@@ -118,4 +118,4 @@ def analytic_gates(G: Tensor, score: Tensor, tol: float = DEFAULT_TOL) -> Analyt
     top = top3(score)
     sigma = sigma_from_pairs(*slot_agreement(G, top, tol))
     n = modes(sigma)
-    return AnalyticAcar(equal_gates(top, n, score.shape[-1]).to(G.dtype), sigma, n, top)
+    return AnalyticAcar(equal_gates(top, n, score.shape[-1], G.dtype), sigma, n, top)

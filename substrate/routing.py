@@ -186,18 +186,24 @@ def _oracle_gates(st: RunState, K: int):
     return gates_fn
 
 
+@torch.no_grad()
+def acar_router_gates(cell: CellConfig, st: RunState, x: Tensor) -> acar.AcarResult:
+    """ACAR's gates for tokens ``x (B, T)`` with the run's router's logits as the per-token score:
+    ``h W + b`` on the cell's routing features (causal prefix means), so the candidates, like sigma,
+    read only tokens <= t."""
+    params = st.router.params()
+    feats = routing_features(st.model, x, cell.features, cell.pooling)              # (B, T, F)
+    with autocast(cell.device):
+        return acar.acar_gates(st.model, x, router_logits(params, feats.to(params["W"].dtype)), cell.slots)
+
+
 def _acar_eval(rc: RoutingArms, st: RunState, sub: Substrate) -> tuple:
-    """The acar arm on a trained state: held-out evaluation under ACAR's gates with the router's
-    logits (``h W + b`` on the cell's causal routing features) as the per-token score; returns the
+    """The acar arm on a trained state: held-out evaluation under `acar_router_gates`; returns the
     `EvalResult` and the held-out tokens gated with 1, 2 and 3 slots ``[n1, n2, n3]``."""
     cell, counts = rc.cell, dict.fromkeys(acar.MODES, 0)
-    params = st.router.params()
 
-    @torch.no_grad()
     def gates_fn(x: Tensor, m: int) -> Tensor:
-        feats = routing_features(st.model, x, cell.features, cell.pooling)          # (B, T, F)
-        with autocast(cell.device):
-            res = acar.acar_gates(st.model, x, router_logits(params, feats.to(params["W"].dtype)), cell.slots)
+        res = acar_router_gates(cell, st, x)
         for k, c in res.counts().items():
             counts[k] += c
         return res.gates

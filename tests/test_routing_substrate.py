@@ -4,6 +4,7 @@ counts what it did, and the domain-oracle ceiling."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -21,9 +22,14 @@ TINY = dict(preset="tiny", steps=12, batch=4, slots=4, rank=4, eval_windows=4, s
 
 
 @pytest.fixture(scope="module")
-def sub(tmp_path_factory):
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def sub(cache_dir):
     torch.set_num_threads(1)
-    return prepare_substrate(CellConfig.of(**TINY), tmp_path_factory.mktemp("cache"))
+    return prepare_substrate(CellConfig.of(**TINY), cache_dir)
 
 
 @pytest.mark.parametrize("cell", ["B3", "R"])
@@ -105,3 +111,49 @@ def test_confirmation_keeps_only_children_that_win_twice(sub):
     assert conf["generations"] == plain["generations"] == 6
     assert conf["accepted"] + conf["unconfirmed"] <= conf["generations"]
     assert conf["unconfirmed"] > 0 and conf["accepted"] < plain["accepted"]   # it acted: it rejected batch winners
+
+
+def test_acar_arm_counts_every_held_out_token_and_leaves_grad_alone(sub, cache_dir, tmp_path):
+    """--acar: sigma routing on the grad arm's final router and adapters; grad is the same with or
+    without it (common random numbers), the arm is deterministic, its modes add up to the held-out
+    tokens evaluated, and the map writes its counts and its paired statistics."""
+    from sandbox.acar import USAGE_COLUMNS
+    from sandbox.stats import ACAR_SUMMARY
+    from sweeps import substrate_map as sm
+
+    base = dict(cell=CellConfig.of(**TINY, cell="B3"), evolution=evo.EvolutionConfig(population=3, interval=4))
+    rc = routing.RoutingArms(**base, acar=True)
+    assert rc.arms == routing.ALL_ARMS and routing.RoutingArms(**base).arms == routing.ARMS
+    res = routing.run_arms(rc, sub, arms=("grad", "acar"))
+    assert res["grad"]["balanced"] == routing.run_arms(rc, sub, arms=("grad",))["grad"]["balanced"]
+    again = routing.run_arms(rc, sub, arms=("acar",))                     # grad trained again, then acar
+    assert again["acar"]["balanced"] == res["acar"]["balanced"] and again["acar"]["modes"] == res["acar"]["modes"]
+    tokens = sum(min(len(w), TINY["eval_windows"]) * (w.shape[1] - 1) for w in sub.corpus.heldout)
+    assert sum(res["acar"]["modes"]) == tokens and math.isfinite(res["acar"]["balanced"])
+    rows = {r["arm"]: r for r in sm.seed_rows(res)}
+    assert set(USAGE_COLUMNS) <= set(rows["acar"]) and "mode1" not in rows["grad"]
+    # point keys and folders are unchanged while the arm is off
+    off = sm.SubstrateSweepConfig(arms=routing.RoutingArms(**base), points=1, seeds=(0, 1))
+    on = sm.SubstrateSweepConfig(arms=rc, points=1, seeds=(0,), cache=str(cache_dir))
+    assert "acar" not in off.folder_key()["arms"] and on.folder_key()["arms"]["acar"] is True
+    assert sm.point_key(off.arms) != sm.point_key(rc)
+    with pytest.raises(BadInput, match="--slots"):
+        routing.RoutingArms(cell=CellConfig.of(**{**TINY, "slots": 2, "domains": 2}), acar=True)
+    out = sm.run_substrate_sweep(dataclasses.replace(on, arms=dataclasses.replace(
+        rc, cell=dataclasses.replace(rc.cell, steps=4))), tmp_path / "map", figures=False)
+    assert set(out.results["arm"]) == set(routing.ALL_ARMS) and list(out.results.columns[-5:]) == list(USAGE_COLUMNS)
+    assert set(ACAR_SUMMARY) <= set(out.summary.columns) and out.summary["acar_mean_slots"].between(1, 3).all()
+
+
+def test_acar_router_gates_are_causal_and_carry_no_gradient(sub):
+    cell = CellConfig.of(**TINY, cell="R")
+    st = build_state(cell, sub)
+    x = sub.corpus.heldout[0][:3, :-1].long()
+    t0 = x.shape[1] // 2
+    x2 = x.clone()
+    x2[:, t0:] = x[:, t0:].roll(1, dims=0)                 # later tokens from another window
+    assert not torch.equal(x, x2)
+    g1, g2 = routing.acar_router_gates(cell, st, x), routing.acar_router_gates(cell, st, x2)
+    torch.testing.assert_close(g1.gates[:, :t0], g2.gates[:, :t0], rtol=0, atol=0)
+    assert not g1.gates.requires_grad
+    torch.testing.assert_close(g1.gates.sum(-1), torch.ones(x.shape))
