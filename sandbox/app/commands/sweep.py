@@ -75,7 +75,9 @@ def sweep(
     confirm: bool = typer.Option(False, "--confirm/--no-confirm", help="substrate: keep an accepted child only if it also beats its parent on a second fresh batch."),
     enqueue_only: bool = typer.Option(False, "--enqueue-only", help="Define step for `sandbox worker`: queue every (point, seed) trial in --study on a PostgreSQL --storage and exit."),
 ) -> None:
-    """Map the regime boundary: delta = log loss_grad - log loss_evo per seed (positive = evo better)."""
+    """Map the regime boundary: delta = log loss_grad - log loss_evo per seed (positive = evo better).
+
+    --acar adds sigma routing (ACAR) as a fifth arm on both systems, scored against grad on the same seeds: delta_acar = log loss_grad - log loss_acar, with its mode counts and compute saved."""
     from sandbox.errors import BadInput
     from sandbox.options import check_int, parse_axis, parse_range, parse_seeds
 

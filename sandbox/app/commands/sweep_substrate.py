@@ -72,7 +72,7 @@ def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, 
                           argv=["sandbox", *sys.argv[1:]])
         check_collect(storage, study or DEFAULT_STUDY, jobs)   # workers still running: refuse, not compute
     err.print(f"substrate map: preset {preset}, {steps} steps, batch {batch}, router {router}, {len(cfg.grid_points())} "
-              f"points x {len(seeds)} seeds, {len(arms.arms)} arms{' (+ acar)' if acar else ''}, an event every {ecfg.interval} steps, --evo {evo}, "
+              f"points x {len(seeds)} seeds, {len(arms.arms)} arms{' (with acar)' if acar else ''}, an event every {ecfg.interval} steps, --evo {evo}, "
               f"plasticity {arms.plasticity}{', confirmed acceptances' if confirm else ''}, on {dev} -> {run_dir}",
               highlight=False)
     t0 = time.perf_counter()
