@@ -712,7 +712,7 @@ def finish(cfg: CellConfig, st: RunState, sub: Substrate, run: RunDir) -> dict:
         "tokens_per_s": tokens / st.wall_s if st.wall_s > 0 else math.nan,
         "diverged": diverged, "diverged_step": st.diverged_step,
         "lifecycle_events": sum(e["event"] == "death" for e in st.events),
-        "router": st.router.cfg.kind, "features": cfg.features, "scope": cfg.lifecycle_config().scope,
+        "router": "acar" if cfg.router_kind == "acar" else st.router.cfg.kind, "features": cfg.features, "scope": cfg.lifecycle_config().scope,
         "assignment": st.assignment.tolist(), "device": cfg.device,
     }
     if cfg.router_kind == "acar" and not diverged:

@@ -132,6 +132,7 @@ def test_run_writes_acar_csv_and_identity(sub, tmp_path):
     assert (t.mode1 + t.mode2 + t.mode3 == t.tokens).all()
     assert total["tokens"] == sub.corpus.domains * FAST["eval_windows"] * sub.corpus.seq_len
     assert m["router_kind"] == "acar" and m["acar"]["tokens"] == total["tokens"]
+    assert m["router"] == "acar"                     # cells.csv's router column names the router that ran
     with pytest.raises(BadInput):
         CellConfig.of(**FAST, router_kind="bogus")
 
