@@ -122,7 +122,8 @@ def test_acar_arm_is_read_off_grad_and_equals_it_solved_alone():
     res = an.run_arms(SPEC, cfg, [4, 5])
     assert set(res) == set(an.ALL_ARMS)
     task = make_task(SPEC, [4, 5])
-    alone = an.solve(task, SPEC, cfg, "acar", an.initial_state(task, SPEC, cfg))
+    alone = an.solve_rows(an.stack_rows([(SPEC, cfg, task.seeds)], tasks=[task]), "acar",
+                          an.initial_state(task, SPEC, cfg))
     for name in ("final_loss", "domain_loss", "initial_loss", "curve", "diverged_step", "modes"):
         torch.testing.assert_close(getattr(res["acar"], name), getattr(alone, name), rtol=0, atol=0)
     # the grad arm is the same with or without the acar arm (common random numbers), and so is every arm
