@@ -1,4 +1,4 @@
-"""ACAR (sigma routing, issue 18): the rule shared by the transformer and the analytic sandbox.
+"""ACAR (sigma routing): the rule shared by the transformer and the analytic sandbox.
 
 ACAR routes each input by self-consistency: three candidates (the top-3 slots of a cheap score)
 each make a prediction; sigma is 0 when all three agree, 0.5 when two agree and 1 when all differ;

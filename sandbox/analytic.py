@@ -28,7 +28,7 @@ events of evo, restart and oracle fall on the same schedule (every `interval` st
   with leave-one-out fitness computed in Gram form.
 * ``restart`` (control): the grad steps with the router's Adam state reset at every event, no
   search: what an optimiser restart alone does.
-* ``acar`` (only with ``acar=True``, ``--acar``): sigma routing (ACAR, issue 18, `sandbox.acar`)
+* ``acar`` (only with ``acar=True``, ``--acar``): sigma routing (ACAR, `sandbox.acar`)
   on the grad arm's final router and adapters: for each (domain, context draw) the top-3 slots of
   the router's logits, sigma from the agreement of their predictions, 1 / 2 / 3 of them gated
   equally; inference only (no gradient reaches it), so it follows the grad trajectory like the
@@ -163,7 +163,7 @@ class AnalyticConfig:
 
     def identity(self) -> dict:
         """The fields that name a point (ledger key, default folder): every field, with the ACAR
-        options (issue 18) left out while the acar arm is off, so keys from before they existed hold."""
+        options left out while the acar arm is off, so keys from before they existed hold."""
         d = dataclasses.asdict(self)
         if not self.acar:
             d.pop("acar")

@@ -52,7 +52,7 @@ MAX_SEEDS = 10_000
 DECOMPOSITION = ("delta_restart", "restart_ci_low", "restart_ci_high", "restart_p_holm", "restart_regime",
                  "room", "room_ci_low", "room_ci_high", "room_p_holm", "room_regime",
                  "accepted", "accepted_seeds", "lifecycle_events")
-#: The acar arm's columns of summary.csv (issue 18, only when the results hold an ``acar`` arm):
+#: The acar arm's columns of summary.csv (only when the results hold an ``acar`` arm):
 #: acar vs grad (its CI, Holm p over the points, `classify` regime and seeds needed) and its mode
 #: usage pooled over seeds (shares of inputs gated with 1 / 2 / 3 slots, mean slots, compute saved
 #: against always running three).

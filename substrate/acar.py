@@ -1,4 +1,4 @@
-"""ACAR (sigma routing, issue 18) as a router kind on the transformer: ``--router acar``.
+"""ACAR (sigma routing) as a router kind on the transformer: ``--router acar``.
 
 ACAR routes each input by self-consistency: N = 3 probes, sigma = 0 when all three agree, 0.5
 when exactly two agree, 1 when all differ; then it runs one, two or three models. Mapped onto our

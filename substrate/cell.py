@@ -675,7 +675,7 @@ def _write_tables(run: RunDir, st: RunState) -> None:
     cols = ["step", "event", "slot", "slot_id", "parent_id", "neighbour_id", "fitness", "mutation_size", "alpha",
             "domain", "seed"]
     cols += [c for c in ("parent2_id", "crossover_t", "finetune_loss_before", "finetune_loss_after")
-             if any(c in e for e in st.events)]   # EvoMerge options (issue 18), only when used
+             if any(c in e for e in st.events)]   # EvoMerge options, only when used
     run.write_csv("lifecycle.csv", pd.DataFrame(st.events, columns=cols))
 
 

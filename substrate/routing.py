@@ -15,7 +15,7 @@ step t is a pure function of (seed, t)): common random numbers, so deltas are pa
   parameters and the members are folded into the batch (`population_losses`, tested equal to a
   loop over members). The router's Adam state is kept on acceptance (``reset_on_accept`` resets it).
 * ``restart`` (control): the grad steps with the router's Adam state reset at every event.
-* ``acar`` (only with ``acar=True``, ``--acar``): sigma routing (ACAR, issue 18, `substrate.acar`)
+* ``acar`` (only with ``acar=True``, ``--acar``): sigma routing (ACAR, `substrate.acar`)
   on the grad arm's final router and adapters: per token, the top-3 slots of the router's logits
   (``h W + b`` on its causal prefix features), three one-slot probes' next-token argmax, causal
   prefix sigma, 1 / 2 / 3 of the candidates gated equally; held-out evaluation only (no gradient,

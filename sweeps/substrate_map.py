@@ -94,7 +94,7 @@ class SubstrateSweepConfig:
         d = dataclasses.asdict(self)
         for k in ("seeds", "eps", "alpha"):
             d.pop(k)
-        if not self.arms.acar:      # issue 18: only when the acar arm is on, so earlier folders hold
+        if not self.arms.acar:      # only when the acar arm is on, so earlier folders hold
             d["arms"].pop("acar")
         return d
 
@@ -126,7 +126,7 @@ def point_key(rc: RoutingArms) -> str:
     d = arms_payload(rc)
     d["cell"].pop("seed")
     d["cell"].pop("device")
-    if not rc.acar:                 # issue 18: only when the acar arm is on, so earlier ledgers hold
+    if not rc.acar:                 # only when the acar arm is on, so earlier ledgers hold
         d.pop("acar")
     return config_hash({"system": "substrate", "arms": d}, n=16)
 

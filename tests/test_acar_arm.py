@@ -1,4 +1,4 @@
-"""The acar arm of the maps (issue 18): the shared ACAR rule (`sandbox.acar`), the analytic
+"""The acar arm of the maps: the shared ACAR rule (`sandbox.acar`), the analytic
 sandbox's sigma from the slots' predictions, the arm read off the grad trajectory, its counts,
 its paired statistics, and `sandbox sweep --acar` leaving the default map untouched."""
 

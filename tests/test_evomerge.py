@@ -1,4 +1,4 @@
-"""EvoMerge operators of the shared lifecycle (issue 18): SLERP crossover in factor form, roulette
+"""EvoMerge operators of the shared lifecycle: SLERP crossover in factor form, roulette
 selection and the fine-tune mutation, as hypothesis properties against dense products."""
 
 import math

@@ -1,4 +1,4 @@
-"""Faults lose nothing and never hang (issue 13): stale locks, truncated journals, one folder per
+"""Faults lose nothing and never hang: stale locks, truncated journals, one folder per
 command, concurrent runs, damaged files and other bad inputs as one line with exit code 2.
 
 Kill tests start real processes and end them with SIGKILL.

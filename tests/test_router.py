@@ -199,7 +199,7 @@ def test_config_validation_names_flags():
         RouterConfig(schedule="step")
 
 
-# --- fair starts (issue 20): --router-init mass --------------------------------------------------
+# --- fair starts: --router-init mass --------------------------------------------------
 
 @pytest.mark.parametrize("K,floor_max,tau_start,mass", [(16, 0.1, 2.0, 1.0), (4, 0.1, 2.0, 1.0), (64, 0.1, 0.5, 1.0),
                                                        (16, 0.0, 2.0, 1.0), (16, 0.5, 1.0, 3.0), (2, 0.9, 4.0, 1.5)])

@@ -1,4 +1,4 @@
-"""Workers on a real PostgreSQL server (issue 17): every planned trial exactly once, an idempotent
+"""Workers on a real PostgreSQL server: every planned trial exactly once, an idempotent
 define step under concurrency, a SIGKILLed worker's trial re-run, raising trials failed and
 retried at most N times, and the storages that cannot work refused with one line."""
 
