@@ -294,6 +294,9 @@ class State:
     def clone(self) -> "State":
         return State({k: v.clone() for k, v in self.params.items()}, self.A.clone(), self.B.clone())
 
+    def to(self, device: torch.device | str) -> "State":
+        return State({k: v.to(device) for k, v in self.params.items()}, self.A.to(device), self.B.to(device))
+
 
 def initial_state(task: Task, spec: TaskSpec, cfg: AnalyticConfig) -> State:
     """The shared starting point of both arms: pre-aligned bank and a fresh router, per seed."""
@@ -344,14 +347,15 @@ def evo_evaluations(spec: TaskSpec, cfg: AnalyticConfig) -> int:
     return cfg.steps + n_gen * cfg.population + (n_life * (spec.slots + 1) if cfg.lifecycle else 0)
 
 
-def _features(rows: "Rows", salt: int, draws: int) -> Tensor:
+def _features(rows: "Rows", salt: int, draws: int, device: torch.device | None = None) -> Tensor:
     """Routing features of every row ``(S, M, N, F)``: the contexts when the group is noise-free,
-    else each point's own noise level on its own rows (each seed's own stream)."""
+    else each point's own noise level on its own rows (each seed's own stream). Drawn on the CPU
+    (the rows' task stays there), then moved to `device`."""
     if not rows.noisy:
-        return rows.task.contexts[:, :, None, :].to(DTYPE)                        # (S, M, 1, F)
+        return rows.task.contexts[:, :, None, :].to(DTYPE).to(device)             # (S, M, 1, F)
     parts = [noisy_contexts(rows.part_task(i), spec.context_noise, draws, salt) for i, (spec, _) in
              enumerate(rows.parts)]
-    return torch.cat(parts).to(DTYPE)                                              # (S, M, N, F)
+    return torch.cat(parts).to(DTYPE).to(device)                                   # (S, M, N, F)
 
 
 class _Adam:
@@ -362,7 +366,7 @@ class _Adam:
         self.lrs, self.b1, self.b2, self.eps = lrs, betas[0], betas[1], eps
         self.m = {k: torch.zeros_like(v) for k, v in tensors.items()}
         self.v = {k: torch.zeros_like(v) for k, v in tensors.items()}
-        self.t = {k: torch.zeros(S, dtype=DTYPE) for k in tensors}
+        self.t = {k: torch.zeros(S, dtype=DTYPE, device=v.device) for k, v in tensors.items()}
 
     @torch.no_grad()
     def step(self, tensors: dict[str, Tensor], grads: dict[str, Tensor], alive: Tensor) -> None:
@@ -484,18 +488,24 @@ def split_result(res: ArmResult, rows: Rows) -> list[ArmResult]:
 
 
 def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: bool = False,
-               with_acar: bool = False) -> ArmResult:
+               with_acar: bool = False, device: torch.device | str | None = None) -> ArmResult:
     """Run one arm for every row of `rows` (stacked grid points x seeds) at once.
 
     ``with_ceiling`` (grad arm only) also returns, as ``result.ceiling``, the ``oracle`` arm in
     ceiling mode: it follows the grad trajectory exactly, so it is the best gates for this run's
     final adapters, without running the same steps twice. ``with_acar`` (grad arm only) likewise
-    returns the ``acar`` arm as ``result.acar`` (ACAR's gates on grad's final router and adapters)."""
+    returns the ``acar`` arm as ``result.acar`` (ACAR's gates on grad's final router and adapters).
+
+    ``device`` (default CPU) holds the solver's tensors. `rows` and `state` stay on the CPU, where
+    every random draw is made (per-seed CPU generators: the same numbers on any device), then
+    moved; the result's tensors come back on the CPU."""
     check(arm in ALL_ARMS, "arm", arm, "one of " + ", ".join(ALL_ARMS))
-    task, spec, cfg = rows.task, rows.spec, rows.cfg
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    spec, cfg = rows.spec, rows.cfg
+    task = rows.task if dev.type == "cpu" else _task_to(rows.task, dev)
     rcfg = router_config(spec, cfg)
-    scale, floor = rows.scale, rows.floor
-    st = (state or initial_rows_state(rows)).clone()
+    scale, floor = rows.scale.to(dev), rows.floor.to(dev)
+    st = (state or initial_rows_state(rows)).to(dev).clone()
     S = len(task.seeds)
     steps = cfg.steps
     ceiling = arm == "oracle" and cfg.oracle == "ceiling"   # the grad trajectory, best gates at the end
@@ -504,30 +514,30 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
         steps = evo_evaluations(spec, cfg)
     train_adapters = cfg.plasticity > 0
     draws = 1 if spec.context_noise == 0 else cfg.draws
-    eval_feats = _features(rows, _EVAL_SALT, cfg.eval_draws)
-    fixed_feats = _features(rows, 0, draws)
+    eval_feats = _features(rows, _EVAL_SALT, cfg.eval_draws, dev)
+    fixed_feats = _features(rows, 0, draws, dev)
 
     with torch.no_grad():
         initial = domain_losses(rcfg, st.params, st.A, st.B, task, eval_feats, 0, scale, floor).mean(-1)
 
     tensors = dict(st.params)
-    lrs = {k: rows.lr for k in st.params}
+    lrs = {k: rows.lr.to(dev) for k in st.params}
     if train_adapters:
         tensors.update(A=st.A, B=st.B)
-        lrs.update(A=rows.adapter_lr, B=rows.adapter_lr)
+        lrs.update(A=rows.adapter_lr.to(dev), B=rows.adapter_lr.to(dev))
     opt = _Adam(tensors, lrs, S)
     ecfg = cfg.evolution
     gens = [generator(Purpose.EVO_SEARCH, s) for s in task.seeds]
-    search = evo.init_search(ecfg, S, rcfg.n_params, gens, sigma0=rows.step0) if arm == "evo" else None
+    search = evo.init_search(ecfg, S, rcfg.n_params, gens, sigma0=rows.step0.to(dev)) if arm == "evo" else None
     table = None            # oracle arm: (S, M, K) best gates per domain once the first event has run
-    alive = torch.ones(S, dtype=torch.bool)
-    div_step = torch.full((S,), -1, dtype=torch.long)
-    curve = torch.full((S, steps), float("nan"), dtype=DTYPE)
+    alive = torch.ones(S, dtype=torch.bool, device=dev)
+    div_step = torch.full((S,), -1, dtype=torch.long, device=dev)
+    curve = torch.full((S, steps), float("nan"), dtype=DTYPE, device=dev)
     evals, n_events, events = 0, 0, []
-    pop = lc.Population.founders((S,), spec.slots)
+    pop = lc.Population.founders((S,), spec.slots, device=dev)
 
     for t in range(steps):
-        feats = _features(rows, t + 1, draws) if (cfg.fresh_noise and draws > 1) else fixed_feats
+        feats = _features(rows, t + 1, draws, dev) if (cfg.fresh_noise and draws > 1) else fixed_feats
         leaves = {k: v.detach().requires_grad_(True) for k, v in tensors.items()}
         params = {k: leaves[k] for k in st.params}
         A = leaves.get("A", tensors.get("A", st.A))
@@ -577,18 +587,27 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
         with torch.no_grad():
             ceiling_dom = _table_losses(_oracle_table(rcfg, tensors, st, task, scale, None), A, B, task, scale, floor)
     final, div, dstep, live = _finish(dom, alive, div_step, steps)
-    res = ArmResult(arm, final, dom, initial, evals, steps, div, dstep, curve, generations=n_events,
-                    accepted=search.accepted.clone() if search else None,
-                    step_size=search.sigma.clone() if search else None, events=events,
-                    modes=modes if arm == "acar" else None)
+    cpu = lambda x: None if x is None else x.detach().cpu()                # noqa: E731  (a no-op on the CPU)
+    res = ArmResult(arm, cpu(final), cpu(dom), cpu(initial), evals, steps, cpu(div), cpu(dstep), cpu(curve),
+                    generations=n_events, accepted=cpu(search.accepted.clone()) if search else None,
+                    step_size=cpu(search.sigma.clone()) if search else None, events=events,
+                    modes=cpu(modes) if arm == "acar" else None)
     if ceiling_dom is not None:
         cfinal, cdiv, cstep, _ = _finish(ceiling_dom, alive, div_step, steps)
-        res.ceiling = ArmResult("oracle", cfinal, ceiling_dom, initial, evals, steps, cdiv, cstep, curve.clone())
+        res.ceiling = ArmResult("oracle", cpu(cfinal), cpu(ceiling_dom), cpu(initial), evals, steps, cpu(cdiv),
+                                cpu(cstep), cpu(curve.clone()))
     if with_acar and arm == "grad":
         adom, amodes = _acar_losses(params, A, B, task, eval_feats, scale, floor, cfg.acar_tol)
         afinal, adiv, astep, _ = _finish(adom, alive, div_step, steps)
-        res.acar = ArmResult("acar", afinal, adom, initial, evals, steps, adiv, astep, curve.clone(), modes=amodes)
+        res.acar = ArmResult("acar", cpu(afinal), cpu(adom), cpu(initial), evals, steps, cpu(adiv), cpu(astep),
+                             cpu(curve.clone()), modes=cpu(amodes))
     return res
+
+
+def _task_to(task: Task, device: torch.device) -> Task:
+    """The task's tensors on `device` (the CPU original keeps drawing routing noise)."""
+    return dataclasses.replace(task, U=task.U.to(device), V=task.V.to(device), contexts=task.contexts.to(device),
+                               assignment=task.assignment.to(device))
 
 
 def _finish(dom: Tensor, alive: Tensor, div_step: Tensor, steps: int):
@@ -692,7 +711,7 @@ def _lifecycle(task: Task, rcfg: RouterConfig, cfg: AnalyticConfig, tensors: dic
     pop, (A2, B2), new_params, events = lc.lifecycle_step(pop, (A, B), params, fit, lcfg, gens, step,
                                                           domain_losses=full, domain_features=feats.mean(-2),
                                                           finetune=finetune_loss if lcfg.finetunes else None)
-    mask = lc.reset_mask(events, (S,), A.shape[1])                                             # (S, K)
+    mask = lc.reset_mask(events, (S,), A.shape[1], device=A.device)                                           # (S, K)
     A.copy_(A2)
     B.copy_(B2)
     for k in st.params:
@@ -720,7 +739,8 @@ CHUNK_ROWS = 512
 
 
 def run_points(points: Sequence[tuple[TaskSpec, AnalyticConfig, Sequence[int]]], arms: Sequence[str] | None = None,
-               chunk_rows: int = CHUNK_ROWS, on_chunk=None) -> list[dict[str, ArmResult]]:
+               chunk_rows: int = CHUNK_ROWS, on_chunk=None, device: torch.device | str | None = None
+               ) -> list[dict[str, ArmResult]]:
     """Every arm for many grid points ``(spec, cfg, seeds)``: points of one `group_key` are stacked
     on the batch dim (in chunks of at most `chunk_rows` rows; a larger point runs alone), so the
     per-operation overhead is paid once per chunk instead of once per point. Each point's rows see
@@ -729,6 +749,7 @@ def run_points(points: Sequence[tuple[TaskSpec, AnalyticConfig, Sequence[int]]],
 
     ``arms``: the arms of every point (default: each point's ``cfg.arms``, acar included when on).
     ``on_chunk(indices, results)`` is called after each chunk with the point indices it solved.
+    ``device`` holds the solver's tensors (`solve_rows`; default CPU).
     Returns one ``{arm: ArmResult}`` per point, in input order.
     """
     require(isinstance(chunk_rows, int) and chunk_rows >= 1, "chunk_rows", chunk_rows, "an integer >= 1")
@@ -752,7 +773,7 @@ def run_points(points: Sequence[tuple[TaskSpec, AnalyticConfig, Sequence[int]]],
                         continue                  # taken from the grad arm's run below
                     t0 = time.perf_counter()
                     res = solve_rows(rows, arm, state, with_ceiling=shared and arm == "grad",
-                                     with_acar=shared_acar and arm == "grad")
+                                     with_acar=shared_acar and arm == "grad", device=device)
                     res.wall_s = time.perf_counter() - t0
                     per_arm[arm] = split_result(res, rows)
                     if shared and arm == "grad":

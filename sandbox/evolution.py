@@ -121,7 +121,7 @@ def init_search(cfg: EvolutionConfig, S: int, D: int, generators: Sequence[torch
     initial step ``cfg.mutation_scale`` per seed (stacked grid points)."""
     check(len(generators) == S, "generators", len(generators), f"one per seed ({S})")
     sigma = torch.full((S,), float(cfg.mutation_scale), dtype=dtype) if sigma0 is None else sigma0.to(dtype).clone()
-    state = SearchState(sigma=sigma, accepted=torch.zeros(S, dtype=torch.long))
+    state = SearchState(sigma=sigma, accepted=torch.zeros(S, dtype=torch.long, device=sigma.device))
     if cfg.method == "cma":
         from cmaes import CMA
 
@@ -174,7 +174,7 @@ def advance(state: SearchState, population: Tensor, objective: Tensor, cfg: Evol
     (default all) masks seeds that no longer search (diverged): they keep their parent and state.
     """
     S = population.shape[0]
-    active = torch.ones(S, dtype=torch.bool) if active is None else active
+    active = torch.ones(S, dtype=torch.bool, device=population.device) if active is None else active
     best, idx = select(population, objective)
     took = (idx != 0) & active
     new = torch.where(took[:, None], best, population[:, 0])
@@ -186,7 +186,7 @@ def advance(state: SearchState, population: Tensor, objective: Tensor, cfg: Evol
         state.sigma = torch.where(active, state.sigma * factor, state.sigma)
     elif cfg.method == "cma":
         new = population[:, 0].clone()
-        took = torch.zeros(S, dtype=torch.bool)
+        took = torch.zeros(S, dtype=torch.bool, device=new.device)
         for s, es in enumerate(state.cma):
             if not bool(active[s]):
                 continue

@@ -800,8 +800,8 @@ def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | No
         if cfg.crossover == "slerp":  # a second parent among the other survivors (the same if none)
             others = alive & ~torch.nn.functional.one_hot(parent, K).bool()
             parent2 = select_parent(f, torch.where(others.any(-1, keepdim=True), others, alive), cfg, gen)
-            t = (torch.full((n,), float(cfg.crossover_t), dtype=torch.float64) if cfg.crossover_t is not None
-                 else _draw(rand, (n,), gen, torch.float64, None))
+            t = (torch.full((n,), float(cfg.crossover_t), dtype=torch.float64, device=f.device)
+                 if cfg.crossover_t is not None else _draw(rand, (n,), gen, torch.float64, f.device))
             extra = {"parent2_id": _take(ids, parent2), "parent2_slot": parent2, "crossover_t": t}
         nb = torch.where(alive, _take(cos, d), torch.full_like(f, -math.inf)).argmax(-1)  # (n,)
         sq_diff = torch.zeros(n, dtype=torch.float64, device=f.device)  # ||child - parent||^2 over layers
@@ -818,12 +818,12 @@ def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | No
             rp, target = reallocate(rp, d, parent, v, cfg, gen, dl, df)
         if cfg.finetunes:
             goal = (domain_losses.reshape(n, -1).argmax(-1) if domain_losses is not None
-                    else torch.full((n,), -1, dtype=torch.long))
+                    else torch.full((n,), -1, dtype=torch.long, device=f.device))
             new, before, after = _finetune(new, layers, kind, rp, router_params, d, v, goal.to(d.device), cfg, finetune,
                                            bshape, i * (cfg.finetune_steps + 1), gen)
             extra = {**extra, "finetune_loss_before": before, "finetune_loss_after": after}
         mutated = cfg.mutation or parent2 is not None
-        msize = (sq_diff / sq_par).sqrt() if mutated else torch.full((n,), math.nan, dtype=torch.float64)
+        msize = (sq_diff / sq_par).sqrt() if mutated else torch.full((n,), math.nan, dtype=torch.float64, device=f.device)
         uses_parent = mutated or (cfg.reallocation and rp is not None)
         old_id, par_id, nb_id = _take(ids, d), _take(ids, parent), _take(ids, nb)
         new_id = next_id.clone()

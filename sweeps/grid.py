@@ -14,6 +14,7 @@ each with its CI and label, Holm over every point of the sweep), ``manifest.json
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,10 +162,13 @@ def point_key(spec: TaskSpec, solver: AnalyticConfig) -> str:
 Evaluate = Callable[[TaskSpec, AnalyticConfig, Sequence[int]], list[tuple[int, list[dict], float]]]
 
 
-def evaluate_point(spec: TaskSpec, solver: AnalyticConfig, seeds: Sequence[int]) -> list[tuple[int, list[dict], float]]:
+def evaluate_point(spec: TaskSpec, solver: AnalyticConfig, seeds: Sequence[int],
+                   device: str | None = None) -> list[tuple[int, list[dict], float]]:
     """Run every arm for `seeds` as one batch: ``[(seed, rows of the arms, delta), ...]``."""
-    from sandbox.analytic import run_arms
+    from sandbox.analytic import run_arms, run_points
 
+    if device is not None and device != "cpu":
+        return _records(run_points([(spec, solver, seeds)], device=device)[0], seeds)
     return _records(run_arms(spec, solver, seeds), seeds)
 
 
@@ -229,7 +233,8 @@ def results_table(cfg: SweepConfig, points: list[dict[str, float]], done: dict[s
 
 
 def _ensure_points_batched(cfg: SweepConfig, study, done: dict[str, dict], points: list[dict[str, float]],
-                           chunk_rows: int, progress, start: int, total: int) -> tuple[int, int]:
+                           chunk_rows: int, progress, start: int, total: int,
+                           device: str | None = None) -> tuple[int, int]:
     """`ensure_point` for many points at once: the missing (point, seed) rows of points that share
     tensor shapes are solved as stacked batches of at most `chunk_rows` rows
     (`sandbox.analytic.run_points`); each point is recorded in the ledger as soon as its batch
@@ -262,19 +267,22 @@ def _ensure_points_batched(cfg: SweepConfig, study, done: dict[str, dict], point
     if progress and reused:
         progress(start + reused, total, points[0])
     run_points([(spec, solver, missing) for _, spec, solver, _, missing in pending], chunk_rows=chunk_rows,
-               on_chunk=record)
+               on_chunk=record, device=device)
     return computed, reused
 
 
 def run_sweep(cfg: SweepConfig, out: Path, storage: str | None = None, study: str | None = None,
               evaluate: Evaluate = evaluate_point, progress: Callable[[int, int, dict], None] | None = None,
-              figures: bool = True, argv: list[str] | None = None, chunk_rows: int = 512) -> SweepOutcome:
+              figures: bool = True, argv: list[str] | None = None, chunk_rows: int = 512,
+              device: str | None = None) -> SweepOutcome:
     """Run (or resume) a sweep into `out`; see the module docstring.
 
     `evaluate` computes a point's missing seeds (injected by tests to count calls; a custom one
     runs point by point); with the default, points that share tensor shapes are solved as
     stacked batches of at most `chunk_rows` rows (0: point by point). `progress` is called as
-    ``progress(done_seeds, total_seeds, point_values)`` as points finish.
+    ``progress(done_seeds, total_seeds, point_values)`` as points finish. `device` (cpu or cuda;
+    default cpu) holds the analytic solver's tensors; it is recorded in the manifest, not in the
+    trial keys (results on another device differ only by float64 rounding).
     """
     from sandbox import stats
     from sandbox.results import RunDir
@@ -286,7 +294,11 @@ def run_sweep(cfg: SweepConfig, out: Path, storage: str | None = None, study: st
     st = ledger.open_study(store, study_name)
     run = RunDir.create(out, command="sweep", config=cfg, seeds=list(cfg.seeds), argv=argv,
                         extra={"axes": cfg.axes, "study": study_name,
-                               "storage": storage or str(out / "trials.journal"), "eps": cfg.eps, "alpha": cfg.alpha})
+                               "storage": storage or str(out / "trials.journal"), "eps": cfg.eps, "alpha": cfg.alpha,
+                               **({"device": str(device)} if device is not None else {})})
+    batched = evaluate is evaluate_point and chunk_rows > 0
+    if evaluate is evaluate_point and device is not None:
+        evaluate = functools.partial(evaluate_point, device=device)
     if cfg.search == "boundary":
         from sweeps.boundary import propose_points
 
@@ -297,8 +309,8 @@ def run_sweep(cfg: SweepConfig, out: Path, storage: str | None = None, study: st
     done = ledger.finished(st)
     total = len(points) * len(cfg.seeds)
     computed, reused = searched, -searched   # the search's trials are found again below
-    if evaluate is evaluate_point and chunk_rows > 0:
-        c, r = _ensure_points_batched(cfg, st, done, points, chunk_rows, progress, computed + reused, total)
+    if batched:
+        c, r = _ensure_points_batched(cfg, st, done, points, chunk_rows, progress, computed + reused, total, device)
         computed, reused = computed + c, reused + r
     else:
         for values in points:

@@ -70,7 +70,7 @@ def sweep(
     batch: int = typer.Option(8, "--batch", help="substrate: training windows per step."),
     data: Optional[str] = typer.Option(None, "--data", help="substrate: real text folder (one subfolder per domain)."),
     cache: str = typer.Option("runs/cache", "--cache", help="substrate: cache of corpus, pretrained base and specialists."),
-    device: str = typer.Option("auto", "--device", help="substrate: auto, cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda: where the solver's tensors live (analytic and substrate)."),
     search_windows: int = typer.Option(2, "--search-windows", help="substrate: fresh training windows per domain in one generation's search objective."),
     confirm: bool = typer.Option(False, "--confirm/--no-confirm", help="substrate: keep an accepted child only if it also beats its parent on a second fresh batch."),
     enqueue_only: bool = typer.Option(False, "--enqueue-only", help="Define step for `sandbox worker`: queue every (point, seed) trial in --study on a PostgreSQL --storage and exit."),
@@ -143,6 +143,9 @@ def sweep(
                       seeds=tuple(seed_list), eps=eps, alpha=alpha, search=search, trials=trials)
     from pathlib import Path
 
+    from substrate.defaults import resolve_device
+
+    dev = resolve_device(device)       # --device cuda without a GPU: one line, exit 2
     run_dir = Path(out) if out else default_out("sweep", cfg.folder_key())
     console = Console(stderr=False)
     if not console.is_terminal:
@@ -167,7 +170,7 @@ def sweep(
                        description=", ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
 
         res = run_sweep(cfg, run_dir, storage=storage, study=study, progress=progress, figures=figures,
-                        chunk_rows=chunk_rows,
+                        chunk_rows=chunk_rows, device=dev,
                         argv=["sandbox", "sweep", *sys.argv[2:]] if sys.argv[1:2] == ["sweep"] else None)
     _print_summary(console, res.summary, cfg.axes)
     console.print(f"{res.computed} seed-points computed, {res.reused} reused from the ledger, "
