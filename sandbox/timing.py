@@ -25,9 +25,9 @@ from torch import Tensor
 
 from sandbox.errors import check, require
 
-SECTIONS = ("loss", "mixture", "adaptation", "sweep", "grid", "heatmap")
+SECTIONS = ("loss", "mixture", "adaptation", "fitness", "sweep", "grid", "heatmap")
 #: Sections run by default; `heatmap` (a 21 x 21 x 16-seed map, minutes) runs on request.
-DEFAULT_SECTIONS = ("loss", "mixture", "adaptation", "sweep", "grid")
+DEFAULT_SECTIONS = ("loss", "mixture", "adaptation", "fitness", "sweep", "grid")
 
 
 @dataclass(frozen=True)

@@ -93,13 +93,25 @@ def make_step(name: str, batch: int, seq_len: int, device: str = "cpu", seed: in
     of ``(seed, step)``, warm-up/cosine learning rate, features, gates, forward, backward, global-norm
     clip, Adam), advances the step and returns the loss. `overrides` are further `CellConfig` fields.
     """
-    from substrate.cell import CellConfig, build_state, train_step
-    from substrate.train import TrainConfig
+    ccfg, sub, st = _cell_state(name, batch, seq_len, device, seed, cell, **overrides)
+    return _step_fn(ccfg, sub, st), st
+
+
+def _cell_state(name: str, batch: int, seq_len: int, device: str = "cpu", seed: int = 0, cell: str = "R", **overrides):
+    """``(CellConfig, timing-only Substrate, RunState)`` of a cell as `make_step` builds them."""
+    from substrate.cell import CellConfig, build_state
 
     ccfg = CellConfig.of(cell=cell, preset=name, batch=batch, context=seq_len, seed=seed, device=device, steps=1_000_000,
                       **overrides)
     sub = bench_substrate(ccfg.model_config(), seq_len, seed=seed)
-    st = build_state(ccfg, sub)
+    return ccfg, sub, build_state(ccfg, sub)
+
+
+def _step_fn(ccfg, sub, st):
+    from substrate.cell import train_step
+    from substrate.train import TrainConfig
+
+    device, batch = ccfg.device, ccfg.batch
     tcfg = TrainConfig(steps=ccfg.steps, lr=ccfg.lr, batch=batch, warmup=10, min_lr_ratio=0.1)
 
     def step() -> float:
@@ -109,7 +121,7 @@ def make_step(name: str, batch: int, seq_len: int, device: str = "cpu", seed: in
             torch.cuda.synchronize()
         return loss
 
-    return step, st
+    return step
 
 
 def bench_adaptation(name: str, cfg: BenchConfig, device: str = "cpu") -> dict:
@@ -156,3 +168,128 @@ def bench_adaptation(name: str, cfg: BenchConfig, device: str = "cpu") -> dict:
                matmul_n=n, matmul_flops=mm)
     out["fraction_of_matmul"] = out["achieved_flops"] / mm
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The lifecycle's fitness pass and the routing search's population: batched vs sequential
+# ---------------------------------------------------------------------------------------------
+
+#: (context, fit windows per domain) of the fitness comparison per preset, as (full, quick).
+FITNESS_SHAPES = {"tiny": ((64, 4), (32, 1)), "small": ((128, 4), (64, 1))}
+
+
+@torch.no_grad()
+def sequential_loo_losses(cfg, st, corpus, step: int):
+    """The reference for `substrate.cell.loo_losses`: the same selection batch, features and gates,
+    but K + 1 separate forwards (all gates, then slot k's gate zeroed, one slot at a time) instead
+    of the gate variants folded into the batch. Returns ``loo (K, M)`` and ``full (M,)`` on CPU."""
+    from substrate.cell import _FIT, step_generator
+    from substrate.corpus import sample_batch
+    from substrate.model import autocast, routing_features
+
+    M, K, w = corpus.domains, cfg.slots, cfg.fit_windows
+    dom = torch.arange(M).repeat_interleave(w)
+    x, y, _ = sample_batch(corpus, "train", M * w, step_generator(cfg.seed, step, _FIT), domains=dom)
+    x, y = x.to(cfg.device), y.to(cfg.device)
+    gates = st.router(routing_features(st.model, x, cfg.features, cfg.pooling), step)   # (N, T, K)
+    onehot = torch.nn.functional.one_hot(dom, M).double().to(cfg.device)
+    per_domain = lambda nll: (nll.double() @ onehot) / w                                 # noqa: E731
+    with autocast(cfg.device):
+        full = per_domain(st.model.token_nll(x, y, gates).mean(-1))
+        loo = []
+        for k in range(K):
+            g = gates.clone()
+            g[..., k] = 0
+            loo.append(per_domain(st.model.token_nll(x, y, g).mean(-1)))
+    return torch.stack(loo).cpu(), full.cpu()
+
+
+@torch.no_grad()
+def sequential_population_losses(rc, st, vectors, x, y, domains, n_domains: int):
+    """The reference for `substrate.routing.population_losses`: one forward per member (P passes)."""
+    from sandbox.router import router_gates, vector_to_params
+    from substrate.model import autocast, routing_features
+
+    cell = rc.cell
+    N, T = x.shape
+    feats = routing_features(st.model, x, cell.features, cell.pooling)                 # (N, T, F)
+    onehot = torch.nn.functional.one_hot(domains.to(x.device), n_domains).double()     # (N, M)
+    out = []
+    for p in range(vectors.shape[0]):
+        params = vector_to_params(vectors[p].to(feats.dtype), st.router.cfg)
+        gates = router_gates(st.router.cfg, params, feats.reshape(N * T, -1), st.step).reshape(N, T, -1)
+        with autocast(cell.device):
+            nll = st.model.token_nll(x, y, gates).mean(-1).double()                     # (N,)
+        out.append(((nll @ onehot) / onehot.sum(0).clamp_min(1)).mean())
+    return torch.stack(out).cpu()
+
+
+def bench_fitness(name: str, cfg: BenchConfig, device: str = "cpu") -> dict:
+    """The lifecycle event's fitness pass and one generation's population losses, batched against
+    sequential, on preset `name`, timed interleaved with one adaptation step and the reference matmul.
+
+    Fitness (`substrate.cell.loo_losses`): K + 1 gate variants (all slots, then each slot zeroed)
+    of ``M x fit_windows`` selection windows, folded into the batch (chunks of ``64 // N`` variants
+    per forward) against `sequential_loo_losses` (K + 1 forwards). Population
+    (`substrate.routing.population_losses`): P routers on ``M x search_windows`` windows in one
+    forward against `sequential_population_losses` (P forwards). Both pairs must give the same
+    losses (``*_max_abs_diff``; float32 forwards of different batch sizes round differently).
+    The adaptation step (`make_step`, cell R) gives the event's cost in steps and the step's
+    share of the measured matmul rate, from the same interleaved run.
+    """
+    from sandbox import evolution as evo
+    from sandbox.router import params_to_vector
+    from sandbox.streams import Purpose, generator
+    from substrate.cell import loo_losses
+    from substrate.routing import RoutingArms, _search_batch, population_losses
+
+    (seq_len, fit_w), quick = FITNESS_SHAPES.get(name, ((64, 4), (32, 1)))
+    if cfg.quick:
+        seq_len, fit_w = quick
+    mcfg = preset(name)
+    seq_len = min(seq_len, mcfg.seq_len)
+    batch = (STEP_SHAPES.get(name, ((8, seq_len), None))[1 if cfg.quick else 0] or (2, seq_len))[0]
+    ccfg, sub, st = _cell_state(name, batch, seq_len, device, cfg.seed, fit_windows=fit_w)
+    step = _step_fn(ccfg, sub, st)
+    corpus = sub.corpus
+    rc = RoutingArms(cell=ccfg)
+    P = rc.evolution.population
+    x, y, dom = _search_batch(rc, sub, Purpose.SEARCH_BATCH, 0)
+    vec = params_to_vector({k: v.detach().double().cpu() for k, v in st.router.params().items()})[None]   # (1, D)
+    ecfg = rc.evolution
+    search = evo.init_search(ecfg, 1, vec.shape[-1], [generator(Purpose.EVO_SEARCH, cfg.seed)])
+    unit = evo.logit_units({k: v.detach().double().cpu()[None] for k, v in st.router.params().items()})
+    pop = evo.propose(vec, params_to_vector(unit), search, ecfg, [generator(Purpose.EVO_SEARCH, cfg.seed)])[0]
+
+    loo_b, full_b, _ = loo_losses(ccfg, st, corpus, st.step)
+    loo_s, full_s = sequential_loo_losses(ccfg, st, corpus, st.step)
+    pop_b = population_losses(rc, st, pop, x, y, dom, corpus.domains)
+    pop_s = sequential_population_losses(rc, st, pop, x, y, dom, corpus.domains)
+    loo_diff = float(max((loo_b - loo_s).abs().max(), (full_b - full_s).abs().max()))
+    pop_diff = float((pop_b - pop_s).abs().max())
+
+    n = max(1024, mcfg.d_model)
+    fns = {"step": step,
+           "fitness_batched": lambda: loo_losses(ccfg, st, corpus, st.step),
+           "fitness_sequential": lambda: sequential_loo_losses(ccfg, st, corpus, st.step),
+           "population_batched": lambda: population_losses(rc, st, pop, x, y, dom, corpus.domains),
+           "population_sequential": lambda: sequential_population_losses(rc, st, pop, x, y, dom, corpus.domains),
+           "matmul": matmul_case(n, seed=cfg.seed)}
+    t = interleaved(fns, cfg.repeats if cfg.quick else min(cfg.repeats, 3), cfg.min_sample_s)
+    m = {k: v.median for k, v in t.items()}
+    mm = 2 * n ** 3 / m["matmul"]
+    tokens = batch * seq_len
+    fpt = step_flops_per_token(mcfg, seq_len)
+    return {"preset": name, "device": device, "slots": ccfg.slots, "domains": corpus.domains,
+            "fit_windows": fit_w, "seq_len": seq_len, "variants": ccfg.slots + 1,
+            "population": P, "search_windows": int(x.shape[0]),
+            "fitness_batched_s": m["fitness_batched"], "fitness_sequential_s": m["fitness_sequential"],
+            "fitness_speedup": m["fitness_sequential"] / m["fitness_batched"], "fitness_max_abs_diff": loo_diff,
+            "population_batched_s": m["population_batched"], "population_sequential_s": m["population_sequential"],
+            "population_speedup": m["population_sequential"] / m["population_batched"],
+            "population_max_abs_diff": pop_diff,
+            "step_s": m["step"], "batch": batch,
+            "event_steps_batched": m["fitness_batched"] / m["step"],
+            "event_steps_sequential": m["fitness_sequential"] / m["step"],
+            "matmul_n": n, "matmul_flops": mm,
+            "step_fraction_of_matmul": fpt * tokens / m["step"] / mm}

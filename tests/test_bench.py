@@ -234,6 +234,15 @@ def test_quick_json_reports_every_figure(capsys, one_thread):
     for name in ("tiny", "small"):
         assert {"tokens_per_s", "flops_per_token", "achieved_flops", "matmul_flops", "fraction_of_matmul"} <= set(by[name])
     assert "skipped" in by["widened-1536"]            # too big for a quick CPU run; says why
+    fit = {r["preset"]: r for r in res["fitness"]}
+    assert set(fit) == {"tiny", "small"}                # CPU: the presets of `FITNESS_SHAPES`
+    for r in fit.values():
+        assert {"fitness_batched_s", "fitness_sequential_s", "fitness_speedup", "event_steps_batched",
+                "event_steps_sequential", "population_batched_s", "population_sequential_s", "population_speedup",
+                "step_fraction_of_matmul"} <= set(r)
+        assert r["variants"] == r["slots"] + 1
+        assert r["fitness_max_abs_diff"] <= 1e-4 and r["population_max_abs_diff"] <= 1e-4
+    assert any(r["target"].startswith("fitness pass: batched losses") for r in res["targets"])
     sw = res["sweep"]
     assert "seed_points_per_s" in sw and "wall_s" in sw and "skipped" not in sw
     gr = res["grid"]
@@ -248,3 +257,29 @@ def test_quick_json_reports_every_figure(capsys, one_thread):
                 for x in r.values():
                     if isinstance(x, (int, float)) and not isinstance(x, bool):
                         assert x >= 0
+
+
+def test_batched_fitness_and_population_equal_sequential_references(one_thread):
+    """The lifecycle's leave-one-out pass (K + 1 gate variants folded into the batch) and the search's
+    population losses (P routers in one forward) give the losses of one forward per variant."""
+    from sandbox import evolution as evo
+    from sandbox.router import params_to_vector
+    from sandbox.streams import Purpose, generator
+    from substrate.bench import _cell_state, sequential_loo_losses, sequential_population_losses
+    from substrate.cell import loo_losses
+    from substrate.routing import RoutingArms, _search_batch, population_losses
+
+    ccfg, sub, st = _cell_state("tiny", 2, 16, fit_windows=1, slots=4)
+    loo_b, full_b, _ = loo_losses(ccfg, st, sub.corpus, 3)
+    loo_s, full_s = sequential_loo_losses(ccfg, st, sub.corpus, 3)
+    assert loo_b.shape == loo_s.shape == (4, sub.corpus.domains)
+    torch.testing.assert_close(loo_b, loo_s, rtol=0, atol=1e-5)
+    torch.testing.assert_close(full_b, full_s, rtol=0, atol=1e-5)
+    rc = RoutingArms(cell=ccfg, evolution=evo.EvolutionConfig(population=5))
+    x, y, dom = _search_batch(rc, sub, Purpose.SEARCH_BATCH, 0)
+    vec = params_to_vector({k: v.detach().double()[None] for k, v in st.router.params().items()})
+    pop = vec + 0.1 * torch.randn(5, vec.shape[-1], generator=generator(Purpose.EVO_SEARCH, 0), dtype=vec.dtype)
+    got = population_losses(rc, st, pop, x, y, dom, sub.corpus.domains)
+    ref = sequential_population_losses(rc, st, pop, x, y, dom, sub.corpus.domains)
+    assert got.shape == (5,) and not torch.equal(got[0].expand(5), got)      # the members differ
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)

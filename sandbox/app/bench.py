@@ -17,6 +17,10 @@ Sections (each returns plain dicts, so `--json` is just `json.dumps` of `run_ben
    Python loop over the K adapters, and as a single rank-r LoRA (no gates); also inside a frozen
    D x D layer (``W x + mixture`` against ``W x + single LoRA``).
 3. `substrate.bench.bench_adaptation`: one adaptation step of each substrate preset.
+   `substrate.bench.bench_fitness` (section ``fitness``): the lifecycle's leave-one-out fitness
+   pass and the routing search's population losses, batched against sequential reference
+   implementations (same losses, checked), with one adaptation step and the reference matmul in
+   the same interleaved run (tiny and small presets on CPU).
 4. `bench_sweep`: the default `sandbox sweep` end to end, in-process, in a temporary folder.
 5. `bench_grid`: the default map's 11 points x 10 seeds x 4 arms solved point by point
    (`run_arms` per point) and as stacked batches (`run_points`), interleaved; the ratio of
@@ -332,6 +336,14 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
         for name in cfg.presets:
             say(f"adaptation step, preset {name}")
             out["adaptation"].append(bench_adaptation(name, cfg, cfg.device))
+    if "fitness" in cfg.sections:
+        from substrate.bench import FITNESS_SHAPES, bench_fitness
+
+        out["fitness"] = []
+        for name in cfg.presets:
+            if name in FITNESS_SHAPES or cfg.device == "cuda":
+                say(f"fitness pass and population, batched vs sequential, preset {name}")
+                out["fitness"].append(bench_fitness(name, cfg, cfg.device))
     if "sweep" in cfg.sections:
         say("default sweep, end to end")
         out["sweep"] = bench_sweep(cfg)
@@ -374,6 +386,13 @@ def targets(res: dict) -> list[dict]:
             else:
                 add("widened-1536 adaptation >= 35% of bf16 peak (CUDA MFU)", "not measured (CPU run)", None, ">= 0.35",
                     None)
+    for r in res.get("fitness", []):
+        add("fitness pass: batched faster than K + 1 sequential forwards", r["preset"], r["fitness_speedup"], "> 1",
+            r["fitness_speedup"] > 1)
+        add("fitness pass: batched losses = sequential", r["preset"], r["fitness_max_abs_diff"], "<= 1e-4",
+            r["fitness_max_abs_diff"] <= 1e-4)
+        add("population: batched losses = sequential", r["preset"], r["population_max_abs_diff"], "<= 1e-4",
+            r["population_max_abs_diff"] <= 1e-4)
     sw = res.get("sweep")
     if sw is not None:
         if "wall_s" in sw:

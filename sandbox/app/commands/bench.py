@@ -11,8 +11,8 @@ import typer
 def bench(
     quick: bool = typer.Option(False, "--quick", help="Small sizes and few repeats: a smoke run of every figure (~30 s)."),
     as_json: bool = typer.Option(False, "--json", help="Print every figure as JSON instead of tables."),
-    only: str = typer.Option(",".join(("loss", "mixture", "adaptation", "sweep", "grid")), "--only",
-                             help="Comma list of sections: loss, mixture, adaptation, sweep, grid, heatmap "
+    only: str = typer.Option(",".join(("loss", "mixture", "adaptation", "fitness", "sweep", "grid")), "--only",
+                             help="Comma list of sections: loss, mixture, adaptation, fitness, sweep, grid, heatmap "
                                   "(heatmap: a 21 x 21 x 16-seed map, minutes; on request)."),
     repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed rounds per comparison (default 7, quick 3)."),
     presets: Optional[str] = typer.Option(None, "--presets", help="Comma list of substrate presets to time "
@@ -123,6 +123,22 @@ def print_tables(res: dict, console) -> None:
         console.print(t)
         for n in notes:
             console.print("  " + n)
+    if res.get("fitness"):
+        t = Table(title="3b. lifecycle fitness pass (K + 1 gate variants) and search population (P routers): "
+                        "batched vs sequential forwards (ms)")
+        for c in ("preset", "windows x T", "fitness batched", "sequential", "speedup", "event in steps (before -> after)",
+                  "population batched", "sequential", "speedup", "max |diff|", "step share of matmul"):
+            t.add_column(c, justify="right")
+        for r in res["fitness"]:
+            t.add_row(r["preset"], f"{r['domains'] * r['fit_windows']} x {r['seq_len']}",
+                      _f(r["fitness_batched_s"] * 1e3, "{:.1f}"), _f(r["fitness_sequential_s"] * 1e3, "{:.1f}"),
+                      _f(r["fitness_speedup"], "{:.2f}x"),
+                      f"{r['event_steps_sequential']:.1f} -> {r['event_steps_batched']:.1f}",
+                      _f(r["population_batched_s"] * 1e3, "{:.1f}"), _f(r["population_sequential_s"] * 1e3, "{:.1f}"),
+                      _f(r["population_speedup"], "{:.2f}x"),
+                      _f(max(r["fitness_max_abs_diff"], r["population_max_abs_diff"]), "{:.1e}"),
+                      _f(r["step_fraction_of_matmul"], "{:.1%}"))
+        console.print(t)
     if "sweep" in res:
         sw = res["sweep"]
         t = Table(title="4. default sweep, end to end")
