@@ -502,7 +502,7 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
     check(arm in ALL_ARMS, "arm", arm, "one of " + ", ".join(ALL_ARMS))
     dev = torch.device("cpu") if device is None else torch.device(device)
     spec, cfg = rows.spec, rows.cfg
-    task = rows.task if dev.type == "cpu" else _task_to(rows.task, dev)
+    task = _task_to(rows.task, dev)           # U, V in float64 once, not at every loss evaluation
     rcfg = router_config(spec, cfg)
     scale, floor = rows.scale.to(dev), rows.floor.to(dev)
     st = (state or initial_rows_state(rows)).to(dev).clone()
@@ -605,9 +605,10 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
 
 
 def _task_to(task: Task, device: torch.device) -> Task:
-    """The task's tensors on `device` (the CPU original keeps drawing routing noise)."""
-    return dataclasses.replace(task, U=task.U.to(device), V=task.V.to(device), contexts=task.contexts.to(device),
-                               assignment=task.assignment.to(device))
+    """The task's tensors on `device`, its factors U, V in the solver's float64 (an exact cast, done
+    once instead of at every loss evaluation); the CPU original keeps drawing routing noise."""
+    return dataclasses.replace(task, U=task.U.to(device, DTYPE), V=task.V.to(device, DTYPE),
+                               contexts=task.contexts.to(device), assignment=task.assignment.to(device))
 
 
 def _finish(dom: Tensor, alive: Tensor, div_step: Tensor, steps: int):
