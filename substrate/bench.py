@@ -249,6 +249,8 @@ def bench_fitness(name: str, cfg: BenchConfig, device: str = "cpu") -> dict:
     mcfg = preset(name)
     seq_len = min(seq_len, mcfg.seq_len)
     batch = (STEP_SHAPES.get(name, ((8, seq_len), None))[1 if cfg.quick else 0] or (2, seq_len))[0]
+    if torch.device(device).type == "cuda":
+        batch = CUDA_STEP_SHAPES.get(name, (8, seq_len))[0]
     ccfg, sub, st = _cell_state(name, batch, seq_len, device, cfg.seed, fit_windows=fit_w)
     step = _step_fn(ccfg, sub, st)
     corpus = sub.corpus
@@ -268,13 +270,14 @@ def bench_fitness(name: str, cfg: BenchConfig, device: str = "cpu") -> dict:
     loo_diff = float(max((loo_b - loo_s).abs().max(), (full_b - full_s).abs().max()))
     pop_diff = float((pop_b - pop_s).abs().max())
 
-    n = max(1024, mcfg.d_model)
+    cuda = torch.device(device).type == "cuda"
+    n = 8192 if cuda else max(1024, mcfg.d_model)          # on CUDA: a bf16 matmul, as `bench_adaptation`
     fns = {"step": step,
            "fitness_batched": lambda: loo_losses(ccfg, st, corpus, st.step),
            "fitness_sequential": lambda: sequential_loo_losses(ccfg, st, corpus, st.step),
            "population_batched": lambda: population_losses(rc, st, pop, x, y, dom, corpus.domains),
            "population_sequential": lambda: sequential_population_losses(rc, st, pop, x, y, dom, corpus.domains),
-           "matmul": matmul_case(n, seed=cfg.seed)}
+           "matmul": matmul_case(n, torch.bfloat16, cfg.seed, device) if cuda else matmul_case(n, seed=cfg.seed)}
     t = interleaved(fns, cfg.repeats if cfg.quick else min(cfg.repeats, 3), cfg.min_sample_s)
     m = {k: v.median for k, v in t.items()}
     mm = 2 * n ** 3 / m["matmul"]
@@ -291,5 +294,5 @@ def bench_fitness(name: str, cfg: BenchConfig, device: str = "cpu") -> dict:
             "step_s": m["step"], "batch": batch,
             "event_steps_batched": m["fitness_batched"] / m["step"],
             "event_steps_sequential": m["fitness_sequential"] / m["step"],
-            "matmul_n": n, "matmul_flops": mm,
+            "matmul_n": n, "matmul_dtype": "bf16" if cuda else "fp32", "matmul_flops": mm,
             "step_fraction_of_matmul": fpt * tokens / m["step"] / mm}

@@ -258,12 +258,15 @@ def _grid_points(n_align: int, n_axis: int, seeds: int, steps: int | None = None
 
 
 def bench_grid(cfg: BenchConfig) -> dict:
-    """Seed-points per second of the default map solved point by point and stacked (interleaved)."""
-    from sandbox.analytic import run_arms, run_points
+    """Seed-points per second of the default map solved point by point and stacked (interleaved),
+    on ``cfg.device`` (``--device``; the analytic solver's tensors)."""
+    from sandbox.analytic import run_points
 
     pts = _grid_points(11, 1, 4, steps=20) if cfg.quick else _grid_points(11, 1, 10)
     rows = sum(len(s) for _, _, s in pts)
-    fns = {"per_point": lambda: [run_arms(sp, c, s) for sp, c, s in pts], "stacked": lambda: run_points(pts)}
+    dev = cfg.device
+    fns = {"per_point": lambda: [run_points([p], device=dev)[0] for p in pts],   # = run_arms per point
+           "stacked": lambda: run_points(pts, device=dev)}
     rounds = 1 if cfg.quick else 2
     times = {k: [] for k in fns}
     for _ in range(rounds):                      # alternate, so load hits both candidates alike
@@ -275,7 +278,7 @@ def bench_grid(cfg: BenchConfig) -> dict:
     return {"case": f"11 points x {len(pts[0][2])} seeds x 4 arms, {pts[0][1].steps} steps", "seed_points": rows,
             "per_point_s": best["per_point"], "stacked_s": best["stacked"],
             "per_point_sp_s": rows / best["per_point"], "stacked_sp_s": rows / best["stacked"],
-            "ratio": best["per_point"] / best["stacked"], "rounds": rounds, "target_ratio": 5.0}
+            "ratio": best["per_point"] / best["stacked"], "rounds": rounds, "target_ratio": 5.0, "device": dev}
 
 
 def bench_heatmap(cfg: BenchConfig) -> dict:
@@ -285,10 +288,11 @@ def bench_heatmap(cfg: BenchConfig) -> dict:
     n, seeds = (5, 4) if cfg.quick else (21, 16)
     pts = _grid_points(n, n, seeds)
     t0 = time.perf_counter()
-    run_points(pts)
+    run_points(pts, device=cfg.device)
     wall = time.perf_counter() - t0
     rows = sum(len(s) for _, _, s in pts)
-    return {"case": f"{n} x {n} alignment x plasticity, {seeds} seeds, 4 arms", "seed_points": rows, "wall_s": wall,
+    return {"case": f"{n} x {n} alignment x plasticity, {seeds} seeds, 4 arms", "device": cfg.device,
+            "seed_points": rows, "wall_s": wall,
             "seed_points_per_s": rows / wall, "target_s": 300.0, "full_size": not cfg.quick}
 
 

@@ -17,7 +17,7 @@ def bench(
     repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed rounds per comparison (default 7, quick 3)."),
     presets: Optional[str] = typer.Option(None, "--presets", help="Comma list of substrate presets to time "
                                           "(default tiny,small,widened-1536)."),
-    device: str = typer.Option("cpu", "--device", help="Device of the adaptation step: cpu or cuda (MFU vs bf16 peak)."),
+    device: str = typer.Option("cpu", "--device", help="Device of the adaptation step (MFU vs bf16 peak on cuda), the fitness section and the analytic grid/heatmap: cpu or cuda."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's choice)."),
     out: Optional[str] = typer.Option(None, "--out", help="Also write the JSON to this file (atomically)."),
 ) -> None:
