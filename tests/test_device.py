@@ -1,4 +1,4 @@
-"""`--device` for the analytic sweep (issue 16): the solver's tensors follow the device, random
+"""`--device` for the analytic sweep: the solver's tensors follow the device, random
 draws stay on the CPU generators, results on the CPU are unchanged, and `--device cuda` without a
 GPU is a one-line exit-2 error."""
 
