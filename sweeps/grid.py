@@ -70,7 +70,9 @@ class SweepConfig:
     axis: str | None = None
     """Second regime axis (a knob name from `AXES`), or None."""
     axis_range: tuple[float, float] | None = None
+    """Range (lo, hi) of the second axis."""
     axis_points: int = 5
+    """Grid points of the second axis."""
     seeds: tuple[int, ...] = tuple(range(10))
     eps: float = DEFAULT_EPS
     """Equivalence margin (nats of log loss) for TOST, fixed before the sweep."""

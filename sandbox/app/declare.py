@@ -148,7 +148,7 @@ def from_fields(cls: type, names: Iterable[str], *, instance: Any = None, flags:
         key = rename.get(name, name)
         is_auto = key in auto
         help_text = docs.get(name, "")
-        if not re.match(r"^\S+ \(", help_text):      # "lora (LoRA slots ...)" names a value: keep its case
+        if re.match(r"^[a-z]{2,} (?!\()", help_text):   # a sentence; "lora (...)", "d: ..." keep their case
             help_text = help_text[:1].upper() + help_text[1:]
         if is_auto:
             help_text = f"{help_text.rstrip('.')} (default: {auto[key]}).".lstrip(" ")

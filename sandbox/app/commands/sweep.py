@@ -10,71 +10,78 @@ from typing import Optional
 
 import typer
 
-from sandbox.stats import DEFAULT_EPS
 
 
-def sweep(
-    alignment: str = typer.Option("0..1", "--alignment", help="Alignment range LO..HI in [0, 1], or one value."),
-    points: Optional[int] = typer.Option(None, "--points", help="Alignment grid points (default 11; substrate 5 on a CPU)."),
-    axis: str = typer.Option(None, "--axis", help="Second regime axis NAME=LO..HI, e.g. plasticity=0..1."),
-    axis_points: int = typer.Option(5, "--axis-points", help="Grid points of the second axis."),
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="A count (10 -> 0..9) or a comma list (42,137,2026); default 10 (substrate: 5 on a CPU, 3 on CUDA)."),
-    eps: float = typer.Option(DEFAULT_EPS, "--eps", help="Equivalence margin for TOST (nats of log loss), fixed in advance."),
-    alpha: float = typer.Option(0.05, "--alpha", help="Test level (Holm over the sweep's points)."),
-    out: str = typer.Option(None, "--out", help="Run folder (default runs/sweep-<config hash>; the same command resumes)."),
-    storage: str = typer.Option(None, "--storage", help="Optuna storage URL (default: a journal file in --out)."),
-    study: str = typer.Option(None, "--study", help="Optuna study name (default: sweep; trials are keyed by a hash of each point's config)."),
-    search: str = typer.Option("grid", "--search", help="grid, or boundary (Optuna proposes points where delta changes sign)."),
-    trials: int = typer.Option(12, "--trials", help="Points proposed by --search boundary."),
-    figures: bool = typer.Option(True, "--figures/--no-figures", help="Draw the regime curve/heatmap."),
-    # task
-    domains: int = typer.Option(4, "--domains", help="M: domains."),
-    slots: int = typer.Option(8, "--slots", help="K: adapter slots (>= domains)."),
-    dim: int = typer.Option(32, "--dim", help="d: dimension of the adapted map."),
-    rank: int = typer.Option(4, "--rank", help="r: adapter rank."),
-    true_rank: int = typer.Option(2, "--true-rank", help="r*: rank of each domain's true update."),
-    context_dim: int = typer.Option(16, "--context-dim", help="F: routing feature width."),
-    context_noise: float = typer.Option(0.0, "--context-noise", help="Noise on routing features."),
-    overlap: float = typer.Option(0.0, "--overlap", help="Shared component between domains' updates, in [0, 1]."),
-    # solver
-    steps: Optional[int] = typer.Option(None, "--steps", help="Gradient steps per arm (default 150; substrate: per preset, tiny 100, small 200)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate of the router (default 0.05; substrate 3e-3)."),
-    plasticity: Optional[float] = typer.Option(None, "--plasticity", help="Adapter lr multiplier; 0 freezes the adapters (default 0.1; substrate 1)."),
-    router: str = typer.Option("softmax", "--router", help="softmax (B3 baseline) or sigmoid (the rewrite); sigma routing is the --acar arm."),
-    evo: str = typer.Option("es", "--evo", help="Routing search: es ((1+lambda)-ES, 1/5th rule), cma (CMA-ES) or fixed."),
-    population: int = typer.Option(16, "--population", help="Evolution population (member 0 = current router)."),
-    mutation_scale: float = typer.Option(0.1, "--mutation-scale", help="Step in logit units: initial sigma (es, cma) or the fixed step (fixed)."),
-    interval: Optional[int] = typer.Option(None, "--interval", help="Gradient steps between generations and restarts (default 10; substrate steps/10)."),
-    reset_on_accept: bool = typer.Option(False, "--reset-on-accept/--keep-state", help="Reset the router's Adam state when the search replaces it."),
-    oracle: str = typer.Option("ceiling", "--oracle", help="Oracle arm: ceiling (best gates for grad's final adapters) or replace."),
-    lifecycle: bool = typer.Option(False, "--lifecycle/--no-lifecycle", help="Adapter lifecycle in the evo arm."),
-    scope: str = typer.Option("per-domain", "--scope", help="Lifecycle fitness scope: per-domain or global."),
-    selection: str = typer.Option("tournament", "--selection", help="Lifecycle parent selection: tournament or roulette (EvoMerge, fitness-proportional)."),
-    crossover: str = typer.Option("none", "--crossover", help="Lifecycle crossover: none or slerp (EvoMerge: newborn = SLERP of two fit parents)."),
-    crossover_t: Optional[float] = typer.Option(None, "--crossover-t", help="SLERP weight of the second parent in [0, 1] (default: drawn U(0, 1) per newborn)."),
-    mutation: str = typer.Option("svd", "--mutation", help="Newborn mutation: svd, finetune (EvoMerge: gradient steps on its target domain) or svd+finetune."),
-    finetune_steps: int = typer.Option(1, "--finetune-steps", help="Gradient steps of --mutation finetune."),
-    finetune_lr: float = typer.Option(0.01, "--finetune-lr", help="Step length (factor space) of --mutation finetune."),
-    acar: bool = typer.Option(False, "--acar/--no-acar", help="Add the acar arm (ACAR sigma routing, issue 18): on the grad arm's final router and adapters, each input's top-3 slots by router logits, sigma from their predictions' agreement, 1/2/3 of them gated equally; paired against grad (delta_acar) with its mode counts and compute saved."),
-    acar_tol: float = typer.Option(0.5, "--acar-tol", help="analytic --acar: two slots' predictions agree when their RMS difference is at most this times the larger RMS prediction."),
-    budget: str = typer.Option("steps", "--budget", help="steps (equal gradient steps) or evals (equal loss evaluations)."),
-    draws: int = typer.Option(8, "--draws", help="Routing-noise draws per domain (training objective)."),
-    eval_draws: int = typer.Option(64, "--eval-draws", help="Fresh noise draws per domain for the final loss."),
-    fresh_noise: bool = typer.Option(False, "--fresh-noise/--fixed-noise", help="New noise draws every step."),
-    loss_floor: float = typer.Option(0.01, "--loss-floor", help="Irreducible loss added to every loss (log-loss floor)."),
-    lora_alpha: float = typer.Option(4.0, "--lora-alpha", help="LoRA alpha (scale = alpha / rank)."),
-    threads: int = typer.Option(1, "--threads", help="torch CPU threads (small tensors: 1 is fastest)."),
-    chunk_rows: int = typer.Option(512, "--chunk-rows", help="Rows (point x seed) solved per stacked batch; 0 runs point by point."),
-    system: str = typer.Option("analytic", "--system", help="analytic (the closed-form sandbox) or substrate (the transformer)."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="substrate: tiny or small on a CPU (default tiny), widened-1536 on CUDA."),
-    batch: int = typer.Option(8, "--batch", help="substrate: training windows per step."),
-    data: Optional[str] = typer.Option(None, "--data", help="substrate: real text folder (one subfolder per domain)."),
-    cache: str = typer.Option("runs/cache", "--cache", help="substrate: cache of corpus, pretrained base and specialists."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda: where the solver's tensors live (analytic and substrate)."),
-    search_windows: int = typer.Option(2, "--search-windows", help="substrate: fresh training windows per domain in one generation's search objective."),
-    confirm: bool = typer.Option(False, "--confirm/--no-confirm", help="substrate: keep an accepted child only if it also beats its parent on a second fresh batch."),
-    enqueue_only: bool = typer.Option(False, "--enqueue-only", help="Define step for `sandbox worker`: queue every (point, seed) trial in --study on a PostgreSQL --storage and exit."),
-) -> None:
+def _sweep_options() -> list:
+    """`sandbox sweep`'s options: the sweep's, the task's and the solver's fields (`SweepConfig`,
+    `TaskSpec`, `AnalyticConfig`), the transformer's where `--system substrate` uses them, and the
+    command's own. Options both systems share default to None: each system resolves its own."""
+    from sandbox.analytic import CHUNK_ROWS, AnalyticConfig
+    from sandbox.app.commands.sweep_substrate import CPU_DEFAULTS, GPU_DEFAULTS
+    from sandbox.app.declare import from_fields, own
+    from sandbox.options import Range
+    from sandbox.tasks import TaskSpec
+    from substrate.cell import CellConfig
+    from substrate.defaults import PRESET_STEPS
+    from substrate.routing import RoutingArms
+    from sweeps.grid import SweepConfig
+
+    sw, an, cell = SweepConfig(), AnalyticConfig(), CellConfig()
+    per_preset = ", ".join(f"{p} {n}" for p, n in PRESET_STEPS.items())
+    auto = {
+        "points": f"{sw.points}; substrate: {CPU_DEFAULTS['points']}",
+        "steps": f"{an.steps}; substrate: per preset, {per_preset}",
+        "lr": f"{an.lr:g}; substrate: the cell's {cell.lr:g}",
+        "plasticity": f"{an.plasticity:g}; substrate: {RoutingArms.plasticity:g}",
+        "interval": f"{an.interval}; substrate: steps/10",
+        "preset": f"substrate: {CPU_DEFAULTS['preset']} on a CPU, {GPU_DEFAULTS['preset']} on CUDA",
+        "device": "cuda when visible, else cpu",
+    }
+    task_fields = ("domains", "slots", "dim", "rank", "true_rank", "context_dim", "context_noise", "overlap")
+    solver_fields = ("steps", "lr", "plasticity", "router", "evo", "population", "mutation_scale", "interval",
+                     "reset_on_accept", "oracle", "lifecycle", "scope", "selection", "crossover", "crossover_t",
+                     "mutation", "finetune_steps", "finetune_lr", "acar", "acar_tol", "budget", "draws", "eval_draws",
+                     "fresh_noise", "loss_floor", "lora_alpha")
+    switches = {"reset_on_accept": ("--reset-on-accept/--keep-state",), "lifecycle": ("--lifecycle/--no-lifecycle",),
+                "acar": ("--acar/--no-acar",), "fresh_noise": ("--fresh-noise/--fixed-noise",),
+                "confirm": ("--confirm/--no-confirm",)}
+    return [
+        own("alignment", str(Range(*sw.alignment)), "--alignment", help="Alignment range LO..HI in [0, 1], or one value."),
+        *from_fields(SweepConfig, ("points",), auto=auto),
+        own("axis", None, "--axis", help="Second regime axis NAME=LO..HI, e.g. plasticity=0..1."),
+        *from_fields(SweepConfig, ("axis_points",)),
+        own("seeds", None, "--seeds", help=f"A count (10 -> 0..9) or a comma list (42,137,2026) (default: "
+            f"{len(sw.seeds)}; substrate: {len(CPU_DEFAULTS['seeds'])} on a CPU, {len(GPU_DEFAULTS['seeds'])} on CUDA)."),
+        *from_fields(SweepConfig, ("eps", "alpha")),
+        own("out", None, "--out", help="Run folder (default runs/sweep-<config hash>; the same command resumes)."),
+        own("storage", None, "--storage", help="Optuna storage URL (default: a journal file in --out)."),
+        own("study", None, "--study", help="Optuna study name (default: sweep; trials are keyed by a hash of each "
+            "point's config)."),
+        *from_fields(SweepConfig, ("search", "trials")),
+        own("figures", True, "--figures/--no-figures", help="Draw the regime curve/heatmap."),
+        *from_fields(TaskSpec, task_fields),
+        *from_fields(AnalyticConfig, solver_fields, auto=auto, decls=switches),
+        own("threads", 1, "--threads", help="torch CPU threads (small tensors: 1 is fastest)."),
+        own("chunk_rows", CHUNK_ROWS, "--chunk-rows", help="Rows (point x seed) solved per stacked batch; 0 runs "
+            "point by point."),
+        own("system", "analytic", "--system", help="analytic (the closed-form sandbox) or substrate (the transformer)."),
+        own("preset", None, "--preset", help=f"Model preset (default: {auto['preset']}).", annotation=Optional[str]),
+        *from_fields(CellConfig, ("batch", "data")),
+        own("cache", "runs/cache", "--cache", help="substrate: cache of corpus, pretrained base and specialists."),
+        own("device", None, "--device", annotation=Optional[str], help="auto, cpu or cuda: where the solver's tensors "
+            f"live, analytic and substrate (default: {auto['device']})."),
+        *from_fields(RoutingArms, ("search_windows", "confirm"), decls=switches),
+        own("enqueue_only", False, "--enqueue-only", help="Define step for `sandbox worker`: queue every (point, seed) "
+            "trial in --study on a PostgreSQL --storage and exit."),
+    ]
+
+
+def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, out, storage, study, search, trials, figures,
+          domains, slots, dim, rank, true_rank, context_dim, context_noise, overlap, steps, lr, plasticity, router, evo,
+          population, mutation_scale, interval, reset_on_accept, oracle, lifecycle, scope, selection, crossover,
+          crossover_t, mutation, finetune_steps, finetune_lr, acar, acar_tol, budget, draws, eval_draws, fresh_noise,
+          loss_floor, lora_alpha, threads, chunk_rows, system, preset, batch, data, cache, device, search_windows,
+          confirm, enqueue_only) -> None:
     """Map the regime boundary: delta = log loss_grad - log loss_evo per seed (positive = evo better).
 
     --acar adds sigma routing (ACAR) as a fifth arm on both systems, scored against grad on the same seeds: delta_acar = log loss_grad - log loss_acar, with its mode counts and compute saved."""
@@ -83,8 +90,10 @@ def sweep(
 
     rng = parse_range(alignment, "--alignment", 0.0, 1.0)
     points_given, seeds_given = points is not None, seeds is not None
-    points = 11 if points is None else points          # the analytic defaults (SweepConfig: 11 points, 10 seeds)
-    seeds = "10" if seeds is None else seeds
+    from sweeps.grid import SweepConfig
+
+    points = SweepConfig.points if points is None else points          # the analytic defaults, declared once
+    seeds = str(len(SweepConfig().seeds)) if seeds is None else seeds
     check_int(points, "--points", 1, 1001)
     check_int(axis_points, "--axis-points", 1, 1001)
     check_int(threads, "--threads", 1, 256)
@@ -108,7 +117,7 @@ def sweep(
     from sandbox.analytic import AnalyticConfig
     from sandbox.results import default_out
     from sandbox.tasks import TaskSpec
-    from sweeps.grid import SweepConfig, run_sweep
+    from sweeps.grid import run_sweep
 
     torch.set_num_threads(threads)
     if system not in ("analytic", "substrate"):
@@ -214,4 +223,6 @@ def _print_summary(console, summary, axes: list[str]) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("sweep")(sweep)
+    from sandbox.app.declare import declared
+
+    app.command("sweep")(declared(_sweep_options())(sweep))
