@@ -436,6 +436,10 @@ def train_step(cfg: CellConfig, st: RunState, corpus: Corpus, tcfg: TrainConfig)
     return float(loss.detach())
 
 
+#: Rows (windows x gate variants) per forward pass of the leave-one-out pass (`loo_losses`).
+LOO_ROWS = 64
+
+
 @torch.no_grad()
 def loo_losses(cfg: CellConfig, st: RunState, corpus: Corpus, step: int) -> tuple[Tensor, Tensor, Tensor]:
     """Leave-one-out losses on the selection batch of `step`.
@@ -455,7 +459,7 @@ def loo_losses(cfg: CellConfig, st: RunState, corpus: Corpus, step: int) -> tupl
         full = per_domain(st.model.token_nll(x, y, gates).mean(-1))             # (M,)
     lg = loo_gates(gates).transpose(0, 1)                # (N, K, T, K) -> (K, N, T, K): slot k zeroed in row k
     N, T = x.shape
-    chunk = max(1, 64 // N)                                                     # slots per forward pass
+    chunk = max(1, LOO_ROWS // N)                                               # slots per forward pass
     loo = []
     for k0 in range(0, K, chunk):
         g = lg[k0:k0 + chunk]
