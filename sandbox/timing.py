@@ -63,7 +63,8 @@ class BenchConfig:
     seed: int = 0
     """Seed of every random input."""
     device: str = "cpu"
-    """Device of the adaptation step: cpu (fraction of measured matmul) or cuda (MFU vs the bf16 peak)."""
+    """Device of the adaptation step, the fitness section and the analytic grid/heatmap: cpu
+    (fraction of measured matmul) or cuda (MFU vs the bf16 peak)."""
 
     def __post_init__(self) -> None:
         require(isinstance(self.repeats, int) and 1 <= self.repeats <= 1000, "repeats", self.repeats, "an integer in [1, 1000]")

@@ -74,7 +74,7 @@ def test_declared_commands_take_their_defaults_from_the_dataclasses():
     _, commands = _commands()
     cell = CellConfig().flat()
     declared = {name: c for name, c in commands.items() if hasattr(c.callback, "__declared__")}
-    assert {"full", "factorial", "fusion", "sweep"} <= set(declared)
+    assert {"full", "factorial", "fusion", "sweep", "bench"} <= set(declared)
     checked = 0
     for name, command in declared.items():
         defaults = _defaults(command)
