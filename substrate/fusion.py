@@ -292,12 +292,7 @@ def run_fusion(cfg: FusionConfig, sub: Substrate, cache_dir: str | Path | None =
             losses[r] = held_out(model, sub, cfg, lambda x, m: rt(routing_features(model, x, cell.features, cell.pooling),
                                                                    cfg.router_steps))
         walls[r] = time.perf_counter() - t
-    rows = summarize(losses)
-    total = time.perf_counter() - t0
-    for row in rows:
-        row["wall_s"] = walls.get(row["method"], 0.0) if row["method"] in routers else 0.0
-        row["trial_wall_s"] = total
-    return {"losses": {k: np.asarray(v).tolist() for k, v in losses.items()}, "rows": rows, "wall_s": walls}
+    return _trial_result(losses, walls, routers, time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,14 +468,19 @@ def run_fusion_full(cfg: FusionConfig, sub: Substrate, cache_dir: str | Path | N
     t = time.perf_counter()
     losses = held_out_full(model, copies, sub, cfg, trained)
     walls["eval"] = time.perf_counter() - t
-    rows = summarize(losses)
-    total = time.perf_counter() - t0
-    for row in rows:
-        row["wall_s"] = walls.get(row["method"], 0.0) if row["method"] in routers else 0.0
-        row["trial_wall_s"] = total
-    return {"losses": {k: np.asarray(v).tolist() for k, v in losses.items()}, "rows": rows, "wall_s": walls}
+    return _trial_result(losses, walls, routers, time.perf_counter() - t0)
 
 
 __all__ = ["FusionConfig", "METHODS", "SPECIALISTS", "FULL_PRESETS", "mixture_nll", "copy_logits", "copy_logprobs",
            "train_full_copies", "run_fusion_full", "divergence", "gain", "best_specialist", "summarize", "run_fusion",
            "fused_model", "specialists_for", "train_router"]
+
+
+def _trial_result(losses: dict, walls: dict, routers, total: float) -> dict:
+    """A trial's result: its held-out losses, the summary rows (each router's training wall time
+    and the trial's total on every row) and the wall times."""
+    rows = summarize(losses)
+    for row in rows:
+        row["wall_s"] = walls.get(row["method"], 0.0) if row["method"] in routers else 0.0
+        row["trial_wall_s"] = total
+    return {"losses": {k: np.asarray(v).tolist() for k, v in losses.items()}, "rows": rows, "wall_s": walls}
