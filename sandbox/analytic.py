@@ -62,7 +62,6 @@ from sandbox import acar as acr
 from sandbox import evolution as evo
 from sandbox import lifecycle as lc
 from sandbox import oracle as orc
-from sandbox.adapters import product_inner, slot_gram
 from sandbox.errors import check, require
 from sandbox.router import RouterConfig, init_router_params, params_to_vector, router_gates, router_logits, vector_to_params
 from sandbox.streams import Purpose, generator
@@ -219,19 +218,103 @@ def _per_row(x: float | Tensor, like: Tensor) -> float | Tensor:
     return x.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
 
+class _GramTerms(torch.autograd.Function):
+    """Unscaled ``G (B, K, K)`` and ``c (B, M, K)`` of flattened banks, with a hand-written backward.
+
+    Inputs (batch dims flattened to one, B rows): ``Af (B, K r, d)`` (slot k's A in rows
+    ``k r .. k r + r``), ``Btf (B, K r, d)`` (likewise B_k^T), ``Uf (B, d, M r*)`` (the U_m side by
+    side) and ``Vf (B, M r*, d)`` (the V_m stacked). With ``GA = Af Af^T`` and ``GB = Btf Btf^T``
+    (``K r x K r``), ``G_kl`` is the sum of the ``(k, l)`` block of ``GA * GB``; with
+    ``X = Btf Uf`` (blocks ``B_k^T U_m``) and ``Y = Af Vf^T`` (blocks ``A_k V_m^T``), ``c_mk`` is the
+    sum of the ``(k, m)`` block of ``X * Y``. Four batched matmuls forward and four backward on
+    contiguous operands; block sums and spreads are matmuls with `_block_sums` (the big operand on
+    the left, so matmul folds its batch without a copy). Autograd through the equivalent einsums
+    paid six ``K r x d x K r`` matmuls, permuted copies of the factors and slow strided reductions
+    per step, and handed Adam strided gradients (BENCHMARKS.md section 5c).
+
+    Backward, from ``dG`` and ``dc`` (``GA``, ``GB`` symmetric): ``dAf = ((dG + dG^T) (x) GB) Af +
+    (dc^T (x) X) Vf`` and ``dBtf = ((dG + dG^T) (x) GA) Btf + (dc^T (x) Y) Uf^T``, where ``(x)``
+    spreads a ``K x K`` (or ``K x M``) matrix over the blocks and multiplies element-wise. Checked
+    against autograd through the einsum form and against finite differences (`tests/test_analytic.py`).
+    """
+
+    @staticmethod
+    def forward(ctx, Af: Tensor, Btf: Tensor, Uf: Tensor, Vf: Tensor, K: int, M: int):
+        n, Kr, d = Af.shape
+        r, rs = Kr // K, Uf.shape[-1] // M
+        pk, pm = _block_sums(K, r, Af), _block_sums(M, rs, Af)          # (K, Kr), (M, M r*)
+        GA = Af @ Af.transpose(-1, -2)                                   # (B, Kr, Kr)
+        GB = Btf @ Btf.transpose(-1, -2)                                 # (B, Kr, Kr)
+        G = pk @ ((GA * GB) @ pk.T)                                      # (B, K, K); the big operand left
+        X = Btf @ Uf                                                     # (B, Kr, M r*)  blocks B_k^T U_m
+        Y = Af @ Vf.transpose(-1, -2)                                    # (B, Kr, M r*)  blocks A_k V_m^T
+        c = (pk @ ((X * Y) @ pm.T)).transpose(-1, -2)                    # (B, M, K)
+        ctx.save_for_backward(Af, Btf, Uf, Vf, GA, GB, X, Y)
+        ctx.blocks = (pk, pm)
+        return G, c
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dG: Tensor, dc: Tensor):
+        Af, Btf, Uf, Vf, GA, GB, X, Y = ctx.saved_tensors
+        pk, pm = ctx.blocks
+        dA = dBt = None
+        if dG is not None:
+            w = (pk.T @ (dG + dG.transpose(-1, -2))) @ pk                 # (B, Kr, Kr) spread over blocks
+            dA = (GB * w) @ Af
+            dBt = (GA * w) @ Btf
+        if dc is not None:
+            wc = (pk.T @ dc.transpose(-1, -2)) @ pm                       # (B, Kr, M r*)
+            dY = X * wc
+            dX = Y * wc
+            dA = dY @ Vf if dA is None else dA.baddbmm_(dY, Vf)          # in place: no copy of dA
+            dBt = dX @ Uf.transpose(-1, -2) if dBt is None else dBt.baddbmm_(dX, Uf.transpose(-1, -2))
+        return dA, dBt, None, None, None, None
+
+
+def _block_sums(K: int, r: int, like: Tensor) -> Tensor:
+    """``(K, K r)`` zeros and ones: row k sums the r columns of block k (a reduction over a strided
+    small dim as a matmul: several times faster than ``sum`` over such dims on the CPU)."""
+    return torch.eye(K, dtype=like.dtype, device=like.device).repeat_interleave(r, dim=1)
+
+
 def gram_terms(A: Tensor, B: Tensor, U: Tensor, V: Tensor, scale: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``G (*b, K, K)``, ``c (*b, M, K)``, ``e (*b, M)`` of the quadratic loss (module docstring).
 
-    A ``(*b, K, r, d)``, B ``(*b, K, d, r)``, U ``(*b, M, d, r*)``, V ``(*b, M, r*, d)``; `scale`
-    a float or a per-row tensor ``(S,)`` (stacked grid points).
+    A ``(*b, K, r, d)``, B ``(*b, K, d, r)``, U ``(*b, M, d, r*)``, V ``(*b, M, r*, d)`` (batch
+    dims broadcast); `scale` a float or a per-row tensor ``(S,)`` (stacked grid points). G and c
+    come from `_GramTerms` (differentiable in A and B; U and V are constants). A B stored
+    transposed, ``B = Bt.transpose(-1, -2)`` with ``Bt (*b, K, r, d)`` contiguous, is read without
+    a copy (the solver keeps it so).
     """
-    G = slot_gram(A, B)                                                # (*b, K, K)
+    M, d, rs = U.shape[-3:]
+    Uf = U.movedim(-3, -2).reshape(*U.shape[:-3], d, M * rs)
+    e = ((U.transpose(-1, -2) @ U) * (V @ V.transpose(-1, -2))).sum((-1, -2))    # (*b, M)
+    return _gram(A, B, Uf, V.reshape(*V.shape[:-3], M * rs, d), e, scale)
+
+
+def task_terms(A: Tensor, B: Tensor, task: Task, scale: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`gram_terms` of `task`'s teachers, read from `Task.flat_teachers` (flattened once per task)
+    when the task is already in A's dtype and device (the solver's copy, `_task_to`)."""
+    if task.U.dtype != A.dtype or task.U.device != A.device:
+        return gram_terms(A, B, task.U.to(A), task.V.to(A), scale)
+    return _gram(A, B, *task.flat_teachers, scale)
+
+
+def _gram(A: Tensor, B: Tensor, Uf: Tensor, Vf: Tensor, e: Tensor, scale: float | Tensor
+          ) -> tuple[Tensor, Tensor, Tensor]:
+    check(not (Uf.requires_grad or Vf.requires_grad), "teacher", "requires_grad", "constant U and V")
+    K, r, d = A.shape[-3:]
+    M = e.shape[-1]
+    batch = torch.broadcast_shapes(A.shape[:-3], B.shape[:-3], Uf.shape[:-2], Vf.shape[:-2])
+    Af = A.expand(*batch, K, r, d).reshape(-1, K * r, d)
+    Btf = B.transpose(-1, -2).expand(*batch, K, r, d).reshape(-1, K * r, d)
+    Uf = Uf.expand(*batch, *Uf.shape[-2:]).reshape(-1, *Uf.shape[-2:])
+    Vf = Vf.expand(*batch, *Vf.shape[-2:]).reshape(-1, *Vf.shape[-2:])
+    G, c = _GramTerms.apply(Af, Btf, Uf, Vf, K, M)
+    G, c = G.view(*batch, K, K), c.view(*batch, M, K)
     G = _per_row(scale, G) ** 2 * G
-    BtU = torch.einsum("...kdi,...mdj->...mkij", B, U)                 # (*b, M, K, r, r*)
-    VAt = torch.einsum("...mjd,...kid->...mkij", V, A)                 # (*b, M, K, r, r*)  (= (V A^T)^T)
-    c = (BtU * VAt).sum((-1, -2))                                      # (*b, M, K)
     c = _per_row(scale, c) * c
-    e = product_inner(V, U, V, U)                                      # (*b, M)
     return G, c, e
 
 
@@ -268,7 +351,7 @@ def domain_losses(rcfg: RouterConfig, params: dict[str, Tensor], A: Tensor, B: T
     """
     S, M, N, F = features.shape
     extra = params["bias"].ndim - 2                                    # 1 with a population dim
-    G, c, e = gram_terms(A, B, task.U.to(A.dtype), task.V.to(A.dtype), scale)
+    G, c, e = task_terms(A, B, task, scale)
     for _ in range(extra):
         G, c, e = G.unsqueeze(1), c.unsqueeze(1), e.unsqueeze(1)       # (S, 1, ...)
     feats = features.reshape(S, *([1] * extra), M * N, F)              # (S, [1,] M*N, F)
@@ -370,19 +453,23 @@ class _Adam:
 
     @torch.no_grad()
     def step(self, tensors: dict[str, Tensor], grads: dict[str, Tensor], alive: Tensor) -> None:
-        """One Adam step in place; rows not `alive` get a zero gradient and no update. Written with
-        in-place and fused ops (lerp_, addcmul_, addcdiv_): at hundreds of stacked rows the
-        adapter update is memory-bound, so every pass over the factors counts."""
+        """One Adam step in place; rows not `alive` get no update (their step is 0, their step count
+        stops; their moments, which nothing reads again, are not masked). Seven passes over each
+        tensor (lerp_, mul_, addcmul_, sqrt, add_, mul, addcdiv_) and no host sync: at hundreds of
+        stacked rows the adapter update is memory-bound, so every pass over the factors counts.
+        The bias corrections are folded into per-row factors,
+        ``lr / c1 * m / (sqrt(v / c2) + eps) = (lr sqrt(c2) / c1) * m / (sqrt(v) + eps sqrt(c2))``.
+        Gradients must be finite (the solver zeroes non-finite entries first)."""
         live = alive.to(DTYPE)                                               # (S,)
         for k, g in grads.items():
             shape = (-1,) + (1,) * (g.ndim - 1)
             self.t[k] += live
             t = self.t[k].clamp_min(1)                                       # (S,)
-            g = g * live.view(shape)
             self.m[k].lerp_(g, 1 - self.b1)                                  # b1 m + (1 - b1) g
             self.v[k].mul_(self.b2).addcmul_(g, g, value=1 - self.b2)        # b2 v + (1 - b2) g^2
-            step = (self.lrs[k] * live / (1 - self.b1 ** t)).view(shape)     # (S, 1, ...) lr / bias corr.
-            denom = (self.v[k] / (1 - self.b2 ** t).view(shape)).sqrt_().add_(self.eps)
+            root = (1 - self.b2 ** t).sqrt()                                 # (S,) sqrt(c2)
+            step = (self.lrs[k] * live * root / (1 - self.b1 ** t)).view(shape)
+            denom = self.v[k].sqrt().add_((self.eps * root).view(shape))
             tensors[k].addcdiv_(self.m[k] * step, denom, value=-1.0)
 
     def reset(self, keys: Sequence[str], seeds_mask: Tensor) -> None:
@@ -506,6 +593,9 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
     rcfg = router_config(spec, cfg)
     scale, floor = rows.scale.to(dev), rows.floor.to(dev)
     st = (state or initial_rows_state(rows)).to(dev).clone()
+    # B lives transposed in memory, (S, K, r, d) contiguous: `gram_terms` reads it without a copy and
+    # its gradient and Adam moments come out in the same layout (element-wise ops are layout-blind)
+    st.B = st.B.transpose(-1, -2).contiguous().transpose(-1, -2)
     S = len(task.seeds)
     steps = cfg.steps
     ceiling = arm == "oracle" and cfg.oracle == "ceiling"   # the grad trajectory, best gates at the end
@@ -629,7 +719,7 @@ def _acar_losses(params: dict[str, Tensor], A: Tensor, B: Tensor, task: Task, fe
     router's logits per context draw, sigma from the candidates' agreement, equal gates) and the
     inputs gated with 1 / 2 / 3 slots per seed ``(S, 3)`` (over every domain and draw of `feats`)."""
     S, M, N, F = feats.shape
-    G, c, e = gram_terms(A, B, task.U.to(A.dtype), task.V.to(A.dtype), scale)
+    G, c, e = task_terms(A, B, task, scale)
     logits = router_logits(params, feats.reshape(S, M * N, F))                       # (S, M*N, K)
     res = acr.analytic_gates(G, logits, tol)
     gates = res.gates.reshape(S, M, N, -1)                                           # (S, M, N, K)
@@ -640,7 +730,7 @@ def _acar_losses(params: dict[str, Tensor], A: Tensor, B: Tensor, task: Task, fe
 def _table_losses(table: Tensor, A: Tensor, B: Tensor, task: Task, scale: float | Tensor,
                   floor: float | Tensor) -> Tensor:
     """Per-domain loss ``(S, M)`` of constant gates per domain ``table (S, M, K)`` (feature-free)."""
-    G, c, e = gram_terms(A, B, task.U.to(A.dtype), task.V.to(A.dtype), scale)
+    G, c, e = task_terms(A, B, task, scale)
     out = quadratic_loss(table.unsqueeze(-2), G, c, e).squeeze(-1)              # (S, M)
     return out + _per_row(floor, out)
 
@@ -650,7 +740,7 @@ def _oracle_table(rcfg: RouterConfig, tensors: dict[str, Tensor], st: State, tas
                   warm: Tensor | None) -> Tensor:
     """The exact best gates per domain for the current adapters: ``(S, M, K)`` (`sandbox.oracle`)."""
     A, B = tensors.get("A", st.A), tensors.get("B", st.B)
-    G, c, _ = gram_terms(A, B, task.U.to(A.dtype), task.V.to(A.dtype), scale)     # (S, K, K), (S, M, K)
+    G, c, _ = task_terms(A, B, task, scale)     # (S, K, K), (S, M, K)
     Gm = G.unsqueeze(1).expand(-1, c.shape[1], -1, -1)                               # (S, M, K, K)
     return orc.best_gates(Gm, c, orc.feasible_set(rcfg.kind), init=warm)
 
@@ -694,7 +784,7 @@ def _lifecycle(task: Task, rcfg: RouterConfig, cfg: AnalyticConfig, tensors: dic
     params = {k: tensors[k] for k in st.params}
     A, B = tensors.get("A", st.A), tensors.get("B", st.B)
     S, M, N, F = feats.shape
-    G, c, e = gram_terms(A, B, task.U.to(A.dtype), task.V.to(A.dtype), scale)
+    G, c, e = task_terms(A, B, task, scale)
     gates = router_gates(rcfg, params, feats.reshape(S, M * N, F), step).reshape(S, M, N, -1)   # (S, M, N, K)
     full = quadratic_loss(gates, G, c, e).mean(-1)                                             # (S, M)
     full = full + _per_row(floor, full)
@@ -704,7 +794,7 @@ def _lifecycle(task: Task, rcfg: RouterConfig, cfg: AnalyticConfig, tensors: dic
     gens = [lifecycle_generator(s, step) for s in task.seeds]
 
     def finetune_loss(fac, rp, target, k, gen):  # closed-form loss of each row's target domain (-1: all)
-        Gf, cf, ef = gram_terms(fac[0], fac[1], task.U.to(A.dtype), task.V.to(A.dtype), scale)
+        Gf, cf, ef = task_terms(fac[0], fac[1], task, scale)
         gf = router_gates(rcfg, rp, feats.reshape(S, M * N, F), step).reshape(S, M, N, -1)
         per = quadratic_loss(gf, Gf, cf, ef).mean(-1)                                          # (S, M)
         return torch.where(target >= 0, per.gather(-1, target.clamp_min(0)[:, None])[:, 0], per.mean(-1))

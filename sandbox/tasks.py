@@ -27,6 +27,7 @@ same numbers). Only the cheap draws loop over seeds; everything else is batched 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -94,6 +95,14 @@ class Task:
     contexts: torch.Tensor
     assignment: torch.Tensor
     seeds: tuple[int, ...]
+
+    @functools.cached_property
+    def flat_teachers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The teachers as the Gram form reads them, computed once per task: the U_m side by side
+        ``(S, d, M r*)``, the V_m stacked ``(S, M r*, d)`` and ``||U_m V_m||_F^2 (S, M)``."""
+        S, M, d, rs = self.U.shape
+        energy = ((self.U.transpose(-1, -2) @ self.U) * (self.V @ self.V.transpose(-1, -2))).sum((-1, -2))
+        return self.U.movedim(-3, -2).reshape(S, d, M * rs), self.V.reshape(S, M * rs, d), energy
 
 
 def _balanced(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
