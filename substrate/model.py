@@ -214,9 +214,12 @@ class GPT(nn.Module):
         return logits, loss
 
     def token_nll(self, idx: Tensor, targets: Tensor, gates: Tensor | None = None) -> Tensor:
-        """Per-token NLL in nats ``(B, T)`` (fp32 log-softmax)."""
+        """Per-token NLL in nats ``(B, T)`` (fp32 log-softmax over contiguous rows of the logits: the
+        class dim transposed into the middle, as ``cross_entropy`` of ``(B, V, T)`` wants it, made
+        the softmax stride through memory, 3-4x slower on the CPU; BENCHMARKS.md section 6)."""
         logits = self(idx, gates)
-        return Fn.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")   # (B, T)
+        V = logits.shape[-1]
+        return Fn.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1), reduction="none").view(targets.shape)
 
     @staticmethod
     def is_adapter(name: str) -> bool:
