@@ -61,7 +61,9 @@ def _sweep_options() -> list:
         own("figures", True, "--figures/--no-figures", help="Draw the regime curve/heatmap."),
         *from_fields(TaskSpec, task_fields),
         *from_fields(AnalyticConfig, solver_fields, auto=auto, decls=switches),
-        own("threads", 1, "--threads", help="torch CPU threads (small tensors: 1 is fastest)."),
+        own("threads", 1, "--threads", help="torch CPU threads. 1 is fastest point by point and on a shared machine; a stacked map of "
+                                           "hundreds of rows gains from more cores on a machine of your own (2: 21 x 21 x 16 map "
+                                           "185 -> 127 s, BENCHMARKS.md)."),
         own("chunk_rows", CHUNK_ROWS, "--chunk-rows", help="Rows (point x seed) solved per stacked batch; 0 runs "
             "point by point."),
         own("system", "analytic", "--system", help="analytic (the closed-form sandbox) or substrate (the transformer)."),
