@@ -247,6 +247,9 @@ def test_quick_json_reports_every_figure(capsys, one_thread):
     assert "seed_points_per_s" in sw and "wall_s" in sw and "skipped" not in sw
     gr = res["grid"]
     assert gr["seed_points"] == 11 * 4 and gr["ratio"] == pytest.approx(gr["per_point_s"] / gr["stacked_s"])
+    f, b = gr["fixed_s_per_batch"], gr["marginal_s_per_row"]          # the two-timing model f + b n
+    assert f + 4 * b == pytest.approx(gr["per_point_s"] / 11) and f + 44 * b == pytest.approx(gr["stacked_s"])
+    assert gr["ratio_bound"] == pytest.approx((f + 4 * b) / (4 * b))
     assert any(r["target"].startswith("stacked grid") for r in res["targets"])
     assert _finite_numbers(res) == []
     for row in res["targets"]:

@@ -275,10 +275,17 @@ def bench_grid(cfg: BenchConfig) -> dict:
             fn()
             times[k].append(time.perf_counter() - t0)
     best = {k: min(v) for k, v in times.items()}
-    return {"case": f"11 points x {len(pts[0][2])} seeds x 4 arms, {pts[0][1].steps} steps", "seed_points": rows,
+    # What stacking can buy: a batch of n rows costs about f + b n, so point by point pays f + b s per
+    # point of s seeds and no batch can beat it by more than (f + b s) / (b s), from these two timings.
+    n_pts, s = len(pts), len(pts[0][2])
+    per_point = best["per_point"] / n_pts                                  # f + b s
+    marginal = max(best["stacked"] - per_point, 1e-12) / (rows - s)        # b
+    return {"case": f"{n_pts} points x {s} seeds x 4 arms, {pts[0][1].steps} steps", "seed_points": rows,
             "per_point_s": best["per_point"], "stacked_s": best["stacked"],
             "per_point_sp_s": rows / best["per_point"], "stacked_sp_s": rows / best["stacked"],
-            "ratio": best["per_point"] / best["stacked"], "rounds": rounds, "target_ratio": 5.0, "device": dev}
+            "ratio": best["per_point"] / best["stacked"], "rounds": rounds, "target_ratio": 5.0, "device": dev,
+            "marginal_s_per_row": marginal, "fixed_s_per_batch": per_point - marginal * s,
+            "ratio_bound": per_point / (marginal * s)}
 
 
 def bench_heatmap(cfg: BenchConfig) -> dict:
