@@ -229,8 +229,8 @@ def bench_fitness(name: str, cfg: BenchConfig, device: str = "cpu") -> dict:
     sequential, on preset `name`, timed interleaved with one adaptation step and the reference matmul.
 
     Fitness (`substrate.cell.loo_losses`): K + 1 gate variants (all slots, then each slot zeroed)
-    of ``M x fit_windows`` selection windows, folded into the batch (chunks of ``64 // N`` variants
-    per forward) against `sequential_loo_losses` (K + 1 forwards). Population
+    of ``M x fit_windows`` selection windows, folded into the batch (chunks of
+    ``LOO_ROWS[device] // N`` variants per forward) against `sequential_loo_losses` (K + 1 forwards). Population
     (`substrate.routing.population_losses`): P routers on ``M x search_windows`` windows in one
     forward against `sequential_population_losses` (P forwards). Both pairs must give the same
     losses (``*_max_abs_diff``; float32 forwards of different batch sizes round differently).

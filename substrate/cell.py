@@ -436,8 +436,18 @@ def train_step(cfg: CellConfig, st: RunState, corpus: Corpus, tcfg: TrainConfig)
     return float(loss.detach())
 
 
-#: Rows (windows x gate variants) per forward pass of the leave-one-out pass (`loo_losses`).
-LOO_ROWS = 64
+#: Rows (windows x variants) per forward pass when gate variants are folded into the batch (the
+#: leave-one-out pass, `loo_losses`; the search population, `substrate.routing.population_losses`),
+#: by device type. CPU: 32, measured fastest or tied among 16 / 32 / 64 on tiny and small
+#: (BENCHMARKS.md section 6; a CPU forward is compute-bound, and bigger folds fall out of cache).
+#: CUDA: 64, not yet measured (more variants per forward should pay where one forward leaves the
+#: device idle).
+FOLD_ROWS = {"cpu": 32, "cuda": 64}
+
+
+def fold_rows(device: str | torch.device) -> int:
+    """`FOLD_ROWS` for `device` (CUDA's for any other accelerator)."""
+    return FOLD_ROWS.get(torch.device(device).type, FOLD_ROWS["cuda"])
 
 
 @torch.no_grad()
@@ -459,7 +469,7 @@ def loo_losses(cfg: CellConfig, st: RunState, corpus: Corpus, step: int) -> tupl
         full = per_domain(st.model.token_nll(x, y, gates).mean(-1))             # (M,)
     lg = loo_gates(gates).transpose(0, 1)                # (N, K, T, K) -> (K, N, T, K): slot k zeroed in row k
     N, T = x.shape
-    chunk = max(1, LOO_ROWS // N)                                               # slots per forward pass
+    chunk = max(1, fold_rows(cfg.device) // N)                                  # variants per forward pass
     loo = []
     for k0 in range(0, K, chunk):
         g = lg[k0:k0 + chunk]
