@@ -229,10 +229,11 @@ def bench_fitness(name: str, cfg: BenchConfig, device: str = "cpu") -> dict:
     sequential, on preset `name`, timed interleaved with one adaptation step and the reference matmul.
 
     Fitness (`substrate.cell.loo_losses`): K + 1 gate variants (all slots, then each slot zeroed)
-    of ``M x fit_windows`` selection windows, folded into the batch (chunks of
-    ``LOO_ROWS[device] // N`` variants per forward) against `sequential_loo_losses` (K + 1 forwards). Population
-    (`substrate.routing.population_losses`): P routers on ``M x search_windows`` windows in one
-    forward against `sequential_population_losses` (P forwards). Both pairs must give the same
+    of ``M x fit_windows`` selection windows, folded into the batch (`substrate.cell.folded_nll`:
+    ``fold_rows(device) // N`` variants per forward) against `sequential_loo_losses` (K + 1
+    forwards). Population (`substrate.routing.population_losses`): P routers on
+    ``M x search_windows`` windows, folded the same way, against `sequential_population_losses`
+    (P forwards). Both pairs must give the same
     losses (``*_max_abs_diff``; float32 forwards of different batch sizes round differently).
     The adaptation step (`make_step`, cell R) gives the event's cost in steps and the step's
     share of the measured matmul rate, from the same interleaved run.

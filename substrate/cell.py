@@ -451,13 +451,29 @@ def fold_rows(device: str | torch.device) -> int:
 
 
 @torch.no_grad()
+def folded_nll(model: GPT, x: Tensor, y: Tensor, gates: Tensor, device: str | torch.device) -> Tensor:
+    """Mean token NLL ``(V, N)`` of windows ``x, y (N, T)`` under each of V gate variants
+    ``gates (V, N, T, K)``: the variants folded into the batch, ``fold_rows(device) // N`` of them
+    per forward pass."""
+    V, N, T, K = gates.shape
+    chunk = max(1, fold_rows(device) // N)                                      # variants per forward pass
+    out = []
+    for v0 in range(0, V, chunk):
+        g = gates[v0:v0 + chunk]
+        c = g.shape[0]
+        with autocast(device):
+            out.append(model.token_nll(x.repeat(c, 1), y.repeat(c, 1), g.reshape(c * N, T, K)).mean(-1).view(c, N))
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def loo_losses(cfg: CellConfig, st: RunState, corpus: Corpus, step: int) -> tuple[Tensor, Tensor, Tensor]:
     """Leave-one-out losses on the selection batch of `step`.
 
     Returns ``loo (K, M)`` (mean token NLL on domain m with slot k's gate zeroed), ``full (M,)``
     and the mean routing feature per domain ``(M, F)`` (for reallocation).
     """
-    M, K, w = corpus.domains, cfg.slots, cfg.fit_windows
+    M, w = corpus.domains, cfg.fit_windows
     dom = torch.arange(M).repeat_interleave(w)                                  # (M*w,)
     x, y, _ = sample_batch(corpus, "train", M * w, step_generator(cfg.seed, step, _FIT), domains=dom)
     x, y = x.to(cfg.device), y.to(cfg.device)
@@ -468,18 +484,9 @@ def loo_losses(cfg: CellConfig, st: RunState, corpus: Corpus, step: int) -> tupl
     with autocast(cfg.device):
         full = per_domain(st.model.token_nll(x, y, gates).mean(-1))             # (M,)
     lg = loo_gates(gates).transpose(0, 1)                # (N, K, T, K) -> (K, N, T, K): slot k zeroed in row k
-    N, T = x.shape
-    chunk = max(1, fold_rows(cfg.device) // N)                                  # variants per forward pass
-    loo = []
-    for k0 in range(0, K, chunk):
-        g = lg[k0:k0 + chunk]
-        c = g.shape[0]
-        xs, ys = x.repeat(c, 1), y.repeat(c, 1)                                 # (c*N, T)
-        with autocast(cfg.device):
-            nll = st.model.token_nll(xs, ys, g.reshape(c * N, T, K)).mean(-1)   # (c*N,)
-        loo.append(per_domain(nll.view(c, N)))                                  # (c, M)
+    loo = per_domain(folded_nll(st.model, x, y, lg, cfg.device))               # (K, M)
     hbar = (onehot.T.float() @ feats.mean(1).float()) / w                       # (M, F)
-    return torch.cat(loo).cpu(), full.cpu(), hbar.cpu()
+    return loo.cpu(), full.cpu(), hbar.cpu()
 
 
 def fitness_event(cfg: CellConfig, st: RunState, corpus: Corpus) -> None:

@@ -41,7 +41,7 @@ from sandbox.errors import check, require
 from sandbox.router import params_to_vector, router_gates, router_logits, vector_to_params
 from sandbox.streams import Purpose, generator
 from substrate import acar
-from substrate.cell import CellConfig, RunState, Substrate, build_state, evaluate_state, fold_rows
+from substrate.cell import CellConfig, RunState, Substrate, build_state, evaluate_state, folded_nll
 from substrate.corpus import sample_batch
 from substrate.model import autocast, routing_features
 from substrate.train import TrainConfig, clip_gradients, evaluate, lr_at
@@ -128,22 +128,14 @@ def population_losses(rc: RoutingArms, st: RunState, vectors: Tensor, x: Tensor,
                       n_domains: int) -> Tensor:
     """Balanced mean token NLL of every router in ``vectors (P, D)`` on windows ``x, y (N, T)``:
     ``(P,)``. Member p's gates come from its own parameters and the members are folded into the
-    batch, each row with its member's gates: ``fold_rows(device) // N`` members per forward pass
-    (all of them in one where the budget allows)."""
+    batch, each row with its member's gates (`substrate.cell.folded_nll`: ``fold_rows(device) // N``
+    members per forward pass)."""
     cell = rc.cell
     P, (N, T) = vectors.shape[0], x.shape
     feats = routing_features(st.model, x, cell.features, cell.pooling)               # (N, T, F)
     params = vector_to_params(vectors.to(feats.dtype), st.router.cfg)                # (P, ...) each
     gates = router_gates(st.router.cfg, params, feats.reshape(1, N * T, -1), st.step)  # (P, N*T, K)
-    gates = gates.reshape(P, N, T, -1)                                               # (P, N, T, K)
-    chunk = max(1, fold_rows(cell.device) // N)                                      # members per forward
-    nll = []
-    for p0 in range(0, P, chunk):
-        g = gates[p0:p0 + chunk]
-        c = g.shape[0]
-        with autocast(cell.device):
-            nll.append(st.model.token_nll(x.repeat(c, 1), y.repeat(c, 1), g.reshape(c * N, T, -1)).mean(-1))
-    per_window = torch.cat(nll).double().view(P, N)                                  # (P, N)
+    per_window = folded_nll(st.model, x, y, gates.reshape(P, N, T, -1), cell.device).double()   # (P, N)
     onehot = torch.nn.functional.one_hot(domains.to(x.device), n_domains).double()   # (N, M)
     per_domain = (per_window @ onehot) / onehot.sum(0).clamp_min(1)                  # (P, M)
     return per_domain.mean(-1).cpu()
