@@ -4,11 +4,13 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sandbox import analytic as an
 from sandbox.errors import BadInput
 from sandbox.router import router_gates
-from sandbox.tasks import TaskSpec, make_task
+from sandbox.tasks import Task, TaskSpec, make_task
 
 from helpers import gram_terms_einsum
 
@@ -106,6 +108,33 @@ def test_gram_terms_match_einsum_form_and_gradients(gen):
     a = A[:1].clone().requires_grad_(True)
     b = B[:1].clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x, y: an.gram_terms(x, y, U[:1], V[:1], 0.9)[:2], (a, b))
+
+
+@given(K=st.integers(1, 6), r=st.integers(1, 4), d=st.integers(1, 9), M=st.integers(1, 3), rs=st.integers(1, 3),
+       batch=st.sampled_from([(), (2,), (2, 3)]), transposed=st.booleans(), seed=st.integers(0, 2**16))
+def test_gram_terms_match_einsum_form_for_any_shape(K, r, d, M, rs, batch, transposed, seed):
+    """Every shape (a slot, rank 1, d = 1, one domain, r* > r, no batch dim or two): the batched
+    matmul form, its hand-written backward and the task route (`task_terms`) equal the einsum form."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(*batch, K, r, d, generator=g, dtype=torch.float64).requires_grad_(True)
+    bt = torch.randn(*batch, K, r, d, generator=g, dtype=torch.float64).requires_grad_(True)
+    B = bt.transpose(-1, -2) if transposed else bt.transpose(-1, -2).contiguous()
+    U = torch.randn(*batch, M, d, rs, generator=g, dtype=torch.float64)
+    V = torch.randn(*batch, M, rs, d, generator=g, dtype=torch.float64)
+    wG = torch.randn(*batch, K, K, generator=g, dtype=torch.float64)
+    wc = torch.randn(*batch, M, K, generator=g, dtype=torch.float64)
+    got, want = an.gram_terms(A, B, U, V, 0.8), gram_terms_einsum(A, B, U, V, 0.8)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+    dg = torch.autograd.grad((got[0] * wG).sum() + (got[1] * wc).sum(), (A, bt))
+    dw = torch.autograd.grad((want[0] * wG).sum() + (want[1] * wc).sum(), (A, bt))
+    for x, y in zip(dg, dw):
+        torch.testing.assert_close(x, y, rtol=1e-11, atol=1e-11)
+    if len(batch) == 1:                       # a task's teachers (S, M, ...), read once per task
+        task = Task(U=U, V=V, contexts=torch.zeros(2, M, 1), assignment=torch.zeros(2, M, dtype=torch.long),
+                       seeds=(0, 1))
+        for x, y in zip(an.task_terms(A, B, task, 0.8), want):
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
 
 
 def test_leave_one_out_matches_zeroed_gates(gen):
