@@ -65,7 +65,7 @@ from sandbox import oracle as orc
 from sandbox.errors import check, require
 from sandbox.router import RouterConfig, init_router_params, params_to_vector, router_gates, router_logits, vector_to_params
 from sandbox.streams import Purpose, generator
-from sandbox.tasks import Task, TaskSpec, initial_adapters, make_task, noisy_contexts
+from sandbox.tasks import Task, TaskSpec, flat_teachers, initial_adapters, make_task, noisy_contexts
 
 DTYPE = torch.float64
 BUDGETS = ("steps", "evals")
@@ -287,10 +287,7 @@ def gram_terms(A: Tensor, B: Tensor, U: Tensor, V: Tensor, scale: float | Tensor
     transposed, ``B = Bt.transpose(-1, -2)`` with ``Bt (*b, K, r, d)`` contiguous, is read without
     a copy (the solver keeps it so).
     """
-    M, d, rs = U.shape[-3:]
-    Uf = U.movedim(-3, -2).reshape(*U.shape[:-3], d, M * rs)
-    e = ((U.transpose(-1, -2) @ U) * (V @ V.transpose(-1, -2))).sum((-1, -2))    # (*b, M)
-    return _gram(A, B, Uf, V.reshape(*V.shape[:-3], M * rs, d), e, scale)
+    return _gram(A, B, *flat_teachers(U, V), scale)
 
 
 def task_terms(A: Tensor, B: Tensor, task: Task, scale: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -98,11 +98,16 @@ class Task:
 
     @functools.cached_property
     def flat_teachers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The teachers as the Gram form reads them, computed once per task: the U_m side by side
-        ``(S, d, M r*)``, the V_m stacked ``(S, M r*, d)`` and ``||U_m V_m||_F^2 (S, M)``."""
-        S, M, d, rs = self.U.shape
-        energy = ((self.U.transpose(-1, -2) @ self.U) * (self.V @ self.V.transpose(-1, -2))).sum((-1, -2))
-        return self.U.movedim(-3, -2).reshape(S, d, M * rs), self.V.reshape(S, M * rs, d), energy
+        """`flat_teachers` of this task's U, V, computed once per task."""
+        return flat_teachers(self.U, self.V)
+
+
+def flat_teachers(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teachers as the Gram form reads them: U ``(*b, M, d, r*)`` side by side ``(*b, d, M r*)``,
+    V ``(*b, M, r*, d)`` stacked ``(*b, M r*, d)`` and ``||U_m V_m||_F^2 (*b, M)`` (from r* x r* Grams)."""
+    M, d, rs = U.shape[-3:]
+    energy = ((U.transpose(-1, -2) @ U) * (V @ V.transpose(-1, -2))).sum((-1, -2))
+    return U.movedim(-3, -2).reshape(*U.shape[:-3], d, M * rs), V.reshape(*V.shape[:-3], M * rs, d), energy
 
 
 def _balanced(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
