@@ -69,7 +69,7 @@ from sandbox.tasks import Task, TaskSpec, flat_teachers, initial_adapters, make_
 
 DTYPE = torch.float64
 BUDGETS = ("steps", "evals")
-ARMS = ("grad", "evo", "restart", "oracle")
+ARMS = ("grad", "evo", "restart", "beta2", "oracle")
 #: Every arm: the map's four and ``acar`` (added by ``AnalyticConfig.acar``).
 ALL_ARMS = ARMS + ("acar",)
 ORACLES = ("ceiling", "replace")
@@ -84,7 +84,16 @@ class AnalyticConfig:
     steps: int = 150
     """T: gradient steps per arm (budget "steps")."""
     lr: float = 0.05
-    """Adam learning rate of the router parameters."""
+    """Adam learning rate of the router parameters (with tuning on, the centre the tuner's grid
+    replaces: the grad arm's tuned value is what every arm runs at)."""
+    beta2: float = 0.999
+    """Adam's second-moment decay (every tensor, every arm but ``beta2``)."""
+    control_beta2: float = 0.9
+    """Adam beta2 of the ``beta2`` control arm: grad with a short second-moment memory and no reset,
+    so the restart's effect (which zeroes that memory) is explained, not just measured."""
+    accept_tol: float = 1e-3
+    """A search generation counts as accepted (and, for es, replaces the router) only if it cuts
+    the router's excess objective (loss minus the loss floor) by at least this share."""
     plasticity: float = 0.1
     """Adapter learning rate = lr * plasticity; 0 freezes the adapters (only routing moves). The
     default 0.1 follows the common MoE-LoRA practice of a faster router than adapters."""
@@ -143,6 +152,10 @@ class AnalyticConfig:
     def __post_init__(self) -> None:
         require(isinstance(self.steps, int) and 0 <= self.steps <= 1_000_000, "steps", self.steps, "an integer in [0, 1000000]")
         require(_pos(self.lr) and self.lr <= 100, "lr", self.lr, "a number in (0, 100]")
+        require(_num(self.beta2) and 0 <= self.beta2 < 1, "beta2", self.beta2, "a number in [0, 1)")
+        require(_num(self.control_beta2) and 0 <= self.control_beta2 < 1, "control_beta2", self.control_beta2,
+                "a number in [0, 1)")
+        require(_num(self.accept_tol) and 0 <= self.accept_tol < 1, "accept_tol", self.accept_tol, "a number in [0, 1)")
         require(_num(self.plasticity) and 0 <= self.plasticity <= 100, "plasticity", self.plasticity, "a number in [0, 100]")
         require(self.router in ("softmax", "sigmoid"), "router", self.router, "softmax or sigmoid")
         require(isinstance(self.lifecycle, bool), "lifecycle", self.lifecycle, "true or false")
@@ -406,9 +419,15 @@ class ArmResult:
     step_size: Tensor | None = None  # (S,) the search's final step size (es / cma), logit units
     events: list = field(default_factory=list)
     modes: Tensor | None = None      # (S, 3) long: inputs gated with 1, 2, 3 slots (acar arm)
+    excess: Tensor | None = None          # (S,) final loss minus the loss floor (computed without it)
+    initial_excess: Tensor | None = None  # (S,) the same at the shared start
+    half_excess: Tensor | None = None     # (S,) the same at half the step budget (convergence probe)
+    oracle_excess: Tensor | None = None   # (S,) best constant gates for this arm's own final adapters
+    search_gain: Tensor | None = None     # (S,) summed objective gains of the search's generations
+    wall_s: float = float("nan")          # solver seconds of the rows this result covers
 
     def accepted_share(self) -> Tensor:
-        """(S,) share of generations in which the search changed the router (0 for non-search arms)."""
+        """(S,) share of generations whose gain reached ``accept_tol`` (0 for non-search arms)."""
         S = self.final_loss.shape[0]
         if self.accepted is None or self.generations == 0:
             return torch.zeros(S, dtype=DTYPE)
@@ -443,6 +462,7 @@ class _Adam:
 
     def __init__(self, tensors: dict[str, Tensor], lrs: dict[str, float | Tensor], S: int, betas=(0.9, 0.999),
                  eps=1e-8):
+        """``betas[1]`` may be a per-row tensor ``(S,)`` (stacked tuning candidates)."""
         self.lrs, self.b1, self.b2, self.eps = lrs, betas[0], betas[1], eps
         self.m = {k: torch.zeros_like(v) for k, v in tensors.items()}
         self.v = {k: torch.zeros_like(v) for k, v in tensors.items()}
@@ -463,7 +483,11 @@ class _Adam:
             self.t[k] += live
             t = self.t[k].clamp_min(1)                                       # (S,)
             self.m[k].lerp_(g, 1 - self.b1)                                  # b1 m + (1 - b1) g
-            self.v[k].mul_(self.b2).addcmul_(g, g, value=1 - self.b2)        # b2 v + (1 - b2) g^2
+            if isinstance(self.b2, Tensor):                                  # per-row decay (S,)
+                b2 = self.b2.view(shape)
+                self.v[k].mul_(b2).addcmul_(g, g * (1 - b2))                 # b2 v + (1 - b2) g^2
+            else:
+                self.v[k].mul_(self.b2).addcmul_(g, g, value=1 - self.b2)    # b2 v + (1 - b2) g^2
             root = (1 - self.b2 ** t).sqrt()                                 # (S,) sqrt(c2)
             step = (self.lrs[k] * live * root / (1 - self.b1 ** t)).view(shape)
             denom = self.v[k].sqrt().add_((self.eps * root).view(shape))
@@ -489,7 +513,7 @@ def group_key(spec: TaskSpec, cfg: AnalyticConfig) -> tuple[TaskSpec, AnalyticCo
     sets the number of draws) and whether the adapters train (it sets the optimised tensors)."""
     s = dataclasses.replace(spec, alignment=0.0, overlap=0.0, context_noise=float(spec.context_noise > 0))
     c = dataclasses.replace(cfg, lr=1.0, plasticity=float(cfg.plasticity > 0), mutation_scale=1.0, loss_floor=0.0,
-                            lora_alpha=1.0)
+                            lora_alpha=1.0, beta2=0.999, control_beta2=0.9)
     return s, c
 
 
@@ -506,6 +530,8 @@ class Rows:
     lr: Tensor                  # (S,) router learning rate
     adapter_lr: Tensor          # (S,) adapter learning rate lr * plasticity
     step0: Tensor               # (S,) initial search step (mutation_scale)
+    beta2: Tensor               # (S,) Adam beta2 of the arms
+    control_beta2: Tensor       # (S,) Adam beta2 of the beta2 control arm
 
     @property
     def spec(self) -> TaskSpec:
@@ -544,7 +570,8 @@ def stack_rows(points: Sequence[tuple[TaskSpec, AnalyticConfig, Sequence[int]]],
     return Rows(task=task, parts=[(spec, cfg) for spec, cfg, _ in points], sizes=[len(t.seeds) for t in tasks],
                 scale=per_row(lambda sp, c: c.scale(sp)), floor=per_row(lambda sp, c: c.loss_floor),
                 lr=per_row(lambda sp, c: c.lr), adapter_lr=per_row(lambda sp, c: c.lr * c.plasticity),
-                step0=per_row(lambda sp, c: c.mutation_scale))
+                step0=per_row(lambda sp, c: c.mutation_scale), beta2=per_row(lambda sp, c: c.beta2),
+                control_beta2=per_row(lambda sp, c: c.control_beta2))
 
 
 def initial_rows_state(rows: Rows) -> State:
@@ -557,17 +584,16 @@ def initial_rows_state(rows: Rows) -> State:
 def split_result(res: ArmResult, rows: Rows) -> list[ArmResult]:
     """One `ArmResult` per point of `rows` (row slices; events re-indexed to the point's rows)."""
     out = []
+    per_seed = [f.name for f in dataclasses.fields(ArmResult)
+                if f.name in ("final_loss", "domain_loss", "initial_loss", "diverged", "diverged_step", "curve",
+                              "accepted", "step_size", "modes", "excess", "initial_excess", "half_excess",
+                              "oracle_excess", "search_gain")]
     for i in range(len(rows.parts)):
         lo, hi = rows.bounds(i)
-        evs = [{**{k: v for k, v in e.items() if k != "row"}} for e in res.events if lo <= e["row"] < hi]
-        part = ArmResult(res.arm, res.final_loss[lo:hi], res.domain_loss[lo:hi], res.initial_loss[lo:hi],
-                         res.loss_evals, res.grad_steps, res.diverged[lo:hi], res.diverged_step[lo:hi],
-                         res.curve[lo:hi], generations=res.generations,
-                         accepted=None if res.accepted is None else res.accepted[lo:hi],
-                         step_size=None if res.step_size is None else res.step_size[lo:hi], events=evs,
-                         modes=None if res.modes is None else res.modes[lo:hi])
-        part.wall_s = getattr(res, "wall_s", float("nan")) * (hi - lo) / max(len(rows.task.seeds), 1)
-        out.append(part)
+        evs = [{k: v for k, v in e.items() if k != "row"} for e in res.events if lo <= e["row"] < hi]
+        sliced = {k: (None if getattr(res, k) is None else getattr(res, k)[lo:hi]) for k in per_seed}
+        out.append(dataclasses.replace(res, events=evs, wall_s=res.wall_s * (hi - lo) / max(len(rows.task.seeds), 1),
+                                       **sliced))
     return out
 
 
@@ -579,6 +605,15 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
     ceiling mode: it follows the grad trajectory exactly, so it is the best gates for this run's
     final adapters, without running the same steps twice. ``with_acar`` (grad arm only) likewise
     returns the ``acar`` arm as ``result.acar`` (ACAR's gates on grad's final router and adapters).
+
+    The loss floor is a constant: every gradient, search selection and lifecycle fitness is
+    computed on the *excess* loss (loss minus the floor), so the trajectories do not depend on it
+    bit for bit; the floor is added to the reported losses only. Besides the final losses, every
+    arm records its excess at the start (``initial_excess``), at half the budget (``half_excess``,
+    on the evaluation draws) and the excess of the best constant routing of its own final adapters
+    (``oracle_excess``, `sandbox.oracle`: the per-arm routing room). The search arm records, per
+    seed, its total gain on the objective (``search_gain``) and the generations whose gain was at
+    least ``accept_tol`` of the router's excess objective (``accepted``).
 
     ``device`` (default CPU) holds the solver's tensors. `rows` and `state` stay on the CPU, where
     every random draw is made (per-seed CPU generators: the same numbers on any device), then
@@ -597,6 +632,7 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
     steps = cfg.steps
     ceiling = arm == "oracle" and cfg.oracle == "ceiling"   # the grad trajectory, best gates at the end
     ceiling = ceiling or arm == "acar"                      # the grad trajectory, ACAR's gates at the end
+    plain = arm in ("grad", "beta2") or ceiling             # no events on the schedule
     if (arm == "grad" or ceiling) and cfg.budget == "evals":
         steps = evo_evaluations(spec, cfg)
     train_adapters = cfg.plasticity > 0
@@ -605,21 +641,24 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
     fixed_feats = _features(rows, 0, draws, dev)
 
     with torch.no_grad():
-        initial = domain_losses(rcfg, st.params, st.A, st.B, task, eval_feats, 0, scale, floor).mean(-1)
+        initial_ex = domain_losses(rcfg, st.params, st.A, st.B, task, eval_feats, 0, scale).mean(-1)   # (S,)
 
     tensors = dict(st.params)
     lrs = {k: rows.lr.to(dev) for k in st.params}
     if train_adapters:
         tensors.update(A=st.A, B=st.B)
         lrs.update(A=rows.adapter_lr.to(dev), B=rows.adapter_lr.to(dev))
-    opt = _Adam(tensors, lrs, S)
+    opt = _Adam(tensors, lrs, S, betas=(0.9, (rows.control_beta2 if arm == "beta2" else rows.beta2).to(dev)))
     ecfg = cfg.evolution
     gens = [generator(Purpose.EVO_SEARCH, s) for s in task.seeds]
     search = evo.init_search(ecfg, S, rcfg.n_params, gens, sigma0=rows.step0.to(dev)) if arm == "evo" else None
+    gain = torch.zeros(S, dtype=DTYPE, device=dev)                      # search: summed objective gains
+    accepted = torch.zeros(S, dtype=torch.long, device=dev)             # generations gaining >= accept_tol
     table = None            # oracle arm: (S, M, K) best gates per domain once the first event has run
     alive = torch.ones(S, dtype=torch.bool, device=dev)
     div_step = torch.full((S,), -1, dtype=torch.long, device=dev)
     curve = torch.full((S, steps), float("nan"), dtype=DTYPE, device=dev)
+    half_ex = initial_ex.clone()
     evals, n_events, events = 0, 0, []
     pop = lc.Population.founders((S,), spec.slots, device=dev)
 
@@ -630,19 +669,21 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
         A = leaves.get("A", tensors.get("A", st.A))
         B = leaves.get("B", tensors.get("B", st.B))
         if table is None:
-            loss = domain_losses(rcfg, params, A, B, task, feats, t, scale, floor).mean(-1)   # (S,)
+            loss = domain_losses(rcfg, params, A, B, task, feats, t, scale).mean(-1)   # (S,) excess
         else:
-            loss = _table_losses(table, A, B, task, scale, floor).mean(-1)                      # (S,)
+            loss = _table_losses(table, A, B, task, scale).mean(-1)                      # (S,) excess
         evals += 1
         bad = ~torch.isfinite(loss) & alive
         div_step[bad] = t
         alive &= ~bad
-        curve[:, t] = loss.detach()
+        curve[:, t] = loss.detach() + floor
         grads = torch.autograd.grad(loss.sum(), list(leaves.values()), allow_unused=True)
         grads = {k: torch.zeros_like(leaves[k]) if g is None else g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
                  for k, g in zip(leaves, grads)}
         opt.step(tensors, grads, alive)
-        if arm == "grad" or ceiling or (t + 1) % ecfg.interval != 0 or t + 1 > cfg.steps:
+        if t + 1 == steps // 2:             # the excess at half the budget, on the evaluation draws
+            half_ex = _eval_excess(rcfg, cfg, arm, tensors, st, task, eval_feats, t + 1, scale, table)
+        if plain or (t + 1) % ecfg.interval != 0 or t + 1 > cfg.steps:
             continue
         n_events += 1
         if arm == "restart":
@@ -650,12 +691,15 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
         elif arm == "oracle":
             table = _oracle_table(rcfg, tensors, st, task, scale, table)
         else:
-            took = _generation(task, rcfg, tensors, st, feats, t + 1, scale, ecfg, search, gens, alive, floor)
+            took, g = _generation(task, rcfg, tensors, st, feats, t + 1, scale, ecfg, search, gens, alive,
+                                  cfg.accept_tol)
+            gain += g
+            accepted += took.long()
             if cfg.reset_on_accept:
                 opt.reset(list(st.params), took)
             evals += ecfg.population
             if cfg.lifecycle and t + 1 < steps:  # an event at the very end would leave no time to recover
-                pop, evs = _lifecycle(task, rcfg, cfg, tensors, st, pop, feats, t + 1, scale, floor, opt)
+                pop, evs = _lifecycle(task, rcfg, cfg, tensors, st, pop, feats, t + 1, scale, opt)
                 events += evs
                 evals += spec.slots + 1
 
@@ -664,31 +708,43 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
         A, B = tensors.get("A", st.A), tensors.get("B", st.B)
         if arm == "oracle":   # the ceiling for the final adapters, whatever the schedule
             table = _oracle_table(rcfg, tensors, st, task, scale, table)
-            dom = _table_losses(table, A, B, task, scale, floor)                             # (S, M)
+            dom = _table_losses(table, A, B, task, scale)                                    # (S, M) excess
         elif arm == "acar":
-            dom, modes = _acar_losses(params, A, B, task, eval_feats, scale, floor, cfg.acar_tol)
+            dom, modes = _acar_losses(params, A, B, task, eval_feats, scale, cfg.acar_tol)
         else:
-            dom = domain_losses(rcfg, params, A, B, task, eval_feats, steps, scale, floor)     # (S, M)
-    ceiling_dom = None
-    if with_ceiling and arm == "grad":
-        with torch.no_grad():
-            ceiling_dom = _table_losses(_oracle_table(rcfg, tensors, st, task, scale, None), A, B, task, scale, floor)
-    final, div, dstep, live = _finish(dom, alive, div_step, steps)
+            dom = domain_losses(rcfg, params, A, B, task, eval_feats, steps, scale)            # (S, M) excess
+        best = _table_losses(_oracle_table(rcfg, tensors, st, task, scale, None), A, B, task, scale)  # (S, M)
     cpu = lambda x: None if x is None else x.detach().cpu()                # noqa: E731  (a no-op on the CPU)
-    res = ArmResult(arm, cpu(final), cpu(dom), cpu(initial), evals, steps, cpu(div), cpu(dstep), cpu(curve),
-                    generations=n_events, accepted=cpu(search.accepted.clone()) if search else None,
-                    step_size=cpu(search.sigma.clone()) if search else None, events=events,
-                    modes=cpu(modes) if arm == "acar" else None)
-    if ceiling_dom is not None:
-        cfinal, cdiv, cstep, _ = _finish(ceiling_dom, alive, div_step, steps)
-        res.ceiling = ArmResult("oracle", cpu(cfinal), cpu(ceiling_dom), cpu(initial), evals, steps, cpu(cdiv),
-                                cpu(cstep), cpu(curve.clone()))
+
+    def result(name: str, dom_ex: Tensor, **kw) -> ArmResult:
+        final, div, dstep, _ = _finish(dom_ex, alive, div_step, steps)
+        ex = cpu(final)
+        return ArmResult(name, ex + cpu(floor), cpu(dom_ex + _per_row(floor, dom_ex)), cpu(initial_ex + floor), evals,
+                         steps, cpu(div), cpu(dstep), cpu(curve) if name == arm else cpu(curve.clone()),
+                         excess=ex, initial_excess=cpu(initial_ex), half_excess=cpu(half_ex),
+                         oracle_excess=cpu(best.mean(-1)), **kw)
+
+    res = result(arm, dom, generations=n_events, accepted=cpu(accepted) if search else None,
+                 step_size=cpu(search.sigma.clone()) if search else None, events=events,
+                 modes=cpu(modes) if arm == "acar" else None, search_gain=cpu(gain) if search else None)
+    if with_ceiling and arm == "grad":
+        res.ceiling = result("oracle", best)
     if with_acar and arm == "grad":
-        adom, amodes = _acar_losses(params, A, B, task, eval_feats, scale, floor, cfg.acar_tol)
-        afinal, adiv, astep, _ = _finish(adom, alive, div_step, steps)
-        res.acar = ArmResult("acar", cpu(afinal), cpu(adom), cpu(initial), evals, steps, cpu(adiv), cpu(astep),
-                             cpu(curve.clone()), modes=cpu(amodes))
+        with torch.no_grad():
+            adom, amodes = _acar_losses(params, A, B, task, eval_feats, scale, cfg.acar_tol)
+        res.acar = result("acar", adom, modes=cpu(amodes))
     return res
+
+
+@torch.no_grad()
+def _eval_excess(rcfg: RouterConfig, cfg: AnalyticConfig, arm: str, tensors: dict[str, Tensor], st: State,
+                 task: Task, feats: Tensor, step: int, scale: Tensor, table: Tensor | None) -> Tensor:
+    """The balanced excess ``(S,)`` of the current state on the evaluation draws (an oracle arm
+    uses its best gates, ACAR is read off its router's own gates: a convergence probe)."""
+    A, B = tensors.get("A", st.A), tensors.get("B", st.B)
+    if arm == "oracle":
+        return _table_losses(_oracle_table(rcfg, tensors, st, task, scale, table), A, B, task, scale).mean(-1)
+    return domain_losses(rcfg, {k: tensors[k] for k in st.params}, A, B, task, feats, step, scale).mean(-1)
 
 
 def _task_to(task: Task, device: torch.device) -> Task:
@@ -711,8 +767,8 @@ def _finish(dom: Tensor, alive: Tensor, div_step: Tensor, steps: int):
 
 @torch.no_grad()
 def _acar_losses(params: dict[str, Tensor], A: Tensor, B: Tensor, task: Task, feats: Tensor,
-                 scale: float | Tensor, floor: float | Tensor, tol: float) -> tuple[Tensor, Tensor]:
-    """Per-domain loss ``(S, M)`` under ACAR's gates (`sandbox.acar.analytic_gates`: top-3 of the
+                 scale: float | Tensor, tol: float) -> tuple[Tensor, Tensor]:
+    """Per-domain excess loss ``(S, M)`` under ACAR's gates (`sandbox.acar.analytic_gates`: top-3 of the
     router's logits per context draw, sigma from the candidates' agreement, equal gates) and the
     inputs gated with 1 / 2 / 3 slots per seed ``(S, 3)`` (over every domain and draw of `feats`)."""
     S, M, N, F = feats.shape
@@ -720,16 +776,13 @@ def _acar_losses(params: dict[str, Tensor], A: Tensor, B: Tensor, task: Task, fe
     logits = router_logits(params, feats.reshape(S, M * N, F))                       # (S, M*N, K)
     res = acr.analytic_gates(G, logits, tol)
     gates = res.gates.reshape(S, M, N, -1)                                           # (S, M, N, K)
-    out = quadratic_loss(gates, G, c, e).mean(-1)                                    # (S, M)
-    return out + _per_row(floor, out), res.counts()
+    return quadratic_loss(gates, G, c, e).mean(-1), res.counts()                   # (S, M), (S, 3)
 
 
-def _table_losses(table: Tensor, A: Tensor, B: Tensor, task: Task, scale: float | Tensor,
-                  floor: float | Tensor) -> Tensor:
-    """Per-domain loss ``(S, M)`` of constant gates per domain ``table (S, M, K)`` (feature-free)."""
+def _table_losses(table: Tensor, A: Tensor, B: Tensor, task: Task, scale: float | Tensor) -> Tensor:
+    """Per-domain excess loss ``(S, M)`` of constant gates per domain ``table (S, M, K)`` (feature-free)."""
     G, c, e = task_terms(A, B, task, scale)
-    out = quadratic_loss(table.unsqueeze(-2), G, c, e).squeeze(-1)              # (S, M)
-    return out + _per_row(floor, out)
+    return quadratic_loss(table.unsqueeze(-2), G, c, e).squeeze(-1)             # (S, M)
 
 
 @torch.no_grad()
@@ -745,19 +798,31 @@ def _oracle_table(rcfg: RouterConfig, tensors: dict[str, Tensor], st: State, tas
 @torch.no_grad()
 def _generation(task: Task, rcfg: RouterConfig, tensors: dict[str, Tensor], st: State, feats: Tensor, step: int,
                 scale: float | Tensor, ecfg: evo.EvolutionConfig, search: evo.SearchState, gens: list, alive: Tensor,
-                floor: float | Tensor) -> Tensor:
-    """One generation of routing search in place on `tensors`; returns which seeds took a child (S,)."""
+                accept_tol: float) -> tuple[Tensor, Tensor]:
+    """One generation of routing search in place on `tensors`, on the excess objective (floor-free).
+
+    Returns ``(accepted (S,) bool, gain (S,))``: ``gain`` = parent objective - new router's
+    objective (es: >= 0, elitist; cma: its new mean, evaluated once more, may lose), ``accepted``
+    where the gain is at least ``accept_tol`` of the parent's objective. For es a child replaces the
+    parent only then, so a generation that is not accepted leaves the router unchanged."""
     params = {k: tensors[k] for k in st.params}
     x = params_to_vector(params)                                                     # (S, D)
     units = evo.mutation_scales(params) if ecfg.method == "fixed" else evo.logit_units(params)
     pop = evo.propose(x, params_to_vector(units), search, ecfg, gens)                # (S, P, D)
     A, B = tensors.get("A", st.A), tensors.get("B", st.B)
-    obj = domain_losses(rcfg, vector_to_params(pop, rcfg), A, B, task, feats, step, scale, floor).mean(-1)  # (S, P)
-    new, took = evo.advance(search, pop, obj, ecfg, active=alive)
+    obj = domain_losses(rcfg, vector_to_params(pop, rcfg), A, B, task, feats, step, scale).mean(-1)  # (S, P)
+    parent = obj[:, 0]
+    new, took = evo.advance(search, pop, obj, ecfg, active=alive, min_gain=accept_tol * parent)
+    if ecfg.method == "cma":   # the new mean was not among the evaluated members
+        now = domain_losses(rcfg, vector_to_params(new[:, None], rcfg), A, B, task, feats, step, scale).mean(-1)[:, 0]
+    else:
+        now = evo._finite_or_inf(obj).gather(1, evo.select(pop, obj)[1][:, None])[:, 0]
+        now = torch.where(took, now, parent)
+    g = torch.where(alive & torch.isfinite(now), parent - now, torch.zeros_like(parent))
     new = vector_to_params(new, rcfg)
     for k in st.params:
         tensors[k].copy_(new[k])
-    return took
+    return alive & (g >= accept_tol * parent) & (g > 0), g
 
 
 def lifecycle_generator(seed: int, step: int) -> torch.Generator:
@@ -768,12 +833,12 @@ def lifecycle_generator(seed: int, step: int) -> torch.Generator:
 
 @torch.no_grad()
 def _lifecycle(task: Task, rcfg: RouterConfig, cfg: AnalyticConfig, tensors: dict[str, Tensor], st: State,
-               pop: lc.Population, feats: Tensor, step: int, scale: float | Tensor, floor: float | Tensor,
+               pop: lc.Population, feats: Tensor, step: int, scale: float | Tensor,
                opt: _Adam) -> tuple[lc.Population, list]:
     """One lifecycle event on the bank (in place on `tensors`), with leave-one-out fitness in Gram form.
 
     ``loo[s, k, m]`` = domain m's loss with slot k's gate zeroed (`leave_one_out`), so the fitness is
-    ``agg_m (loo - full)``. Each seed draws from its own generator (`lifecycle_generator`), so a
+    ``agg_m (loo - full)`` (the loss floor cancels: both are excess losses). Each seed draws from its own generator (`lifecycle_generator`), so a
     seed's lifecycle does not depend on which seeds share its batch (resumed sweeps reproduce).
     Adam moments of replaced slots (bank and router columns) are zeroed.
     """
@@ -783,10 +848,8 @@ def _lifecycle(task: Task, rcfg: RouterConfig, cfg: AnalyticConfig, tensors: dic
     S, M, N, F = feats.shape
     G, c, e = task_terms(A, B, task, scale)
     gates = router_gates(rcfg, params, feats.reshape(S, M * N, F), step).reshape(S, M, N, -1)   # (S, M, N, K)
-    full = quadratic_loss(gates, G, c, e).mean(-1)                                             # (S, M)
-    full = full + _per_row(floor, full)
+    full = quadratic_loss(gates, G, c, e).mean(-1)                                             # (S, M) excess
     loo = leave_one_out(gates, G, c, e).mean(-2)                                               # (S, M, K)
-    loo = loo + _per_row(floor, loo)
     fit = lc.fitness(loo.transpose(-1, -2), full, lcfg.scope, lcfg.per_domain_agg)            # (S, K)
     gens = [lifecycle_generator(s, step) for s in task.seeds]
 
@@ -881,24 +944,38 @@ def run_points(points: Sequence[tuple[TaskSpec, AnalyticConfig, Sequence[int]]],
     return out
 
 
-def result_rows(results: dict[str, ArmResult], seeds: Sequence[int], extra: dict | None = None) -> list[dict]:
-    """Tidy rows (one per seed x arm) with the results.csv columns of ARCHITECTURE.md."""
+def result_rows(results: dict[str, ArmResult], seeds: Sequence[int], extra: dict | None = None,
+                settings: dict[str, dict] | None = None) -> list[dict]:
+    """Tidy rows (one per seed x arm) with the results.csv columns of ARCHITECTURE.md.
+
+    ``rel_excess`` = final excess / initial excess (the share of the start's reducible loss an arm
+    leaves; the paired contrasts of summary.csv are differences of it, so no constant moves them),
+    ``rel_half`` the same at half the budget, ``rel_oracle`` for the best routing of the arm's own
+    final adapters, ``rel_gain`` the search's summed gain in the same units. ``settings`` (per arm)
+    adds the optimiser setting an arm ran at (``lr``, ``adapter_lr``, ``beta2``)."""
     rows = []
     for arm, r in results.items():
-        share = r.accepted_share()
+        gens = max(r.generations, 1)
         life = r.lifecycle_events(seeds)
         for i, seed in enumerate(seeds):
             loss = float(r.final_loss[i])
+            ex0 = float(r.initial_excess[i]) if r.initial_excess is not None else float("nan")
+            rel = lambda x: float(x[i]) / ex0 if x is not None and ex0 > 0 else float("nan")   # noqa: E731
             rows.append({
                 **(extra or {}), "seed": int(seed), "arm": arm,
                 "final_loss": loss,
                 "log_loss": math.log(max(loss, LOSS_FLOOR)) if math.isfinite(loss) else float("nan"),
+                "rel_excess": rel(r.excess), "rel_half": rel(r.half_excess), "rel_oracle": rel(r.oracle_excess),
+                "initial_excess": ex0,
                 "loss_evals": r.loss_evals, "grad_steps": r.grad_steps,
                 "diverged": bool(r.diverged[i]), "diverged_step": int(r.diverged_step[i]),
-                "generations": r.generations, "accepted": float(share[i]),
+                "generations": r.generations,
+                "accepted": float(r.accepted[i]) / gens if r.accepted is not None else 0.0,
+                "rel_gain": rel(r.search_gain) if r.search_gain is not None else float("nan"),
                 "step_size": float(r.step_size[i]) if r.step_size is not None else float("nan"),
                 "lifecycle_events": life[i],
-                "wall_s": getattr(r, "wall_s", float("nan")) / len(seeds),
+                "wall_s": r.wall_s / len(seeds),
+                **((settings or {}).get(arm, {})),
                 **(acr.usage(dict(zip(acr.MODES, r.modes[i].tolist()))) if r.modes is not None else {}),
             })
     return rows

@@ -167,16 +167,21 @@ def select(population: Tensor, objective: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def advance(state: SearchState, population: Tensor, objective: Tensor, cfg: EvolutionConfig,
-            active: Tensor | None = None) -> tuple[Tensor, Tensor]:
+            active: Tensor | None = None, min_gain: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
     """Select and update the search state in place: returns ``(new x (S, D), took (S,) bool)``.
 
     ``took`` marks the seeds whose parent was replaced by a strictly better child; ``active (S,)``
     (default all) masks seeds that no longer search (diverged): they keep their parent and state.
+    ``min_gain`` (a number or ``(S,)``; es and fixed) is the least objective gain over the parent
+    for a child to replace it: a change too small to matter is not made (and not counted).
     """
     S = population.shape[0]
     active = torch.ones(S, dtype=torch.bool, device=population.device) if active is None else active
     best, idx = select(population, objective)
     took = (idx != 0) & active
+    if min_gain is not None and cfg.method != "cma":
+        obj = _finite_or_inf(objective)
+        took &= (obj[:, 0] - obj.gather(1, idx[:, None])[:, 0]) >= min_gain
     new = torch.where(took[:, None], best, population[:, 0])
     obj = _finite_or_inf(objective)
     state.generations += 1

@@ -50,8 +50,11 @@ MAX_SEEDS = 10_000
 #: The decomposition columns of summary.csv (after ``by`` and ``SUMMARY_STATS``): each control
 #: contrast with its CI, Holm-adjusted p and its own label, and what the search did.
 DECOMPOSITION = ("delta_restart", "restart_ci_low", "restart_ci_high", "restart_p_holm", "restart_regime",
+                 "delta_beta2", "beta2_ci_low", "beta2_ci_high", "beta2_p_holm", "beta2_regime",
                  "room", "room_ci_low", "room_ci_high", "room_p_holm", "room_regime",
-                 "accepted", "accepted_seeds", "lifecycle_events")
+                 "room_joint", "room_joint_ci_high", "room_grad", "room_evo", "room_restart", "room_beta2",
+                 "grad_drop", "converged", "grad_lr", "grad_adapter_lr", "grad_beta2",
+                 "accepted", "accepted_seeds", "accepted_gain", "lifecycle_events", "value")
 #: The acar arm's columns of summary.csv (only when the results hold an ``acar`` arm):
 #: acar vs grad (its CI, Holm p over the points, `classify` regime and seeds needed) and its mode
 #: usage pooled over seeds (shares of inputs gated with 1 / 2 / 3 slots, mean slots, compute saved
@@ -364,8 +367,9 @@ def classify(pr: Paired, p_holm: float, alpha: float | None = None, power: float
              n_max: int = MAX_SEEDS, n_tests: int = 1) -> tuple[str, str, int | None]:
     """Regime of one point from its paired result and Holm-adjusted p: ``(regime, reason, seeds_needed)``.
 
-    - ``beats``: ``p_holm < alpha`` and ``ci_low > 0``; ``degrades``: ``p_holm < alpha`` and
-      ``ci_high < 0``; ``beats<eps`` / ``degrades<eps`` when, besides, the CI lies inside
+    - ``beats``: ``p_holm < alpha``, ``ci_low > 0`` and ``mean >= eps``; ``degrades``: ``p_holm <
+      alpha``, ``ci_high < 0`` and ``mean <= -eps`` (better / worse by at least the margin);
+      ``beats<eps`` / ``degrades<eps`` when the difference is significant but its mean is inside
       ``(-eps, eps)`` (real but smaller than the margin; a constant nonzero delta inside the
       margin too);
     - ``ties``: ``p_tost < alpha`` and the ``1 - alpha`` CI inside ``(-eps, eps)``;
@@ -395,10 +399,10 @@ def classify(pr: Paired, p_holm: float, alpha: float | None = None, power: float
     if math.isfinite(p_holm) and p_holm < alpha and (pr.ci_low > 0 or pr.ci_high < 0):
         regime = "beats" if pr.ci_low > 0 else "degrades"
         side = "above" if regime == "beats" else "below"
-        if -eps < pr.ci_low and pr.ci_high < eps:
-            return (regime + "<eps", f"p_holm {p_holm:.3g} < {alpha:g}, {ci} {side} 0 but inside +-{eps:g}{div}",
-                    None)
-        return regime, f"p_holm {p_holm:.3g} < {alpha:g}, {ci} {side} 0{div}", None
+        if abs(pr.mean) < eps:
+            return (regime + "<eps", f"p_holm {p_holm:.3g} < {alpha:g}, {ci} {side} 0 but |mean| "
+                    f"{abs(pr.mean):.4g} < eps {eps:g}{div}", None)
+        return regime, f"p_holm {p_holm:.3g} < {alpha:g}, {ci} {side} 0, |mean| >= eps {eps:g}{div}", None
     if pr.p_tost < alpha and -eps < pr.ci_low and pr.ci_high < eps:
         return "ties", f"TOST p {pr.p_tost:.3g} < {alpha:g}, {ci} inside +-{eps:g}{div}", None
     n, why = seeds_needed(pr.mean, pr.sd, eps, alpha, power, n_max, n_tests)
@@ -475,77 +479,162 @@ def summarize(df: pd.DataFrame, by: list[str], reference_arm: str = "grad", test
     return out
 
 
-def label_point(regime: str, reason: str, acted: bool | None, room_high: float, eps: float) -> tuple[str, str]:
-    """The label of a point from the regime of its delta (`classify`), what the search did and the room.
+def label_point(regime: str, reason: str, acted: bool | None, room_high: float, eps: float,
+                unconverged: str | None = None) -> tuple[str, str]:
+    """The label of a point from the regime of its delta (`classify`), what the search did, the
+    ceiling and the baseline's convergence.
 
     Precedence, first match wins:
 
-    1. ``inert``: no seed's search accepted any candidate and no lifecycle event ran (``acted`` is
-       False), so the evo arm equals the grad arm by construction: no finding, whatever the numbers;
-    2. ``beats`` / ``degrades``: significant after Holm with a CI beyond the margin on one side;
-    3. ``no-room``: the upper 95% bound of the room (oracle vs grad) is below ``eps``, so no routing
-       method could beat the gradient solution by eps here (replaces beats<eps, degrades<eps, ties
-       and inconclusive: the ceiling explains them);
-    4. ``beats<eps`` / ``degrades<eps``: significant, CI inside ``(-eps, eps)``;
-    5. ``ties``, then ``inconclusive``.
-    ``acted=None`` (unknown: a table without search counts) skips rule 1; a NaN ``room_high`` skips 3.
+    1. ``inert``: no seed's search made an accepted change (a gain of at least ``accept_tol``) and
+       no lifecycle event ran (``acted`` is False): the evo arm did (next to) nothing, so the point
+       says nothing about search, whatever the numbers;
+    2. ``unconverged`` (``unconverged`` is the reason, or None): the grad baseline was still falling
+       by more than the stated share of eps over its last half and had room to fall: a
+       difference then measures speed against an unfinished baseline, not the solution;
+    3. ``beats`` / ``degrades``: significant after Holm and better / worse by at least eps;
+    4. ``no-room``: the upper 95% bound of the ceiling's room (grad vs the joint optimum) is below
+       ``eps``, so no method could beat the gradient solution by eps here; it replaces
+       ``beats<eps``, ``ties`` and ``inconclusive`` (the ceiling explains them), never a
+       significant ``degrades<eps`` (a method can always be worse);
+    5. ``beats<eps`` / ``degrades<eps``: significant, mean inside ``(-eps, eps)``;
+    6. ``ties``, then ``inconclusive``.
+    ``acted=None`` (unknown: a table without search counts) skips rule 1; a NaN ``room_high`` skips 4.
     """
     if acted is False:
-        return "inert", "the search never acted (no candidate accepted, no lifecycle event): arms identical by construction"
+        return "inert", "the search never made an accepted change and no lifecycle event ran: evo is grad"
+    if unconverged:
+        return "unconverged", f"{unconverged}; {reason}"
     if regime in ("beats", "degrades"):
         return regime, reason
-    if math.isfinite(room_high) and room_high < eps:
-        return "no-room", f"room CI upper bound {room_high:.4g} < eps {eps:g}: no routing could gain eps here; {reason}"
+    if math.isfinite(room_high) and room_high < eps and regime != "degrades<eps":
+        return "no-room", f"ceiling room CI upper bound {room_high:.4g} < eps {eps:g}: no method could gain eps here; {reason}"
     return regime, reason
 
 
+#: Default share of eps by which grad may still fall over its last half and count as converged.
+CONVERGED_FRAC = 0.5
+
+
+def _contrast(df: pd.DataFrame, by: list[str], test: str, name: str, prefix: str, kw: dict,
+              reference: str = "grad") -> pd.DataFrame:
+    """One paired contrast per point as columns ``name, <prefix>_ci_low, _ci_high, _p_holm, _regime``."""
+    cols = [name, f"{prefix}_ci_low", f"{prefix}_ci_high", f"{prefix}_p_holm", f"{prefix}_regime"]
+    part = summarize(df, by, reference, test, **kw)[[*by, "mean_delta", "ci_low", "ci_high", "p_holm", "regime"]]
+    part.columns = [*by, *cols]
+    return part
+
+
 def decompose(df: pd.DataFrame, by: list[str], eps: float = DEFAULT_EPS, alpha: float = 0.05, n_boot: int = 10_000,
-              seed: int = 0, power: float = DEFAULT_POWER, oracle_is_ceiling: bool = True) -> pd.DataFrame:
+              seed: int = 0, power: float = DEFAULT_POWER, oracle_is_ceiling: bool = True,
+              converged_frac: float = CONVERGED_FRAC, value: str | None = None) -> pd.DataFrame:
     """summary.csv of a sweep with control arms: the headline ``delta`` (evo vs grad) decomposed.
 
+    ``value``: the per-seed quantity the contrasts are differences of (lower is better). Default:
+    ``rel_excess`` where the table has it (the analytic sandbox: final excess loss over the
+    start's, so a delta is a share of the start's reducible loss and no constant such as the loss
+    floor can move it), else ``log_loss`` (log PPL on the transformer).
+
     Columns: ``by``, ``SUMMARY_STATS`` of evo vs grad (its ``regime`` is the `label_point` label),
-    then ``DECOMPOSITION``: ``delta_restart`` (restart vs grad) and ``room`` (oracle vs grad), each
-    a paired contrast with its 95% CI, Holm-adjusted p (Holm over the points, per contrast) and its
-    own `classify` regime; ``accepted`` (mean over seeds of the share of generations in which the
-    search changed the router), ``accepted_seeds`` (seeds whose search accepted at least once) and
-    ``lifecycle_events`` (summed over seeds), read from the evo rows' columns of the same names.
-    A missing control arm or count column leaves its columns NaN (and skips its label rule).
+    then ``DECOMPOSITION``: ``delta_restart`` (restart vs grad), ``delta_beta2`` (the beta2 control
+    vs grad) and ``room`` (oracle vs grad: the best re-routing of grad's own adapters), each a paired
+    contrast with its 95% CI, Holm-adjusted p (Holm over the points, per contrast) and its own
+    `classify` regime; ``room_joint`` (with ``rel_excess``: grad's own rel_excess, since the joint
+    optimum of gates and adapters is at most the floor, i.e. 0, and no arm can end below it; its CI
+    gates ``no-room``); ``room_<arm>`` (mean over seeds of each arm's rel_excess minus that of the
+    best routing of its own final adapters: a diagnostic); ``grad_drop`` (grad's mean fall over its
+    last half) and ``converged`` (``grad_drop <= converged_frac * eps``); ``accepted`` (mean share
+    of generations with an accepted change), ``accepted_seeds`` (seeds with at least one),
+    ``accepted_gain`` (mean total gain of the search on its objective, in ``value`` units) and
+    ``lifecycle_events`` (summed over seeds); the grad arm's optimiser setting (``grad_lr``,
+    ``grad_adapter_lr``, ``grad_beta2``) and, for arms tuned on their own (``<arm>_own``),
+    ``delta_<arm>_own``. A missing arm or count column leaves its columns NaN (and skips its rule).
     ``oracle_is_ceiling=False`` (an oracle that is not a proven bound, e.g. domain-oracle routing
     on the transformer) reports the room but never labels a point ``no-room``.
     With an ``acar`` arm in ``df`` the ``ACAR_SUMMARY`` columns follow (`acar_summary`).
     """
-    kw = dict(value="log_loss", eps=eps, alpha=alpha, n_boot=n_boot, seed=seed, power=power)
+    if value is None:
+        value = "rel_excess" if "rel_excess" in df.columns and pd.to_numeric(df["rel_excess"], errors="coerce").notna().any() \
+            else "log_loss"
+    kw = dict(value=value, eps=eps, alpha=alpha, n_boot=n_boot, seed=seed, power=power)
     out = summarize(df, by, "grad", "evo", **kw)
     arms = set(df["arm"].astype(str))
-    for arm, name, prefix in (("restart", "delta_restart", "restart"), ("oracle", "room", "room")):
-        cols = {name: np.nan, f"{prefix}_ci_low": np.nan, f"{prefix}_ci_high": np.nan,
-                f"{prefix}_p_holm": np.nan, f"{prefix}_regime": None}
+    for arm, name, prefix in (("restart", "delta_restart", "restart"), ("beta2", "delta_beta2", "beta2"),
+                              ("oracle", "room", "room")):
         if arm in arms:
-            part = summarize(df, by, "grad", arm, **kw)[[*by, "mean_delta", "ci_low", "ci_high", "p_holm", "regime"]]
-            part.columns = [*by, *cols]
-            out = out.merge(part, on=by, how="left")
+            out = out.merge(_contrast(df, by, arm, name, prefix, kw), on=by, how="left")
         else:
-            out = out.assign(**cols)
-    evo_rows = df[df["arm"].astype(str) == "evo"]
+            out = out.assign(**{name: np.nan, f"{prefix}_ci_low": np.nan, f"{prefix}_ci_high": np.nan,
+                                f"{prefix}_p_holm": np.nan, f"{prefix}_regime": None})
+    for arm in sorted(a[:-4] for a in arms if a.endswith("_own")):
+        part = _contrast(df, by, f"{arm}_own", f"delta_{arm}_own", f"{arm}_own", kw)
+        out = out.merge(part[[*by, f"delta_{arm}_own", f"{arm}_own_ci_low", f"{arm}_own_ci_high",
+                              f"{arm}_own_regime"]], on=by, how="left")
+    work = df.assign(arm=df["arm"].astype(str))
+    grad = work[work["arm"] == "grad"]
+    joint = value == "rel_excess" and oracle_is_ceiling
+    out = out.merge(_joint_room(grad, by, value, alpha) if joint else out[by].assign(room_joint=np.nan,
+                    room_joint_ci_high=np.nan), on=by, how="left")
+    for arm in ("grad", "evo", "restart", "beta2"):
+        rows = work[work["arm"] == arm]
+        if value == "rel_excess" and "rel_oracle" in rows and len(rows):
+            gap = rows.assign(_gap=_finite_values(rows, value) - pd.to_numeric(rows["rel_oracle"], errors="coerce"))
+            out = out.merge(_per_point(gap, by, "_gap", "mean").rename(columns={"_gap": f"room_{arm}"}), on=by, how="left")
+        else:
+            out[f"room_{arm}"] = np.nan
+    if value == "rel_excess" and "rel_half" in grad and len(grad):
+        drop = grad.assign(_drop=pd.to_numeric(grad["rel_half"], errors="coerce") - _finite_values(grad, value))
+        out = out.merge(_per_point(drop, by, "_drop", "mean").rename(columns={"_drop": "grad_drop"}), on=by, how="left")
+    else:
+        out["grad_drop"] = np.nan
+    out["converged"] = [None if pd.isna(d) else bool(d <= converged_frac * eps) for d in out["grad_drop"]]
+    for col, src in (("grad_lr", "lr"), ("grad_adapter_lr", "adapter_lr"), ("grad_beta2", "beta2")):
+        out = out.merge(_per_point(grad, by, src, "first").rename(columns={src: col}), on=by, how="left")
+    evo_rows = work[work["arm"] == "evo"]
     acc = _per_point(evo_rows, by, "accepted", "mean")
     acc_seeds = _per_point(evo_rows.assign(_any=pd.to_numeric(evo_rows.get("accepted", np.nan), errors="coerce") > 0)
                            if "accepted" in evo_rows else evo_rows, by, "_any", "sum")
+    gain = _per_point(evo_rows, by, "rel_gain", "mean").rename(columns={"rel_gain": "accepted_gain"})
     life = _per_point(evo_rows, by, "lifecycle_events", "sum")
     out = out.merge(acc, on=by, how="left").merge(acc_seeds.rename(columns={"_any": "accepted_seeds"}), on=by, how="left") \
-             .merge(life, on=by, how="left")
+             .merge(gain, on=by, how="left").merge(life, on=by, how="left")
     labels = []
     for r in out.to_dict("records"):
         have = pd.notna(r["accepted_seeds"]) or pd.notna(r["lifecycle_events"])
         acted = None if not have else bool((r["accepted_seeds"] or 0) > 0 or (r["lifecycle_events"] or 0) > 0)
-        high = float(r["room_ci_high"]) if pd.notna(r["room_ci_high"]) and oracle_is_ceiling else float("nan")
-        labels.append(label_point(r["regime"], r["reason"], acted, high, eps))
+        if joint:
+            high = float(r["room_joint_ci_high"]) if pd.notna(r["room_joint_ci_high"]) else float("nan")
+        else:
+            high = float(r["room_ci_high"]) if pd.notna(r["room_ci_high"]) and oracle_is_ceiling else float("nan")
+        unconv = None
+        if r["converged"] is False and not (math.isfinite(high) and high < eps):
+            unconv = (f"grad still falls {r['grad_drop']:.4g} over its last half (> {converged_frac:g} x eps "
+                      f"{eps:g}) with room to fall")
+        labels.append(label_point(r["regime"], r["reason"], acted, high, eps, unconv))
     out["regime"] = [l for l, _ in labels]
     out["reason"] = [w for _, w in labels]
     out.loc[out["regime"] != "inconclusive", "seeds_needed"] = pd.NA
-    cols = [*by, *SUMMARY_STATS, *DECOMPOSITION]
+    out["value"] = value
+    extra = [c for c in out.columns if c not in (*by, *SUMMARY_STATS, *DECOMPOSITION)]
+    cols = [*by, *SUMMARY_STATS, *DECOMPOSITION, *extra]
     if "acar" in arms:
         out, cols = out.merge(acar_summary(df, by, **kw), on=by, how="left"), cols + list(ACAR_SUMMARY)
     return out[cols]
+
+
+def _joint_room(grad: pd.DataFrame, by: list[str], value: str, alpha: float) -> pd.DataFrame:
+    """``room_joint`` per point: mean of grad's `value` (rel_excess: its distance to the floor, which
+    bounds the joint optimum of gates and adapters) and its upper ``1 - alpha`` t bound."""
+    rows = []
+    for key, g in grad.assign(_v=_finite_values(grad, value)).groupby(by, dropna=False, sort=True):
+        v = g["_v"].to_numpy(float)
+        v = v[np.isfinite(v)]
+        key = key if isinstance(key, tuple) else (key,)
+        mean = float(v.mean()) if v.size else math.nan
+        high = mean + float(stats.t.isf(alpha / 2, v.size - 1)) * float(v.std(ddof=1)) / math.sqrt(v.size) \
+            if v.size >= 2 else math.nan
+        rows.append({**dict(zip(by, key)), "room_joint": mean, "room_joint_ci_high": high})
+    return pd.DataFrame(rows, columns=[*by, "room_joint", "room_joint_ci_high"])
 
 
 def acar_summary(df: pd.DataFrame, by: list[str], **kw) -> pd.DataFrame:

@@ -28,8 +28,9 @@ from sandbox.analytic import AnalyticConfig
 from sandbox.errors import require
 from sandbox.options import Range
 from sandbox.results import config_hash
-from sandbox.stats import DEFAULT_EPS
+from sandbox.stats import CONVERGED_FRAC, DEFAULT_EPS
 from sandbox.tasks import TaskSpec
+from sandbox.tuning import TuneConfig
 
 #: results.csv columns of the acar arm (`sandbox.acar.usage`), present when the arm is on.
 ACAR_COLUMNS = USAGE_COLUMNS
@@ -55,6 +56,8 @@ SEARCHES = ("grid", "boundary")
 #: Default study name. Trials are keyed by a hash of the point's full configuration, so one study
 #: can hold every sweep of a storage without collisions (a finer grid reuses the shared points).
 DEFAULT_STUDY = "sweep"
+#: With independent seeds, point i's evaluation seeds are ``seed + SEED_STRIDE * i``.
+SEED_STRIDE = 100_000
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,14 @@ class SweepConfig:
     """grid: every point; boundary: an Optuna sampler proposes points where |mean delta| is small."""
     trials: int = 12
     """Points proposed by the boundary search."""
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    """How grad's optimiser setting is chosen per point (`sandbox.tuning`)."""
+    independent_seeds: bool = False
+    """Give every point seeds of its own (seed + 100000 x point index) instead of the same seeds at
+    every point: the points' deltas are then independent, as Holm's correction over the sweep's
+    points assumes for its exact level (with shared seeds it stays valid, only conservative)."""
+    converged_frac: float = CONVERGED_FRAC
+    """A point is ``unconverged`` when grad still falls by more than this share of eps over its last half."""
 
     def __post_init__(self) -> None:
         lo, hi = self.alignment
@@ -98,9 +109,19 @@ class SweepConfig:
         require(isinstance(self.alpha, (int, float)) and 0 < self.alpha < 1, "alpha", self.alpha, "a number in (0, 1)")
         require(self.search in SEARCHES, "search", self.search, "grid or boundary")
         require(isinstance(self.trials, int) and 1 <= self.trials <= 10_000, "trials", self.trials, "an integer in [1, 10000]")
-        for a in self.grid_points():     # every point must be a valid configuration
+        require(isinstance(self.converged_frac, (int, float)) and math.isfinite(self.converged_frac)
+                and self.converged_frac >= 0, "converged_frac", self.converged_frac, "a number >= 0")
+        grid = self.grid_points() if self.search == "grid" else []
+        for a in grid:     # every point must be a valid configuration
             spec, solver = point_config(self, a)
             require(not solver.acar or spec.slots >= 3, "slots", spec.slots, "at least 3 with --acar")
+        if self.tune.on:
+            n = max(len(grid), self.trials if self.search == "boundary" else 1)
+            self.tune.check_disjoint([s for i in range(n) for s in self.point_seeds(i)])
+
+    def point_seeds(self, index: int) -> tuple[int, ...]:
+        """The evaluation seeds of the point at `index` (the same at every point unless independent)."""
+        return tuple(s + SEED_STRIDE * index for s in self.seeds) if self.independent_seeds else self.seeds
 
     @property
     def axes(self) -> list[str]:
@@ -138,7 +159,7 @@ class SweepConfig:
         """What names the default run folder: everything but seeds and statistics settings, so
         the same command (or the same command with more seeds) resumes in the same folder."""
         d = dataclasses.asdict(self)
-        for k in ("seeds", "eps", "alpha"):
+        for k in ("seeds", "eps", "alpha", "converged_frac"):
             d.pop(k)
         d["solver"] = self.solver.identity()     # the ACAR options only when the acar arm is on
         return d
@@ -161,6 +182,73 @@ def point_key(spec: TaskSpec, solver: AnalyticConfig) -> str:
     return config_hash({"task": spec, "solver": solver.identity()}, n=16)
 
 
+def tune_key(spec: TaskSpec, solver: AnalyticConfig, tune: TuneConfig) -> str:
+    """The ledger key of one point's tuning outcome (the base config and the tuning settings)."""
+    return "tune:" + config_hash({"task": spec, "solver": solver.identity(), "tune": tune}, n=16)
+
+
+def own_key(spec: TaskSpec, solver: AnalyticConfig, arm: str) -> str:
+    """The ledger key of a robustness row: `arm` alone at its own tuned setting `solver`."""
+    return config_hash({"own": arm, "task": spec, "solver": solver.identity()}, n=16)
+
+
+@dataclass
+class PointPlan:
+    """One point as it runs: the solver its arms run at (grad's tuned setting when tuning is on),
+    its evaluation seeds, its ledger key and the tuning outcome."""
+
+    values: dict
+    spec: TaskSpec
+    solver: AnalyticConfig
+    seeds: tuple
+    key: str
+    tuned: object = None          # sandbox.tuning.TuneOutcome, or None with tuning off
+
+
+def plan_points(cfg: SweepConfig, points: list[dict[str, float]], study=None, device: str | None = None,
+                indices: Sequence[int] | None = None) -> list[PointPlan]:
+    """Resolve every point: tune grad's setting where tuning is on (outcomes read from and stored
+    in the ledger `study` when given, so a resumed sweep does not tune again; the missing points
+    are tuned together in stacked batches), then key the point by the setting it runs at."""
+    from sandbox.tuning import TuneOutcome, tune_points
+
+    indices = list(range(len(points))) if indices is None else list(indices)
+    base = [point_config(cfg, v) for v in points]
+    tuned: list = [None] * len(points)
+    if cfg.tune.on:
+        keys = [tune_key(spec, solver, cfg.tune) for spec, solver in base]
+        cached = _tune_records(study) if study is not None else {}
+        todo = [i for i, k in enumerate(keys) if k not in cached]
+        fresh = tune_points([base[i] for i in todo], cfg.tune, device=device) if todo else []
+        for i, out in zip(todo, fresh):
+            tuned[i] = out
+            if study is not None:
+                _record_tune(study, keys[i], out)
+        for i, k in enumerate(keys):
+            if tuned[i] is None:
+                tuned[i] = TuneOutcome.from_record(base[i][1], cached[k])
+    plans = []
+    for i, values, (spec, solver), t in zip(indices, points, base, tuned):
+        run = t.chosen if t is not None else solver
+        plans.append(PointPlan(values, spec, run, cfg.point_seeds(i), point_key(spec, run), t))
+    return plans
+
+
+def _tune_records(study) -> dict[str, dict]:
+    from optuna.trial import TrialState
+
+    return {t.user_attrs["key"]: t.user_attrs["tune"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if "tune" in t.user_attrs and "key" in t.user_attrs}
+
+
+def _record_tune(study, key: str, out) -> None:
+    from optuna.trial import TrialState, create_trial
+
+    score = out.score if math.isfinite(out.score) else 1e300
+    study.add_trial(create_trial(params={}, distributions={}, value=float(score), state=TrialState.COMPLETE,
+                                 user_attrs={"key": key, "tune": out.record()}))
+
+
 Evaluate = Callable[[TaskSpec, AnalyticConfig, Sequence[int]], list[tuple[int, list[dict], float]]]
 
 
@@ -170,20 +258,33 @@ def evaluate_point(spec: TaskSpec, solver: AnalyticConfig, seeds: Sequence[int],
     from sandbox.analytic import run_arms, run_points
 
     if device is not None and device != "cpu":
-        return _records(run_points([(spec, solver, seeds)], device=device)[0], seeds)
-    return _records(run_arms(spec, solver, seeds), seeds)
+        return _records(run_points([(spec, solver, seeds)], device=device)[0], seeds, solver)
+    return _records(run_arms(spec, solver, seeds), seeds, solver)
 
 
-def _records(res: dict, seeds: Sequence[int]) -> list[tuple[int, list[dict], float]]:
-    """Ledger records of one point's arm results: ``[(seed, rows of the arms, delta), ...]``."""
+def _settings(solver: AnalyticConfig) -> dict[str, dict]:
+    """The optimiser setting each arm ran at (results.csv's lr, adapter_lr, beta2)."""
+    s = {"lr": solver.lr, "adapter_lr": solver.lr * solver.plasticity, "beta2": solver.beta2}
+    return {arm: ({**s, "beta2": solver.control_beta2} if arm == "beta2" else s) for arm in solver.arms}
+
+
+def _records(res: dict, seeds: Sequence[int], solver: AnalyticConfig | None = None,
+             rename: dict[str, str] | None = None) -> list[tuple[int, list[dict], float]]:
+    """Ledger records of one point's arm results: ``[(seed, rows of the arms, delta), ...]``;
+    delta = grad's rel_excess - evo's (the trial's value; an arm's own rel_excess for a
+    robustness row, whose arm is renamed by `rename`)."""
     from sandbox.analytic import result_rows
 
-    rows = result_rows(res, seeds)
+    sets = _settings(solver) if solver is not None else None
+    rows = result_rows(res, seeds, settings=sets)
     out = []
     for i, seed in enumerate(seeds):
-        mine = [r for r in rows if r["seed"] == seed]
+        mine = [dict(r, arm=(rename or {}).get(r["arm"], r["arm"])) for r in rows if r["seed"] == seed]
         by_arm = {r["arm"]: r for r in mine}
-        delta = by_arm["grad"]["log_loss"] - by_arm["evo"]["log_loss"]
+        if "grad" in by_arm and "evo" in by_arm:
+            delta = by_arm["grad"]["rel_excess"] - by_arm["evo"]["rel_excess"]
+        else:
+            delta = mine[0]["rel_excess"]
         out.append((int(seed), [{k: v for k, v in r.items() if k != "seed"} for r in mine], float(delta)))
     return out
 
@@ -194,15 +295,14 @@ def ensure_point(cfg: SweepConfig, study, done: dict[str, dict], values: dict[st
     `done`. Returns ``(computed, reused)`` seed counts."""
     from sweeps import ledger
 
-    spec, solver = point_config(cfg, values)
-    key = point_key(spec, solver)
-    missing = [s for s in cfg.seeds if ledger.trial_key(key, s) not in done]
+    [plan] = plan_points(cfg, [values], study)
+    missing = [s for s in plan.seeds if ledger.trial_key(plan.key, s) not in done]
     if missing:
-        recs = evaluate(spec, solver, missing)
-        ledger.record(study, key, values, cfg.bounds(), recs)
+        recs = evaluate(plan.spec, plan.solver, missing)
+        ledger.record(study, plan.key, values, cfg.bounds(), recs)
         for seed, rows, delta in recs:
-            done[ledger.trial_key(key, seed)] = {"rows": rows, "delta": delta}
-    return len(missing), len(cfg.seeds) - len(missing)
+            done[ledger.trial_key(plan.key, seed)] = {"rows": rows, "delta": delta}
+    return len(missing), len(plan.seeds) - len(missing)
 
 
 @dataclass
@@ -212,64 +312,108 @@ class SweepOutcome:
     computed: int          # (point, seed) trials computed by this call
     reused: int            # trials found in the ledger
     figures: list
+    plans: list = field(default_factory=list)
 
 
-def results_table(cfg: SweepConfig, points: list[dict[str, float]], done: dict[str, dict]) -> pd.DataFrame:
-    """results.csv rows (point x seed x arm) for the current grid and seeds from the ledger."""
+#: results.csv columns after the axes (the acar arm's mode counts follow when it is on).
+RESULT_COLUMNS = ("final_loss", "log_loss", "rel_excess", "rel_half", "rel_oracle", "initial_excess", "loss_evals",
+                  "grad_steps", "diverged", "diverged_step", "generations", "accepted", "rel_gain", "step_size",
+                  "lifecycle_events", "lr", "adapter_lr", "beta2", "wall_s")
+
+
+def results_table(cfg: SweepConfig, plans: list[PointPlan], done: dict[str, dict]) -> pd.DataFrame:
+    """results.csv rows (point x seed x arm) for the planned points and their seeds from the ledger
+    (robustness rows, arms ``<arm>_own``, where tuning ran with ``robust``)."""
     rows = []
-    for i, values in enumerate(points):
-        key = point_key(*point_config(cfg, values))
-        for seed in cfg.seeds:
-            attrs = done.get(f"{key}:{seed}")
-            if attrs is None:
-                continue
-            for r in attrs["rows"]:
-                rows.append({"point": i, "seed": int(seed), "arm": r["arm"], **values,
-                             **{k: v for k, v in r.items() if k != "arm"}})
-    cols = ["point", "seed", "arm", *cfg.axes, "final_loss", "log_loss", "loss_evals", "grad_steps",
-            "diverged", "diverged_step", "generations", "accepted", "step_size", "lifecycle_events", "wall_s"]
+    for i, plan in enumerate(plans):
+        keys = [plan.key] + [own_key(plan.spec, c, arm) for arm, (c, _) in
+                             (plan.tuned.own.items() if plan.tuned is not None else [])]
+        for key in keys:
+            for seed in plan.seeds:
+                attrs = done.get(f"{key}:{seed}")
+                if attrs is None:
+                    continue
+                for r in attrs["rows"]:
+                    rows.append({"point": i, "seed": int(seed), "arm": r["arm"], **plan.values,
+                                 **{k: v for k, v in r.items() if k != "arm"}})
+    cols = ["point", "seed", "arm", *cfg.axes, *RESULT_COLUMNS]
     if cfg.solver.acar:   # the acar arm's inputs gated with 1 / 2 / 3 slots (NaN on the other arms)
         cols += list(ACAR_COLUMNS)
     df = pd.DataFrame(rows, columns=cols)
     return df.sort_values(["point", "seed", "arm"], kind="stable").reset_index(drop=True)
 
 
-def _ensure_points_batched(cfg: SweepConfig, study, done: dict[str, dict], points: list[dict[str, float]],
+def tuning_table(plans: list[PointPlan]) -> pd.DataFrame:
+    """tuning.csv: one row per point x candidate (lr, adapter_lr, beta2, score, diverged seeds,
+    half-budget drop, chosen), plus the robustness choices (``arm`` evo / restart)."""
+    rows = []
+    for i, plan in enumerate(plans):
+        if plan.tuned is None:
+            continue
+        for r in plan.tuned.table:
+            rows.append({"point": i, **plan.values, "arm": "grad", **r})
+        for arm, (c, score) in plan.tuned.own.items():
+            rows.append({"point": i, **plan.values, "arm": arm, "lr": c.lr, "adapter_lr": c.lr * c.plasticity,
+                         "beta2": c.beta2, "score": score, "chosen": True})
+    return pd.DataFrame(rows)
+
+
+def _ensure_points_batched(cfg: SweepConfig, study, done: dict[str, dict], plans: list[PointPlan],
                            chunk_rows: int, progress, start: int, total: int,
                            device: str | None = None) -> tuple[int, int]:
     """`ensure_point` for many points at once: the missing (point, seed) rows of points that share
     tensor shapes are solved as stacked batches of at most `chunk_rows` rows
     (`sandbox.analytic.run_points`); each point is recorded in the ledger as soon as its batch
-    ends, so a kill loses at most the batch in flight. Returns ``(computed, reused)``."""
+    ends, so a kill loses at most the batch in flight. Robustness rows (an arm alone at its own
+    tuned setting) follow in batches of their own. Returns ``(computed, reused)`` of the main rows."""
     from sandbox.analytic import run_points
     from sweeps import ledger
 
     pending, reused = [], 0
-    for values in points:
-        spec, solver = point_config(cfg, values)
-        key = point_key(spec, solver)
-        missing = [s for s in cfg.seeds if ledger.trial_key(key, s) not in done]
-        reused += len(cfg.seeds) - len(missing)
+    for plan in plans:
+        missing = [s for s in plan.seeds if ledger.trial_key(plan.key, s) not in done]
+        reused += len(plan.seeds) - len(missing)
         if missing:
-            pending.append((values, spec, solver, key, missing))
+            pending.append((plan, missing))
     computed = 0
 
     def record(indices, results):
         nonlocal computed
         for j, res in zip(indices, results):
-            values, _, _, key, missing = pending[j]
-            recs = _records(res, missing)
-            ledger.record(study, key, values, cfg.bounds(), recs)
+            plan, missing = pending[j]
+            recs = _records(res, missing, plan.solver)
+            ledger.record(study, plan.key, plan.values, cfg.bounds(), recs)
             for seed, rows, delta in recs:
-                done[ledger.trial_key(key, seed)] = {"rows": rows, "delta": delta}
+                done[ledger.trial_key(plan.key, seed)] = {"rows": rows, "delta": delta}
             computed += len(missing)
             if progress:
-                progress(start + reused + computed, total, values)
+                progress(start + reused + computed, total, plan.values)
 
     if progress and reused:
-        progress(start + reused, total, points[0])
-    run_points([(spec, solver, missing) for _, spec, solver, _, missing in pending], chunk_rows=chunk_rows,
+        progress(start + reused, total, plans[0].values)
+    run_points([(p.spec, p.solver, missing) for p, missing in pending], chunk_rows=chunk_rows,
                on_chunk=record, device=device)
+    for arm in sorted({a for p in plans if p.tuned is not None for a in p.tuned.own}):
+        own = []
+        for plan in plans:
+            if plan.tuned is None or arm not in plan.tuned.own:
+                continue
+            c = plan.tuned.own[arm][0]
+            key = own_key(plan.spec, c, arm)
+            missing = [s for s in plan.seeds if ledger.trial_key(key, s) not in done]
+            if missing:
+                own.append((plan, c, key, missing))
+
+        def record_own(indices, results, own=own, arm=arm):
+            for j, res in zip(indices, results):
+                plan, c, key, missing = own[j]
+                recs = _records(res, missing, c, rename={arm: f"{arm}_own"})
+                ledger.record(study, key, plan.values, cfg.bounds(), recs)
+                for seed, rows, delta in recs:
+                    done[ledger.trial_key(key, seed)] = {"rows": rows, "delta": delta}
+
+        run_points([(p.spec, c, m) for p, c, _, m in own], arms=(arm,), chunk_rows=chunk_rows, on_chunk=record_own,
+                   device=device)
     return computed, reused
 
 
@@ -284,7 +428,9 @@ def run_sweep(cfg: SweepConfig, out: Path, storage: str | None = None, study: st
     stacked batches of at most `chunk_rows` rows (0: point by point). `progress` is called as
     ``progress(done_seeds, total_seeds, point_values)`` as points finish. `device` (cpu or cuda;
     default cpu) holds the analytic solver's tensors; it is recorded in the manifest, not in the
-    trial keys (results on another device differ only by float64 rounding).
+    trial keys (results on another device differ only by float64 rounding). With tuning on,
+    grad's setting is chosen per point first (`plan_points`; ``tuning.csv`` records every
+    candidate) and every arm runs at it.
     """
     from sandbox import stats
     from sandbox.results import RunDir
@@ -297,6 +443,8 @@ def run_sweep(cfg: SweepConfig, out: Path, storage: str | None = None, study: st
     run = RunDir.create(out, command="sweep", config=cfg, seeds=list(cfg.seeds), argv=argv,
                         extra={"axes": cfg.axes, "study": study_name,
                                "storage": storage or str(out / "trials.journal"), "eps": cfg.eps, "alpha": cfg.alpha,
+                               "stats": {"eps": cfg.eps, "alpha": cfg.alpha, "converged_frac": cfg.converged_frac,
+                                         "value": "rel_excess"},
                                **({"device": str(device)} if device is not None else {})})
     batched = evaluate is evaluate_point and chunk_rows > 0
     if evaluate is evaluate_point and device is not None:
@@ -308,21 +456,26 @@ def run_sweep(cfg: SweepConfig, out: Path, storage: str | None = None, study: st
                                           point_id=lambda v: point_key(*point_config(cfg, v)))
     else:
         points, searched = cfg.grid_points(), 0
+    plans = plan_points(cfg, points, st, device=device)
     done = ledger.finished(st)
-    total = len(points) * len(cfg.seeds)
+    total = sum(len(p.seeds) for p in plans)
     computed, reused = searched, -searched   # the search's trials are found again below
     if batched:
-        c, r = _ensure_points_batched(cfg, st, done, points, chunk_rows, progress, computed + reused, total, device)
+        c, r = _ensure_points_batched(cfg, st, done, plans, chunk_rows, progress, computed + reused, total, device)
         computed, reused = computed + c, reused + r
     else:
-        for values in points:
-            c, r = ensure_point(cfg, st, done, values, evaluate)
+        for plan in plans:
+            c, r = ensure_point(cfg, st, done, plan.values, evaluate)
             computed, reused = computed + c, reused + r
             if progress:
-                progress(computed + reused, total, values)
-    results = results_table(cfg, points, done)
+                progress(computed + reused, total, plan.values)
+    results = results_table(cfg, plans, done)
     run.write_csv("results.csv", results)
-    summary = stats.decompose(results, by=["point", *cfg.axes], eps=cfg.eps, alpha=cfg.alpha)
+    if cfg.tune.on:
+        run.write_csv("tuning.csv", tuning_table(plans))
+    summary = stats.decompose(results, by=["point", *cfg.axes], eps=cfg.eps, alpha=cfg.alpha,
+                              converged_frac=cfg.converged_frac)
+    summary = _with_tuning(summary, plans)
     run.write_csv("summary.csv", summary)
     figs = []
     if figures:
@@ -333,4 +486,12 @@ def run_sweep(cfg: SweepConfig, out: Path, storage: str | None = None, study: st
         except ImportError as e:  # the figures package is optional for the tables
             figs = [f"figures skipped: {e}"]
     run.finish(computed=computed, reused=reused, points=len(points))
-    return SweepOutcome(results, summary, computed, reused, figs)
+    return SweepOutcome(results, summary, computed, reused, figs, plans)
+
+
+def _with_tuning(summary: pd.DataFrame, plans: list[PointPlan]) -> pd.DataFrame:
+    """summary.csv's ``tune_edge`` (the chosen lr at the end of the grid: widen it) and
+    ``tune_score`` (grad's score on the tuning seeds), NaN / empty with tuning off."""
+    edge = {i: (p.tuned.edge if p.tuned is not None else "") for i, p in enumerate(plans)}
+    score = {i: (p.tuned.score if p.tuned is not None else float("nan")) for i, p in enumerate(plans)}
+    return summary.assign(tune_edge=summary["point"].map(edge), tune_score=summary["point"].map(score))
