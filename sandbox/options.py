@@ -137,3 +137,15 @@ def check_int(value: int, flag: str, lo: int | None = None, hi: int | None = Non
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise BadInput(flag, value, f"an integer {_bounds_text(lo, hi).replace('LO <= HI', 'N')}")
     return value
+
+
+def parse_numbers(text: str, flag: str) -> tuple[float, ...]:
+    """A comma list of finite numbers (``0.1,0.2,0.4``); the range check is the config's."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    try:
+        vals = tuple(float(p) for p in parts)
+    except ValueError:
+        vals = ()
+    if not vals or not all(math.isfinite(v) for v in vals):
+        raise BadInput(flag, text, "a comma list of numbers, e.g. 0.1,0.2,0.4")
+    return vals

@@ -453,7 +453,7 @@ def run_sweep(cfg: SweepConfig, out: Path, storage: str | None = None, study: st
         from sweeps.boundary import propose_points
 
         points, searched = propose_points(cfg, store, st, evaluate, ensure_point=ensure_point, axes=AXES,
-                                          point_id=lambda v: point_key(*point_config(cfg, v)))
+                                          point_id=lambda v: plan_points(cfg, [v], st)[0].key)
     else:
         points, searched = cfg.grid_points(), 0
     plans = plan_points(cfg, points, st, device=device)

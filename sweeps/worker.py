@@ -195,8 +195,11 @@ def enqueue(store, study_name: str, jobs: Sequence[Job], direction: str = "maxim
 
 
 def sweep_jobs(cfg) -> list[Job]:
-    """The plan of a grid sweep (`sweeps.grid.SweepConfig`): one job per (point, seed)."""
-    from sweeps.grid import point_config, point_key
+    """The plan of a grid sweep (`sweeps.grid.SweepConfig`): one job per (point, seed), at grad's
+    tuned setting where tuning is on (tuned here, by the define step, in stacked batches: every
+    worker then runs the setting the collecting command finds again). Robustness rows
+    (``--tune-robust``) are not planned: they run on one machine only."""
+    from sweeps.grid import plan_points
 
     require_grid = getattr(cfg, "search", "grid") == "grid"
     if not require_grid:
@@ -204,11 +207,10 @@ def sweep_jobs(cfg) -> list[Job]:
                        "arrive, so it cannot be planned ahead)")
     bounds = cfg.bounds()
     jobs = []
-    for values in cfg.grid_points():
-        spec, solver = point_config(cfg, values)
-        pk = point_key(spec, solver)
+    for plan in plan_points(cfg, cfg.grid_points()):
+        values, spec, solver, pk = plan.values, plan.spec, plan.solver, plan.key
         dists = {k: FloatDistribution(min(bounds[k][0], v), max(bounds[k][1], v)) for k, v in values.items()}
-        for seed in cfg.seeds:
+        for seed in plan.seeds:
             jobs.append(Job(key=ledger.trial_key(pk, seed),
                             payload={"system": "analytic", "task": dataclasses.asdict(spec),
                                      "solver": dataclasses.asdict(solver), "seed": int(seed), "point_key": pk},

@@ -217,11 +217,12 @@ def test_generation_never_worsens_search_objective():
     before = an.domain_losses(rcfg, tensors, st.A, st.B, task, feats, 5, scale).mean(-1)
     gens = [torch.Generator().manual_seed(s) for s in task.seeds]
     search = an.evo.init_search(cfg.evolution, 4, rcfg.n_params, gens)
-    took = an._generation(task, rcfg, tensors, st, feats, 5, scale, cfg.evolution, search, gens,
-                          torch.ones(4, dtype=torch.bool), 0.0)
+    took, gain = an._generation(task, rcfg, tensors, st, feats, 5, scale, cfg.evolution, search, gens,
+                                torch.ones(4, dtype=torch.bool), 0.0)
     after = an.domain_losses(rcfg, tensors, st.A, st.B, task, feats, 5, scale).mean(-1)
     assert (after <= before).all()
     assert ((after < before) == took).all()
+    torch.testing.assert_close(gain, before - after, rtol=1e-12, atol=1e-15)   # the reported gain is the real one
 
 
 def test_divergence_is_recorded_not_raised():
@@ -316,7 +317,9 @@ def test_common_random_numbers_across_all_four_arms(evo_method):
     res = an.run_arms(SPEC, cfg, [10, 11, 12])
     for arm in an.ARMS:
         torch.testing.assert_close(res[arm].initial_loss, res["grad"].initial_loss, rtol=0, atol=0)
-        torch.testing.assert_close(res[arm].curve[:, :10], res["grad"].curve[:, :10], rtol=0, atol=0)
+        if arm != "beta2":       # the optimiser control differs from its first step on, by design
+            torch.testing.assert_close(res[arm].curve[:, :10], res["grad"].curve[:, :10], rtol=0, atol=0)
+    torch.testing.assert_close(res["beta2"].curve[:, 0], res["grad"].curve[:, 0], rtol=0, atol=0)
     # the ceiling arm follows the grad trajectory exactly
     torch.testing.assert_close(res["oracle"].curve, res["grad"].curve, rtol=0, atol=0)
     quiet = an.AnalyticConfig(steps=30, interval=31, population=6, evo=evo_method)

@@ -293,7 +293,7 @@ def test_significant_inside_margin_says_so():
     d = _fixed(0.005, 0.001, 20)
     pr = paired(d, np.zeros(20), eps=0.05)
     regime, reason, _ = classify(pr, pr.p)
-    assert regime == "beats<eps" and "inside +-0.05" in reason
+    assert regime == "beats<eps" and "< eps 0.05" in reason
     regime, _, _ = classify(paired(-d, np.zeros(20), eps=0.05), pr.p)
     assert regime == "degrades<eps"
 
@@ -316,7 +316,11 @@ def test_label_effects_beyond_eps_win_over_no_room(regime):
     assert label_point(regime, "r", acted=True, room_high=0.001, eps=0.01) == (regime, "r")
 
 
-@pytest.mark.parametrize("regime", ["beats<eps", "degrades<eps", "ties", "inconclusive"])
+def test_label_no_room_never_hides_a_significant_degradation():
+    assert label_point("degrades<eps", "r", acted=True, room_high=0.004, eps=0.01)[0] == "degrades<eps"
+
+
+@pytest.mark.parametrize("regime", ["beats<eps", "ties", "inconclusive"])
 def test_label_no_room_replaces_small_and_null_results(regime):
     label, reason = label_point(regime, "r", acted=True, room_high=0.004, eps=0.01)
     assert label == "no-room" and "0.004" in reason

@@ -102,31 +102,41 @@ def test_more_seeds_and_subset_points_reuse_ledger(tmp_path):
     out = grid.run_sweep(_cfg(seeds=(0, 1, 2), alignment=(0.0, 1.0), points=3), tmp_path, evaluate=second, figures=False)
     # points 0 and 1 exist with seeds 0, 1: only seed 2 there, and the new middle point in full
     assert sorted(second.seeds) == sorted([(0.0, 2), (1.0, 2), (0.5, 0), (0.5, 1), (0.5, 2)])
-    assert out.reused == 4 and len(out.results) == 3 * 3 * 4   # 3 points x 3 seeds x 4 arms
+    assert out.reused == 4 and len(out.results) == 3 * 3 * 5   # 3 points x 3 seeds x 5 arms
 
 
 def test_tables_manifest_and_figure(tmp_path):
     out = grid.run_sweep(_cfg(axis="context_noise", axis_range=(0.0, 0.5), axis_points=2, points=2, seeds=(0, 1, 2)),
                          tmp_path, figures=True)
     res = pd.read_csv(tmp_path / "results.csv")
-    assert list(res.columns) == ["point", "seed", "arm", "alignment", "context_noise", "final_loss", "log_loss",
-                                 "loss_evals", "grad_steps", "diverged", "diverged_step", "generations", "accepted",
-                                 "step_size", "lifecycle_events", "wall_s"]
-    assert len(res) == 4 * 3 * 4 and set(res["arm"]) == {"grad", "evo", "restart", "oracle"}
+    assert list(res.columns) == ["point", "seed", "arm", "alignment", "context_noise", *grid.RESULT_COLUMNS]
+    assert len(res) == 4 * 3 * 5 and set(res["arm"]) == {"grad", "evo", "restart", "beta2", "oracle"}
     assert (res["log_loss"] == res["final_loss"].map(math.log)).all()
+    # rel_excess is the final excess over the start's, the floor taken out
+    floor = SOLVER.loss_floor
+    assert res["rel_excess"].to_numpy() == pytest.approx(((res["final_loss"] - floor) / res["initial_excess"]).to_numpy(),
+                                                         rel=1e-9, abs=1e-12)
     evo_evals = res.loc[res.arm == "evo", "loss_evals"].unique().tolist()
     assert evo_evals == [20 + 4 * 4] and res.loc[res.arm == "grad", "loss_evals"].unique().tolist() == [20]
     summ = pd.read_csv(tmp_path / "summary.csv")
-    assert len(summ) == 4 and {"mean_delta", "p_holm", "p_tost", "regime", "delta_restart", "room",
-                               "accepted", "restart_regime", "room_regime"} <= set(summ.columns)
-    # mean delta is the mean of per-seed grad - evo log losses
-    wide = res.pivot_table(index=["point", "seed"], columns="arm", values="log_loss")
+    assert len(summ) == 4 and {"mean_delta", "p_holm", "p_tost", "regime", "delta_restart", "room", "room_joint",
+                               "delta_beta2", "grad_drop", "converged", "grad_lr", "accepted", "accepted_gain",
+                               "restart_regime", "room_regime"} <= set(summ.columns)
+    assert (summ["value"] == "rel_excess").all()
+    # mean delta is the mean of per-seed grad - evo rel_excess
+    wide = res.pivot_table(index=["point", "seed"], columns="arm", values="rel_excess")
     want = (wide["grad"] - wide["evo"]).groupby(level=0).mean()
     assert summ["mean_delta"].to_numpy() == pytest.approx(want.to_numpy(), abs=1e-12)
-    # each decomposed contrast is the mean of its per-seed log-loss differences
-    for arm, col in (("restart", "delta_restart"), ("oracle", "room")):
+    # each decomposed contrast is the mean of its per-seed differences; the ceiling's room is grad's own
+    for arm, col in (("restart", "delta_restart"), ("beta2", "delta_beta2"), ("oracle", "room")):
         want = (wide["grad"] - wide[arm]).groupby(level=0).mean()
         assert summ[col].to_numpy() == pytest.approx(want.to_numpy(), abs=1e-12)
+    assert summ["room_joint"].to_numpy() == pytest.approx(wide["grad"].groupby(level=0).mean().to_numpy(), abs=1e-12)
+    # every arm ran at grad's tuned setting (the beta2 control at its own beta2)
+    tuned = res[res.arm == "grad"].groupby("point")["lr"].first()
+    for arm in ("evo", "restart", "beta2"):
+        assert (res[res.arm == arm].groupby("point")["lr"].first() == tuned).all()
+    assert (tmp_path / "tuning.csv").exists()
     acc = res[res.arm == "evo"].groupby("point")["accepted"].mean()
     assert summ["accepted"].to_numpy() == pytest.approx(acc.to_numpy())
     assert (res.loc[res.arm == "evo", "generations"] == 4).all()
@@ -217,7 +227,7 @@ def test_cli_runs_and_resumes(tmp_path, capsys):
     assert "6 seed-points computed, 0 reused" in first and "regimes" in first
     assert main(args) == 0
     assert "0 seed-points computed, 6 reused" in capsys.readouterr().out
-    assert len(pd.read_csv(tmp_path / "results.csv")) == 2 * 3 * 4
+    assert len(pd.read_csv(tmp_path / "results.csv")) == 2 * 3 * 5
 
 
 def test_cli_defaults_match_dataclasses():
@@ -230,8 +240,13 @@ def test_cli_defaults_match_dataclasses():
     shared = {"steps", "lr", "plasticity", "interval", "points"}   # None: resolved per --system
     for obj in (TaskSpec(), AnalyticConfig(), grid.SweepConfig()):
         for name, value in obj.__dict__.items():
-            if name in sig and name not in ("alignment", "seeds", "axis"):
+            if name in sig and name not in ("alignment", "seeds", "axis", "tune"):
                 assert sig[name].default.default == (None if name in shared else value), name
+    from sandbox.tuning import TuneConfig
+
+    tc = TuneConfig()
+    assert sig["tune"].default.default == tc.mode and sig["tune_robust"].default.default == tc.robust
+    assert [float(x) for x in sig["tune_lr"].default.default.split(",")] == list(tc.lrs)
 
 
 def test_batched_sweep_matches_point_by_point_and_resumes_after_a_kill(tmp_path, monkeypatch):

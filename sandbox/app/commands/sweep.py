@@ -41,10 +41,16 @@ def _sweep_options() -> list:
     solver_fields = ("steps", "lr", "plasticity", "router", "evo", "population", "mutation_scale", "interval",
                      "reset_on_accept", "oracle", "lifecycle", "scope", "selection", "crossover", "crossover_t",
                      "mutation", "finetune_steps", "finetune_lr", "acar", "acar_tol", "budget", "draws", "eval_draws",
-                     "fresh_noise", "loss_floor", "lora_alpha")
+                     "fresh_noise", "loss_floor", "lora_alpha", "beta2", "control_beta2", "accept_tol")
     switches = {"reset_on_accept": ("--reset-on-accept/--keep-state",), "lifecycle": ("--lifecycle/--no-lifecycle",),
                 "acar": ("--acar/--no-acar",), "fresh_noise": ("--fresh-noise/--fixed-noise",),
-                "confirm": ("--confirm/--no-confirm",)}
+                "confirm": ("--confirm/--no-confirm",), "independent_seeds": ("--independent-seeds/--shared-seeds",),
+                "tune_robust": ("--tune-robust/--no-tune-robust",)}
+    from sandbox.app.declare import field_docs
+    from sandbox.tuning import TuneConfig
+
+    tc, tdoc = TuneConfig(), field_docs(TuneConfig)
+    joined = lambda xs: ",".join(f"{x:g}" for x in xs)   # noqa: E731
     return [
         own("alignment", str(Range(*sw.alignment)), "--alignment", help="Alignment range LO..HI in [0, 1], or one value."),
         *from_fields(SweepConfig, ("points",), auto=auto),
@@ -52,7 +58,16 @@ def _sweep_options() -> list:
         *from_fields(SweepConfig, ("axis_points",)),
         own("seeds", None, "--seeds", help=f"A count (10 -> 0..9) or a comma list (42,137,2026) (default: "
             f"{len(sw.seeds)}; substrate: {len(CPU_DEFAULTS['seeds'])} on a CPU, {len(GPU_DEFAULTS['seeds'])} on CUDA)."),
-        *from_fields(SweepConfig, ("eps", "alpha")),
+        *from_fields(SweepConfig, ("eps", "alpha", "converged_frac")),
+        *from_fields(SweepConfig, ("independent_seeds",), decls=switches),
+        *from_fields(TuneConfig, ("mode",), rename={"mode": "tune"}),
+        own("tune_lr", joined(tc.lrs), "--tune-lr", help=tdoc["lrs"] + " Comma list."),
+        own("tune_adapter", joined(tc.adapter), "--tune-adapter", help=tdoc["adapter"] + " Comma list."),
+        own("tune_beta2", joined(tc.beta2), "--tune-beta2", help=tdoc["beta2"]),
+        own("tune_seeds", f"{tc.seeds[0]}..{tc.seeds[-1]}", "--tune-seeds", help=tdoc["seeds"] + " A comma list, or "
+            "LO..HI (inclusive)."),
+        *from_fields(TuneConfig, ("robust", "rule"), rename={"robust": "tune_robust", "rule": "tune_rule"},
+                     decls=switches),
         own("out", None, "--out", help="Run folder (default runs/sweep-<config hash>; the same command resumes)."),
         own("storage", None, "--storage", help="Optuna storage URL (default: a journal file in --out)."),
         own("study", None, "--study", help="Optuna study name (default: sweep; trials are keyed by a hash of each "
@@ -78,13 +93,16 @@ def _sweep_options() -> list:
     ]
 
 
-def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, out, storage, study, search, trials, figures,
+def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_frac, independent_seeds, tune, tune_lr,
+          tune_adapter, tune_beta2, tune_seeds, tune_robust, tune_rule, out, storage, study, search, trials, figures,
           domains, slots, dim, rank, true_rank, context_dim, context_noise, overlap, steps, lr, plasticity, router, evo,
           population, mutation_scale, interval, reset_on_accept, oracle, lifecycle, scope, selection, crossover,
           crossover_t, mutation, finetune_steps, finetune_lr, acar, acar_tol, budget, draws, eval_draws, fresh_noise,
-          loss_floor, lora_alpha, threads, chunk_rows, system, preset, batch, data, cache, device, search_windows,
-          confirm, enqueue_only) -> None:
-    """Map the regime boundary: delta = log loss_grad - log loss_evo per seed (positive = evo better).
+          loss_floor, lora_alpha, beta2, control_beta2, accept_tol, threads, chunk_rows, system, preset, batch, data,
+          cache, device, search_windows, confirm, enqueue_only) -> None:
+    """Map the regime boundary: delta = rel_excess_grad - rel_excess_evo per seed (positive = evo better),
+    each arm's final excess loss as a share of the start's, with grad's optimiser setting tuned per
+    point on seeds disjoint from the evaluation seeds (--tune off: the fixed --lr).
 
     --acar adds sigma routing (ACAR) as a fifth arm on both systems, scored against grad on the same seeds: delta_acar = log loss_grad - log loss_acar, with its mode counts and compute saved."""
     from sandbox.errors import BadInput
@@ -148,10 +166,18 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, out, stora
                            budget=budget, draws=draws, eval_draws=eval_draws, fresh_noise=fresh_noise,
                            loss_floor=loss_floor, lora_alpha=lora_alpha, selection=selection, crossover=crossover,
                            crossover_t=crossover_t, mutation=mutation, finetune_steps=finetune_steps,
-                           finetune_lr=finetune_lr, acar=acar, acar_tol=acar_tol)
+                           finetune_lr=finetune_lr, acar=acar, acar_tol=acar_tol, beta2=beta2,
+                           control_beta2=control_beta2, accept_tol=accept_tol)
+    from sandbox.options import parse_numbers
+    from sandbox.tuning import TuneConfig
+
+    tcfg = TuneConfig(mode=tune, lrs=parse_numbers(tune_lr, "--tune-lr"), adapter=parse_numbers(tune_adapter, "--tune-adapter"),
+                      beta2=parse_numbers(tune_beta2, "--tune-beta2"), seeds=_tune_seeds(tune_seeds),
+                      robust=tune_robust, rule=tune_rule)
     cfg = SweepConfig(task=task, solver=solver, alignment=(rng.lo, rng.hi), points=points, axis=axis_name,
                       axis_range=(axis_rng.lo, axis_rng.hi) if axis_rng else None, axis_points=axis_points,
-                      seeds=tuple(seed_list), eps=eps, alpha=alpha, search=search, trials=trials)
+                      seeds=tuple(seed_list), eps=eps, alpha=alpha, search=search, trials=trials, tune=tcfg,
+                      independent_seeds=independent_seeds, converged_frac=converged_frac)
     from pathlib import Path
 
     from substrate.defaults import resolve_device
@@ -160,7 +186,7 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, out, stora
     run_dir = Path(out) if out else default_out("sweep", cfg.folder_key())
     console = Console(stderr=False)
     if not console.is_terminal:
-        console = Console(width=150)
+        console = Console(width=200)
     from sandbox.app.commands.worker import check_collect, define
     from sweeps.grid import DEFAULT_STUDY
     from sweeps.worker import is_database, sweep_jobs
@@ -190,6 +216,20 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, out, stora
         console.print(f"  {f}", highlight=False)
 
 
+def _tune_seeds(text: str) -> tuple[int, ...]:
+    """``--tune-seeds``: a comma list or an inclusive range ``LO..HI`` of seeds."""
+    from sandbox.errors import BadInput
+    from sandbox.options import parse_seeds
+
+    t = str(text).strip()
+    if ".." in t:
+        lo, _, hi = t.partition("..")
+        if not (lo.strip().isdigit() and hi.strip().isdigit()) or not 0 <= int(lo) <= int(hi) <= int(lo) + 10_000:
+            raise BadInput("--tune-seeds", text, "LO..HI (inclusive, at most 10001 seeds) or a comma list of seeds")
+        return tuple(range(int(lo), int(hi) + 1))
+    return tuple(parse_seeds(t if "," in t else t + ",", "--tune-seeds"))
+
+
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -201,12 +241,16 @@ def _print_summary(console, summary, axes: list[str]) -> None:
     colours = {"beats": "green", "degrades": "red", "ties": "cyan", "inconclusive": "yellow", "inert": "bright_black",
                "no-room": "magenta", "beats<eps": "green", "degrades<eps": "red"}
     acar = "delta_acar" in summary.columns          # the acar arm (--acar): its delta, label and mean slots
-    t = Table(title="regimes (delta = log loss_grad - log loss_evo; positive = evolution better; "
-              "restart = optimiser restart only; room = oracle ceiling"
+    rel = "value" in summary.columns and (summary["value"] == "rel_excess").all()
+    unit = ("delta = rel_excess_grad - rel_excess_evo, shares of the start's excess loss; positive = evolution "
+            "better; restart = optimiser restart only; beta2 = grad with Adam beta2 0.9; room = ceiling (grad vs "
+            "the joint optimum); grad lr = grad's tuned router / adapter lr") if rel else \
+        "delta = log loss_grad - log loss_evo; positive = evolution better; restart = optimiser restart only; room = oracle ceiling"
+    t = Table(title="regimes (" + unit
               + ("; acar = log loss_grad - log loss_acar, acar slots = mean slots gated" if acar else "") + ")",
               title_justify="left")
-    for c in ["point", *axes, "n", "delta", "95% CI", "p (Holm)", "regime", "restart", "room", "accepted",
-              "seeds needed", *(["acar", "acar regime", "acar slots"] if acar else [])]:
+    for c in ["point", *axes, "n", "delta", "95% CI", "p (Holm)", "regime", "restart", "beta2", "room", "grad lr",
+              "accepted", "seeds needed", *(["acar", "acar regime", "acar slots"] if acar else [])]:
         t.add_column(c, justify="left" if c.endswith("regime") else "right")
 
     def num(v, fmt="+.4f") -> str:
@@ -217,7 +261,11 @@ def _print_summary(console, summary, axes: list[str]) -> None:
         t.add_row(str(r["point"]), *(_fmt(r[a]) for a in axes), str(r["n"]), num(r["mean_delta"]),
                   f"[{num(r['ci_low'])}, {num(r['ci_high'])}]", num(r["p_holm"], ".3g"),
                   f"[{colours.get(r['regime'], 'white')}]{r['regime']}[/]",
-                  num(r.get("delta_restart")), num(r.get("room")), num(r.get("accepted"), ".2f"),
+                  num(r.get("delta_restart")), num(r.get("delta_beta2")),
+                  num(r.get("room_joint") if pd.notna(r.get("room_joint", float("nan"))) else r.get("room")),
+                  "" if pd.isna(r.get("grad_lr", float("nan"))) else
+                  f"{r['grad_lr']:g} / {r['grad_adapter_lr']:.3g}" + (" (edge)" if r.get("tune_edge") else ""),
+                  num(r.get("accepted"), ".2f"),
                   "" if need is None or pd.isna(need) else str(need),
                   *([num(r["delta_acar"]), f"[{colours.get(r['acar_regime'], 'white')}]{r['acar_regime']}[/]",
                      num(r["acar_mean_slots"], ".2f")] if acar else []))
