@@ -33,8 +33,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from matplotlib.tri import Triangulation
 
-from figures.style import (DELTA_LABEL, DIVERGING_CMAP, OKABE_ITO, REGIME_STYLE, REGIMES, attach,
-                           axis_label, new_figure, symmetric_limits, theme)
+from figures.style import (DIVERGING_CMAP, OKABE_ITO, REGIME_STYLE, REGIMES, attach, axis_label, delta_label,
+                           new_figure, symmetric_limits, theme)
 
 #: Columns of summary.csv that are statistics, not regime axes.
 SUMMARY_STAT_COLUMNS: tuple[str, ...] = (
@@ -42,7 +42,11 @@ SUMMARY_STAT_COLUMNS: tuple[str, ...] = (
     "d_z", "boot_low", "boot_high", "p_tost", "eps", "regime", "reason", "seeds_needed",
     "delta_restart", "restart_ci_low", "restart_ci_high", "restart_p_holm", "restart_regime",
     "room", "room_ci_low", "room_ci_high", "room_p_holm", "room_regime", "accepted", "accepted_seeds",
-    "lifecycle_events",
+    "lifecycle_events", "delta_beta2", "beta2_ci_low", "beta2_ci_high", "beta2_p_holm", "beta2_regime",
+    "room_joint", "room_joint_ci_high", "room_grad", "room_evo", "room_restart", "room_beta2", "grad_drop",
+    "converged", "grad_lr", "grad_adapter_lr", "grad_beta2", "accepted_gain", "value", "tune_edge", "tune_score",
+    "delta_evo_own", "evo_own_ci_low", "evo_own_ci_high", "evo_own_regime", "delta_restart_own",
+    "restart_own_ci_low", "restart_own_ci_high", "restart_own_regime",
 )
 
 
@@ -63,6 +67,13 @@ def infer_axes(summary: pd.DataFrame, manifest: dict | None = None) -> list[str]
     return spanning
 
 
+def _value(summary: pd.DataFrame) -> str | None:
+    """What the summary's contrasts are differences of (``rel_excess`` or ``log_loss``)."""
+    if "value" in summary and summary["value"].notna().any():
+        return str(summary["value"].dropna().iloc[0])
+    return None
+
+
 def _common_eps(df: pd.DataFrame) -> float:
     eps = df["eps"].dropna().unique() if "eps" in df else np.array([])
     return float(np.max(eps)) if eps.size else float("nan")
@@ -79,7 +90,7 @@ def collect_heatmap(summary: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
     if df.duplicated([x, y]).any():
         raise ValueError(f"summary has several rows per ({x}, {y}); split it by its other axes first")
     df = df.sort_values([y, x]).reset_index(drop=True)
-    df.attrs.update(x=x, y=y, eps=_common_eps(df))
+    df.attrs.update(x=x, y=y, eps=_common_eps(df), value=_value(summary))
     return df
 
 
@@ -177,7 +188,7 @@ def plot_heatmap(df: pd.DataFrame, x: str | None = None, y: str | None = None,
                                        edgecolor="0.6", hatch="///", lw=0, zorder=2))
         markers = _regime_markers(ax, df, x, y)
         cbar = fig.colorbar(mesh, ax=ax, shrink=0.9, pad=0.02)
-        cbar.set_label(DELTA_LABEL)
+        cbar.set_label(delta_label(df.attrs.get("value")))
         if np.isfinite(eps) and eps > 0 and eps < vmax:
             for v in (-eps, eps):
                 cbar.ax.axhline(v, color="0.2", linestyle="--", linewidth=1.2)
@@ -201,21 +212,25 @@ def collect_curve(summary: pd.DataFrame, x: str = "alignment") -> pd.DataFrame:
     """Points of a one-axis sweep sorted by `x`: ``x, mean_delta, ci_low, ci_high, regime, eps, n``."""
     cols = [x] + [c for c in ("point", "mean_delta", "ci_low", "ci_high", "regime", "eps", "n",
                               "n_diverged", "p_holm", "seeds_needed", "delta_restart", "restart_ci_low",
-                              "restart_ci_high", "room", "room_ci_low", "room_ci_high", "accepted")
+                              "restart_ci_high", "delta_beta2", "beta2_ci_low", "beta2_ci_high", "room",
+                              "room_ci_low", "room_ci_high", "room_joint", "room_joint_ci_high", "accepted")
                   if c in summary.columns]
     df = summary[cols].sort_values(x).reset_index(drop=True)
     if df[x].duplicated().any():
         raise ValueError(f"summary has several rows per {x}; split it by its other axes first")
-    df.attrs.update(x=x, eps=_common_eps(df))
+    df.attrs.update(x=x, eps=_common_eps(df), value=_value(summary))
     return df
 
 
 def collect_seed_deltas(results: pd.DataFrame, x: str = "alignment", reference: str = "grad",
-                        test: str = "evo", value: str = "log_loss") -> pd.DataFrame:
-    """Per-seed deltas from results.csv: ``point, seed, x, delta`` with delta = reference - test.
+                        test: str = "evo", value: str | None = None) -> pd.DataFrame:
+    """Per-seed deltas from results.csv: ``point, seed, x, delta`` with delta = reference - test, of
+    `value` (default ``rel_excess`` where the table has it, as the summary does, else ``log_loss``).
 
     Pairs whose either arm diverged (or is non-finite) are left out, as in the summary statistics.
     """
+    if value is None:
+        value = "rel_excess" if "rel_excess" in results and results["rel_excess"].notna().any() else "log_loss"
     keep = results
     if "diverged" in results:
         keep = results[~results["diverged"].astype(bool)]
@@ -249,11 +264,17 @@ def plot_curve(df: pd.DataFrame, x: str | None = None, eps: float | None = None,
             top.scatter(seeds[x].to_numpy(float), seeds["delta"].to_numpy(float), s=10, color="0.45",
                         alpha=0.6, zorder=2, label="per-seed delta")
         room = restart = None
-        if "room" in df and df["room"].notna().any():
-            rv = df["room"].to_numpy(float)
+        joint = "room_joint" in df and df["room_joint"].notna().any()
+        rcol = "room_joint" if joint else "room"
+        if rcol in df and df[rcol].notna().any():
+            rv = df[rcol].to_numpy(float)
             room = top.fill_between(xv, 0, rv, color=OKABE_ITO["purple"], alpha=0.22, lw=0, zorder=1,
-                                    label="room: oracle ceiling vs grad (mean)")
+                                    label="room: ceiling (grad vs the joint optimum), mean" if joint
+                                    else "room: oracle ceiling vs grad (mean)")
             top.plot(xv, rv, color=OKABE_ITO["purple"], lw=1.4, ls=":", zorder=2)
+        if "delta_beta2" in df and df["delta_beta2"].notna().any():
+            top.plot(xv, df["delta_beta2"].to_numpy(float), color=OKABE_ITO["green"], lw=1.5, ls="-.", marker="d",
+                     ms=3.5, zorder=3, label="delta_beta2: grad with Adam beta2 0.9 (optimiser control)")
         if "delta_restart" in df and df["delta_restart"].notna().any():
             top.fill_between(xv, df["restart_ci_low"].to_numpy(float), df["restart_ci_high"].to_numpy(float),
                              color=OKABE_ITO["orange"], alpha=0.18, lw=0, zorder=2)
@@ -262,7 +283,7 @@ def plot_curve(df: pd.DataFrame, x: str | None = None, eps: float | None = None,
                                   label="delta_restart: optimiser restart only (control), 95% CI")
         (line,) = top.plot(xv, df["mean_delta"].to_numpy(float), color=OKABE_ITO["blue"], lw=2.0,
                            marker="o", ms=4, zorder=3, label="delta: evo search vs grad")
-        top.set_ylabel(DELTA_LABEL)
+        top.set_ylabel(delta_label(df.attrs.get("value")))
         top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8.5)
         top.set_title(title or "Evolution vs gradient along " + x.replace("_", " ") + "\n"
                       + _title_bits(df, eps), fontsize=11.5)
@@ -283,3 +304,57 @@ def plot_curve(df: pd.DataFrame, x: str | None = None, eps: float | None = None,
                      frameon=False, handletextpad=0.3, columnspacing=1.0)
     return attach(fig, kind="regime_curve", line=line, ci_band=ci, eps_band=band, markers=markers, eps=eps, x=x,
                   room=room, restart=restart)
+
+
+def collect_anytime(summary: pd.DataFrame, budget: str = "steps", x: str = "alignment", n_lines: int = 4) -> pd.DataFrame:
+    """The anytime view of a budget x alignment sweep: ``x, budget, mean_delta, ci_low, ci_high,
+    regime`` (and the controls where present) at up to `n_lines` alignments spread over the grid
+    (both ends included), sorted by alignment then budget."""
+    xs = np.sort(summary[x].unique())
+    pick = xs[np.unique(np.round(np.linspace(0, xs.size - 1, min(n_lines, xs.size))).astype(int))]
+    cols = [x, budget] + [c for c in ("mean_delta", "ci_low", "ci_high", "regime", "eps", "n", "delta_restart",
+                                      "delta_beta2", "room_joint") if c in summary.columns]
+    df = summary[summary[x].isin(pick)][cols].sort_values([x, budget]).reset_index(drop=True)
+    df.attrs.update(x=x, budget=budget, eps=_common_eps(df), value=_value(summary))
+    return df
+
+
+def plot_anytime(df: pd.DataFrame, title: str | None = None) -> Figure:
+    """Delta (evo vs grad) against the step budget, one line per alignment, each with its 95% CI
+    band and the label of each point as its marker; the +-eps band shaded; a log budget axis when
+    the budgets span more than a factor of 10."""
+    x, budget = df.attrs["x"], df.attrs["budget"]
+    eps = float(df.attrs.get("eps", np.nan))
+    colours = [OKABE_ITO[c] for c in ("blue", "orange", "green", "vermillion", "purple", "sky")]
+    with theme():
+        fig = new_figure(9.6, 5.6)
+        ax = fig.add_subplot()
+        if np.isfinite(eps) and eps > 0:
+            ax.axhspan(-eps, eps, color="0.88", zorder=0, label=f"±eps (±{eps:g})")
+        ax.axhline(0.0, color=OKABE_ITO["black"], lw=1.0, zorder=1)
+        lines = {}
+        for i, (a, part) in enumerate(df.groupby(x, sort=True)):
+            col = colours[i % len(colours)]
+            b = part[budget].to_numpy(float)
+            ax.fill_between(b, part["ci_low"].to_numpy(float), part["ci_high"].to_numpy(float), color=col,
+                            alpha=0.18, lw=0, zorder=2)
+            (lines[a],) = ax.plot(b, part["mean_delta"].to_numpy(float), color=col, lw=1.8, zorder=3,
+                                  label=f"{x} = {a:g}")
+            for regime, sub in part.groupby("regime"):
+                st = REGIME_STYLE.get(regime, REGIME_STYLE["inconclusive"])
+                ax.scatter(sub[budget].to_numpy(float), sub["mean_delta"].to_numpy(float), marker=st["marker"], s=46,
+                           facecolors=col if st["facecolor"] != "none" else "white", edgecolors=col, linewidths=1.3,
+                           zorder=4)
+        bmin, bmax = float(df[budget].min()), float(df[budget].max())
+        if bmin > 0 and bmax / bmin > 10:
+            ax.set_xscale("log")
+        ax.set_xlabel(axis_label(budget))
+        ax.set_ylabel(delta_label(df.attrs.get("value")))
+        shown = sorted(df["regime"].unique(), key=lambda r: REGIMES.index(r) if r in REGIMES else 99)
+        marks = [Line2D([], [], ls="", marker=REGIME_STYLE[r]["marker"], color="0.3", markerfacecolor="0.3"
+                        if REGIME_STYLE[r]["facecolor"] != "none" else "white", label=r) for r in shown if r in REGIME_STYLE]
+        ax.legend(handles=list(lines.values()) + marks, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+                  fontsize=9)
+        ax.set_title(title or "Anytime view: evolution vs gradient as the step budget grows\n" + _title_bits(df, eps),
+                     fontsize=11.5)
+    return attach(fig, kind="anytime", lines=lines, eps=eps, x=x, budget=budget)

@@ -32,7 +32,7 @@ from sandbox.errors import BadInput
 from sandbox.results import atomic_write_csv, save_figure
 
 TABLES: tuple[str, ...] = ("summary.csv", "results.csv", "attribution.csv", "cells.csv", "gates.csv",
-                           "lifecycle.csv", "curves.csv")
+                           "lifecycle.csv", "curves.csv", "tuning.csv")
 REQUIRED: dict[str, tuple[str, ...]] = {
     "summary.csv": ("mean_delta", "ci_low", "ci_high", "regime"),
     "results.csv": ("point", "seed", "arm", "log_loss"),
@@ -41,9 +41,12 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "gates.csv": ("phase", "domain", "slot", "mean_gate"),
     "lifecycle.csv": ("step", "event", "slot", "slot_id"),
     "curves.csv": ("step", "domain", "log_ppl"),
+    "tuning.csv": ("point", "arm", "lr", "score", "chosen"),
 }
 RESULTS_NON_AXIS: tuple[str, ...] = ("point", "seed", "arm", "final_loss", "log_loss", "loss_evals", "grad_steps",
-                                     "diverged", "diverged_step", "wall_s")
+                                     "diverged", "diverged_step", "wall_s", "rel_excess", "rel_half", "rel_oracle",
+                                     "initial_excess", "generations", "accepted", "rel_gain", "step_size",
+                                     "lifecycle_events", "lr", "adapter_lr", "beta2", "unconfirmed")
 
 
 class Report(list):
@@ -98,9 +101,13 @@ def find_setting(obj: Any, key: str) -> Any:
 
 
 def _stat_kwargs(manifest: dict) -> dict[str, float]:
+    """The statistics settings of a run: its manifest's ``stats`` section (eps, alpha and, for a
+    sweep, converged_frac), else (folders from before the section) the first ``eps`` / ``alpha``
+    found anywhere in the manifest."""
+    section = manifest.get("stats") if isinstance(manifest.get("stats"), dict) else None
     kw = {}
-    for key in ("eps", "alpha"):
-        v = find_setting(manifest, key)
+    for key in ("eps", "alpha", "converged_frac"):
+        v = section.get(key) if section is not None else (find_setting(manifest, key) if key != "converged_frac" else None)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             kw[key] = float(v)
     return kw
@@ -200,15 +207,24 @@ def _derive(tables: dict, run_dir: Path, manifest: dict, recompute: bool, report
                 ceiling = manifest.get("system", "analytic") != "substrate"   # domain oracle: not a bound
                 summary = stats.decompose(res, by=["point", *axes], oracle_is_ceiling=ceiling, **kw)
             else:
-                summary = stats.summarize(res, by=["point", *axes], **kw)
+                summary = stats.summarize(res, by=["point", *axes], **{k: v for k, v in kw.items() if k != "converged_frac"})
             atomic_write_csv(run_dir / "summary.csv", summary)
             tables["summary.csv"] = pd.read_csv(run_dir / "summary.csv")
+            if "tuning.csv" in tables and "point" in summary:   # what the sweep wrote beside the statistics
+                tun = tables["tuning.csv"]
+                chosen = tun[(tun["arm"] == "grad") & tun["chosen"].astype(bool)].set_index("point")
+                lo, hi = tun["lr"].min(), tun["lr"].max()
+                summary["tune_edge"] = summary["point"].map(chosen["lr"].map(
+                    lambda v: "low" if v == lo and lo != hi else ("high" if v == hi and lo != hi else "")))
+                summary["tune_score"] = summary["point"].map(chosen["score"])
+                atomic_write_csv(run_dir / "summary.csv", summary)
+                tables["summary.csv"] = pd.read_csv(run_dir / "summary.csv")
             report.notes.append(f"summary.csv regenerated from results.csv ({', '.join(f'{k}={v:g}' for k, v in kw.items()) or 'default eps, alpha'})")
     if "cells.csv" in tables and (recompute or "attribution.csv" not in tables):
         if stats is None or not hasattr(stats, "attribution"):
             report.notes.append("attribution.csv not regenerated: sandbox.stats.attribution is unavailable")
         elif tables["cells.csv"]["cell"].nunique() >= 2:
-            att = stats.attribution(tables["cells.csv"], **kw)
+            att = stats.attribution(tables["cells.csv"], **{k: v for k, v in kw.items() if k != "converged_frac"})
             if len(att):
                 atomic_write_csv(run_dir / "attribution.csv", att)
                 tables["attribution.csv"] = pd.read_csv(run_dir / "attribution.csv")
@@ -229,6 +245,8 @@ def _regime_figures(tables: dict, manifest: dict, save, report: Report) -> None:
             seeds = regime.collect_seed_deltas(tables["results.csv"], axes[0])
         save(regime.plot_curve(regime.collect_curve(summary, axes[0]), seeds=seeds), "regime_curve")
         return
+    if "steps" in axes[:2] and "alignment" in axes[:2]:   # the budget as an axis: the anytime view too
+        save(regime.plot_anytime(regime.collect_anytime(summary)), "anytime")
     x, y, rest = axes[0], axes[1], axes[2:]
     groups = summary.groupby(rest, sort=True) if rest else [((), summary)]
     for key, part in groups:

@@ -48,7 +48,7 @@ SEQUENTIAL_CMAP = "viridis"
 
 #: Regime labels in display order (the four regimes, then the labels that say what happened).
 REGIMES: tuple[str, ...] = ("beats", "beats<eps", "ties", "degrades<eps", "degrades", "inconclusive",
-                            "no-room", "inert")
+                            "no-room", "unconverged", "inert")
 
 #: Marker, fill colour, edge colour and legend text per label. Inconclusive, inert and no-room are
 #: hollow (no finding), each with its own marker.
@@ -61,6 +61,7 @@ REGIME_STYLE: dict[str, dict[str, Any]] = {
     "degrades": dict(marker="v", facecolor=OKABE_ITO["vermillion"], edgecolor="white", label="degrades (evo worse)"),
     "inconclusive": dict(marker="o", facecolor="none", edgecolor=OKABE_ITO["black"], label="inconclusive"),
     "no-room": dict(marker="s", facecolor="none", edgecolor=OKABE_ITO["purple"], label="no-room (ceiling < eps)"),
+    "unconverged": dict(marker="P", facecolor="none", edgecolor="0.35", label="unconverged (grad still falling)"),
     "inert": dict(marker="X", facecolor="0.55", edgecolor="white", label="inert (search never acted)"),
 }
 
@@ -75,7 +76,9 @@ AXIS_LABELS: dict[str, str] = {
     "loss_floor": "loss floor  (irreducible loss added)",
     "population": "evolution population P",
     "interval": "generation interval  (gradient steps)",
-    "steps": "gradient steps per arm",
+    "steps": "gradient steps per arm  (the budget)",
+    "batch": "inputs per domain per step  (0 = exact expected loss)",
+    "beta2": "Adam beta2",
     "domains": "domains M",
     "slots": "adapter slots K",
     "dim": "model dimension d",
@@ -85,6 +88,13 @@ AXIS_LABELS: dict[str, str] = {
 }
 
 DELTA_LABEL = "mean delta = log loss(grad) − log loss(evo)\n(> 0: evolution better)"
+#: The analytic sandbox's delta: a difference of final excess losses, each over the start's.
+REL_DELTA_LABEL = "mean delta = rel. excess(grad) − rel. excess(evo)\n(share of the start's excess loss; > 0: evo better)"
+
+
+def delta_label(value: str | None) -> str:
+    """The colour-bar / y label of a summary whose contrasts are differences of `value`."""
+    return REL_DELTA_LABEL if value == "rel_excess" else DELTA_LABEL
 
 _RC: dict[str, Any] = {
     "font.size": 11,

@@ -142,6 +142,10 @@ class AnalyticConfig:
     """Gradient steps of the fine-tune mutation."""
     finetune_lr: float = 0.01
     """Length of each fine-tune step in factor space (normalised gradient descent)."""
+    batch: int = 0
+    """0: train on the exact expected loss; n > 0: every gradient step and every search generation
+    sees n fresh inputs x ~ N(0, I_d) per domain instead (an unbiased, noisy estimate: gradient and
+    selection noise); reported losses stay exact."""
     acar: bool = False
     """Add the acar arm: sigma routing (ACAR) over the grad arm's final router (top-3 of its logits)
     and adapters, paired against grad; counts the inputs gated with 1, 2 and 3 slots."""
@@ -169,6 +173,8 @@ class AnalyticConfig:
         require(_pos(self.lora_alpha) and self.lora_alpha <= 1e6, "lora_alpha", self.lora_alpha, "a number in (0, 1e6]")
         require(_num(self.loss_floor) and 0 <= self.loss_floor <= 100, "loss_floor", self.loss_floor, "a number in [0, 100]")
         require(isinstance(self.acar, bool), "acar", self.acar, "true or false")
+        require(isinstance(self.batch, int) and not isinstance(self.batch, bool) and 0 <= self.batch <= 65536,
+                "batch", self.batch, "an integer in [0, 65536] (0: the exact expected loss)")
         require(_num(self.acar_tol) and 0 <= self.acar_tol <= 10, "acar_tol", self.acar_tol, "a number in [0, 10]")
         self.evolution  # validates evo, population, mutation_scale, interval
         self.lifecycle_config  # validates the lifecycle options (selection, crossover, mutation, ...)
@@ -369,6 +375,38 @@ def domain_losses(rcfg: RouterConfig, params: dict[str, Tensor], A: Tensor, B: T
     gates = gates.reshape(*gates.shape[:-2], M, N, gates.shape[-1])    # (S, [P,] M, N, K)
     out = quadratic_loss(gates, G, c, e).mean(-1)                     # (S, [P,] M)
     return out + _per_row(floor, out)
+
+
+def batch_terms(A: Tensor, B: Tensor, task: Task, scale: float | Tensor, X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The quadratic loss's terms on a finite batch: ``(1/n) ||(W - D_m) X_m||_F^2 = g^T G_m g -
+    2 g^T c_m + e_m`` with ``X (S, M, d, n)`` the inputs of each domain. Per domain, since each has
+    its own inputs: ``G (S, M, K, K)``, ``c (S, M, K)``, ``e (S, M)``. With ``E[X X^T] = n I`` the
+    expectation is `gram_terms` (tested by Monte Carlo)."""
+    n = X.shape[-1]
+    Xs = X / math.sqrt(n)
+    P = torch.einsum("skrd,smdn->smkrn", A, Xs)                              # (S, M, K, r, n)
+    BP = torch.einsum("skdr,smkrn->smkdn", B, P)                             # (S, M, K, d, n)
+    BP = BP * (_per_row(scale, BP) if isinstance(scale, Tensor) else scale)
+    UQ = torch.einsum("smdr,smrn->smdn", task.U.to(A), torch.einsum("smrd,smdn->smrn", task.V.to(A), Xs))  # (S, M, d, n)
+    G = torch.einsum("smkdn,smldn->smkl", BP, BP)                            # (S, M, K, K)
+    c = torch.einsum("smkdn,smdn->smk", BP, UQ)                              # (S, M, K)
+    return G, c, UQ.pow(2).sum((-1, -2))
+
+
+def batch_domain_losses(rcfg: RouterConfig, params: dict[str, Tensor], A: Tensor, B: Tensor, task: Task,
+                        features: Tensor, step: int, scale: float | Tensor, X: Tensor) -> Tensor:
+    """`domain_losses` on the finite batch `X` ``(S, M, d, n)`` instead of the expectation: ``(S, *p, M)``."""
+    S, M, N, F = features.shape
+    extra = params["bias"].ndim - 2
+    G, c, e = batch_terms(A, B, task, scale, X)
+    for _ in range(extra):
+        G, c, e = G.unsqueeze(1), c.unsqueeze(1), e.unsqueeze(1)
+    feats = features.reshape(S, *([1] * extra), M * N, F)
+    gates = router_gates(rcfg, params, feats, step)
+    gates = gates.reshape(*gates.shape[:-2], M, N, gates.shape[-1])           # (S, [P,] M, N, K)
+    quad = torch.einsum("...mnk,...mkl,...mnl->...mn", gates, G, gates)
+    lin = torch.einsum("...mnk,...mk->...mn", gates, c)
+    return (quad - 2 * lin + e.unsqueeze(-1)).mean(-1)                      # (S, [P,] M)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -662,13 +700,20 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
     evals, n_events, events = 0, 0, []
     pop = lc.Population.founders((S,), spec.slots, device=dev)
 
+    bgens = [generator(Purpose.SANDBOX_BATCH, s) for s in task.seeds] if cfg.batch else []
     for t in range(steps):
         feats = _features(rows, t + 1, draws, dev) if (cfg.fresh_noise and draws > 1) else fixed_feats
+        X = None
+        if cfg.batch:   # this step's inputs, one stream per seed (drawn on the CPU): (S, M, d, n)
+            X = torch.stack([torch.randn(spec.domains, spec.dim, cfg.batch, generator=g, dtype=DTYPE)
+                             for g in bgens]).to(dev)
         leaves = {k: v.detach().requires_grad_(True) for k, v in tensors.items()}
         params = {k: leaves[k] for k in st.params}
         A = leaves.get("A", tensors.get("A", st.A))
         B = leaves.get("B", tensors.get("B", st.B))
-        if table is None:
+        if table is None and X is not None:
+            loss = batch_domain_losses(rcfg, params, A, B, task, feats, t, scale, X).mean(-1)   # (S,) noisy
+        elif table is None:
             loss = domain_losses(rcfg, params, A, B, task, feats, t, scale).mean(-1)   # (S,) excess
         else:
             loss = _table_losses(table, A, B, task, scale).mean(-1)                      # (S,) excess
@@ -692,7 +737,7 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
             table = _oracle_table(rcfg, tensors, st, task, scale, table)
         else:
             took, g = _generation(task, rcfg, tensors, st, feats, t + 1, scale, ecfg, search, gens, alive,
-                                  cfg.accept_tol)
+                                  cfg.accept_tol, X)
             gain += g
             accepted += took.long()
             if cfg.reset_on_accept:
@@ -798,7 +843,7 @@ def _oracle_table(rcfg: RouterConfig, tensors: dict[str, Tensor], st: State, tas
 @torch.no_grad()
 def _generation(task: Task, rcfg: RouterConfig, tensors: dict[str, Tensor], st: State, feats: Tensor, step: int,
                 scale: float | Tensor, ecfg: evo.EvolutionConfig, search: evo.SearchState, gens: list, alive: Tensor,
-                accept_tol: float) -> tuple[Tensor, Tensor]:
+                accept_tol: float, X: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One generation of routing search in place on `tensors`, on the excess objective (floor-free).
 
     Returns ``(accepted (S,) bool, gain (S,))``: ``gain`` = parent objective - new router's
@@ -810,11 +855,17 @@ def _generation(task: Task, rcfg: RouterConfig, tensors: dict[str, Tensor], st: 
     units = evo.mutation_scales(params) if ecfg.method == "fixed" else evo.logit_units(params)
     pop = evo.propose(x, params_to_vector(units), search, ecfg, gens)                # (S, P, D)
     A, B = tensors.get("A", st.A), tensors.get("B", st.B)
-    obj = domain_losses(rcfg, vector_to_params(pop, rcfg), A, B, task, feats, step, scale).mean(-1)  # (S, P)
+
+    def objective(p: dict[str, Tensor]) -> Tensor:    # (S, P): exact, or on the step's finite batch X
+        if X is None:
+            return domain_losses(rcfg, p, A, B, task, feats, step, scale).mean(-1)
+        return batch_domain_losses(rcfg, p, A, B, task, feats, step, scale, X).mean(-1)
+
+    obj = objective(vector_to_params(pop, rcfg))                                    # (S, P)
     parent = obj[:, 0]
     new, took = evo.advance(search, pop, obj, ecfg, active=alive, min_gain=accept_tol * parent)
     if ecfg.method == "cma":   # the new mean was not among the evaluated members
-        now = domain_losses(rcfg, vector_to_params(new[:, None], rcfg), A, B, task, feats, step, scale).mean(-1)[:, 0]
+        now = objective(vector_to_params(new[:, None], rcfg))[:, 0]
     else:
         now = evo._finite_or_inf(obj).gather(1, evo.select(pop, obj)[1][:, None])[:, 0]
         now = torch.where(took, now, parent)

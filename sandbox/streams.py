@@ -36,6 +36,7 @@ class Purpose(Enum):
     ROUTER_INIT = ("stream", 3)        # initial router parameters (analytic sandbox)
     EVO_SEARCH = ("stream", 4)         # routing-search noise (analytic sandbox)
     SANDBOX_LIFECYCLE = ("hash", 5)    # lifecycle draws of a seed's event (keys: step)
+    SANDBOX_BATCH = ("stream", 6)      # finite-batch inputs x of the training losses (analytic sandbox)
     LANGUAGE = ("stream", 10)          # a synthetic corpus's domain languages
     CORPUS_SAMPLE = ("stream", 11)     # a corpus's windows (keys: domain, split index)
     PRETRAIN_BATCH = ("stream", 20)    # the base's pretraining batches

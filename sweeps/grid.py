@@ -45,6 +45,8 @@ AXES: dict[str, tuple[float, float, bool]] = {
     "population": (2, 4096, True),
     "interval": (1, 100_000, True),
     "steps": (0, 1_000_000, True),
+    "batch": (0, 65_536, True),
+    "beta2": (0.0, 0.9999, False),
     "domains": (1, 256, True),
     "slots": (1, 1024, True),
     "dim": (2, 4096, True),
@@ -235,18 +237,13 @@ def plan_points(cfg: SweepConfig, points: list[dict[str, float]], study=None, de
 
 
 def _tune_records(study) -> dict[str, dict]:
-    from optuna.trial import TrialState
-
-    return {t.user_attrs["key"]: t.user_attrs["tune"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if "tune" in t.user_attrs and "key" in t.user_attrs}
+    """Tuning outcomes stored in the study's user attributes (not as trials: the queue and the
+    results count trials, and a tuning outcome is neither a job nor a result)."""
+    return {k: v for k, v in study.user_attrs.items() if k.startswith("tune:")}
 
 
 def _record_tune(study, key: str, out) -> None:
-    from optuna.trial import TrialState, create_trial
-
-    score = out.score if math.isfinite(out.score) else 1e300
-    study.add_trial(create_trial(params={}, distributions={}, value=float(score), state=TrialState.COMPLETE,
-                                 user_attrs={"key": key, "tune": out.record()}))
+    study.set_user_attr(key, out.record())
 
 
 Evaluate = Callable[[TaskSpec, AnalyticConfig, Sequence[int]], list[tuple[int, list[dict], float]]]

@@ -237,7 +237,7 @@ def test_cli_defaults_match_dataclasses():
     from sandbox.app.commands.sweep import sweep
 
     sig = inspect.signature(sweep).parameters
-    shared = {"steps", "lr", "plasticity", "interval", "points"}   # None: resolved per --system
+    shared = {"steps", "lr", "plasticity", "interval", "points", "batch"}   # None: resolved per --system
     for obj in (TaskSpec(), AnalyticConfig(), grid.SweepConfig()):
         for name, value in obj.__dict__.items():
             if name in sig and name not in ("alignment", "seeds", "axis", "tune"):

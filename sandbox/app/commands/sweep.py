@@ -36,6 +36,7 @@ def _sweep_options() -> list:
         "interval": f"{an.interval}; substrate: steps/10",
         "preset": f"substrate: {CPU_DEFAULTS['preset']} on a CPU, {GPU_DEFAULTS['preset']} on CUDA",
         "device": "cuda when visible, else cpu",
+        "batch": f"analytic: {an.batch} (the exact expected loss); substrate: the cell's {cell.batch} windows",
     }
     task_fields = ("domains", "slots", "dim", "rank", "true_rank", "context_dim", "context_noise", "overlap")
     solver_fields = ("steps", "lr", "plasticity", "router", "evo", "population", "mutation_scale", "interval",
@@ -83,7 +84,8 @@ def _sweep_options() -> list:
             "point by point."),
         own("system", "analytic", "--system", help="analytic (the closed-form sandbox) or substrate (the transformer)."),
         own("preset", None, "--preset", help=f"Model preset (default: {auto['preset']}).", annotation=Optional[str]),
-        *from_fields(CellConfig, ("batch", "data")),
+        *from_fields(AnalyticConfig, ("batch",), auto=auto),
+        *from_fields(CellConfig, ("data",)),
         own("cache", "runs/cache", "--cache", help="substrate: cache of corpus, pretrained base and specialists."),
         own("device", None, "--device", annotation=Optional[str], help="auto, cpu or cuda: where the solver's tensors "
             f"live, analytic and substrate (default: {auto['device']})."),
@@ -158,6 +160,7 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_
     lr = defaults.lr if lr is None else lr                              # in the dataclass
     plasticity = defaults.plasticity if plasticity is None else plasticity
     interval = defaults.interval if interval is None else interval
+    batch = defaults.batch if batch is None else batch
     task = TaskSpec(domains=domains, slots=slots, dim=dim, rank=rank, true_rank=true_rank, alignment=rng.lo,
                     context_dim=context_dim, context_noise=context_noise, overlap=overlap)
     solver = AnalyticConfig(steps=steps, lr=lr, plasticity=plasticity, router=router, population=population,
@@ -167,7 +170,7 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_
                            loss_floor=loss_floor, lora_alpha=lora_alpha, selection=selection, crossover=crossover,
                            crossover_t=crossover_t, mutation=mutation, finetune_steps=finetune_steps,
                            finetune_lr=finetune_lr, acar=acar, acar_tol=acar_tol, beta2=beta2,
-                           control_beta2=control_beta2, accept_tol=accept_tol)
+                           control_beta2=control_beta2, accept_tol=accept_tol, batch=batch)
     from sandbox.options import parse_numbers
     from sandbox.tuning import TuneConfig
 

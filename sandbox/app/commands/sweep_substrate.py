@@ -49,6 +49,7 @@ def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, 
     if axis:
         axis_name, axis_rng = parse_axis(axis, "--axis", {k: (lo, hi) for k, (lo, hi, _) in AXES.items()})
     given = {k: v for k, v in (("lr", lr),) if v is not None}          # else the cell's own default
+    batch = CellConfig.batch if batch is None else batch              # the cell's own default, declared once
     cell = CellConfig.of(cell="R" if router == "sigmoid" else "B3", preset=preset, steps=steps, batch=batch,
                          data=data, device=dev, seed=seeds[0], **given)
     check_affordable(cell, yes=False)
