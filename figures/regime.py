@@ -348,6 +348,9 @@ def plot_anytime(df: pd.DataFrame, title: str | None = None) -> Figure:
         bmin, bmax = float(df[budget].min()), float(df[budget].max())
         if bmin > 0 and bmax / bmin > 10:
             ax.set_xscale("log")
+        ticks = np.sort(df[budget].unique()).astype(float)
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel(axis_label(budget))
         ax.set_ylabel(delta_label(df.attrs.get("value")))
         shown = sorted(df["regime"].unique(), key=lambda r: REGIMES.index(r) if r in REGIMES else 99)

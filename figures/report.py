@@ -213,9 +213,8 @@ def _derive(tables: dict, run_dir: Path, manifest: dict, recompute: bool, report
             if "tuning.csv" in tables and "point" in summary:   # what the sweep wrote beside the statistics
                 tun = tables["tuning.csv"]
                 chosen = tun[(tun["arm"] == "grad") & tun["chosen"].astype(bool)].set_index("point")
-                lo, hi = tun["lr"].min(), tun["lr"].max()
-                summary["tune_edge"] = summary["point"].map(chosen["lr"].map(
-                    lambda v: "low" if v == lo and lo != hi else ("high" if v == hi and lo != hi else "")))
+                if "edge" in chosen:
+                    summary["tune_edge"] = summary["point"].map(chosen["edge"].fillna(""))
                 summary["tune_score"] = summary["point"].map(chosen["score"])
                 atomic_write_csv(run_dir / "summary.csv", summary)
                 tables["summary.csv"] = pd.read_csv(run_dir / "summary.csv")

@@ -381,16 +381,28 @@ def batch_terms(A: Tensor, B: Tensor, task: Task, scale: float | Tensor, X: Tens
     """The quadratic loss's terms on a finite batch: ``(1/n) ||(W - D_m) X_m||_F^2 = g^T G_m g -
     2 g^T c_m + e_m`` with ``X (S, M, d, n)`` the inputs of each domain. Per domain, since each has
     its own inputs: ``G (S, M, K, K)``, ``c (S, M, K)``, ``e (S, M)``. With ``E[X X^T] = n I`` the
-    expectation is `gram_terms` (tested by Monte Carlo)."""
-    n = X.shape[-1]
-    Xs = X / math.sqrt(n)
-    P = torch.einsum("skrd,smdn->smkrn", A, Xs)                              # (S, M, K, r, n)
-    BP = torch.einsum("skdr,smkrn->smkdn", B, P)                             # (S, M, K, d, n)
-    BP = BP * (_per_row(scale, BP) if isinstance(scale, Tensor) else scale)
-    UQ = torch.einsum("smdr,smrn->smdn", task.U.to(A), torch.einsum("smrd,smdn->smrn", task.V.to(A), Xs))  # (S, M, d, n)
-    G = torch.einsum("smkdn,smldn->smkl", BP, BP)                            # (S, M, K, K)
-    c = torch.einsum("smkdn,smdn->smk", BP, UQ)                              # (S, M, K)
-    return G, c, UQ.pow(2).sum((-1, -2))
+    expectation is `gram_terms` (tested by Monte Carlo).
+
+    Block form, as in `_GramTerms`: with ``P = Af X / sqrt(n)`` (rows ``A_k X``) and ``GB = Btf Btf^T``,
+    ``G_m`` is the block sum of ``GB * P P^T``; ``c_mk`` the block sum of ``(B_k^T U_m) * (P_k Q_m^T)``
+    with ``Q = V_m X / sqrt(n)``; ``e_m = ||U_m Q_m||^2``. Batched matmuls only."""
+    S, K, r, d = A.shape
+    M, n = X.shape[1], X.shape[-1]
+    Xs = X / math.sqrt(n)                                                    # (S, M, d, n)
+    Af = A.reshape(S, 1, K * r, d)
+    Btf = B.transpose(-1, -2).reshape(S, 1, K * r, d)
+    U, V = task.U.to(A), task.V.to(A)                                        # (S, M, d, r*), (S, M, r*, d)
+    pk = _block_sums(K, r, A)                                                # (K, K r)
+    P = Af @ Xs                                                              # (S, M, K r, n)
+    GB = Btf @ Btf.transpose(-1, -2)                                         # (S, 1, K r, K r)
+    G = pk @ ((GB * (P @ P.transpose(-1, -2))) @ pk.T)                       # (S, M, K, K)
+    Q = V @ Xs                                                               # (S, M, r*, n)
+    c = ((Btf @ U) * (P @ Q.transpose(-1, -2))).sum(-1) @ pk.T               # (S, M, K)
+    e = (U @ Q).pow(2).sum((-1, -2))                                         # (S, M)
+    if isinstance(scale, Tensor):
+        sc = scale.to(A.dtype).view(S, 1, 1)
+        return sc[..., None] ** 2 * G, sc * c, e
+    return scale ** 2 * G, scale * c, e
 
 
 def batch_domain_losses(rcfg: RouterConfig, params: dict[str, Tensor], A: Tensor, B: Tensor, task: Task,

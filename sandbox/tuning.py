@@ -68,6 +68,9 @@ class TuneConfig:
     """Tuning seeds: each a task draw and initial weights of its own, disjoint from the evaluation seeds."""
     robust: bool = False
     """Also tune evo and restart on their own and report them at their own best setting (robustness rows)."""
+    widen: int = 2
+    """Times the lr grid is widened (two more factor-2 values beyond the end) for a point whose choice
+    sits at the grid's end, so the choice is interior unless this many widenings did not reach it."""
     rule: str = "mean"
     """How a candidate is scored over the tuning seeds: mean (the quantity the map's mean delta is
     made of) or median of rel_excess; either way a candidate with a diverged seed is excluded."""
@@ -82,16 +85,18 @@ class TuneConfig:
                 ",".join(map(str, self.beta2)), "a comma list of numbers in [0, 1)")
         require(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "tune_seeds", self.seeds,
                 "at least one distinct seed")
+        require(isinstance(self.widen, int) and 0 <= self.widen <= 10, "tune_widen", self.widen, "an integer in [0, 10]")
 
     @property
     def on(self) -> bool:
         return self.mode == "grid"
 
-    def candidates(self, cfg) -> list:
-        """The solver configs tried for a point whose base solver is `cfg`: lr-major order."""
+    def candidates(self, cfg, lrs: Sequence[float] | None = None) -> list:
+        """The solver configs tried for a point whose base solver is `cfg` (at the router lrs `lrs`,
+        default the grid's): lr-major order."""
         adapter_lr = cfg.lr * cfg.plasticity
         return [dataclasses.replace(cfg, lr=float(lr), plasticity=float(adapter_lr * m / lr), beta2=float(b))
-                for lr, m, b in itertools.product(self.lrs, self.adapter, self.beta2)]
+                for lr, m, b in itertools.product(self.lrs if lrs is None else lrs, self.adapter, self.beta2)]
 
     def check_disjoint(self, seeds: Sequence[int]) -> None:
         """Tuning on an evaluation seed would let the baseline see its test: refused."""
@@ -110,7 +115,7 @@ class TuneOutcome:
     chosen: object                         # the grad arm's AnalyticConfig (lr, plasticity, beta2 set)
     score: float                           # its median rel_excess over the tuning seeds
     table: list[dict] = field(default_factory=list)   # one row per candidate (lr, adapter_lr, beta2, score, ...)
-    edge: str = ""                         # "low" / "high" when the choice is at the end of the lr grid
+    edge: str = ""                         # "low" / "high" (lr), "adapter-low" / "adapter-high": at a grid's end
     own: dict = field(default_factory=dict)   # robust: {arm: (AnalyticConfig, score)}
 
     def record(self) -> dict:
@@ -155,25 +160,59 @@ def _choose(cands: list, scored: list[tuple[float, int, float]], tc: TuneConfig)
 def tune_points(points: Sequence[tuple[TaskSpec, object]], tc: TuneConfig, chunk_rows: int = 2048,
                 device=None) -> list[TuneOutcome]:
     """The tuned grad setting of every point ``(spec, solver)``: every candidate of every point on
-    the tuning seeds in stacked batches (grad arm only; evo and restart too with ``robust``)."""
+    the tuning seeds in stacked batches (grad arm only; evo and restart too with ``robust``). A
+    point whose choice is at an end of the lr grid gets two more lrs beyond that end, up to
+    ``widen`` times; ``edge`` says where a choice stayed at the end."""
     from sandbox.analytic import run_points
 
     require(tc.on, "tune", tc.mode, "grid (tune_points was called with tuning off)")
-    cands = [tc.candidates(cfg) for _, cfg in points]
-    flat = [(spec, c, tc.seeds) for (spec, _), cs in zip(points, cands) for c in cs]
     arms = ("grad",) + (ROBUST_ARMS if tc.robust else ())
-    res = run_points(flat, arms=arms, chunk_rows=chunk_rows, device=device)
-    out, k = [], 0
-    lo, hi = min(tc.lrs), max(tc.lrs)
-    for cs in cands:
-        mine = res[k:k + len(cs)]
-        k += len(cs)
-        best, table = _choose(cs, _scores(mine, "grad", tc.seeds, tc.rule), tc)
+    lrs = [sorted(tc.lrs) for _ in points]
+    cands = [tc.candidates(cfg, ls) for (_, cfg), ls in zip(points, lrs)]
+    todo = list(range(len(points)))
+    results: list[list] = [[] for _ in points]
+    for round_ in range(tc.widen + 1):
+        flat = [(points[i][0], c, tc.seeds) for i in todo for c in cands[i][len(results[i]):]]
+        res = run_points(flat, arms=arms, chunk_rows=chunk_rows, device=device)
+        k = 0
+        for i in todo:
+            n = len(cands[i]) - len(results[i])
+            results[i] += res[k:k + n]
+            k += n
+        if round_ == tc.widen:
+            break
+        widen = []
+        for i in todo:
+            best, _ = _choose(cands[i], _scores(results[i], "grad", tc.seeds, tc.rule), tc)
+            lo, hi = lrs[i][0], lrs[i][-1]
+            if cands[i][best].lr == hi and lo != hi:
+                extra = [hi * 2, hi * 4]
+            elif cands[i][best].lr == lo and lo != hi:
+                extra = [lo / 2, lo / 4]
+            else:
+                continue
+            extra = [v for v in extra if 0 < v <= 100]
+            if extra:
+                lrs[i] = sorted(lrs[i] + extra)
+                cands[i] += tc.candidates(points[i][1], extra)
+                widen.append(i)
+        todo = widen
+        if not todo:
+            break
+    out = []
+    for i, cs in enumerate(cands):
+        best, table = _choose(cs, _scores(results[i], "grad", tc.seeds, tc.rule), tc)
         chosen = cs[best]
+        lo, hi = lrs[i][0], lrs[i][-1]
         edge = "low" if chosen.lr == lo and lo != hi else ("high" if chosen.lr == hi and lo != hi else "")
+        base = points[i][1].lr * points[i][1].plasticity
+        if len(tc.adapter) > 1 and base > 0:      # the adapter grid is not widened: say where it bites
+            m = chosen.lr * chosen.plasticity / base
+            side = "low" if math.isclose(m, min(tc.adapter)) else ("high" if math.isclose(m, max(tc.adapter)) else "")
+            edge = ",".join(x for x in (edge, f"adapter-{side}" if side else "") if x)
         own = {}
         for arm in arms[1:]:
-            sc = _scores(mine, arm, tc.seeds, tc.rule)
+            sc = _scores(results[i], arm, tc.seeds, tc.rule)
             j, _ = _choose(cs, sc, tc)
             own[arm] = (cs[j], sc[j][0])
         out.append(TuneOutcome(chosen, table[best]["score"], table, edge, own))

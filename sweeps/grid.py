@@ -348,7 +348,7 @@ def tuning_table(plans: list[PointPlan]) -> pd.DataFrame:
         if plan.tuned is None:
             continue
         for r in plan.tuned.table:
-            rows.append({"point": i, **plan.values, "arm": "grad", **r})
+            rows.append({"point": i, **plan.values, "arm": "grad", **r, "edge": plan.tuned.edge if r["chosen"] else ""})
         for arm, (c, score) in plan.tuned.own.items():
             rows.append({"point": i, **plan.values, "arm": arm, "lr": c.lr, "adapter_lr": c.lr * c.plasticity,
                          "beta2": c.beta2, "score": score, "chosen": True})
@@ -487,7 +487,8 @@ def run_sweep(cfg: SweepConfig, out: Path, storage: str | None = None, study: st
 
 
 def _with_tuning(summary: pd.DataFrame, plans: list[PointPlan]) -> pd.DataFrame:
-    """summary.csv's ``tune_edge`` (the chosen lr at the end of the grid: widen it) and
+    """summary.csv's ``tune_edge`` (where the choice sits at the end of a grid after widening: widen
+    it further with --tune-lr / --tune-adapter) and
     ``tune_score`` (grad's score on the tuning seeds), NaN / empty with tuning off."""
     edge = {i: (p.tuned.edge if p.tuned is not None else "") for i, p in enumerate(plans)}
     score = {i: (p.tuned.score if p.tuned is not None else float("nan")) for i, p in enumerate(plans)}

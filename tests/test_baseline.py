@@ -168,3 +168,45 @@ def test_beats_means_better_by_at_least_eps_and_no_room_never_hides_a_degradatio
     s = decompose(tidy, by=["point"])
     assert s["p_holm"].iloc[0] < 0.05 and s["ci_high"].iloc[0] > 0.01 and s["mean_delta"].iloc[0] < 0.01
     assert s["regime"].iloc[0] == "beats<eps"
+
+
+def test_finite_batch_terms_average_to_the_exact_gram_terms():
+    """Monte Carlo: with x ~ N(0, I_d), E[(1/n) X X^T] = I, so the batch terms' mean over many draws
+    converges on `gram_terms` (within 5 standard errors, entry by entry)."""
+    task = an.make_task(SPEC, [1, 2])
+    st0 = an.initial_state(task, SPEC, an.AnalyticConfig())
+    gen = torch.Generator().manual_seed(0)
+    draws = [an.batch_terms(st0.A, st0.B, task, 1.0,
+                            torch.randn(2, SPEC.domains, SPEC.dim, 16, generator=gen, dtype=torch.float64))
+             for _ in range(400)]
+    G0, c0, e0 = an.gram_terms(st0.A, st0.B, task.U.double(), task.V.double(), 1.0)
+    for j, exact in enumerate((G0.unsqueeze(1).expand(-1, SPEC.domains, -1, -1), c0, e0)):
+        vals = torch.stack([d[j] for d in draws])
+        se = vals.std(0) / len(draws) ** 0.5
+        assert ((vals.mean(0) - exact).abs() <= 5 * se + 1e-12).all()
+
+
+def test_batch_training_is_noisy_but_reported_losses_stay_exact():
+    cfg = an.AnalyticConfig(steps=20, interval=5, batch=4, lr=0.2)
+    a = an.run_arms(SPEC, cfg, range(3), arms=("grad",))["grad"]
+    b = an.run_arms(SPEC, cfg, range(3), arms=("grad",))["grad"]
+    exact = an.run_arms(SPEC, dataclasses.replace(cfg, batch=0), range(3), arms=("grad",))["grad"]
+    assert torch.equal(a.final_loss, b.final_loss)               # seeded: the same draws every run
+    assert not torch.equal(a.final_loss, exact.final_loss)      # but other steps than the exact loss's
+    assert torch.equal(a.initial_loss, exact.initial_loss)      # and the same exact measure of the start
+
+
+def test_finite_batch_terms_equal_the_dense_form():
+    """The block form against ``(1/n) ||(W_k - ...) X||`` built from d x d matrices, per-row scales."""
+    task = an.make_task(SPEC, [1, 2])
+    st0 = an.initial_state(task, SPEC, an.AnalyticConfig())
+    X = torch.randn(2, SPEC.domains, SPEC.dim, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    sc = torch.tensor([0.7, 1.3], dtype=torch.float64)
+    G, c, e = an.batch_terms(st0.A, st0.B, task, sc, X)
+    W = sc.view(2, 1, 1, 1) * torch.einsum("skdr,skre->skde", st0.B, st0.A)          # (S, K, d, d)
+    D = torch.einsum("smdr,smre->smde", task.U.double(), task.V.double())            # (S, M, d, d)
+    WX = torch.einsum("skde,smen->smkdn", W, X / 5 ** 0.5)
+    DX = torch.einsum("smde,smen->smdn", D, X / 5 ** 0.5)
+    torch.testing.assert_close(G, torch.einsum("smkdn,smldn->smkl", WX, WX), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(c, torch.einsum("smkdn,smdn->smk", WX, DX), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(e, DX.pow(2).sum((-1, -2)), rtol=1e-12, atol=1e-12)

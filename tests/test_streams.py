@@ -26,7 +26,8 @@ def _legacy(purpose: Purpose, seed: int, *keys: int) -> torch.Generator:
         ss = np.random.SeedSequence((seed % 2**64, 5, keys[0]))
         return g.manual_seed(int(ss.generate_state(1, np.uint64)[0]) % MOD)
     codes = {Purpose.TASK: 0, Purpose.ADAPTERS: 1, Purpose.ROUTER_INIT: 3, Purpose.EVO_SEARCH: 4, Purpose.LANGUAGE: 10,
-             Purpose.PRETRAIN_BATCH: 20, Purpose.SPECIALIST_INIT: 21}
+             Purpose.PRETRAIN_BATCH: 20, Purpose.SPECIALIST_INIT: 21,
+             Purpose.SANDBOX_BATCH: 6}   # new with finite-batch losses (no legacy formula to match)
     if purpose in codes:
         return stream(seed, codes[purpose])
     step_codes = {Purpose.CELL_BATCH: 1, Purpose.CELL_FITNESS: 2, Purpose.CELL_LIFECYCLE: 3, Purpose.CELL_INIT: 4,

@@ -214,24 +214,29 @@ def bench_sweep(cfg: BenchConfig) -> dict:
     extra = list(QUICK_SWEEP_ARGS) if cfg.quick else []
     threads = torch.get_num_threads()
     log = io.StringIO()
+    walls: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
-        out = os.path.join(tmp, "sweep")
-        argv = ["sweep", "--out", out, *extra]
-        try:
-            # the sweep's own progress bar and tables would corrupt `--json`: keep them in `log`
-            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                t = time.perf_counter()
-                code = _invoke(app, argv, log)
-                wall = time.perf_counter() - t
-            sweep_threads = torch.get_num_threads()
-        finally:
-            torch.set_num_threads(threads)          # the sweep sets its own thread count
-        if code != 0:
-            tail = log.getvalue().strip().splitlines()[-1:] or [""]
-            return {"skipped": f"`sandbox {' '.join(argv[:1] + extra)}` exited with code {code}: {tail[0]}"}
-        res = pd.read_csv(os.path.join(out, "results.csv"))
+        # the untuned map first, then the tuned default, in one run: their ratio is the price of tuning
+        for name, more in (("untuned", ["--tune", "off"]), ("tuned", [])):
+            out = os.path.join(tmp, name)
+            argv = ["sweep", "--out", out, *extra, *more]
+            try:
+                # the sweep's own progress bar and tables would corrupt `--json`: keep them in `log`
+                with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                    t = time.perf_counter()
+                    code = _invoke(app, argv, log)
+                    walls[name] = time.perf_counter() - t
+                sweep_threads = torch.get_num_threads()
+            finally:
+                torch.set_num_threads(threads)          # the sweep sets its own thread count
+            if code != 0:
+                tail = log.getvalue().strip().splitlines()[-1:] or [""]
+                return {"skipped": f"`sandbox {' '.join(argv[:1] + extra + more)}` exited with code {code}: {tail[0]}"}
+        wall = walls["tuned"]
+        res = pd.read_csv(os.path.join(tmp, "tuned", "results.csv"))
     seed_points = int(res[["point", "seed"]].drop_duplicates().shape[0])
     return {"command": "sandbox sweep" + ("" if not extra else " " + " ".join(extra)), "wall_s": wall,
+            "untuned_wall_s": walls["untuned"], "tuned_over_untuned": wall / walls["untuned"],
             "seed_points": seed_points, "rows": int(len(res)), "seed_points_per_s": seed_points / wall,
             "arms": sorted(res["arm"].astype(str).unique()),
             "torch_threads": sweep_threads,
@@ -410,6 +415,9 @@ def targets(res: dict) -> list[dict]:
             arms = ", ".join(sw.get("arms", []))
             add("default sweep within 60 s", f"{sw['command']} ({arms})" if arms else sw["command"], sw["wall_s"],
                 "<= 60 s", sw["wall_s"] <= 60)
+            if "tuned_over_untuned" in sw:
+                add("tuned map <= 3x the untuned map (--tune off), one run", sw["command"], sw["tuned_over_untuned"],
+                    "<= 3", sw["tuned_over_untuned"] <= 3)
         else:
             add("default sweep within 60 s", "not measured", None, "<= 60 s", None)
     gr = res.get("grid")

@@ -67,8 +67,8 @@ def _sweep_options() -> list:
         own("tune_beta2", joined(tc.beta2), "--tune-beta2", help=tdoc["beta2"]),
         own("tune_seeds", f"{tc.seeds[0]}..{tc.seeds[-1]}", "--tune-seeds", help=tdoc["seeds"] + " A comma list, or "
             "LO..HI (inclusive)."),
-        *from_fields(TuneConfig, ("robust", "rule"), rename={"robust": "tune_robust", "rule": "tune_rule"},
-                     decls=switches),
+        *from_fields(TuneConfig, ("widen", "robust", "rule"),
+                     rename={"widen": "tune_widen", "robust": "tune_robust", "rule": "tune_rule"}, decls=switches),
         own("out", None, "--out", help="Run folder (default runs/sweep-<config hash>; the same command resumes)."),
         own("storage", None, "--storage", help="Optuna storage URL (default: a journal file in --out)."),
         own("study", None, "--study", help="Optuna study name (default: sweep; trials are keyed by a hash of each "
@@ -96,7 +96,7 @@ def _sweep_options() -> list:
 
 
 def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_frac, independent_seeds, tune, tune_lr,
-          tune_adapter, tune_beta2, tune_seeds, tune_robust, tune_rule, out, storage, study, search, trials, figures,
+          tune_adapter, tune_beta2, tune_seeds, tune_widen, tune_robust, tune_rule, out, storage, study, search, trials, figures,
           domains, slots, dim, rank, true_rank, context_dim, context_noise, overlap, steps, lr, plasticity, router, evo,
           population, mutation_scale, interval, reset_on_accept, oracle, lifecycle, scope, selection, crossover,
           crossover_t, mutation, finetune_steps, finetune_lr, acar, acar_tol, budget, draws, eval_draws, fresh_noise,
@@ -176,7 +176,7 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_
 
     tcfg = TuneConfig(mode=tune, lrs=parse_numbers(tune_lr, "--tune-lr"), adapter=parse_numbers(tune_adapter, "--tune-adapter"),
                       beta2=parse_numbers(tune_beta2, "--tune-beta2"), seeds=_tune_seeds(tune_seeds),
-                      robust=tune_robust, rule=tune_rule)
+                      widen=tune_widen, robust=tune_robust, rule=tune_rule)
     cfg = SweepConfig(task=task, solver=solver, alignment=(rng.lo, rng.hi), points=points, axis=axis_name,
                       axis_range=(axis_rng.lo, axis_rng.hi) if axis_rng else None, axis_points=axis_points,
                       seeds=tuple(seed_list), eps=eps, alpha=alpha, search=search, trials=trials, tune=tcfg,
