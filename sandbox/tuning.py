@@ -69,8 +69,8 @@ class TuneConfig:
     robust: bool = False
     """Also tune evo and restart on their own and report them at their own best setting (robustness rows)."""
     widen: int = 2
-    """Times the lr grid is widened (two more factor-2 values beyond the end) for a point whose choice
-    sits at the grid's end, so the choice is interior unless this many widenings did not reach it."""
+    """Times a grid (router lr, adapter lr) is widened by two more factor-2 values beyond its end for
+    a point whose choice sits there, so the choice is interior unless this many widenings did not reach it."""
     rule: str = "mean"
     """How a candidate is scored over the tuning seeds: mean (the quantity the map's mean delta is
     made of) or median of rel_excess; either way a candidate with a diverged seed is excluded."""
@@ -157,63 +157,72 @@ def _choose(cands: list, scored: list[tuple[float, int, float]], tc: TuneConfig)
     return best, table
 
 
+def _widened(values: list[float], chosen: float, lo_cap: float, hi_cap: float) -> list[float]:
+    """Two more factor-2 values beyond the end of `values` where `chosen` sits (none if interior)."""
+    lo, hi = values[0], values[-1]
+    if lo == hi:
+        return []
+    extra = [hi * 2, hi * 4] if math.isclose(chosen, hi) else ([lo / 2, lo / 4] if math.isclose(chosen, lo) else [])
+    return [v for v in extra if lo_cap < v <= hi_cap]
+
+
 def tune_points(points: Sequence[tuple[TaskSpec, object]], tc: TuneConfig, chunk_rows: int = 2048,
                 device=None) -> list[TuneOutcome]:
     """The tuned grad setting of every point ``(spec, solver)``: every candidate of every point on
     the tuning seeds in stacked batches (grad arm only; evo and restart too with ``robust``). A
-    point whose choice is at an end of the lr grid gets two more lrs beyond that end, up to
-    ``widen`` times; ``edge`` says where a choice stayed at the end."""
+    point whose choice is at an end of the router-lr or adapter-lr grid gets two more values beyond
+    that end (crossed with the other grid), up to ``widen`` times; ``edge`` says where a choice
+    stayed at an end."""
     from sandbox.analytic import run_points
 
     require(tc.on, "tune", tc.mode, "grid (tune_points was called with tuning off)")
     arms = ("grad",) + (ROBUST_ARMS if tc.robust else ())
     lrs = [sorted(tc.lrs) for _ in points]
-    cands = [tc.candidates(cfg, ls) for (_, cfg), ls in zip(points, lrs)]
+    mults = [sorted(tc.adapter) if cfg.lr * cfg.plasticity > 0 else [1.0] for _, cfg in points]
+    runs: list[dict] = [{} for _ in points]          # (lr, mult, beta2) -> {arm: ArmResult}
+    grids = lambda i: [(lr, m, b) for lr in lrs[i] for m in mults[i] for b in tc.beta2]   # noqa: E731
+    def cand(i, key):
+        cfg = points[i][1]
+        lr, m, b = key
+        return dataclasses.replace(cfg, lr=float(lr), plasticity=float(cfg.lr * cfg.plasticity * m / lr), beta2=float(b))
+
+    def best_of(i):
+        keys = grids(i)
+        cs = [cand(i, k) for k in keys]
+        best, table = _choose(cs, _scores([runs[i][k] for k in keys], "grad", tc.seeds, tc.rule), tc)
+        return keys, cs, best, table
+
     todo = list(range(len(points)))
-    results: list[list] = [[] for _ in points]
     for round_ in range(tc.widen + 1):
-        flat = [(points[i][0], c, tc.seeds) for i in todo for c in cands[i][len(results[i]):]]
-        res = run_points(flat, arms=arms, chunk_rows=chunk_rows, device=device)
-        k = 0
-        for i in todo:
-            n = len(cands[i]) - len(results[i])
-            results[i] += res[k:k + n]
-            k += n
+        pending = [(i, k) for i in todo for k in grids(i) if k not in runs[i]]
+        res = run_points([(points[i][0], cand(i, k), tc.seeds) for i, k in pending], arms=arms,
+                         chunk_rows=chunk_rows, device=device)
+        for (i, k), r in zip(pending, res):
+            runs[i][k] = r
         if round_ == tc.widen:
             break
-        widen = []
+        again = []
         for i in todo:
-            best, _ = _choose(cands[i], _scores(results[i], "grad", tc.seeds, tc.rule), tc)
-            lo, hi = lrs[i][0], lrs[i][-1]
-            if cands[i][best].lr == hi and lo != hi:
-                extra = [hi * 2, hi * 4]
-            elif cands[i][best].lr == lo and lo != hi:
-                extra = [lo / 2, lo / 4]
-            else:
-                continue
-            extra = [v for v in extra if 0 < v <= 100]
-            if extra:
-                lrs[i] = sorted(lrs[i] + extra)
-                cands[i] += tc.candidates(points[i][1], extra)
-                widen.append(i)
-        todo = widen
+            keys, _, best, _ = best_of(i)
+            lr, m, _ = keys[best]
+            more_lr, more_m = _widened(lrs[i], lr, 0.0, 100.0), _widened(mults[i], m, 0.0, 1e6)
+            if more_lr or more_m:
+                lrs[i], mults[i] = sorted(lrs[i] + more_lr), sorted(mults[i] + more_m)
+                again.append(i)
+        todo = again
         if not todo:
             break
     out = []
-    for i, cs in enumerate(cands):
-        best, table = _choose(cs, _scores(results[i], "grad", tc.seeds, tc.rule), tc)
-        chosen = cs[best]
-        lo, hi = lrs[i][0], lrs[i][-1]
-        edge = "low" if chosen.lr == lo and lo != hi else ("high" if chosen.lr == hi and lo != hi else "")
-        base = points[i][1].lr * points[i][1].plasticity
-        if len(tc.adapter) > 1 and base > 0:      # the adapter grid is not widened: say where it bites
-            m = chosen.lr * chosen.plasticity / base
-            side = "low" if math.isclose(m, min(tc.adapter)) else ("high" if math.isclose(m, max(tc.adapter)) else "")
-            edge = ",".join(x for x in (edge, f"adapter-{side}" if side else "") if x)
+    for i in range(len(points)):
+        keys, cs, best, table = best_of(i)
+        lr, m, _ = keys[best]
+        sides = [f"{name}{'-' if name else ''}{side}" for name, v, grid in (("", lr, lrs[i]), ("adapter", m, mults[i]))
+                 for side in (("low",) if len(grid) > 1 and math.isclose(v, grid[0]) else ())
+                 + (("high",) if len(grid) > 1 and math.isclose(v, grid[-1]) else ())]
         own = {}
         for arm in arms[1:]:
-            sc = _scores(results[i], arm, tc.seeds, tc.rule)
+            sc = _scores([runs[i][k] for k in keys], arm, tc.seeds, tc.rule)
             j, _ = _choose(cs, sc, tc)
             own[arm] = (cs[j], sc[j][0])
-        out.append(TuneOutcome(chosen, table[best]["score"], table, edge, own))
+        out.append(TuneOutcome(cs[best], table[best]["score"], table, ",".join(sides), own))
     return out
