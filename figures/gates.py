@@ -9,7 +9,15 @@ Monopoly index of one panel, the share of all gate mass held by the top-`top` sl
     monopoly = sum of the `top` largest mass_k / sum_k mass_k
 
 It is top/K for perfectly even usage and 1 when `top` slots take everything, so a softmax router
-that collapses onto a few slots shows up as a monopoly index near 1.
+that collapses onto a few slots shows up as a monopoly index near 1. Each panel's title adds the
+matrix diagnostics of `sandbox.gatestats.matrix_stats` (top-4 share, slots above 5% of the pooled
+mass and, averaged over domains, of each domain's mass, and the mutual information between domain
+and slot: 0 for collapse or even use, log M when every domain has slots of its own), so collapse
+(few slots, MI ~ 0) and specialisation (per-domain slots few, MI high) read off at a glance.
+
+A table of several seeds is drawn for ONE seed (the first in the table, or `collect`'s ``seed``):
+the slot a domain's specialist starts in differs by seed, so a mean over seeds would blur the very
+specialisation the figure is for. ``seed="mean"`` draws the mean over seeds (the earlier figure).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from figures.style import SEQUENTIAL_CMAP, attach, new_figure, theme
+from sandbox.gatestats import matrix_stats
 
 PHASE_ORDER = ("before", "after")
 
@@ -32,19 +41,32 @@ def monopoly_index(matrix: np.ndarray, top: int = 2) -> float:
     return float(np.sort(mass)[::-1][:top].sum() / total)
 
 
-def collect(gates: pd.DataFrame, cell: str | None = None) -> pd.DataFrame:
-    """Mean gate per ``phase, domain, slot`` (averaged over seeds), for one `cell` if the table has
-    several. Phases are ordered before, after, then any others alphabetically."""
+def collect(gates: pd.DataFrame, cell: str | None = None, seed: int | str | None = None) -> pd.DataFrame:
+    """Mean gate per ``phase, domain, slot`` for one `cell` if the table has several, and one `seed`
+    (default: the first seed in the table; ``"mean"``: averaged over seeds). Phases are ordered
+    before, after, then any others alphabetically. ``attrs``: ``cell``, ``seed`` (the seed shown,
+    ``"mean"`` or None without a seed column) and ``n_seeds`` (seeds in the table)."""
     df = gates
     if "cell" in df and cell is not None:
         df = df[df["cell"].astype(str) == str(cell)]
     elif "cell" in df and df["cell"].nunique() > 1:
         raise ValueError("gates table holds several cells; pass cell=...")
+    seeds = list(dict.fromkeys(df["seed"].tolist())) if "seed" in df else []
+    shown = None
+    if seeds and seed != "mean":
+        shown = seeds[0] if seed is None else seed
+        df = df[df["seed"] == shown]
+        if not len(df):
+            raise ValueError(f"gates table holds no seed {seed!r} (seeds: {seeds})")
+    elif seeds:
+        shown = "mean"
     out = df.groupby(["phase", "domain", "slot"], as_index=False, sort=True)["mean_gate"].mean()
     phases = [p for p in PHASE_ORDER if p in set(out["phase"])] + sorted(set(out["phase"]) - set(PHASE_ORDER))
     out["phase"] = pd.Categorical(out["phase"], categories=phases, ordered=True)
     out = out.sort_values(["phase", "domain", "slot"]).reset_index(drop=True)
-    out.attrs["cell"] = cell
+    if cell is None and "cell" in gates and gates["cell"].nunique() == 1:
+        cell = gates["cell"].iloc[0]
+    out.attrs.update(cell=cell, seed=shown, n_seeds=len(seeds))
     return out
 
 
@@ -68,8 +90,8 @@ def plot(df: pd.DataFrame, top: int = 2, title: str | None = None) -> Figure:
     n_dom = max((m.shape[0] for m in mats.values()), default=1)
     n_slot = max((m.shape[1] for m in mats.values()), default=1)
     width = min(15.0, 1.8 + len(mats) * (1.2 + 0.28 * n_slot))
-    height = min(9.0, 2.6 + 0.38 * n_dom)
-    index = {}
+    height = min(10.0, 3.6 + 0.38 * n_dom)
+    index, diag = {}, {}
     with theme():
         fig = new_figure(width, height)
         axes = np.atleast_1d(fig.subplots(1, max(len(mats), 1), sharey=True, squeeze=False)[0])
@@ -77,6 +99,7 @@ def plot(df: pd.DataFrame, top: int = 2, title: str | None = None) -> Figure:
         for ax, (phase, m) in zip(axes, mats.items()):
             mi = monopoly_index(m.to_numpy(float), top)
             index[phase] = mi
+            diag[phase] = d = matrix_stats(m.to_numpy(float))
             mesh = ax.imshow(m.to_numpy(float), cmap=SEQUENTIAL_CMAP, vmin=0.0, vmax=vmax, aspect="auto",
                              interpolation="nearest")
             ax.set_xticks(np.arange(m.shape[1]), [str(s) for s in m.columns])
@@ -84,12 +107,22 @@ def plot(df: pd.DataFrame, top: int = 2, title: str | None = None) -> Figure:
             ax.tick_params(axis="x", labelsize=8.5 if m.shape[1] > 12 else 10)
             ax.grid(False)
             ax.set_xlabel("slot")
-            ax.set_title(f"{phase} adaptation\nmonopoly index (top-{top} share) = {mi:.3f}", fontsize=11)
+            per = np.mean(d["slots5_domain"]) if d["slots5_domain"] else float("nan")
+            ax.set_title(f"{phase} adaptation\nmonopoly index (top-{top} share) = {mi:.3f}, top-4 = {d['top4']:.3f}\n"
+                         f"slots > 5%: {d['slots5']} pooled, {per:.1f} per domain; MI(domain; slot) = {d['mi']:.3f} nats",
+                         fontsize=10)
         axes[0].set_ylabel("domain")
         if mesh is not None:
             fig.colorbar(mesh, ax=list(axes), shrink=0.9, pad=0.02, label="mean gate")
         k = n_slot
-        cell = df.attrs.get("cell")
-        head = title or ("Gate usage" + (f" — cell {cell}" if cell else ""))
-        fig.suptitle(f"{head}   (even use of {k} slots: top-{top} share = {top / k:.3f})", fontsize=12)
-    return attach(fig, kind="gates", monopoly=index, top=top, panels=list(mats), axes=list(axes))
+        cell, seed, n_seeds = df.attrs.get("cell"), df.attrs.get("seed"), df.attrs.get("n_seeds", 0)
+        which = ""
+        if seed == "mean":
+            which = f", mean of {n_seeds} seeds"
+        elif seed is not None:
+            which = f", seed {seed}" + (f" (1 of {n_seeds} seeds)" if n_seeds > 1 else "")
+        head = title or ("Gate usage" + (f" — cell {cell}" if cell else "") + which)
+        n_dom_ = max(n_dom, 1)
+        fig.suptitle(f"{head}\n(even use of {k} slots: top-{top} share {top / k:.3f}, top-4 {min(4, k) / k:.3f}; "
+                     f"one slot set per domain: MI up to log {n_dom_} = {np.log(n_dom_):.3f})", fontsize=11.5)
+    return attach(fig, kind="gates", monopoly=index, diagnostics=diag, top=top, panels=list(mats), axes=list(axes))

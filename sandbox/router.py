@@ -8,7 +8,9 @@ leading seed/population dims; `Router` wraps them with ``nn.Parameter`` for the 
   ``g_k = f_k + (1 - f_k) * sigmoid(z_k / tau(step))`` with ``z = h W + b``, a learnable floor
   ``f_k = floor_max * sigmoid(phi_k)`` in ``[0, floor_max]`` and a temperature annealed from
   ``tau_start`` to ``tau_end`` over ``anneal_steps`` (``linear``, ``cosine`` or ``exp``) and
-  clamped to ``[tau_min, tau_max]`` at every step. So ``g_k`` lies in ``[f_k, 1]``.
+  clamped to ``[tau_min, tau_max]`` at every step. So ``g_k`` lies in ``[f_k, 1]``. With
+  ``tau_scales = input`` the temperature divides only the input-dependent part:
+  ``sigmoid(b_k + (h W)_k / tau)``.
 
 Parameters (slot axis last, so slot k of every parameter is ``[..., k]``):
 ``W (*b, F, K)``, ``bias (*b, K)`` and, for ``sigmoid``, ``phi (*b, K)``.
@@ -28,6 +30,7 @@ from sandbox.errors import check, require
 KINDS = ("softmax", "sigmoid")
 INITS = ("zero", "mass")
 SCHEDULES = ("linear", "cosine", "exp")
+TAU_SCALES = ("logit", "input")
 PARAM_ORDER = ("W", "bias", "phi")  # the flat-vector layout of `params_to_vector`
 
 
@@ -58,6 +61,14 @@ class RouterConfig:
             weight per token at step 0 is ``init_mass``. Softmax routers ignore it (their total is 1).
         init_mass: target total gate weight per token at step 0 for ``init = mass``; 1 = the
             softmax's, in ``(0, K)``.
+        tau_scales: what the sigmoid temperature divides. ``logit`` (the class default: the analytic
+            sandbox's, and every transformer run before the option): the whole logit,
+            ``sigmoid((h W + b) / tau)``; with a ``mass`` start the bias is ``tau(0) logit(p)``, so the
+            anneal multiplies the start's logit by ``tau(0) / tau``: from 2 to 0.5, a 1/16 start
+            (-3.4) becomes ``sigmoid(-13.6) ~ 1e-6`` and every gate ends on its floor. ``input`` (a
+            cell's default): only the input-dependent part, ``sigmoid(b + h W / tau)``; the bias holds
+            the operating point (the ``mass`` start's ``logit(p)``) through the anneal, which sharpens
+            how the gates respond to the input.
     """
 
     kind: str = "sigmoid"
@@ -74,6 +85,7 @@ class RouterConfig:
     phi_init: float = 0.0
     init: str = "zero"
     init_mass: float = 1.0
+    tau_scales: str = "logit"
 
     def __post_init__(self):
         require(self.kind in KINDS, "router", self.kind, "one of " + ", ".join(KINDS))
@@ -90,6 +102,7 @@ class RouterConfig:
         check(_finite(self.init_std) and self.init_std >= 0, "init_std", self.init_std, "a number >= 0")
         check(_finite(self.phi_init), "phi_init", self.phi_init, "a finite number")
         require(self.init in INITS, "router_init", self.init, "one of " + ", ".join(INITS))
+        require(self.tau_scales in TAU_SCALES, "tau_scales", self.tau_scales, "one of " + ", ".join(TAU_SCALES))
         check(_finite(self.init_mass) and self.init_mass > 0, "init_mass", self.init_mass, "a number > 0")
         check(self.kind != "sigmoid" or self.init != "mass" or self.init_mass < self.n_slots, "init_mass",
                 self.init_mass, f"a number in (0, K = {self.n_slots}) for a sigmoid router with --router-init mass")
@@ -128,7 +141,8 @@ def mass_init(cfg: RouterConfig) -> tuple[float, float]:
     (``K f > m / 2``); then ``phi`` is lowered so the floors carry exactly half
     (``f = m / (2 K)``), and the bias the other half. The neglected spread of ``h W`` (std
     ``init_std |h| / sqrt(F)`` in logit units) shifts the mean by second order only; the test measures
-    the total on real features.
+    the total on real features. With ``tau_scales = input`` the temperature does not divide the
+    bias, so ``bias = logit(...)`` without the factor ``tau0``, and the start holds through the anneal.
     """
     if cfg.kind != "sigmoid" or cfg.init == "zero":
         return 0.0, float(cfg.phi_init)
@@ -140,7 +154,7 @@ def mass_init(cfg: RouterConfig) -> tuple[float, float]:
         q = f / cfg.floor_max              # sigmoid(phi) = f / floor_max < 1 since K f_max >= K f > m / 2
         phi = math.log(q / (1 - q))
     p = (m / K - f) / (1 - f)              # in (0, 1): f <= m / (2K) < m / K and m < K
-    tau0 = float(temperature(cfg, 0))
+    tau0 = float(temperature(cfg, 0)) if cfg.tau_scales == "logit" else 1.0
     return tau0 * math.log(p / (1 - p)), phi
 
 
@@ -198,15 +212,21 @@ def router_gates(cfg: RouterConfig, params: dict[str, Tensor], features: Tensor,
 
     Leading dims broadcast: params ``(S, P, F, K)`` with features ``(S, 1, N, F)`` give
     ``(S, P, N, K)``. ``step`` sets the sigmoid temperature (ignored by softmax, whose
-    temperature is fixed at 1); a tensor step must broadcast to ``(*b, 1, 1)``.
+    temperature is fixed at 1); a tensor step must broadcast to ``(*b, 1, 1)``. The temperature
+    divides the whole logit or only ``h W`` (`RouterConfig.tau_scales`).
     """
-    z = router_logits(params, features)  # (*b, N, K)
     if cfg.kind == "softmax":
-        return torch.softmax(z, dim=-1)
+        return torch.softmax(router_logits(params, features), dim=-1)
     tau = temperature(cfg, step)
+    f = floors(cfg, params).unsqueeze(-2)  # (*b, 1, K)
+    if cfg.tau_scales == "input":   # sigmoid(b + h W / tau): the anneal leaves the operating point alone
+        hw = features @ params["W"]  # (*b, N, K)
+        if isinstance(tau, Tensor):
+            tau = tau.to(hw.dtype)
+        return f + (1 - f) * torch.sigmoid(params["bias"].unsqueeze(-2) + hw / tau)
+    z = router_logits(params, features)  # (*b, N, K)
     if isinstance(tau, Tensor):
         tau = tau.to(z.dtype)
-    f = floors(cfg, params).unsqueeze(-2)  # (*b, 1, K)
     return f + (1 - f) * torch.sigmoid(z / tau)
 
 

@@ -26,7 +26,8 @@ k's gate zeroed (`sandbox.lifecycle.loo_gates`), ``L_m`` with every slot.
 
 One gradient step ``t`` (0-based): training windows ``sample_batch`` from a generator seeded by
 ``(seed, t)`` only, features (no grad), gates, forward with every bank gated, mean token
-cross-entropy, backward, global-norm clip, Adam on adapter factors and router parameters, learning
+cross-entropy, backward, global-norm clip, Adam on adapter factors and router parameters (the router
+in its own group at ``router_lr``, by default `substrate.defaults.ROUTER_LR_RATIO` times ``lr``), learning
 rate warm-up then cosine decay (`substrate.train.lr_at`). All randomness of step t comes from
 generators seeded by ``(seed, t, purpose)``, so the data order and every lifecycle draw are pure
 functions of (seed, step): a run resumed from a checkpoint replays exactly the same numbers, and
@@ -45,6 +46,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from sandbox import gatestats
 from sandbox.adapters import AdapterBank
 from sandbox.factors import Cell, parse_cell
 from sandbox.errors import BadInput, require
@@ -54,6 +56,7 @@ from sandbox.results import RunDir, atomic_save_torch, claim_run_dir, load_torch
 from sandbox.router import Router, RouterConfig, gate_rows, router_gates
 from sandbox.streams import Purpose, generator
 from substrate import acar
+from substrate.defaults import ROUTER_LR_RATIO
 from substrate.corpus import Corpus, CorpusConfig, load_text_domains, sample_batch, synthetic_corpus
 from substrate.model import GPT, POOLINGS, PRESETS, autocast, freeze_base, load_banks, preset, routing_features
 from substrate.train import (TrainConfig, clip_gradients, evaluate, initial_banks, lr_at, pretrain, pretraining,
@@ -80,7 +83,11 @@ SUBSTRATE: dict[str, dict] = {
 #: The router a cell starts from. Its knobs are the sigmoid rewrite's (a B3 cell runs the softmax and
 #: ignores them); ``kind``, ``n_slots`` and ``n_features`` are set from the cell and the preset, and
 #: ``anneal_steps=None`` anneals over all the run's steps (`CellConfig.router_config`).
-CELL_ROUTER = RouterConfig(init="mass", init_mass=1.0, anneal_steps=None)
+#: ``tau_scales="input"``: the anneal divides only the input-dependent part of the sigmoid's logit, so
+#: the fair start's operating point survives it (with ``logit``, the earlier behaviour, the anneal from
+#: 2 to 0.5 took the start's logit from -3.4 to -13.6 and shut every gate onto its floor).
+CELL_ROUTER = RouterConfig(init="mass", init_mass=1.0, anneal_steps=None, tau_scales="input")
+
 #: The lifecycle a cell runs (factor L); ``scope`` is set from factor E. ``interval`` and
 #: ``min_age`` suit the default 200 steps (the CLI scales them to the step count, `schedule`).
 CELL_LIFECYCLE = LifecycleConfig(interval=50, min_age=50)
@@ -88,7 +95,8 @@ CELL_LIFECYCLE = LifecycleConfig(interval=50, min_age=50)
 #: The nested knobs a cell exposes under flat names (CLI flags, `CellConfig.flat`, `identity`, the
 #: ledgers' payloads): flat name -> (group, field). Every other nested field keeps its default.
 NESTED: dict[str, tuple[str, str]] = {
-    **{n: ("router", n) for n in ("floor_max", "tau_start", "tau_end", "tau_min", "tau_max", "anneal_steps")},
+    **{n: ("router", n) for n in ("floor_max", "tau_start", "tau_end", "tau_min", "tau_max", "anneal_steps",
+                                  "tau_scales")},
     "router_init": ("router", "init"),
     **{n: ("lifecycle", n) for n in ("interval", "n_die", "min_age", "inherit_alpha", "inherit_mode", "mutation_sigma",
                                      "per_domain_agg", "selection", "crossover", "crossover_t")},
@@ -117,7 +125,11 @@ class CellConfig:
     batch: int = 8
     """Training windows per step."""
     lr: float = 3e-3
-    """Peak Adam learning rate (warm-up then cosine decay to 10%)."""
+    """Peak Adam learning rate of the adapters (warm-up then cosine decay to 10%)."""
+    router_lr: float | None = None
+    """Peak Adam learning rate of the router, in its own parameter group on the adapters' warm-up and
+    decay; None is `substrate.defaults.ROUTER_LR_RATIO` x --lr, and --lr itself is the single learning
+    rate of earlier runs."""
     eval_every: int = 50
     """Steps between held-out evaluations (also at step 0 and at the end)."""
     checkpoint_every: int = 50
@@ -167,6 +179,8 @@ class CellConfig:
                 _int(getattr(self, name), name, 1)
         require(_num(self.alignment) and 0 <= self.alignment <= 1, "alignment", self.alignment, "a number in [0, 1]")
         require(_num(self.lr) and 0 < self.lr <= 1, "lr", self.lr, "a number in (0, 1]")
+        require(self.router_lr is None or (_num(self.router_lr) and 0 < self.router_lr <= 1), "router_lr",
+                self.router_lr, "a number in (0, 1]")
         require(_num(self.perturb_base) and 0 <= self.perturb_base <= 10, "perturb_base", self.perturb_base,
                 "a number in [0, 10]")
         require(self.pooling in POOLINGS, "pooling", self.pooling, "one of " + ", ".join(POOLINGS))
@@ -218,6 +232,11 @@ class CellConfig:
     def model_config(self):
         return preset(self.preset, slots=self.slots, rank=self.rank)
 
+    @property
+    def router_lr_value(self) -> float:
+        """The router's peak learning rate: ``router_lr``, else `ROUTER_LR_RATIO` x ``lr``."""
+        return float(self.router_lr) if self.router_lr is not None else ROUTER_LR_RATIO * self.lr
+
     def router_config(self, n_features: int) -> RouterConfig:
         """The cell's router over ``n_features``-wide features, its anneal resolved to the run's steps."""
         a = self.router.anneal_steps
@@ -249,14 +268,17 @@ class CellConfig:
         for k, v in LATER_DEFAULTS.items():
             if d[k] == v:
                 d.pop(k)
+        if d["router_lr"] is not None and d["router_lr"] == d["lr"]:   # one learning rate, as earlier runs
+            d.pop("router_lr")
         return d
 
 
 #: Options added after the first folders and ledgers were written, at the value those runs had:
 #: left out of `CellConfig.identity` at that value. ``router_kind`` auto (the cell's own router),
-#: ``router_init`` zero (the zero-bias start of every earlier run) and the EvoMerge operators off.
+#: ``router_init`` zero (the zero-bias start of every earlier run), the EvoMerge operators off and
+#: ``tau_scales`` logit (the anneal on the whole logit). ``router_lr`` is left out when it equals ``lr``.
 LATER_DEFAULTS = dict(router_kind="auto", router_init="zero", selection="tournament", crossover="none",
-                      crossover_t=None, mutation="svd", finetune_steps=1, finetune_lr=0.01)
+                      crossover_t=None, mutation="svd", finetune_steps=1, finetune_lr=0.01, tau_scales="logit")
 
 
 def _num(x) -> bool:
@@ -338,6 +360,8 @@ class RunState:
     train_loss: list = dataclasses.field(default_factory=list)
     acar_score: Tensor | None = None
     """--router acar: the cheap per-slot score ``(K,)`` (minus held-in loss, measured at build)."""
+    gate_stats: dict = dataclasses.field(default_factory=dict)
+    """Phase (before / after) -> the gate diagnostics on the held-out windows (`gate_record`)."""
 
 
 def perturb_(model: GPT, scale: float, generator: torch.Generator) -> None:
@@ -366,7 +390,12 @@ def build_state(cfg: CellConfig, sub: Substrate) -> RunState:
     model = model.to(cfg.device)
     params = freeze_base(model)
     router = Router(cfg.router_config(mcfg.d_model), generator=g).to(cfg.device)
-    opt = torch.optim.Adam(params + list(router.parameters()), lr=cfg.lr)
+    rlr = cfg.router_lr_value
+    if rlr == cfg.lr:   # one group, exactly the optimiser of the runs before --router-lr
+        opt = torch.optim.Adam(params + list(router.parameters()), lr=cfg.lr)
+    else:               # the router's own group; "scale" = its lr over the adapters' (`train_step`)
+        opt = torch.optim.Adam([{"params": params, "scale": 1.0},
+                                {"params": list(router.parameters()), "lr": rlr, "scale": rlr / cfg.lr}], lr=cfg.lr)
     st = RunState(model, router, opt, Population.founders((), cfg.slots), assignment)   # population on CPU
     if cfg.router_kind == "acar":
         st.acar_score = acar_held_in_score(cfg, st, sub.corpus)
@@ -390,7 +419,7 @@ def checkpoint(cfg: CellConfig, st: RunState) -> dict:
             "router": {k: v.detach().cpu() for k, v in st.router.state_dict().items()},
             "opt": st.opt.state_dict(), "assignment": st.assignment,
             "pop": {k: getattr(st.pop, k) for k in ("ids", "ages", "parents", "next_id", "step")},
-            "tables": {k: getattr(st, k) for k in ("curves", "gates", "events", "fitness", "train_loss")},
+            "tables": {k: getattr(st, k) for k in ("curves", "gates", "events", "fitness", "train_loss", "gate_stats")},
             "torch_rng": torch.get_rng_state()}
 
 
@@ -425,7 +454,7 @@ def train_step(cfg: CellConfig, st: RunState, corpus: Corpus, tcfg: TrainConfig)
     x, y, _ = sample_batch(corpus, "train", cfg.batch, step_generator(cfg.seed, st.step, _BATCH))
     x, y = x.to(cfg.device), y.to(cfg.device)
     for group in st.opt.param_groups:
-        group["lr"] = lr_at(st.step, tcfg)
+        group["lr"] = lr_at(st.step, tcfg) * group.get("scale", 1.0)
     with autocast(cfg.device):
         _, loss = st.model(x, gates_for(cfg, st, x, st.step), y)
     st.opt.zero_grad(set_to_none=True)
@@ -566,16 +595,33 @@ def evaluate_state(cfg: CellConfig, st: RunState, corpus: Corpus):
 
 
 @torch.no_grad()
-def gate_usage(cfg: CellConfig, st: RunState, corpus: Corpus, phase: str, windows: int = 8) -> list[dict]:
-    """Mean gate per (domain, slot) on the first `windows` held-out windows per domain."""
-    xs, labels = [], []
+def held_out_gates(cfg: CellConfig, st: RunState, corpus: Corpus, batch: int = 64) -> tuple[Tensor, Tensor]:
+    """The run's gates at the current step on the held-out evaluation windows (``eval_windows`` per
+    domain, default all): ``gates (n, K)`` (one row per token, float32 on the CPU) and the token's
+    domain ``(n,)``."""
+    gs, labels = [], []
     for m, w in enumerate(corpus.heldout):
-        x = w[:windows, :-1].long()
-        xs.append(x)
-        labels.append(torch.full(x.shape, m))
-    x = torch.cat(xs).to(cfg.device)                                            # (M*w, T)
-    gates = gates_for(cfg, st, x, st.step).float().cpu()                        # (M*w, T, K)
-    return gate_rows(gates, torch.cat(labels), phase, list(corpus.names), seed=cfg.seed, cell=cfg.cell)
+        w = w[:cfg.eval_windows] if cfg.eval_windows else w
+        for i in range(0, w.shape[0], batch):
+            x = w[i:i + batch, :-1].long().to(cfg.device)                       # (b, T)
+            g = gates_for(cfg, st, x, st.step).float().cpu()                    # (b, T, K)
+            gs.append(g.reshape(-1, g.shape[-1]))
+            labels.append(torch.full((g.shape[0] * g.shape[1],), m))
+    return torch.cat(gs), torch.cat(labels)
+
+
+def gate_record(cfg: CellConfig, st: RunState, corpus: Corpus, phase: str) -> None:
+    """Gates at the current step on the held-out windows: the ``gates.csv`` rows of `phase` (mean gate
+    per domain and slot) and the diagnostics `sandbox.gatestats.gate_stats` in ``st.gate_stats[phase]``
+    (floors: the sigmoid router's; own slots: the slot the starting bank aligned with each domain's
+    specialist)."""
+    gates, dom = held_out_gates(cfg, st, corpus)
+    st.gates.extend(gate_rows(gates, dom, phase, list(corpus.names), seed=cfg.seed, cell=cfg.cell))
+    sigmoid = cfg.router_kind != "acar" and st.router.cfg.kind == "sigmoid"
+    floors = st.router.floors().detach().float().cpu() if sigmoid else None
+    stats = gatestats.gate_stats(gates, dom, corpus.domains, floors=floors, own_slots=st.assignment.tolist())
+    names = list(corpus.names)
+    st.gate_stats[phase] = {k: (dict(zip(names, v)) if isinstance(v, list) else v) for k, v in stats.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -642,7 +688,7 @@ def run_cell(cfg: CellConfig, out: str | Path, cache_dir: str | Path = "runs/cac
         restore(st, ck)
     else:
         st.curves.extend(evaluate_state(cfg, st, corpus).rows(step=0, seed=cfg.seed, cell=cfg.cell))
-        st.gates.extend(gate_usage(cfg, st, corpus, "before"))
+        gate_record(cfg, st, corpus, "before")
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, batch=cfg.batch, warmup=max(1, cfg.steps // 20), min_lr_ratio=0.1)
     lcfg = cfg.lifecycle_config()
     t0, ran = time.perf_counter(), 0
@@ -705,7 +751,7 @@ def finish(cfg: CellConfig, st: RunState, sub: Substrate, run: RunDir) -> dict:
     corpus = sub.corpus
     diverged = st.diverged_step is not None
     if not diverged:
-        st.gates.extend(gate_usage(cfg, st, corpus, "after"))
+        gate_record(cfg, st, corpus, "after")
         final = evaluate_state(cfg, st, corpus)
         nll = final.nll.tolist()
         if not all(math.isfinite(v) for v in nll):
@@ -735,6 +781,8 @@ def finish(cfg: CellConfig, st: RunState, sub: Substrate, run: RunDir) -> dict:
         "lifecycle_events": sum(e["event"] == "death" for e in st.events),
         "router": "acar" if cfg.router_kind == "acar" else st.router.cfg.kind, "features": cfg.features, "scope": cfg.lifecycle_config().scope,
         "assignment": st.assignment.tolist(), "device": cfg.device,
+        "router_lr": cfg.router_lr_value,
+        "gates": {p: st.gate_stats[p] for p in ("before", "after") if p in st.gate_stats},
     }
     if cfg.router_kind == "acar" and not diverged:
         metrics["router_kind"] = "acar"

@@ -16,6 +16,16 @@ CPU_PRESET = "small"
 #: Default adaptation steps per preset (widened-1536: the study's 25,000).
 PRESET_STEPS = {"tiny": 100, "small": 200, GPU_PRESET: GPU_STEPS}
 CPU_STEPS = PRESET_STEPS[CPU_PRESET]
+#: The router's default peak learning rate as a multiple of the adapters' (`CellConfig.router_lr`
+#: unset). Measured on ``tiny`` (100 steps, seeds 0-3, B3 and R with ``tau_scales=input``; ratios 1,
+#: 3, 10, 30): at 1 and 3 the softmax router never leaves its start (16 of 16 slots above 5%, top-4
+#: share <= 0.27, MI(domain; slot) <= 0.0003 nats), at 30 the sigmoid router shuts its own gates
+#: (input-dependent part 0.04 of 0.5 at the start) and does worst; 10 is the one ratio tried where
+#: both routers move (B3: top-4 0.31, 14.75 slots; R: MI 0.21, own-slot share 0.31, gates open 0.23).
+#: The mean held-out loss of the two routers does not pick a ratio (4.7657, 4.7633, 4.7659, 4.7648),
+#: and the router contrast changes sign with it (-0.0007, +0.0036, -0.0051, -0.0234 nats): each router
+#: has its own best ratio (R about 3, B3 30 or more), which one shared default cannot give both.
+ROUTER_LR_RATIO = 10.0
 #: Throughput of widened-1536 measured on 2 CPU cores (README, "Speed on this machine"): tokens/s.
 CPU_TOKENS_PER_S = {"adapt": 40.0, "pretrain": 16.0}
 

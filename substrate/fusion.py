@@ -124,10 +124,13 @@ class FusionConfig:
         require(self.device in DEVICES, "device", self.device, "cpu or cuda")
 
     def cell(self, router: str = "B3") -> CellConfig:
-        """The cell whose substrate (corpus, base) and router settings the fusion reuses."""
+        """The cell whose substrate (corpus, base) and router settings the fusion reuses. The sigmoid
+        router keeps the anneal on the whole logit (``tau_scales="logit"``, the fusion's behaviour since
+        it was written: its ledger keys do not hold the router's settings, so a change here would mix
+        old and new trials under one key)."""
         return CellConfig.of(cell=router, preset=self.preset, steps=self.router_steps, seed=self.seed, slots=self.domains,
                           domains=self.domains, batch=self.batch, lr=self.router_lr, eval_windows=self.eval_windows,
-                          device=self.device)
+                          device=self.device, tau_scales="logit")
 
     def identity(self) -> dict:
         """Everything that determines a trial's numbers except the seed and the device."""

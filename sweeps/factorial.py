@@ -34,6 +34,7 @@ from typing import Callable
 
 import pandas as pd
 
+from sandbox import gatestats
 from sandbox.factors import DEFAULT_CELLS, parse_cell
 from sandbox.errors import BadInput, require
 from sandbox.options import DEFAULT_SEEDS
@@ -153,7 +154,10 @@ class FactorialResult:
 
 
 def cells_row(cell: str, seed: int, metrics: dict) -> dict:
-    """One cells.csv row from a run's metrics (per-domain log-PPL as ``log_ppl_<domain>``)."""
+    """One cells.csv row from a run's metrics: `METRIC_COLUMNS`, per-domain log-PPL as
+    ``log_ppl_<domain>``, the router's peak learning rate and the gate diagnostics on the held-out
+    windows at the start and the end of adaptation (`sandbox.gatestats.COLUMNS`:
+    ``gate_<name>_before`` / ``gate_<name>_after``, per-domain ones averaged over domains)."""
     row = {"cell": cell, "seed": seed}
     row.update({k: metrics.get(k) for k in METRIC_COLUMNS})
     if row["initial_gap_to_base"] is None:   # metrics.json written before the column existed
@@ -162,6 +166,10 @@ def cells_row(cell: str, seed: int, metrics: dict) -> dict:
         row["balanced_log_ppl"] = math.nan
     for name, v in (metrics.get("log_ppl") or {}).items():
         row[f"log_ppl_{name}"] = math.nan if v is None else v
+    row["router_lr"] = metrics.get("router_lr", math.nan)
+    gates = metrics.get("gates") or {}   # absent in metrics.json written before the diagnostics: NaN
+    for phase in ("before", "after"):
+        row.update(gatestats.columns(gates.get(phase), phase))
     return row
 
 

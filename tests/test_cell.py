@@ -116,8 +116,10 @@ def test_kill_and_resume_equals_uninterrupted(sub, tmp_path):
     assert not first.done and first.step == 7 and (tmp_path / "cut" / "checkpoint.pt").exists()
     second = run(cfg, tmp_path / "cut", sub)
     assert second.done and second.step == 12 and not (tmp_path / "cut" / "checkpoint.pt").exists()
-    for key in ("balanced_log_ppl", "log_ppl", "gap_to_floor", "steps", "tokens", "lifecycle_events", "diverged"):
+    for key in ("balanced_log_ppl", "log_ppl", "gap_to_floor", "steps", "tokens", "lifecycle_events", "diverged",
+                "gates"):
         assert whole.metrics[key] == second.metrics[key], key
+    assert set(second.metrics["gates"]) == {"before", "after"}   # the step-0 diagnostics survive the checkpoint
     for table in ("curves.csv", "lifecycle.csv", "fitness.csv", "gates.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "whole" / table), pd.read_csv(tmp_path / "cut" / table))
     manifest = json.loads((tmp_path / "cut" / "manifest.json").read_text())
@@ -207,3 +209,57 @@ def test_fair_start_gives_the_sigmoid_router_the_softmax_total_and_reports_the_s
     assert m["initial_gap_to_base"] == pytest.approx(m["initial_balanced_log_ppl"] - m["base_balanced_log_ppl"])
     with pytest.raises(BadInput, match="--router-init"):
         CellConfig.of(**TINY, router_init="half")
+
+
+# --- gate diagnostics and the router's own learning rate ----------------------------------
+
+def test_gate_diagnostics_in_metrics_match_the_held_out_gates(sub, tmp_path):
+    from sandbox import gatestats
+
+    cfg = CellConfig.of(**TINY, cell="R")
+    m = run(cfg, tmp_path / "r", sub).metrics
+    names = list(sub.corpus.names)
+    for phase in ("before", "after"):
+        d = m["gates"][phase]
+        assert set(d) == set(gatestats.NAMES)
+        assert list(d["own"]) == names and list(d["slots5_domain"]) == names
+    # "before" = the gates of the starting state on every held-out window (eval_windows per domain)
+    st = build_state(cfg, sub)
+    gates, dom = cellmod.held_out_gates(cfg, st, sub.corpus)
+    T = sub.corpus.heldout[0].shape[1] - 1
+    assert gates.shape == (sub.corpus.domains * TINY["eval_windows"] * T, cfg.slots)
+    want = gatestats.gate_stats(gates, dom, sub.corpus.domains, floors=st.router.floors().detach(),
+                                own_slots=st.assignment.tolist())
+    got = m["gates"]["before"]
+    assert got["own"] == dict(zip(names, want["own"])) and got["mass"] == want["mass"] and got["mi"] == want["mi"]
+    assert got["open"] == pytest.approx(got["mass"] - cfg.slots * float(st.router.floors()[0]), rel=1e-5)
+    # the fair start: total 1 per token, half of it above the floors, so the router can move it
+    assert got["mass"] == pytest.approx(1.0, abs=0.05) and got["open"] > 0.4
+    # a softmax has no floor: open = mass = 1
+    b3 = run(CellConfig.of(**TINY, cell="B3"), tmp_path / "b3", sub).metrics["gates"]["after"]
+    assert b3["mass"] == pytest.approx(1.0) and b3["open"] == pytest.approx(1.0)
+    g = pd.read_csv(tmp_path / "r" / "gates.csv")
+    assert set(g["phase"]) == {"before", "after"} and len(g) == 2 * sub.corpus.domains * cfg.slots
+
+
+def test_router_gets_its_own_learning_rate(sub):
+    from substrate.defaults import ROUTER_LR_RATIO
+    from substrate.train import TrainConfig, lr_at
+
+    cfg = CellConfig.of(**TINY, cell="R")
+    assert cfg.router_lr is None and cfg.router_lr_value == ROUTER_LR_RATIO * cfg.lr
+    st = build_state(cfg, sub)
+    assert len(st.opt.param_groups) == 2
+    adapters, router = st.opt.param_groups
+    assert {id(p) for p in router["params"]} == {id(p) for p in st.router.parameters()}
+    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, batch=cfg.batch, warmup=1, min_lr_ratio=0.1)
+    st.step = 3
+    cellmod.train_step(cfg, st, sub.corpus, tcfg)
+    assert adapters["lr"] == lr_at(3, tcfg) and router["lr"] == pytest.approx(ROUTER_LR_RATIO * lr_at(3, tcfg))
+    # --router-lr = --lr: one group, the optimiser (and the identity, so the folders) of the earlier runs
+    same = CellConfig.of(**TINY, cell="R", router_lr=cfg.lr, tau_scales="logit")
+    assert len(build_state(same, sub).opt.param_groups) == 1
+    assert "router_lr" not in same.identity() and "tau_scales" not in same.identity()
+    assert cfg.identity()["router_lr"] is None and cfg.identity()["tau_scales"] == "input"
+    with pytest.raises(BadInput, match="--router-lr"):
+        CellConfig.of(**TINY, router_lr=0.0)

@@ -68,6 +68,9 @@ def test_ledger_marks_a_killed_trial_failed_and_reruns_it(tmp_path):
 def test_cells_row_blanks_diverged_runs():
     row = cells_row("R", 1, {"balanced_log_ppl": 4.0, "diverged": True, "log_ppl": {"d0": None}})
     assert math.isnan(row["balanced_log_ppl"]) and math.isnan(row["log_ppl_d0"])
+    from sandbox.gatestats import COLUMNS
+
+    assert all(math.isnan(row[c]) for c in COLUMNS)             # metrics.json from before the diagnostics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,6 +89,12 @@ def test_smoke_factorial_on_tiny(tmp_path, cache, capsys):
     assert set(cells.loc[cells["cell"] == "B3", "router"]) == {"softmax"}
     assert (cells.loc[cells["cell"].str.contains("L"), "lifecycle_events"] > 0).all()
     assert (cells.loc[~cells["cell"].str.contains("L"), "lifecycle_events"] == 0).all()
+    from sandbox.gatestats import COLUMNS
+
+    assert set(COLUMNS) <= set(cells.columns) and cells[list(COLUMNS)].notna().all().all()
+    b3 = cells[cells["cell"] == "B3"]
+    assert (b3["gate_mass_after"] - 1).abs().max() < 1e-6 and (b3["gate_open_after"] == b3["gate_mass_after"]).all()
+    assert (cells["router_lr"] > 0).all()
     att = pd.read_csv(out / "attribution.csv")
     assert set(att.loc[att["kind"] == "named", "contrast"]) == {"router", "scope", "lifecycle", "lifecycle_global", "system"}
     expect = stats.attribution(cells)

@@ -259,7 +259,7 @@ def _monopoly_loop(table: pd.DataFrame, phase: str, top: int = 2) -> float:
 
 def test_gate_panels_show_the_independently_computed_monopoly_index():
     t = gates_table()
-    fig = gates.plot(gates.collect(t))
+    fig = gates.plot(gates.collect(t, seed="mean"))
     enc = fig.encoding
     assert enc["panels"] == ["before", "after"]
     for ax, phase in zip(enc["axes"], ("before", "after")):
@@ -271,6 +271,26 @@ def test_gate_panels_show_the_independently_computed_monopoly_index():
         np.testing.assert_allclose(img.get_array(), mean.to_numpy())
         assert img.get_clim() == enc["axes"][0].images[0].get_clim()  # one colour scale
     assert enc["monopoly"]["after"] > enc["monopoly"]["before"]
+
+
+def test_gate_figure_shows_one_seed_and_says_which():
+    from sandbox.gatestats import matrix_stats
+
+    t = gates_table(seeds=(7, 3))
+    df = gates.collect(t.assign(cell="R"))
+    assert df.attrs["seed"] == 7 and df.attrs["n_seeds"] == 2 and df.attrs["cell"] == "R"   # the first seed
+    fig = gates.plot(df)
+    assert "cell R, seed 7 (1 of 2 seeds)" in fig._suptitle.get_text()
+    mine = t[(t["seed"] == 7) & (t["phase"] == "after")].pivot(index="domain", columns="slot", values="mean_gate")
+    np.testing.assert_allclose(fig.encoding["axes"][1].images[0].get_array(), mine.to_numpy())
+    want = matrix_stats(mine.to_numpy())
+    assert fig.encoding["diagnostics"]["after"] == want
+    title = fig.encoding["axes"][1].get_title()
+    assert f"top-4 = {want['top4']:.3f}" in title and f"MI(domain; slot) = {want['mi']:.3f}" in title
+    assert gates.collect(t, seed=3).attrs["seed"] == 3
+    assert "mean of 2 seeds" in gates.plot(gates.collect(t, seed="mean"))._suptitle.get_text()
+    with pytest.raises(ValueError, match="seed"):
+        gates.collect(t, seed=99)
 
 
 def test_monopoly_index_extremes():

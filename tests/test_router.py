@@ -240,3 +240,49 @@ def test_router_init_errors_name_the_flag():
         RouterConfig(init="uniform")
     with pytest.raises(BadInput, match="init_mass"):
         RouterConfig(n_slots=4, init="mass", init_mass=4.0)
+
+
+# --- the anneal and the fair start: --tau-scales ----------------------------------------
+
+def _anneal_gates(tau_scales, step, spread=1.0):
+    """A K = 16 sigmoid router with the fair start, annealed 2 -> 0.5 over 100 steps, on unit-RMS features;
+    W scaled up by `spread` so the gates depend on the input (a router that has learnt something)."""
+    cfg = RouterConfig(kind="sigmoid", n_features=8, n_slots=16, init="mass", anneal_steps=100, tau_scales=tau_scales)
+    g = torch.Generator().manual_seed(11)
+    p = init_router_params(cfg, (), g)
+    p["W"] = p["W"] * spread
+    h = torch.randn(2048, 8, generator=g)
+    gates = router_gates(cfg, p, h, step)
+    return gates, floors(cfg, p)
+
+
+def test_input_tau_scales_keeps_the_gates_open_through_the_anneal():
+    from sandbox.gatestats import token_stats
+
+    # the earlier behaviour: the fair start's bias (2 logit(1/31) = -6.8) is divided by tau = 0.5 at the
+    # end: every gate sits on its floor (input-dependent part ~1e-6 per slot), whatever W says
+    end_logit = token_stats(*_anneal_gates("logit", 100, spread=10.0))
+    assert end_logit["open"] < 16 * 1e-4 and end_logit["spread"] < 1e-3
+    assert abs(end_logit["mass"] - 0.5) < 1e-3                           # 16 floors of 1/32
+    # tau divides only h W: the start's total of 1 (half floors, half open) holds through the anneal...
+    start, end = (token_stats(*_anneal_gates("input", s)) for s in (0, 100))
+    assert abs(start["mass"] - 1.0) < 0.01 and abs(end["mass"] - 1.0) < 0.02
+    assert start["open"] > 0.49 and end["open"] > 0.48
+    # ... and the anneal sharpens the input-dependent part instead of closing it (tau 2 -> 0.5: ~4x)
+    s0, s1 = (token_stats(*_anneal_gates("input", s, spread=10.0))["spread"] for s in (0, 100))
+    assert s1 > 2 * s0 > 0 and s1 > 50 * end_logit["spread"]
+    # at step 0 both start from the same gates (the same total, the same W draw)
+    assert_close(_anneal_gates("logit", 0)[0], _anneal_gates("input", 0)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_tau_scales_default_is_the_earlier_router():
+    from sandbox.router import mass_init
+
+    cfg = RouterConfig(kind="sigmoid", n_features=3, n_slots=16, init="mass")
+    assert cfg.tau_scales == "logit"
+    bias, phi = mass_init(cfg)
+    assert bias == pytest.approx(2.0 * math.log((1 / 32) / (1 - 1 / 32) / (1 - (1 / 32) / (1 - 1 / 32))))
+    assert mass_init(RouterConfig(kind="sigmoid", n_features=3, n_slots=16, init="mass", tau_scales="input"))[0] == \
+        pytest.approx(bias / 2.0)                                        # no tau(0) factor
+    with pytest.raises(BadInput, match="--tau-scales"):
+        RouterConfig(tau_scales="bias")

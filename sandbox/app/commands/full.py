@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from substrate.defaults import CPU_PRESET, GPU_PRESET, PRESET_STEPS
+from substrate.defaults import CPU_PRESET, GPU_PRESET, PRESET_STEPS, ROUTER_LR_RATIO
 
 #: Run-time defaults of the cell options (`sandbox.app.declare`): keyword -> what None resolves to.
 AUTO = {
@@ -22,6 +22,7 @@ AUTO = {
     "steps": ", ".join(f"{n} for {p}" for p, n in PRESET_STEPS.items())
              + f"; with no --preset, {GPU_PRESET} on CUDA and {CPU_PRESET} on CPU",
     "device": "cuda when visible, else cpu",
+    "router_lr": f"{ROUTER_LR_RATIO:g} x --lr",
     "eval_every": "steps/5, at most 1000",
     "checkpoint_every": "--eval-every",
     "interval": "steps/5, at most 250",
