@@ -539,9 +539,9 @@ def decompose(df: pd.DataFrame, by: list[str], eps: float = DEFAULT_EPS, alpha: 
     then ``DECOMPOSITION``: ``delta_restart`` (restart vs grad), ``delta_beta2`` (the beta2 control
     vs grad) and ``room`` (oracle vs grad: the best re-routing of grad's own adapters), each a paired
     contrast with its 95% CI, Holm-adjusted p (Holm over the points, per contrast) and its own
-    `classify` regime; ``room_joint`` (with ``rel_excess``: grad's own rel_excess, since the joint
-    optimum of gates and adapters is at most the floor, i.e. 0, and no arm can end below it; its CI
-    gates ``no-room``); ``room_<arm>`` (mean over seeds of each arm's rel_excess minus that of the
+    `classify` regime; ``room_joint`` (with ``rel_excess``: grad's distance to the joint optimum of
+    gates and adapters, bounded by the floor, i.e. 0, or with frozen adapters the exact best routing
+    of them; no arm can end below it; its CI gates ``no-room``, `_joint_room`); ``room_<arm>`` (mean over seeds of each arm's rel_excess minus that of the
     best routing of its own final adapters: a diagnostic); ``grad_drop`` (grad's mean fall over its
     last half) and ``converged`` (``grad_drop <= converged_frac * eps``); ``accepted`` (mean share
     of generations with an accepted change), ``accepted_seeds`` (seeds with at least one),
@@ -623,10 +623,18 @@ def decompose(df: pd.DataFrame, by: list[str], eps: float = DEFAULT_EPS, alpha: 
 
 
 def _joint_room(grad: pd.DataFrame, by: list[str], value: str, alpha: float) -> pd.DataFrame:
-    """``room_joint`` per point: mean of grad's `value` (rel_excess: its distance to the floor, which
-    bounds the joint optimum of gates and adapters) and its upper ``1 - alpha`` t bound."""
+    """``room_joint`` per point: mean over seeds of grad's distance to the best any method could
+    reach, and its upper ``1 - alpha`` t bound. That best is the floor (rel_excess 0: it bounds the
+    joint optimum of gates and adapters) and, where the adapters are frozen (``adapter_lr`` 0: every
+    arm keeps the same adapters and only routing moves), the exact best routing of those adapters
+    (``rel_oracle``), which is then the joint optimum itself."""
+    v = _finite_values(grad, value)
+    if "rel_oracle" in grad and "adapter_lr" in grad:
+        frozen = pd.to_numeric(grad["adapter_lr"], errors="coerce").fillna(1.0).to_numpy(float) == 0
+        best = pd.to_numeric(grad["rel_oracle"], errors="coerce").to_numpy(float)
+        v = v - np.where(frozen & np.isfinite(best), best, 0.0)
     rows = []
-    for key, g in grad.assign(_v=_finite_values(grad, value)).groupby(by, dropna=False, sort=True):
+    for key, g in grad.assign(_v=v).groupby(by, dropna=False, sort=True):
         v = g["_v"].to_numpy(float)
         v = v[np.isfinite(v)]
         key = key if isinstance(key, tuple) else (key,)

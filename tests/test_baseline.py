@@ -112,8 +112,13 @@ def test_no_arm_ends_below_the_ceiling_its_label_uses(kw):
     assert (tidy["rel_excess"] >= -1e-12).all()
     assert (tidy["rel_oracle"] <= tidy["rel_excess"] + 1e-12).all()
     wide = tidy.pivot(index="seed", columns="arm", values="rel_excess")
+    ceiling = tidy[tidy.arm == "grad"].set_index("seed")["rel_oracle"] if cfg.plasticity == 0 else 0.0
     for arm in ("evo", "restart", "beta2", "oracle"):
-        assert ((wide["grad"] - wide[arm]) <= wide["grad"] + 1e-12).all()
+        assert (wide[arm] >= ceiling - 1e-12).all()            # frozen: every arm shares grad's adapters
+    summ = decompose(tidy.assign(point=0, adapter_lr=cfg.lr * cfg.plasticity), by=["point"])
+    per_seed = wide["grad"] - ceiling
+    assert summ["room_joint"].iloc[0] == pytest.approx(per_seed.mean(), abs=1e-12)
+    assert (wide["grad"] - wide["evo"] <= per_seed + 1e-12).all()     # no delta above the ceiling's room
 
 
 def test_a_slow_baseline_makes_search_look_good_and_tuning_removes_it(tmp_path):
