@@ -268,9 +268,33 @@ def run_factorial(fcfg: FactorialConfig, out: str | Path, cache_dir: str | Path 
         from figures.report import build_report
 
         written = list(build_report(out, study=True))
+        written += _gate_figures(out)
     extra = {"looks": looks, "seeds_run": list(fcfg.seeds)} if looks else {}
     run.finish(computed=computed, reused=reused, **extra)
     return FactorialResult(out, cells, att, computed, reused, written, decisions, looks)
+
+
+def _gate_figures(out: Path) -> list:
+    """Each cell's gate figure (`figures.gates`, first seed) drawn again with the cell's name in its
+    title, over the report's ``figures/gates_<cell>`` (the report splits the table by cell and so
+    draws the panels without it)."""
+    from figures import gates
+    from figures.report import facets
+    from sandbox.results import save_figure
+
+    path = out / "gates.csv"
+    if not path.exists():
+        return []
+    table = pd.read_csv(path)
+    if "cell" not in table or table["cell"].nunique() < 2:
+        return []
+    paths = []
+    for (suffix, part), cell in zip(facets(table[["cell", "seed", "phase", "domain", "slot", "mean_gate"]]),
+                                    sorted(table["cell"].unique())):   # facets groups by cell, sorted
+        df = gates.collect(part)
+        df.attrs["cell"] = cell
+        paths += save_figure(gates.plot(df), out / "figures" / f"gates{suffix}")
+    return paths
 
 
 def _concat_tables(fcfg: FactorialConfig, out: Path) -> None:

@@ -256,3 +256,14 @@ def test_sequential_factorial_adds_seeds_in_rounds(tmp_path, cache, capsys):
     cells = pd.read_csv(out / "cells.csv")
     assert sorted(cells["seed"].unique()) == sorted(m["seeds_run"]) and len(m["seeds_run"]) == m["looks"][-1]
     assert "sequential design" in capsys.readouterr().out
+
+
+def test_gate_figures_name_their_cell(tmp_path):
+    from sweeps.factorial import _gate_figures
+
+    rows = [dict(phase=p, domain=f"d{m}", slot=k, mean_gate=0.25, cell=c, seed=s)
+            for c in ("B3", "R+L") for s in (4, 2) for p in ("before", "after") for m in range(2) for k in range(4)]
+    pd.DataFrame(rows).to_csv(tmp_path / "gates.csv", index=False)
+    paths = _gate_figures(tmp_path)
+    assert sorted(p.name for p in paths) == ["gates_B3.png", "gates_B3.svg", "gates_R+L.png", "gates_R+L.svg"]
+    assert "cell R+L, seed 4 (1 of 2 seeds)" in (tmp_path / "figures" / "gates_R+L.svg").read_text()
