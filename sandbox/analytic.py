@@ -648,7 +648,8 @@ def split_result(res: ArmResult, rows: Rows) -> list[ArmResult]:
 
 
 def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: bool = False,
-               with_acar: bool = False, device: torch.device | str | None = None) -> ArmResult:
+               with_acar: bool = False, device: torch.device | str | None = None,
+               diagnostics: bool = True) -> ArmResult:
     """Run one arm for every row of `rows` (stacked grid points x seeds) at once.
 
     ``with_ceiling`` (grad arm only) also returns, as ``result.ceiling``, the ``oracle`` arm in
@@ -664,6 +665,9 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
     (``oracle_excess``, `sandbox.oracle`: the per-arm routing room). The search arm records, per
     seed, its total gain on the objective (``search_gain``) and the generations whose gain was at
     least ``accept_tol`` of the router's excess objective (``accepted``).
+
+    ``diagnostics=False`` (the tuner, which reads final losses only) skips the per-arm best routing
+    (``oracle_excess`` is then None); the trajectory is the same.
 
     ``device`` (default CPU) holds the solver's tensors. `rows` and `state` stay on the CPU, where
     every random draw is made (per-seed CPU generators: the same numbers on any device), then
@@ -770,7 +774,8 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
             dom, modes = _acar_losses(params, A, B, task, eval_feats, scale, cfg.acar_tol)
         else:
             dom = domain_losses(rcfg, params, A, B, task, eval_feats, steps, scale)            # (S, M) excess
-        best = _table_losses(_oracle_table(rcfg, tensors, st, task, scale, None), A, B, task, scale)  # (S, M)
+        best = _table_losses(_oracle_table(rcfg, tensors, st, task, scale, None), A, B, task, scale) \
+            if (diagnostics or (with_ceiling and arm == "grad")) else None                     # (S, M)
     cpu = lambda x: None if x is None else x.detach().cpu()                # noqa: E731  (a no-op on the CPU)
 
     def result(name: str, dom_ex: Tensor, **kw) -> ArmResult:
@@ -778,8 +783,9 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
         ex = cpu(final)
         return ArmResult(name, ex + cpu(floor), cpu(dom_ex + _per_row(floor, dom_ex)), cpu(initial_ex + floor), evals,
                          steps, cpu(div), cpu(dstep), cpu(curve) if name == arm else cpu(curve.clone()),
-                         excess=ex, initial_excess=cpu(initial_ex), half_excess=cpu(half_ex),
-                         oracle_excess=cpu(best.mean(-1)), **kw)
+                         excess=ex, initial_excess=cpu(initial_ex),
+                         oracle_excess=None if best is None else cpu(best.mean(-1)),
+                         half_excess=cpu(half_ex), **kw)
 
     res = result(arm, dom, generations=n_events, accepted=cpu(accepted) if search else None,
                  step_size=cpu(search.sigma.clone()) if search else None, events=events,
@@ -953,8 +959,8 @@ CHUNK_ROWS = 512
 
 
 def run_points(points: Sequence[tuple[TaskSpec, AnalyticConfig, Sequence[int]]], arms: Sequence[str] | None = None,
-               chunk_rows: int = CHUNK_ROWS, on_chunk=None, device: torch.device | str | None = None
-               ) -> list[dict[str, ArmResult]]:
+               chunk_rows: int = CHUNK_ROWS, on_chunk=None, device: torch.device | str | None = None,
+               diagnostics: bool = True) -> list[dict[str, ArmResult]]:
     """Every arm for many grid points ``(spec, cfg, seeds)``: points of one `group_key` are stacked
     on the batch dim (in chunks of at most `chunk_rows` rows; a larger point runs alone), so the
     per-operation overhead is paid once per chunk instead of once per point. Each point's rows see
@@ -963,7 +969,7 @@ def run_points(points: Sequence[tuple[TaskSpec, AnalyticConfig, Sequence[int]]],
 
     ``arms``: the arms of every point (default: each point's ``cfg.arms``, acar included when on).
     ``on_chunk(indices, results)`` is called after each chunk with the point indices it solved.
-    ``device`` holds the solver's tensors (`solve_rows`; default CPU).
+    ``device`` holds the solver's tensors (`solve_rows`; default CPU); ``diagnostics`` as there.
     Returns one ``{arm: ArmResult}`` per point, in input order.
     """
     require(isinstance(chunk_rows, int) and chunk_rows >= 1, "chunk_rows", chunk_rows, "an integer >= 1")
@@ -987,7 +993,8 @@ def run_points(points: Sequence[tuple[TaskSpec, AnalyticConfig, Sequence[int]]],
                         continue                  # taken from the grad arm's run below
                     t0 = time.perf_counter()
                     res = solve_rows(rows, arm, state, with_ceiling=shared and arm == "grad",
-                                     with_acar=shared_acar and arm == "grad", device=device)
+                                     with_acar=shared_acar and arm == "grad", device=device,
+                                     diagnostics=diagnostics)
                     res.wall_s = time.perf_counter() - t0
                     per_arm[arm] = split_result(res, rows)
                     if shared and arm == "grad":

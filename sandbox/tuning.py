@@ -196,7 +196,7 @@ def tune_points(points: Sequence[tuple[TaskSpec, object]], tc: TuneConfig, chunk
     for round_ in range(tc.widen + 1):
         pending = [(i, k) for i in todo for k in grids(i) if k not in runs[i]]
         res = run_points([(points[i][0], cand(i, k), tc.seeds) for i, k in pending], arms=arms,
-                         chunk_rows=chunk_rows, device=device)
+                         chunk_rows=chunk_rows, device=device, diagnostics=False)
         for (i, k), r in zip(pending, res):
             runs[i][k] = r
         if round_ == tc.widen:
