@@ -214,7 +214,7 @@ def _derive(tables: dict, run_dir: Path, manifest: dict, recompute: bool, report
                 tun = tables["tuning.csv"]
                 chosen = tun[(tun["arm"] == "grad") & tun["chosen"].astype(bool)].set_index("point")
                 if "edge" in chosen:
-                    summary["tune_edge"] = summary["point"].map(chosen["edge"].fillna(""))
+                    summary["tune_edge"] = summary["point"].map(chosen["edge"].astype(object).where(chosen["edge"].notna(), ""))
                 summary["tune_score"] = summary["point"].map(chosen["score"])
                 atomic_write_csv(run_dir / "summary.csv", summary)
                 tables["summary.csv"] = pd.read_csv(run_dir / "summary.csv")
