@@ -634,10 +634,8 @@ def initial_rows_state(rows: Rows) -> State:
 def split_result(res: ArmResult, rows: Rows) -> list[ArmResult]:
     """One `ArmResult` per point of `rows` (row slices; events re-indexed to the point's rows)."""
     out = []
-    per_seed = [f.name for f in dataclasses.fields(ArmResult)
-                if f.name in ("final_loss", "domain_loss", "initial_loss", "diverged", "diverged_step", "curve",
-                              "accepted", "step_size", "modes", "excess", "initial_excess", "half_excess",
-                              "oracle_excess", "search_gain")]
+    per_seed = ("final_loss", "domain_loss", "initial_loss", "diverged", "diverged_step", "curve", "accepted",
+                "step_size", "modes", "excess", "initial_excess", "half_excess", "oracle_excess", "search_gain")
     for i in range(len(rows.parts)):
         lo, hi = rows.bounds(i)
         evs = [{k: v for k, v in e.items() if k != "row"} for e in res.events if lo <= e["row"] < hi]
@@ -743,7 +741,7 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
                  for k, g in zip(leaves, grads)}
         opt.step(tensors, grads, alive)
         if t + 1 == steps // 2:             # the excess at half the budget, on the evaluation draws
-            half_ex = _eval_excess(rcfg, cfg, arm, tensors, st, task, eval_feats, t + 1, scale, table)
+            half_ex = _eval_excess(rcfg, tensors, st, task, eval_feats, t + 1, scale, table)
         if plain or (t + 1) % ecfg.interval != 0 or t + 1 > cfg.steps:
             continue
         n_events += 1
@@ -800,13 +798,15 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
 
 
 @torch.no_grad()
-def _eval_excess(rcfg: RouterConfig, cfg: AnalyticConfig, arm: str, tensors: dict[str, Tensor], st: State,
-                 task: Task, feats: Tensor, step: int, scale: Tensor, table: Tensor | None) -> Tensor:
-    """The balanced excess ``(S,)`` of the current state on the evaluation draws (an oracle arm
-    uses its best gates, ACAR is read off its router's own gates: a convergence probe)."""
+def _eval_excess(rcfg: RouterConfig, tensors: dict[str, Tensor], st: State, task: Task, feats: Tensor, step: int,
+                 scale: Tensor, table: Tensor | None) -> Tensor:
+    """The balanced excess ``(S,)`` of the current state on the evaluation draws under the routing
+    that trains it: the router's gates, or the best-gate table of an oracle arm that replaces the
+    routing (a convergence probe; the ceiling and acar arms follow grad's trajectory, so their
+    probe is grad's, as it is when they are read off the grad run)."""
     A, B = tensors.get("A", st.A), tensors.get("B", st.B)
-    if arm == "oracle":
-        return _table_losses(_oracle_table(rcfg, tensors, st, task, scale, table), A, B, task, scale).mean(-1)
+    if table is not None:
+        return _table_losses(table, A, B, task, scale).mean(-1)
     return domain_losses(rcfg, {k: tensors[k] for k in st.params}, A, B, task, feats, step, scale).mean(-1)
 
 

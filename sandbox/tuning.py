@@ -149,7 +149,9 @@ def _scores(results: list[dict], arm: str, seeds: Sequence[int], rule: str) -> l
     return out
 
 
-def _choose(cands: list, scored: list[tuple[float, int, float]], tc: TuneConfig) -> tuple[int, list[dict]]:
+def _choose(cands: list, scored: list[tuple[float, int, float]]) -> tuple[int, list[dict]]:
+    """The lowest score among candidates with no diverged seed (all, if every one diverged); ties to
+    the earlier candidate. Returns its index and the table of every candidate."""
     stable = [i for i, (_, nd, _) in enumerate(scored) if nd == 0] or list(range(len(scored)))
     best = min(stable, key=lambda i: (scored[i][0], i))
     table = [{"lr": c.lr, "adapter_lr": c.lr * c.plasticity, "beta2": c.beta2, "score": s, "diverged": nd,
@@ -189,7 +191,7 @@ def tune_points(points: Sequence[tuple[TaskSpec, object]], tc: TuneConfig, chunk
     def best_of(i):
         keys = grids(i)
         cs = [cand(i, k) for k in keys]
-        best, table = _choose(cs, _scores([runs[i][k] for k in keys], "grad", tc.seeds, tc.rule), tc)
+        best, table = _choose(cs, _scores([runs[i][k] for k in keys], "grad", tc.seeds, tc.rule))
         return keys, cs, best, table
 
     todo = list(range(len(points)))
@@ -222,7 +224,7 @@ def tune_points(points: Sequence[tuple[TaskSpec, object]], tc: TuneConfig, chunk
         own = {}
         for arm in arms[1:]:
             sc = _scores([runs[i][k] for k in keys], arm, tc.seeds, tc.rule)
-            j, _ = _choose(cs, sc, tc)
+            j, _ = _choose(cs, sc)
             own[arm] = (cs[j], sc[j][0])
         out.append(TuneOutcome(cs[best], table[best]["score"], table, ",".join(sides), own))
     return out

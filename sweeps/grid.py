@@ -111,6 +111,9 @@ class SweepConfig:
         require(isinstance(self.alpha, (int, float)) and 0 < self.alpha < 1, "alpha", self.alpha, "a number in (0, 1)")
         require(self.search in SEARCHES, "search", self.search, "grid or boundary")
         require(isinstance(self.trials, int) and 1 <= self.trials <= 10_000, "trials", self.trials, "an integer in [1, 10000]")
+        require(not (self.independent_seeds and self.search == "boundary"), "independent_seeds", True,
+                "the grid search (the boundary search proposes points one at a time, without an index to "
+                "derive their seeds from)")
         require(isinstance(self.converged_frac, (int, float)) and math.isfinite(self.converged_frac)
                 and self.converged_frac >= 0, "converged_frac", self.converged_frac, "a number >= 0")
         grid = self.grid_points() if self.search == "grid" else []
@@ -207,14 +210,13 @@ class PointPlan:
     tuned: object = None          # sandbox.tuning.TuneOutcome, or None with tuning off
 
 
-def plan_points(cfg: SweepConfig, points: list[dict[str, float]], study=None, device: str | None = None,
-                indices: Sequence[int] | None = None) -> list[PointPlan]:
+def plan_points(cfg: SweepConfig, points: list[dict[str, float]], study=None,
+                device: str | None = None) -> list[PointPlan]:
     """Resolve every point: tune grad's setting where tuning is on (outcomes read from and stored
     in the ledger `study` when given, so a resumed sweep does not tune again; the missing points
     are tuned together in stacked batches), then key the point by the setting it runs at."""
     from sandbox.tuning import TuneOutcome, tune_points
 
-    indices = list(range(len(points))) if indices is None else list(indices)
     base = [point_config(cfg, v) for v in points]
     tuned: list = [None] * len(points)
     if cfg.tune.on:
@@ -230,7 +232,7 @@ def plan_points(cfg: SweepConfig, points: list[dict[str, float]], study=None, de
             if tuned[i] is None:
                 tuned[i] = TuneOutcome.from_record(base[i][1], cached[k])
     plans = []
-    for i, values, (spec, solver), t in zip(indices, points, base, tuned):
+    for i, values, (spec, solver), t in zip(range(len(points)), points, base, tuned):
         run = t.chosen if t is not None else solver
         plans.append(PointPlan(values, spec, run, cfg.point_seeds(i), point_key(spec, run), t))
     return plans

@@ -46,10 +46,10 @@ def test_choice_rule_finds_the_known_best_step_of_a_quadratic():
         rel = xT ** 2 / x0 ** 2
         diverged = int((rel > 1e6).sum())
         scored.append((float(rel[rel <= 1e6].mean()) if diverged < 3 else np.inf, diverged, 0.0))
-    best, table = tuning._choose(cands, scored, tuning.TuneConfig())
+    best, table = tuning._choose(cands, scored)
     assert lrs[best] == 0.5 and table[best]["chosen"] and sum(r["chosen"] for r in table) == 1
     scored[-1] = (0.0, 1, 0.0)          # the best mean, but one seed diverged: excluded
-    assert lrs[tuning._choose(cands, scored, tuning.TuneConfig())[0]] == 0.5
+    assert lrs[tuning._choose(cands, scored)[0]] == 0.5
 
 
 def test_tuner_batched_choice_equals_a_loop_over_candidates():
@@ -230,3 +230,8 @@ def test_report_rebuilds_the_tuned_summary_from_the_tables_alone(tmp_path):
     assert list(again.columns) == list(wrote.columns)
     pd.testing.assert_frame_equal(again, wrote)
     assert len(out.summary) == 3
+
+
+def test_independent_seeds_need_the_grid_search():
+    with pytest.raises(BadInput, match="--independent-seeds"):
+        grid.SweepConfig(independent_seeds=True, search="boundary")
