@@ -52,33 +52,67 @@ def _pg_bindir():
     return os.path.dirname(initdb) if initdb and shutil.which("pg_ctl") else None
 
 
-@pytest.fixture(scope="session")
-def pg_url():
-    """A PostgreSQL URL: ``$MOLORA_PG_URL`` (CI's server, started by .ci/run), or a throwaway server
-    started here (initdb + pg_ctl in a temporary folder, Unix socket only, as the ``postgres`` user
-    when running as root: the server refuses root) and stopped at the end; skipped with the reason
-    when neither is possible. Tests isolate themselves by study name."""
+def _pg_plan():
+    """How this run gets a PostgreSQL server, as ``(bindir, user, reason)``: ``reason`` is None when
+    one can be had (``$MOLORA_PG_URL``, or a throwaway server from ``bindir`` started as ``user``:
+    the server refuses root, so as root it runs as ``postgres``, else ``nobody``), or the one line
+    that says why the database tests skip."""
     import importlib.util
     import pwd
+
+    if not (importlib.util.find_spec("psycopg") or importlib.util.find_spec("psycopg2")):
+        return None, None, "no PostgreSQL driver: pip install -e '.[dev]'"
+    if os.environ.get("MOLORA_PG_URL"):
+        return None, None, None
+    bindir = _pg_bindir()
+    if bindir is None:
+        return None, None, "no PostgreSQL server binaries (initdb, pg_ctl): install them or set MOLORA_PG_URL"
+    user = None
+    if os.geteuid() == 0:
+        for name in ("postgres", "nobody"):
+            try:
+                user = pwd.getpwnam(name)
+                break
+            except KeyError:
+                continue
+        else:
+            return None, None, "running as root without a 'postgres' or 'nobody' user to start PostgreSQL as; set MOLORA_PG_URL"
+    return bindir, user, None
+
+
+#: Where the session's database tests got their server (set by the pg_url fixture), for the summary.
+_PG_USED: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line at the end saying why the database tests (tests/test_workers.py) skipped, or where
+    they got their server (pytest's -q hides the header, so the line goes in the summary)."""
+    reason = _pg_plan()[2]
+    if reason is not None:
+        terminalreporter.write_line(f"postgresql: none, the database tests skipped ({reason})")
+    elif _PG_USED:
+        terminalreporter.write_line(f"postgresql: {_PG_USED[0]}")
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """A PostgreSQL URL: ``$MOLORA_PG_URL`` when set (an existing server; it always wins), else a
+    throwaway server started here (initdb + pg_ctl in a temporary folder, Unix socket only, no TCP
+    port; as an unprivileged user when running as root) and stopped at the end of the session;
+    skipped with the one-line reason when neither is possible. Tests isolate themselves by study
+    name. ``MOLORA_PG_URL`` is also set for the session, so subprocesses the tests start see it."""
     import shutil
     import subprocess
     import tempfile
 
-    if not (importlib.util.find_spec("psycopg") or importlib.util.find_spec("psycopg2")):
-        pytest.skip("no PostgreSQL driver: pip install -e '.[postgres]'")
+    bindir, user, reason = _pg_plan()
+    if reason is not None:
+        pytest.skip(reason)
     url = os.environ.get("MOLORA_PG_URL")
     if url:
+        _PG_USED.append("the server at $MOLORA_PG_URL")
         yield url
         return
-    bindir = _pg_bindir()
-    if bindir is None:
-        pytest.skip("no PostgreSQL server: set MOLORA_PG_URL or install the server (initdb, pg_ctl)")
-    user = None
-    if os.geteuid() == 0:
-        try:
-            user = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root without a 'postgres' user to start PostgreSQL as; set MOLORA_PG_URL")
     folder = tempfile.mkdtemp(prefix="molora-pg-", dir="/tmp")
     if user is not None:
         os.chown(folder, user.pw_uid, user.pw_gid)
@@ -92,13 +126,20 @@ def pg_url():
     if r.returncode != 0:
         shutil.rmtree(folder, ignore_errors=True)
         pytest.skip(f"initdb failed: {(r.stderr or r.stdout).strip()[-200:]}")
-    r = as_user(os.path.join(bindir, "pg_ctl"), "-D", data, "-l", os.path.join(folder, "server.log"), "-w", "-t", "30",
+    r = as_user(os.path.join(bindir, "pg_ctl"), "-D", data, "-l", os.path.join(folder, "server.log"), "-w", "-t", "60",
                 "-o", f"-k {folder} -c listen_addresses='' -c fsync=off -c max_connections=200", "start")
     if r.returncode != 0:
+        log = os.path.join(folder, "server.log")
+        tail = open(log).read()[-200:] if os.path.exists(log) else (r.stderr or r.stdout)
         shutil.rmtree(folder, ignore_errors=True)
-        pytest.skip(f"PostgreSQL did not start: {(r.stderr or r.stdout).strip()[-200:]}")
+        pytest.skip(f"PostgreSQL did not start: {tail.strip()}")
+    url = f"postgresql://molora@/postgres?host={folder}"
+    os.environ["MOLORA_PG_URL"] = url
+    who = f" as {user.pw_name}" if user is not None else ""
+    _PG_USED.append(f"a throwaway server from {bindir}{who}, stopped at the end")
     try:
-        yield f"postgresql://molora@/postgres?host={folder}"
+        yield url
     finally:
+        os.environ.pop("MOLORA_PG_URL", None)
         as_user(os.path.join(bindir, "pg_ctl"), "-D", data, "-m", "immediate", "stop")
         shutil.rmtree(folder, ignore_errors=True)
