@@ -64,8 +64,18 @@ _register()
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app and return its exit code (the console script passes it to
     `sys.exit`); user mistakes become one line on stderr and exit code 2."""
+    from sandbox.app import replay
+
     try:
-        app(args=argv, standalone_mode=False, prog_name="sandbox")
+        words = list(sys.argv[1:] if argv is None else argv)
+        words, manifest, overrides = replay.expand(words)
+        replay.set_argv(words)
+        app(args=words, standalone_mode=False, prog_name="sandbox")
+        if manifest is not None:
+            why = replay.check_replay(words, manifest, overrides)
+            if why:
+                print(why, file=sys.stderr)
+                return 1
     except BadInput as e:
         print(e.one_line(), file=sys.stderr)
         return 2

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import typer
 
+from sandbox.app.replay import recorded_argv
+
 from sandbox.app.commands.full import cell_options, run_options
 
 
@@ -33,7 +35,6 @@ def factorial(**kw) -> None:
     from sandbox.app.commands.full import apply_threads
 
     apply_threads(threads)
-    import sys
     from pathlib import Path
 
     from rich.console import Console
@@ -63,7 +64,7 @@ def factorial(**kw) -> None:
         from sweeps.worker import factorial_jobs
 
         return define(err, factorial_jobs(fcfg, root, cache), storage, study_name(fcfg), "minimize", "factorial",
-                      argv=["sandbox", *sys.argv[1:]])
+                      argv=recorded_argv())
     claim_run_dir(root, "factorial")   # refuse a held or foreign folder before printing anything
     err.print(f"factorial: {len(chosen)} cells x {len(seed_list)} seeds, preset {template.preset}, "
               f"{template.steps} steps each on {template.device} -> {root}")
@@ -95,7 +96,7 @@ def factorial(**kw) -> None:
                 bar.advance(trials)
 
         res = run_factorial(fcfg, root, cache, storage=storage, figures=not no_figures,
-                            argv=["sandbox", *sys.argv[1:]], on_trial=on_trial, progress=progress,
+                            argv=recorded_argv(), on_trial=on_trial, progress=progress,
                             log=lambda m: err.print(m))
     err.print(f"trials: {res.computed} computed, {res.reused} reused from the ledger")
     print_attribution(res)

@@ -14,6 +14,8 @@ from typing import Optional
 
 import typer
 
+from sandbox.app.replay import recorded_argv
+
 from substrate.defaults import CPU_PRESET, GPU_PRESET, PRESET_STEPS, ROUTER_LR_RATIO
 
 #: Run-time defaults of the cell options (`sandbox.app.declare`): keyword -> what None resolves to.
@@ -139,7 +141,6 @@ def full(**kw) -> None:
 
 
 def _run_one(cfg, folder: Path, cache: str, stop_after, console):
-    import sys
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -154,7 +155,7 @@ def _run_one(cfg, folder: Path, cache: str, stop_after, console):
         def progress(step, steps, info):
             bar.update(task, completed=step, loss=f"{info['loss']:.4f}")
 
-        res = run_cell(cfg, folder, cache, stop_after=stop_after, argv=["sandbox", *sys.argv[1:]], progress=progress,
+        res = run_cell(cfg, folder, cache, stop_after=stop_after, argv=recorded_argv(), progress=progress,
                        log=lambda m: console.print(m), draw_figures=build_report)
         bar.update(task, completed=res.step)
     if not res.done:

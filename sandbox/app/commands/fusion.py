@@ -9,12 +9,13 @@ domain-oracle routing, per seed. Writes fusion.csv, fit.csv / fit.json and figur
 from __future__ import annotations
 
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from sandbox.app.replay import recorded_argv
 
 
 def _steps_list(text: str) -> tuple[int, ...]:
@@ -95,7 +96,7 @@ def fusion(**kw) -> None:
                        description=", ".join(f"{k}={v}" for k, v in values.items()))
 
         res = run_fusion_map(cfg, run_dir, storage=storage, study=study, progress=progress,
-                             draw=draw if figures else None, argv=["sandbox", *sys.argv[1:]],
+                             draw=draw if figures else None, argv=recorded_argv(),
                              log=lambda m: err.print(m, highlight=False))
     wall = time.perf_counter() - t0
     means = (res.table.groupby(["specialist_steps", "method"], sort=False)[["divergence", "gain"]].mean()

@@ -4,11 +4,12 @@ solution on the analytic sandbox, over alignment and one more regime axis."""
 from __future__ import annotations
 
 import math
-import sys
 import time
 from typing import Optional
 
 import typer
+
+from sandbox.app.replay import recorded_argv
 
 
 
@@ -198,7 +199,7 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_
         jobs = sweep_jobs(cfg) if enqueue_only or cfg.search == "grid" else []
         if enqueue_only:
             return define(console, jobs, storage, study or DEFAULT_STUDY, "maximize", "sweep",
-                          argv=["sandbox", *sys.argv[1:]])
+                          argv=recorded_argv())
         check_collect(storage, study or DEFAULT_STUDY, jobs)   # workers still running: refuse, not compute
     t0 = time.perf_counter()
     with Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("seed-points"),
@@ -211,7 +212,7 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_
 
         res = run_sweep(cfg, run_dir, storage=storage, study=study, progress=progress, figures=figures,
                         chunk_rows=chunk_rows, device=dev,
-                        argv=["sandbox", "sweep", *sys.argv[2:]] if sys.argv[1:2] == ["sweep"] else None)
+                        argv=recorded_argv())
     _print_summary(console, res.summary, cfg.axes)
     console.print(f"{res.computed} seed-points computed, {res.reused} reused from the ledger, "
                   f"{time.perf_counter() - t0:.1f} s; folder {run_dir}", highlight=False)

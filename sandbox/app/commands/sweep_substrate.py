@@ -8,9 +8,10 @@ steps. What was picked is printed before anything runs.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
+
+from sandbox.app.replay import recorded_argv
 
 CPU_DEFAULTS = dict(preset="tiny", steps=100, points=5, seeds=(0, 1, 2, 3, 4))
 GPU_DEFAULTS = dict(preset="widened-1536", steps=25_000, points=5, seeds=(0, 1, 2))
@@ -70,7 +71,7 @@ def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, 
         jobs = substrate_sweep_jobs(cfg)
         if enqueue_only:    # the define step: every (point, seed) queued for `sandbox worker`
             return define(console, jobs, storage, study or DEFAULT_STUDY, "maximize", "substrate sweep",
-                          argv=["sandbox", *sys.argv[1:]])
+                          argv=recorded_argv())
         check_collect(storage, study or DEFAULT_STUDY, jobs)   # workers still running: refuse, not compute
     err.print(f"substrate map: preset {preset}, {steps} steps, batch {batch}, router {router}, {len(cfg.grid_points())} "
               f"points x {len(seeds)} seeds, {len(arms.arms)} arms{' (with acar)' if acar else ''}, an event every {ecfg.interval} steps, --evo {evo}, "
@@ -86,7 +87,7 @@ def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, 
                        description=", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
 
         res = run_substrate_sweep(cfg, run_dir, storage=storage, study=study, progress=progress, figures=figures,
-                                  argv=["sandbox", *sys.argv[1:]], log=lambda m: err.print(m))
+                                  argv=recorded_argv(), log=lambda m: err.print(m))
     print_summary(console, res.summary, cfg.axes)
     console.print(f"{res.computed} seed-points computed, {res.reused} reused from the ledger, "
                   f"{time.perf_counter() - t0:.1f} s; folder {run_dir}", highlight=False)
