@@ -24,7 +24,8 @@ from sandbox.errors import BadInput
 app = typer.Typer(
     name="sandbox",
     help="Mixture-of-LoRA regime explorer: where does evolutionary routing search beat, tie with, "
-    "or degrade the gradient solution?",
+    "or degrade the gradient solution? Any command: --config DIR/manifest.json replays the run recorded there "
+    "(options given after it win).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
