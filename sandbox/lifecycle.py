@@ -650,7 +650,7 @@ class DeathRank:
         d, nb, parent, f = self.dying, self.neighbour, self.parent, self.fitness
         blend_, child, uses = self.blended, self.child, self.uses_parent
         for row in torch.nonzero(self.valid).flatten().tolist():
-            base = {"step": self.step, "batch": row, "alpha": self.alpha}
+            base = {"step": self.step, "batch": row, "inherit_alpha": self.alpha}
             blank = {"mutation_size": math.nan, "domain": -1}
             events.append({**base, "event": "death", "slot": int(d[row]), "slot_id": int(self.old_id[row]),
                            "parent_id": -1, "neighbour_id": int(self.neighbour_id[row]) if blend_ else -1,

@@ -739,11 +739,13 @@ def _write_tables(run: RunDir, st: RunState) -> None:
 
     for name in ("curves", "gates", "fitness", "train_loss"):
         run.write_csv(f"{name}.csv", pd.DataFrame(getattr(st, name)))
-    cols = ["step", "event", "slot", "slot_id", "parent_id", "neighbour_id", "fitness", "mutation_size", "alpha",
+    cols = ["step", "event", "slot", "slot_id", "parent_id", "neighbour_id", "fitness", "mutation_size", "inherit_alpha",
             "domain", "seed"]
+    # Events restored from a checkpoint written before the column was named inherit_alpha carry "alpha".
+    events = [{("inherit_alpha" if k == "alpha" else k): v for k, v in e.items()} for e in st.events]
     cols += [c for c in ("parent2_id", "crossover_t", "finetune_loss_before", "finetune_loss_after")
-             if any(c in e for e in st.events)]   # EvoMerge options, only when used
-    run.write_csv("lifecycle.csv", pd.DataFrame(st.events, columns=cols))
+             if any(c in e for e in events)]   # EvoMerge options, only when used
+    run.write_csv("lifecycle.csv", pd.DataFrame(events, columns=cols))
 
 
 def finish(cfg: CellConfig, st: RunState, sub: Substrate, run: RunDir) -> dict:

@@ -75,6 +75,9 @@ def test_lifecycle_letter_produces_events_with_lineage(sub, tmp_path):
     ev = pd.read_csv(tmp_path / "rl" / "lifecycle.csv")
     assert rl["lifecycle_events"] == 2 and (ev["event"] == "death").sum() == 2       # steps 5 and 10
     assert set(ev["event"]) == {"death", "inherit", "birth"}
+    # the inheritance blend under its own name (the bare `alpha` is the statistics' test level)
+    assert "inherit_alpha" in ev.columns and "alpha" not in ev.columns
+    assert (ev["inherit_alpha"] == CellConfig.of(**TINY).lifecycle.inherit_alpha).all()
     births = ev[ev["event"] == "birth"]
     assert (births["slot_id"] >= TINY["slots"]).all() and (births["parent_id"] >= 0).all()
     assert r["lifecycle_events"] == 0 and len(pd.read_csv(tmp_path / "r" / "lifecycle.csv")) == 0
