@@ -1,11 +1,11 @@
-"""ACAR (sigma routing) as a router kind on the transformer: ``--router acar``.
+"""ACAR (sigma routing) as a router kind on the transformer: ``--router-kind acar``.
 
 ACAR routes each input by self-consistency: N = 3 probes, sigma = 0 when all three agree, 0.5
 when exactly two agree, 1 when all differ; then it runs one, two or three models. Mapped onto our
 API (one frozen base, K LoRA slots, gates ``(B, T, K)`` shared by every adapted projection):
 
 1. **Candidates.** A cheap per-slot score ``(K,)`` or ``(B, T, K)`` (higher = better) picks the
-   top-3 slots of every token. With no trained router (``--router acar`` trains none) the score is
+   top-3 slots of every token. With no trained router (``--router-kind acar`` trains none) the score is
    minus each slot's held-in loss: the mean token NLL of the model with that slot alone (gate 1,
    the others 0) on ``fit_windows`` training windows per domain, measured once when the run's state
    is built (`held_in_score`), so the three candidates are the same for every sequence. A router's

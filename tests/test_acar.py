@@ -1,4 +1,4 @@
-"""ACAR sigma routing (`substrate.acar`, ``--router acar``): sigma on hand-made predictions, equal
+"""ACAR sigma routing (`substrate.acar`, ``--router-kind acar``): sigma on hand-made predictions, equal
 gates on exactly 1/2/3 slots, causality, no gradient into the router, mode counts that add up."""
 
 from __future__ import annotations

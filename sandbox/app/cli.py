@@ -24,8 +24,7 @@ from sandbox.errors import BadInput
 app = typer.Typer(
     name="sandbox",
     help="Mixture-of-LoRA regime explorer: where does evolutionary routing search beat, tie with, "
-    "or degrade the gradient solution? Any command: --config DIR/manifest.json replays the run recorded there "
-    "(options given after it win).",
+    "or degrade the gradient solution?",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -41,8 +40,13 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    config: str = typer.Option(None, "--config", metavar="MANIFEST",
+                               help="Replay the run recorded in a run folder's manifest.json (or the folder); options "
+                                    "given after it win, e.g. --out NEW or --seeds 20 (before or after the command)."),
 ) -> None:
     """Mixture-of-LoRA regime explorer."""
+    if config is not None:   # `main` expands --config before the app sees it; reaching here means it was bypassed
+        raise BadInput("--config", config, "a replay started through the `sandbox` entry point (sandbox.app.cli.main)")
 
 
 def _register() -> None:

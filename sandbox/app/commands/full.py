@@ -37,13 +37,15 @@ def cell_options() -> list:
     under their flat names (`substrate.cell.NESTED`); ``cell`` and ``seed`` are the commands' own."""
     from dataclasses import fields
 
-    from sandbox.app.declare import from_fields
+    from sandbox.app.declare import from_fields, own
     from sandbox.lifecycle import LifecycleConfig
     from sandbox.router import RouterConfig
     from substrate.cell import CELL_LIFECYCLE, CELL_ROUTER, NESTED, CellConfig
 
     top = [f.name for f in fields(CellConfig) if f.name not in ("cell", "seed", "router", "lifecycle")]
-    opts = from_fields(CellConfig, top, auto=AUTO, flags={"router_kind": "--router"})
+    opts = from_fields(CellConfig, top, auto=AUTO)    # router_kind is --router-kind (--router means softmax|sigmoid)
+    opts.append(own("router_legacy", None, "--router", annotation=Optional[str], hidden=True,
+                    help="Deprecated name of --router-kind (auto|acar)."))
     for group, cls, inst in (("router", RouterConfig, CELL_ROUTER), ("lifecycle", LifecycleConfig, CELL_LIFECYCLE)):
         mine = {k: f for k, (g, f) in NESTED.items() if g == group}
         opts += from_fields(cls, list(mine.values()), instance=inst, rename={f: k for k, f in mine.items()}, auto=AUTO)
@@ -82,6 +84,12 @@ def cell_template(cell: str, seed: int, kw: dict, say, yes: bool = False) -> "Ce
     from substrate.cell import CellConfig
     from substrate.defaults import check_affordable, choose_run, resolve_device, schedule
 
+    legacy = kw.pop("router_legacy", None)
+    if legacy is not None:      # the old flag name of --router-kind, kept so scripts keep working
+        if kw.get("router_kind", "auto") not in ("auto", legacy):
+            raise BadInput("--router", legacy, f"the same value as --router-kind ({kw['router_kind']}), or only one of them")
+        kw["router_kind"] = legacy
+        say("note: --router is the old name of --router-kind on full and factorial (auto|acar); use --router-kind")
     device = resolve_device(kw.pop("device"))
     preset, steps, note = choose_run(kw.pop("preset"), kw.pop("steps"), device)
     kw.update(schedule(steps, kw.pop("interval"), kw.pop("min_age"), kw.pop("eval_every"), kw.pop("checkpoint_every")))
