@@ -423,6 +423,24 @@ def checkpoint(cfg: CellConfig, st: RunState) -> dict:
             "torch_rng": torch.get_rng_state()}
 
 
+FINAL = "final.pt"
+"""The finished run's trained state in its folder (`final_state`); `sandbox export` reads it."""
+
+
+def final_state(cfg: CellConfig, st: RunState) -> dict:
+    """What a finished run keeps (``final.pt``): the final bank ``{name: (A (K, r, d_in), B (K, d_out,
+    r))}``, the router (state dict, config, features, pooling, the step its temperature is read at),
+    the frozen base it was trained on (perturbed when ``perturb_base > 0``) and the model config, so
+    `substrate.export` can write every slot in a standard format without the cache."""
+    return {"config": cfg.identity(), "step": st.step, "model": dataclasses.asdict(cfg.model_config()),
+            "banks": {n: (b.A.detach().cpu(), b.B.detach().cpu()) for n, b in st.model.banks().items()},
+            "router_kind": cfg.router_kind, "features": cfg.features, "pooling": cfg.pooling,
+            "router_config": dataclasses.asdict(st.router.cfg),
+            "router": {k: v.detach().cpu() for k, v in st.router.state_dict().items()},
+            "acar_score": None if st.acar_score is None else st.acar_score.detach().cpu(),
+            "assignment": st.assignment, "base": {k: v.detach().cpu() for k, v in st.model.base_state_dict().items()}}
+
+
 def restore(st: RunState, ck: dict) -> None:
     load_banks(st.model, ck["banks"])
     st.router.load_state_dict(ck["router"])
@@ -789,6 +807,7 @@ def finish(cfg: CellConfig, st: RunState, sub: Substrate, run: RunDir) -> dict:
     if cfg.router_kind == "acar" and not diverged:
         metrics["router_kind"] = "acar"
         metrics["acar"] = acar_usage(cfg, st, corpus, run)
+    atomic_save_torch(run.path / FINAL, final_state(cfg, st))   # before metrics.json: a finished folder has it
     run.write_json("metrics.json", metrics)
     return metrics
 

@@ -58,8 +58,9 @@ def _register() -> None:
     from sandbox.app.commands import sweep as _sweep
     from sandbox.app.commands import worker as _worker
     from sandbox.app.commands import fusion as _fusion
+    from sandbox.app.commands import export as _export
 
-    for mod in (_cells, _report, _bench, _full, _factorial, _sweep, _worker, _fusion):
+    for mod in (_cells, _report, _bench, _full, _factorial, _sweep, _worker, _fusion, _export):
         mod.register(app)
 
 
