@@ -63,7 +63,8 @@ from sandbox import evolution as evo
 from sandbox import lifecycle as lc
 from sandbox import oracle as orc
 from sandbox.errors import check, require
-from sandbox.router import RouterConfig, init_router_params, params_to_vector, router_gates, router_logits, vector_to_params
+from sandbox.router import (RouterConfig, init_router_params, kind_of, params_to_vector, router_gates, router_logits,
+                            vector_to_params)
 from sandbox.streams import Purpose, generator
 from sandbox.tasks import Task, TaskSpec, flat_teachers, initial_adapters, make_task, noisy_contexts
 
@@ -98,7 +99,8 @@ class AnalyticConfig:
     """Adapter learning rate = lr * plasticity; 0 freezes the adapters (only routing moves). The
     default 0.1 follows the common MoE-LoRA practice of a faster router than adapters."""
     router: str = "softmax"
-    """Router kind: softmax (B3 baseline) or sigmoid (the rewrite, floor + annealed temperature)."""
+    """Router kind: softmax (B3 baseline), sigmoid (the rewrite, floor + annealed temperature), or a
+    router plugin: a name in the entry point group molora.routers or module:Name (docs/plugins.md)."""
     evo: str = "es"
     """Routing search: es ((1+lambda)-ES, 1/5th rule), cma (CMA-ES via cmaes) or fixed (unadapted steps)."""
     population: int = 16
@@ -161,7 +163,7 @@ class AnalyticConfig:
                 "a number in [0, 1)")
         require(_num(self.accept_tol) and 0 <= self.accept_tol < 1, "accept_tol", self.accept_tol, "a number in [0, 1)")
         require(_num(self.plasticity) and 0 <= self.plasticity <= 100, "plasticity", self.plasticity, "a number in [0, 100]")
-        require(self.router in ("softmax", "sigmoid"), "router", self.router, "softmax or sigmoid")
+        kind_of(RouterConfig(kind=self.router))   # softmax, sigmoid or a router plugin (sandbox.plugins)
         require(isinstance(self.lifecycle, bool), "lifecycle", self.lifecycle, "true or false")
         require(isinstance(self.reset_on_accept, bool), "reset_on_accept", self.reset_on_accept, "true or false")
         require(self.oracle in ORACLES, "oracle", self.oracle, "ceiling or replace")

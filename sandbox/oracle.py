@@ -21,15 +21,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sandbox.errors import check, require
+from sandbox.errors import check
 
 SETS = ("simplex", "box")
 
 
 def feasible_set(router_kind: str) -> str:
-    """The closure of a router's gate range: ``simplex`` for softmax, ``box`` for sigmoid."""
-    require(router_kind in ("softmax", "sigmoid"), "router", router_kind, "softmax or sigmoid")
-    return "simplex" if router_kind == "softmax" else "box"
+    """The closure of a router's gate range: ``simplex`` for softmax, ``box`` for sigmoid, a
+    plugin's declared ``feasible`` set (`sandbox.router.RouterKind`)."""
+    if router_kind in ("softmax", "sigmoid"):
+        return "simplex" if router_kind == "softmax" else "box"
+    from sandbox.router import kind_of, RouterConfig
+
+    return kind_of(RouterConfig(kind=router_kind)).feasible
 
 
 def quadratic(g: Tensor, G: Tensor, c: Tensor) -> Tensor:

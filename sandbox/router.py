@@ -14,6 +14,11 @@ leading seed/population dims; `Router` wraps them with ``nn.Parameter`` for the 
 
 Parameters (slot axis last, so slot k of every parameter is ``[..., k]``):
 ``W (*b, F, K)``, ``bias (*b, K)`` and, for ``sigmoid``, ``phi (*b, K)``.
+
+Router kinds are an extension point (`sandbox.plugins`, group ``router``): ``RouterConfig.kind``
+(flags ``--router``) names a built-in kind, an entry point in ``molora.routers`` or ``module:Name``
+of an object with the `RouterKind` protocol; the built-ins are registered the same way
+(docs/plugins.md builds one from scratch).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from sandbox import plugins
 from sandbox.adapters import randn
 from sandbox.errors import check, require
 
@@ -88,7 +94,7 @@ class RouterConfig:
     tau_scales: str = "logit"
 
     def __post_init__(self):
-        require(self.kind in KINDS, "router", self.kind, "one of " + ", ".join(KINDS))
+        kind_of(self)   # a built-in name, or a plugin that keeps the protocol (else one line naming --router)
         check(isinstance(self.n_features, int) and self.n_features >= 1, "n_features", self.n_features, "an integer >= 1")
         check(isinstance(self.n_slots, int) and self.n_slots >= 1, "n_slots", self.n_slots, "an integer >= 1")
         require(_finite(self.floor_max) and 0 <= self.floor_max < 1, "floor_max", self.floor_max, "a number in [0, 1)")
@@ -109,12 +115,17 @@ class RouterConfig:
 
     @property
     def param_names(self) -> tuple[str, ...]:
-        return PARAM_ORDER if self.kind == "sigmoid" else PARAM_ORDER[:2]
+        if self.kind in KINDS:
+            return PARAM_ORDER if self.kind == "sigmoid" else PARAM_ORDER[:2]
+        return _order(kind_of(self).param_shapes(self))
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Per-individual shapes (without batch dims) of each parameter."""
+        """Per-individual shapes (without batch dims) of each parameter, in the flat-vector order."""
         F, K = self.n_features, self.n_slots
-        return {n: ((F, K) if n == "W" else (K,)) for n in self.param_names}
+        if self.kind in KINDS:
+            return {n: ((F, K) if n == "W" else (K,)) for n in self.param_names}
+        shapes = kind_of(self).param_shapes(self)
+        return {n: tuple(shapes[n]) for n in _order(shapes)}
 
     @property
     def n_params(self) -> int:
@@ -123,6 +134,147 @@ class RouterConfig:
 
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _order(names) -> tuple[str, ...]:
+    """The flat-vector order of parameter names: W, bias, phi where present, then a plugin's own."""
+    return (*(n for n in PARAM_ORDER if n in names), *(n for n in names if n not in PARAM_ORDER))
+
+
+# ---------------------------------------------------------------------------------------------
+# Router kinds: the protocol, the built-ins, the registry
+# ---------------------------------------------------------------------------------------------
+
+
+class RouterKind:
+    """The router protocol (duck-typed: any object with these members; this class documents it).
+
+    A router maps routing features to gates. Both systems call it with leading batch dims ``*b``
+    that broadcast: the analytic sandbox with parameters ``(S, P, ...)`` (seeds, population) and
+    features ``(S, 1, N, F)``, the transformer with parameters ``(...)`` or ``(P, ...)`` (the
+    search's population) and features ``(N*T, F)`` or ``(1, N*T, F)``.
+
+    Members:
+        feasible: ``"simplex"`` (every gate row sums to 1) or ``"box"`` (each gate in [0, 1]): the
+            set the analytic sandbox's ceiling (`sandbox.oracle`) searches for the best gates.
+        param_shapes(cfg) -> {name: shape}: per-individual shapes. ``W (F, K)`` and ``bias (K,)``
+            are required (the lifecycle's reallocation and the search's logit units read them);
+            further parameters may follow. Every shape ends in K (slot k of each is ``[..., k]``:
+            the lifecycle copies slot columns).
+        gates(cfg, params, features, step) -> ``(*b, N, K)``: ``params[name]`` is ``(*b, *shape)``,
+            ``features (*b, N, F)``; ``step`` is the training step (an int, or a tensor that
+            broadcasts to ``(*b, 1, 1)``), for schedules. Differentiable in ``params``: the grad
+            arm trains them with Adam.
+        init(cfg, batch_shape, generator, dtype, device) -> params (optional): the default draws
+            ``W ~ N(0, init_std^2 / F)`` from ``generator`` and zeros for every other parameter.
+        floors(cfg, params) -> ``(*b, K)`` (optional): per-slot lower bounds of the gates (zeros).
+
+    ``cfg`` is the `RouterConfig` (its ``n_features`` F, ``n_slots`` K, anneal settings, ...).
+    """
+
+    feasible: str = "box"
+
+    def param_shapes(self, cfg: "RouterConfig") -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    def gates(self, cfg: "RouterConfig", params: dict[str, Tensor], features: Tensor, step=0) -> Tensor:
+        raise NotImplementedError
+
+
+class SoftmaxKind(RouterKind):
+    """``softmax`` (B3): ``g = softmax(h W + b)``, on the simplex."""
+
+    feasible = "simplex"
+
+    def param_shapes(self, cfg):
+        return {"W": (cfg.n_features, cfg.n_slots), "bias": (cfg.n_slots,)}
+
+    def gates(self, cfg, params, features, step=0):
+        return torch.softmax(router_logits(params, features), dim=-1)
+
+
+class SigmoidKind(RouterKind):
+    """``sigmoid`` (the rewrite): ``g = f + (1 - f) sigmoid(z / tau(step))``, in ``[f, 1]``."""
+
+    feasible = "box"
+
+    def param_shapes(self, cfg):
+        return {"W": (cfg.n_features, cfg.n_slots), "bias": (cfg.n_slots,), "phi": (cfg.n_slots,)}
+
+    def gates(self, cfg, params, features, step=0):
+        tau = temperature(cfg, step)
+        f = floors(cfg, params).unsqueeze(-2)  # (*b, 1, K)
+        if cfg.tau_scales == "input":   # sigmoid(b + h W / tau): the anneal leaves the operating point alone
+            hw = features @ params["W"]  # (*b, N, K)
+            if isinstance(tau, Tensor):
+                tau = tau.to(hw.dtype)
+            return f + (1 - f) * torch.sigmoid(params["bias"].unsqueeze(-2) + hw / tau)
+        z = router_logits(params, features)  # (*b, N, K)
+        if isinstance(tau, Tensor):
+            tau = tau.to(z.dtype)
+        return f + (1 - f) * torch.sigmoid(z / tau)
+
+
+def kind_of(cfg: "RouterConfig") -> RouterKind:
+    """The `RouterKind` that ``cfg.kind`` names (built-in, entry point or ``module:Name``)."""
+    return plugins.resolve("router", cfg.kind, "--router")
+
+
+def _fail(value: str, problem: str):
+    raise plugins.PluginError("--router", value, problem)
+
+
+def check_router_kind(obj, value: str) -> None:
+    """Probe a router plugin once on small shapes (F = 3, K = 4; batch dims as both systems use
+    them); the first break of the protocol is a `PluginError` naming the method and the expected
+    shape."""
+    name = type(obj).__name__
+    for m in ("param_shapes", "gates"):
+        if not callable(getattr(obj, m, None)):
+            _fail(value, f"{name} has no {m}() method; expected the router protocol (feasible, param_shapes, "
+                  "gates; docs/plugins.md)")
+    if getattr(obj, "feasible", None) not in ("simplex", "box"):
+        _fail(value, f"{name}.feasible is {getattr(obj, 'feasible', None)!r}; expected 'simplex' (gate rows sum to "
+              "1) or 'box' (each gate in [0, 1])")
+    F, K = 3, 4
+    cfg = RouterConfig(kind=value, n_features=F, n_slots=K, anneal_steps=10)
+    shapes = obj.param_shapes(cfg)
+    if not isinstance(shapes, dict) or tuple(shapes.get("W", ())) != (F, K) or tuple(shapes.get("bias", ())) != (K,):
+        _fail(value, f"{name}.param_shapes() returned {shapes!r}; expected a dict with 'W': (F, K) = {(F, K)} and "
+              f"'bias': (K,) = {(K,)}, every shape ending in K")
+    for n, sh in shapes.items():
+        if not (isinstance(sh, tuple) and len(sh) >= 1 and sh[-1] == K):
+            _fail(value, f"{name}.param_shapes()[{n!r}] is {sh!r}; expected a tuple ending in K = {K} (slot axis last)")
+    gen = torch.Generator().manual_seed(0)
+    for batch, feat_shape in (((2,), (2, 5, F)), ((2, 3), (2, 1, 5, F)), ((), (5, F))):
+        params = init_router_params(cfg, batch, gen, torch.float64)
+        for n, sh in shapes.items():
+            if n not in params or tuple(params[n].shape) != (*batch, *sh):
+                got = tuple(params[n].shape) if n in params else "nothing"
+                _fail(value, f"{name}.init() gave {n!r} of shape {got}; expected (*b, *param_shapes[{n!r}]) = "
+                      f"{(*batch, *sh)}")
+        feats = torch.randn(feat_shape, generator=gen, dtype=torch.float64)
+        g = obj.gates(cfg, params, feats, 0)
+        want = (*torch.broadcast_shapes(feat_shape[:-2], batch), feat_shape[-2], K)
+        if not isinstance(g, Tensor) or tuple(g.shape) != want:
+            got = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
+            _fail(value, f"{name}.gates() returned {got} for params with batch dims {batch} and features "
+                  f"{feat_shape}; expected (*b, N, K) = {want}")
+        if not torch.isfinite(g).all():
+            _fail(value, f"{name}.gates() returned non-finite gates; expected finite gates of shape (*b, N, K)")
+        if obj.feasible == "simplex" and not torch.allclose(g.sum(-1), torch.ones((), dtype=g.dtype), atol=1e-6):
+            _fail(value, f"{name}.gates() rows sum to {g.sum(-1).flatten()[:3].tolist()}; expected 1 "
+                  "(feasible = 'simplex')")
+        if obj.feasible == "box" and not bool(((g >= -1e-9) & (g <= 1 + 1e-9)).all()):
+            _fail(value, f"{name}.gates() returned gates outside [0, 1]; expected each gate in [0, 1] (feasible = 'box')")
+        fl = floors(cfg, params)
+        if tuple(fl.shape) != (*batch, K):
+            _fail(value, f"{name}.floors() returned {tuple(fl.shape)}; expected (*b, K) = {(*batch, K)}")
+
+
+plugins.group("router", "router", "--router", "molora.routers", check_router_kind)
+plugins.register("router", "softmax", SoftmaxKind())
+plugins.register("router", "sigmoid", SigmoidKind())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +317,13 @@ def init_router_params(cfg: RouterConfig, batch_shape: tuple[int, ...] = (), gen
     ``init = zero``). The draw of ``W`` does not depend on ``init``."""
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     F, K = cfg.n_features, cfg.n_slots
+    if cfg.kind not in KINDS:
+        kind = kind_of(cfg)
+        if callable(getattr(kind, "init", None)):
+            return dict(kind.init(cfg, tuple(batch_shape), gen, dtype, device))
+        W = randn((*batch_shape, F, K), gen, dtype, device) * (cfg.init_std / math.sqrt(F))
+        return {n: (W if n == "W" else torch.zeros((*batch_shape, *sh), dtype=dtype, device=device))
+                for n, sh in cfg.param_shapes().items()}
     W = randn((*batch_shape, F, K), gen, dtype, device) * (cfg.init_std / math.sqrt(F))
     bias, phi = mass_init(cfg)
     params = {"W": W, "bias": torch.full((*batch_shape, K), bias, dtype=dtype, device=device)}
@@ -199,7 +358,10 @@ def floors(cfg: RouterConfig, params: dict[str, Tensor]) -> Tensor:
     """Per-slot gate floors ``(*b, K)``: ``floor_max * sigmoid(phi)`` (sigmoid), zeros (softmax)."""
     if cfg.kind == "softmax":
         return torch.zeros_like(params["bias"])
-    return cfg.floor_max * torch.sigmoid(params["phi"])
+    if cfg.kind == "sigmoid":
+        return cfg.floor_max * torch.sigmoid(params["phi"])
+    kind = kind_of(cfg)
+    return kind.floors(cfg, params) if callable(getattr(kind, "floors", None)) else torch.zeros_like(params["bias"])
 
 
 def router_logits(params: dict[str, Tensor], features: Tensor) -> Tensor:
@@ -213,27 +375,24 @@ def router_gates(cfg: RouterConfig, params: dict[str, Tensor], features: Tensor,
     Leading dims broadcast: params ``(S, P, F, K)`` with features ``(S, 1, N, F)`` give
     ``(S, P, N, K)``. ``step`` sets the sigmoid temperature (ignored by softmax, whose
     temperature is fixed at 1); a tensor step must broadcast to ``(*b, 1, 1)``. The temperature
-    divides the whole logit or only ``h W`` (`RouterConfig.tau_scales`).
+    divides the whole logit or only ``h W`` (`RouterConfig.tau_scales`). A plugin kind's gates are
+    checked for their shape at every call (one line naming ``gates()`` and the expected shape).
     """
-    if cfg.kind == "softmax":
-        return torch.softmax(router_logits(params, features), dim=-1)
-    tau = temperature(cfg, step)
-    f = floors(cfg, params).unsqueeze(-2)  # (*b, 1, K)
-    if cfg.tau_scales == "input":   # sigmoid(b + h W / tau): the anneal leaves the operating point alone
-        hw = features @ params["W"]  # (*b, N, K)
-        if isinstance(tau, Tensor):
-            tau = tau.to(hw.dtype)
-        return f + (1 - f) * torch.sigmoid(params["bias"].unsqueeze(-2) + hw / tau)
-    z = router_logits(params, features)  # (*b, N, K)
-    if isinstance(tau, Tensor):
-        tau = tau.to(z.dtype)
-    return f + (1 - f) * torch.sigmoid(z / tau)
+    kind = kind_of(cfg)
+    g = kind.gates(cfg, params, features, step)
+    if cfg.kind not in KINDS:
+        want = (*torch.broadcast_shapes(features.shape[:-2], params["bias"].shape[:-1]), features.shape[-2], cfg.n_slots)
+        if not isinstance(g, Tensor) or tuple(g.shape) != want:
+            got = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
+            _fail(cfg.kind, f"{type(kind).__name__}.gates() returned {got}; expected (*b, N, K) = {want}")
+    return g
 
 
 def params_to_vector(params: dict[str, Tensor]) -> Tensor:
-    """Flatten router parameters to ``(*b, n)`` in the fixed order W (row-major F x K), bias, phi."""
+    """Flatten router parameters to ``(*b, n)`` in the fixed order W (row-major F x K), bias, phi,
+    then a plugin's own parameters (`RouterConfig.param_shapes`' order)."""
     batch = params["bias"].shape[:-1]
-    parts = [params[n].reshape(*batch, -1) for n in PARAM_ORDER if n in params]  # each (*b, n_i)
+    parts = [params[n].reshape(*batch, -1) for n in _order(params)]  # each (*b, n_i)
     return torch.cat(parts, dim=-1)
 
 

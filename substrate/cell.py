@@ -53,7 +53,7 @@ from sandbox.errors import BadInput, require
 from sandbox.lifecycle import (LifecycleConfig, Population, event_rows, fitness, lifecycle_step, loo_gates,
                                reset_adam_state, reset_mask)
 from sandbox.results import RunDir, atomic_save_torch, claim_run_dir, load_torch, read_json, to_jsonable
-from sandbox.router import Router, RouterConfig, gate_rows, router_gates
+from sandbox.router import Router, RouterConfig, gate_rows, kind_of, router_gates
 from sandbox.streams import Purpose, generator
 from substrate import acar
 from substrate.defaults import ROUTER_LR_RATIO
@@ -142,9 +142,10 @@ class CellConfig:
     fit_windows: int = 4
     """Selection-batch windows per domain for leave-one-out fitness."""
     router_kind: str = "auto"
-    """Router kind: auto (the cell's: softmax for B3, sigmoid with R) or acar (sigma routing,
+    """Router kind: auto (the cell's: softmax for B3, sigmoid with R), acar (sigma routing,
     `substrate.acar`: top-3 slots by held-in loss, gated 1/2/3 equally by the probes' agreement;
-    nothing of the router is trained)."""
+    nothing of the router is trained), or a router plugin (an entry point name in molora.routers,
+    or module:Name; docs/plugins.md) that replaces the sigmoid router in the cells with R."""
     pooling: str = "causal"
     """Routing-feature pooling: causal prefix means, or sequence (leaks future tokens)."""
     perturb_base: float = 0.0
@@ -194,12 +195,18 @@ class CellConfig:
         require(ra is None or (isinstance(ra, int) and not isinstance(ra, bool) and ra >= 0), "anneal_steps", ra,
                 "an integer >= 0")
         # The parts the cell decides (so a stored config is whole and never contradicts itself).
+        # A router plugin (`sandbox.plugins`) replaces the rewrite's sigmoid in the cells with R; B3's
+        # softmax baseline stays, so the factorial's router contrast is "your router vs B3".
+        plugin = self.router_kind not in ROUTER_KINDS and self.router_kind not in ("softmax", "sigmoid")
+        if plugin:
+            kind_of(replace(self.router, kind=self.router_kind))   # resolved and probed, or one line naming --router
         object.__setattr__(self, "router", replace(
-            self.router, kind="sigmoid" if self.factors.router else "softmax", n_slots=self.slots,
+            self.router, kind=(self.router_kind if plugin else "sigmoid") if self.factors.router else "softmax",
+            n_slots=self.slots,
             n_features=PRESETS[self.preset].d_model, init_mass=1.0))
         object.__setattr__(self, "lifecycle", replace(
             self.lifecycle, scope="per-domain" if self.factors.per_domain else "global"))
-        require(self.router_kind in ROUTER_KINDS, "router", self.router_kind, "one of " + ", ".join(ROUTER_KINDS))
+        require(self.router_kind in ROUTER_KINDS or plugin, "router", self.router_kind, "one of " + ", ".join(ROUTER_KINDS))
         require(self.router_kind != "acar" or self.slots >= 3, "slots", self.slots, "at least 3 with --router acar")
 
     @classmethod

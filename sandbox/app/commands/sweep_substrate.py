@@ -40,9 +40,10 @@ def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, 
     steps = steps if steps is not None else (base["steps"] if preset == base["preset"] else PRESET_STEPS.get(preset, 100))
     points = points if point_count_given else base["points"]
     seeds = seeds if seeds_given else base["seeds"]
-    if router not in ("softmax", "sigmoid"):
-        raise BadInput("--router", router, "softmax or sigmoid" + (" (sigma routing is an extra arm of the map: add "
-                       "--acar)" if router == "acar" else ""))
+    if router == "acar":
+        raise BadInput("--router", router, "softmax, sigmoid or a router plugin (sigma routing is an extra arm of "
+                       "the map: add --acar)")
+    plugin = router not in ("softmax", "sigmoid")    # a router plugin: the R cell's router (sandbox.plugins)
     if data is not None and not Path(data).is_dir():
         raise BadInput("--data", data, "a folder with one subfolder of .txt files per domain")
     check_folder(cache, "--cache")
@@ -51,8 +52,8 @@ def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, 
         axis_name, axis_rng = parse_axis(axis, "--axis", {k: (lo, hi) for k, (lo, hi, _) in AXES.items()})
     given = {k: v for k, v in (("lr", lr),) if v is not None}          # else the cell's own default
     batch = CellConfig.batch if batch is None else batch              # the cell's own default, declared once
-    cell = CellConfig.of(cell="R" if router == "sigmoid" else "B3", preset=preset, steps=steps, batch=batch,
-                         data=data, device=dev, seed=seeds[0], **given)
+    cell = CellConfig.of(cell="R" if router == "sigmoid" or plugin else "B3", preset=preset, steps=steps, batch=batch,
+                         data=data, device=dev, seed=seeds[0], **given, **({"router_kind": router} if plugin else {}))
     check_affordable(cell, yes=False)
     ecfg = EvolutionConfig(population=population, mutation_scale=mutation_scale, method=evo,
                            interval=interval if interval is not None else max(1, steps // 10))
