@@ -317,8 +317,10 @@ class Substrate:
     base_nll: list[float]
 
 
-def prepare_substrate(cfg: CellConfig, cache_dir: str | Path, log: Callable[[str], None] | None = None) -> Substrate:
+def prepare_substrate(cfg: CellConfig, cache_dir: str | Path, log: Callable[[str], None] | None = None,
+                      stage: Callable[[str, int, int], None] | None = None) -> Substrate:
     """Build the corpus, pretrain the base and train the specialists, each cached in `cache_dir`.
+    `stage(name, done, total)` reports the progress of the long steps (not called on a cache hit).
 
     The base and the specialists do not depend on the cell or the seed (seed 0): every cell and
     seed adapts the same frozen base, so contrasts measure the cells, not different bases.
@@ -335,10 +337,12 @@ def prepare_substrate(cfg: CellConfig, cache_dir: str | Path, log: Callable[[str
     require(corpus.domains <= cfg.slots, "slots", cfg.slots, f"at least the number of domains ({corpus.domains})")
     say(f"substrate {cfg.preset}: {corpus.domains} domains, context {s['context']}; pretraining "
         f"{s['pretrain_steps']} steps (cached in {cache_dir})")
+    tell = (lambda name, total: None if stage is None else (lambda row: stage(name, row["step"] + 1, total)))
     base = pretrain(mcfg, corpus, pretraining(s["pretrain_steps"], batch=s["pretrain_batch"]), device=cfg.device,
-                    cache_dir=cache_dir)
+                    cache_dir=cache_dir, progress=tell("pretraining the base", s["pretrain_steps"]))
     say(f"specialists: {s['specialist_steps']} steps (cached)")
-    spec = train_specialists(base, corpus, steps=s["specialist_steps"], device=cfg.device, cache_dir=cache_dir)
+    spec = train_specialists(base, corpus, steps=s["specialist_steps"], device=cfg.device, cache_dir=cache_dir,
+                             progress=tell("specialists", s["specialist_steps"]))
     plain = evaluate(base, corpus, "heldout", None, max_windows=cfg.eval_windows, device=cfg.device)
     return Substrate(corpus, {k: v.cpu() for k, v in base.base_state_dict().items()}, spec, plain.nll.tolist())
 
@@ -668,7 +672,8 @@ def run_cell(cfg: CellConfig, out: str | Path, cache_dir: str | Path = "runs/cac
              stop_after: int | None = None, draw_figures: Callable[[Path], object] | None = None,
              argv: list[str] | None = None,
              progress: Callable[[int, int, dict], None] | None = None,
-             log: Callable[[str], None] | None = None) -> CellResult:
+             log: Callable[[str], None] | None = None,
+             stage: Callable[[str, int, int], None] | None = None) -> CellResult:
     """Run (or resume, or just report) one cell into the run folder `out`.
 
     Writes ``manifest.json``, ``checkpoint.pt`` (every ``checkpoint_every`` steps, atomic),
@@ -678,7 +683,7 @@ def run_cell(cfg: CellConfig, out: str | Path, cache_dir: str | Path = "runs/cac
     A folder with a finished run of the same config returns its metrics without training; one with
     a checkpoint resumes from it. `stop_after` caps the steps of THIS invocation (it checkpoints
     and returns ``done=False``), which is how a run is interrupted on purpose.
-    `progress(step, steps, info)` is called after every step.
+    `progress(step, steps, info)` is called after every step; `stage` goes to `prepare_substrate`.
     """
     out = Path(out)
     claim_run_dir(out, "full")   # one run per folder, never another command's folder
@@ -704,7 +709,7 @@ def run_cell(cfg: CellConfig, out: str | Path, cache_dir: str | Path = "runs/cac
     if ck is not None and ck["config"] != cfg.identity():
         raise BadInput("--out", str(out), "an empty folder or one holding a run of the same config (its "
                        "checkpoint has a different config)")
-    sub = substrate or prepare_substrate(cfg, cache_dir, log)
+    sub = substrate or prepare_substrate(cfg, cache_dir, log, stage)
     corpus = sub.corpus
     run = RunDir.create(out, "full", cfg, seeds=[cfg.seed], argv=argv,
                         extra={"substrate": cfg.substrate(), "corpus": corpus.config})

@@ -191,14 +191,16 @@ def weights_fingerprint(model: GPT) -> str:
 
 def train_specialists(base: GPT, corpus: Corpus, steps: int = 200, lr: float = 1e-2, batch: int | None = None,
                       device: str | torch.device = "cpu", cache_dir: str | Path | None = None, seed: int = 0, *,
-                      log: list | None = None, log_every: int = 10) -> dict[str, tuple[Tensor, Tensor]]:
+                      log: list | None = None, log_every: int = 10,
+                      progress: Callable[[dict], None] | None = None) -> dict[str, tuple[Tensor, Tensor]]:
     """One adapter (rank ``base.cfg.rank``) per domain, trained on the frozen base.
 
     Returns ``{bank name: (A (M, r, d_in), B (M, d_out, r))}`` on CPU: row m is domain m's
     specialist. Trained jointly as an M-slot bank with one-hot gates and equal examples per domain
     (``batch`` rounded up to a multiple of M, default 8 per domain), AdamW without weight decay,
     warm-up + cosine. Cached as ``cache_dir/specialists-<key>.pt`` keyed by the base weights'
-    fingerprint, the corpus and these settings.
+    fingerprint, the corpus and these settings. `progress` is called with each logged row (not on a
+    cache hit).
     """
     M = corpus.domains
     per = max(1, math.ceil((batch or 8 * M) / M))
@@ -232,6 +234,8 @@ def train_specialists(base: GPT, corpus: Corpus, steps: int = 200, lr: float = 1
         opt.step()
         if step % log_every == 0 or step == steps - 1:
             rows.append({"step": step, "loss": loss.item(), "lr": lr_at(step, tcfg), "elapsed_s": time.perf_counter() - t0})
+            if progress is not None:
+                progress(rows[-1])
     factors = {n: (b.A.detach().cpu().clone(), b.B.detach().cpu().clone()) for n, b in model.banks().items()}
     if log is not None:
         log.extend(rows)

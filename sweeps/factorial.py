@@ -177,8 +177,10 @@ def run_factorial(fcfg: FactorialConfig, out: str | Path, cache_dir: str | Path 
                   storage: str | None = None, figures: bool = True, argv: list[str] | None = None,
                   on_trial: Callable[[str, int, bool], None] | None = None,
                   progress: Callable[[str, int, int, int, dict], None] | None = None,
-                  log: Callable[[str], None] | None = None) -> FactorialResult:
+                  log: Callable[[str], None] | None = None,
+                  stage: Callable[[str, int, int], None] | None = None) -> FactorialResult:
     """Run every missing (cell, seed) trial, then write the tables, attribution and figures.
+    `stage(name, done, total)` reports pretraining and specialists (`prepare_substrate`).
 
     `on_trial(cell, seed, computed)` is called before a trial runs (computed False = reused);
     `progress(cell, seed, step, steps, info)` after every step of a computed trial.
@@ -216,7 +218,7 @@ def run_factorial(fcfg: FactorialConfig, out: str | Path, cache_dir: str | Path 
                 if on_trial is not None:
                     on_trial(cell, seed, stored is None)
                 if stored is None and sub is None:
-                    sub = prepare_substrate(fcfg.base, cache_dir, log)
+                    sub = prepare_substrate(fcfg.base, cache_dir, log, stage)
 
                 def go(cell=cell, seed=seed) -> dict:
                     cb = (lambda s, n, info: progress(cell, seed, s, n, info)) if progress else None

@@ -83,6 +83,7 @@ def factorial(**kw) -> None:
         steps_task = bar.add_task("steps", total=template.steps, visible=False)
 
         pool = fcfg.seed_pool()
+        from sandbox.app.progress import stage_callback   # pretraining and specialists, when not cached
 
         def on_trial(cell, seed, computed):
             grow(pool.index(seed) + 1)
@@ -97,7 +98,7 @@ def factorial(**kw) -> None:
 
         res = run_factorial(fcfg, root, cache, storage=storage, figures=not no_figures,
                             argv=recorded_argv(), on_trial=on_trial, progress=progress,
-                            log=lambda m: err.print(m))
+                            log=lambda m: err.print(m), stage=stage_callback(bar))
     err.print(f"trials: {res.computed} computed, {res.reused} reused from the ledger")
     print_attribution(res)
 

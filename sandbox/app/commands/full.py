@@ -150,22 +150,25 @@ def full(**kw) -> None:
 
 def _run_one(cfg, folder: Path, cache: str, stop_after, console):
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from figures.report import build_report
+    from sandbox.app.progress import progress_bar, stage_callback
     from substrate.cell import run_cell
 
     console.print(f"cell {cfg.cell} seed {cfg.seed}: preset {cfg.preset}, {cfg.steps} steps on {cfg.device} -> {folder}")
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as bar:
-        task = bar.add_task(f"{cfg.cell} s{cfg.seed}", total=cfg.steps, loss="-")
+    with progress_bar(console, loss="-") as bar:
+        stage = stage_callback(bar, loss="-")   # pretraining the base and the specialists, when not cached
+        task = None
 
         def progress(step, steps, info):
+            nonlocal task
+            if task is None:   # after the substrate's stages, so the bars stand in the order they ran
+                task = bar.add_task(f"{cfg.cell} s{cfg.seed}", total=steps, completed=step - 1, loss="-")
             bar.update(task, completed=step, loss=f"{info['loss']:.4f}")
 
         res = run_cell(cfg, folder, cache, stop_after=stop_after, argv=recorded_argv(), progress=progress,
-                       log=lambda m: console.print(m), draw_figures=build_report)
-        bar.update(task, completed=res.step)
+                       log=lambda m: console.print(m), draw_figures=build_report, stage=stage)
+        if task is not None:
+            bar.update(task, completed=res.step)
     if not res.done:
         console.print(f"stopped at step {res.step} (checkpoint saved; run the same command to resume)")
     return res.metrics
