@@ -31,6 +31,10 @@ Methods (``EvolutionConfig.method``, the CLI's ``--evo``):
   own RMS floored at 1 (`mutation_scales`), never adapted. Kept for comparison: against a
   gradient-tuned router it is usually inert (no child ever wins).
 
+Search kinds are an extension point (`sandbox.plugins`, group ``search``): ``--evo`` also takes
+an entry point name in ``molora.searches`` or ``module:Name`` of an object with the `RoutingSearch`
+ask/tell protocol (docs/plugins.md); the bookkeeping (accepted counts, masked seeds) stays here.
+
 Randomness: one generator per seed (``es``/``fixed`` noise, the ``cma`` instance's seed), so a seed's
 search does not depend on which other seeds share the batch (a resumed sweep reproduces).
 """
@@ -39,12 +43,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from sandbox import plugins
 from sandbox.errors import check, require
 
 METHODS = ("es", "cma", "fixed")
@@ -73,7 +78,8 @@ class EvolutionConfig:
         require(isinstance(self.mutation_scale, (int, float)) and math.isfinite(self.mutation_scale)
                 and 0 < self.mutation_scale <= 100, "mutation_scale", self.mutation_scale, "a number in (0, 100]")
         require(isinstance(self.interval, int) and self.interval >= 1, "interval", self.interval, "an integer >= 1")
-        require(self.method in METHODS, "evo", self.method, "one of " + ", ".join(METHODS))
+        if self.method not in METHODS:
+            search_kind(self.method)   # a search plugin that keeps the protocol, or one line naming --evo
         check(isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping > 0,
                 "damping", self.damping, "a number > 0")
         if self.method == "cma":
@@ -113,6 +119,7 @@ class SearchState:
     cma: list = field(default_factory=list)         # one cmaes.CMA per seed (method cma)
     asked: list = field(default_factory=list)       # the cma steps of the pending generation
     unit: Tensor | None = None                      # (S, D) the step units of the pending cma generation
+    plugin: Any = None                              # a search plugin's own state (`RoutingSearch.init`)
 
 
 def init_search(cfg: EvolutionConfig, S: int, D: int, generators: Sequence[torch.Generator],
@@ -122,6 +129,8 @@ def init_search(cfg: EvolutionConfig, S: int, D: int, generators: Sequence[torch
     check(len(generators) == S, "generators", len(generators), f"one per seed ({S})")
     sigma = torch.full((S,), float(cfg.mutation_scale), dtype=dtype) if sigma0 is None else sigma0.to(dtype).clone()
     state = SearchState(sigma=sigma, accepted=torch.zeros(S, dtype=torch.long, device=sigma.device))
+    if cfg.method not in METHODS:
+        state.plugin = search_kind(cfg.method).init(cfg, S, D, list(generators), dtype)
     if cfg.method == "cma":
         from cmaes import CMA
 
@@ -141,6 +150,11 @@ def propose(x: Tensor, unit: Tensor, state: SearchState, cfg: EvolutionConfig,
     S, D = x.shape
     check(len(generators) == S, "generators", len(generators), f"one per seed ({S})")
     lam = cfg.population - 1
+    if cfg.method not in METHODS:
+        kind = search_kind(cfg.method)
+        pop = kind.ask(state.plugin, x, unit, cfg, list(generators))
+        _check_population(cfg.method, type(kind).__name__, pop, x, cfg.population)
+        return pop
     if cfg.method == "cma":
         state.asked = [np.stack([es.ask() for _ in range(lam)]) for es in state.cma]          # S x (lam, D)
         z = torch.as_tensor(np.stack(state.asked), dtype=x.dtype, device=x.device)           # (S, lam, D)
@@ -177,6 +191,15 @@ def advance(state: SearchState, population: Tensor, objective: Tensor, cfg: Evol
     """
     S = population.shape[0]
     active = torch.ones(S, dtype=torch.bool, device=population.device) if active is None else active
+    if cfg.method not in METHODS:   # a plugin decides; the package keeps the record and the masks
+        kind = search_kind(cfg.method)
+        new, took = kind.tell(state.plugin, population, objective, cfg, active)
+        _check_told(cfg.method, type(kind).__name__, new, took, S, population.shape[-1])
+        took = took.to(device=population.device) & active
+        new = torch.where(active[:, None], new.to(population), population[:, 0])
+        state.generations += 1
+        state.accepted += took.long()
+        return new, took
     best, idx = select(population, objective)
     took = (idx != 0) & active
     if min_gain is not None and cfg.method != "cma":
@@ -214,3 +237,88 @@ def advance(state: SearchState, population: Tensor, objective: Tensor, cfg: Evol
 
 def _finite_or_inf(objective: Tensor) -> Tensor:
     return torch.where(torch.isfinite(objective), objective, torch.full_like(objective, float("inf")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Search kinds: the protocol and its check
+# ---------------------------------------------------------------------------------------------
+
+
+class RoutingSearch:
+    """The routing-search protocol (duck-typed; this class documents it): ask/tell over the
+    router's flat parameter vector (`sandbox.router.params_to_vector`), for S seeds at once.
+
+    Members:
+        init(cfg, S, D, generators, dtype) -> state: the search's own state for S seeds and D
+            router parameters (anything; passed back to ask and tell). ``generators``: one
+            ``torch.Generator`` per seed, the only randomness a search may use (so a resumed run
+            reproduces). ``cfg`` is the `EvolutionConfig` (population P, mutation_scale, ...).
+        ask(state, x, unit, cfg, generators) -> population ``(S, P, D)``: member 0 must be the
+            current vector ``x (S, D)`` (the parent); ``unit (S, D)`` is the step that moves each
+            router logit by about 1 (`logit_units`).
+        tell(state, population, objective, cfg, active) -> ``(new x (S, D), took (S,) bool)``:
+            ``objective (S, P)`` is the search loss of every member (lower is better, non-finite
+            for a diverged member); ``active (S,)`` masks seeds that no longer search. ``took``
+            marks the seeds whose router the search changed (counted as accepted generations).
+    The package masks inactive seeds and counts generations and acceptances itself.
+    """
+
+    def init(self, cfg: EvolutionConfig, S: int, D: int, generators: list, dtype: torch.dtype) -> Any:
+        raise NotImplementedError
+
+    def ask(self, state: Any, x: Tensor, unit: Tensor, cfg: EvolutionConfig, generators: list) -> Tensor:
+        raise NotImplementedError
+
+    def tell(self, state: Any, population: Tensor, objective: Tensor, cfg: EvolutionConfig,
+             active: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+
+def search_kind(method: str) -> RoutingSearch:
+    """The search plugin ``method`` names (entry point in ``molora.searches`` or ``module:Name``)."""
+    return plugins.resolve("search", method, "--evo")
+
+
+def _fail(value: str, problem: str):
+    raise plugins.PluginError("--evo", value, problem)
+
+
+def _check_population(value: str, name: str, pop, x: Tensor, P: int) -> None:
+    S, D = x.shape
+    if not isinstance(pop, Tensor) or tuple(pop.shape) != (S, P, D):
+        got = tuple(pop.shape) if isinstance(pop, Tensor) else type(pop).__name__
+        _fail(value, f"{name}.ask() returned {got}; expected the population (S, P, D) = {(S, P, D)}")
+    if not torch.equal(pop[:, 0].to(x), x):
+        _fail(value, f"{name}.ask() changed member 0; expected population[:, 0] to be the current vector x (S, D)")
+
+
+def _check_told(value: str, name: str, new, took, S: int, D: int) -> None:
+    if not isinstance(new, Tensor) or tuple(new.shape) != (S, D):
+        got = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
+        _fail(value, f"{name}.tell() returned new x of shape {got}; expected (S, D) = {(S, D)}")
+    if not isinstance(took, Tensor) or took.dtype != torch.bool or tuple(took.shape) != (S,):
+        got = (tuple(took.shape), str(took.dtype)) if isinstance(took, Tensor) else type(took).__name__
+        _fail(value, f"{name}.tell() returned took {got}; expected a bool tensor (S,) = {(S,)}")
+
+
+def check_search_kind(obj, value: str) -> None:
+    """Probe a search plugin once (S = 2 seeds, D = 5 parameters, P = 4)."""
+    name = type(obj).__name__
+    for m in ("init", "ask", "tell"):
+        if not callable(getattr(obj, m, None)):
+            _fail(value, f"{name} has no {m}() method; expected the ask/tell protocol (init, ask, tell; docs/plugins.md)")
+    cfg = EvolutionConfig(population=4, method=value)
+    S, D = 2, 5
+    gens = [torch.Generator().manual_seed(i) for i in range(S)]
+    state = obj.init(cfg, S, D, gens, torch.float64)
+    x = torch.randn(S, D, generator=gens[0], dtype=torch.float64)
+    pop = obj.ask(state, x, torch.ones_like(x), cfg, gens)
+    _check_population(value, name, pop, x, cfg.population)
+    objective = torch.rand(S, cfg.population, generator=gens[1], dtype=torch.float64)
+    new, took = obj.tell(state, pop, objective, cfg, torch.ones(S, dtype=torch.bool))
+    _check_told(value, name, new, took, S, D)
+
+
+plugins.group("search", "routing search", "--evo", "molora.searches", check_search_kind)
+for _m in METHODS:   # the built-in methods are dispatched here; registered so every name resolves one way
+    plugins.register("search", _m, _m)

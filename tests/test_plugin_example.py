@@ -138,3 +138,60 @@ def test_an_entry_point_names_a_plugin(monkeypatch):
     monkeypatch.setattr(plugins, "entry_points", lambda group=None: [ep] if group == "molora.routers" else real(group=group))
     assert type(kind_of(RouterConfig(kind="topk-test"))).__name__ == "TopKSoftmax"
     assert "topk-test" in plugins.GROUPS["router"].names()
+
+
+MIRRORED = "examples.mirrored_search:MirroredSearch"
+
+
+def test_a_search_plugin_runs_on_both_systems(tmp_path):
+    assert main(["sweep", *FLAGS, "--evo", MIRRORED, "--out", str(tmp_path / "a")]) == 0
+    res = pd.read_csv(tmp_path / "a" / "results.csv")
+    evo = res[res["arm"] == "evo"]
+    assert (evo["generations"] > 0).all() and evo["accepted"].between(0, 1).all() and evo["accepted"].gt(0).any()
+    grad = res[res["arm"] == "grad"].set_index(["point", "seed"])["final_loss"]
+    mine = evo.set_index(["point", "seed"])["final_loss"]
+    assert not mine.equals(grad.loc[mine.index])   # the accepted generations moved the routers off grad's path
+    assert main(["sweep", "--system", "substrate", "--evo", MIRRORED, "--points", "1", "--seeds", "1", "--steps", "4",
+                 "--interval", "2", "--preset", "tiny", "--population", "4", "--device", "cpu",
+                 "--cache", str(tmp_path / "cache"), "--no-figures", "--out", str(tmp_path / "s")]) == 0
+    sub = pd.read_csv(tmp_path / "s" / "results.csv")
+    assert (sub.loc[sub["arm"] == "evo", "generations"] > 0).all()
+
+
+SEARCHES = textwrap.dedent('''
+    import torch
+    from examples.mirrored_search import MirroredSearch
+
+    class NoTell:
+        def init(self, cfg, S, D, generators, dtype):
+            return None
+        def ask(self, state, x, unit, cfg, generators):
+            return x[:, None].expand(-1, cfg.population, -1).clone()
+
+    class ShortPopulation(MirroredSearch):
+        def ask(self, state, x, unit, cfg, generators):
+            return super().ask(state, x, unit, cfg, generators)[:, :-1]
+
+    class MovesTheParent(MirroredSearch):
+        def ask(self, state, x, unit, cfg, generators):
+            return super().ask(state, x, unit, cfg, generators) + 1
+
+    class IntTook(MirroredSearch):
+        def tell(self, state, population, objective, cfg, active):
+            new, took = super().tell(state, population, objective, cfg, active)
+            return new, took.long()
+''')
+
+
+@pytest.mark.parametrize("name, says", [
+    ("NoTell", "NoTell has no tell() method"),
+    ("ShortPopulation", "ShortPopulation.ask() returned (2, 3, 5); expected the population (S, P, D) = (2, 4, 5)"),
+    ("MovesTheParent", "MovesTheParent.ask() changed member 0"),
+    ("IntTook", "expected a bool tensor (S,) = (2,)"),
+])
+def test_a_search_that_breaks_the_protocol_gets_one_line_and_exit_2(tmp_path, monkeypatch, capsys, name, says):
+    (tmp_path / "broken_search.py").write_text(SEARCHES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["sweep", *FLAGS, "--evo", f"broken_search:{name}", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: --evo") and says in err, err
