@@ -17,7 +17,8 @@ from sandbox.errors import BadInput
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FLAG = re.compile(r"--[a-z][a-z0-9-]*")
 #: Flag-shaped strings that are not ours: arguments of the programs we call.
-FOREIGN = {"--porcelain"}   # `git status --porcelain` (sandbox.results.git_state)
+FOREIGN = {"--porcelain",   # `git status --porcelain` (sandbox.results.git_state)
+           "--help"}       # click's help option (sandbox.app.cli adds -h), not a command parameter
 
 
 def _commands():

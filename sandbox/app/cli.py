@@ -26,6 +26,7 @@ app = typer.Typer(
     help="Mixture-of-LoRA regime explorer: where does evolutionary routing search beat, tie with, "
     "or degrade the gradient solution?",
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},   # every command accepts -h
     add_completion=False,
     pretty_exceptions_enable=False,
 )

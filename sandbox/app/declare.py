@@ -30,6 +30,15 @@ import typer
 from sandbox.errors import flag_for
 
 
+RUN_PANEL = "Run and output"
+#: Config class -> the ``--help`` panel of its options.
+PANELS = {"CellConfig": "Cell and substrate", "RouterConfig": "Router", "LifecycleConfig": "Lifecycle",
+          "FactorialConfig": "Design and statistics", "SweepConfig": "Grid and statistics",
+          "TuneConfig": "Baseline tuning", "TaskSpec": "Task", "AnalyticConfig": "Solvers and arms",
+          "RoutingArms": "Solvers and arms", "FusionConfig": "Fusion", "FusionSweepConfig": "Fusion",
+          "BenchConfig": "Benchmark"}
+
+
 @dataclass(frozen=True)
 class Opt:
     """One command option.
@@ -54,8 +63,14 @@ class Opt:
     auto: bool = False
     hidden: bool = False
 
+    @property
+    def panel(self) -> str:
+        """The help panel (``--help`` groups options by concern): the config the option comes from,
+        or "Run and output" for the command's own options (seeds, folders, threads)."""
+        return RUN_PANEL if self.source is None else PANELS.get(self.source[0].__name__, "Options")
+
     def parameter(self) -> inspect.Parameter:
-        info = typer.Option(self.default, *self.decls, help=self.help, hidden=self.hidden)
+        info = typer.Option(self.default, *self.decls, help=self.help, hidden=self.hidden, rich_help_panel=self.panel)
         return inspect.Parameter(self.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=self.annotation)
 
 
@@ -107,6 +122,40 @@ def _attributes_section(doc: str) -> dict[str, str]:
     return out
 
 
+#: Help for fields whose docstring is a design note rather than a sentence for a user (the note
+#: stays where it is; the manual carries the rest). Keyed by (class name, field).
+USER_HELP = {
+    ("RouterConfig", "tau_scales"): "What the sigmoid temperature divides: logit (the whole logit, (h W + b) / tau; "
+                                    "a mass start's gates then end on their floors) or input (only h W / tau; the bias "
+                                    "keeps the start's operating point through the anneal).",
+    ("RouterConfig", "init"): "How the sigmoid router's bias starts: zero (bias 0, total gate weight about K (1 + f) / 2) "
+                              "or mass (total gate weight init_mass at step 0, a fair start against the softmax).",
+}
+
+_INTERNAL = (
+    (re.compile(r"\s*\((?:the class default|None)\b[^()]*(?:\([^()]*\)[^()]*)*\)"), ""),   # (the class default: ...)
+    (re.compile(r"\s*\((?:sandbox|substrate|sweeps|figures)\.[\w.]+\)"), ""),             # (sandbox.sequential)
+    (re.compile(r"(?<=,)\s*(?:sandbox|substrate|sweeps|figures)\.[a-z_][\w.]*:"), ""),       # , substrate.acar: top-3
+    (re.compile(r";\s*None\b.*?(?=;|\.(?:\s|$)|$)"), ""),                                   # ; None leaves it to ...
+    (re.compile(r",? or None\b[^.;]*"), ""),                                                  # , or None to draw it ...
+)
+
+
+def user_help(text: str, limit: int = 240) -> str:
+    """The part of a field's docstring meant for a user: clauses about None (which the command line
+    cannot pass), the class default and module paths dropped, then whole sentences up to `limit`
+    characters (at least the first)."""
+    for pattern, repl in _INTERNAL:
+        text = pattern.sub(repl, text)
+    sentences = re.split(r"(?<=\.)\s+(?=[A-Za-z0-9])", text.strip())
+    out = sentences[0]
+    for s in sentences[1:]:
+        if len(out) + 1 + len(s) > limit:
+            break
+        out += " " + s
+    return out
+
+
 def _fold(text: str) -> str:
     text = " ".join(text.split())
     return re.sub(r"`+([^`]+)`+", r"\1", text)
@@ -147,7 +196,7 @@ def from_fields(cls: type, names: Iterable[str], *, instance: Any = None, flags:
             raise KeyError(f"{cls.__name__} has no field {name!r}")
         key = rename.get(name, name)
         is_auto = key in auto
-        help_text = docs.get(name, "")
+        help_text = USER_HELP.get((cls.__name__, name)) or user_help(docs.get(name, ""))
         if re.match(r"^[a-z]{2,} (?!\()", help_text):   # a sentence; "lora (...)", "d: ..." keep their case
             help_text = help_text[:1].upper() + help_text[1:]
         if is_auto:

@@ -23,6 +23,22 @@ def _cell(v) -> str:
     return str(v)
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text.replace("+", "", 1) if text.startswith("+") else text)
+    except ValueError:
+        return False
+    return True
+
+
+def column_style(texts: list[str], numeric: bool) -> dict:
+    """`rich.table.Table.add_column` settings: a column of numbers never breaks a number across lines
+    (no wrap, at least as wide as its longest number, right-aligned); text columns fold."""
+    if numeric or (texts and all(_is_number(t) for t in texts if t) and any(texts)):
+        return {"justify": "right", "no_wrap": True, "overflow": "ignore", "min_width": max([len(t) for t in texts] + [1])}
+    return {"justify": "left", "overflow": "fold"}
+
+
 def run_folders(run_dir) -> list:
     """The folders to report for `run_dir`: itself, or, for the folder given to ``full --out`` (no
     table of its own, one ``seed-N`` run folder per seed), every seed's folder in seed order."""
@@ -123,10 +139,11 @@ def _transfer(console, first: str, second: str, out: str | None) -> None:
     paths = save_figure(fig, root / "figures" / "transfer")
     run.finish()
     t = Table(title=f"transfer: {names[0]} vs {names[1]} (delta = log loss/PPL of grad - of evo)", title_justify="left")
-    for c in df.columns:
-        t.add_column(str(c), justify="right")
-    for row in df.itertuples(index=False):
-        t.add_row(*(_cell(v) for v in row))
+    cells = [[_cell(v) for v in row] for row in df.itertuples(index=False)]
+    for j, c in enumerate(df.columns):
+        t.add_column(str(c), **column_style([r[j] for r in cells], True))
+    for row in cells:
+        t.add_row(*row)
     console.print(t)
     console.print(f"transfer.csv and figures in {root}", highlight=False)
     for p in paths or []:
@@ -139,10 +156,11 @@ def _report_one(console, rep, run_dir) -> None:
 
     for title, df in rep.tables.items():
         t = Table(title=title, title_justify="left")
-        for col in df.columns:
-            t.add_column(str(col), justify="right" if pd.api.types.is_numeric_dtype(df[col]) else "left", overflow="fold")
-        for row in df.itertuples(index=False):
-            t.add_row(*(_cell(v) for v in row))
+        cells = [[_cell(v) for v in row] for row in df.itertuples(index=False)]
+        for j, col in enumerate(df.columns):
+            t.add_column(str(col), **column_style([r[j] for r in cells], pd.api.types.is_numeric_dtype(df[col])))
+        for row in cells:
+            t.add_row(*row)
         console.print(t)
     for note in rep.notes:
         console.print(f"[dim]note: {note}[/dim]")
