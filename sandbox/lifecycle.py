@@ -44,6 +44,7 @@ from torch import Tensor
 
 from sandbox.adapters import (AdapterBank, lowrank_svd, product_inner, product_norm, rand, randn, refactor, slot_gram,
                               split_factors)
+from sandbox import plugins
 from sandbox.errors import check, require
 
 Generators = torch.Generator | Sequence[torch.Generator]
@@ -143,7 +144,8 @@ class LifecycleConfig:
         require(self.crossover in CROSSOVERS, "crossover", self.crossover, "one of " + ", ".join(CROSSOVERS))
         require(self.crossover_t is None or (_num(self.crossover_t) and 0 <= self.crossover_t <= 1), "crossover_t",
                 self.crossover_t, "a number in [0, 1], or none (drawn per newborn)")
-        require(self.mutation_kind in MUTATION_KINDS, "mutation", self.mutation_kind, "one of " + ", ".join(MUTATION_KINDS))
+        if self.mutation_kind not in MUTATION_KINDS:   # a mutation plugin that keeps the protocol, or one line
+            mutation_operator(self.mutation_kind)
         require(isinstance(self.finetune_steps, int) and not isinstance(self.finetune_steps, bool)
                 and self.finetune_steps >= 1, "finetune_steps", self.finetune_steps, "an integer >= 1")
         require(_num(self.finetune_lr) and self.finetune_lr > 0, "finetune_lr", self.finetune_lr, "a number > 0")
@@ -152,6 +154,11 @@ class LifecycleConfig:
     def svd_mutation(self) -> bool:
         """Whether newborns get the SVD mutation."""
         return self.mutation and self.mutation_kind in ("svd", "svd+finetune")
+
+    @property
+    def plugin_mutation(self) -> bool:
+        """Whether newborns get a mutation plugin's ``mutate`` (`MutationOperator`)."""
+        return self.mutation and self.mutation_kind not in MUTATION_KINDS
 
     @property
     def finetunes(self) -> bool:
@@ -591,6 +598,8 @@ def _replace_slot(A: Tensor, B: Tensor, d: Tensor, nb: Tensor, parent: Tensor, v
         A_b, B_b = slerp_factors(A_p, B_p, _take(A, parent2), _take(B, parent2), t, r)
     if cfg.svd_mutation:
         A_c, B_c = mutate_svd(A_b, B_b, cfg.mutation_sigma, cfg.rotation, generator, r)
+    elif cfg.plugin_mutation:
+        A_c, B_c = _plugin_mutate(cfg, A_b, B_b, generator)
     elif cfg.mutation or parent2 is not None:  # fine-tune only, or an unmutated crossover child
         A_c, B_c = A_b.clone(), B_b.clone()
     else:
@@ -856,3 +865,71 @@ def event_rows(events: list[dict], batch_labels: list[Any] | None = None, label:
         row[label] = batch_labels[b] if batch_labels is not None else b
         rows.append(row)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Mutation operators: an extension point (`sandbox.plugins`, group ``mutation``)
+# ---------------------------------------------------------------------------------------------
+
+
+class MutationOperator:
+    """The mutation-operator protocol (duck-typed; this class documents it). ``--mutation`` takes
+    an entry point name in ``molora.mutations`` or ``module:Name`` of an object with:
+
+        mutate(A, B, cfg, generator) -> (A', B'): the newborn's factors from its parent's (after
+            crossover, if any), one adapter per row: ``A (n, r, d_in)``, ``B (n, d_out, r)`` ->
+            the same shapes. ``cfg`` is the `LifecycleConfig` (``mutation_sigma``, ``rotation``,
+            ...); ``generator`` is one ``torch.Generator`` or a sequence of n (one per row): draw
+            with `draw_normal` so a row's numbers depend on its own generator only.
+
+    Death, parent selection, inheritance and reallocation stay the package's; the mutation's
+    size is recorded as for SVD (``mutation_size`` in lifecycle.csv). Both systems call it (the
+    analytic sandbox with rows = seeds x deaths, the transformer once per adapted layer).
+    """
+
+    def mutate(self, A: Tensor, B: Tensor, cfg: LifecycleConfig, generator: Generators) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+
+def draw_normal(shape: tuple[int, ...], generator: Generators, like: Tensor) -> Tensor:
+    """``N(0, 1)`` noise of ``shape = (n, ...)`` like `like` (dtype, device): one generator draws
+    the whole shape, a sequence of n draws row i from generator i."""
+    return _draw(randn, tuple(shape), generator, like.dtype, like.device)
+
+
+def mutation_operator(kind: str) -> MutationOperator:
+    """The mutation plugin ``kind`` names (entry point in ``molora.mutations`` or ``module:Name``)."""
+    return plugins.resolve("mutation", kind, "--mutation")
+
+
+def _plugin_mutate(cfg: LifecycleConfig, A: Tensor, B: Tensor, generator: Generators) -> tuple[Tensor, Tensor]:
+    op = mutation_operator(cfg.mutation_kind)
+    out = op.mutate(A, B, cfg, generator)
+    ok = isinstance(out, tuple) and len(out) == 2 and all(isinstance(x, Tensor) for x in out)
+    if not ok or tuple(out[0].shape) != tuple(A.shape) or tuple(out[1].shape) != tuple(B.shape):
+        got = tuple(tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__ for x in out) \
+            if isinstance(out, tuple) else type(out).__name__
+        raise plugins.PluginError("--mutation", cfg.mutation_kind, f"{type(op).__name__}.mutate() returned {got}; "
+                                  f"expected (A (n, r, d_in), B (n, d_out, r)) = ({tuple(A.shape)}, {tuple(B.shape)})")
+    return out[0].to(A.dtype), out[1].to(B.dtype)
+
+
+def check_mutation_operator(obj, value: str) -> None:
+    """Probe a mutation plugin once (n = 3 adapters of rank 2, d_in = 5, d_out = 4; one generator
+    and one per row)."""
+    if not callable(getattr(obj, "mutate", None)):
+        raise plugins.PluginError("--mutation", value, f"{type(obj).__name__} has no mutate() method; expected the "
+                                  "mutation protocol (mutate(A, B, cfg, generator) -> (A, B); docs/plugins.md)")
+    cfg = LifecycleConfig(mutation_kind=value)
+    gen = torch.Generator().manual_seed(0)
+    A, B = torch.randn(3, 2, 5, generator=gen, dtype=torch.float64), torch.randn(3, 4, 2, generator=gen, dtype=torch.float64)
+    for g in (gen, [torch.Generator().manual_seed(i) for i in range(3)]):
+        A2, B2 = _plugin_mutate(cfg, A, B, g)
+        if not (torch.isfinite(A2).all() and torch.isfinite(B2).all()):
+            raise plugins.PluginError("--mutation", value, f"{type(obj).__name__}.mutate() returned non-finite "
+                                      "factors; expected finite A (n, r, d_in), B (n, d_out, r)")
+
+
+plugins.group("mutation", "mutation operator", "--mutation", "molora.mutations", check_mutation_operator)
+for _m in MUTATION_KINDS:   # the built-in kinds are dispatched above; registered so every name resolves one way
+    plugins.register("mutation", _m, _m)

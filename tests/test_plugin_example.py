@@ -195,3 +195,33 @@ def test_a_search_that_breaks_the_protocol_gets_one_line_and_exit_2(tmp_path, mo
     assert main(["sweep", *FLAGS, "--evo", f"broken_search:{name}", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: --evo") and says in err, err
+
+
+GAUSSIAN = "examples.gaussian_mutation:GaussianMutation"
+
+
+def test_a_mutation_plugin_runs_on_both_systems(tmp_path):
+    lc = ["--lifecycle", "--interval", "5", "--steps", "30"]
+    at = FLAGS.index("--steps")
+    flags = FLAGS[:at] + FLAGS[at + 2:]      # FLAGS without its --steps (lc sets 30)
+    for kind in ("svd", GAUSSIAN):
+        assert main(["sweep", *flags, *lc, "--mutation", kind, "--out", str(tmp_path / kind.split(":")[-1])]) == 0
+    mine, svd = (pd.read_csv(tmp_path / n / "results.csv") for n in ("GaussianMutation", "svd"))
+    ev, es = mine[mine["arm"] == "evo"], svd[svd["arm"] == "evo"]
+    assert (ev["lifecycle_events"] > 0).all() and not ev["final_loss"].equals(es["final_loss"])
+    assert main(["full", "--cell", "R+L", *TINY, "--mutation", GAUSSIAN, "--device", "cpu", "--seeds", "0,",
+                 "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "full")]) == 0
+    events = pd.read_csv(tmp_path / "full" / "seed-0" / "lifecycle.csv")
+    births = events[events["event"] == "birth"]
+    assert len(births) and (births["mutation_size"] > 0).all()
+
+
+def test_a_mutation_that_breaks_the_protocol_gets_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    (tmp_path / "broken_mutation.py").write_text("class Transposes:\n    def mutate(self, A, B, cfg, generator):\n"
+                                                 "        return B, A\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["sweep", *FLAGS, "--lifecycle", "--mutation", "broken_mutation:Transposes",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: --mutation") and "Transposes.mutate() returned ((3, 4, 2), (3, 2, 5))" in err \
+        and "expected (A (n, r, d_in), B (n, d_out, r)) = ((3, 2, 5), (3, 4, 2))" in err, err
