@@ -3,7 +3,16 @@
 curves.csv rows: ``step, domain, nll, log_ppl, floor`` (+ optional ``seed``, ``cell``); the
 domain ``balanced`` holds the balanced metric (mean over domains of per-domain mean token NLL).
 ``floor`` is the domain's true entropy rate in nats per token where the corpus knows it: no model
-can go below it, so the gap to the dashed floor is what is left to learn.
+can go below it. Adaptation moves log-PPL by hundredths of a nat while the floor is often more
+than a nat below, so a curve drawn on the log-PPL axis with the floors in view is a flat line.
+The figures therefore plot effects on axes scaled to them:
+
+- one run (`plot`): each domain's change since step 0, ``log_ppl(t) - log_ppl(0)`` (negative =
+  better), the gap left to each floor at the end written in the legend;
+- several cells (`collect_delta` / `plot_delta`, one figure for the whole factorial instead of one
+  near-copy per cell): each cell's balanced log-PPL against the reference cell's (B3) at every
+  evaluation step, ``delta = log PPL_ref - log PPL_cell`` per seed (positive = the cell is better),
+  mean over seeds with a 95% t interval.
 
 cells.csv rows: ``cell, seed, balanced_log_ppl, diverged, ...``. The cells figure shows each seed's
 balanced log-PPL per cell, joined across cells by seed, because every contrast is paired by seed.
@@ -14,7 +23,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 
 from figures.style import OKABE_ITO, attach, category_colours, new_figure, theme
 
@@ -41,40 +49,106 @@ def collect(curves: pd.DataFrame, cell: str | None = None) -> pd.DataFrame:
     return out
 
 
+def _change(sub: pd.DataFrame) -> tuple[np.ndarray, float, float]:
+    """``(log_ppl - log_ppl at the first step, end value, end gap to the floor)`` of one domain's rows."""
+    y = sub["log_ppl"].to_numpy(float)
+    f = sub["floor"].dropna()
+    gap = float(y[-1] - f.iloc[-1]) if len(f) and len(y) else float("nan")
+    return y - y[0], float(y[-1]) if len(y) else float("nan"), gap
+
+
 def plot(df: pd.DataFrame, title: str | None = None) -> Figure:
-    """Per-domain log-PPL against step (thin), the balanced curve (thick black), floors dashed."""
+    """Per-domain change in log-PPL since step 0 (thin), the balanced change (thick black); the gap
+    left to each entropy floor at the end in the legend (the floors are off this axis's scale)."""
     domains = [d for d in pd.unique(df["domain"]) if str(d) != BALANCED]
     colours = category_colours(sorted(domains, key=str))
-    lines, floors = {}, {}
+    lines, gaps = {}, {}
     with theme():
-        fig = new_figure(9.0, 5.4)
+        fig = new_figure(9.4, 5.4)
         ax = fig.add_subplot()
+        ax.axhline(0.0, color="0.5", lw=1.0, zorder=1)
         for d in sorted(domains, key=str):
             sub = df[df["domain"] == d].sort_values("step")
-            (lines[d],) = ax.plot(sub["step"], sub["log_ppl"], color=colours[d], lw=1.4, label=str(d))
-            f = sub["floor"].dropna()
-            if len(f):
-                floors[d] = ax.axhline(float(f.iloc[-1]), color=colours[d], lw=1.0, ls="--", alpha=0.9)
+            y, end, gaps[d] = _change(sub)
+            gap = f", {gaps[d]:.3f} above floor" if np.isfinite(gaps[d]) else ""
+            (lines[d],) = ax.plot(sub["step"], y, color=colours[d], lw=1.4, marker="o", ms=3,
+                                  label=f"{d} (end {end:.3f}{gap})")
         bal = df[df["domain"].astype(str) == BALANCED].sort_values("step")
         if len(bal):
-            (lines[BALANCED],) = ax.plot(bal["step"], bal["log_ppl"], color=OKABE_ITO["black"], lw=2.6,
-                                         label="balanced (mean over domains)")
-            f = bal["floor"].dropna()
-            if len(f):
-                floors[BALANCED] = ax.axhline(float(f.iloc[-1]), color=OKABE_ITO["black"], lw=1.4, ls="--")
+            y, end, gaps[BALANCED] = _change(bal)
+            gap = f", {gaps[BALANCED]:.3f} above floor" if np.isfinite(gaps[BALANCED]) else ""
+            (lines[BALANCED],) = ax.plot(bal["step"], y, color=OKABE_ITO["black"], lw=2.6, marker="o", ms=4,
+                                         label=f"balanced (end {end:.3f}{gap})")
         ax.set_xlabel("adaptation step")
-        ax.set_ylabel("held-out log-PPL  (nats per token)")
+        ax.set_ylabel("held-out log-PPL change since step 0\n(nats per token; < 0: better)")
         n = df.attrs.get("n_seeds")
         cell = df.attrs.get("cell")
         bits = [f"cell {cell}" if cell else "", f"mean of {n} seeds" if n else ""]
         sub = ", ".join(b for b in bits if b)
         ax.set_title(title or "Learning curves per domain" + (f" — {sub}" if sub else ""), fontsize=12)
-        handles = list(lines.values())
-        if floors:
-            handles.append(Line2D([], [], color="0.3", ls="--", lw=1.0, label="entropy floor (same colour)"))
-        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
-                  title="domain")
-    return attach(fig, kind="curves", lines=lines, floors=floors, domains=domains)
+        ax.legend(handles=list(lines.values()), loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+                  title="domain (log-PPL at the end, gap to its entropy floor)", title_fontsize=9, fontsize=9)
+    return attach(fig, kind="curves", lines=lines, gaps=gaps, domains=domains)
+
+
+def reference_cell(cells) -> str:
+    """The reference of a set of cells: B3 when present, else the first in design order."""
+    from sandbox.factors import parse_cell
+
+    names = sorted({str(c) for c in cells}, key=lambda c: parse_cell(c))
+    return "B3" if "B3" in names else names[0]
+
+
+def collect_delta(curves: pd.DataFrame, reference: str | None = None) -> pd.DataFrame:
+    """Balanced held-out log-PPL of every cell against `reference` (default `reference_cell`) per
+    evaluation step, paired by seed: ``cell, step, mean_delta, ci_low, ci_high, n`` with
+    ``delta = log PPL_ref - log PPL_cell`` (> 0: the cell is better) and a 95% t interval over seeds."""
+    from scipy import stats as st
+
+    bal = curves[curves["domain"].astype(str) == BALANCED]
+    ref = reference or reference_cell(bal["cell"])
+    key = ["step", "seed"] if "seed" in bal else ["step"]
+    wide = bal.pivot_table(index=key, columns="cell", values="log_ppl", aggfunc="mean")
+    if ref not in wide:
+        raise ValueError(f"curves table holds no reference cell {ref!r}")
+    rows = []
+    for cell in [c for c in sorted(wide.columns, key=str) if c != ref]:
+        d = (wide[ref] - wide[cell]).dropna().rename("delta").reset_index()
+        for step, part in d.groupby("step", sort=True):
+            v = part["delta"].to_numpy(float)
+            m, n = float(v.mean()), len(v)
+            h = float(st.t.ppf(0.975, n - 1) * v.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+            rows.append(dict(cell=str(cell), step=step, mean_delta=m, ci_low=m - h, ci_high=m + h, n=n))
+    out = pd.DataFrame(rows, columns=["cell", "step", "mean_delta", "ci_low", "ci_high", "n"])
+    out.attrs["reference"] = ref
+    return out
+
+
+def plot_delta(df: pd.DataFrame, title: str | None = None) -> Figure:
+    """One line per cell: its balanced log-PPL gain over the reference cell against step, with the
+    95% band over seeds; zero is the reference."""
+    from sandbox.factors import parse_cell
+
+    ref = df.attrs.get("reference", "B3")
+    cells = sorted(pd.unique(df["cell"].astype(str)), key=lambda c: parse_cell(c))
+    colours = category_colours(cells)
+    lines = {}
+    with theme():
+        fig = new_figure(9.4, 5.2)
+        ax = fig.add_subplot()
+        ax.axhline(0.0, color=OKABE_ITO["black"], lw=1.2, zorder=1, label=f"{ref} (reference)")
+        for c in cells:
+            sub = df[df["cell"].astype(str) == c].sort_values("step")
+            ax.fill_between(sub["step"], sub["ci_low"], sub["ci_high"], color=colours[c], alpha=0.15, lw=0, zorder=2)
+            (lines[c],) = ax.plot(sub["step"], sub["mean_delta"], color=colours[c], lw=2.0, marker="o", ms=4, zorder=3,
+                                  label=c)
+        n = int(df["n"].max()) if len(df) else 0
+        ax.set_xlabel("adaptation step")
+        ax.set_ylabel(f"delta = log PPL({ref}) − log PPL(cell)\n(balanced, nats per token; > 0: cell better)")
+        ax.set_title(title or f"Each cell against {ref} during adaptation — mean of {n} seeds, 95% t band",
+                     fontsize=12)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="cell")
+    return attach(fig, kind="curves_delta", lines=lines, reference=ref, cells=cells)
 
 
 def collect_cells(cells: pd.DataFrame, value: str = "balanced_log_ppl") -> pd.DataFrame:

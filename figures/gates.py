@@ -1,4 +1,11 @@
-"""Gate usage maps from `gates.csv`: domains x slots mean gate, before and after adaptation.
+"""Gate usage maps from `gates.csv`: each domain's share of its gate mass per slot, before and after.
+
+Each cell of a panel is ``share[m, k] = G[m, k] / sum_j G[m, j]``, the share of domain m's gate
+mass that slot k holds, so a row that concentrates on a few slots is a domain with slots of its
+own (specialisation), whatever the total gate mass does (a sigmoid router's total can fall while
+its routing sharpens; the mean gate itself made that fall the whole picture). Each row is
+labelled with its routing entropy ``H_m = -sum_k share[m, k] log share[m, k]`` (nats; log K for
+even use, 0 for one slot) and its total gate mass ``sum_k G[m, k]``.
 
 Rows of gates.csv: ``phase, domain, slot, mean_gate`` (+ optional ``seed``, ``cell``), where
 ``mean_gate`` is the router's mean gate for slot k over the tokens (or sequences) of domain m.
@@ -82,38 +89,56 @@ def matrices(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return out
 
 
+def shares(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(share (M, K), entropy (M,), total (M,))`` of a domains x slots mean-gate matrix: each row
+    divided by its total, its entropy in nats, and the total (NaN rows where the total is 0)."""
+    g = np.asarray(matrix, dtype=float)
+    total = np.nansum(g, axis=1)                                             # (M,)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = g / np.where(total > 0, total, np.nan)[:, None]               # (M, K)
+        ent = -np.nansum(np.where(share > 0, share * np.log(share), 0.0), axis=1)
+    ent = np.where(total > 0, ent, np.nan)
+    return share, ent, total
+
+
 def plot(df: pd.DataFrame, top: int = 2, title: str | None = None) -> Figure:
-    """Side-by-side heatmaps (one per phase) on one colour scale; each title gives its monopoly index."""
+    """Side-by-side heatmaps (one per phase) of each domain's gate share per slot, on one colour
+    scale; rows labelled with their entropy and total gate mass; each title gives the panel's
+    monopoly index and matrix diagnostics."""
     mats = matrices(df)
-    vmax = max(float(np.nanmax(m.to_numpy(float))) for m in mats.values()) if mats else 1.0
-    vmax = vmax if vmax > 0 else 1.0
+    split = {p: shares(m.to_numpy(float)) for p, m in mats.items()}
+    vmax = max(float(np.nanmax(sh)) for sh, _, _ in split.values()) if split else 1.0
+    vmax = vmax if np.isfinite(vmax) and vmax > 0 else 1.0
     n_dom = max((m.shape[0] for m in mats.values()), default=1)
     n_slot = max((m.shape[1] for m in mats.values()), default=1)
-    width = min(15.0, 1.8 + len(mats) * (1.2 + 0.28 * n_slot))
+    width = min(16.0, 2.4 + len(mats) * (2.2 + 0.28 * n_slot))
     height = min(10.0, 3.6 + 0.38 * n_dom)
     index, diag = {}, {}
     with theme():
         fig = new_figure(width, height)
-        axes = np.atleast_1d(fig.subplots(1, max(len(mats), 1), sharey=True, squeeze=False)[0])
+        axes = np.atleast_1d(fig.subplots(1, max(len(mats), 1), sharey=False, squeeze=False)[0])
         mesh = None
         for ax, (phase, m) in zip(axes, mats.items()):
             mi = monopoly_index(m.to_numpy(float), top)
             index[phase] = mi
             diag[phase] = d = matrix_stats(m.to_numpy(float))
-            mesh = ax.imshow(m.to_numpy(float), cmap=SEQUENTIAL_CMAP, vmin=0.0, vmax=vmax, aspect="auto",
+            share, ent, total = split[phase]
+            mesh = ax.imshow(share, cmap=SEQUENTIAL_CMAP, vmin=0.0, vmax=vmax, aspect="auto",
                              interpolation="nearest")
             ax.set_xticks(np.arange(m.shape[1]), [str(s) for s in m.columns])
-            ax.set_yticks(np.arange(m.shape[0]), [str(d) for d in m.index])
+            ax.set_yticks(np.arange(m.shape[0]), [f"{d}\nH {h:.2f}, mass {t:.2f}" for d, h, t in zip(m.index, ent, total)],
+                          fontsize=8.5)
             ax.tick_params(axis="x", labelsize=8.5 if m.shape[1] > 12 else 10)
             ax.grid(False)
             ax.set_xlabel("slot")
             per = np.mean(d["slots5_domain"]) if d["slots5_domain"] else float("nan")
-            ax.set_title(f"{phase} adaptation\nmonopoly index (top-{top} share) = {mi:.3f}, top-4 = {d['top4']:.3f}\n"
+            ax.set_title(f"{phase} adaptation: mean entropy per domain {np.nanmean(ent):.2f} nats\n"
+                         f"monopoly index (top-{top} share) = {mi:.3f}, top-4 = {d['top4']:.3f}\n"
                          f"slots > 5%: {d['slots5']} pooled, {per:.1f} per domain; MI(domain; slot) = {d['mi']:.3f} nats",
                          fontsize=10)
         axes[0].set_ylabel("domain")
         if mesh is not None:
-            fig.colorbar(mesh, ax=list(axes), shrink=0.9, pad=0.02, label="mean gate")
+            fig.colorbar(mesh, ax=list(axes), shrink=0.9, pad=0.02, label="share of the domain's gate mass")
         k = n_slot
         cell, seed, n_seeds = df.attrs.get("cell"), df.attrs.get("seed"), df.attrs.get("n_seeds", 0)
         which = ""
@@ -121,8 +146,10 @@ def plot(df: pd.DataFrame, top: int = 2, title: str | None = None) -> Figure:
             which = f", mean of {n_seeds} seeds"
         elif seed is not None:
             which = f", seed {seed}" + (f" (1 of {n_seeds} seeds)" if n_seeds > 1 else "")
-        head = title or ("Gate usage" + (f" — cell {cell}" if cell else "") + which)
+        head = title or ("Gate share per domain" + (f" — cell {cell}" if cell else "") + which)
         n_dom_ = max(n_dom, 1)
-        fig.suptitle(f"{head}\n(even use of {k} slots: top-{top} share {top / k:.3f}, top-4 {min(4, k) / k:.3f}; "
-                     f"one slot set per domain: MI up to log {n_dom_} = {np.log(n_dom_):.3f})", fontsize=11.5)
-    return attach(fig, kind="gates", monopoly=index, diagnostics=diag, top=top, panels=list(mats), axes=list(axes))
+        fig.suptitle(f"{head}\n(even use of {k} slots: share {1 / k:.3f}, entropy log {k} = {np.log(k):.2f}; "
+                     f"top-{top} share {top / k:.3f}; one slot set per domain: MI up to log {n_dom_} = "
+                     f"{np.log(n_dom_):.3f})", fontsize=11.5)
+    return attach(fig, kind="gates", monopoly=index, diagnostics=diag, top=top, panels=list(mats), axes=list(axes),
+                  entropy={p: v[1] for p, v in split.items()}, shares={p: v[0] for p, v in split.items()})

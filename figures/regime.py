@@ -9,8 +9,12 @@ Heatmap encoding (`plot_heatmap`):
 - colour: mean delta at each grid point, diverging map centred on 0 with limits (-L, L),
   L = max |mean delta|;
 - solid black line: the delta = 0 contour, interpolated between grid-point centres, drawn only
-  where the map changes sign (an exactly-zero plateau has no boundary to show) (scattered
-  points, as from a boundary search, are coloured and contoured on their Delaunay triangulation);
+  between points whose sign is significant (labels beats, beats<eps, degrades, degrades<eps,
+  Holm-corrected): the other points are masked out of the contoured field, so no line is drawn
+  through noise (scattered points, as from a boundary search, are coloured and contoured on
+  their Delaunay triangulation);
+- the axes span the grid, from its first to its last point (the end cells are half cells), so a
+  bounded axis such as alignment never runs outside [0, 1];
 - dashed lines: the +-eps contours (the equivalence margin fixed before the sweep);
 - one marker per point by label (`figures.style.REGIME_STYLE`; inconclusive and no-room hollow,
   inert a grey cross), and inert cells hatched: the search never acted there, so their colour
@@ -33,8 +37,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from matplotlib.tri import Triangulation
 
-from figures.style import (DIVERGING_CMAP, OKABE_ITO, REGIME_STYLE, REGIMES, attach, axis_label, delta_label,
-                           new_figure, symmetric_limits, theme)
+from figures.style import (DIVERGING_CMAP, OKABE_ITO, REGIME_STYLE, REGIMES, SIGNED, attach, axis_label,
+                           delta_label, new_figure, symmetric_limits, theme)
 
 #: Columns of summary.csv that are statistics, not regime axes.
 SUMMARY_STAT_COLUMNS: tuple[str, ...] = (
@@ -47,6 +51,8 @@ SUMMARY_STAT_COLUMNS: tuple[str, ...] = (
     "converged", "grad_lr", "grad_adapter_lr", "grad_beta2", "accepted_gain", "value", "tune_edge", "tune_score",
     "delta_evo_own", "evo_own_ci_low", "evo_own_ci_high", "evo_own_regime", "delta_restart_own",
     "restart_own_ci_low", "restart_own_ci_high", "restart_own_regime",
+    "delta_acar", "acar_ci_low", "acar_ci_high", "acar_p_holm", "acar_regime", "acar_seeds_needed",
+    "acar_share1", "acar_share2", "acar_share3", "acar_mean_slots", "acar_saved",
 )
 
 
@@ -79,6 +85,16 @@ def _common_eps(df: pd.DataFrame) -> float:
     return float(np.max(eps)) if eps.size else float("nan")
 
 
+def acar_view(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary with the acar arm's contrast (acar vs grad) in the main columns (``mean_delta``,
+    ``ci_low``, ``ci_high``, ``p_holm``, ``regime``), so the map's figures draw it the same way."""
+    out = summary.drop(columns=[c for c in ("mean_delta", "ci_low", "ci_high", "p_holm", "regime", "room",
+                                            "accepted") if c in summary.columns])
+    ren = {"delta_acar": "mean_delta", "acar_ci_low": "ci_low", "acar_ci_high": "ci_high", "acar_p_holm": "p_holm",
+           "acar_regime": "regime"}
+    return out.rename(columns=ren)
+
+
 def collect_heatmap(summary: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
     """Grid points of a two-axis sweep: ``x, y, mean_delta, ci_low, ci_high, regime, eps, n``.
 
@@ -94,14 +110,44 @@ def collect_heatmap(summary: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
     return df
 
 
-def _edges(centres: np.ndarray) -> np.ndarray:
-    """Cell edges around sorted centres: midpoints inside, half a spacing beyond the ends."""
+def _edges(centres: np.ndarray, within: bool = False) -> np.ndarray:
+    """Cell edges around sorted centres: midpoints inside, half a spacing beyond the ends, or, with
+    `within`, the first and last centre themselves (the axis spans the grid, never beyond it)."""
     c = np.asarray(centres, dtype=float)
     if c.size == 1:
         half = 0.5 * (abs(c[0]) if c[0] != 0 else 1.0)
         return np.array([c[0] - half, c[0] + half])
     mid = (c[:-1] + c[1:]) / 2
+    if within:
+        return np.concatenate([[c[0]], mid, [c[-1]]])
     return np.concatenate([[c[0] - (mid[0] - c[0])], mid, [c[-1] + (c[-1] - mid[-1])]])
+
+
+def _signs(df: pd.DataFrame) -> np.ndarray:
+    """Per row: +1 / -1 where the label says the sign is significant (`SIGNED`), else 0."""
+    if "regime" not in df:
+        return np.zeros(len(df))
+    lab = df["regime"].astype(str).map(SIGNED).fillna(0).to_numpy(float)
+    return lab * (np.sign(df["mean_delta"].to_numpy(float)) != -lab)   # a label and its delta agree
+
+
+def signed_field(df: pd.DataFrame, x: str, y: str, value: str = "mean_delta", reach: int = 2) -> np.ndarray:
+    """``Z (ny, nx)`` of `grid`, masked (NaN) at every point that has not both a significantly
+    positive and a significantly negative point (`SIGNED`) within `reach` grid steps (Chebyshev):
+    the field the zero contour is drawn on, so the contour shows a sign change that the labels
+    establish on both sides, and never one drawn through a region of noise."""
+    xs, ys, z = grid(df, x, y, value)
+    sg = grid(df.assign(_sign=_signs(df)), x, y, "_sign")[2]               # (ny, nx), NaN where missing
+    pos, neg = np.nan_to_num(sg) > 0, np.nan_to_num(sg) < 0
+    near_pos, near_neg = np.zeros_like(pos), np.zeros_like(neg)
+    ny, nx = z.shape
+    for dj in range(-reach, reach + 1):
+        for di in range(-reach, reach + 1):
+            src = (slice(max(0, -dj), ny - max(0, dj)), slice(max(0, -di), nx - max(0, di)))
+            dst = (slice(max(0, dj), ny - max(0, -dj)), slice(max(0, di), nx - max(0, -di)))
+            near_pos[dst] |= pos[src]
+            near_neg[dst] |= neg[src]
+    return np.where(near_pos & near_neg, z, np.nan)
 
 
 def grid(df: pd.DataFrame, x: str, y: str, value: str = "mean_delta") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -124,7 +170,7 @@ def _regime_markers(ax, df: pd.DataFrame, x: str, y: str, size: float = 70) -> d
         handles[regime] = ax.scatter(
             sub[x].to_numpy(float), sub[y].to_numpy(float), s=size, marker=st["marker"],
             facecolors=st["facecolor"], edgecolors=st["edgecolor"], linewidths=1.6 if hollow else 0.9,
-            zorder=4, label=f"{st['label']} ({len(sub)})")
+            zorder=4, clip_on=False, label=f"{st['label']} ({len(sub)})")
     return handles
 
 
@@ -154,12 +200,17 @@ def plot_heatmap(df: pd.DataFrame, x: str | None = None, y: str | None = None,
         filled = np.isfinite(z).mean()
         pts = df[np.isfinite(df["mean_delta"].to_numpy(float))]
         if filled >= 0.5 or len(pts) < 3:  # a (mostly) full grid: one cell per point
-            mesh = ax.pcolormesh(_edges(xs), _edges(ys), np.ma.masked_invalid(z), cmap=DIVERGING_CMAP,
+            ex, ey = _edges(xs, within=True), _edges(ys, within=True)
+            mesh = ax.pcolormesh(ex, ey, np.ma.masked_invalid(z), cmap=DIVERGING_CMAP,
                                  vmin=vmin, vmax=vmax, shading="flat", zorder=1)
+            ax.set_xlim(ex[0], ex[-1])
+            ax.set_ylim(ey[0], ey[-1])
+            zs = signed_field(df, x, y)
             if xs.size >= 2 and ys.size >= 2:
                 gx, gy = np.meshgrid(xs, ys)  # (ny, nx) each: cell centres
                 zm = np.ma.masked_invalid(z)
-                zero = ax.contour(gx, gy, zm, levels=[0.0], colors=OKABE_ITO["black"], linewidths=2.2, zorder=3)
+                zero = ax.contour(gx, gy, np.ma.masked_invalid(zs), levels=[0.0], colors=OKABE_ITO["black"],
+                                  linewidths=2.2, zorder=3)
                 if np.isfinite(eps) and eps > 0:
                     eps_cs = ax.contour(gx, gy, zm, levels=[-eps, eps], colors="0.2", linewidths=1.3,
                                         linestyles="--", zorder=3)
@@ -167,21 +218,30 @@ def plot_heatmap(df: pd.DataFrame, x: str | None = None, y: str | None = None,
             tri = Triangulation(pts[x].to_numpy(float), pts[y].to_numpy(float))
             zt = pts["mean_delta"].to_numpy(float)
             mesh = ax.tripcolor(tri, zt, cmap=DIVERGING_CMAP, vmin=vmin, vmax=vmax, shading="gouraud", zorder=1)
+            # A triangle is contoured only with significantly positive and negative points near it
+            # (within 2.5 typical spacings, on axes scaled to [0, 1]), as on a grid (`signed_field`).
+            sg = _signs(pts)
+            xy = np.column_stack([(v - v.min()) / (np.ptp(v) or 1.0) for v in (tri.x, tri.y)])
+            cen = xy[tri.triangles].mean(axis=1)                                   # (n_tri, 2)
+            dist = np.linalg.norm(cen[:, None, :] - xy[None, :, :], axis=-1)       # (n_tri, n_pts)
+            near = dist <= 2.5 / np.sqrt(len(xy))
+            tri.set_mask(~((near & (sg > 0)).any(axis=1) & (near & (sg < 0)).any(axis=1)))
             zero = ax.tricontour(tri, zt, levels=[0.0], colors=OKABE_ITO["black"], linewidths=2.2, zorder=3)
+            tri.set_mask(None)
             if np.isfinite(eps) and eps > 0:
                 eps_cs = ax.tricontour(tri, zt, levels=[-eps, eps], colors="0.2", linewidths=1.3,
                                        linestyles="--", zorder=3)
             for lim, v in ((ax.set_xlim, tri.x), (ax.set_ylim, tri.y)):  # keep edge markers whole
                 pad = 0.04 * (v.max() - v.min() or 1.0)
                 lim(v.min() - pad, v.max() + pad)
-        finite = z[np.isfinite(z)]
-        crosses = bool((finite < 0).any() and (finite > 0).any())
-        if zero is not None and not crosses:
-            # No sign change: the only "0 contour" would be the rim of an exactly-zero plateau.
+        sig = _signs(df)
+        crosses = bool((sig > 0).any() and (sig < 0).any())   # significant points of both signs
+        if zero is not None and (not crosses or not any(len(p.vertices) for p in zero.get_paths())):
+            # No significant sign change (or none between neighbours): no boundary to show.
             zero.set_visible(False)
+            crosses = False
         inert = df[df["regime"] == "inert"]
         if len(inert) and filled >= 0.5:
-            ex, ey = _edges(xs), _edges(ys)
             for xv, yv in zip(inert[x].to_numpy(float), inert[y].to_numpy(float)):
                 i, j = int(np.searchsorted(xs, xv)), int(np.searchsorted(ys, yv))
                 ax.add_patch(Rectangle((ex[i], ey[j]), ex[i + 1] - ex[i], ey[j + 1] - ey[j], facecolor="0.92",
@@ -198,7 +258,8 @@ def plot_heatmap(df: pd.DataFrame, x: str | None = None, y: str | None = None,
         ax.grid(False)
         ax.set_title(title or "Where evolutionary routing search beats, ties with or degrades gradient\n"
                      + _title_bits(df, eps), fontsize=11.5)
-        lines = [Line2D([], [], color=OKABE_ITO["black"], lw=2.2, label="delta = 0")] if crosses and zero else []
+        lines = ([Line2D([], [], color=OKABE_ITO["black"], lw=2.2, label="delta = 0 (between significant points)")]
+                 if crosses and zero else [])
         if eps_cs is not None:
             lines.append(Line2D([], [], color="0.2", lw=1.3, ls="--", label=f"delta = ±eps (±{eps:g})"))
         shown = [h for r, h in markers.items() if len(df[df["regime"] == r])]
@@ -213,7 +274,8 @@ def collect_curve(summary: pd.DataFrame, x: str = "alignment") -> pd.DataFrame:
     cols = [x] + [c for c in ("point", "mean_delta", "ci_low", "ci_high", "regime", "eps", "n",
                               "n_diverged", "p_holm", "seeds_needed", "delta_restart", "restart_ci_low",
                               "restart_ci_high", "delta_beta2", "beta2_ci_low", "beta2_ci_high", "room",
-                              "room_ci_low", "room_ci_high", "room_joint", "room_joint_ci_high", "accepted")
+                              "room_ci_low", "room_ci_high", "room_joint", "room_joint_ci_high", "accepted",
+                              "delta_acar", "acar_ci_low", "acar_ci_high", "acar_regime")
                   if c in summary.columns]
     df = summary[cols].sort_values(x).reset_index(drop=True)
     if df[x].duplicated().any():
@@ -281,6 +343,13 @@ def plot_curve(df: pd.DataFrame, x: str | None = None, eps: float | None = None,
             (restart,) = top.plot(xv, df["delta_restart"].to_numpy(float), color=OKABE_ITO["orange"], lw=1.8,
                                   ls="--", marker="s", ms=3.5, zorder=3,
                                   label="delta_restart: optimiser restart only (control), 95% CI")
+        acar = None
+        if "delta_acar" in df and df["delta_acar"].notna().any():   # the --acar arm, vs the same grad
+            top.fill_between(xv, df["acar_ci_low"].to_numpy(float), df["acar_ci_high"].to_numpy(float),
+                             color=OKABE_ITO["vermillion"], alpha=0.15, lw=0, zorder=2)
+            (acar,) = top.plot(xv, df["delta_acar"].to_numpy(float), color=OKABE_ITO["vermillion"], lw=1.8,
+                               ls=(0, (5, 1.5, 1, 1.5)), marker="^", ms=4, zorder=3,
+                               label="delta_acar: sigma routing (ACAR) vs grad, 95% CI")
         (line,) = top.plot(xv, df["mean_delta"].to_numpy(float), color=OKABE_ITO["blue"], lw=2.0,
                            marker="o", ms=4, zorder=3, label="delta: evo search vs grad")
         top.set_ylabel(delta_label(df.attrs.get("value")))
@@ -303,7 +372,7 @@ def plot_curve(df: pd.DataFrame, x: str | None = None, eps: float | None = None,
         strip.legend(handles=present, loc="upper center", bbox_to_anchor=(0.5, -0.9), ncols=4,
                      frameon=False, handletextpad=0.3, columnspacing=1.0)
     return attach(fig, kind="regime_curve", line=line, ci_band=ci, eps_band=band, markers=markers, eps=eps, x=x,
-                  room=room, restart=restart)
+                  room=room, restart=restart, acar=acar)
 
 
 def collect_anytime(summary: pd.DataFrame, budget: str = "steps", x: str = "alignment", n_lines: int = 4) -> pd.DataFrame:

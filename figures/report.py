@@ -11,7 +11,7 @@ with the tables to print attached (`Report.summary`, `Report.tables`).
 | cells.csv | ``cells`` (balanced log-PPL per cell, paired by seed) |
 | gates.csv | ``gates`` (``gates_<cell>`` per cell, ``_<arm>`` per arm) |
 | lifecycle.csv | ``lineage`` (split the same way; the first seed) |
-| curves.csv | ``curves`` (split the same way; mean over seeds) |
+| curves.csv | ``curves`` (one cell: change since step 0, split by arm; mean over seeds), or, with several cells, ``curves_vs_B3`` (each cell against the reference cell, paired by seed) |
 
 summary.csv and attribution.csv are pure functions of results.csv and cells.csv. When one is
 missing (or ``recompute=True``) and `sandbox.stats` provides the function, it is regenerated with
@@ -183,7 +183,14 @@ def build_report(run_dir: str | Path, recompute: bool = False, study: bool = Fal
             note = _averaged_note(name, tables[name])
             if note:
                 report.notes.append(note)
-            for suffix, part in facets(tables[name]):
+            table = tables[name]
+            if name == "curves.csv" and "cell" in table and table["cell"].nunique() > 1:
+                # One figure for the comparison (each cell against the reference cell), not a near-copy per cell.
+                for suffix, part in facets(table.drop(columns=["cell"])) if "arm" in table else [("", table)]:
+                    df = curves.collect_delta(table if suffix == "" else table[table.index.isin(part.index)])
+                    save(curves.plot_delta(df), f"curves_vs_{_stem_part(df.attrs['reference'])}{suffix}")
+                continue
+            for suffix, part in facets(table):
                 save(module.plot(module.collect(part)), stem + suffix)
     _printables(tables, manifest, report)
     return report
@@ -251,11 +258,16 @@ def _regime_figures(tables: dict, manifest: dict, save, report: Report) -> None:
     for key, part in groups:
         key = key if isinstance(key, tuple) else (key,)
         tag = "_".join(f"{a}={_stem_part(v)}" for a, v in zip(rest, key))
-        fig = regime.plot_heatmap(regime.collect_heatmap(part, x, y))
-        if tag:
-            fig.axes[0].set_title(fig.axes[0].get_title() + "\n" + ", ".join(f"{a} = {v}" for a, v in zip(rest, key)),
-                                  fontsize=11.5)
-        save(fig, "regime_heatmap" + (f"_{tag}" if tag else ""))
+        views = [("", part, None)]
+        if "delta_acar" in part and part["delta_acar"].notna().any():   # the --acar arm: its own map
+            views.append(("_acar", regime.acar_view(part), "Sigma routing (ACAR) vs gradient\n"
+                          + regime._title_bits(part, regime._common_eps(part))))
+        for arm, view, head in views:
+            fig = regime.plot_heatmap(regime.collect_heatmap(view, x, y), title=head)
+            if tag:
+                fig.axes[0].set_title(fig.axes[0].get_title() + "\n" + ", ".join(f"{a} = {v}" for a, v in zip(rest, key)),
+                                      fontsize=11.5)
+            save(fig, "regime_heatmap" + arm + (f"_{tag}" if tag else ""))
 
 
 def _ci(lo: pd.Series, hi: pd.Series) -> list[str]:

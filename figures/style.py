@@ -50,20 +50,27 @@ SEQUENTIAL_CMAP = "viridis"
 REGIMES: tuple[str, ...] = ("beats", "beats<eps", "ties", "degrades<eps", "degrades", "inconclusive",
                             "no-room", "unconverged", "inert")
 
-#: Marker, fill colour, edge colour and legend text per label. Inconclusive, inert and no-room are
-#: hollow (no finding), each with its own marker.
+#: Marker, fill colour, edge colour and legend text per label: a shape of its own per label (so
+#: labels differ without colour), filled markers edged in black (a white edge on a pale map cell
+#: made a filled marker read as hollow), and hollow only where there is no finding (inconclusive,
+#: no-room, unconverged).
 REGIME_STYLE: dict[str, dict[str, Any]] = {
-    "beats": dict(marker="^", facecolor=OKABE_ITO["blue"], edgecolor="white", label="beats (evo better)"),
-    "beats<eps": dict(marker="^", facecolor=OKABE_ITO["sky"], edgecolor="white", label="beats<eps (real, < eps)"),
-    "ties": dict(marker="D", facecolor=OKABE_ITO["green"], edgecolor="white", label="ties (within ±eps)"),
-    "degrades<eps": dict(marker="v", facecolor=OKABE_ITO["orange"], edgecolor="white",
+    "beats": dict(marker="^", facecolor=OKABE_ITO["blue"], edgecolor=OKABE_ITO["black"], label="beats (evo better)"),
+    "beats<eps": dict(marker="p", facecolor=OKABE_ITO["sky"], edgecolor=OKABE_ITO["black"],
+                      label="beats<eps (real, < eps)"),
+    "ties": dict(marker="D", facecolor=OKABE_ITO["green"], edgecolor=OKABE_ITO["black"], label="ties (within ±eps)"),
+    "degrades<eps": dict(marker="h", facecolor=OKABE_ITO["orange"], edgecolor=OKABE_ITO["black"],
                          label="degrades<eps (real, < eps)"),
-    "degrades": dict(marker="v", facecolor=OKABE_ITO["vermillion"], edgecolor="white", label="degrades (evo worse)"),
+    "degrades": dict(marker="v", facecolor=OKABE_ITO["vermillion"], edgecolor=OKABE_ITO["black"],
+                     label="degrades (evo worse)"),
     "inconclusive": dict(marker="o", facecolor="none", edgecolor=OKABE_ITO["black"], label="inconclusive"),
     "no-room": dict(marker="s", facecolor="none", edgecolor=OKABE_ITO["purple"], label="no-room (ceiling < eps)"),
     "unconverged": dict(marker="P", facecolor="none", edgecolor="0.35", label="unconverged (grad still falling)"),
-    "inert": dict(marker="X", facecolor="0.55", edgecolor="white", label="inert (search never acted)"),
+    "inert": dict(marker="X", facecolor="0.55", edgecolor=OKABE_ITO["black"], label="inert (search never acted)"),
 }
+
+#: Labels whose sign is significant (Holm-corrected): the zero contour is drawn only between them.
+SIGNED: dict[str, int] = {"beats": 1, "beats<eps": 1, "degrades": -1, "degrades<eps": -1}
 
 #: Axis labels (with units where the axis has one) for the sweep's regime axes.
 AXIS_LABELS: dict[str, str] = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy import stats as scipy_stats
 import pytest
 from matplotlib.colors import to_rgba
 
@@ -409,17 +410,38 @@ def curves_table(seeds=(0, 1)):
     return pd.DataFrame(rows)
 
 
-def test_curves_plot_seed_means_and_dashed_floors():
+def test_curves_plot_the_change_since_step_0_and_the_gap_to_each_floor():
     t = curves_table()
     fig = curves.plot(curves.collect(t))
     enc = fig.encoding
     assert set(enc["lines"]) == {"dom0", "dom1", "balanced"}
     for d, line in enc["lines"].items():
         want = t[t["domain"] == d].groupby("step")["log_ppl"].mean()
-        np.testing.assert_allclose(line.get_ydata(), want.to_numpy())
+        np.testing.assert_allclose(line.get_ydata(), want.to_numpy() - want.to_numpy()[0])   # an axis scaled to the effect
     for d, floor in (("dom0", 1.5), ("dom1", 2.0), ("balanced", 1.75)):
-        assert enc["floors"][d].get_ydata()[0] == floor and enc["floors"][d].get_linestyle() == "--"
+        end = t[t["domain"] == d].groupby("step")["log_ppl"].mean().iloc[-1]
+        assert enc["gaps"][d] == pytest.approx(end - floor)
+        assert f"{end - floor:.3f} above floor" in enc["lines"][d].get_label()
     assert enc["lines"]["balanced"].get_linewidth() > enc["lines"]["dom0"].get_linewidth()
+
+
+def test_cells_are_drawn_against_the_reference_cell_paired_by_seed():
+    rows = []
+    for cell, gain in (("B3", 0.0), ("R", 0.02), ("L+R", -0.01)):
+        for seed in (1, 2, 3):
+            for step in (0, 50, 100):
+                v = 3.0 + 0.1 * seed - gain * step / 100 + 0.001 * seed * (cell == "R")
+                rows.append(dict(step=step, domain="balanced", log_ppl=v, cell=cell, seed=seed))
+    df = curves.collect_delta(pd.DataFrame(rows))
+    assert df.attrs["reference"] == "B3" and set(df["cell"]) == {"R", "L+R"}
+    r = df[(df["cell"] == "R") & (df["step"] == 100)].iloc[0]
+    d = np.array([0.02 - 0.001 * s for s in (1, 2, 3)])           # B3 - R per seed at step 100
+    assert r["mean_delta"] == pytest.approx(d.mean())
+    half = scipy_stats.t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
+    assert r["ci_high"] - r["mean_delta"] == pytest.approx(half)
+    fig = curves.plot_delta(df)
+    np.testing.assert_allclose(fig.encoding["lines"]["L+R"].get_ydata(), [0.0, -0.005, -0.01])
+    assert "B3" in fig.axes[0].get_ylabel()
 
 
 def test_cells_plot_leaves_diverged_runs_out():
@@ -457,3 +479,72 @@ def test_scattered_points_are_contoured_on_a_triangulation():
     np.testing.assert_allclose(verts[:, 0], 0.45, atol=1e-9)  # linear field: exact on every triangle
     for r in REGIMES:
         assert offsets(enc["markers"][r]) == rows_xy(s[s["regime"] == r], "alignment", "context_noise")
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 30 (3): shares not mass, significant-only contours, axes within the grid, ACAR drawn
+
+
+def test_gate_panels_show_each_domains_share_and_entropy_not_the_mass():
+    t = gates_table(M=3, K=6, seeds=(0,))
+    t.loc[t["phase"] == "after", "mean_gate"] *= 0.25          # total mass falls, routing unchanged in shape
+    fig = gates.plot(gates.collect(t))
+    enc = fig.encoding
+    for phase in ("before", "after"):
+        sh = enc["shares"][phase]
+        np.testing.assert_allclose(sh.sum(axis=1), 1.0)          # rows are shares of the domain's mass
+        m = gates.matrices(gates.collect(t))[phase].to_numpy(float)
+        np.testing.assert_allclose(enc["entropy"][phase], [scipy_stats.entropy(r) for r in m])
+    img = enc["axes"][1].images[0].get_array()
+    np.testing.assert_allclose(np.asarray(img), enc["shares"]["after"])   # the drawn values are the shares
+    labels = [tl.get_text() for tl in enc["axes"][1].get_yticklabels()]
+    assert all("H " in lab and "mass 0.25" in lab for lab in labels), labels
+    assert "seed 0" in fig._suptitle.get_text()
+
+
+def test_zero_contour_is_drawn_only_near_significant_points_of_both_signs():
+    s = sweep_summary(xs=np.linspace(0, 1, 9), ys=np.linspace(0, 1, 3), field=lambda a, c: 0.05 * (a - 0.45))
+    fig = regime.plot_heatmap(regime.collect_heatmap(s, "alignment", "context_noise"))
+    assert fig.encoding["sign_change"] and fig.encoding["zero_contour"].get_visible()
+    # The same map with every point inconclusive (noise): the field still crosses 0, no contour drawn.
+    noisy = s.assign(regime="inconclusive")
+    fig = regime.plot_heatmap(regime.collect_heatmap(noisy, "alignment", "context_noise"))
+    assert not fig.encoding["sign_change"] and not fig.encoding["zero_contour"].get_visible()
+    # Significant on one side only: a sign change the labels do not establish is not drawn either.
+    one = s.assign(regime=np.where(s["mean_delta"] > 0, s["regime"], "inconclusive"))
+    assert not regime.plot_heatmap(regime.collect_heatmap(one, "alignment", "context_noise")).encoding["sign_change"]
+
+
+def test_heatmap_axes_stay_within_the_grid():
+    s = sweep_summary(xs=np.linspace(0, 1, 3), ys=np.linspace(0, 1, 3))      # a coarse grid
+    ax = regime.plot_heatmap(regime.collect_heatmap(s, "alignment", "context_noise")).axes[0]
+    assert ax.get_xlim() == (0.0, 1.0) and ax.get_ylim() == (0.0, 1.0)
+
+
+def test_filled_markers_are_edged_and_every_label_has_its_own_shape():
+    from figures.style import REGIME_STYLE
+
+    assert len({st["marker"] for st in REGIME_STYLE.values()}) == len(REGIME_STYLE)
+    assert all(st["edgecolor"] != "white" for st in REGIME_STYLE.values())
+
+
+def test_acar_arm_is_drawn_on_the_curve():
+    s = sweep_summary(ys=np.array([0.0]))
+    s = s.assign(delta_acar=s["mean_delta"] - 0.01, acar_ci_low=s["mean_delta"] - 0.02,
+                 acar_ci_high=s["mean_delta"], acar_regime="inconclusive")
+    assert regime.infer_axes(s) == ["alignment"]                        # acar columns are statistics, not axes
+    fig = regime.plot_curve(regime.collect_curve(s, "alignment"))
+    np.testing.assert_allclose(fig.encoding["acar"].get_ydata(), s.sort_values("alignment")["delta_acar"])
+    view = regime.acar_view(s)
+    np.testing.assert_allclose(view["mean_delta"], s["delta_acar"])
+    assert list(view["regime"]) == list(s["acar_regime"])
+
+
+def test_report_draws_one_comparison_figure_for_several_cells_not_a_copy_per_cell(tmp_path):
+    from figures.report import build_report
+
+    rows = [dict(step=st, domain=d, nll=3.0, log_ppl=3.0 - 0.01 * st * (c != "B3") + 0.001 * s, floor=1.5, cell=c, seed=s)
+            for c in ("B3", "R", "L") for s in (1, 2) for st in (0, 10) for d in ("a", "balanced")]
+    pd.DataFrame(rows).to_csv(tmp_path / "curves.csv", index=False)
+    names = sorted(p.name for p in build_report(tmp_path))
+    assert names == ["curves_vs_B3.png", "curves_vs_B3.svg"]
