@@ -102,7 +102,8 @@ class AnalyticConfig:
     """Router kind: softmax (B3 baseline), sigmoid (the rewrite, floor + annealed temperature), or a
     router plugin: a name in the entry point group molora.routers or module:Name (docs/plugins.md)."""
     evo: str = "es"
-    """Routing search: es ((1+lambda)-ES, 1/5th rule), cma (CMA-ES via cmaes) or fixed (unadapted steps)."""
+    """Routing search: es ((1+lambda)-ES, 1/5th rule), cma (CMA-ES via cmaes), fixed (unadapted steps),
+    or a search plugin: a name in the entry point group molora.searches or module:Name (docs/plugins.md)."""
     population: int = 16
     """P: individuals per evolutionary generation (member 0 is the current router)."""
     mutation_scale: float = 0.1
@@ -139,7 +140,8 @@ class AnalyticConfig:
     """SLERP weight of the second parent in [0, 1]; none draws it U(0, 1) per newborn."""
     mutation: str = "svd"
     """Newborn mutation: svd, finetune (EvoMerge: gradient steps on its target domain, the newborn
-    alone, on the closed-form loss) or svd+finetune."""
+    alone, on the closed-form loss), svd+finetune, or a mutation plugin: a name in the entry point
+    group molora.mutations or module:Name (docs/plugins.md)."""
     finetune_steps: int = 1
     """Gradient steps of the fine-tune mutation."""
     finetune_lr: float = 0.01

@@ -68,7 +68,8 @@ class EvolutionConfig:
     interval: int = 10
     """Gradient steps between two generations."""
     method: str = "es"
-    """es: (1+lambda)-ES with the 1/5th success rule; cma: CMA-ES (cmaes); fixed: unadapted steps."""
+    """es: (1+lambda)-ES with the 1/5th success rule; cma: CMA-ES (cmaes); fixed: unadapted steps; or a
+    search plugin (`RoutingSearch`: an entry point in molora.searches or module:Name)."""
     damping: float = 1.0
     """es: damping of the 1/5th rule (larger = slower step-size changes)."""
 

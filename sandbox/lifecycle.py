@@ -96,7 +96,8 @@ class LifecycleConfig:
             ``U(0, 1)`` per newborn.
         mutation_kind: ``svd`` (singular-value noise and rotation), ``finetune`` (EvoMerge: k
             gradient steps on the target domain for the newborn alone, instead of the SVD noise) or
-            ``svd+finetune`` (the fine-tune after the SVD mutation). Fine-tuning needs a loss
+            ``svd+finetune`` (the fine-tune after the SVD mutation), or a mutation plugin
+            (`MutationOperator`: an entry point in molora.mutations or module:Name). Fine-tuning needs a loss
             callback (`lifecycle_step`'s ``finetune``); ``mutation = False`` switches both off.
         finetune_steps: k, gradient steps of the fine-tune.
         finetune_lr: length of each fine-tune step in factor space (normalised gradient descent on
