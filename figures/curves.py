@@ -45,6 +45,9 @@ def collect(curves: pd.DataFrame, cell: str | None = None) -> pd.DataFrame:
         out["floor"] = np.nan
     if "seed" in df:
         out.attrs["n_seeds"] = int(df["seed"].nunique())
+        out.attrs["seed"] = df["seed"].iloc[0] if df["seed"].nunique() == 1 else None
+    if cell is None and "cell" in df and df["cell"].nunique() == 1:
+        cell = df["cell"].iloc[0]
     out.attrs["cell"] = cell
     return out
 
@@ -83,7 +86,9 @@ def plot(df: pd.DataFrame, title: str | None = None) -> Figure:
         ax.set_ylabel("held-out log-PPL change since step 0\n(nats per token; < 0: better)")
         n = df.attrs.get("n_seeds")
         cell = df.attrs.get("cell")
-        bits = [f"cell {cell}" if cell else "", f"mean of {n} seeds" if n else ""]
+        one = df.attrs.get("seed")
+        bits = [f"cell {cell}" if cell else "", f"seed {one}" if n == 1 and one is not None else
+                (f"mean of {n} seeds" if n else "")]
         sub = ", ".join(b for b in bits if b)
         ax.set_title(title or "Learning curves per domain" + (f" — {sub}" if sub else ""), fontsize=12)
         ax.legend(handles=list(lines.values()), loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
@@ -137,11 +142,18 @@ def plot_delta(df: pd.DataFrame, title: str | None = None) -> Figure:
         fig = new_figure(9.4, 5.2)
         ax = fig.add_subplot()
         ax.axhline(0.0, color=OKABE_ITO["black"], lw=1.2, zorder=1, label=f"{ref} (reference)")
-        for c in cells:
+        drawn: dict[str, np.ndarray] = {}
+        for i, c in enumerate(cells):
             sub = df[df["cell"].astype(str) == c].sort_values("step")
-            ax.fill_between(sub["step"], sub["ci_low"], sub["ci_high"], color=colours[c], alpha=0.15, lw=0, zorder=2)
-            (lines[c],) = ax.plot(sub["step"], sub["mean_delta"], color=colours[c], lw=2.0, marker="o", ms=4, zorder=3,
-                                  label=c)
+            y = sub["mean_delta"].to_numpy(float)
+            # E without L trains exactly like its cell without E: say so, or the later line hides the earlier.
+            same = [o for o, v in drawn.items() if v.shape == y.shape and np.allclose(v, y, rtol=0, atol=1e-12)]
+            drawn[c] = y
+            if not same:
+                ax.fill_between(sub["step"], sub["ci_low"], sub["ci_high"], color=colours[c], alpha=0.12, lw=0, zorder=2)
+            (lines[c],) = ax.plot(sub["step"], y, color=colours[c], lw=2.0, ls=("-", "--", ":", "-.")[i % 4],
+                                  marker="osD^v"[i % 5], ms=5 if not same else 8, mfc="none" if same else colours[c],
+                                  zorder=3, label=f"{c} (same as {same[0]})" if same else c)
         n = int(df["n"].max()) if len(df) else 0
         ax.set_xlabel("adaptation step")
         ax.set_ylabel(f"delta = log PPL({ref}) − log PPL(cell)\n(balanced, nats per token; > 0: cell better)")

@@ -92,7 +92,9 @@ def acar_view(summary: pd.DataFrame) -> pd.DataFrame:
                                             "accepted") if c in summary.columns])
     ren = {"delta_acar": "mean_delta", "acar_ci_low": "ci_low", "acar_ci_high": "ci_high", "acar_p_holm": "p_holm",
            "acar_regime": "regime"}
-    return out.rename(columns=ren)
+    out = out.rename(columns=ren)
+    out.attrs["arm"] = "acar"
+    return out
 
 
 def collect_heatmap(summary: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
@@ -106,7 +108,7 @@ def collect_heatmap(summary: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
     if df.duplicated([x, y]).any():
         raise ValueError(f"summary has several rows per ({x}, {y}); split it by its other axes first")
     df = df.sort_values([y, x]).reset_index(drop=True)
-    df.attrs.update(x=x, y=y, eps=_common_eps(df), value=_value(summary))
+    df.attrs.update(x=x, y=y, eps=_common_eps(df), value=_value(summary), arm=summary.attrs.get("arm", "evo"))
     return df
 
 
@@ -161,7 +163,7 @@ def grid(df: pd.DataFrame, x: str, y: str, value: str = "mean_delta") -> tuple[n
     return xs, ys, z
 
 
-def _regime_markers(ax, df: pd.DataFrame, x: str, y: str, size: float = 70) -> dict:
+def _regime_markers(ax, df: pd.DataFrame, x: str, y: str, size: float = 70, arm: str = "evo") -> dict:
     handles = {}
     for regime in REGIMES:
         sub = df[df["regime"] == regime]
@@ -170,7 +172,7 @@ def _regime_markers(ax, df: pd.DataFrame, x: str, y: str, size: float = 70) -> d
         handles[regime] = ax.scatter(
             sub[x].to_numpy(float), sub[y].to_numpy(float), s=size, marker=st["marker"],
             facecolors=st["facecolor"], edgecolors=st["edgecolor"], linewidths=1.6 if hollow else 0.9,
-            zorder=4, clip_on=False, label=f"{st['label']} ({len(sub)})")
+            zorder=4, clip_on=False, label=f"{st['label'].replace('evo', arm)} ({len(sub)})")
     return handles
 
 
@@ -246,9 +248,12 @@ def plot_heatmap(df: pd.DataFrame, x: str | None = None, y: str | None = None,
                 i, j = int(np.searchsorted(xs, xv)), int(np.searchsorted(ys, yv))
                 ax.add_patch(Rectangle((ex[i], ey[j]), ex[i + 1] - ex[i], ey[j + 1] - ey[j], facecolor="0.92",
                                        edgecolor="0.6", hatch="///", lw=0, zorder=2))
-        markers = _regime_markers(ax, df, x, y)
+        arm = df.attrs.get("arm", "evo")   # the arm against grad (acar_view: "acar")
+        markers = _regime_markers(ax, df, x, y, arm=arm)
         cbar = fig.colorbar(mesh, ax=ax, shrink=0.9, pad=0.02)
-        cbar.set_label(delta_label(df.attrs.get("value")))
+        label = delta_label(df.attrs.get("value"))
+        cbar.set_label(label if arm == "evo" else label.replace("(evo)", f"({arm})").replace("evo better", f"{arm} better")
+                       .replace("evolution better", f"{arm} better"))
         if np.isfinite(eps) and eps > 0 and eps < vmax:
             for v in (-eps, eps):
                 cbar.ax.axhline(v, color="0.2", linestyle="--", linewidth=1.2)
@@ -358,14 +363,16 @@ def plot_curve(df: pd.DataFrame, x: str | None = None, eps: float | None = None,
                       + _title_bits(df, eps), fontsize=11.5)
         # Regime strip: one coloured marker per point, on one row beneath the curve.
         strip_df = df.assign(_row=0.0)
-        edges = _edges(xv) if xv.size else np.array([])
+        edges = _edges(xv, within=True) if xv.size else np.array([])   # the axis spans the grid, no further
         for i, regime in enumerate(df["regime"]):
             fill = REGIME_STYLE.get(regime, REGIME_STYLE["inconclusive"])["facecolor"]
             strip.axvspan(edges[i], edges[i + 1], color="0.9" if fill == "none" else fill, alpha=0.25, lw=0, zorder=0)
         markers = _regime_markers(strip, strip_df, x, "_row", size=80)
+        if xv.size >= 2:
+            strip.set_xlim(edges[0], edges[-1])   # shared with the curve
         strip.set_yticks([])
         strip.set_ylim(-1, 1)
-        strip.set_ylabel("regime", rotation=0, ha="right", va="center")
+        strip.set_ylabel("regime", rotation=0, ha="right", va="center", labelpad=12)
         strip.grid(False)
         strip.set_xlabel(axis_label(x))
         present = [h for r, h in markers.items() if len(df[df["regime"] == r])]

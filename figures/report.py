@@ -191,7 +191,11 @@ def build_report(run_dir: str | Path, recompute: bool = False, study: bool = Fal
                     save(curves.plot_delta(df), f"curves_vs_{_stem_part(df.attrs['reference'])}{suffix}")
                 continue
             for suffix, part in facets(table):
-                save(module.plot(module.collect(part)), stem + suffix)
+                df = module.collect(part)
+                if suffix and hasattr(df, "attrs") and "cell" in table and not df.attrs.get("cell") \
+                        and "cell" in table and table["cell"].nunique() > 1:
+                    df.attrs["cell"] = str(table.loc[part.index[0], "cell"])   # name the facet in the title
+                save(module.plot(df), stem + suffix)
     _printables(tables, manifest, report)
     return report
 

@@ -206,6 +206,11 @@ LOCK_NAME = ".sandbox.lock"
 _HELD: dict[str, int] = {}
 
 
+class FolderBusy(BadInput):
+    """The run folder is held (``flock``) by another live process: a `BadInput`, and for a worker a
+    reason to give the trial back and wait rather than to fail it (`sweeps.worker`)."""
+
+
 def claim_run_dir(path: str | os.PathLike, command: str, flag: str = "--out") -> Path:
     """Make `path` this process's run folder for `command`, for the rest of the run.
 
@@ -239,8 +244,8 @@ def claim_run_dir(path: str | os.PathLike, command: str, flag: str = "--out") ->
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise BadInput(flag, str(path), f"a folder no other run is using (process {holder} is running in it; "
-                           "concurrent runs on one folder are not supported)") from None
+            raise FolderBusy(flag, str(path), f"a folder no other run is using (process {holder} is running in it; "
+                     "concurrent runs on one folder are not supported)") from None
         except OSError:  # a filesystem without flock: run unlocked rather than not at all
             pass
     try:

@@ -206,8 +206,8 @@ class CellConfig:
             n_features=PRESETS[self.preset].d_model, init_mass=1.0))
         object.__setattr__(self, "lifecycle", replace(
             self.lifecycle, scope="per-domain" if self.factors.per_domain else "global"))
-        require(self.router_kind in ROUTER_KINDS or plugin, "router", self.router_kind, "one of " + ", ".join(ROUTER_KINDS))
-        require(self.router_kind != "acar" or self.slots >= 3, "slots", self.slots, "at least 3 with --router acar")
+        require(self.router_kind in ROUTER_KINDS or plugin, "router_kind", self.router_kind, "one of " + ", ".join(ROUTER_KINDS))
+        require(self.router_kind != "acar" or self.slots >= 3, "slots", self.slots, "at least 3 with --router-kind acar")
 
     @classmethod
     def of(cls, **flat) -> "CellConfig":

@@ -55,6 +55,11 @@ METRIC_COLUMNS = ("balanced_log_ppl", "diverged", "diverged_step", "balanced_gap
 # ---------------------------------------------------------------------------------------------
 
 
+#: The most seeds `--seeds-to-resolve` may reach: each seed is one trial per cell (minutes each), so a
+#: larger bound is a typo, and planning it would take the define step minutes before any trial starts.
+MAX_SEEDS = 10_000
+
+
 @dataclass(frozen=True)
 class FactorialConfig:
     """A factorial run: `cells` x `seeds` of the cell template `base` (its cell and seed ignored)."""
@@ -88,8 +93,9 @@ class FactorialConfig:
         require(self.spending in SPENDINGS, "spending", self.spending, "one of " + ", ".join(SPENDINGS))
         if self.seeds_to_resolve is not None:
             n = self.seeds_to_resolve
-            require(isinstance(n, int) and not isinstance(n, bool) and n >= max(2, len(self.seeds)),
-                    "seeds_to_resolve", n, f"an integer >= the number of --seeds ({len(self.seeds)}) and >= 2")
+            require(isinstance(n, int) and not isinstance(n, bool) and max(2, len(self.seeds)) <= n <= MAX_SEEDS,
+                    "seeds_to_resolve", n, f"an integer >= the number of --seeds ({len(self.seeds)}) and >= 2, "
+                    f"at most {MAX_SEEDS} (each seed is one trial per cell)")
             require(len(self.seeds) >= 2, "seeds", self.seeds, "at least 2 seeds to start a sequential run")
         if self.round_seeds is not None:
             r = self.round_seeds
@@ -99,10 +105,10 @@ class FactorialConfig:
     def seed_pool(self) -> tuple[int, ...]:
         """The seeds in the order a sequential run adds them: `seeds`, then the smallest non-negative
         integers not among them, up to `seeds_to_resolve` in all (just `seeds` for a fixed run)."""
-        pool = list(self.seeds)
+        pool, taken = list(self.seeds), set(self.seeds)   # a set: linear in the pool, not quadratic
         k = 0
         while len(pool) < (self.seeds_to_resolve or 0):
-            if k not in pool:
+            if k not in taken:
                 pool.append(k)
             k += 1
         return tuple(pool)

@@ -58,6 +58,13 @@ def factorial(**kw) -> None:
     from sandbox.results import check_folder, claim_run_dir
 
     check_folder(cache, "--cache")
+    if enqueue_only and fcfg.seeds_to_resolve is not None:   # later rounds depend on each look's test
+        from sandbox.errors import BadInput
+
+        raise BadInput("--enqueue-only", f"with --seeds-to-resolve {fcfg.seeds_to_resolve}",
+                       "a fixed-seed factorial (a sequential run's later rounds depend on each look's test, so "
+                       "only its first round could be queued ahead): queue a fixed --seeds list, or run the "
+                       "sequential factorial without --enqueue-only")
     if enqueue_only:   # workers write trials/<cell>_s<seed> under OUT; the collect run claims OUT later
         from sandbox.app.commands.worker import define
         from sweeps.factorial import study_name
