@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sandbox import analytic as an
+from sandbox import evolution as evo
 from sandbox.errors import BadInput
 from sandbox.router import router_gates
 from sandbox.tasks import Task, TaskSpec, make_task
@@ -216,7 +217,7 @@ def test_generation_never_worsens_search_objective():
     tensors = dict(st.params)
     before = an.domain_losses(rcfg, tensors, st.A, st.B, task, feats, 5, scale).mean(-1)
     gens = [torch.Generator().manual_seed(s) for s in task.seeds]
-    search = an.evo.init_search(cfg.evolution, 4, rcfg.n_params, gens)
+    search = evo.init_search(cfg.evolution, 4, rcfg.n_params, gens)
     took, gain = an._generation(task, rcfg, tensors, st, feats, 5, scale, cfg.evolution, search, gens,
                                 torch.ones(4, dtype=torch.bool), 0.0)
     after = an.domain_losses(rcfg, tensors, st.A, st.B, task, feats, 5, scale).mean(-1)
