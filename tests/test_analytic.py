@@ -1,5 +1,6 @@
 """Analytic sandbox: Gram form vs dense vs Monte Carlo, leave-one-out, solvers and their pairing."""
 
+import dataclasses
 import math
 
 import pytest
@@ -218,8 +219,9 @@ def test_generation_never_worsens_search_objective():
     before = an.domain_losses(rcfg, tensors, st.A, st.B, task, feats, 5, scale).mean(-1)
     gens = [torch.Generator().manual_seed(s) for s in task.seeds]
     search = evo.init_search(cfg.evolution, 4, rcfg.n_params, gens)
-    took, gain = an._generation(task, rcfg, tensors, st, feats, 5, scale, cfg.evolution, search, gens,
-                                torch.ones(4, dtype=torch.bool), 0.0)
+    run = an.Solver(task=task, rcfg=rcfg, cfg=dataclasses.replace(cfg, accept_tol=0.0), evolution=cfg.evolution,
+                    state=st, tensors=tensors, scale=scale)
+    took, gain = an._generation(run, feats, 5, search, gens, torch.ones(4, dtype=torch.bool))
     after = an.domain_losses(rcfg, tensors, st.A, st.B, task, feats, 5, scale).mean(-1)
     assert (after <= before).all()
     assert ((after < before) == took).all()

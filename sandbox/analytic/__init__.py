@@ -58,7 +58,7 @@ from sandbox.analytic.config import (ALL_ARMS, ARMS, BUDGETS, DTYPE, LOSS_FLOOR,
                                      evo_evaluations, router_config)
 from sandbox.analytic.gram import (batch_domain_losses, batch_terms, domain_losses, gram_terms, leave_one_out,
                                    quadratic_loss, task_terms)
-from sandbox.analytic.rows import Rows, State, group_key, initial_rows_state, initial_state, stack_rows
+from sandbox.analytic.rows import Rows, Solver, State, group_key, initial_rows_state, initial_state, stack_rows
 from sandbox.analytic.events import _generation, lifecycle_generator
 from sandbox.analytic.oracle import _acar_losses
 from sandbox.analytic.result import ArmResult, result_rows, split_result
@@ -66,8 +66,8 @@ from sandbox.analytic.solver import solve_rows
 from sandbox.analytic.arms import CHUNK_ROWS, run_arms, run_points
 from sandbox.tasks import make_task  # noqa: F401  (was importable from here)
 
-__all__ = ["ALL_ARMS", "ARMS", "BUDGETS", "CHUNK_ROWS", "DTYPE", "LOSS_FLOOR", "ORACLES", "AnalyticConfig", "ArmResult",
-           "Rows", "State", "batch_domain_losses", "batch_terms", "domain_losses", "evo_evaluations", "gram_terms",
-           "group_key", "initial_rows_state", "initial_state", "leave_one_out", "lifecycle_generator", "quadratic_loss",
-           "result_rows", "router_config", "run_arms", "run_points", "solve_rows", "split_result", "stack_rows",
-           "task_terms"]
+__all__ = ["ALL_ARMS", "ARMS", "BUDGETS", "CHUNK_ROWS", "DTYPE", "LOSS_FLOOR", "ORACLES", "AnalyticConfig",
+           "ArmResult", "Rows", "Solver", "State", "batch_domain_losses", "batch_terms", "domain_losses",
+           "evo_evaluations", "gram_terms", "group_key", "initial_rows_state", "initial_state", "leave_one_out",
+           "lifecycle_generator", "quadratic_loss", "result_rows", "router_config", "run_arms", "run_points",
+           "solve_rows", "split_result", "stack_rows", "task_terms"]

@@ -65,13 +65,14 @@ def run_points(points: Sequence[tuple[TaskSpec, AnalyticConfig, Sequence[int]]],
                                      with_acar=shared_acar and arm == "grad", device=device,
                                      diagnostics=diagnostics)
                     res.wall_s = time.perf_counter() - t0
+                    for read_off in (res.ceiling, res.acar):
+                        if read_off is not None:
+                            read_off.wall_s = 0.0       # its cost is inside the grad arm's
                     per_arm[arm] = split_result(res, rows)
                     if shared and arm == "grad":
-                        res.ceiling.wall_s = 0.0        # its cost is inside the grad arm's
-                        per_arm["oracle"] = split_result(res.ceiling, rows)
+                        per_arm["oracle"] = [part.ceiling for part in per_arm[arm]]
                     if shared_acar and arm == "grad":
-                        res.acar.wall_s = 0.0           # likewise
-                        per_arm["acar"] = split_result(res.acar, rows)
+                        per_arm["acar"] = [part.acar for part in per_arm[arm]]
                 for k, j in enumerate(chunk):
                     out[j] = {arm: per_arm[arm][k] for arm in chunk_arms}
                 if on_chunk is not None:

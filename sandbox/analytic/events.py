@@ -10,29 +10,28 @@ from torch import Tensor
 from sandbox import evolution as evo
 from sandbox import lifecycle as lc
 from sandbox.analytic.adam import _Adam
-from sandbox.analytic.config import AnalyticConfig
 from sandbox.analytic.gram import batch_domain_losses, domain_losses, leave_one_out, quadratic_loss, task_terms
-from sandbox.analytic.rows import State
-from sandbox.router import RouterConfig, params_to_vector, router_gates, vector_to_params
+from sandbox.analytic.rows import Solver
+from sandbox.router import params_to_vector, router_gates, vector_to_params
 from sandbox.streams import Purpose, generator
-from sandbox.tasks import Task
 
 
 @torch.no_grad()
-def _generation(task: Task, rcfg: RouterConfig, tensors: dict[str, Tensor], st: State, feats: Tensor, step: int,
-                scale: float | Tensor, ecfg: evo.EvolutionConfig, search: evo.SearchState, gens: list, alive: Tensor,
-                accept_tol: float, X: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """One generation of routing search in place on `tensors`, on the excess objective (floor-free).
+def _generation(run: Solver, feats: Tensor, step: int, search: evo.SearchState, gens: list, alive: Tensor,
+                X: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One generation of routing search in place on ``run.tensors``, on the excess objective (floor-free).
 
     Returns ``(accepted (S,) bool, gain (S,))``: ``gain`` = parent objective - new router's
     objective (es: >= 0, elitist; cma: its new mean, evaluated once more, may lose), ``accepted``
     where the gain is at least ``accept_tol`` of the parent's objective. For es a child replaces the
-    parent only then, so a generation that is not accepted leaves the router unchanged."""
-    params = {k: tensors[k] for k in st.params}
+    parent only then, so a generation that is not accepted leaves the router unchanged. ``feats``
+    ``(S, M, N, F)``, ``X`` the step's inputs ``(S, M, d, n)`` (None: the exact loss)."""
+    task, rcfg, scale, ecfg, accept_tol = run.task, run.rcfg, run.scale, run.evolution, run.cfg.accept_tol
+    params = run.params
     x = params_to_vector(params)                                                     # (S, D)
     units = evo.mutation_scales(params) if ecfg.method == "fixed" else evo.logit_units(params)
     pop = evo.propose(x, params_to_vector(units), search, ecfg, gens)                # (S, P, D)
-    A, B = tensors.get("A", st.A), tensors.get("B", st.B)
+    A, B = run.bank
 
     def objective(p: dict[str, Tensor]) -> Tensor:    # (S, P): exact, or on the step's finite batch X
         if X is None:
@@ -49,8 +48,8 @@ def _generation(task: Task, rcfg: RouterConfig, tensors: dict[str, Tensor], st: 
         now = torch.where(took, now, parent)
     g = torch.where(alive & torch.isfinite(now), parent - now, torch.zeros_like(parent))
     new = vector_to_params(new, rcfg)
-    for k in st.params:
-        tensors[k].copy_(new[k])
+    for k in run.state.params:
+        run.tensors[k].copy_(new[k])
     return alive & (g >= accept_tol * parent) & (g > 0), g
 
 
@@ -61,19 +60,18 @@ def lifecycle_generator(seed: int, step: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def _lifecycle(task: Task, rcfg: RouterConfig, cfg: AnalyticConfig, tensors: dict[str, Tensor], st: State,
-               pop: lc.Population, feats: Tensor, step: int, scale: float | Tensor,
-               opt: _Adam) -> tuple[lc.Population, list]:
-    """One lifecycle event on the bank (in place on `tensors`), with leave-one-out fitness in Gram form.
+def _lifecycle(run: Solver, pop: lc.Population, feats: Tensor, step: int, opt: _Adam) -> tuple[lc.Population, list]:
+    """One lifecycle event on the bank (in place on ``run.tensors``), with leave-one-out fitness in Gram form.
 
     ``loo[s, k, m]`` = domain m's loss with slot k's gate zeroed (`leave_one_out`), so the fitness is
     ``agg_m (loo - full)`` (the loss floor cancels: both are excess losses). Each seed draws from its own generator (`lifecycle_generator`), so a
     seed's lifecycle does not depend on which seeds share its batch (resumed sweeps reproduce).
     Adam moments of replaced slots (bank and router columns) are zeroed.
     """
-    lcfg = cfg.lifecycle_config
-    params = {k: tensors[k] for k in st.params}
-    A, B = tensors.get("A", st.A), tensors.get("B", st.B)
+    task, rcfg, scale = run.task, run.rcfg, run.scale
+    lcfg = run.cfg.lifecycle_config
+    params = run.params
+    A, B = run.bank
     S, M, N, F = feats.shape
     G, c, e = task_terms(A, B, task, scale)
     gates = router_gates(rcfg, params, feats.reshape(S, M * N, F), step).reshape(S, M, N, -1)   # (S, M, N, K)
@@ -94,8 +92,8 @@ def _lifecycle(task: Task, rcfg: RouterConfig, cfg: AnalyticConfig, tensors: dic
     mask = lc.reset_mask(events, (S,), A.shape[1], device=A.device)                                           # (S, K)
     A.copy_(A2)
     B.copy_(B2)
-    for k in st.params:
-        tensors[k].copy_(new_params[k])
+    for k in run.state.params:
+        run.tensors[k].copy_(new_params[k])
     for k, m in opt.m.items():
         slot_mask = mask[:, None, :] if k == "W" else (mask[:, :, None, None] if k in ("A", "B") else mask)
         keep = (~slot_mask).to(m.dtype)

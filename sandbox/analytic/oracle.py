@@ -9,8 +9,8 @@ from torch import Tensor
 from sandbox import acar as acr
 from sandbox import oracle as orc
 from sandbox.analytic.gram import quadratic_loss, task_terms
-from sandbox.analytic.rows import State
-from sandbox.router import RouterConfig, router_logits
+from sandbox.analytic.rows import Solver
+from sandbox.router import router_logits
 from sandbox.tasks import Task
 
 
@@ -35,10 +35,10 @@ def _table_losses(table: Tensor, A: Tensor, B: Tensor, task: Task, scale: float 
 
 
 @torch.no_grad()
-def _oracle_table(rcfg: RouterConfig, tensors: dict[str, Tensor], st: State, task: Task, scale: float | Tensor,
-                  warm: Tensor | None) -> Tensor:
-    """The exact best gates per domain for the current adapters: ``(S, M, K)`` (`sandbox.oracle`)."""
-    A, B = tensors.get("A", st.A), tensors.get("B", st.B)
-    G, c, _ = task_terms(A, B, task, scale)     # (S, K, K), (S, M, K)
+def _oracle_table(run: Solver, warm: Tensor | None) -> Tensor:
+    """The exact best gates per domain for the current adapters: ``(S, M, K)`` (`sandbox.oracle`);
+    ``warm`` (the previous table or None) starts the solver."""
+    A, B = run.bank
+    G, c, _ = task_terms(A, B, run.task, run.scale)     # (S, K, K), (S, M, K)
     Gm = G.unsqueeze(1).expand(-1, c.shape[1], -1, -1)                               # (S, M, K, K)
-    return orc.best_gates(Gm, c, orc.feasible_set(rcfg.kind), init=warm)
+    return orc.best_gates(Gm, c, orc.feasible_set(run.rcfg.kind), init=warm)

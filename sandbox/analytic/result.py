@@ -39,6 +39,8 @@ class ArmResult:
     oracle_excess: Tensor | None = None   # (S,) best constant gates for this arm's own final adapters
     search_gain: Tensor | None = None     # (S,) summed objective gains of the search's generations
     wall_s: float = float("nan")          # solver seconds of the rows this result covers
+    ceiling: ArmResult | None = None      # grad only: the oracle arm in ceiling mode, read off this run
+    acar: ArmResult | None = None         # grad only: the acar arm, read off this run (`solve_rows`)
 
     def accepted_share(self) -> Tensor:
         """(S,) share of generations whose gain reached ``accept_tol`` (0 for non-search arms)."""
@@ -53,8 +55,10 @@ class ArmResult:
 
 
 def split_result(res: ArmResult, rows: Rows) -> list[ArmResult]:
-    """One `ArmResult` per point of `rows` (row slices; events re-indexed to the point's rows)."""
+    """One `ArmResult` per point of `rows` (row slices; events re-indexed to the point's rows; the
+    ``ceiling`` and ``acar`` arms read off a grad run are split with it)."""
     out = []
+    companions = {k: split_result(getattr(res, k), rows) for k in ("ceiling", "acar") if getattr(res, k) is not None}
     per_seed = ("final_loss", "domain_loss", "initial_loss", "diverged", "diverged_step", "curve", "accepted",
                 "step_size", "modes", "excess", "initial_excess", "half_excess", "oracle_excess", "search_gain")
     for i in range(len(rows.parts)):
@@ -62,7 +66,7 @@ def split_result(res: ArmResult, rows: Rows) -> list[ArmResult]:
         evs = [{k: v for k, v in e.items() if k != "row"} for e in res.events if lo <= e["row"] < hi]
         sliced = {k: (None if getattr(res, k) is None else getattr(res, k)[lo:hi]) for k in per_seed}
         out.append(dataclasses.replace(res, events=evs, wall_s=res.wall_s * (hi - lo) / max(len(rows.task.seeds), 1),
-                                       **sliced))
+                                       **sliced, **{k: parts[i] for k, parts in companions.items()}))
     return out
 
 

@@ -11,9 +11,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from sandbox import evolution as evo
 from sandbox.analytic.config import DTYPE, AnalyticConfig, router_config
 from sandbox.errors import require
-from sandbox.router import init_router_params
+from sandbox.router import RouterConfig, init_router_params
 from sandbox.streams import Purpose, generator
 from sandbox.tasks import Task, TaskSpec, initial_adapters, make_task, noisy_contexts
 
@@ -31,6 +32,32 @@ class State:
 
     def to(self, device: torch.device | str) -> "State":
         return State({k: v.to(device) for k, v in self.params.items()}, self.A.to(device), self.B.to(device))
+
+
+@dataclass
+class Solver:
+    """One `solve_rows` run as its steps and events read it (instead of a dozen positional arguments):
+    the rows' task and settings on the solver's device, and the tensors it trains. ``tensors`` holds
+    the router parameters (the keys of ``state.params``) and, when the adapters train, ``A`` and
+    ``B``: the same tensor objects as ``state``'s, updated in place by every step and event."""
+
+    task: Task                      # the rows' task on the device, U and V in float64 (`_task_to`)
+    rcfg: RouterConfig
+    cfg: AnalyticConfig             # the group's shared knobs (per-row ones are tensors in `Rows`)
+    evolution: evo.EvolutionConfig  # ``cfg.evolution``, built once
+    state: State                    # bank A (S, K, r, d), B (S, K, d, r) stored transposed, router params
+    tensors: dict[str, Tensor]      # what Adam updates: router params (+ A, B when the adapters train)
+    scale: float | Tensor           # (S,) bank scale lora_alpha / rank per row (or one float)
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        """The router parameters as they stand, ``{name: (S, ...)}``."""
+        return {k: self.tensors[k] for k in self.state.params}
+
+    @property
+    def bank(self) -> tuple[Tensor, Tensor]:
+        """The adapters as they stand, ``A (S, K, r, d)``, ``B (S, K, d, r)`` (trained or frozen)."""
+        return self.tensors.get("A", self.state.A), self.tensors.get("B", self.state.B)
 
 
 def initial_state(task: Task, spec: TaskSpec, cfg: AnalyticConfig) -> State:

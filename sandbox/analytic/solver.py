@@ -14,11 +14,9 @@ from sandbox.analytic.events import _generation, _lifecycle
 from sandbox.analytic.gram import _per_row, batch_domain_losses, domain_losses
 from sandbox.analytic.oracle import _acar_losses, _oracle_table, _table_losses
 from sandbox.analytic.result import ArmResult
-from sandbox.analytic.rows import Rows, State, _features, _task_to, initial_rows_state
+from sandbox.analytic.rows import Rows, Solver, State, _features, _task_to, initial_rows_state
 from sandbox.errors import check
-from sandbox.router import RouterConfig
 from sandbox.streams import Purpose, generator
-from sandbox.tasks import Task
 
 
 def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: bool = False,
@@ -78,6 +76,7 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
         lrs.update(A=rows.adapter_lr.to(dev), B=rows.adapter_lr.to(dev))
     opt = _Adam(tensors, lrs, S, betas=(0.9, (rows.control_beta2 if arm == "beta2" else rows.beta2).to(dev)))
     ecfg = cfg.evolution
+    run = Solver(task=task, rcfg=rcfg, cfg=cfg, evolution=ecfg, state=st, tensors=tensors, scale=scale)
     gens = [generator(Purpose.EVO_SEARCH, s) for s in task.seeds]
     search = evo.init_search(ecfg, S, rcfg.n_params, gens, sigma0=rows.step0.to(dev)) if arm == "evo" else None
     gain = torch.zeros(S, dtype=DTYPE, device=dev)                      # search: summed objective gains
@@ -117,47 +116,47 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
                  for k, g in zip(leaves, grads)}
         opt.step(tensors, grads, alive)
         if t + 1 == steps // 2:             # the excess at half the budget, on the evaluation draws
-            half_ex = _eval_excess(rcfg, tensors, st, task, eval_feats, t + 1, scale, table)
+            half_ex = _eval_excess(run, eval_feats, t + 1, table)
         if plain or (t + 1) % ecfg.interval != 0 or t + 1 > cfg.steps:
             continue
         n_events += 1
         if arm == "restart":
             opt.reset(list(st.params), alive.clone())
         elif arm == "oracle":
-            table = _oracle_table(rcfg, tensors, st, task, scale, table)
+            table = _oracle_table(run, table)
         else:
-            took, g = _generation(task, rcfg, tensors, st, feats, t + 1, scale, ecfg, search, gens, alive,
-                                  cfg.accept_tol, X)
+            took, g = _generation(run, feats, t + 1, search, gens, alive, X)
             gain += g
             accepted += took.long()
             if cfg.reset_on_accept:
                 opt.reset(list(st.params), took)
             evals += ecfg.population
             if cfg.lifecycle and t + 1 < steps:  # an event at the very end would leave no time to recover
-                pop, evs = _lifecycle(task, rcfg, cfg, tensors, st, pop, feats, t + 1, scale, opt)
+                pop, evs = _lifecycle(run, pop, feats, t + 1, opt)
                 events += evs
                 evals += spec.slots + 1
 
     with torch.no_grad():
-        params = {k: tensors[k] for k in st.params}
-        A, B = tensors.get("A", st.A), tensors.get("B", st.B)
+        params = run.params
+        A, B = run.bank
         if arm == "oracle":   # the ceiling for the final adapters, whatever the schedule
-            table = _oracle_table(rcfg, tensors, st, task, scale, table)
+            table = _oracle_table(run, table)
             dom = _table_losses(table, A, B, task, scale)                                    # (S, M) excess
         elif arm == "acar":
             dom, modes = _acar_losses(params, A, B, task, eval_feats, scale, cfg.acar_tol)
         else:
             dom = domain_losses(rcfg, params, A, B, task, eval_feats, steps, scale)            # (S, M) excess
-        best = _table_losses(_oracle_table(rcfg, tensors, st, task, scale, None), A, B, task, scale) \
+        best = _table_losses(_oracle_table(run, None), A, B, task, scale) \
             if (diagnostics or (with_ceiling and arm == "grad")) else None                     # (S, M)
     cpu = lambda x: None if x is None else x.detach().cpu()                # noqa: E731  (a no-op on the CPU)
 
     def result(name: str, dom_ex: Tensor, **kw) -> ArmResult:
         final, div, dstep, _ = _finish(dom_ex, alive, div_step, steps)
         ex = cpu(final)
-        return ArmResult(name, ex + cpu(floor), cpu(dom_ex + _per_row(floor, dom_ex)), cpu(initial_ex + floor), evals,
-                         steps, cpu(div), cpu(dstep), cpu(curve) if name == arm else cpu(curve.clone()),
-                         excess=ex, initial_excess=cpu(initial_ex),
+        return ArmResult(arm=name, final_loss=ex + cpu(floor), domain_loss=cpu(dom_ex + _per_row(floor, dom_ex)),
+                         initial_loss=cpu(initial_ex + floor), loss_evals=evals, grad_steps=steps,
+                         diverged=cpu(div), diverged_step=cpu(dstep),
+                         curve=cpu(curve) if name == arm else cpu(curve.clone()), excess=ex, initial_excess=cpu(initial_ex),
                          oracle_excess=None if best is None else cpu(best.mean(-1)),
                          half_excess=cpu(half_ex), **kw)
 
@@ -174,16 +173,15 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
 
 
 @torch.no_grad()
-def _eval_excess(rcfg: RouterConfig, tensors: dict[str, Tensor], st: State, task: Task, feats: Tensor, step: int,
-                 scale: Tensor, table: Tensor | None) -> Tensor:
+def _eval_excess(run: Solver, feats: Tensor, step: int, table: Tensor | None) -> Tensor:
     """The balanced excess ``(S,)`` of the current state on the evaluation draws under the routing
     that trains it: the router's gates, or the best-gate table of an oracle arm that replaces the
     routing (a convergence probe; the ceiling and acar arms follow grad's trajectory, so their
     probe is grad's, as it is when they are read off the grad run)."""
-    A, B = tensors.get("A", st.A), tensors.get("B", st.B)
+    A, B = run.bank
     if table is not None:
-        return _table_losses(table, A, B, task, scale).mean(-1)
-    return domain_losses(rcfg, {k: tensors[k] for k in st.params}, A, B, task, feats, step, scale).mean(-1)
+        return _table_losses(table, A, B, run.task, run.scale).mean(-1)
+    return domain_losses(run.rcfg, run.params, A, B, run.task, feats, step, run.scale).mean(-1)
 
 
 def _finish(dom: Tensor, alive: Tensor, div_step: Tensor, steps: int):
