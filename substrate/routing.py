@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from sandbox import evolution as evo
+from sandbox.arms import arms_of
 from sandbox.errors import check, require
 from sandbox.router import params_to_vector, router_gates, router_logits, vector_to_params
 from sandbox.streams import Purpose, generator
@@ -46,9 +47,10 @@ from substrate.corpus import sample_batch
 from substrate.model import autocast, routing_features
 from substrate.train import TrainConfig, clip_gradients, evaluate, lr_at
 
-ARMS = ("grad", "evo", "restart", "oracle")
-#: Every arm: the map's four and ``acar`` (added by ``RoutingArms.acar``).
-ALL_ARMS = ARMS + ("acar",)
+#: The map's arms on the transformer (`sandbox.arms`: no beta2 control), and with acar (added by
+#: ``RoutingArms.acar``).
+ARMS = arms_of("substrate", acar=False)
+ALL_ARMS = arms_of("substrate", acar=True)
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ class RoutingArms:
 
     @property
     def arms(self) -> tuple[str, ...]:
-        """The arms a point runs: the map's four, and acar when `acar` is on."""
+        """The arms a point runs: `ARMS`, and acar when `acar` is on."""
         return ALL_ARMS if self.acar else ARMS
 
 

@@ -441,3 +441,15 @@ def test_ceiling_taken_from_the_grad_run_equals_the_oracle_arm_run_alone(budget)
     for name in ("final_loss", "domain_loss", "initial_loss", "curve", "diverged_step"):
         torch.testing.assert_close(getattr(res["oracle"], name), getattr(alone, name), rtol=0, atol=0)
     assert res["oracle"].loss_evals == alone.loss_evals and res["oracle"].grad_steps == alone.grad_steps
+
+
+def test_both_maps_read_their_arms_off_one_list():
+    """One arm list (`sandbox.arms`): the analytic map runs all of it, the transformer map all but the
+    beta2 control, both in its order (the order of results.csv) with acar last."""
+    from sandbox import arms
+    from substrate import routing
+
+    assert an.ALL_ARMS == arms.ALL_ARMS and an.ARMS == arms.ALL_ARMS[:-1]
+    assert routing.ALL_ARMS == tuple(a for a in arms.ALL_ARMS if a != "beta2")
+    assert routing.ARMS == routing.ALL_ARMS[:-1] and arms.ALL_ARMS[-1] == "acar"
+    assert an.AnalyticConfig(acar=True).arms == an.ALL_ARMS and an.AnalyticConfig().arms == an.ARMS

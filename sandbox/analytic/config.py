@@ -12,6 +12,7 @@ import torch
 from sandbox import acar as acr
 from sandbox import evolution as evo
 from sandbox import lifecycle as lc
+from sandbox.arms import arms_of
 from sandbox.errors import require
 from sandbox.router import RouterConfig, kind_of
 from sandbox.tasks import TaskSpec
@@ -19,9 +20,10 @@ from sandbox.tasks import TaskSpec
 
 DTYPE = torch.float64
 BUDGETS = ("steps", "evals")
-ARMS = ("grad", "evo", "restart", "beta2", "oracle")
-#: Every arm: the map's four and ``acar`` (added by ``AnalyticConfig.acar``).
-ALL_ARMS = ARMS + ("acar",)
+#: The map's arms on the analytic sandbox (`sandbox.arms`: every one but acar), and with acar
+#: (added by ``AnalyticConfig.acar``).
+ARMS = arms_of("analytic", acar=False)
+ALL_ARMS = arms_of("analytic", acar=True)
 ORACLES = ("ceiling", "replace")
 _EVAL_SALT = 1_000_003
 LOSS_FLOOR = 1e-12  # clamp before log: exact-fit losses cancel to ~1e-16 in float64
@@ -143,7 +145,7 @@ class AnalyticConfig:
 
     @property
     def arms(self) -> tuple[str, ...]:
-        """The arms a sweep point runs: the map's four, and acar when `acar` is on."""
+        """The arms a sweep point runs: `ARMS`, and acar when `acar` is on."""
         return ALL_ARMS if self.acar else ARMS
 
     def scale(self, spec: TaskSpec) -> float:
