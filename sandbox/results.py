@@ -11,6 +11,12 @@ One run folder holds one run at a time: `claim_run_dir` takes an exclusive ``flo
 never leaves a stale lock), and refuses, as a one-line `BadInput` naming ``--out``, a folder that
 another live process holds, a folder of another command, a regular file, an unwritable path, or a
 folder whose ``manifest.json`` is damaged.
+
+One run folder holds one configuration: `open_run_dir` (what every command that writes a run
+folder calls before it computes anything) compares the command's resolved config with the one the
+folder's manifest records and refuses a different one with one line naming ``--out``, the folder
+and the first differing field; the same config resumes. ``--overwrite`` replaces the folder whole
+(only a run folder of this tool; recorded in the new manifest as ``overwritten``).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -278,6 +285,7 @@ def check_folder(path: str | os.PathLike, flag: str) -> Path:
 
 def release_run_dir(path: str | os.PathLike) -> None:
     """Release this process's claim on run folder `path` (no-op if it holds none)."""
+    _OVERWRITTEN.pop(os.path.realpath(path), None)
     fd = _HELD.pop(os.path.realpath(path), None)
     if fd is not None:
         os.close(fd)   # closing the descriptor drops the flock
@@ -294,6 +302,165 @@ def _check_owner(path: Path, command: str, flag: str) -> None:
     elif command != "full" and any(path.glob("seed-*/manifest.json")):
         raise BadInput(flag, str(path), f"a new folder or one holding a {command} run (this one holds full runs, "
                        "one seed-N folder per seed)")
+
+
+#: Leaf names of config fields that may differ between a run and its resume (see `config_difference`).
+RESUME_FIELDS = frozenset({"device", "cache"})
+#: The commands whose run folders `open_run_dir` may replace (a manifest naming one of them is ours).
+COMMANDS = frozenset({"sweep", "factorial", "full", "fusion", "report"})
+#: Run folders this process replaced (`--overwrite`): real path -> what was done, for the new manifest.
+_OVERWRITTEN: dict[str, dict] = {}
+_ABSENT = "<absent>"
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested JSON object as ``{dotted.path: leaf}`` (lists are leaves)."""
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_difference(old: Any, new: Any, ignore: frozenset[str] = RESUME_FIELDS,
+                      defaults: Any = None) -> tuple[str, Any, Any] | None:
+    """The first field (sorted dotted path) whose value differs between a recorded resolved config
+    `old` and a new one, as ``(path, old value, new value)``; None when they agree.
+
+    What is NOT a difference, because it legitimately changes between a run and its resume:
+
+    - every setting outside the resolved config: ``--out`` (the folder itself), ``--threads``,
+      ``--chunk-rows``, ``--figures/--no-figures``, ``--storage`` and ``--study`` (where the
+      ledger lives; trials are keyed by a hash of their configuration either way), ``--yes``,
+      ``--stop-after``, ``--overwrite``, ``--enqueue-only``, the progress display, and the
+      manifest's own records (command line, package versions, git revision, host, start/end and
+      wall times, resumes, the analytic sweep's ``device`` entry);
+    - inside the config, fields whose leaf name is in `ignore` (`RESUME_FIELDS`): ``device`` (a
+      cell's or fusion's cpu/cuda; no ledger key or checkpoint identity contains it) and ``cache``
+      (the folder of the cached corpus, base and specialists, which a worker may override);
+    - a field this version no longer has (renamed or removed since the folder was written), and
+      a field the folder's manifest lacks whose new value is its default in `defaults` (a config
+      of the same class at its defaults: a setting added since, whose default reproduces the
+      earlier runs).
+    """
+    a, b = flatten(to_jsonable(old)), flatten(to_jsonable(new))
+    base = flatten(to_jsonable(defaults)) if defaults is not None else {}
+    for k in sorted(b):
+        if k.rsplit(".", 1)[-1] in ignore:
+            continue
+        if k not in a:
+            if k in base and base[k] == b[k]:
+                continue
+            return k, _ABSENT, b[k]
+        if a[k] != b[k]:
+            return k, a[k], b[k]
+    return None
+
+
+def _defaults_of(config: Any) -> Any:
+    """`config`'s class at its defaults (None if it cannot be built without arguments)."""
+    if not (dataclasses.is_dataclass(config) and not isinstance(config, type)):
+        return None
+    try:
+        return type(config)()
+    except Exception:   # a config with required fields: fields added since count as differences
+        return None
+
+
+def check_config(path: str | os.PathLike, config: Any, flag: str = "--out") -> None:
+    """Refuse (one-line `BadInput` naming `flag`, exit 2) when run folder `path` records a resolved
+    config that differs from `config` (see `config_difference`); a folder without a manifest, or
+    with one that records no config, passes (a new folder, or one killed before its manifest)."""
+    path = Path(path)
+    m = path / "manifest.json"
+    if config is None or not m.exists():
+        return
+    old = read_manifest_file(m, flag)
+    if "config" not in old:
+        return
+    diff = config_difference(old["config"], config, defaults=_defaults_of(config))
+    if diff is None:
+        return
+    field, was, now = diff
+    raise BadInput(flag, str(path), f"a new folder or one holding this run's configuration (it holds a "
+                   f"{old.get('command', '?')} run whose {field} is {_show(was)}; this run's is {_show(now)}; "
+                   "one folder holds one configuration: choose another --out, or add --overwrite to replace "
+                   "the folder)")
+
+
+def _show(v: Any) -> str:
+    return v if v == _ABSENT else json.dumps(v)
+
+
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """True when `path` is a run folder of this tool: its ``manifest.json`` (readable JSON) names
+    one of `COMMANDS` and records a command line, or it is `sandbox full`'s parent of ``seed-N``
+    folders that are."""
+    path = Path(path)
+
+    def ours(m: Path) -> bool:
+        try:
+            d = json.loads(m.read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return False
+        return isinstance(d, dict) and d.get("command") in COMMANDS and isinstance(d.get("argv"), list)
+
+    if (path / "manifest.json").exists():
+        return ours(path / "manifest.json")
+    seeds = list(path.glob("seed-*/manifest.json"))
+    return bool(seeds) and all(ours(m) for m in seeds)
+
+
+def replace_run_dir(path: str | os.PathLike, flag: str = "--out") -> dict:
+    """Empty run folder `path` (held by this process, `claim_run_dir`) for ``--overwrite``: every
+    table, figure, journal, checkpoint and trial folder in it is removed (the lock file stays, so
+    the claim holds). Only a run folder of this tool (`is_run_folder`) or one holding nothing but
+    the lock is emptied; any other folder is refused with one line naming `flag`. Returns (and
+    keeps for the next manifest, see `RunDir.create`) ``{at, removed, previous}``: when, how many
+    files were removed and when the replaced run had started. Done once per process and folder."""
+    path = Path(path)
+    key = os.path.realpath(path)
+    if key in _OVERWRITTEN:
+        return _OVERWRITTEN[key]
+    entries = [e for e in path.iterdir() if e.name != LOCK_NAME] if path.is_dir() else []
+    if entries and not is_run_folder(path):
+        raise BadInput(flag, str(path), "a run folder of this tool to replace with --overwrite (this folder has "
+                       "no manifest.json of a sandbox run, so nothing in it is removed; choose another --out)")
+    previous = None
+    if (path / "manifest.json").exists():
+        previous = read_manifest_file(path / "manifest.json", flag).get("started")
+    removed = 0
+    for e in entries:
+        if e.is_dir() and not e.is_symlink():
+            removed += sum(1 for f in e.rglob("*") if not f.is_dir())
+            shutil.rmtree(e)
+        else:
+            removed += 1
+            e.unlink()
+    _OVERWRITTEN[key] = info = {"at": now_iso(), "removed": removed, "previous": previous}
+    return info
+
+
+def open_run_dir(path: str | os.PathLike, command: str, config: Any, overwrite: bool = False,
+                 flag: str = "--out") -> Path:
+    """Claim run folder `path` for `command` (`claim_run_dir`), then either refuse it when it holds
+    another configuration (`check_config`) or, with `overwrite`, empty it (`replace_run_dir`).
+    What every command that writes a run folder calls before computing anything; calling it again
+    in the same process is harmless (the claim is re-entrant, the folder is emptied once)."""
+    path = Path(path)
+    held = os.path.realpath(path) in _HELD
+    claim_run_dir(path, command, flag)
+    try:
+        if overwrite:
+            replace_run_dir(path, flag)
+        else:
+            check_config(path, config, flag)
+    except BaseException:
+        if not held:
+            release_run_dir(path)
+        raise
+    return path
 
 
 def read_manifest_file(path: str | os.PathLike, flag: str = "--out") -> dict:
@@ -318,7 +485,10 @@ class RunDir:
 
     Re-opening an existing folder (a resumed run) keeps its first start time and records each
     resume in ``manifest["resumes"]``. `create` claims the folder (`claim_run_dir`: one run per
-    folder, no folder of another command); `finish` releases it.
+    folder, no folder of another command); `finish` releases it. A folder this process replaced
+    (`replace_run_dir`, ``--overwrite``) gets ``manifest["overwritten"] = {at, removed, previous}``,
+    kept through later resumes. The check that the folder holds this configuration is
+    `open_run_dir`'s, made by the caller before anything is computed.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -342,6 +512,10 @@ class RunDir:
             "ended": None,
             "resumes": (old.get("resumes", []) + [now_iso()]) if old else [],
         }
+        over = _OVERWRITTEN.get(os.path.realpath(run.path)) or _OVERWRITTEN.get(os.path.realpath(run.path.parent))
+        over = over or (old or {}).get("overwritten")
+        if over:
+            manifest["overwritten"] = over
         if extra:
             manifest.update(to_jsonable(extra))
         atomic_write_json(run.manifest_path, manifest)

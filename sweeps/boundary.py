@@ -44,7 +44,8 @@ def propose_points(cfg, store, study: optuna.Study, evaluate, *, ensure_point, p
     from sweeps import ledger
 
     bstudy = ledger.open_study(store, study.study_name + "-boundary", direction="minimize",
-                               sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=4))
+                               sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=4),
+                               metric=ledger.METRICS["boundary"])
     dists = _distributions(cfg, axes)
     fixed = {"alignment": float(cfg.alignment[0])}
     if cfg.axis:
@@ -60,6 +61,7 @@ def propose_points(cfg, store, study: optuna.Study, evaluate, *, ensure_point, p
         computed += ensure_point(cfg, study, done, values, evaluate)[0]
         deltas = _deltas(cfg, done, point_id(values))
         trial.set_user_attr("values", values)
+        trial.set_user_attr("point", ledger.point_label(values))
         bstudy.tell(trial, float(abs(abs(np.mean(deltas)) - cfg.eps)) if deltas else float("inf"))
     points = []
     for t in bstudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))[: max(cfg.trials, 0)]:

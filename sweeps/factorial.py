@@ -13,7 +13,9 @@ keyed by the user attribute ``key = "<cell>/<seed>"``:
 
 One process drives one folder at a time: the folder is claimed for the run's duration
 (`sandbox.results.claim_run_dir`), and a second factorial on it is refused with one line naming
-``--out`` (two processes on one ledger would each see the other's RUNNING trial as stale). The
+``--out`` (two processes on one ledger would each see the other's RUNNING trial as stale). It
+holds one configuration: another factorial config (other cells, seeds or knobs) on it is refused
+(`sandbox.results.open_run_dir`; ``--overwrite`` replaces the folder). The
 base, the corpus and the specialists are prepared once and shared by
 every trial (`substrate.cell.prepare_substrate`), so the cells differ only in their letters and
 pair by seed.
@@ -36,12 +38,12 @@ import pandas as pd
 
 from sandbox import gatestats
 from sandbox.factors import DEFAULT_CELLS, parse_cell
-from sandbox.errors import BadInput, require
+from sandbox.errors import require
 from sandbox.options import DEFAULT_SEEDS
-from sandbox.results import RunDir, atomic_write_csv, claim_run_dir, config_hash, to_jsonable
+from sandbox.results import RunDir, atomic_write_csv, config_hash, open_run_dir
 from sandbox.stats import DEFAULT_EPS
 from substrate.cell import CellConfig, prepare_substrate, run_cell
-from sweeps.ledger import TrialLedger
+from sweeps.ledger import METRICS, TrialLedger, labels
 
 STUDY = "factorial"
 #: Columns of cells.csv that come straight from a run's metrics.json.
@@ -184,25 +186,21 @@ def run_factorial(fcfg: FactorialConfig, out: str | Path, cache_dir: str | Path 
                   on_trial: Callable[[str, int, bool], None] | None = None,
                   progress: Callable[[str, int, int, int, dict], None] | None = None,
                   log: Callable[[str], None] | None = None,
-                  stage: Callable[[str, int, int], None] | None = None) -> FactorialResult:
+                  stage: Callable[[str, int, int], None] | None = None, overwrite: bool = False) -> FactorialResult:
     """Run every missing (cell, seed) trial, then write the tables, attribution and figures.
     `stage(name, done, total)` reports pretraining and specialists (`prepare_substrate`).
 
     `on_trial(cell, seed, computed)` is called before a trial runs (computed False = reused);
     `progress(cell, seed, step, steps, info)` after every step of a computed trial.
+    A folder holding another configuration (cells and seeds included) is refused before anything
+    runs; `overwrite` empties it first (`sandbox.results.open_run_dir`).
     """
     out = Path(out)
-    claim_run_dir(out, "factorial")   # one run per folder, never another command's folder
-    manifest = out / "manifest.json"
-    if manifest.exists():
-        old = RunDir(out).read_manifest().get("settings")
-        if old is not None and old != to_jsonable(fcfg.settings()):
-            raise BadInput("--out", str(out), "a new folder or one holding a factorial with the same settings "
-                           "(cells and seeds may differ)")
+    open_run_dir(out, "factorial", fcfg, overwrite)   # one run and one configuration per folder
     run = RunDir.create(out, "factorial", fcfg, seeds=list(fcfg.seeds), argv=argv,
                         extra={"settings": fcfg.settings(), "eps": fcfg.eps, "alpha": fcfg.alpha})
     ledger = TrialLedger(storage or out / "ledger.journal", study_name(fcfg),
-                         flag="--storage" if storage else "--out")
+                         flag="--storage" if storage else "--out", metric=METRICS["factorial"])
     if storage:   # trials planned for `sandbox worker` and still waiting or running: refuse, not compute
         from sweeps.ledger import check_settled, is_database
 
@@ -232,7 +230,8 @@ def run_factorial(fcfg: FactorialConfig, out: str | Path, cache_dir: str | Path 
                                    progress=cb, log=log)
                     return res.metrics
 
-                metrics, did = ledger.run(key, go, "balanced_log_ppl", {"cell": cell, "seed": seed})
+                metrics, did = ledger.run(key, go, "balanced_log_ppl",
+                                          {"cell": cell, "seed": seed, **labels("factorial", arm=cell)})
                 computed += did
                 reused += not did
                 done[(cell, seed)] = cells_row(cell, seed, metrics)

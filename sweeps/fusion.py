@@ -169,18 +169,20 @@ class FusionOutcome:
 def run_fusion_map(cfg: FusionSweepConfig, out: Path, storage: str | None = None, study: str | None = None,
                    progress: Callable[[int, int, dict], None] | None = None,
                    draw: Callable[[Path], list] | None = None, argv: list[str] | None = None,
-                   log: Callable[[str], None] | None = None) -> FusionOutcome:
+                   log: Callable[[str], None] | None = None, overwrite: bool = False) -> FusionOutcome:
     """Run (or resume) a fusion map into `out`; `draw(out)` (the figure layer, passed down by the
-    command) draws the figures from the written tables."""
-    from sandbox.results import RunDir
+    command) draws the figures from the written tables. A folder holding another configuration is
+    refused before anything runs; `overwrite` empties it first (`sandbox.results.open_run_dir`)."""
+    from sandbox.results import RunDir, open_run_dir
     from substrate.cell import prepare_substrate
     from substrate.fusion import run_fusion
     from sweeps import ledger
 
     out = Path(out)
     name = study or DEFAULT_STUDY
+    open_run_dir(out, "fusion", cfg, overwrite)
     store = ledger.storage_for(out, storage, command="fusion")
-    st = ledger.open_study(store, name)
+    st = ledger.open_study(store, name, metric=ledger.METRICS["fusion"])
     run = RunDir.create(out, command="fusion", config=cfg, seeds=list(cfg.seeds), argv=argv,
                         extra={"study": name, "storage": storage or str(out / "trials.journal"), "alpha": cfg.alpha,
                                "published": PUBLISHED})
@@ -201,7 +203,8 @@ def run_fusion_map(cfg: FusionSweepConfig, out: Path, storage: str | None = None
                     res = run_fusion(cfg.trial(steps, seed), sub, cfg.cache)
                     rows = res["rows"]
                     by = {r["method"]: r["gain"] for r in rows}
-                    ledger.record(st, key, {"specialist_steps": steps}, bounds, [(seed, rows, by.get("R", float("nan")))])
+                    ledger.record(st, key, {"specialist_steps": steps}, bounds, [(seed, rows, by.get("R", float("nan")))],
+                                  ledger.labels("fusion", {"specialist_steps": steps}, "R vs best specialist"))
                     done[ledger.trial_key(key, seed)] = {"rows": rows}
                     computed += 1
                 if progress:

@@ -298,7 +298,7 @@ def ensure_point(cfg: SweepConfig, study, done: dict[str, dict], values: dict[st
     missing = [s for s in plan.seeds if ledger.trial_key(plan.key, s) not in done]
     if missing:
         recs = evaluate(plan.spec, plan.solver, missing)
-        ledger.record(study, plan.key, values, cfg.bounds(), recs)
+        ledger.record(study, plan.key, values, cfg.bounds(), recs, ledger.labels("analytic", values, "evo vs grad"))
         for seed, rows, delta in recs:
             done[ledger.trial_key(plan.key, seed)] = {"rows": rows, "delta": delta}
     return len(missing), len(plan.seeds) - len(missing)
@@ -381,7 +381,8 @@ def _ensure_points_batched(cfg: SweepConfig, study, done: dict[str, dict], plans
         for j, res in zip(indices, results):
             plan, missing = pending[j]
             recs = _records(res, missing, plan.solver)
-            ledger.record(study, plan.key, plan.values, cfg.bounds(), recs)
+            ledger.record(study, plan.key, plan.values, cfg.bounds(), recs,
+                          ledger.labels("analytic", plan.values, "evo vs grad"))
             for seed, rows, delta in recs:
                 done[ledger.trial_key(plan.key, seed)] = {"rows": rows, "delta": delta}
             computed += len(missing)
@@ -407,7 +408,8 @@ def _ensure_points_batched(cfg: SweepConfig, study, done: dict[str, dict], plans
             for j, res in zip(indices, results):
                 plan, c, key, missing = own[j]
                 recs = _records(res, missing, c, rename={arm: f"{arm}_own"})
-                ledger.record(study, key, plan.values, cfg.bounds(), recs)
+                ledger.record(study, key, plan.values, cfg.bounds(), recs, ledger.labels(
+                    "analytic", plan.values, f"{arm}_own", f"rel_excess of {arm} at its own tuned setting"))
                 for seed, rows, delta in recs:
                     done[ledger.trial_key(key, seed)] = {"rows": rows, "delta": delta}
 
@@ -419,7 +421,7 @@ def _ensure_points_batched(cfg: SweepConfig, study, done: dict[str, dict], plans
 def run_sweep(cfg: SweepConfig, out: Path, storage: str | None = None, study: str | None = None,
               evaluate: Evaluate = evaluate_point, progress: Callable[[int, int, dict], None] | None = None,
               figures: bool = True, argv: list[str] | None = None, chunk_rows: int = 512,
-              device: str | None = None) -> SweepOutcome:
+              device: str | None = None, overwrite: bool = False) -> SweepOutcome:
     """Run (or resume) a sweep into `out`; see the module docstring.
 
     `evaluate` computes a point's missing seeds (injected by tests to count calls; a custom one
@@ -429,16 +431,18 @@ def run_sweep(cfg: SweepConfig, out: Path, storage: str | None = None, study: st
     default cpu) holds the analytic solver's tensors; it is recorded in the manifest, not in the
     trial keys (results on another device differ only by float64 rounding). With tuning on,
     grad's setting is chosen per point first (`plan_points`; ``tuning.csv`` records every
-    candidate) and every arm runs at it.
+    candidate) and every arm runs at it. A folder holding another configuration is refused before
+    anything is computed; `overwrite` empties it first (`sandbox.results.open_run_dir`).
     """
     from sandbox import stats
-    from sandbox.results import RunDir
+    from sandbox.results import RunDir, open_run_dir
     from sweeps import ledger
 
     out = Path(out)
+    open_run_dir(out, "sweep", cfg, overwrite)
     study_name = study or DEFAULT_STUDY
     store = ledger.storage_for(out, storage)
-    st = ledger.open_study(store, study_name)
+    st = ledger.open_study(store, study_name, metric=ledger.METRICS["analytic"])
     run = RunDir.create(out, command="sweep", config=cfg, seeds=list(cfg.seeds), argv=argv,
                         extra={"axes": cfg.axes, "study": study_name,
                                "storage": storage or str(out / "trials.journal"), "eps": cfg.eps, "alpha": cfg.alpha,

@@ -24,6 +24,14 @@ User attributes of a trial: ``key``, ``point_key``, ``seed``, ``axes`` (axis nam
 The trial's value is delta (``log loss_grad - log loss_evo``); a pair with a diverged arm is stored
 as a FAIL trial (Optuna values must be finite) but is still a finished result.
 
+Labels for a reader of the study (optuna-dashboard, ``optuna.load_study``; docs/dashboard.md):
+the study's metric name says what a trial's value is (`METRICS`, ``study.set_metric_names``), and
+every trial written here carries `labels`: ``system`` (analytic, substrate, fusion, factorial),
+``point`` (the axis values as ``name=value`` text), ``arm`` (what the value compares, e.g.
+``evo vs grad``, or the factorial's cell) and ``metric`` (the value's meaning, for trials whose
+value differs from the study's, e.g. a robustness row). They are read by no code here: keys, point
+hashes and what `finished` returns are unchanged, and studies written before them read as before.
+
 Journal files (the default storage):
 
 - the path is made absolute, and writers serialise on ``flock`` of ``<journal>.flock``
@@ -256,7 +264,7 @@ def storage_for(out: Path, storage: str | None, command: str = "sweep"):
     refused before it touches the ledger and a folder of another command is never written.
     """
     out = Path(out)
-    fresh = not out.exists()
+    fresh = not out.exists() or all(e.name == LOCK_NAME for e in out.iterdir())   # new (or only just claimed)
     claim_run_dir(out, command)
     try:
         if storage is not None:
@@ -273,10 +281,55 @@ def storage_for(out: Path, storage: str | None, command: str = "sweep"):
         raise
 
 
-def open_study(store, study: str, direction: str = "maximize", sampler=None) -> optuna.Study:
-    """Create or load `study` in `store` (see `storage_for`)."""
-    return optuna.create_study(storage=store, study_name=study, direction=direction, load_if_exists=True,
-                               sampler=sampler)
+def open_study(store, study: str, direction: str = "maximize", sampler=None, metric: str | None = None) -> optuna.Study:
+    """Create or load `study` in `store` (see `storage_for`); `metric` names its value (`label_study`)."""
+    st = optuna.create_study(storage=store, study_name=study, direction=direction, load_if_exists=True,
+                             sampler=sampler)
+    if metric is not None:
+        label_study(st, metric)
+    return st
+
+
+#: What a trial's value is, per system: the study's metric name (`label_study`), shown by
+#: optuna-dashboard as the name of the objective.
+METRICS = {
+    "analytic": "delta = rel_excess grad - evo (> 0: evo better)",
+    "substrate": "delta = log_loss grad - evo (> 0: evo better)",
+    "fusion": "gain of R over the best specialist (%)",
+    "factorial": "balanced held-out log-PPL (nats/token; inf = diverged)",
+    "boundary": "distance of |mean delta| from eps (the search's target: 0)",
+}
+
+
+def label_study(study: optuna.Study, metric: str) -> bool:
+    """Name `study`'s objective `metric` (Optuna's public ``set_metric_names``), once: a study
+    already named so is not written again. Returns whether it wrote. Another name is replaced (a
+    study shared by two systems through ``--study`` shows the last one's)."""
+    import warnings
+
+    if study.metric_names == [metric]:
+        return False
+    with warnings.catch_warnings():   # set_metric_names is marked experimental by Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([metric])
+    return True
+
+
+def point_label(axes: dict) -> str:
+    """A point's axis values as readable text: ``alignment=0.5, plasticity=0.1``."""
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in axes.items())
+
+
+def labels(system: str, axes: dict | None = None, arm: str | None = None, metric: str | None = None) -> dict:
+    """The readable user attributes of a trial (module docstring): ``system``, ``point`` (from
+    `axes`), ``arm`` and ``metric`` (default the system's `METRICS` entry)."""
+    out = {"system": system}
+    if axes is not None:
+        out["point"] = point_label(axes)
+    if arm is not None:
+        out["arm"] = arm
+    out["metric"] = metric if metric is not None else METRICS.get(system, "")
+    return out
 
 
 def trial_key(point_key: str, seed: int) -> str:
@@ -299,10 +352,11 @@ def finished(study: optuna.Study) -> dict[str, dict]:
 
 
 def record(study: optuna.Study, point_key: str, axes: dict[str, float], bounds: dict[str, tuple[float, float]],
-           seed_rows: Iterable[tuple[int, list[dict], float]]) -> None:
-    """Add one finished trial per ``(seed, rows, delta)`` of a point."""
+           seed_rows: Iterable[tuple[int, list[dict], float]], label: dict | None = None) -> None:
+    """Add one finished trial per ``(seed, rows, delta)`` of a point; `label` (see `labels`) is added
+    to its user attributes for a reader and never replaces the ledger's own."""
     for seed, rows, delta in seed_rows:
-        attrs = {"key": trial_key(point_key, seed), "point_key": point_key, "seed": int(seed),
+        attrs = {**(label or {}), "key": trial_key(point_key, seed), "point_key": point_key, "seed": int(seed),
                  "axes": {k: float(v) for k, v in axes.items()}, "rows": rows,
                  "delta": float(delta) if math.isfinite(delta) else None}
         dists = {k: FloatDistribution(min(bounds[k][0], v), max(bounds[k][1], v)) for k, v in axes.items()}
@@ -320,10 +374,11 @@ class TrialLedger:
         storage: an Optuna storage URL, or a path used as an Optuna journal file.
         study: the study name.
         flag: the flag named when the storage is unusable (``--out`` for a journal in the run folder).
+        metric: the name of the trials' value (`label_study`).
     """
 
-    def __init__(self, storage: str | Path, study: str, flag: str = "--storage"):
-        self.study = open_study(journal_or_url(storage, flag), study, direction="minimize")
+    def __init__(self, storage: str | Path, study: str, flag: str = "--storage", metric: str | None = None):
+        self.study = open_study(journal_or_url(storage, flag), study, direction="minimize", metric=metric)
 
     def _trials(self, key: str, state) -> list:
         return [t for t in self.study.get_trials(deepcopy=False, states=(state,)) if t.user_attrs.get("key") == key]

@@ -180,18 +180,22 @@ class SubstrateOutcome:
 
 def run_substrate_sweep(cfg: SubstrateSweepConfig, out: Path, storage: str | None = None, study: str | None = None,
                         progress: Callable[[int, int, dict], None] | None = None, figures: bool = True,
-                        argv: list[str] | None = None, log: Callable[[str], None] | None = None) -> SubstrateOutcome:
+                        argv: list[str] | None = None, log: Callable[[str], None] | None = None,
+                        overwrite: bool = False) -> SubstrateOutcome:
     """Run (or resume) a substrate map into `out`: every missing (point, seed) is run and recorded
-    as soon as it finishes, so a kill loses at most the trial in flight."""
+    as soon as it finishes, so a kill loses at most the trial in flight. A folder holding another
+    configuration is refused before anything runs; `overwrite` empties it first
+    (`sandbox.results.open_run_dir`)."""
     from sandbox import stats
-    from sandbox.results import RunDir
+    from sandbox.results import RunDir, open_run_dir
     from substrate.cell import prepare_substrate
     from substrate.routing import run_arms
     from sweeps import ledger
 
     out = Path(out)
+    open_run_dir(out, "sweep", cfg, overwrite)
     store = ledger.storage_for(out, storage)
-    st = ledger.open_study(store, study or DEFAULT_STUDY)
+    st = ledger.open_study(store, study or DEFAULT_STUDY, metric=ledger.METRICS["substrate"])
     run = RunDir.create(out, command="sweep", config=cfg, seeds=list(cfg.seeds), argv=argv,
                         extra={"axes": cfg.axes, "system": "substrate", "study": study or DEFAULT_STUDY,
                                "storage": storage or str(out / "trials.journal"), "eps": cfg.eps, "alpha": cfg.alpha})
@@ -215,7 +219,8 @@ def run_substrate_sweep(cfg: SubstrateSweepConfig, out: Path, storage: str | Non
                 rows = seed_rows(run_arms(point_arms(cfg, values, seed), sub))
                 by = {r["arm"]: r["log_loss"] for r in rows}
                 delta = by["grad"] - by["evo"] if {"grad", "evo"} <= set(by) else float("nan")
-                ledger.record(st, key, values, cfg.bounds(), [(seed, rows, delta)])
+                ledger.record(st, key, values, cfg.bounds(), [(seed, rows, delta)],
+                              ledger.labels("substrate", values, "evo vs grad"))
                 done[ledger.trial_key(key, seed)] = {"rows": rows, "delta": delta}
                 computed += 1
             if progress:

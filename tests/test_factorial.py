@@ -106,11 +106,14 @@ def test_smoke_factorial_on_tiny(tmp_path, cache, capsys):
     assert att.set_index("contrast").loc["scope", "mean_delta"] == 0           # E without L changes nothing
     text = capsys.readouterr().out
     assert "router" in text and "chain router + scope + lifecycle" in text
-    # a rerun computes nothing; adding a seed computes only that seed's five trials
+    # a rerun computes nothing; adding a seed (another configuration: a new folder on the same ledger)
+    # computes only that seed's trials
     assert main(args) == 0
     assert json.loads((out / "manifest.json").read_text())["reused"] == 10
-    assert main([*args[:2], "1,2,3", *args[3:], "--cells", "B3,R"]) == 0
-    m = json.loads((out / "manifest.json").read_text())
+    more = ["factorial", "--seeds", "1,2,3", "--out", str(tmp_path / "more"), "--cache", cache, "--no-figures",
+            *TINY_ARGS, "--cells", "B3,R", "--storage", str(out / "ledger.journal")]
+    assert main(more) == 0
+    m = json.loads((tmp_path / "more" / "manifest.json").read_text())
     assert (m["computed"], m["reused"]) == (2, 4)
 
 

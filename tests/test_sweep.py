@@ -66,18 +66,20 @@ def test_kill_and_resume_computes_nothing_twice_and_matches_uninterrupted(tmp_pa
 
 
 def test_lifecycle_kill_resume_with_more_seeds_matches_uninterrupted(tmp_path):
-    """With `--lifecycle`, a sweep killed after two points and resumed with more seeds (so points 0
+    """With `--lifecycle`, a sweep killed after two points and continued with more seeds (so points 0
     and 1 compute seeds 1 and 3 as their own batch) equals an uninterrupted run: each seed's
-    lifecycle noise comes from its own generator, not from the batch it happens to share."""
+    lifecycle noise comes from its own generator, not from the batch it happens to share. More
+    seeds are another configuration, so they go to a new folder sharing the first one's ledger."""
     import dataclasses
 
     life = dataclasses.replace(SOLVER, lifecycle=True)
     dying = Counter(die_after=2)
     with pytest.raises(KeyboardInterrupt):
-        grid.run_sweep(_cfg(solver=life, seeds=(0, 2)), tmp_path / "a", evaluate=dying, figures=False)
+        grid.run_sweep(_cfg(solver=life, seeds=(0, 2)), tmp_path / "a0", evaluate=dying, figures=False)
     assert dying.calls == 2 and len(dying.seeds) == 4
     resumed = Counter()
-    out = grid.run_sweep(_cfg(solver=life), tmp_path / "a", evaluate=resumed, figures=False)
+    out = grid.run_sweep(_cfg(solver=life), tmp_path / "a", storage=str(tmp_path / "a0" / "trials.journal"),
+                         evaluate=resumed, figures=False)
     assert resumed.calls == 3 and out.computed == 8 and out.reused == 4
     assert not set(resumed.seeds) & set(dying.seeds)
     assert sorted(s for a, s in resumed.seeds if a == dying.seeds[0][0]) == [1, 3]
@@ -95,11 +97,16 @@ def test_lifecycle_kill_resume_with_more_seeds_matches_uninterrupted(tmp_path):
 
 
 def test_more_seeds_and_subset_points_reuse_ledger(tmp_path):
+    """A finer grid with more seeds (another configuration, so another folder) on the same ledger
+    computes only what is missing."""
     first = Counter()
-    grid.run_sweep(_cfg(seeds=(0, 1), alignment=(0.0, 1.0), points=2), tmp_path, evaluate=first, figures=False)
+    ledger_file = str(tmp_path / "ledger.journal")
+    grid.run_sweep(_cfg(seeds=(0, 1), alignment=(0.0, 1.0), points=2), tmp_path / "a", storage=ledger_file,
+                   evaluate=first, figures=False)
     assert len(first.seeds) == 4
     second = Counter()
-    out = grid.run_sweep(_cfg(seeds=(0, 1, 2), alignment=(0.0, 1.0), points=3), tmp_path, evaluate=second, figures=False)
+    out = grid.run_sweep(_cfg(seeds=(0, 1, 2), alignment=(0.0, 1.0), points=3), tmp_path / "b", storage=ledger_file,
+                         evaluate=second, figures=False)
     # points 0 and 1 exist with seeds 0, 1: only seed 2 there, and the new middle point in full
     assert sorted(second.seeds) == sorted([(0.0, 2), (1.0, 2), (0.5, 0), (0.5, 1), (0.5, 2)])
     assert out.reused == 4 and len(out.results) == 3 * 3 * 5   # 3 points x 3 seeds x 5 arms

@@ -92,7 +92,7 @@ def _argv(command: str) -> list[str]:
 
 def sweep(cfg: "SweepConfig | SubstrateSweepConfig", out: str | Path | None = None, *, storage: str | None = None,
           study: str | None = None, figures: bool = False, device: str | None = None,
-          chunk_rows: int | None = None) -> Run:
+          chunk_rows: int | None = None, overwrite: bool = False) -> Run:
     """`sandbox sweep`: the regime map, analytic (`SweepConfig`) or on the transformer
     (`SubstrateSweepConfig`, as ``--system substrate``). Resumes from the ledger in `out`.
 
@@ -103,6 +103,8 @@ def sweep(cfg: "SweepConfig | SubstrateSweepConfig", out: str | Path | None = No
         device: analytic only: cpu or cuda for the solver's tensors (default cpu; the substrate map
             runs where its cell config says, ``cfg.arms.cell.device``).
         chunk_rows: analytic only: rows per stacked solve (default the CLI's; 0 = point by point).
+        overwrite: replace `out` whole when it holds another configuration (``--overwrite``); without
+            it such a folder is refused (`sandbox.errors.BadInput`), the same configuration resumes.
     Returns: `Run` with ``results``, ``summary`` (and ``tuning`` when tuning is on).
     """
     from sandbox.results import default_out
@@ -114,35 +116,36 @@ def sweep(cfg: "SweepConfig | SubstrateSweepConfig", out: str | Path | None = No
         from sweeps.grid import run_sweep
 
         run_sweep(cfg, run_dir, storage=storage, study=study, figures=figures, argv=_argv("sweep"),
-                  chunk_rows=CHUNK_ROWS if chunk_rows is None else chunk_rows, device=device)
+                  chunk_rows=CHUNK_ROWS if chunk_rows is None else chunk_rows, device=device, overwrite=overwrite)
     else:
         from sweeps.substrate_map import run_substrate_sweep
 
-        run_substrate_sweep(cfg, run_dir, storage=storage, study=study, figures=figures, argv=_argv("sweep"))
+        run_substrate_sweep(cfg, run_dir, storage=storage, study=study, figures=figures, argv=_argv("sweep"),
+                            overwrite=overwrite)
     return load(run_dir)
 
 
 def factorial(cfg: "FactorialConfig", out: str | Path | None = None, *, cache: str | Path = "runs/cache",
-              storage: str | None = None, figures: bool = False) -> Run:
+              storage: str | None = None, figures: bool = False, overwrite: bool = False) -> Run:
     """`sandbox factorial`: cells x seeds on the transformer and the attribution of the effect.
 
     Args:
         out: run folder (default the command's ``runs/factorial-<hash>``).
         cache: corpora, pretrained bases and specialists (``--cache``).
         storage: Optuna storage URL of the ledger (default ``out/ledger.journal``).
+        overwrite: replace `out` whole when it holds another configuration (``--overwrite``).
     Returns: `Run` with ``cells``, ``attribution`` (and the pooled per-cell tables).
     """
-    from sandbox.results import claim_run_dir, config_hash
+    from sandbox.results import config_hash
     from sweeps.factorial import run_factorial
 
     root = Path(out) if out else Path("runs") / f"factorial-{config_hash(cfg.settings())[:8]}"
-    claim_run_dir(root, "factorial")
-    run_factorial(cfg, root, cache, storage=storage, figures=figures, argv=_argv("factorial"))
+    run_factorial(cfg, root, cache, storage=storage, figures=figures, argv=_argv("factorial"), overwrite=overwrite)
     return load(root)
 
 
 def full(cfg: "CellConfig", out: str | Path | None = None, *, seeds: tuple[int, ...] | None = None,
-         cache: str | Path = "runs/cache", figures: bool = False) -> Run:
+         cache: str | Path = "runs/cache", figures: bool = False, overwrite: bool = False) -> Run:
     """`sandbox full`: one cell on the transformer, one ``seed-N`` folder per seed under `out`.
 
     Args:
@@ -150,17 +153,20 @@ def full(cfg: "CellConfig", out: str | Path | None = None, *, seeds: tuple[int, 
         out: the seeds' parent folder (default the command's ``runs/full-<cell>-<hash>``).
         seeds: the seeds (default ``(cfg.seed,)``).
         cache: corpora, pretrained bases and specialists (``--cache``).
+        overwrite: replace `out` (every seed folder in it) whole (``--overwrite``); without it a
+            ``seed-N`` folder holding another configuration is refused before any seed runs.
     Returns: `Run` with ``seed-N/<table>`` for every seed (``seed-N/metrics`` is absent: metrics are
     JSON, in ``seed-N/metrics.json``).
     """
-    from sandbox.results import claim_run_dir, config_hash, release_run_dir
+    from sandbox.app.commands.full import open_full
+    from sandbox.results import config_hash, release_run_dir
     from substrate.cell import run_cell
 
     seeds = tuple(seeds) if seeds is not None else (cfg.seed,)
     template = replace(cfg, seed=seeds[0])
     root = Path(out) if out else (Path("runs") / f"full-{cfg.cell.replace('+', '')}-"
                                   f"{config_hash(template.identity())[:8]}")
-    claim_run_dir(root, "full")
+    open_full(root, template, seeds, overwrite)
     draw = None
     if figures:
         from figures.report import build_report as draw
@@ -171,8 +177,8 @@ def full(cfg: "CellConfig", out: str | Path | None = None, *, seeds: tuple[int, 
 
 
 def fusion(cfg: "FusionSweepConfig", out: str | Path | None = None, *, storage: str | None = None,
-           study: str | None = None, figures: bool = False) -> Run:
-    """`sandbox fusion`: the divergence-gain map of specialist fusion.
+           study: str | None = None, figures: bool = False, overwrite: bool = False) -> Run:
+    """`sandbox fusion`: the divergence-gain map of specialist fusion (`overwrite`: ``--overwrite``).
 
     Returns: `Run` with ``fusion`` (point x seed x method) and ``fit`` (the line fits).
     """
@@ -183,7 +189,7 @@ def fusion(cfg: "FusionSweepConfig", out: str | Path | None = None, *, storage: 
     draw = None
     if figures:
         from figures.fusion import draw
-    run_fusion_map(cfg, run_dir, storage=storage, study=study, draw=draw, argv=_argv("fusion"))
+    run_fusion_map(cfg, run_dir, storage=storage, study=study, draw=draw, argv=_argv("fusion"), overwrite=overwrite)
     return load(run_dir)
 
 

@@ -64,7 +64,8 @@ def expand(argv: list[str]) -> tuple[list[str], dict | None, list[str]]:
     if path is None:
         return list(argv), None, []
     m = load_manifest(path)
-    recorded = m["argv"][1:]           # drop the program name
+    recorded = [w for w in m["argv"][1:] if w != "--overwrite"]   # drop the program name; a replay never
+                                                                  # empties the recorded folder unless asked
     command = recorded[0]
     if rest and not rest[0].startswith("-"):
         if rest[0] != command:
@@ -73,13 +74,10 @@ def expand(argv: list[str]) -> tuple[list[str], dict | None, list[str]]:
     return recorded + rest, m, rest
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
+def _flat(d: Any) -> dict[str, Any]:
+    from sandbox.results import flatten
+
+    return flatten(d)
 
 
 def _out_of(argv: list[str]) -> str | None:

@@ -18,6 +18,7 @@ def _factorial_options() -> list:
     return [own("cells", "partial", "--cells", help="Comma list of cells, 'partial' (B3,R,R+E,R+L,R+E+L) or 'all'."),
             own("seeds", "42,137,2026", "--seeds", help="Seeds: a comma list or a count."),
             own("out", None, "--out", help="Output folder (default runs/factorial-<hash>); rerun to resume."),
+            own("overwrite", False, "--overwrite", help="Replace the --out folder whole (a run folder of this tool holding another configuration: its tables, figures, journal and checkpoints are removed). Without it a folder holding another configuration is refused; the same configuration resumes."),
             own("storage", None, "--storage", help="Optuna storage URL for the ledger (default OUT/ledger.journal)."),
             *from_fields(FactorialConfig, ("eps", "alpha", "seeds_to_resolve", "round_seeds", "spending")),
             *cell_options(), *run_options(),
@@ -31,7 +32,7 @@ def factorial(**kw) -> None:
     cells, seeds, out, storage = kw.pop("cells"), kw.pop("seeds"), kw.pop("out"), kw.pop("storage")
     design = {k: kw.pop(k) for k in ("eps", "alpha", "seeds_to_resolve", "round_seeds", "spending")}
     cache, threads, yes = kw.pop("cache"), kw.pop("threads"), kw.pop("yes")
-    no_figures, enqueue_only = kw.pop("no_figures"), kw.pop("enqueue_only")
+    no_figures, enqueue_only, overwrite = kw.pop("no_figures"), kw.pop("enqueue_only"), kw.pop("overwrite")
     from sandbox.app.commands.full import apply_threads
 
     apply_threads(threads)
@@ -55,7 +56,7 @@ def factorial(**kw) -> None:
     for note in notes:  # printed only once every option is known to be valid
         err.print(note)
     root = Path(out) if out else Path("runs") / f"factorial-{config_hash(fcfg.settings())[:8]}"
-    from sandbox.results import check_folder, claim_run_dir
+    from sandbox.results import check_folder, open_run_dir
 
     check_folder(cache, "--cache")
     if enqueue_only and fcfg.seeds_to_resolve is not None:   # later rounds depend on each look's test
@@ -70,9 +71,11 @@ def factorial(**kw) -> None:
         from sweeps.factorial import study_name
         from sweeps.worker import factorial_jobs
 
+        from sweeps.ledger import METRICS
+
         return define(err, factorial_jobs(fcfg, root, cache), storage, study_name(fcfg), "minimize", "factorial",
-                      argv=recorded_argv())
-    claim_run_dir(root, "factorial")   # refuse a held or foreign folder before printing anything
+                      argv=recorded_argv(), metric=METRICS["factorial"])
+    open_run_dir(root, "factorial", fcfg, overwrite)   # a held, foreign or other-config folder: refused before printing
     err.print(f"factorial: {len(chosen)} cells x {len(seed_list)} seeds, preset {template.preset}, "
               f"{template.steps} steps each on {template.device} -> {root}")
     if fcfg.seeds_to_resolve is not None:
@@ -103,7 +106,7 @@ def factorial(**kw) -> None:
             if step == n:
                 bar.advance(trials)
 
-        res = run_factorial(fcfg, root, cache, storage=storage, figures=not no_figures,
+        res = run_factorial(fcfg, root, cache, storage=storage, figures=not no_figures, overwrite=overwrite,
                             argv=recorded_argv(), on_trial=on_trial, progress=progress,
                             log=lambda m: err.print(m), stage=stage_callback(bar))
     err.print(f"trials: {res.computed} computed, {res.reused} reused from the ledger")

@@ -109,6 +109,7 @@ def _full_options() -> list:
                 help="Factors: B3, R, E, L, R+E, L+R, E+L, R+E+L; order and case free."),
             own("seeds", "42,", "--seeds", help="Seeds: a comma list (42,137,2026) or a count; one run folder per seed."),
             own("out", None, "--out", help="Output folder (default runs/full-<cell>-<hash>); seed s goes to OUT/seed-s."),
+            own("overwrite", False, "--overwrite", help="Replace the --out folder whole (a run folder of this tool holding another configuration: its tables, figures, journal and checkpoints are removed). Without it a folder holding another configuration is refused; the same configuration resumes."),
             own("stop_after", None, "--stop-after", annotation=Optional[int], hidden=True,
                 help="Stop each run after this many steps in this invocation."),
             *cell_options(), *run_options()]
@@ -117,6 +118,7 @@ def _full_options() -> list:
 def full(**kw) -> None:
     """Run one factorial cell (R: sigmoid router on hidden states; E: per-domain fitness; L: lifecycle)."""
     cell, seeds, out, stop_after = kw.pop("cell"), kw.pop("seeds"), kw.pop("out"), kw.pop("stop_after")
+    overwrite = kw.pop("overwrite")
     cache, threads, yes = kw.pop("cache"), kw.pop("threads"), kw.pop("yes")
     apply_threads(threads)
     from dataclasses import replace
@@ -134,10 +136,10 @@ def full(**kw) -> None:
         check_int(stop_after, "--stop-after", 1)
     template = cell_template(name, seed_list[0], kw, lambda m: console.print(m), yes=yes)
     root = Path(out) if out else Path("runs") / f"full-{name.replace('+', '')}-{config_hash(template.identity())[:8]}"
-    from sandbox.results import check_folder, claim_run_dir, release_run_dir
+    from sandbox.results import check_folder, release_run_dir
 
     check_folder(cache, "--cache")
-    claim_run_dir(root, "full")   # the seeds' parent: never another command's folder, one run at a time
+    open_full(root, template, seed_list, overwrite)   # the seeds' parent: one run, one configuration per seed folder
     rows = []
     for seed in seed_list:
         cfg = replace(template, seed=seed)
@@ -146,6 +148,23 @@ def full(**kw) -> None:
         rows.append((seed, folder, metrics))
     release_run_dir(root)
     _print_summary(name, rows)
+
+
+def open_full(root: Path, template, seeds, overwrite: bool = False) -> None:
+    """Claim `sandbox full`'s parent folder and, before any seed runs, refuse a ``seed-N`` folder that
+    holds another configuration than seed N's (`sandbox.results.check_config`); with `overwrite`,
+    empty the parent first (every seed folder in it). Shared by the command and `sandbox.app.api.full`."""
+    from dataclasses import replace
+
+    from sandbox.results import check_config, open_run_dir, release_run_dir
+
+    open_run_dir(root, "full", None, overwrite)
+    try:
+        for seed in seeds:
+            check_config(root / f"seed-{seed}", replace(template, seed=seed))
+    except BaseException:
+        release_run_dir(root)
+        raise
 
 
 def _run_one(cfg, folder: Path, cache: str, stop_after, console):

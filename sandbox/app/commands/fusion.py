@@ -45,6 +45,7 @@ def _fusion_options() -> list:
                                "device": "cuda when visible, else cpu"}),
             *from_fields(FusionSweepConfig, ("alpha", "cache")),
             own("out", None, "--out", help="Run folder (default runs/fusion-<config hash>; the same command resumes)."),
+            own("overwrite", False, "--overwrite", help="Replace the --out folder whole (a run folder of this tool holding another configuration: its tables, figures, journal and checkpoints are removed). Without it a folder holding another configuration is refused; the same configuration resumes."),
             own("storage", None, "--storage", help="Optuna storage URL or journal path (default: a journal file in --out)."),
             own("study", None, "--study", help="Optuna study name (default fusion)."),
             own("threads", None, "--threads", annotation=Optional[int],
@@ -61,11 +62,12 @@ def fusion(**kw) -> None:
 
     from sandbox.app.commands.full import apply_threads
     from sandbox.options import parse_seeds
-    from sandbox.results import check_folder, default_out
+    from sandbox.results import check_folder, default_out, open_run_dir
     from substrate.defaults import check_affordable, resolve_device
 
     out, storage, study, threads = kw.pop("out"), kw.pop("storage"), kw.pop("study"), kw.pop("threads")
     figures, yes, cache, alpha = kw.pop("figures"), kw.pop("yes"), kw.pop("cache"), kw.pop("alpha")
+    overwrite = kw.pop("overwrite")
     steps = _steps_list(kw.pop("specialist_steps"))
     seed_list = parse_seeds(kw.pop("seeds"), "--seeds")
     kw["device"] = resolve_device(kw["device"])
@@ -82,6 +84,7 @@ def fusion(**kw) -> None:
     apply_threads(threads)
     preset, specialists, router_steps, dev = base.preset, base.specialists, base.router_steps, base.device
     run_dir = Path(out) if out else default_out("fusion", cfg.folder_key())
+    open_run_dir(run_dir, "fusion", cfg, overwrite)   # another configuration in --out: refused before anything runs
     err = Console(stderr=True)
     console = Console() if Console().is_terminal else Console(width=160)
     err.print(f"fusion map: preset {preset}, {specialists} specialists, specialist steps {','.join(map(str, steps))} x {len(seed_list)} seeds, "
@@ -97,7 +100,7 @@ def fusion(**kw) -> None:
 
         res = run_fusion_map(cfg, run_dir, storage=storage, study=study, progress=progress,
                              draw=draw if figures else None, argv=recorded_argv(),
-                             log=lambda m: err.print(m, highlight=False))
+                             log=lambda m: err.print(m, highlight=False), overwrite=overwrite)
     wall = time.perf_counter() - t0
     means = (res.table.groupby(["specialist_steps", "method"], sort=False)[["divergence", "gain"]].mean()
              .reset_index())

@@ -71,6 +71,7 @@ def _sweep_options() -> list:
         *from_fields(TuneConfig, ("widen", "robust", "rule"),
                      rename={"widen": "tune_widen", "robust": "tune_robust", "rule": "tune_rule"}, decls=switches),
         own("out", None, "--out", help="Run folder (default runs/sweep-<config hash>; the same command resumes)."),
+        own("overwrite", False, "--overwrite", help="Replace the --out folder whole (a run folder of this tool holding another configuration: its tables, figures, journal and checkpoints are removed). Without it a folder holding another configuration is refused; the same configuration resumes."),
         own("storage", None, "--storage", help="Optuna storage URL (default: a journal file in --out)."),
         own("study", None, "--study", help="Optuna study name (default: sweep; trials are keyed by a hash of each "
             "point's config)."),
@@ -102,7 +103,7 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_
           population, mutation_scale, interval, reset_on_accept, oracle, lifecycle, scope, selection, crossover,
           crossover_t, mutation, finetune_steps, finetune_lr, acar, acar_tol, budget, draws, eval_draws, fresh_noise,
           loss_floor, lora_alpha, beta2, control_beta2, accept_tol, threads, chunk_rows, system, preset, batch, data,
-          cache, device, search_windows, confirm, enqueue_only) -> None:
+          cache, device, search_windows, confirm, enqueue_only, overwrite) -> None:
     """Map the regime boundary: delta = rel_excess_grad - rel_excess_evo per seed (positive = evo better),
     each arm's final excess loss as a share of the start's, with grad's optimiser setting tuned per
     point on seeds disjoint from the evaluation seeds (--tune off: the fixed --lr).
@@ -155,7 +156,7 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_
                                reset_on_accept=reset_on_accept, preset=preset, batch=batch, data=data, cache=cache,
                                device=device, point_count_given=points_given, seeds_given=seeds_given,
                                print_summary=_print_summary, enqueue_only=enqueue_only, search_windows=search_windows,
-                               confirm=confirm, acar=acar)
+                               confirm=confirm, acar=acar, overwrite=overwrite)
     defaults = AnalyticConfig()          # options shared with --system substrate default to None: the
     steps = defaults.steps if steps is None else steps                  # analytic value is declared once,
     lr = defaults.lr if lr is None else lr                              # in the dataclass
@@ -198,9 +199,14 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_
     if enqueue_only or is_database(storage):
         jobs = sweep_jobs(cfg) if enqueue_only or cfg.search == "grid" else []
         if enqueue_only:
+            from sweeps.ledger import METRICS
+
             return define(console, jobs, storage, study or DEFAULT_STUDY, "maximize", "sweep",
-                          argv=recorded_argv())
+                          argv=recorded_argv(), metric=METRICS["analytic"])
         check_collect(storage, study or DEFAULT_STUDY, jobs)   # workers still running: refuse, not compute
+    from sandbox.results import open_run_dir
+
+    open_run_dir(run_dir, "sweep", cfg, overwrite)   # another configuration in --out: refused before computing
     t0 = time.perf_counter()
     with Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("seed-points"),
                   TimeElapsedColumn(), TextColumn("{task.description}"), console=console, transient=False) as bar:
@@ -211,7 +217,7 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_
                        description=", ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
 
         res = run_sweep(cfg, run_dir, storage=storage, study=study, progress=progress, figures=figures,
-                        chunk_rows=chunk_rows, device=dev,
+                        chunk_rows=chunk_rows, device=dev, overwrite=overwrite,
                         argv=recorded_argv())
     _print_summary(console, res.summary, cfg.axes)
     console.print(f"{res.computed} seed-points computed, {res.reused} reused from the ledger, "

@@ -20,7 +20,7 @@ GPU_DEFAULTS = dict(preset="widened-1536", steps=25_000, points=5, seeds=(0, 1, 
 def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, out, storage, study, figures, steps, lr,
                     plasticity, router, evo, population, mutation_scale, interval, reset_on_accept, preset, batch, data,
                     cache, device, point_count_given, seeds_given, print_summary, enqueue_only=False,
-                    search_windows=2, confirm=False, acar=False) -> None:
+                    search_windows=2, confirm=False, acar=False, overwrite=False) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -28,7 +28,7 @@ def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, 
     from sandbox.errors import BadInput
     from sandbox.evolution import EvolutionConfig
     from sandbox.options import parse_axis
-    from sandbox.results import check_folder, default_out
+    from sandbox.results import check_folder, default_out, open_run_dir
     from substrate.cell import CellConfig
     from substrate.routing import RoutingArms
     from sweeps.substrate_map import AXES, SubstrateSweepConfig, run_substrate_sweep
@@ -71,9 +71,12 @@ def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, 
     if enqueue_only or is_database(storage):
         jobs = substrate_sweep_jobs(cfg)
         if enqueue_only:    # the define step: every (point, seed) queued for `sandbox worker`
+            from sweeps.ledger import METRICS
+
             return define(console, jobs, storage, study or DEFAULT_STUDY, "maximize", "substrate sweep",
-                          argv=recorded_argv())
+                          argv=recorded_argv(), metric=METRICS["substrate"])
         check_collect(storage, study or DEFAULT_STUDY, jobs)   # workers still running: refuse, not compute
+    open_run_dir(run_dir, "sweep", cfg, overwrite)   # another configuration in --out: refused before anything runs
     err.print(f"substrate map: preset {preset}, {steps} steps, batch {batch}, router {router}, {len(cfg.grid_points())} "
               f"points x {len(seeds)} seeds, {len(arms.arms)} arms{' (with acar)' if acar else ''}, an event every {ecfg.interval} steps, --evo {evo}, "
               f"plasticity {arms.plasticity}{', confirmed acceptances' if confirm else ''}, on {dev} -> {run_dir}",
@@ -88,7 +91,7 @@ def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, 
                        description=", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
 
         res = run_substrate_sweep(cfg, run_dir, storage=storage, study=study, progress=progress, figures=figures,
-                                  argv=recorded_argv(), log=lambda m: err.print(m))
+                                  argv=recorded_argv(), log=lambda m: err.print(m), overwrite=overwrite)
     print_summary(console, res.summary, cfg.axes)
     console.print(f"{res.computed} seed-points computed, {res.reused} reused from the ledger, "
                   f"{time.perf_counter() - t0:.1f} s; folder {run_dir}", highlight=False)

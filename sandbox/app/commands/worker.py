@@ -72,8 +72,9 @@ def worker(
           f"{time.perf_counter() - t0:.1f} s; study {study}", flush=True)
 
 
-def define(console, jobs, storage: str, study: str, direction: str, what: str, argv=None) -> None:
-    """The define step: enqueue `jobs` in `study` on PostgreSQL `storage` and print what to start."""
+def define(console, jobs, storage: str, study: str, direction: str, what: str, argv=None, metric: str | None = None) -> None:
+    """The define step: enqueue `jobs` in `study` on PostgreSQL `storage`, name the study's value
+    `metric` (`sweeps.ledger.label_study`, for optuna-dashboard) and print what to start."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from sweeps.worker import database, enqueue
@@ -84,6 +85,12 @@ def define(console, jobs, storage: str, study: str, direction: str, what: str, a
         tid = bar.add_task("", total=None)
         counts = enqueue(store, study, jobs, direction=direction,
                          progress=lambda i, n: bar.update(tid, completed=i, total=n), argv=argv)
+    if metric is not None:
+        import optuna
+
+        from sweeps.ledger import label_study
+
+        label_study(optuna.load_study(study_name=study, storage=store), metric)
     console.print(f"{what}: {counts.planned} trials planned in study '{study}': {counts.enqueued} queued now "
                   f"({counts.requeued} of them failed before), {counts.pending} already waiting or running, "
                   f"{counts.finished} already finished", highlight=False)
