@@ -3,7 +3,10 @@
 Every run folder's `manifest.json` records the command line (`argv`) and the resolved config
 (`config`). `sandbox [COMMAND] --config DIR/manifest.json [OPTIONS]` rebuilds the command line from
 the manifest and appends OPTIONS, which win over the recorded ones (the last value of an option is
-the one taken), so `--out NEW` replays into a new folder and `--seeds 20` replays with more seeds.
+the one taken), so `--out NEW` replays into a new folder and `--out NEW --seeds 20` with more seeds
+(the recorded folder holds its own configuration: more seeds into it are refused,
+`sandbox.results.open_run_dir`). A recorded `--overwrite` is dropped, so a replay never empties the
+recorded folder unless `--overwrite` is given again.
 
 After the run the replay's resolved config is compared with the recorded one: a replay without
 overrides that resolves differently (this version's defaults moved since the run was recorded)
