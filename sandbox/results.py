@@ -383,10 +383,12 @@ def check_config(path: str | os.PathLike, config: Any, flag: str = "--out") -> N
     if diff is None:
         return
     field, was, now = diff
+    journal = next((path / n for n in ("trials.journal", "ledger.journal") if (path / n).exists()), None)
+    reuse = f" (with --storage {journal}, a new --out reuses its finished trials)" if journal else ""
     raise BadInput(flag, str(path), f"a new folder or one holding this run's configuration (it holds a "
                    f"{old.get('command', '?')} run whose {field} is {_show(was)}; this run's is {_show(now)}; "
-                   "one folder holds one configuration: choose another --out, or add --overwrite to replace "
-                   "the folder)")
+                   f"one folder holds one configuration: choose another --out{reuse}, or add --overwrite to "
+                   "replace the folder)")
 
 
 def _show(v: Any) -> str:

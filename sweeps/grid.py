@@ -161,8 +161,11 @@ class SweepConfig:
         return b
 
     def folder_key(self) -> dict:
-        """What names the default run folder: everything but seeds and statistics settings, so
-        the same command (or the same command with more seeds) resumes in the same folder."""
+        """What names the default run folder: everything but seeds and statistics settings (the
+        hash is frozen by tests/test_contracts.py), so the same command resumes in the same folder.
+        The folder still holds one configuration (`sandbox.results.open_run_dir`): the same command
+        with more seeds or another eps finds it and is refused there; a new ``--out`` with the old
+        ledger as ``--storage`` reuses its trials."""
         d = dataclasses.asdict(self)
         for k in ("seeds", "eps", "alpha", "converged_frac"):
             d.pop(k)
