@@ -444,6 +444,15 @@ def replace_run_dir(path: str | os.PathLike, flag: str = "--out") -> dict:
     return info
 
 
+def replaced_note(path: str | os.PathLike) -> str | None:
+    """The line a command prints after `--overwrite` emptied `path` in this process, else None."""
+    info = _OVERWRITTEN.get(os.path.realpath(path))
+    if info is None:
+        return None
+    return f"--overwrite: {path} replaced ({info['removed']} files of the run started {info['previous']} removed)" \
+        if info["previous"] else f"--overwrite: {path} replaced ({info['removed']} files removed)"
+
+
 def open_run_dir(path: str | os.PathLike, command: str, config: Any, overwrite: bool = False,
                  flag: str = "--out") -> Path:
     """Claim run folder `path` for `command` (`claim_run_dir`), then either refuse it when it holds

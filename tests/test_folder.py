@@ -71,7 +71,9 @@ def test_analytic_sweep_refuses_a_changed_setting_resumes_the_same_and_overwrite
     assert len(json.loads((out / "manifest.json").read_text())["resumes"]) == 1
     # --overwrite replaces the folder whole: the stale figure and the old journal are gone
     assert main([*args, "--lr", "0.02", "--no-figures", "--overwrite"]) == 0
-    assert "4 seed-points computed, 0 reused" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "4 seed-points computed, 0 reused" in text
+    assert f"--overwrite: {out} replaced ({len(before)} files of the run started" in text.replace("\n", "")
     assert not (out / "figures").exists()
     m = json.loads((out / "manifest.json").read_text())
     assert m["config"]["solver"]["lr"] == 0.02 and m["resumes"] == [] and "--overwrite" in m["argv"]
@@ -141,7 +143,8 @@ def test_factorial_refuses_resumes_and_overwrites(tmp_path, cache, capsys):
     assert "0 computed, 1 reused" in capsys.readouterr().err
     (out / "trials" / "B3_s0" / "checkpoint.pt").write_bytes(b"stale")
     assert main([*args, "--lr", "0.02", "--overwrite"]) == 0
-    assert "1 computed, 0 reused" in capsys.readouterr().err
+    text = capsys.readouterr().err
+    assert "1 computed, 0 reused" in text and "--overwrite: " in text and " replaced (" in text
     assert not (out / "trials" / "B3_s0" / "checkpoint.pt").exists()
     m = json.loads((out / "manifest.json").read_text())
     assert m["config"]["base"]["lr"] == 0.02 and m["overwritten"]["removed"] >= len(before)

@@ -76,6 +76,10 @@ def factorial(**kw) -> None:
         return define(err, factorial_jobs(fcfg, root, cache), storage, study_name(fcfg), "minimize", "factorial",
                       argv=recorded_argv(), metric=METRICS["factorial"])
     open_run_dir(root, "factorial", fcfg, overwrite)   # a held, foreign or other-config folder: refused before printing
+    from sandbox.results import replaced_note
+
+    if replaced_note(root):
+        err.print(replaced_note(root), highlight=False, soft_wrap=True)
     err.print(f"factorial: {len(chosen)} cells x {len(seed_list)} seeds, preset {template.preset}, "
               f"{template.steps} steps each on {template.device} -> {root}")
     if fcfg.seeds_to_resolve is not None:

@@ -140,6 +140,10 @@ def full(**kw) -> None:
 
     check_folder(cache, "--cache")
     open_full(root, template, seed_list, overwrite)   # the seeds' parent: one run, one configuration per seed folder
+    from sandbox.results import replaced_note
+
+    if replaced_note(root):
+        console.print(replaced_note(root), highlight=False, soft_wrap=True)
     rows = []
     for seed in seed_list:
         cfg = replace(template, seed=seed)

@@ -85,7 +85,10 @@ def fusion(**kw) -> None:
     preset, specialists, router_steps, dev = base.preset, base.specialists, base.router_steps, base.device
     run_dir = Path(out) if out else default_out("fusion", cfg.folder_key())
     open_run_dir(run_dir, "fusion", cfg, overwrite)   # another configuration in --out: refused before anything runs
+    from sandbox.results import replaced_note
     err = Console(stderr=True)
+    if replaced_note(run_dir):
+        err.print(replaced_note(run_dir), highlight=False, soft_wrap=True)
     console = Console() if Console().is_terminal else Console(width=160)
     err.print(f"fusion map: preset {preset}, {specialists} specialists, specialist steps {','.join(map(str, steps))} x {len(seed_list)} seeds, "
               f"routers B3 and R for {router_steps} steps, on {dev} -> {run_dir}", highlight=False)

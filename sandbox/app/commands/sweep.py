@@ -207,6 +207,10 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_
     from sandbox.results import open_run_dir
 
     open_run_dir(run_dir, "sweep", cfg, overwrite)   # another configuration in --out: refused before computing
+    from sandbox.results import replaced_note
+
+    if replaced_note(run_dir):
+        console.print(replaced_note(run_dir), highlight=False, soft_wrap=True)
     t0 = time.perf_counter()
     with Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("seed-points"),
                   TimeElapsedColumn(), TextColumn("{task.description}"), console=console, transient=False) as bar:

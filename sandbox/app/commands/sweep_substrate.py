@@ -77,6 +77,10 @@ def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, 
                           argv=recorded_argv(), metric=METRICS["substrate"])
         check_collect(storage, study or DEFAULT_STUDY, jobs)   # workers still running: refuse, not compute
     open_run_dir(run_dir, "sweep", cfg, overwrite)   # another configuration in --out: refused before anything runs
+    from sandbox.results import replaced_note
+
+    if replaced_note(run_dir):
+        Console(stderr=True).print(replaced_note(run_dir), highlight=False, soft_wrap=True)
     err.print(f"substrate map: preset {preset}, {steps} steps, batch {batch}, router {router}, {len(cfg.grid_points())} "
               f"points x {len(seeds)} seeds, {len(arms.arms)} arms{' (with acar)' if acar else ''}, an event every {ecfg.interval} steps, --evo {evo}, "
               f"plasticity {arms.plasticity}{', confirmed acceptances' if confirm else ''}, on {dev} -> {run_dir}",
