@@ -42,8 +42,10 @@ def test_config_difference_names_the_first_field_and_ignores_resume_settings():
     old = {"task": {"dim": 6, "slots": 3}, "solver": {"lr": 0.05, "device": "cpu"}, "cache": "a", "seeds": [0, 1]}
     assert config_difference(old, old) is None
     assert config_difference(old, {**old, "cache": "b", "solver": {"lr": 0.05, "device": "cuda"}}) is None
-    assert config_difference(old, {**old, "seeds": [0, 1, 2], "task": {"dim": 7, "slots": 3}}) == ("seeds", [0, 1],
-                                                                                                  [0, 1, 2])
+    # more seeds grow the run (the recorded seeds' results stay); a dropped seed is a difference
+    assert config_difference(old, {**old, "seeds": [0, 1, 2]}) is None
+    assert config_difference(old, {**old, "seeds": [1, 2]}) == ("seeds", [0, 1], [1, 2])
+    assert config_difference(old, {**old, "seeds": [0, 1, 2], "task": {"dim": 7, "slots": 3}}) == ("task.dim", 6, 7)
     assert config_difference(old, {**old, "task": {"dim": 7, "slots": 4}}) == ("task.dim", 6, 7)
     # a field added since the folder was written: no difference at its default, one otherwise
     new = {**old, "solver": {"lr": 0.05, "device": "cpu", "acar": False}}
@@ -134,13 +136,15 @@ def test_factorial_refuses_resumes_and_overwrites(tmp_path, cache, capsys):
     assert (out / "trials" / "B3_s0" / "metrics.json").exists()
     before = snapshot(out)
     capsys.readouterr()
-    assert main([*args, "--seeds", "2"]) == 2        # more seeds are another configuration too
-    refused(capsys, out, "seeds", "[0]", "[0, 1]")
     assert main([*args, "--lr", "0.02"]) == 2
     refused(capsys, out, "base.lr", "0.003", "0.02")
     assert snapshot(out) == before
     assert main([*args, "--threads", "1"]) == 0
     assert "0 computed, 1 reused" in capsys.readouterr().err
+    assert main([*args, "--seeds", "2"]) == 0        # a seed added grows the run in place
+    assert "1 computed, 1 reused" in capsys.readouterr().err
+    assert main([*args, "--seeds", "1,"]) == 2       # a recorded seed dropped is another configuration
+    refused(capsys, out, "base.seed", "0", "1")   # the template carries the first seed
     (out / "trials" / "B3_s0" / "checkpoint.pt").write_bytes(b"stale")
     assert main([*args, "--lr", "0.02", "--overwrite"]) == 0
     text = capsys.readouterr().err
