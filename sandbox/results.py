@@ -339,9 +339,9 @@ def config_difference(old: Any, new: Any, ignore: frozenset[str] = RESUME_FIELDS
     - inside the config, fields whose leaf name is in `ignore` (`RESUME_FIELDS`): ``device`` (a
       cell's or fusion's cpu/cuda; no ledger key or checkpoint identity contains it) and ``cache``
       (the folder of the cached corpus, base and specialists, which a worker may override);
-    - a seed list (leaf ``seeds``) that keeps every recorded seed and adds more: the folder's
-      finished seeds stay in its tables and the new ones join them (a run grows, nothing is
-      replaced); dropping a seed is a difference;
+    - a seed list (leaf ``seeds``, and a factorial's ``cells``) that keeps every recorded entry and
+      adds more: the folder's finished trials stay in its tables and the new ones join them (a run
+      grows, nothing is replaced); dropping one is a difference;
     - a field this version no longer has (renamed or removed since the folder was written), and
       a field the folder's manifest lacks whose new value is its default in `defaults` (a config
       of the same class at its defaults: a setting added since, whose default reproduces the
@@ -364,8 +364,9 @@ def config_difference(old: Any, new: Any, ignore: frozenset[str] = RESUME_FIELDS
 
 
 def _grows(key: str, old: Any, new: Any) -> bool:
-    """True when `new` is the seed list `old` with seeds added (see `config_difference`)."""
-    return (key.rsplit(".", 1)[-1] == "seeds" and isinstance(old, list) and isinstance(new, list)
+    """True when `new` is the seed (or a factorial's cell) list `old` with entries added (see
+    `config_difference`)."""
+    return (key.rsplit(".", 1)[-1] in ("seeds", "cells") and isinstance(old, list) and isinstance(new, list)
             and set(old) <= set(new))
 
 

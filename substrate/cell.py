@@ -56,8 +56,8 @@ from sandbox.results import RunDir, atomic_save_torch, claim_run_dir, load_torch
 from sandbox.router import Router, RouterConfig, gate_rows, kind_of, router_gates
 from sandbox.streams import Purpose, generator
 from substrate import acar
-from substrate.defaults import ROUTER_LR_RATIO
-from substrate.corpus import Corpus, CorpusConfig, load_text_domains, sample_batch, synthetic_corpus
+from substrate.defaults import MAX_EPOCHS, ROUTER_LR_RATIO
+from substrate.corpus import Corpus, CorpusConfig, fresh_batch, load_text_domains, sample_batch, synthetic_corpus
 from substrate.model import GPT, POOLINGS, PRESETS, autocast, freeze_base, load_banks, preset, routing_features
 from substrate.train import (TrainConfig, clip_gradients, evaluate, initial_banks, lr_at, pretrain, pretraining,
                             train_specialists)
@@ -120,6 +120,9 @@ class CellConfig:
     """Adaptation steps (Adam steps on adapters and router)."""
     seed: int = 42
     """Seed of the starting bank, the slot assignment, the data order and the lifecycle draws."""
+    bases: int = 1
+    """N: pretrained bases the seeds are spread over; seed s adapts base s mod N, pretrained (with its
+    specialists) from seed s mod N, so replicates resample the base (1: every seed adapts base 0)."""
     alignment: float = 0.5
     """a in [0, 1]: starting adapters between random (0) and the per-domain specialists (1)."""
     batch: int = 8
@@ -166,13 +169,18 @@ class CellConfig:
     """Held-out windows per domain per evaluation (default all)."""
     data: str | None = None
     """A real text folder (one subfolder of .txt files per domain) instead of synthetic domains."""
+    train_data: str | None = None
+    """Training windows of adaptation and selection: windows (the corpus's fixed training windows,
+    read again once the run outlasts them) or fresh (new windows from the synthetic domains' generator
+    at every draw, never read twice; not with --data); None: fresh when the run would read each fixed
+    window more than once (`CellConfig.expected_epochs`), else windows (always windows with --data)."""
     device: str = "cpu"
     """cpu or cuda (fp32 on CPU, bf16 autocast on CUDA)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cell", parse_cell(self.cell).name)
         require(self.preset in PRESETS, "preset", self.preset, "one of " + ", ".join(PRESETS))
-        for name, lo in (("steps", 1), ("seed", 0), ("batch", 1), ("eval_every", 1), ("checkpoint_every", 0),
+        for name, lo in (("steps", 1), ("seed", 0), ("bases", 1), ("batch", 1), ("eval_every", 1), ("checkpoint_every", 0),
                          ("fit_windows", 1), ("slots", 2), ("rank", 1), ("domains", 1)):
             _int(getattr(self, name), name, lo)
         for name in ("pretrain_steps", "specialist_steps", "eval_windows", "context"):
@@ -186,6 +194,10 @@ class CellConfig:
                 "a number in [0, 10]")
         require(self.pooling in POOLINGS, "pooling", self.pooling, "one of " + ", ".join(POOLINGS))
         require(self.device in DEVICES, "device", self.device, "cpu or cuda")
+        require(self.train_data in TRAIN_DATA, "train_data", self.train_data, "windows or fresh")
+        require(self.train_data != "fresh" or self.data is None, "train_data", self.train_data,
+                "windows with --data (fresh windows need the synthetic domains' generator)")
+        require(self.bases <= 1000, "bases", self.bases, "an integer in [1, 1000] (each base is one pretraining run)")
         require(self.domains <= self.slots, "domains", self.domains, f"at most --slots ({self.slots})")
         ctx = self.context or SUBSTRATE[self.preset]["context"]
         require(ctx <= PRESETS[self.preset].seq_len, "context", ctx, f"at most the preset's {PRESETS[self.preset].seq_len}")
@@ -265,13 +277,44 @@ class CellConfig:
                 s[k] = getattr(self, k)
         return s
 
+    @property
+    def base_seed(self) -> int:
+        """The base this run adapts: ``seed mod bases`` (its pretraining and specialists' seed)."""
+        return self.seed % self.bases
+
+    def expected_reads(self, domains: int | None = None) -> float:
+        """Training windows one domain gives this run, in expectation: the adaptation batches
+        (``steps x batch / domains``) and the selection batches (``fit_windows`` per fitness event).
+        `domains`: the corpus's number (default ``domains``; a real text folder has its own)."""
+        return (self.steps * self.batch / (domains or self.domains)
+                + (self.steps // self.lifecycle.interval) * self.fit_windows)
+
+    def expected_epochs(self, windows: int | None = None) -> float:
+        """How often the run reads each fixed training window in expectation: `expected_reads` over the
+        windows per domain (default: the preset's, `SUBSTRATE`)."""
+        return self.expected_reads() / (windows or SUBSTRATE[self.preset]["train_windows"])
+
+    @property
+    def train_data_value(self) -> str:
+        """``train_data`` resolved: fresh when the fixed windows would be read more than once in
+        expectation (synthetic domains only), else windows."""
+        if self.train_data is not None:
+            return self.train_data
+        return "fresh" if self.data is None and self.expected_epochs() > 1 else "windows"
+
     def identity(self) -> dict:
         """What must match for a checkpoint to be resumed (every flat setting except the device).
 
         Options added after folders and ledgers were first written are left out at the value those
-        runs had (`LATER_DEFAULTS`), so old folders still resume."""
+        runs had (`LATER_DEFAULTS`), so old folders still resume. The base enters as ``base_seed``
+        (``seed mod bases``, left out for base 0), not as ``bases``: the run is the same whatever the
+        number of bases its seed was spread over; ``train_data`` enters resolved."""
         d = self.flat()
         d.pop("device")
+        d.pop("bases")
+        d["train_data"] = self.train_data_value
+        if self.base_seed:
+            d["base_seed"] = self.base_seed
         for k, v in LATER_DEFAULTS.items():
             if d[k] == v:
                 d.pop(k)
@@ -283,9 +326,14 @@ class CellConfig:
 #: Options added after the first folders and ledgers were written, at the value those runs had:
 #: left out of `CellConfig.identity` at that value. ``router_kind`` auto (the cell's own router),
 #: ``router_init`` zero (the zero-bias start of every earlier run), the EvoMerge operators off and
-#: ``tau_scales`` logit (the anneal on the whole logit). ``router_lr`` is left out when it equals ``lr``.
+#: ``tau_scales`` logit (the anneal on the whole logit) and ``train_data`` windows (the fixed training
+#: windows). ``router_lr`` is left out when it equals ``lr``.
 LATER_DEFAULTS = dict(router_kind="auto", router_init="zero", selection="tournament", crossover="none",
-                      crossover_t=None, mutation="svd", finetune_steps=1, finetune_lr=0.01, tau_scales="logit")
+                      crossover_t=None, mutation="svd", finetune_steps=1, finetune_lr=0.01, tau_scales="logit",
+                      train_data="windows")
+
+#: The values of `CellConfig.train_data` (None resolves, `CellConfig.train_data_value`).
+TRAIN_DATA = (None, "windows", "fresh")
 
 
 def _num(x) -> bool:
@@ -294,6 +342,33 @@ def _num(x) -> bool:
 
 def _int(x, name: str, lo: int) -> None:
     require(isinstance(x, int) and not isinstance(x, bool) and x >= lo, name, x, f"an integer >= {lo}")
+
+
+def data_check(cfg: CellConfig, corpus: Corpus, reads: list | None = None) -> dict:
+    """How often the run reads its training data: ``{train_data, train_windows (fixed windows per domain,
+    fewest), windows_read, epochs, max_epochs, revisited, counted}``. ``epochs`` is the most any domain
+    reads each of its fixed windows (windows read over windows held; fresh windows: 1, each read once),
+    from `reads` (per domain, counted by `train_batch`) or, before the run, their expectation
+    (`CellConfig.expected_reads`; ``counted`` False). ``revisited``: more than
+    `substrate.defaults.MAX_EPOCHS`, where held-out loss starts to measure memorised windows (the
+    manifest's warning)."""
+    held = [int(w.shape[0]) for w in corpus.train]
+    per = list(reads) if reads is not None else [cfg.expected_reads(corpus.domains)] * corpus.domains
+    fresh = cfg.train_data_value == "fresh"
+    epochs = (1.0 if sum(per) else 0.0) if fresh else max(r / n for r, n in zip(per, held))
+    total = sum(per)
+    return {"train_data": cfg.train_data_value, "train_windows": min(held),
+            "windows_read": int(total) if reads is not None else float(total), "epochs": float(epochs),
+            "max_epochs": MAX_EPOCHS, "revisited": bool(epochs > MAX_EPOCHS), "counted": reads is not None}
+
+
+def revisit_warning(check: dict) -> str | None:
+    """The printed warning of a `data_check` that found the data revisited, else None."""
+    if not check["revisited"]:
+        return None
+    return (f"WARNING: the run reads each of its {check['train_windows']} training windows per domain "
+            f"{check['epochs']:.1f} times (more than {check['max_epochs']:g}): held-out loss measures memorised "
+            f"windows; use --train-data fresh (synthetic domains) or fewer --steps")
 
 
 def step_generator(seed: int, step: int, purpose: Purpose) -> torch.Generator:
@@ -322,8 +397,10 @@ def prepare_substrate(cfg: CellConfig, cache_dir: str | Path, log: Callable[[str
     """Build the corpus, pretrain the base and train the specialists, each cached in `cache_dir`.
     `stage(name, done, total)` reports the progress of the long steps (not called on a cache hit).
 
-    The base and the specialists do not depend on the cell or the seed (seed 0): every cell and
-    seed adapts the same frozen base, so contrasts measure the cells, not different bases.
+    The base and the specialists do not depend on the cell: they are pretrained from the run's
+    ``base_seed`` (``seed mod bases``; 0, the one base of earlier runs, with ``bases = 1``), so the cells
+    of a seed adapt the same frozen base and contrasts pair on it. The corpus does not depend on the
+    base.
     """
     say = log or (lambda m: None)
     s = cfg.substrate()
@@ -335,13 +412,15 @@ def prepare_substrate(cfg: CellConfig, cache_dir: str | Path, log: Callable[[str
                                                seq_len=s["context"], train_windows=s["train_windows"],
                                                heldout_windows=s["heldout_windows"]), cache_dir)
     require(corpus.domains <= cfg.slots, "slots", cfg.slots, f"at least the number of domains ({corpus.domains})")
-    say(f"substrate {cfg.preset}: {corpus.domains} domains, context {s['context']}; pretraining "
+    say(f"substrate {cfg.preset}, base {cfg.base_seed}: {corpus.domains} domains, context {s['context']}; pretraining "
         f"{s['pretrain_steps']} steps (cached in {cache_dir})")
     tell = (lambda name, total: None if stage is None else (lambda row: stage(name, row["step"] + 1, total)))
-    base = pretrain(mcfg, corpus, pretraining(s["pretrain_steps"], batch=s["pretrain_batch"]), device=cfg.device,
+    base = pretrain(mcfg, corpus, pretraining(s["pretrain_steps"], batch=s["pretrain_batch"], seed=cfg.base_seed),
+                    device=cfg.device,
                     cache_dir=cache_dir, progress=tell("pretraining the base", s["pretrain_steps"]))
     say(f"specialists: {s['specialist_steps']} steps (cached)")
     spec = train_specialists(base, corpus, steps=s["specialist_steps"], device=cfg.device, cache_dir=cache_dir,
+                             seed=cfg.base_seed,
                              progress=tell("specialists", s["specialist_steps"]))
     plain = evaluate(base, corpus, "heldout", None, max_windows=cfg.eval_windows, device=cfg.device)
     return Substrate(corpus, {k: v.cpu() for k, v in base.base_state_dict().items()}, spec, plain.nll.tolist())
@@ -373,6 +452,8 @@ class RunState:
     """--router acar: the cheap per-slot score ``(K,)`` (minus held-in loss, measured at build)."""
     gate_stats: dict = dataclasses.field(default_factory=dict)
     """Phase (before / after) -> the gate diagnostics on the held-out windows (`gate_record`)."""
+    reads: list = dataclasses.field(default_factory=list)
+    """Training windows read so far per domain (adaptation and selection batches, `train_batch`)."""
 
 
 def perturb_(model: GPT, scale: float, generator: torch.Generator) -> None:
@@ -408,6 +489,7 @@ def build_state(cfg: CellConfig, sub: Substrate) -> RunState:
         opt = torch.optim.Adam([{"params": params, "scale": 1.0},
                                 {"params": list(router.parameters()), "lr": rlr, "scale": rlr / cfg.lr}], lr=cfg.lr)
     st = RunState(model, router, opt, Population.founders((), cfg.slots), assignment)   # population on CPU
+    st.reads = [0] * sub.corpus.domains
     if cfg.router_kind == "acar":
         st.acar_score = acar_held_in_score(cfg, st, sub.corpus)
     return st
@@ -419,7 +501,7 @@ def acar_held_in_score(cfg: CellConfig, st: RunState, corpus: Corpus) -> Tensor:
     steps >= 1), so the score is a pure function of (seed, starting bank)."""
     M, w = corpus.domains, cfg.fit_windows
     dom = torch.arange(M).repeat_interleave(w)
-    x, y, _ = sample_batch(corpus, "train", M * w, step_generator(cfg.seed, 0, _FIT), domains=dom)
+    x, y, _ = train_batch(cfg, st, corpus, M * w, step_generator(cfg.seed, 0, _FIT), domains=dom)
     with autocast(cfg.device):
         return acar.held_in_score(st.model, x.to(cfg.device), y.to(cfg.device), cfg.slots)
 
@@ -430,7 +512,8 @@ def checkpoint(cfg: CellConfig, st: RunState) -> dict:
             "router": {k: v.detach().cpu() for k, v in st.router.state_dict().items()},
             "opt": st.opt.state_dict(), "assignment": st.assignment,
             "pop": {k: getattr(st.pop, k) for k in ("ids", "ages", "parents", "next_id", "step")},
-            "tables": {k: getattr(st, k) for k in ("curves", "gates", "events", "fitness", "train_loss", "gate_stats")},
+            "tables": {k: getattr(st, k) for k in ("curves", "gates", "events", "fitness", "train_loss", "gate_stats",
+                                                   "reads")},
             "torch_rng": torch.get_rng_state()}
 
 
@@ -478,9 +561,20 @@ def gates_for(cfg: CellConfig, st: RunState, x: Tensor, step: int) -> Tensor:
     return st.router(feats, step)
 
 
+def train_batch(cfg: CellConfig, st: RunState, corpus: Corpus, batch: int, gen: torch.Generator,
+                domains: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Training windows for the run (`substrate.corpus.sample_batch` from the fixed windows, or
+    `substrate.corpus.fresh_batch` with ``train_data`` fresh), counted per domain in ``st.reads``."""
+    draw = fresh_batch if cfg.train_data_value == "fresh" else (lambda c, *a, **k: sample_batch(c, "train", *a, **k))
+    x, y, dom = draw(corpus, batch, gen, domains=domains)
+    for m, n in enumerate(torch.bincount(dom, minlength=corpus.domains).tolist()):
+        st.reads[m] += n
+    return x, y, dom
+
+
 def train_step(cfg: CellConfig, st: RunState, corpus: Corpus, tcfg: TrainConfig) -> float:
     """One gradient step ``st.step`` on the batch of ``(seed, step)``; returns the loss."""
-    x, y, _ = sample_batch(corpus, "train", cfg.batch, step_generator(cfg.seed, st.step, _BATCH))
+    x, y, _ = train_batch(cfg, st, corpus, cfg.batch, step_generator(cfg.seed, st.step, _BATCH))
     x, y = x.to(cfg.device), y.to(cfg.device)
     for group in st.opt.param_groups:
         group["lr"] = lr_at(st.step, tcfg) * group.get("scale", 1.0)
@@ -533,7 +627,7 @@ def loo_losses(cfg: CellConfig, st: RunState, corpus: Corpus, step: int) -> tupl
     """
     M, w = corpus.domains, cfg.fit_windows
     dom = torch.arange(M).repeat_interleave(w)                                  # (M*w,)
-    x, y, _ = sample_batch(corpus, "train", M * w, step_generator(cfg.seed, step, _FIT), domains=dom)
+    x, y, _ = train_batch(cfg, st, corpus, M * w, step_generator(cfg.seed, step, _FIT), domains=dom)
     x, y = x.to(cfg.device), y.to(cfg.device)
     feats = routing_features(st.model, x, cfg.features, cfg.pooling)            # (N, T, F)
     gates = gates_for(cfg, st, x, step) if cfg.router_kind == "acar" else st.router(feats, step)   # (N, T, K)
@@ -590,7 +684,7 @@ def finetune_loss(cfg: CellConfig, st: RunState, corpus: Corpus):
     def loss(fac, rp, target, k, gen):
         m = int(target.reshape(-1)[0])
         dom = torch.full((cfg.batch,), m, dtype=torch.long) if m >= 0 else None
-        x, y, _ = sample_batch(corpus, "train", cfg.batch, gen, domains=dom)
+        x, y, _ = train_batch(cfg, st, corpus, cfg.batch, gen, domains=dom)
         x, y = x.to(cfg.device), y.to(cfg.device)
         with torch.no_grad():
             feats = routing_features(st.model, x, cfg.features, cfg.pooling)
@@ -711,11 +805,17 @@ def run_cell(cfg: CellConfig, out: str | Path, cache_dir: str | Path = "runs/cac
                        "checkpoint has a different config)")
     sub = substrate or prepare_substrate(cfg, cache_dir, log, stage)
     corpus = sub.corpus
+    data = data_check(cfg, corpus)
     run = RunDir.create(out, "full", cfg, seeds=[cfg.seed], argv=argv,
-                        extra={"substrate": cfg.substrate(), "corpus": corpus.config})
+                        extra={"substrate": cfg.substrate(), "corpus": corpus.config, "base_seed": cfg.base_seed,
+                               "data": data})
+    if revisit_warning(data) and log is not None:
+        log(revisit_warning(data))
     st = build_state(cfg, sub)
     if ck is not None:
         restore(st, ck)
+        if "reads" not in ck["tables"]:   # a checkpoint written before reads were counted: their expectation
+            st.reads = [round(replace(cfg, steps=st.step).expected_reads())] * corpus.domains
     else:
         st.curves.extend(evaluate_state(cfg, st, corpus).rows(step=0, seed=cfg.seed, cell=cfg.cell))
         gate_record(cfg, st, corpus, "before")
@@ -797,6 +897,7 @@ def finish(cfg: CellConfig, st: RunState, sub: Substrate, run: RunDir) -> dict:
     first = [r for r in st.curves if r["step"] == 0 and r["domain"] == "balanced"]
     initial = first[0]["log_ppl"] if first else math.nan
     base = sum(sub.base_nll) / len(sub.base_nll)   # the plain frozen base, no adapters
+    data = data_check(cfg, corpus, st.reads)
     metrics = {
         "config": to_jsonable(cfg.identity()), "cell": cfg.cell, "seed": cfg.seed, "preset": cfg.preset,
         "balanced_log_ppl": balanced,
@@ -814,6 +915,8 @@ def finish(cfg: CellConfig, st: RunState, sub: Substrate, run: RunDir) -> dict:
         "router": "acar" if cfg.router_kind == "acar" else st.router.cfg.kind, "features": cfg.features, "scope": cfg.lifecycle_config().scope,
         "assignment": st.assignment.tolist(), "device": cfg.device,
         "router_lr": cfg.router_lr_value,
+        "base_seed": cfg.base_seed,
+        "data": data, "train_epochs": data["epochs"],
         "gates": {p: st.gate_stats[p] for p in ("before", "after") if p in st.gate_stats},
     }
     if cfg.router_kind == "acar" and not diverged:

@@ -136,6 +136,8 @@ class Language:
     logp: torch.Tensor
     stationary: torch.Tensor
     entropy_rate: torch.Tensor
+    tables: dict = field(default_factory=dict, compare=False, repr=False)
+    """Domain -> its sampling tables (`sampling_tables`), built on first use."""
 
     def token_stationary(self, m: int) -> torch.Tensor:
         """Stationary token law of domain m: ``pi_m @ P_m`` -> ``(V,)`` float64."""
@@ -202,20 +204,27 @@ def build_language(cfg: CorpusConfig) -> Language:
     return Language(cluster_of=cluster_of, logp=logp, stationary=pi, entropy_rate=(pi * H_c).sum(-1))
 
 
+def sampling_tables(lang: Language, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Domain m's inverse-CDF tables, cached on `lang`: the row CDFs laid end to end ``(C*V,)`` (row c
+    shifted by +c) and the stationary token CDF ``(V,)``, both float64 with last entries exactly 1."""
+    if m not in lang.tables:
+        P = lang.logp[m].exp()                                          # (C, V)
+        C = P.shape[0]
+        cdf = P.cumsum(-1)
+        cdf = cdf / cdf[:, -1:]                                         # last entry exactly 1
+        c0 = lang.token_stationary(m).cumsum(0)
+        lang.tables[m] = ((cdf + torch.arange(C, dtype=torch.float64)[:, None]).reshape(-1), c0 / c0[-1])
+    return lang.tables[m]
+
+
 def sample_windows(lang: Language, m: int, n: int, length: int, generator: torch.Generator) -> torch.Tensor:
     """Draw n independent windows of `length` tokens from domain m, started from stationarity.
 
     Returns ``(n, length)`` int32. Inverse-CDF sampling on the row CDFs laid end to end: row c of
     ``cdf (C, V)`` is shifted by +c, so ``searchsorted(cdf_flat, c + u)`` lands in row c.
     """
-    P = lang.logp[m].exp()                                              # (C, V)
-    C, V = P.shape
-    cdf = P.cumsum(-1)
-    cdf = cdf / cdf[:, -1:]                                             # last entry exactly 1
-    flat = (cdf + torch.arange(C, dtype=torch.float64)[:, None]).reshape(-1)   # (C*V,)
-    p0 = lang.token_stationary(m)
-    c0 = p0.cumsum(0)
-    c0 = c0 / c0[-1]
+    flat, c0 = sampling_tables(lang, m)
+    V = lang.logp.shape[-1]
     out = torch.empty(n, length, dtype=torch.long)
     u = torch.rand(length, n, generator=generator, dtype=torch.float64)     # (length, n): contiguous rows
     out[:, 0] = torch.searchsorted(c0, u[0], right=True).clamp_(max=V - 1)
@@ -292,6 +301,26 @@ def sample_batch(corpus: Corpus, split: str, batch: int, generator: torch.Genera
         n = data[m].shape[0]
         rows.append(data[m][min(int(u[i] * n), n - 1)])
     w = torch.stack(rows).long()                                        # (B, T+1)
+    return w[:, :-1], w[:, 1:], domains
+
+
+def fresh_batch(corpus: Corpus, batch: int, generator: torch.Generator,
+                domains: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Like `sample_batch` on the training split, but every window is new: drawn from the synthetic
+    domains' exact generator (`sample_windows`) instead of picked from the fixed training windows,
+    so no window is ever read twice. Domains are drawn uniformly unless given (as in `sample_batch`),
+    then each domain's windows in one call, in the order of the domains; all from `generator`.
+    Returns ``x (B, T)``, ``y (B, T)``, ``domains (B,)``."""
+    check(corpus.language is not None, "train_data", "fresh", "windows for a real text corpus (fresh windows need "
+          "the synthetic domains' generator)")
+    M = corpus.domains
+    if domains is None:
+        domains = torch.randint(M, (batch,), generator=generator)
+    w = torch.empty(domains.shape[0], corpus.seq_len + 1, dtype=torch.long)    # (B, T+1)
+    for m in range(M):
+        idx = (domains == m).nonzero().flatten()
+        if idx.numel():
+            w[idx] = sample_windows(corpus.language, m, int(idx.numel()), corpus.seq_len + 1, generator).long()
     return w[:, :-1], w[:, 1:], domains
 
 

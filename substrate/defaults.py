@@ -26,6 +26,16 @@ CPU_STEPS = PRESET_STEPS[CPU_PRESET]
 #: and the router contrast changes sign with it (-0.0007, +0.0036, -0.0051, -0.0234 nats): each router
 #: has its own best ratio (R about 3, B3 30 or more), which one shared default cannot give both.
 ROUTER_LR_RATIO = 10.0
+#: The most a run may read each of its fixed training windows (epochs) before its manifest warns
+#: (`substrate.cell.data_check`). On ``tiny`` with 128 windows per domain, 1,000 steps read each window
+#: 16 times and B3's held-out loss rose while its training loss fell; with 2,048 windows per domain (about
+#: one read each) the router contrast was a tie. A cell run defaults to fresh windows above one read.
+MAX_EPOCHS = 4.0
+#: Bases the seeds of `sandbox full` and `factorial` are spread over when --bases is not given (seed s
+#: adapts base s mod N): at least 3 on the CPU presets, so replicates resample the base (4 bases of
+#: ``tiny`` gave router contrasts with an SD of 0.0013 nats, six times the within-base standard error);
+#: one on the GPU preset, whose base takes hours to pretrain.
+PRESET_BASES = {"tiny": 3, "small": 3, GPU_PRESET: 1}
 #: Throughput of widened-1536 measured on 2 CPU cores (README, "Speed on this machine"): tokens/s.
 CPU_TOKENS_PER_S = {"adapt": 40.0, "pretrain": 16.0}
 

@@ -83,6 +83,7 @@ class RoutingArms:
         require(not self.acar or self.cell.slots >= 3, "slots", self.cell.slots, "at least 3 with --acar")
         require(not self.cell.factors.lifecycle, "cell", self.cell.cell, "a cell without L (B3 or R: the map "
                 "compares routing, the lifecycle is the factorial's question)")
+        require(self.cell.bases == 1, "bases", self.cell.bases, "1 in a routing map (every seed adapts base 0)")
 
     @property
     def arms(self) -> tuple[str, ...]:

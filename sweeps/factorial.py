@@ -14,15 +14,22 @@ keyed by the user attribute ``key = "<cell>/<seed>"``:
 One process drives one folder at a time: the folder is claimed for the run's duration
 (`sandbox.results.claim_run_dir`), and a second factorial on it is refused with one line naming
 ``--out`` (two processes on one ledger would each see the other's RUNNING trial as stale). It
-holds one configuration: another factorial config (other cells, seeds or knobs) on it is refused
-(`sandbox.results.open_run_dir`; ``--overwrite`` replaces the folder). The
-base, the corpus and the specialists are prepared once and shared by
-every trial (`substrate.cell.prepare_substrate`), so the cells differ only in their letters and
-pair by seed.
+holds one configuration: another factorial config (other knobs, fewer cells or seeds) on it is
+refused (`sandbox.results.open_run_dir`; ``--overwrite`` replaces the folder); more cells or seeds
+grow the run in place. The corpus is shared by every trial and each base with its specialists by
+the trials of its seeds (`substrate.cell.prepare_substrate`), so the cells differ only in their
+letters and pair by seed.
 
-After the trials: ``cells.csv`` (one row per (cell, seed)), ``attribution.csv``
-(`sandbox.stats.attribution`: every named contrast, the chain's per-seed sum and its gap to the
-direct full-vs-B3 contrast), the concatenated per-trial tables (``curves.csv``, ``gates.csv``,
+Replicates: seed s adapts base ``s mod bases`` (`substrate.cell.CellConfig.bases`), each base
+pretrained with its own specialists from its own seed and prepared once when a trial on it first
+runs. With two or more bases the statistics take the base as the unit (`sandbox.replicates`: seeds
+averaged within base, paired tests across bases); with one they run across seeds and are conditional
+on that base. The manifest's ``replication`` says which.
+
+After the trials: ``cells.csv`` (one row per (cell, seed), with its ``base``), ``attribution.csv``
+(`sandbox.replicates.attribution`: every named contrast, the chain's per-unit sum and its gap to the
+direct full-vs-B3 contrast, with the ``unit`` and the number of ``bases``), ``contrasts.csv`` (each
+tested contrast's per-seed delta with the seed's base), the concatenated per-trial tables (``curves.csv``, ``gates.csv``,
 ``lifecycle.csv``, ``fitness.csv`` with ``cell`` and ``seed`` columns) and the figures
 (`figures.report.build_report`: forest plot, per-cell curves, gate maps, lineage).
 """
@@ -36,13 +43,14 @@ from typing import Callable
 
 import pandas as pd
 
-from sandbox import gatestats
+from sandbox import gatestats, replicates
 from sandbox.factors import DEFAULT_CELLS, parse_cell
 from sandbox.errors import require
 from sandbox.options import DEFAULT_SEEDS
 from sandbox.results import RunDir, atomic_write_csv, config_hash, open_run_dir
 from sandbox.stats import DEFAULT_EPS
-from substrate.cell import CellConfig, prepare_substrate, run_cell
+from substrate.cell import CellConfig, data_check, prepare_substrate, revisit_warning, run_cell
+from substrate.defaults import MAX_EPOCHS
 from sweeps.ledger import METRICS, TrialLedger, labels
 
 STUDY = "factorial"
@@ -99,6 +107,8 @@ class FactorialConfig:
                     "seeds_to_resolve", n, f"an integer >= the number of --seeds ({len(self.seeds)}) and >= 2, "
                     f"at most {MAX_SEEDS} (each seed is one trial per cell)")
             require(len(self.seeds) >= 2, "seeds", self.seeds, "at least 2 seeds to start a sequential run")
+            require(self.base.bases == 1, "bases", self.base.bases, "1 with --seeds-to-resolve (the sequential "
+                    "design adds seeds, the unit of a one-base run; with several bases the unit is the base)")
         if self.round_seeds is not None:
             r = self.round_seeds
             require(isinstance(r, int) and not isinstance(r, bool) and r >= 2, "round_seeds", r,
@@ -124,13 +134,23 @@ class FactorialConfig:
         return look_schedule(len(self.seeds), self.seeds_to_resolve, self.round_seeds or max(2, len(self.seeds)))
 
     def settings(self) -> dict:
-        """The settings every trial shares (the template without cell, seed and device)."""
+        """The settings every trial shares (the template without cell, seed and device); ``bases``
+        when it is not 1 (seed s adapts base s mod bases), so a one-base factorial keeps its name."""
         d = self.base.identity()
         d.pop("cell")
         d.pop("seed")
+        d.pop("base_seed", None)
+        if self.base.bases != 1:
+            d["bases"] = self.base.bases
         return d
 
+    @property
+    def bases(self) -> int:
+        """Bases the seeds are spread over (the template's ``bases``)."""
+        return self.base.bases
+
     def trial_config(self, cell: str, seed: int) -> CellConfig:
+        """The (cell, seed) trial: the template's settings, on base ``seed mod bases``."""
         return replace(self.base, cell=cell, seed=seed)
 
 
@@ -166,7 +186,7 @@ def cells_row(cell: str, seed: int, metrics: dict) -> dict:
     ``log_ppl_<domain>``, the router's peak learning rate and the gate diagnostics on the held-out
     windows at the start and the end of adaptation (`sandbox.gatestats.COLUMNS`:
     ``gate_<name>_before`` / ``gate_<name>_after``, per-domain ones averaged over domains)."""
-    row = {"cell": cell, "seed": seed}
+    row = {"cell": cell, "seed": seed, "base": int(metrics.get("base_seed") or 0)}
     row.update({k: metrics.get(k) for k in METRIC_COLUMNS})
     if row["initial_gap_to_base"] is None:   # metrics.json written before the column existed
         row["initial_gap_to_base"] = (row["initial_balanced_log_ppl"] or math.nan) - (row["base_balanced_log_ppl"] or math.nan)
@@ -175,6 +195,7 @@ def cells_row(cell: str, seed: int, metrics: dict) -> dict:
     for name, v in (metrics.get("log_ppl") or {}).items():
         row[f"log_ppl_{name}"] = math.nan if v is None else v
     row["router_lr"] = metrics.get("router_lr", math.nan)
+    row["train_epochs"] = metrics.get("train_epochs", math.nan)   # absent before epochs were counted
     gates = metrics.get("gates") or {}   # absent in metrics.json written before the diagnostics: NaN
     for phase in ("before", "after"):
         row.update(gatestats.columns(gates.get(phase), phase))
@@ -197,8 +218,14 @@ def run_factorial(fcfg: FactorialConfig, out: str | Path, cache_dir: str | Path 
     """
     out = Path(out)
     open_run_dir(out, "factorial", fcfg, overwrite)   # one run and one configuration per folder
+    planned = replicates.replication(pd.DataFrame({"seed": list(fcfg.seeds),
+                                                   "base": [fcfg.trial_config(fcfg.cells[0], s).base_seed
+                                                            for s in fcfg.seeds]}), fcfg.bases)
     run = RunDir.create(out, "factorial", fcfg, seeds=list(fcfg.seeds), argv=argv,
-                        extra={"settings": fcfg.settings(), "eps": fcfg.eps, "alpha": fcfg.alpha})
+                        extra={"settings": fcfg.settings(), "eps": fcfg.eps, "alpha": fcfg.alpha,
+                               "replication": planned})
+    if log is not None:
+        log(f"replication: {planned['statement']}")
     ledger = TrialLedger(storage or out / "ledger.journal", study_name(fcfg),
                          flag="--storage" if storage else "--out", metric=METRICS["factorial"])
     if storage:   # trials planned for `sandbox worker` and still waiting or running: refuse, not compute
@@ -207,12 +234,13 @@ def run_factorial(fcfg: FactorialConfig, out: str | Path, cache_dir: str | Path 
         if is_database(storage):
             check_settled(ledger.study, [trial_key(c, s) for s in fcfg.seeds for c in fcfg.cells], storage,
                           study_name(fcfg))
-    sub = None
+    subs: dict[int, object] = {}   # base -> its substrate, prepared when a trial on it first runs
+    data: dict = {}
     done: dict[tuple[str, int], dict] = {}
     computed = reused = 0
 
     def run_trials(seeds) -> pd.DataFrame:
-        nonlocal sub, computed, reused
+        nonlocal computed, reused
         for seed in seeds:
             for cell in fcfg.cells:
                 if (cell, seed) in done:
@@ -221,13 +249,18 @@ def run_factorial(fcfg: FactorialConfig, out: str | Path, cache_dir: str | Path 
                 stored = ledger.get(key)
                 if on_trial is not None:
                     on_trial(cell, seed, stored is None)
-                if stored is None and sub is None:
-                    sub = prepare_substrate(fcfg.base, cache_dir, log, stage)
+                tcfg = fcfg.trial_config(cell, seed)
+                if stored is None and tcfg.base_seed not in subs:
+                    subs[tcfg.base_seed] = prepare_substrate(tcfg, cache_dir, log, stage)
+                    if not data:   # every trial reads its data alike: checked once, warned once
+                        data.update(data_check(tcfg, subs[tcfg.base_seed].corpus))
+                        if revisit_warning(data) and log is not None:
+                            log(revisit_warning(data))
 
-                def go(cell=cell, seed=seed) -> dict:
+                def go(cell=cell, seed=seed, tcfg=tcfg) -> dict:
                     cb = (lambda s, n, info: progress(cell, seed, s, n, info)) if progress else None
-                    res = run_cell(fcfg.trial_config(cell, seed), trial_dir(out, cell, seed), cache_dir, substrate=sub,
-                                   progress=cb, log=log)
+                    res = run_cell(tcfg, trial_dir(out, cell, seed), cache_dir, substrate=subs[tcfg.base_seed],
+                                   progress=cb, log=None)
                     return res.metrics
 
                 metrics, did = ledger.run(key, go, "balanced_log_ppl",
@@ -263,7 +296,9 @@ def run_factorial(fcfg: FactorialConfig, out: str | Path, cache_dir: str | Path 
     fcfg = replace(fcfg, seeds=tuple(dict.fromkeys(cells["seed"].tolist())))   # the seeds actually run
     _concat_tables(fcfg, out)
 
-    att = stats.attribution(cells, eps=fcfg.eps, alpha=fcfg.alpha) if cells["cell"].nunique() >= 2 else pd.DataFrame()
+    att = replicates.attribution(cells, eps=fcfg.eps, alpha=fcfg.alpha) if cells["cell"].nunique() >= 2 else pd.DataFrame()
+    if len(att):
+        atomic_write_csv(out / "contrasts.csv", replicates.contrasts(cells))
     if len(att) and decisions:
         seq = {d.contrast: d for d in decisions}
         att["sequential_regime"] = [seq[c].regime if c in seq else "" for c in att["contrast"]]
@@ -277,7 +312,11 @@ def run_factorial(fcfg: FactorialConfig, out: str | Path, cache_dir: str | Path 
         written = list(build_report(out, study=True))
         written += _gate_figures(out)
     extra = {"looks": looks, "seeds_run": list(fcfg.seeds)} if looks else {}
-    run.finish(computed=computed, reused=reused, **extra)
+    epochs = pd.to_numeric(cells["train_epochs"], errors="coerce").max()
+    if math.isfinite(epochs):   # what the trials counted (the check before them was an expectation)
+        data.update(train_data=fcfg.base.train_data_value, epochs=float(epochs), revisited=bool(epochs > MAX_EPOCHS), counted=True, max_epochs=MAX_EPOCHS)
+    run.finish(computed=computed, reused=reused, replication=replicates.replication(cells, fcfg.bases),
+               **({"data": data} if data else {}), **extra)
     return FactorialResult(out, cells, att, computed, reused, written, decisions, looks)
 
 
@@ -320,7 +359,8 @@ def _concat_tables(fcfg: FactorialConfig, out: Path) -> None:
 
 
 def scope_under_lifecycle(cells: pd.DataFrame, eps: float = DEFAULT_EPS, alpha: float = 0.05):
-    """Paired R+E+L vs R+L (the scope factor where it can act: through the lifecycle's deaths).
+    """Paired R+E+L vs R+L (the scope factor where it can act: through the lifecycle's deaths), across
+    bases when the table spans several (`sandbox.replicates`), else across seeds.
 
     Not one of the named contrasts (`sandbox.factors.CONTRASTS`): without L, E changes nothing but the
     logged fitness, so ``scope`` (R+E vs R) is zero by construction here; this contrast is the one
@@ -328,6 +368,8 @@ def scope_under_lifecycle(cells: pd.DataFrame, eps: float = DEFAULT_EPS, alpha: 
     """
     from sandbox import stats
 
+    if replicates.replication(cells)["unit"] == "base":   # the base as the unit, as in the attribution
+        cells = replicates.base_means(cells[cells["cell"].isin(["R+L", "R+E+L"])]).rename(columns={"base": "seed"})
     wide = cells.pivot(index="seed", columns="cell", values="balanced_log_ppl")
     if not {"R+L", "R+E+L"} <= set(wide.columns):
         return None

@@ -94,6 +94,7 @@ class SubstrateSweepConfig:
         d = dataclasses.asdict(self)
         for k in ("seeds", "eps", "alpha"):
             d.pop(k)
+        _drop_cell_only(d["arms"]["cell"])
         if not self.arms.acar:      # only when the acar arm is on, so earlier folders hold
             d["arms"].pop("acar")
         return d
@@ -121,11 +122,23 @@ def arms_payload(rc: RoutingArms) -> dict:
     return {**dataclasses.asdict(rc), "cell": rc.cell.flat()}
 
 
+#: Cell settings that only a cell run reads (`substrate.cell.run_cell`), never the routing arms, at
+#: their defaults: left out of a map's keys, so folders and ledgers written before them still resume.
+CELL_ONLY = {"bases": 1, "train_data": None}
+
+
+def _drop_cell_only(cell: dict) -> None:
+    for k, v in CELL_ONLY.items():
+        if k in cell and cell[k] == v:
+            cell.pop(k)
+
+
 def point_key(rc: RoutingArms) -> str:
     """Ledger identity of a point: its full comparison config without the seed (and device)."""
     d = arms_payload(rc)
     d["cell"].pop("seed")
     d["cell"].pop("device")
+    _drop_cell_only(d["cell"])
     if not rc.acar:                 # only when the acar arm is on, so earlier ledgers hold
         d.pop("acar")
     return config_hash({"system": "substrate", "arms": d}, n=16)

@@ -102,7 +102,7 @@ def test_factorial_and_full_equal_the_clis_tables(tmp_path):
     manifest = read_manifest_file(tmp_path / "cli" / "manifest.json")
     base = CellConfig.of(cell="B3", seed=0, preset="tiny", steps=4, slots=4, rank=4, batch=2, eval_windows=2,
                          interval=2, min_age=0, fit_windows=1, pretrain_steps=20, eval_every=4, checkpoint_every=4,
-                         device="cpu")
+                         device="cpu", bases=3)   # the CLI's default on tiny (substrate.defaults.PRESET_BASES)
     fcfg = FactorialConfig(base=base, cells=("B3", "R"), seeds=(0,))
     assert to_jsonable(fcfg) == manifest["config"]
     run = api.factorial(fcfg, tmp_path / "nb", cache=cache)

@@ -39,9 +39,16 @@ GOLDEN = {
     "fusion_point": "c9160b346ea7628f",
     "fusion_folder": "0249a30f5a",
     "cell_small": "23e3ef44a2",
-    "cell_tiny_R": "584e04cc0b",
+    # 2026-12-07 (issue 26, part 3): tiny x 100 steps reads each of its 128 fixed windows per domain 1.6
+    # times, so its default became fresh windows (`CellConfig.train_data`): a different run, a new hash.
+    # The earlier runs keep their hashes with --train-data windows (the *_windows entries: the old values).
+    "cell_tiny_R": "a88fe8cc2c",
+    "cell_tiny_R_windows": "584e04cc0b",
     "factorial_study": "factorial-bc6d7f5261",
-    "factorial_tiny_study": "factorial-ed0851d5f8",
+    "factorial_tiny_study": "factorial-d65cc87d4c",
+    "factorial_tiny_study_windows": "factorial-ed0851d5f8",
+    # --bases N > 1 names its own study (a seed's base depends on N); --bases 1 keeps the names above.
+    "factorial_study_bases3": "factorial-8d0098f388",
     "corpus_default": "4c6136dccd",
 }
 
@@ -61,8 +68,13 @@ def _identities() -> dict[str, str]:
         "fusion_folder": config_hash(sfusion.FusionSweepConfig().folder_key()),
         "cell_small": config_hash(CellConfig().identity()),
         "cell_tiny_R": config_hash(CellConfig.of(cell="R", preset="tiny", steps=100).identity()),
+        "cell_tiny_R_windows": config_hash(CellConfig.of(cell="R", preset="tiny", steps=100,
+                                                         train_data="windows").identity()),
         "factorial_study": sfact.study_name(sfact.FactorialConfig()),
         "factorial_tiny_study": sfact.study_name(sfact.FactorialConfig(base=CellConfig.of(preset="tiny", steps=100))),
+        "factorial_tiny_study_windows": sfact.study_name(sfact.FactorialConfig(
+            base=CellConfig.of(preset="tiny", steps=100, train_data="windows", bases=1))),
+        "factorial_study_bases3": sfact.study_name(sfact.FactorialConfig(base=CellConfig.of(bases=3))),
         "corpus_default": config_hash({"kind": "synthetic", **dataclasses.asdict(CorpusConfig())}),
     }
 

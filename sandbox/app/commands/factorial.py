@@ -51,7 +51,8 @@ def factorial(**kw) -> None:
     chosen = [c.name for c in parse_cells(cells)]
     seed_list = parse_seeds(seeds)
     notes: list[str] = []
-    template = cell_template(chosen[0], seed_list[0], kw, notes.append, yes=yes)
+    template = cell_template(chosen[0], seed_list[0], kw, notes.append, yes=yes,
+                             one_base=design["seeds_to_resolve"] is not None)
     fcfg = FactorialConfig(base=template, cells=tuple(chosen), seeds=tuple(seed_list), **design)
     for note in notes:  # printed only once every option is known to be valid
         err.print(note)
@@ -80,8 +81,8 @@ def factorial(**kw) -> None:
 
     if replaced_note(root):
         err.print(replaced_note(root), highlight=False, soft_wrap=True)
-    err.print(f"factorial: {len(chosen)} cells x {len(seed_list)} seeds, preset {template.preset}, "
-              f"{template.steps} steps each on {template.device} -> {root}")
+    err.print(f"factorial: {len(chosen)} cells x {len(seed_list)} seeds on {template.bases} base(s) (seed s adapts base "
+              f"s mod {template.bases}), preset {template.preset}, {template.steps} steps each on {template.device} -> {root}")
     if fcfg.seeds_to_resolve is not None:
         err.print(f"sequential: looks at {fcfg.looks()} seeds ({fcfg.spending} alpha spending, alpha {fcfg.alpha:g}, "
                   f"Holm over the contrasts)")
@@ -141,8 +142,11 @@ def print_attribution(res) -> None:
     if not len(a):
         console.print("attribution: needs at least two cells of a named contrast")
         return
+    unit = a["unit"].iloc[0] if "unit" in a else "seed"
+    where = (f"CIs across {int(a['bases'].iloc[0])} bases, seeds averaged within base" if unit == "base" else
+             "CIs across seeds, conditional on one base")
     t = Table(title="attribution: delta = log PPL(reference) - log PPL(treated), > 0 = treated better")
-    for col in ("contrast", "cells", "n", "mean delta", "95% CI", "t", "p", "p Holm", "regime", "seeds needed"):
+    for col in ("contrast", "cells", f"n ({unit}s)", "mean delta", "95% CI", "t", "p", "p Holm", "regime", f"{unit}s needed"):
         t.add_column(col)
     fmt = lambda v, f: "" if v is None or not math.isfinite(v) else format(v, f)
     for _, r in a.iterrows():
@@ -154,6 +158,7 @@ def print_attribution(res) -> None:
         t.add_row(str(r["contrast"]), cells, str(int(r["n"])), fmt(r["mean_delta"], "+.4f"),
                   ci, fmt(r["t"], ".2f"), fmt(r["p"], ".3g"), fmt(r.get("p_holm", math.nan), ".3g"), regime, need)
     console.print(t)
+    console.print(f"unit of replication: {where}", highlight=False, soft_wrap=True)
     by = {r["contrast"]: r for _, r in a.iterrows()}
     if "chain_sum" in by and "system" in by:
         console.print(f"chain router + scope + lifecycle = {by['chain_sum']['mean_delta']:+.4f} vs direct R+E+L - B3 = "

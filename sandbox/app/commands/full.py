@@ -16,7 +16,7 @@ import typer
 
 from sandbox.app.replay import recorded_argv
 
-from substrate.defaults import CPU_PRESET, GPU_PRESET, PRESET_STEPS, ROUTER_LR_RATIO
+from substrate.defaults import CPU_PRESET, GPU_PRESET, PRESET_BASES, PRESET_STEPS, ROUTER_LR_RATIO
 
 #: Run-time defaults of the cell options (`sandbox.app.declare`): keyword -> what None resolves to.
 AUTO = {
@@ -29,6 +29,8 @@ AUTO = {
     "checkpoint_every": "--eval-every",
     "interval": "steps/5, at most 250",
     "min_age": "2 x interval, at most 500",
+    "bases": ", ".join(f"{n} on {p}" for p, n in PRESET_BASES.items()) + "; 1 with --seeds-to-resolve",
+    "train_data": "fresh when the run would read each fixed window more than once, else windows; windows with --data",
 }
 
 
@@ -77,9 +79,10 @@ def apply_threads(threads: int | None) -> None:
         torch.set_num_threads(1)
 
 
-def cell_template(cell: str, seed: int, kw: dict, say, yes: bool = False) -> "CellConfig":
-    """A validated `CellConfig` from the command's options (`kw`), resolving device and defaults.
-    widened-1536 on a CPU is refused unless `yes` (`check_affordable`)."""
+def cell_template(cell: str, seed: int, kw: dict, say, yes: bool = False, one_base: bool = False) -> "CellConfig":
+    """A validated `CellConfig` from the command's options (`kw`), resolving device and defaults
+    (``bases``: `substrate.defaults.PRESET_BASES`, or 1 with `one_base`). widened-1536 on a CPU is
+    refused unless `yes` (`check_affordable`)."""
     from sandbox.errors import BadInput
     from substrate.cell import CellConfig
     from substrate.defaults import check_affordable, choose_run, resolve_device, schedule
@@ -93,6 +96,8 @@ def cell_template(cell: str, seed: int, kw: dict, say, yes: bool = False) -> "Ce
     device = resolve_device(kw.pop("device"))
     preset, steps, note = choose_run(kw.pop("preset"), kw.pop("steps"), device)
     kw.update(schedule(steps, kw.pop("interval"), kw.pop("min_age"), kw.pop("eval_every"), kw.pop("checkpoint_every")))
+    if kw.get("bases") is None:
+        kw["bases"] = 1 if one_base else PRESET_BASES.get(preset, 1)
     if kw.get("data") is not None and not Path(kw["data"]).is_dir():
         raise BadInput("--data", kw["data"], "a folder with one subfolder of .txt files per domain")
     cfg = CellConfig.of(cell=cell, seed=seed, preset=preset, steps=steps, device=device, **kw)   # validates every knob
@@ -135,7 +140,8 @@ def full(**kw) -> None:
     if stop_after is not None:
         check_int(stop_after, "--stop-after", 1)
     template = cell_template(name, seed_list[0], kw, lambda m: console.print(m), yes=yes)
-    root = Path(out) if out else Path("runs") / f"full-{name.replace('+', '')}-{config_hash(template.identity())[:8]}"
+    ident = {**template.identity(), **({"bases": template.bases} if template.bases != 1 else {})}
+    root = Path(out) if out else Path("runs") / f"full-{name.replace('+', '')}-{config_hash(ident)[:8]}"
     from sandbox.results import check_folder, release_run_dir
 
     check_folder(cache, "--cache")
@@ -177,7 +183,8 @@ def _run_one(cfg, folder: Path, cache: str, stop_after, console):
     from sandbox.app.progress import progress_bar, stage_callback
     from substrate.cell import run_cell
 
-    console.print(f"cell {cfg.cell} seed {cfg.seed}: preset {cfg.preset}, {cfg.steps} steps on {cfg.device} -> {folder}")
+    console.print(f"cell {cfg.cell} seed {cfg.seed} on base {cfg.base_seed}: preset {cfg.preset}, {cfg.steps} steps on "
+                  f"{cfg.device} -> {folder}")
     with progress_bar(console, loss="-") as bar:
         stage = stage_callback(bar, loss="-")   # pretraining the base and the specialists, when not cached
         task = None
