@@ -40,6 +40,10 @@ def collect(attribution: pd.DataFrame, study: bool = False) -> pd.DataFrame:
     inter = df[df["kind"] == "interaction"]
     rows = pd.concat([named[named["contrast"] != "system"], inter, named[named["contrast"] == "system"], chain])
     rows = rows.reset_index(drop=True)
+    unit = str(df["unit"].iloc[0]) if "unit" in df and len(df) else "seed"
+    rows.attrs["unit"] = unit   # what n counts: bases (seeds averaged within base) or seeds of one base
+    rows.attrs["replication"] = (f"CIs across {int(df['bases'].iloc[0])} bases" if unit == "base" and "bases" in df
+                                 else "CIs across seeds of one base" if "unit" in df else "")
 
     def label(r) -> str:
         if r["kind"] == "chain_sum":
@@ -96,12 +100,17 @@ def plot(df: pd.DataFrame, title: str | None = None) -> Figure:
         ax.grid(axis="y", visible=False)
         for y, r in zip(ypos, df.itertuples()):
             ci = f"{r.mean_delta:+.4f}  [{r.ci_low:+.4f}, {r.ci_high:+.4f}]"
-            extra = f"{format_p(getattr(r, 'p', np.nan))},  n = {int(r.n)}" if "n" in df else format_p(getattr(r, "p", np.nan))
+            n_unit = "" if df.attrs.get("unit", "seed") == "seed" else " bases"
+            extra = (f"{format_p(getattr(r, 'p', np.nan))},  n = {int(r.n)}{n_unit}" if "n" in df
+                     else format_p(getattr(r, "p", np.nan)))
             txt.text(0.0, y, f"{ci}\n{extra}", va="center", ha="left", fontsize=9.5, family="monospace")
         txt.set_axis_off()
         txt.set_xlim(0, 1)
         gap = df.attrs.get("gap", np.nan)
-        sub = f"chain sum − system = {gap:+.4f} nats" if np.isfinite(gap) else "paired by seed; 95% t intervals"
+        pairing = "paired by base" if df.attrs.get("unit") == "base" else "paired by seed"
+        sub = f"chain sum − system = {gap:+.4f} nats" if np.isfinite(gap) else f"{pairing}; 95% t intervals"
+        if df.attrs.get("replication"):
+            sub = f"{sub}; {df.attrs['replication']}"
         ax.set_title(title or f"Attribution of the full system's effect\n{sub}", loc="left", fontsize=11.5)
         txt.set_title("mean [95% CI]", loc="left", fontsize=10)
         leg = list(handles.values())

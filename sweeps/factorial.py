@@ -314,7 +314,9 @@ def run_factorial(fcfg: FactorialConfig, out: str | Path, cache_dir: str | Path 
     extra = {"looks": looks, "seeds_run": list(fcfg.seeds)} if looks else {}
     epochs = pd.to_numeric(cells["train_epochs"], errors="coerce").max()
     if math.isfinite(epochs):   # what the trials counted (the check before them was an expectation)
-        data.update(train_data=fcfg.base.train_data_value, epochs=float(epochs), revisited=bool(epochs > MAX_EPOCHS), counted=True, max_epochs=MAX_EPOCHS)
+        data = {"train_data": fcfg.base.train_data_value, "train_windows": data.get("train_windows"),
+                "epochs": float(epochs), "max_epochs": MAX_EPOCHS, "revisited": bool(epochs > MAX_EPOCHS),
+                "counted": True}
     run.finish(computed=computed, reused=reused, replication=replicates.replication(cells, fcfg.bases),
                **({"data": data} if data else {}), **extra)
     return FactorialResult(out, cells, att, computed, reused, written, decisions, looks)

@@ -244,3 +244,25 @@ def test_factorial_on_two_bases_pairs_each_seed_on_its_base_and_resumes(tmp_path
     rep = json.loads((one / "manifest.json").read_text())["replication"]
     assert rep["unit"] == "seed" and rep["statement"].startswith("conditional on one base (base 0)")
     assert "conditional on one base" in capsys.readouterr().out
+
+
+def test_the_forest_plot_says_its_unit_of_replication():
+    from figures import attribution as fig_attribution
+
+    one_base = _table({k: v for k, v in HAND.items() if k[0] == 1})
+    for table, title, n in ((_table(), "paired by base; 95% t intervals; CIs across 3 bases", "n = 3 bases"),
+                            (one_base, "paired by seed; 95% t intervals; CIs across seeds of one base", "n = 2")):
+        fig = fig_attribution.plot(fig_attribution.collect(replicates.attribution(table)))
+        assert title in fig.axes[0].get_title(loc="left")
+        texts = " | ".join(t.get_text() for t in fig.axes[1].texts)
+        assert n in texts and (table is not one_base or "bases" not in texts)
+
+
+def test_full_spreads_its_seeds_over_the_bases(tmp_path):
+    cache, out = str(tmp_path / "cache"), tmp_path / "full"
+    assert main(["full", "--cell", "B3", "--seeds", "4,5", "--bases", "2", "--out", str(out), "--cache", cache,
+                 *ARGS[:-3]]) == 0
+    m4, m5 = (json.loads((out / f"seed-{s}" / "metrics.json").read_text()) for s in (4, 5))
+    assert (m4["base_seed"], m5["base_seed"]) == (0, 1) and "base_seed" not in m4["config"]
+    assert m5["config"]["base_seed"] == 1 and m4["base_balanced_log_ppl"] != m5["base_balanced_log_ppl"]
+    assert json.loads((out / "seed-5" / "manifest.json").read_text())["base_seed"] == 1
