@@ -307,21 +307,37 @@ def sample_batch(corpus: Corpus, split: str, batch: int, generator: torch.Genera
 def fresh_batch(corpus: Corpus, batch: int, generator: torch.Generator,
                 domains: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Like `sample_batch` on the training split, but every window is new: drawn from the synthetic
-    domains' exact generator (`sample_windows`) instead of picked from the fixed training windows,
-    so no window is ever read twice. Domains are drawn uniformly unless given (as in `sample_batch`),
-    then each domain's windows in one call, in the order of the domains; all from `generator`.
-    Returns ``x (B, T)``, ``y (B, T)``, ``domains (B,)``."""
+    domains' exact generator instead of picked from the fixed training windows, so no window is ever
+    read twice. Domains are drawn uniformly unless given (as in `sample_batch`), then every window at
+    once (`mixed_windows`); all from `generator`. Returns ``x (B, T)``, ``y (B, T)``, ``domains (B,)``."""
     check(corpus.language is not None, "train_data", "fresh", "windows for a real text corpus (fresh windows need "
           "the synthetic domains' generator)")
-    M = corpus.domains
     if domains is None:
-        domains = torch.randint(M, (batch,), generator=generator)
-    w = torch.empty(domains.shape[0], corpus.seq_len + 1, dtype=torch.long)    # (B, T+1)
-    for m in range(M):
-        idx = (domains == m).nonzero().flatten()
-        if idx.numel():
-            w[idx] = sample_windows(corpus.language, m, int(idx.numel()), corpus.seq_len + 1, generator).long()
+        domains = torch.randint(corpus.domains, (batch,), generator=generator)
+    w = mixed_windows(corpus.language, domains, corpus.seq_len + 1, generator)   # (B, T+1)
     return w[:, :-1], w[:, 1:], domains
+
+
+def mixed_windows(lang: Language, domains: torch.Tensor, length: int, generator: torch.Generator) -> torch.Tensor:
+    """One window of `length` tokens per entry of ``domains (n,)``, each from its domain's chain started
+    from stationarity: `sample_windows` for every domain at once, the M domains' tables laid end to end
+    (domain m's row c shifted by ``m C + c``, its first-token CDF by m), one `torch.searchsorted` per
+    position. Returns ``(n, length)`` long."""
+    M, C, V = lang.logp.shape
+    if "mixed" not in lang.tables:
+        parts = [sampling_tables(lang, m) for m in range(M)]
+        lang.tables["mixed"] = (torch.cat([f + m * C for m, (f, _) in enumerate(parts)]),      # (M*C*V,)
+                                torch.cat([c0 + m for m, (_, c0) in enumerate(parts)]))        # (M*V,)
+    flat, first = lang.tables["mixed"]
+    dom = domains.long()
+    n = dom.shape[0]
+    out = torch.empty(n, length, dtype=torch.long)
+    u = torch.rand(length, n, generator=generator, dtype=torch.float64)                 # (length, n)
+    out[:, 0] = (torch.searchsorted(first, dom.double() + u[0], right=True) - dom * V).clamp_(0, V - 1)
+    for t in range(1, length):
+        row = dom * C + lang.cluster_of[out[:, t - 1]]                                  # (n,) row of (domain, cluster)
+        out[:, t] = (torch.searchsorted(flat, row.double() + u[t], right=True) - row * V).clamp_(0, V - 1)
+    return out
 
 
 def synthetic_corpus(cfg: CorpusConfig, cache_dir: str | Path | None = None) -> Corpus:

@@ -19,7 +19,7 @@ from sandbox.app.cli import main
 from sandbox.errors import BadInput
 from sandbox.results import config_hash
 from substrate.cell import CellConfig, data_check, prepare_substrate, revisit_warning, run_cell
-from substrate.corpus import fresh_batch, sample_batch
+from substrate.corpus import fresh_batch, mixed_windows, sample_batch, sample_windows
 from substrate.defaults import MAX_EPOCHS
 
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +157,10 @@ def test_fresh_batches_are_new_windows_from_the_generator_and_replay_by_seed(sub
     assert torch.equal(same, dom)                                    # the domains are drawn as sample_batch draws them
     m = torch.full((8,), 2)
     assert torch.equal(fresh_batch(corpus, 8, g(), domains=m)[2], m)
+    # all domains at once draw exactly what the corpus's own sampler draws for one domain
+    for d in range(corpus.domains):
+        one = mixed_windows(corpus.language, torch.full((5,), d), 20, g())
+        assert torch.equal(one, sample_windows(corpus.language, d, 5, 20, g()).long())
     # domain 2's fresh windows follow domain 2's language: their true NLL is near its entropy floor
     xs, ys, _ = fresh_batch(corpus, 256, g(), domains=torch.full((256,), 2))
     nll = corpus.language.nll(2, torch.cat([xs, ys[:, -1:]], 1)).mean()
