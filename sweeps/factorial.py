@@ -213,8 +213,8 @@ def run_factorial(fcfg: FactorialConfig, out: str | Path, cache_dir: str | Path 
 
     `on_trial(cell, seed, computed)` is called before a trial runs (computed False = reused);
     `progress(cell, seed, step, steps, info)` after every step of a computed trial.
-    A folder holding another configuration (cells and seeds included) is refused before anything
-    runs; `overwrite` empties it first (`sandbox.results.open_run_dir`).
+    A folder holding another configuration (fewer cells or seeds included; more grow the run) is
+    refused before anything runs; `overwrite` empties it first (`sandbox.results.open_run_dir`).
     """
     out = Path(out)
     open_run_dir(out, "factorial", fcfg, overwrite)   # one run and one configuration per folder
