@@ -45,6 +45,9 @@ def test_config_difference_names_the_first_field_and_ignores_resume_settings():
     # more seeds grow the run (the recorded seeds' results stay); a dropped seed is a difference
     assert config_difference(old, {**old, "seeds": [0, 1, 2]}) is None
     assert config_difference(old, {**old, "seeds": [1, 2]}) == ("seeds", [0, 1], [1, 2])
+    cells = {"cells": ["B3", "R"], "base": {"lr": 0.003}}
+    assert config_difference(cells, {**cells, "cells": ["B3", "R", "R+L"]}) is None    # a factorial's cells grow too
+    assert config_difference(cells, {**cells, "cells": ["B3"]}) == ("cells", ["B3", "R"], ["B3"])
     assert config_difference(old, {**old, "seeds": [0, 1, 2], "task": {"dim": 7, "slots": 3}}) == ("task.dim", 6, 7)
     assert config_difference(old, {**old, "task": {"dim": 7, "slots": 4}}) == ("task.dim", 6, 7)
     # a field added since the folder was written: no difference at its default, one otherwise
