@@ -100,7 +100,8 @@ NESTED: dict[str, tuple[str, str]] = {
     "router_init": ("router", "init"),
     **{n: ("lifecycle", n) for n in ("interval", "n_die", "min_age", "inherit_alpha", "inherit_mode", "mutation_sigma",
                                      "per_domain_agg", "selection", "crossover", "crossover_t")},
-    "mutation": ("lifecycle", "mutation_kind"),
+    "mutation": ("lifecycle", "mutation_kind"), "death": ("lifecycle", "death_kind"),
+    "reallocation": ("lifecycle", "reallocation_kind"),
     **{n: ("lifecycle", n) for n in ("finetune_steps", "finetune_lr")},
 }
 
@@ -330,7 +331,7 @@ class CellConfig:
 #: windows). ``router_lr`` is left out when it equals ``lr``.
 LATER_DEFAULTS = dict(router_kind="auto", router_init="zero", selection="tournament", crossover="none",
                       crossover_t=None, mutation="svd", finetune_steps=1, finetune_lr=0.01, tau_scales="logit",
-                      train_data="windows")
+                      train_data="windows", death="least-fit", reallocation="worst-domain")
 
 #: The values of `CellConfig.train_data` (None resolves, `CellConfig.train_data_value`).
 TRAIN_DATA = (None, "windows", "fresh")

@@ -30,6 +30,7 @@ from sandbox.errors import require
 from sandbox.options import Range
 from sandbox.results import config_hash
 from sandbox.stats import DEFAULT_EPS
+from substrate.cell import NESTED
 from substrate.routing import ARMS, RoutingArms
 
 #: Axes of the substrate map besides alignment: name -> (lowest, highest, integer?).
@@ -97,7 +98,17 @@ class SubstrateSweepConfig:
         _drop_cell_only(d["arms"]["cell"])
         if not self.arms.acar:      # only when the acar arm is on, so earlier folders hold
             d["arms"].pop("acar")
+        for k, v in LATER_CELL_DEFAULTS.items():   # likewise the lifecycle operators at their built-ins
+            group, field = NESTED[k]
+            if d["arms"]["cell"][group][field] == v:
+                d["arms"]["cell"][group].pop(field)
         return d
+
+
+#: Cell knobs added after the map's folders and ledgers were first named, at the value those had:
+#: left out of `SubstrateSweepConfig.folder_key` and `point_key` at that value (the lifecycle's
+#: built-in death and reallocation; the map runs no lifecycle, but its keys hold the whole cell).
+LATER_CELL_DEFAULTS = dict(death="least-fit", reallocation="worst-domain")
 
 
 def point_arms(cfg: SubstrateSweepConfig, values: dict, seed: int) -> RoutingArms:
@@ -141,6 +152,9 @@ def point_key(rc: RoutingArms) -> str:
     _drop_cell_only(d["cell"])
     if not rc.acar:                 # only when the acar arm is on, so earlier ledgers hold
         d.pop("acar")
+    for k, v in LATER_CELL_DEFAULTS.items():
+        if d["cell"][k] == v:
+            d["cell"].pop(k)
     return config_hash({"system": "substrate", "arms": d}, n=16)
 
 

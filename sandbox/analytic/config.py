@@ -26,6 +26,9 @@ ARMS = arms_of("analytic", acar=False)
 ALL_ARMS = arms_of("analytic", acar=True)
 ORACLES = ("ceiling", "replace")
 _EVAL_SALT = 1_000_003
+#: Options added after ledgers were first written, at the value those points had: left out of
+#: `AnalyticConfig.identity` at that value (the built-in lifecycle operators).
+LATER_DEFAULTS = dict(death="least-fit", inherit_mode="blend", reallocation="worst-domain")
 LOSS_FLOOR = 1e-12  # clamp before log: exact-fit losses cancel to ~1e-16 in float64
 
 
@@ -97,6 +100,16 @@ class AnalyticConfig:
     """Gradient steps of the fine-tune mutation."""
     finetune_lr: float = 0.01
     """Length of each fine-tune step in factor space (normalised gradient descent)."""
+    death: str = "least-fit"
+    """Lifecycle death: least-fit (the least fit slot that lived one interval dies), or a death plugin:
+    a name in the entry point group molora.deaths or module:Name (docs/plugins.md)."""
+    inherit_mode: str = "blend"
+    """Lifecycle inheritance: blend (the dying adapter blended into its nearest neighbour), child (into
+    the newborn), or an inheritance plugin: a name in molora.inheritances or module:Name (docs/plugins.md)."""
+    reallocation: str = "worst-domain"
+    """Lifecycle reallocation: worst-domain (the freed slot's router column from its parent's, pushed
+    toward the worst domain), or a reallocation plugin: a name in molora.reallocations or module:Name
+    (docs/plugins.md)."""
     batch: int = 0
     """0: train on the exact expected loss; n > 0: every gradient step and every search generation
     sees n fresh inputs x ~ N(0, I_d) per domain instead (an unbiased, noisy estimate: gradient and
@@ -136,11 +149,15 @@ class AnalyticConfig:
 
     def identity(self) -> dict:
         """The fields that name a point (ledger key, default folder): every field, with the ACAR
-        options left out while the acar arm is off, so keys from before they existed hold."""
+        options left out while the acar arm is off and the lifecycle operators left out at their
+        built-in defaults (`LATER_DEFAULTS`), so keys from before they existed hold."""
         d = dataclasses.asdict(self)
         if not self.acar:
             d.pop("acar")
             d.pop("acar_tol")
+        for k, v in LATER_DEFAULTS.items():
+            if d[k] == v:
+                d.pop(k)
         return d
 
     @property
@@ -163,7 +180,8 @@ class AnalyticConfig:
         return lc.LifecycleConfig(interval=self.interval, min_age=self.interval, scope=self.scope,
                                   selection=self.selection, crossover=self.crossover, crossover_t=self.crossover_t,
                                   mutation_kind=self.mutation, finetune_steps=self.finetune_steps,
-                                  finetune_lr=self.finetune_lr)
+                                  finetune_lr=self.finetune_lr, death_kind=self.death, inherit_mode=self.inherit_mode,
+                                  reallocation_kind=self.reallocation)
 
 
 def _num(x: object) -> bool:

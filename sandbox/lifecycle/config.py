@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from sandbox import plugins
-from sandbox.adapters import randn
+from sandbox.adapters import rand, randn
 from sandbox.errors import require
 from sandbox.lifecycle.draws import Generators, _draw
 
@@ -23,6 +23,8 @@ MODES = ("blend", "child")
 SELECTIONS = ("tournament", "roulette")
 CROSSOVERS = ("none", "slerp")
 MUTATION_KINDS = ("svd", "finetune", "svd+finetune")
+DEATH_KINDS = ("least-fit",)
+REALLOCATION_KINDS = ("worst-domain",)
 
 FinetuneLoss = Callable[..., Tensor]
 """``loss(factors, router_params, target, k, generator) -> (*b,)``: the loss per batch element of the target
@@ -44,7 +46,8 @@ class LifecycleConfig:
         min_age: slots younger than this many steps never die.
         inherit_alpha: alpha of the inheritance blend, in [0, 1].
         inherit_mode: ``blend`` (dying -> nearest neighbour) or ``child`` (newborn = alpha dying
-            + (1 - alpha) base).
+            + (1 - alpha) base), or an inheritance plugin (`sandbox.lifecycle.kinds.InheritanceOperator`:
+            an entry point in molora.inheritances or module:Name).
         mutation_sigma: log-normal noise on singular values, ``s <- s exp(sigma eps)``.
         rotation: typical angle (radians) by which each singular vector is turned.
         tournament: tournament size for picking a fit parent among the survivors.
@@ -69,6 +72,13 @@ class LifecycleConfig:
         finetune_steps: k, gradient steps of the fine-tune.
         finetune_lr: length of each fine-tune step in factor space (normalised gradient descent on
             the newborn's factors of every layer together).
+        death_kind: which slots die: ``least-fit`` (the ``n_die`` least fit slots with ``age >=
+            min_age``), or a death plugin (`sandbox.lifecycle.kinds.DeathOperator`: an entry point in
+            molora.deaths or module:Name).
+        reallocation_kind: where a freed slot's router column points: ``worst-domain`` (the parent's
+            column plus noise, pushed toward the domain with the worst current loss), or a
+            reallocation plugin (`sandbox.lifecycle.kinds.ReallocationOperator`: an entry point in
+            molora.reallocations or module:Name).
     """
 
     interval: int = 250
@@ -93,6 +103,8 @@ class LifecycleConfig:
     mutation_kind: str = "svd"
     finetune_steps: int = 1
     finetune_lr: float = 0.01
+    death_kind: str = "least-fit"
+    reallocation_kind: str = "worst-domain"
 
     def __post_init__(self):
         for name in ("interval", "n_die", "tournament"):
@@ -100,7 +112,8 @@ class LifecycleConfig:
             require(isinstance(v, int) and v >= 1, name, v, "an integer >= 1")
         require(isinstance(self.min_age, int) and self.min_age >= 0, "min_age", self.min_age, "an integer >= 0")
         require(_num(self.inherit_alpha) and 0 <= self.inherit_alpha <= 1, "inherit_alpha", self.inherit_alpha, "a number in [0, 1]")
-        require(self.inherit_mode in MODES, "inherit_mode", self.inherit_mode, "one of " + ", ".join(MODES))
+        if self.inherit_mode not in MODES:   # an inheritance plugin that keeps the protocol, or one line
+            plugins.resolve("inheritance", self.inherit_mode, "--inherit-mode")
         for name in ("mutation_sigma", "rotation", "realloc_noise", "realloc_push"):
             v = getattr(self, name)
             require(_num(v) and v >= 0, name, v, "a number >= 0")
@@ -114,6 +127,10 @@ class LifecycleConfig:
                 self.crossover_t, "a number in [0, 1], or none (drawn per newborn)")
         if self.mutation_kind not in MUTATION_KINDS:   # a mutation plugin that keeps the protocol, or one line
             mutation_operator(self.mutation_kind)
+        if self.death_kind not in DEATH_KINDS:   # likewise a death plugin ...
+            plugins.resolve("death", self.death_kind, "--death")
+        if self.reallocation_kind not in REALLOCATION_KINDS:   # ... and a reallocation plugin
+            plugins.resolve("reallocation", self.reallocation_kind, "--reallocation")
         require(isinstance(self.finetune_steps, int) and not isinstance(self.finetune_steps, bool)
                 and self.finetune_steps >= 1, "finetune_steps", self.finetune_steps, "an integer >= 1")
         require(_num(self.finetune_lr) and self.finetune_lr > 0, "finetune_lr", self.finetune_lr, "a number > 0")
@@ -152,9 +169,10 @@ class MutationOperator:
             ...); ``generator`` is one ``torch.Generator`` or a sequence of n (one per row): draw
             with `draw_normal` so a row's numbers depend on its own generator only.
 
-    Death, parent selection, inheritance and reallocation stay the package's; the mutation's
-    size is recorded as for SVD (``mutation_size`` in lifecycle.csv). Both systems call it (the
-    analytic sandbox with rows = seeds x deaths, the transformer once per adapted layer).
+    Parent selection stays the package's (death, inheritance and reallocation have extension
+    points of their own, `sandbox.lifecycle.kinds`); the mutation's size is recorded as for SVD
+    (``mutation_size`` in lifecycle.csv). Both systems call it (the analytic sandbox with rows =
+    seeds x deaths, the transformer once per adapted layer).
     """
 
     def mutate(self, A: Tensor, B: Tensor, cfg: LifecycleConfig, generator: Generators) -> tuple[Tensor, Tensor]:
@@ -165,6 +183,11 @@ def draw_normal(shape: tuple[int, ...], generator: Generators, like: Tensor) -> 
     """``N(0, 1)`` noise of ``shape = (n, ...)`` like `like` (dtype, device): one generator draws
     the whole shape, a sequence of n draws row i from generator i."""
     return _draw(randn, tuple(shape), generator, like.dtype, like.device)
+
+
+def draw_uniform(shape: tuple[int, ...], generator: Generators, like: Tensor) -> Tensor:
+    """``U(0, 1)`` numbers of ``shape = (n, ...)`` like `like`, drawn as `draw_normal` draws."""
+    return _draw(rand, tuple(shape), generator, like.dtype, like.device)
 
 
 def mutation_operator(kind: str) -> MutationOperator:

@@ -1,5 +1,6 @@
 """Operators on factors (one bank, batch flattened to n): inheritance blend, SLERP crossover, SVD
-mutation, fresh init, router reallocation, and the reset of the replaced slots' Adam state."""
+mutation, fresh init, the built-in router reallocation (`point_at_worst_domain`), and the reset of
+the replaced slots' Adam state."""
 
 from __future__ import annotations
 
@@ -129,23 +130,24 @@ def fresh_factors(n: int, rank: int, d_in: int, d_out: int, generator: Generator
     return A, like.new_zeros((n, d_out, rank))
 
 
-def reallocate(params: dict[str, Tensor], slot: Tensor, parent: Tensor, valid: Tensor, cfg: LifecycleConfig,
-               generator: Generators, domain_losses: Tensor | None = None,
-               domain_features: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
-    """Reset router slot ``slot`` from slot ``parent`` (rows where ``valid``), batch flattened.
+def point_at_worst_domain(parent: dict[str, Tensor], domain_losses: Tensor | None, domain_features: Tensor | None,
+                          cfg: LifecycleConfig, generator: Generators) -> tuple[dict[str, Tensor], Tensor]:
+    """The built-in reallocation (``worst-domain``): the freed slot's router column from its
+    parent's, batch flattened.
 
-    Params are ``W (n, e, F, K)``, ``bias (n, e, K)``, ``phi (n, e, K)`` (``e`` extra individuals
-    sharing the population, e.g. the evolution population P; e = 1 otherwise). For each row:
-    ``w_slot = w_parent + realloc_noise/sqrt(F) eps + realloc_push u / ||u||^2``, where
-    ``u = hbar_{m*} - mean_m hbar_m`` and ``m* = argmax_m domain_losses``, so the slot's logit on
-    the worst domain's mean feature rises by ``realloc_push`` relative to the mean domain;
-    ``bias``/``phi`` are the parent's plus ``realloc_noise eps``.
+    ``parent`` holds the parent slot's column of each router parameter, ``W (n, e, F)``, ``bias (n,
+    e)``, ``phi (n, e)`` (``e`` extra individuals sharing the population, e.g. the evolution
+    population P; e = 1 otherwise). For each row: ``w = w_parent + realloc_noise/sqrt(F) eps +
+    realloc_push u / ||u||^2``, where ``u = hbar_{m*} - mean_m hbar_m`` and ``m* = argmax_m
+    domain_losses (n, M)`` (``hbar = domain_features (n, M, F)``), so the slot's logit on the worst
+    domain's mean feature rises by ``realloc_push`` relative to the mean domain; every other
+    parameter is the parent's plus ``realloc_noise eps``.
 
-    Returns the new params and the target domain per row ``(n,)`` (-1 without domain data).
+    Returns the new columns and the target domain per row ``(n,)`` (-1 without domain data).
     ``generator``: one, or n (one per row).
     """
-    W = params["W"]
-    n, e, F, K = W.shape
+    W = parent["W"]
+    n, e, F = W.shape
     target = torch.full((n,), -1, dtype=torch.long, device=W.device)
     push = W.new_zeros((n, F))
     if domain_losses is not None and domain_features is not None and cfg.realloc_push > 0:
@@ -154,15 +156,13 @@ def reallocate(params: dict[str, Tensor], slot: Tensor, parent: Tensor, valid: T
         u = _take(hbar, target) - hbar.mean(-2)  # (n, F)
         push = cfg.realloc_push * u / (u * u).sum(-1, keepdim=True).clamp_min(1e-12)
     out = {}
-    for name, x in params.items():
-        xs = x.movedim(-1, 1)  # (n, K, e[, F]) slot axis second
-        src = _take(xs, parent)  # (n, e[, F])
-        noise = _draw(randn, tuple(src.shape), generator, x.dtype, x.device) * cfg.realloc_noise
+    for name, src in parent.items():
+        noise = _draw(randn, tuple(src.shape), generator, src.dtype, src.device) * cfg.realloc_noise
         if name == "W":
             src = src + noise / math.sqrt(F) + push.unsqueeze(1)
         else:
             src = src + noise
-        out[name] = _put(xs, slot, src, valid).movedim(1, -1)
+        out[name] = src
     return out, target
 
 

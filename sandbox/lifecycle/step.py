@@ -14,8 +14,9 @@ from sandbox.adapters import AdapterBank, product_inner, rand, slot_gram
 from sandbox.errors import require
 from sandbox.lifecycle.config import FinetuneLoss, LifecycleConfig, _plugin_mutate
 from sandbox.lifecycle.draws import Generators, _draw, _only, _rows
-from sandbox.lifecycle.operators import _put, _take, blend, fresh_factors, mutate_svd, reallocate, slerp_factors
-from sandbox.lifecycle.population import Population, _death_order, select_parent
+from sandbox.lifecycle.kinds import dying, inherit, inheritance_operator, reallocate, receiver_of
+from sandbox.lifecycle.operators import _put, _take, fresh_factors, mutate_svd, slerp_factors
+from sandbox.lifecycle.population import Population, select_parent
 
 
 def _unpack(banks) -> tuple[dict[str, tuple[Tensor, Tensor, float]], str]:
@@ -48,17 +49,18 @@ def _repack(banks, kind: str, new: dict[str, tuple[Tensor, Tensor]]):
 
 def _replace_slot(A: Tensor, B: Tensor, d: Tensor, nb: Tensor, parent: Tensor, v: Tensor, cfg: LifecycleConfig,
                   generator: Generators, do_blend: bool, do_child: bool, parent2: Tensor | None = None,
-                  t: Tensor | None = None):
-    """One layer's part of one death rank: blend the dying slot ``d`` into ``nb`` (blend mode),
-    then fill ``d`` with the (mutated) parent clone, or the SLERP of ``parent`` and ``parent2`` at
-    ``t`` (crossover), or a fresh init (blended with the dying slot in child mode).
+                  t: Tensor | None = None, inheritance=None):
+    """One layer's part of one death rank: the dying slot ``d`` passes on to ``nb`` (an inheritance
+    whose receiver is the neighbour, e.g. blend), then ``d`` is filled with the (mutated) parent
+    clone, or the SLERP of ``parent`` and ``parent2`` at ``t`` (crossover), or a fresh init, which
+    then inherits from the dying slot (receiver newborn, e.g. child). ``inheritance``: the
+    operator (`sandbox.lifecycle.kinds`), needed when ``do_blend`` or ``do_child``.
     A ``(n, K, r, d_in)``, B ``(n, K, d_out, r)``; rows with ``v`` False untouched.
     Returns new A, B and ``||child - parent||_F^2``, ``||parent||_F^2`` per row (unscaled)."""
     r, d_in, d_out = A.shape[-2], A.shape[-1], B.shape[-2]
-    a = float(cfg.inherit_alpha)
     A_d, B_d = _take(A, d), _take(B, d)
     if do_blend:
-        A_nb, B_nb = blend(_take(A, nb), _take(B, nb), A_d, B_d, a, r)
+        A_nb, B_nb = inherit(cfg, inheritance, _take(A, nb), _take(B, nb), A_d, B_d, generator)
         A, B = _put(A, nb, A_nb, v), _put(B, nb, B_nb, v)
     A_p, B_p = _take(A, parent), _take(B, parent)
     A_b, B_b = A_p, B_p
@@ -73,7 +75,7 @@ def _replace_slot(A: Tensor, B: Tensor, d: Tensor, nb: Tensor, parent: Tensor, v
     else:
         A_c, B_c = fresh_factors(A.shape[0], r, d_in, d_out, generator, A)
     if do_child:
-        A_c, B_c = blend(A_c, B_c, A_d, B_d, a, r)
+        A_c, B_c = inherit(cfg, inheritance, A_c, B_c, A_d, B_d, generator)
     par2 = product_inner(A_p, B_p, A_p, B_p).to(torch.float64)
     diff2 = (product_inner(A_c, B_c, A_c, B_c).to(torch.float64) + par2
              - 2 * product_inner(A_c, B_c, A_p, B_p).to(torch.float64)).clamp_min(0)
@@ -195,7 +197,9 @@ def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | No
                    cfg: LifecycleConfig, generator: Generators, step: int,
                    domain_losses: Tensor | None = None, domain_features: Tensor | None = None,
                    finetune: FinetuneLoss | None = None):
-    """One lifecycle event: death, inheritance, birth with SVD mutation, reallocation.
+    """One lifecycle event: death, inheritance, birth with SVD mutation, reallocation. Death,
+    inheritance and reallocation are the operators ``cfg`` names (built-in or plugin,
+    `sandbox.lifecycle.kinds`), the mutation likewise (`MutationOperator`).
 
     Args:
         pop: the population, batch shape ``*b``.
@@ -244,7 +248,7 @@ def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | No
             "svd here (this system supplies no fine-tune gradient callback)")
     if not cfg.death or K < 2:
         return pop, banks, router_params, events
-    order, valid = _death_order(f, pop.ages.reshape(n, K), cfg.n_die, cfg.min_age)
+    order, valid = dying(cfg, f, pop.ages.reshape(n, K), generator)   # the death operator's choice, in order
     if not bool(valid.any()):
         return pop, banks, router_params, events
 
@@ -263,8 +267,9 @@ def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | No
         e = math.prod(extra)
         rp = {k: v.reshape(n, e, *v.shape[len(bshape) + len(extra):]) for k, v in router_params.items()}  # (n, e, [F,] K)
     a = float(cfg.inherit_alpha)
-    do_blend = cfg.inheritance and cfg.inherit_mode == "blend" and a > 0
-    do_child = cfg.inheritance and cfg.inherit_mode == "child" and a > 0
+    inheritance = inheritance_operator(cfg.inherit_mode)   # blend, child or a plugin (sandbox.lifecycle.kinds)
+    do_blend = cfg.inheritance and a > 0 and receiver_of(inheritance) == "neighbour"
+    do_child = cfg.inheritance and a > 0 and receiver_of(inheritance) == "newborn"
 
     for i in range(order.shape[-1]):
         d, v = order[:, i], valid[:, i]  # (n,) dying slot and whether row i has this death
@@ -284,7 +289,8 @@ def lifecycle_step(pop: Population, banks, router_params: dict[str, Tensor] | No
         sq_diff = torch.zeros(n, dtype=torch.float64, device=f.device)  # ||child - parent||^2 over layers
         sq_par = torch.zeros(n, dtype=torch.float64, device=f.device)  # ||parent||^2 over layers
         for name, (A, B) in new.items():
-            A, B, diff2, par2 = _replace_slot(A, B, d, nb, parent, v, cfg, gen, do_blend, do_child, parent2, t)
+            A, B, diff2, par2 = _replace_slot(A, B, d, nb, parent, v, cfg, gen, do_blend, do_child, parent2, t,
+                                                    inheritance)
             new[name] = (A, B)
             sq_diff += fac[name][2] ** 2 * diff2
             sq_par += fac[name][2] ** 2 * par2

@@ -42,8 +42,9 @@ def _sweep_options() -> list:
     task_fields = ("domains", "slots", "dim", "rank", "true_rank", "context_dim", "context_noise", "overlap")
     solver_fields = ("steps", "lr", "plasticity", "router", "evo", "population", "mutation_scale", "interval",
                      "reset_on_accept", "oracle", "lifecycle", "scope", "selection", "crossover", "crossover_t",
-                     "mutation", "finetune_steps", "finetune_lr", "acar", "acar_tol", "budget", "draws", "eval_draws",
-                     "fresh_noise", "loss_floor", "lora_alpha", "beta2", "control_beta2", "accept_tol")
+                     "mutation", "finetune_steps", "finetune_lr", "death", "inherit_mode", "reallocation", "acar",
+                     "acar_tol", "budget", "draws", "eval_draws", "fresh_noise", "loss_floor", "lora_alpha", "beta2",
+                     "control_beta2", "accept_tol")
     switches = {"reset_on_accept": ("--reset-on-accept/--keep-state",), "lifecycle": ("--lifecycle/--no-lifecycle",),
                 "acar": ("--acar/--no-acar",), "fresh_noise": ("--fresh-noise/--fixed-noise",),
                 "confirm": ("--confirm/--no-confirm",), "independent_seeds": ("--independent-seeds/--shared-seeds",),
@@ -101,9 +102,9 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_
           tune_adapter, tune_beta2, tune_seeds, tune_widen, tune_robust, tune_rule, out, storage, study, search, trials, figures,
           domains, slots, dim, rank, true_rank, context_dim, context_noise, overlap, steps, lr, plasticity, router, evo,
           population, mutation_scale, interval, reset_on_accept, oracle, lifecycle, scope, selection, crossover,
-          crossover_t, mutation, finetune_steps, finetune_lr, acar, acar_tol, budget, draws, eval_draws, fresh_noise,
-          loss_floor, lora_alpha, beta2, control_beta2, accept_tol, threads, chunk_rows, system, preset, batch, data,
-          cache, device, search_windows, confirm, enqueue_only, overwrite) -> None:
+          crossover_t, mutation, finetune_steps, finetune_lr, death, inherit_mode, reallocation, acar, acar_tol, budget,
+          draws, eval_draws, fresh_noise, loss_floor, lora_alpha, beta2, control_beta2, accept_tol, threads, chunk_rows,
+          system, preset, batch, data, cache, device, search_windows, confirm, enqueue_only, overwrite) -> None:
     """Map the regime boundary: delta = rel_excess_grad - rel_excess_evo per seed (positive = evo better),
     each arm's final excess loss as a share of the start's, with grad's optimiser setting tuned per
     point on seeds disjoint from the evaluation seeds (--tune off: the fixed --lr).
@@ -171,7 +172,8 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_
                            budget=budget, draws=draws, eval_draws=eval_draws, fresh_noise=fresh_noise,
                            loss_floor=loss_floor, lora_alpha=lora_alpha, selection=selection, crossover=crossover,
                            crossover_t=crossover_t, mutation=mutation, finetune_steps=finetune_steps,
-                           finetune_lr=finetune_lr, acar=acar, acar_tol=acar_tol, beta2=beta2,
+                           finetune_lr=finetune_lr, death=death, inherit_mode=inherit_mode,
+                           reallocation=reallocation, acar=acar, acar_tol=acar_tol, beta2=beta2,
                            control_beta2=control_beta2, accept_tol=accept_tol, batch=batch)
     from sandbox.options import parse_numbers
     from sandbox.tuning import TuneConfig
