@@ -58,6 +58,10 @@ def _importable(monkeypatch, tmp_path_factory):
     monkeypatch.syspath_prepend(str(folder))
 
 
+def test_the_docs_show_the_tested_inheritance():
+    assert OPS.strip() in (ROOT / "docs" / "plugins.md").read_text()
+
+
 def test_the_builtins_are_registered_objects_of_the_same_protocols():
     assert isinstance(plugins.resolve("death", "least-fit"), LeastFit)
     assert isinstance(plugins.resolve("inheritance", "blend"), Blend) and Blend.receiver == "neighbour"

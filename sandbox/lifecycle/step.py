@@ -98,8 +98,10 @@ class DeathRank:
         old_id, new_id, parent_id, neighbour_id: slot ids (the dying one, the newborn's, ...).
         mutation_size: ``||child - parent|| / ||parent||`` of the newborn (NaN when not mutated).
         alpha: the inheritance alpha in effect (0 without inheritance).
-        blended: the dying adapter was blended into its neighbour (``blend`` mode).
-        child: the newborn inherited from the dying adapter (``child`` mode).
+        blended: the dying adapter passed on to its neighbour (``blend``, or a plugin whose receiver is the
+            neighbour).
+        child: the newborn inherited from the dying adapter (``child``, or a plugin whose receiver is the
+            newborn).
         uses_parent: the newborn descends from ``parent`` (mutation, crossover or reallocation).
         extra: more columns of the birth events, name -> ``(n,)`` (only with the EvoMerge options).
     """
