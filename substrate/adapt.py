@@ -133,9 +133,14 @@ def perturb_(model: GPT, scale: float, generator: torch.Generator) -> None:
             p.add_(scale * rms * torch.randn(p.shape, generator=generator).to(p))
 
 
-def build_state(cfg: CellConfig, sub: Substrate) -> RunState:
+def build_state(cfg: CellConfig, sub: Substrate, *, adapter_scale: float = 1.0,
+                router_scale: float | None = None) -> RunState:
     """The starting state of a cell: frozen (optionally perturbed) base, the seed's starting bank
-    by alignment, a fresh router of the cell's kind, Adam, founder population."""
+    by alignment, a fresh router of the cell's kind, Adam (`optimizer`), founder population.
+
+    The optimiser's learning rates are ``cfg.lr`` times the scales: the adapters' `adapter_scale` (0
+    freezes them: the routing map's plasticity) and the router's `router_scale` (None: the cell's
+    ``router_lr_value / lr``, 1 when the router's lr equals ``lr``)."""
     mcfg = cfg.model_config()
     model = GPT(mcfg, torch.Generator().manual_seed(0))
     missing, unexpected = model.load_state_dict(sub.base_state, strict=False)
@@ -149,17 +154,33 @@ def build_state(cfg: CellConfig, sub: Substrate) -> RunState:
     model = model.to(cfg.device)
     params = freeze_base(model)
     router = Router(cfg.router_config(mcfg.d_model), generator=g).to(cfg.device)
-    rlr = cfg.router_lr_value
-    if rlr == cfg.lr:   # one group, exactly the optimiser of the runs before --router-lr
-        opt = torch.optim.Adam(params + list(router.parameters()), lr=cfg.lr)
-    else:               # the router's own group; "scale" = its lr over the adapters' (`train_step`)
-        opt = torch.optim.Adam([{"params": params, "scale": 1.0},
-                                {"params": list(router.parameters()), "lr": rlr, "scale": rlr / cfg.lr}], lr=cfg.lr)
+    if router_scale is None:
+        rlr = cfg.router_lr_value
+        router_scale = 1.0 if rlr == cfg.lr else rlr / cfg.lr
+    opt = optimizer(params, list(router.parameters()), cfg.lr, adapter_scale=adapter_scale, router_scale=router_scale)
     st = RunState(model, router, opt, Population.founders((), cfg.slots), assignment)   # population on CPU
     st.reads = [0] * sub.corpus.domains
     if cfg.router_kind == "acar":
         st.acar_score = acar_held_in_score(cfg, st, sub.corpus)
     return st
+
+
+def optimizer(adapters: list, router: list, lr: float, *, adapter_scale: float = 1.0,
+              router_scale: float = 1.0) -> torch.optim.Adam:
+    """THE optimiser of a transformer run: Adam on the adapter parameters at ``lr * adapter_scale`` and
+    the router's at ``lr * router_scale``. Each group's ``scale`` is what `train_step` multiplies the
+    scheduled rate by (``lr_at(step) x scale``). Both scales 1: one group, exactly the optimiser of the
+    runs before --router-lr (their checkpoints hold one group); else the adapters' group, then the
+    router's. ``adapter_scale`` 0: the adapters are frozen (``requires_grad`` off) and left out, so only
+    the router moves (the routing map at plasticity 0)."""
+    if adapter_scale == 0:
+        for p in adapters:
+            p.requires_grad_(False)
+        return torch.optim.Adam([{"params": router, "lr": lr * router_scale, "scale": router_scale}], lr=lr)
+    if adapter_scale == 1 and router_scale == 1:
+        return torch.optim.Adam(adapters + router, lr=lr)
+    return torch.optim.Adam([{"params": adapters, "lr": lr * adapter_scale, "scale": adapter_scale},
+                             {"params": router, "lr": lr * router_scale, "scale": router_scale}], lr=lr)
 
 
 def acar_held_in_score(cfg: CellConfig, st: RunState, corpus: Corpus) -> Tensor:
@@ -229,19 +250,25 @@ def gates_for(cfg: CellConfig, st: RunState, x: Tensor, step: int) -> Tensor:
 
 
 def train_batch(cfg: CellConfig, st: RunState, corpus: Corpus, batch: int, gen: torch.Generator,
-                domains: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                domains: Tensor | None = None, train_data: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Training windows for the run (`substrate.corpus.sample_batch` from the fixed windows, or
-    `substrate.corpus.fresh_batch` with ``train_data`` fresh), counted per domain in ``st.reads``."""
-    draw = fresh_batch if cfg.train_data_value == "fresh" else (lambda c, *a, **k: sample_batch(c, "train", *a, **k))
+    `substrate.corpus.fresh_batch` with ``train_data`` fresh), counted per domain in ``st.reads``.
+    `train_data`: windows or fresh, default the config's (`CellConfig.train_data_value`)."""
+    fresh = (train_data or cfg.train_data_value) == "fresh"
+    draw = fresh_batch if fresh else (lambda c, *a, **k: sample_batch(c, "train", *a, **k))
     x, y, dom = draw(corpus, batch, gen, domains=domains)
     for m, n in enumerate(torch.bincount(dom, minlength=corpus.domains).tolist()):
         st.reads[m] += n
     return x, y, dom
 
 
-def train_step(cfg: CellConfig, st: RunState, corpus: Corpus, tcfg: TrainConfig) -> float:
-    """One gradient step ``st.step`` on the batch of ``(seed, step)``; returns the loss."""
-    x, y, _ = train_batch(cfg, st, corpus, cfg.batch, step_generator(cfg.seed, st.step, _BATCH))
+def train_step(cfg: CellConfig, st: RunState, corpus: Corpus, tcfg: TrainConfig, train_data: str | None = None) -> float:
+    """One gradient step ``st.step`` on the batch of ``(seed, step)`` with ``st.opt``; returns the loss.
+    The one step of every transformer run: the cells' (`substrate.cell.run_cell`) and the routing
+    map's trained arms (`substrate.routing.run_arms`, which read the fixed windows: ``train_data``
+    windows). The gates are computed inside the autocast region (bf16 on CUDA, as the cells always
+    have; on the CPU autocast is a no-op)."""
+    x, y, _ = train_batch(cfg, st, corpus, cfg.batch, step_generator(cfg.seed, st.step, _BATCH), train_data=train_data)
     x, y = x.to(cfg.device), y.to(cfg.device)
     for group in st.opt.param_groups:
         group["lr"] = lr_at(st.step, tcfg) * group.get("scale", 1.0)
@@ -250,6 +277,6 @@ def train_step(cfg: CellConfig, st: RunState, corpus: Corpus, tcfg: TrainConfig)
     st.opt.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for g in st.opt.param_groups for p in g["params"]]
-    clip_gradients(params, tcfg)
+    clip_gradients(params, tcfg)     # parameters without a gradient (unused router knobs) are skipped
     st.opt.step()
     return float(loss.detach())

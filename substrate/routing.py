@@ -2,11 +2,13 @@
 
 The same comparison as the analytic sandbox (`sandbox.analytic`), on a frozen pretrained base with
 an adapter bank per adapted projection and one router. Every arm of one seed starts from the same
-state (`substrate.cell.build_state`: the bank interpolated between random and the per-domain
+state (`substrate.adapt.build_state`: the bank interpolated between random and the per-domain
 specialists by the alignment, a fresh router) and sees the same training batches (the batch of
 step t is a pure function of (seed, t)): common random numbers, so deltas are paired by seed.
 
-* ``grad``: Adam on the router and, at ``lr * plasticity``, on the adapters (warm-up + cosine).
+* ``grad``: Adam on the router and, at ``lr * plasticity``, on the adapters (warm-up + cosine): the
+  cells' own step and optimiser (`substrate.adapt.train_step`, `substrate.adapt.optimizer`) on the
+  fixed training windows, the router at ``lr`` (``router_lr`` is a cell setting).
 * ``evo``: the same steps plus, every `interval` steps, one generation of the routing search of
   `sandbox.evolution` (the same implementation as the sandbox: ``es``, ``cma`` or ``fixed``) on
   the router's parameters. Its objective is the balanced (equal weight per domain) mean token NLL
@@ -42,10 +44,12 @@ from sandbox.errors import check, require
 from sandbox.router import params_to_vector, router_gates, router_logits, vector_to_params
 from sandbox.streams import Purpose, generator
 from substrate import acar
-from substrate.cell import CellConfig, RunState, Substrate, build_state, evaluate_state, folded_nll
+from substrate.adapt import RunState, Substrate, build_state, train_step
+from substrate.config import CellConfig
+from substrate.fitness import evaluate_state, folded_nll
 from substrate.corpus import sample_batch
 from substrate.model import autocast, routing_features
-from substrate.train import TrainConfig, clip_gradients, evaluate, lr_at
+from substrate.train import TrainConfig, evaluate
 
 #: The map's arms on the transformer (`sandbox.arms`: no beta2 control), and with acar (added by
 #: ``RoutingArms.acar``).
@@ -83,6 +87,8 @@ class RoutingArms:
         require(not self.acar or self.cell.slots >= 3, "slots", self.cell.slots, "at least 3 with --acar")
         require(not self.cell.factors.lifecycle, "cell", self.cell.cell, "a cell without L (B3 or R: the map "
                 "compares routing, the lifecycle is the factorial's question)")
+        require(self.cell.router_kind != "acar", "router_kind", self.cell.router_kind, "auto or a router plugin "
+                "(sigma routing is the map's acar arm: --acar)")
         require(self.cell.bases == 1, "bases", self.cell.bases, "1 in a routing map (every seed adapts base 0)")
 
     @property
@@ -91,39 +97,10 @@ class RoutingArms:
         return ALL_ARMS if self.acar else ARMS
 
 
-def _optimizer(st: RunState, lr: float, plasticity: float) -> torch.optim.Adam:
-    """Adam with two groups: adapters at ``lr * plasticity`` (left out when 0), router at ``lr``."""
-    groups = [{"params": list(st.router.parameters()), "lr": lr, "scale": 1.0}]
-    if plasticity > 0:
-        groups.insert(0, {"params": st.model.adapter_parameters(), "lr": lr * plasticity, "scale": plasticity})
-    else:
-        for p in st.model.adapter_parameters():
-            p.requires_grad_(False)
-    return torch.optim.Adam(groups, lr=lr)
-
-
 def _reset_router_state(opt: torch.optim.Adam, st: RunState) -> None:
     """Forget the router's Adam moments (and step count): what an optimiser restart does."""
     for p in st.router.parameters():
         opt.state.pop(p, None)
-
-
-def _train_step(rc: RoutingArms, st: RunState, sub: Substrate, opt: torch.optim.Adam, tcfg: TrainConfig) -> float:
-    cell = rc.cell
-    x, y, _ = sample_batch(sub.corpus, "train", cell.batch, generator(Purpose.CELL_BATCH, cell.seed, st.step))
-    x, y = x.to(cell.device), y.to(cell.device)
-    lr = lr_at(st.step, tcfg)
-    for g in opt.param_groups:
-        g["lr"] = lr * g["scale"]
-    feats = routing_features(st.model, x, cell.features, cell.pooling)
-    with autocast(cell.device):
-        _, loss = st.model(x, st.router(feats, st.step), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-    clip_gradients(params, tcfg)
-    opt.step()
-    return float(loss.detach())
 
 
 @torch.no_grad()
@@ -131,7 +108,7 @@ def population_losses(rc: RoutingArms, st: RunState, vectors: Tensor, x: Tensor,
                       n_domains: int) -> Tensor:
     """Balanced mean token NLL of every router in ``vectors (P, D)`` on windows ``x, y (N, T)``:
     ``(P,)``. Member p's gates come from its own parameters and the members are folded into the
-    batch, each row with its member's gates (`substrate.cell.folded_nll`: ``fold_rows(device) // N``
+    batch, each row with its member's gates (`substrate.fitness.folded_nll`: ``fold_rows(device) // N``
     members per forward pass)."""
     cell = rc.cell
     P, (N, T) = vectors.shape[0], x.shape
@@ -226,14 +203,14 @@ def run_arms(rc: RoutingArms, sub: Substrate, arms=None) -> dict[str, dict]:
     trained = [a for a in ("grad", "evo", "restart") if a in arms or (a == "grad" and ("oracle" in arms or "acar" in arms))]
     for arm in trained:
         t0 = time.perf_counter()
-        st = build_state(cell, sub)
-        opt = _optimizer(st, cell.lr, rc.plasticity)
+        # Adapters at lr x plasticity (frozen at 0), the router at lr: the arms ignore --router-lr.
+        st = build_state(cell, sub, adapter_scale=rc.plasticity, router_scale=1.0)
         gens = [generator(Purpose.SEARCH_NOISE, cell.seed, 0)]
         D = params_to_vector({k: v.detach()[None] for k, v in st.router.params().items()}).shape[-1]
         search = evo.init_search(rc.evolution, 1, D, gens) if arm == "evo" else None
         n_events, accepted, unconfirmed, diverged = 0, 0, 0, None
         for _ in range(cell.steps):
-            loss = _train_step(rc, st, sub, opt, tcfg)
+            loss = train_step(cell, st, sub.corpus, tcfg, train_data="windows")   # the map reads the fixed windows
             st.step += 1
             if not math.isfinite(loss):
                 diverged = st.step - 1
@@ -241,7 +218,7 @@ def run_arms(rc: RoutingArms, sub: Substrate, arms=None) -> dict[str, dict]:
             if arm != "grad" and st.step % rc.evolution.interval == 0:
                 n_events += 1
                 if arm == "restart":
-                    _reset_router_state(opt, st)
+                    _reset_router_state(st.opt, st)
                 else:
                     changed, rejected = _generation(rc, st, sub, search, gens)
                     accepted += changed
@@ -249,7 +226,7 @@ def run_arms(rc: RoutingArms, sub: Substrate, arms=None) -> dict[str, dict]:
                     if not changed:
                         continue
                     if rc.reset_on_accept:
-                        _reset_router_state(opt, st)
+                        _reset_router_state(st.opt, st)
         nan = float("nan")
         res = evaluate_state(cell, st, sub.corpus) if diverged is None else None
         out[arm] = {"balanced": res.balanced if res else nan, "nll": res.nll.tolist() if res else [nan] * sub.corpus.domains,

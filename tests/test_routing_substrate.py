@@ -157,3 +157,41 @@ def test_acar_router_gates_are_causal_and_carry_no_gradient(sub):
     torch.testing.assert_close(g1.gates[:, :t0], g2.gates[:, :t0], rtol=0, atol=0)
     assert not g1.gates.requires_grad
     torch.testing.assert_close(g1.gates.sum(-1), torch.ones(x.shape))
+
+
+def test_the_arms_take_the_cells_step_and_optimiser(sub, monkeypatch):
+    """One transformer train step and optimiser (`substrate.adapt`): the map's trained arms call the
+    cells' `train_step` on the fixed windows with the optimiser `build_state` made (adapters at lr x
+    plasticity, frozen at 0; the router at lr, whatever --router-lr says)."""
+    from substrate import adapt
+
+    calls = []
+
+    def counting(cfg, st, corpus, tcfg, train_data=None):
+        calls.append((train_data, [(len(g["params"]), g.get("scale", 1.0)) for g in st.opt.param_groups]))
+        return adapt.train_step(cfg, st, corpus, tcfg, train_data=train_data)
+
+    monkeypatch.setattr(routing, "train_step", counting)
+    cell = CellConfig.of(**TINY, cell="R")
+    n_router = len(list(build_state(cell, sub).router.parameters()))
+    for plasticity, groups in ((0.5, [(None, 0.5), (n_router, 1.0)]), (0.0, [(n_router, 1.0)])):
+        calls.clear()
+        res = routing.run_arms(routing.RoutingArms(cell=cell, plasticity=plasticity), sub, arms=("grad",))["grad"]
+        assert math.isfinite(res["balanced"]) and len(calls) == TINY["steps"]
+        assert all(t == "windows" for t, _ in calls)
+        got = calls[0][1]
+        assert [s for _, s in got] == [s for _, s in groups]
+        assert all(n == want for (n, _), (want, _) in zip(got, groups) if want is not None)
+
+
+def test_the_arms_read_the_fixed_windows_whatever_the_cells_train_data(sub):
+    """train_data is a cell-run setting (`sweeps.substrate_map.CELL_ONLY`): the map's arms read the
+    corpus's fixed training windows, so fresh and windows give the same arm bit for bit."""
+    res = [routing.run_arms(routing.RoutingArms(cell=CellConfig.of(**TINY, cell="B3", train_data=t)), sub,
+                            arms=("grad",))["grad"]["nll"] for t in ("windows", "fresh")]
+    assert res[0] == res[1]
+
+
+def test_a_map_refuses_the_acar_router_kind():
+    with pytest.raises(BadInput, match="--router-kind .acar.: expected auto or a router plugin"):
+        routing.RoutingArms(cell=CellConfig.of(**TINY, cell="B3", router_kind="acar"))
