@@ -69,7 +69,7 @@ def step_flops_per_token(cfg: ModelConfig, seq_len: int, features: str = "hidden
 def bench_substrate(cfg: ModelConfig, seq_len: int, domains: int = 4, windows: int = 8, seed: int = 0):
     """A `substrate.cell.Substrate` for timing only: random base weights, random specialists, random
     token windows (speed does not depend on what the weights or tokens are), no pretraining."""
-    from substrate.cell import Substrate
+    from substrate.adapt import Substrate
     from substrate.corpus import Corpus
 
     g = torch.Generator().manual_seed(seed)
@@ -99,7 +99,8 @@ def make_step(name: str, batch: int, seq_len: int, device: str = "cpu", seed: in
 
 def _cell_state(name: str, batch: int, seq_len: int, device: str = "cpu", seed: int = 0, cell: str = "R", **overrides):
     """``(CellConfig, timing-only Substrate, RunState)`` of a cell as `make_step` builds them."""
-    from substrate.cell import CellConfig, build_state
+    from substrate.adapt import build_state
+    from substrate.config import CellConfig
 
     # The timing corpus is random windows without a generator: the step reads fixed windows (fresh ones,
     # `substrate.corpus.fresh_batch`, add about 1 ms a batch of 8 on tiny and 2 ms on small, measured).
@@ -110,7 +111,7 @@ def _cell_state(name: str, batch: int, seq_len: int, device: str = "cpu", seed: 
 
 
 def _step_fn(ccfg, sub, st):
-    from substrate.cell import train_step
+    from substrate.adapt import train_step
     from substrate.train import TrainConfig
 
     device, batch = ccfg.device, ccfg.batch
@@ -185,7 +186,7 @@ def sequential_loo_losses(cfg, st, corpus, step: int):
     """The reference for `substrate.cell.loo_losses`: the same selection batch, features and gates,
     but K + 1 separate forwards (all gates, then slot k's gate zeroed, one slot at a time) instead
     of the gate variants folded into the batch. Returns ``loo (K, M)`` and ``full (M,)`` on CPU."""
-    from substrate.cell import _FIT, step_generator
+    from substrate.adapt import _FIT, step_generator
     from substrate.corpus import sample_batch
     from substrate.model import autocast, routing_features
 
@@ -243,7 +244,7 @@ def bench_fitness(name: str, cfg: BenchConfig, device: str = "cpu") -> dict:
     from sandbox import evolution as evo
     from sandbox.router import params_to_vector
     from sandbox.streams import Purpose, generator
-    from substrate.cell import loo_losses
+    from substrate.fitness import loo_losses
     from substrate.routing import RoutingArms, _search_batch, population_losses
 
     (seq_len, fit_w), quick = FITNESS_SHAPES.get(name, ((64, 4), (32, 1)))

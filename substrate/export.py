@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from sandbox.errors import BadInput
 from sandbox.results import atomic_write_bytes, load_torch
-from substrate.cell import FINAL
+from substrate.adapt import FINAL
 from substrate.model import GPT, AdaptedLinear, ModelConfig
 
 FORMATS = ("peft", "safetensors")

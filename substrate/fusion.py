@@ -65,7 +65,8 @@ from sandbox.errors import require
 from sandbox.results import atomic_save_torch, config_hash, load_torch
 from sandbox.router import Router
 from sandbox.streams import Purpose, generator
-from substrate.cell import DEVICES, CellConfig, Substrate
+from substrate.adapt import Substrate
+from substrate.config import DEVICES, CellConfig
 from substrate.corpus import sample_batch
 from substrate.model import GPT, PRESETS, autocast, load_banks, routing_features
 from substrate.train import TrainConfig, clip_gradients, evaluate, lr_at, train_specialists, weights_fingerprint
