@@ -48,3 +48,12 @@ def check(ok: bool, name: str, value: Any, allowed: str) -> None:
     message never points a user at a flag that does not exist."""
     if not ok:
         raise BadInput(name, value, allowed)
+
+
+class Terminated(KeyboardInterrupt):
+    """A stopping signal (SIGTERM: ``kill``, a SLURM time limit) raised as an exception, so the code
+    that gives work back on Ctrl-C runs for it too; the CLI exits ``128 + signum`` (143) with one line."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = int(signum)

@@ -44,6 +44,25 @@ Faults:
   re-queued by the next define step.
 - Ctrl-C or SIGTERM (e.g. a SLURM time limit) gives the running trial back at once (``reason =
   "interrupted"``) instead of after the grace period.
+- the database goes away (restart, failover, network): every storage step of a worker goes through
+  `Patience`, which retries connection errors with capped exponential backoff for ``wait_s`` (the
+  worker's ``--db-wait``, default 300 s, printed when it starts waiting) and then raises
+  `StorageUnavailable` (one line naming the storage and the time waited). Steps are idempotent
+  (a re-queue re-checks the key under `plan_lock`), the heartbeat thread keeps beating on its own,
+  and after an outage a worker declares nobody lost for ``grace_s`` (every worker's heartbeat
+  stopped during the outage, not only the dead ones'). A result computed during an outage is
+  written after reconnecting.
+- every re-queue (lost, error, interrupted, mismatch, busy) holds `plan_lock` and adds a copy only
+  when the key has no result and no waiting or running trial, so a define step running at the same
+  moment never duplicates a key.
+- a factorial copy whose trial folder is still locked by a stalled (not dead) worker is given back
+  without counting an attempt (``reason = "busy"``): the key waits for the folder instead of
+  spending its retries, so it is never lost.
+
+Code versions: the define step stores `code_identity` (the configuration hash scheme and the package
+version) as the study attribute ``code``; a worker whose identity differs exits 2 with one line
+before claiming (`check_code`), and a trial whose payload hashes differently here (`CodeMismatch`)
+is given back without counting an attempt and stops the worker.
 
 Storage: PostgreSQL only (`database`). SQLite and the journal file are refused for workers: they
 have no row locks across machines (the journal's lock is a local ``flock``) and no heartbeats, so a
@@ -70,7 +89,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState, create_trial
 
 from sandbox.errors import BadInput
-from sandbox.results import to_jsonable
+from sandbox.results import FolderBusy, to_jsonable
 from sweeps import ledger
 from sweeps.ledger import _key_states, is_database
 
@@ -86,6 +105,104 @@ _DB_ALLOWED = ("a postgresql:// URL of a reachable server (workers claim trials 
 # ---------------------------------------------------------------------------------------------
 # Storage
 # ---------------------------------------------------------------------------------------------
+
+
+class StorageUnavailable(BadInput):
+    """The database stayed unreachable for the worker's whole ``--db-wait``: one line, exit 2."""
+
+    def __init__(self, storage: str, waited_s: float, error: str):
+        super().__init__("--storage", storage, f"a reachable database (unreachable for {waited_s:.0f} s, "
+                         f"the --db-wait limit; last error: {error})")
+
+
+def transient(e: BaseException) -> bool:
+    """True for a lost or refused database connection (a restart, a failover, the network), as
+    SQLAlchemy or Optuna (``StorageInternalError`` wrapping it) raise it; False for anything else."""
+    import sqlalchemy.exc as sx
+    from optuna.exceptions import StorageInternalError
+
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, (sx.OperationalError, sx.InterfaceError, sx.DisconnectionError)):
+            return True
+        if isinstance(e, sx.DBAPIError) and getattr(e, "connection_invalidated", False):
+            return True
+        if not isinstance(e, (StorageInternalError, sx.SQLAlchemyError)):
+            return False
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+class Patience:
+    """Retry storage steps through database outages: capped exponential backoff (`first_s`,
+    doubling up to `cap_s`) for at most `wait_s` per step, then `StorageUnavailable`.
+
+    Counts what it did: `reconnects` (outages ridden out, whether a storage step or the heartbeat
+    thread saw them) and `waited_s` (seconds the database was unreachable); `quiet_until` is the
+    monotonic time before which this worker declares nobody lost (every worker's heartbeat stopped
+    during the outage, not only the dead ones'). Thread-safe: the heartbeat thread reports too.
+    """
+
+    def __init__(self, storage: str, wait_s: float = 300.0, first_s: float = 0.25, cap_s: float = 8.0,
+                 log: Callable[[str], None] | None = None, grace_s: float = 0.0):
+        self.storage, self.wait_s, self.first_s, self.cap_s, self.log = storage, wait_s, first_s, cap_s, log
+        self.grace_s = grace_s
+        self.reconnects, self.waited_s, self.quiet_until = 0, 0.0, 0.0
+        self._down_since: float | None = None
+        self._lock = threading.Lock()
+
+    def down(self, e: BaseException) -> None:
+        """The database is unreachable (the first report of an outage prints one line)."""
+        with self._lock:
+            if self._down_since is not None:
+                return
+            self._down_since = time.monotonic()
+        if self.log:
+            self.log(f"worker: database {_safe_url(self.storage)} unreachable ({_first_line(e, 100)}); "
+                     f"retrying for up to {self.wait_s:g} s (--db-wait)")
+
+    def back(self) -> None:
+        """The database answered again: count the outage, keep quiet for the grace period."""
+        with self._lock:
+            if self._down_since is None:
+                return
+            now = time.monotonic()
+            waited, self._down_since = now - self._down_since, None
+            self.reconnects += 1
+            self.waited_s += waited
+            self.quiet_until = now + self.grace_s
+        if self.log:
+            self.log(f"worker: database back after {waited:.1f} s")
+
+    def __call__(self, fn: Callable, *args, **kwargs):
+        t0, delay = None, self.first_s
+        while True:
+            try:
+                out = fn(*args, **kwargs)
+            except Exception as e:
+                if not transient(e):
+                    raise
+                self.down(e)
+                now = time.monotonic()
+                t0 = now if t0 is None else t0
+                if now - t0 >= self.wait_s:
+                    with self._lock:
+                        if self._down_since is not None:
+                            self.waited_s += now - self._down_since
+                            self._down_since = None
+                    raise StorageUnavailable(_safe_url(self.storage), now - t0, _first_line(e, 120)) from None
+                time.sleep(max(0.01, min(delay, self.wait_s - (now - t0))))
+                delay = min(delay * 2, self.cap_s)
+                continue
+            self.back()
+            return out
+
+
+def _safe_url(url: str) -> str:
+    """`url` without a password (``user:secret@`` becomes ``user:***@``)."""
+    import re
+
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", str(url))
 
 
 def database(storage: str | None, flag: str = "--storage"):
@@ -164,6 +281,37 @@ class PlanCounts:
     """Keys already waiting or running (queued by an earlier define step)."""
 
 
+class CodeMismatch(RuntimeError):
+    """A trial's payload hashes differently on this worker: another version of the code."""
+
+
+def code_identity() -> dict:
+    """What a worker must share with the define step: the package version and a fingerprint of the
+    configuration hash scheme (the hashes of the default configurations of every system, so a
+    changed field, default or hashing rule changes it)."""
+    import sandbox
+    from sandbox.analytic import AnalyticConfig
+    from sandbox.results import config_hash
+    from sandbox.tasks import TaskSpec
+    from substrate.cell import CellConfig
+    from sweeps.grid import point_key
+
+    probe = {"analytic": point_key(TaskSpec(), AnalyticConfig()), "cell": config_hash(CellConfig().identity()),
+             "json": config_hash({"a": [1, 2.5, None], "b": "x"})}
+    return {"hash_scheme": config_hash(probe, 16), "version": sandbox.__version__}
+
+
+def check_code(study: optuna.Study, study_name: str) -> None:
+    """Refuse (one line, exit 2) to work on a plan defined by other code; plans from before the
+    check (no ``code`` attribute) are accepted."""
+    want, have = study.user_attrs.get("code"), code_identity()
+    if want is not None and want != have:
+        diff = ", ".join(f"{k} {want.get(k)!r} there, {have.get(k)!r} here" for k in sorted(set(want) | set(have))
+                         if want.get(k) != have.get(k))
+        raise BadInput("--study", study_name, f"a plan defined by this version of the code ({diff}); run the "
+                       "define step's version on every worker")
+
+
 def _waiting_trial(job_attrs: dict, params: dict, distributions: dict):
     return create_trial(state=TrialState.WAITING, params=params, distributions=distributions, user_attrs=job_attrs)
 
@@ -191,6 +339,7 @@ def enqueue(store, study_name: str, jobs: Sequence[Job], direction: str = "maxim
                             finished=sum(k in done for k in keys), pending=sum(k in pending for k in keys))
         study.set_user_attr("plan", {**dataclasses.asdict(counts), "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                      "host": socket.gethostname(), "argv": argv})
+        study.set_user_attr("code", code_identity())
     return counts
 
 
@@ -286,7 +435,7 @@ def run_analytic(job: dict, ctx: WorkerContext) -> Outcome:
 
     spec, solver = TaskSpec(**job["task"]), AnalyticConfig(**job["solver"])
     if point_key(spec, solver) != job["point_key"]:
-        raise RuntimeError("the point's configuration hashes differently on this worker (another version of "
+        raise CodeMismatch("the point's configuration hashes differently on this worker (another version of "
                            "the code than the define step's); run the same version everywhere")
     [(seed, rows, delta)] = evaluate_point(spec, solver, [int(job["seed"])])
     ok = math.isfinite(delta)
@@ -325,7 +474,7 @@ def run_substrate_point(job: dict, ctx: WorkerContext) -> Outcome:
     rc = RoutingArms(cell=CellConfig.of(**d["cell"]), evolution=EvolutionConfig(**d["evolution"]),
                      **{k: v for k, v in d.items() if k not in ("cell", "evolution")})
     if point_key(rc) != job["point_key"]:
-        raise RuntimeError("the point's configuration hashes differently on this worker (another version of "
+        raise CodeMismatch("the point's configuration hashes differently on this worker (another version of "
                            "the code than the define step's); run the same version everywhere")
     cache = ctx.cache or job["cache"]
     from sandbox.results import config_hash
@@ -375,24 +524,42 @@ class WorkerCounts:
     """Own results dropped because the trial had been declared lost meanwhile."""
     interrupted: int = 0
     """Own trials given back on Ctrl-C / SIGTERM."""
+    given_back: int = 0
+    """Own trials given back without counting an attempt (interrupted, busy folder, code mismatch)."""
+    busy: int = 0
+    """Of those, factorial trials whose folder another (stalled) worker still held."""
+    reconnects: int = 0
+    """Database outages ridden out (`Patience`)."""
+    waited_s: float = 0.0
+    """Seconds spent waiting for the database."""
     wall_s: float = 0.0
 
 
 class Heartbeat:
-    """A thread writing trial `trial_id`'s heartbeat every `every` seconds until `stop`."""
+    """A thread writing trial `trial_id`'s heartbeat every `every` seconds until `stop`. A failed
+    beat (the database away) is tried again at the next one; the first beat that succeeds after a
+    failure tells `patience` (`Patience.back`), so this worker declares nobody lost for a grace
+    period even when its main thread never noticed the outage."""
 
-    def __init__(self, store, trial_id: int, every: float):
-        self._store, self._id, self._every = store, trial_id, every
+    def __init__(self, store, trial_id: int, every: float, patience: "Patience | None" = None):
+        self._store, self._id, self._every, self._patience = store, trial_id, every, patience
+        self.failed_beats = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{trial_id}", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
+        failing = False
         while not self._stop.wait(self._every):
             try:
                 self._store.record_heartbeat(self._id)
             except Exception:   # a transient database error: the next beat tries again
-                pass
+                self.failed_beats += 1
+                failing = True
+                continue
+            if failing and self._patience is not None:
+                self._patience.back()
+            failing = False
 
     def stop(self) -> None:
         self._stop.set()
@@ -405,24 +572,27 @@ def _models():
     return models
 
 
-def _waiting_ids(store, study_id: int, limit: int) -> list[int]:
+def _waiting_ids(store, study_id: int, limit: int, skip=()) -> list[int]:
     m = _models()
     session = store.scoped_session()
     try:
-        rows = (session.query(m.TrialModel.trial_id)
-                .filter(m.TrialModel.study_id == study_id, m.TrialModel.state == TrialState.WAITING)
-                .order_by(m.TrialModel.number).limit(limit).all())
+        q = (session.query(m.TrialModel.trial_id)
+             .filter(m.TrialModel.study_id == study_id, m.TrialModel.state == TrialState.WAITING))
+        if skip:
+            q = q.filter(m.TrialModel.trial_id.notin_(list(skip)))
+        rows = q.order_by(m.TrialModel.number).limit(limit).all()
         session.commit()
     finally:
         session.close()
     return [r[0] for r in rows]
 
 
-def claim(store, study_id: int) -> int | None:
+def claim(store, study_id: int, skip=()) -> int | None:
     """Move one planned WAITING trial of the study to RUNNING (heartbeat written first); its trial
-    id, or None when no planned trial is waiting. Safe under any number of concurrent claimers."""
+    id, or None when no planned trial is waiting (trial ids in `skip` are left alone). Safe under
+    any number of concurrent claimers."""
     while True:
-        ids = _waiting_ids(store, study_id, CLAIM_BATCH)
+        ids = _waiting_ids(store, study_id, CLAIM_BATCH, skip)
         if not ids:
             return None
         for tid in ids:
@@ -440,20 +610,25 @@ def claim(store, study_id: int) -> int | None:
 
 def running_planned(store, study_id: int) -> list[tuple[int, object]]:
     """``(trial_id, heartbeat age in seconds)`` of RUNNING trials with a heartbeat (planned trials:
-    a single-process factorial's RUNNING trials have none and are never touched)."""
-    import sqlalchemy
+    a single-process factorial's RUNNING trials have none and are never touched).
+
+    The age counts from the later of the last heartbeat and the server's start
+    (``pg_postmaster_start_time``): after a database restart nobody could beat while it was down,
+    so every worker gets a full grace period of a running server before it counts as dead."""
+    from sqlalchemy import text
 
     m = _models()
     session = store.scoped_session()
     try:
-        now = session.execute(sqlalchemy.func.now()).scalar().replace(tzinfo=None)
+        now, up = session.execute(text("SELECT now(), pg_postmaster_start_time()")).one()
+        now, up = now.replace(tzinfo=None), up.replace(tzinfo=None)
         rows = (session.query(m.TrialModel.trial_id, m.TrialHeartbeatModel.heartbeat)
                 .join(m.TrialHeartbeatModel, m.TrialHeartbeatModel.trial_id == m.TrialModel.trial_id)
                 .filter(m.TrialModel.study_id == study_id, m.TrialModel.state == TrialState.RUNNING).all())
         session.commit()
     finally:
         session.close()
-    return [(tid, (now - hb).total_seconds()) for tid, hb in rows]
+    return [(tid, (now - max(hb, up)).total_seconds()) for tid, hb in rows]
 
 
 def count_waiting(store, study_id: int) -> int:
@@ -468,27 +643,56 @@ def count_waiting(store, study_id: int) -> int:
     return n
 
 
-def _requeue(study: optuna.Study, old, reason: str, attempt: int, lost: int) -> None:
+def _add_copy(study: optuna.Study, old, reason: str, attempt: int, lost: int) -> bool:
+    """Queue a copy of trial `old` unless its key already holds a result or a waiting or running
+    trial (a define step or another worker queued it). The caller holds `plan_lock`."""
     attrs = {k: v for k, v in old.user_attrs.items()
-             if k not in ("rows", "delta", "result", "error", "worker", "declared")}
+             if k not in ("rows", "delta", "result", "error", "worker", "declared", "given_back")}
     attrs.update(attempt=attempt, lost=lost, requeue_of=old.number, reason=reason)
+    done, pending, _, _ = _key_states(study)
+    if attrs.get("key") in done or attrs.get("key") in pending:
+        return False
     study.add_trial(_waiting_trial(attrs, old.params, old.distributions))
+    return True
+
+
+def _requeue(store, study: optuna.Study, old, reason: str, attempt: int, lost: int) -> bool:
+    """`_add_copy` under `plan_lock`: idempotent, so a step retried after a database outage, or
+    racing a define step, never duplicates a key."""
+    with plan_lock(store, study.study_name):
+        return _add_copy(study, old, reason, attempt, lost)
 
 
 def _fail_and_requeue(store, study: optuna.Study, tid: int, reason: str, count_attempt: bool) -> bool:
-    """Mark RUNNING trial `tid` FAIL and queue a copy; False if it had finished meanwhile (or is
-    over `MAX_LOST`). Only one caller can win the row-locked state change."""
-    old = store.get_trial(tid)
-    try:   # marked first: a slow worker's rows written meanwhile never count on a FAIL trial
-        store.set_trial_user_attr(tid, "declared", reason)
-        store.set_trial_state_values(tid, state=TrialState.FAIL)
+    """Mark RUNNING trial `tid` FAIL and queue a copy, all under `plan_lock`; False if it had
+    finished meanwhile (or is over `MAX_LOST`). Only one caller can win the row-locked state change;
+    a call retried after an outage finds its own FAIL (``declared`` = `reason`) and goes on."""
+    with plan_lock(store, study.study_name):
+        old = store.get_trial(tid)
+        try:   # marked first: a slow worker's rows written meanwhile never count on a FAIL trial
+            if old.state == TrialState.RUNNING:
+                store.set_trial_user_attr(tid, "declared", reason)
+                store.set_trial_state_values(tid, state=TrialState.FAIL)
+            elif old.state != TrialState.FAIL or old.user_attrs.get("declared") != reason:
+                return False   # finished by its worker meanwhile
+        except UpdateFinishedTrialError:
+            return False
+        lost = int(old.user_attrs.get("lost", 0)) + (reason == "lost")
+        if lost > MAX_LOST:
+            return False
+        return _add_copy(study, old, reason, int(old.user_attrs.get("attempt", 1)) + count_attempt, lost)
+
+
+def give_back(store, tid: int) -> bool:
+    """Return this worker's RUNNING trial `tid` to WAITING (same trial, same attempt, same place in
+    the queue): for a trial it must not run now (interrupted, folder busy, other code). False when
+    it had been declared lost meanwhile (its copy is already queued)."""
+    try:
+        n = int(store.get_trial(tid).user_attrs.get("given_back", 0))
+        store.set_trial_user_attr(tid, "given_back", n + 1)
+        return bool(store.set_trial_state_values(tid, state=TrialState.WAITING))
     except UpdateFinishedTrialError:
         return False
-    lost = int(old.user_attrs.get("lost", 0)) + (reason == "lost")
-    if lost > MAX_LOST:
-        return False
-    _requeue(study, old, reason, int(old.user_attrs.get("attempt", 1)) + count_attempt, lost)
-    return True
 
 
 def requeue_lost(store, study: optuna.Study, study_id: int, grace_s: float) -> int:
@@ -505,97 +709,156 @@ def _first_line(e: BaseException, n: int = 300) -> str:
     return f"{type(e).__name__}: {text[:n]}" if text else type(e).__name__
 
 
+def _record_failure(store, tid: int, error: str) -> bool:
+    """Mark our trial FAIL with `error`; False when it had been declared lost meanwhile. Retried
+    after an outage, it recognises its own earlier write."""
+    try:
+        store.set_trial_user_attr(tid, "error", error)
+        store.set_trial_state_values(tid, state=TrialState.FAIL)
+        return True
+    except UpdateFinishedTrialError:
+        t = store.get_trial(tid)
+        return t.state == TrialState.FAIL and "declared" not in t.user_attrs and t.user_attrs.get("error") == error
+
+
+def _record_result(store, tid: int, outcome: Outcome) -> bool:
+    """Write our trial's result; False when it had been declared lost meanwhile (its copy counts).
+    Retried after an outage, it recognises its own earlier write."""
+    try:
+        for k, v in to_jsonable(outcome.attrs).items():
+            store.set_trial_user_attr(tid, k, v)
+        store.set_trial_state_values(tid, state=outcome.state,
+                                     values=None if outcome.value is None else [outcome.value])
+        return True
+    except UpdateFinishedTrialError:
+        t = store.get_trial(tid)
+        return t.state == outcome.state and "declared" not in t.user_attrs
+
+
+def _storage_name(store) -> str:
+    try:
+        return store.engine.url.render_as_string(hide_password=True)
+    except Exception:
+        return "the database"
+
+
 def run_worker(store, study_name: str, *, retries: int = 2, heartbeat_s: float = 10.0, grace_s: float = 60.0,
                max_trials: int | None = None, ctx: WorkerContext | None = None,
                progress: Callable[[int, int, int, str], None] | None = None,
-               systems: dict | None = None) -> WorkerCounts:
+               systems: dict | None = None, db_wait_s: float = 300.0) -> WorkerCounts:
     """Claim, run and record planned trials of `study_name` until none is waiting or running.
 
     While other workers' trials run and nothing waits, this worker polls (every ``min(heartbeat_s,
     grace_s / 2)``) so that a trial whose worker died is re-run here after `grace_s`. `max_trials`
     stops after that many claims. `progress(finished_in_plan, total_in_plan, claimed_by_me,
-    description)` is called after every state change seen. Counts are stored in the study.
+    description)` is called after every state change seen. Every storage step rides out database
+    outages of up to `db_wait_s` seconds (`Patience`; then `StorageUnavailable`). Refuses (`BadInput`)
+    a plan defined by other code before claiming anything (`check_code`). Counts are stored in the
+    study (also when it stops on an error).
     """
     systems = systems or SYSTEMS
     ctx = ctx or WorkerContext()
-    study_id = _study_id(store, study_name)
-    study = optuna.load_study(study_name=study_name, storage=store)
+    p = Patience(_storage_name(store), wait_s=db_wait_s, log=ctx.log, grace_s=grace_s,
+                 first_s=min(0.25, max(0.01, db_wait_s / 8)))
+    study_id = p(_study_id, store, study_name)
+    study = p(optuna.load_study, study_name=study_name, storage=store)
+    p(check_code, study, study_name)
     t0 = time.perf_counter()
-    c = dict(claimed=0, completed=0, failed=0, retried=0, gave_up=0, requeued_lost=0, dropped=0, interrupted=0)
+    c = dict(claimed=0, completed=0, failed=0, retried=0, gave_up=0, requeued_lost=0, dropped=0, interrupted=0,
+             given_back=0, busy=0)
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{time.strftime('%Y%m%dT%H%M%S')}"
     poll = max(0.2, min(heartbeat_s, grace_s / 2))
     start_left = None
+    skip: dict[int, float] = {}   # trials given back because their folder was busy -> retry after
 
     def report(desc: str) -> None:
         nonlocal start_left
         if progress is None:
             return
-        left = count_waiting(store, study_id) + len(running_planned(store, study_id))
+        left = p(count_waiting, store, study_id) + len(p(running_planned, store, study_id))
         start_left = left if start_left is None else max(start_left, left + c["claimed"])
         progress(start_left - left, start_left, c["claimed"], desc)
 
     def store_counts() -> WorkerCounts:
-        counts = WorkerCounts(**c, wall_s=round(time.perf_counter() - t0, 3))
+        counts = WorkerCounts(**c, reconnects=p.reconnects, waited_s=round(p.waited_s, 3),
+                              wall_s=round(time.perf_counter() - t0, 3))
         try:
             study.set_user_attr(f"worker:{worker_id}", dataclasses.asdict(counts))
-        except Exception:
+        except Exception:   # the database is away (StorageUnavailable): the counts are printed only
             pass
         return counts
 
-    report("starting")
     try:
+        report("starting")
         while max_trials is None or c["claimed"] < max_trials:
-            c["requeued_lost"] += requeue_lost(store, study, study_id, grace_s)
-            tid = claim(store, study_id)
+            now = time.monotonic()
+            for t in [t for t, until in skip.items() if until <= now]:
+                del skip[t]
+            if now >= p.quiet_until:
+                c["requeued_lost"] += p(requeue_lost, store, study, study_id, grace_s)
+            tid = p(claim, store, study_id, tuple(skip))
             if tid is None:
-                if not running_planned(store, study_id) and not count_waiting(store, study_id):
+                if not p(running_planned, store, study_id) and not p(count_waiting, store, study_id):
                     break
-                report("waiting for running trials")
+                report("waiting for trials in busy folders" if skip else "waiting for running trials")
                 time.sleep(poll)
                 continue
             c["claimed"] += 1
-            frozen = store.get_trial(tid)
+            frozen = p(store.get_trial, tid)
             job = frozen.user_attrs["job"]
-            desc = f"{frozen.user_attrs.get('key')} (attempt {frozen.user_attrs.get('attempt', 1)})"
+            attempt = int(frozen.user_attrs.get("attempt", 1))
+            desc = f"{frozen.user_attrs.get('key')} (attempt {attempt})"
             report(desc)
-            store.set_trial_user_attr(tid, "worker", worker_id)
-            beat = Heartbeat(store, tid, heartbeat_s)
+            p(store.set_trial_user_attr, tid, "worker", worker_id)
+            beat = Heartbeat(store, tid, heartbeat_s, p)
             try:
                 run = systems.get(job.get("system"))
                 if run is None:
-                    raise RuntimeError(f"unknown system {job.get('system')!r} (a newer version defined this plan)")
+                    raise CodeMismatch(f"unknown system {job.get('system')!r} (a newer version defined this plan)")
                 outcome = run(job, ctx)
+            except CodeMismatch as e:   # other code: give the trial back untouched and stop
+                beat.stop()
+                c["given_back"] += p(give_back, store, tid)
+                raise BadInput("--study", study_name, f"a plan defined by this version of the code (trial "
+                               f"{frozen.user_attrs.get('key')}: {e}); it was given back") from None
+            except FolderBusy:   # a stalled (live) worker still holds the folder: the key waits for it
+                beat.stop()
+                back = p(give_back, store, tid)
+                c["given_back"] += back
+                c["busy"] += back
+                skip[tid] = time.monotonic() + max(poll, grace_s / 2)
+                report(f"{desc}: folder busy, given back")
+                continue
             except Exception as e:
                 beat.stop()
                 c["failed"] += 1
-                try:
-                    store.set_trial_user_attr(tid, "error", _first_line(e))
-                    store.set_trial_state_values(tid, state=TrialState.FAIL)
-                except UpdateFinishedTrialError:
+                if not p(_record_failure, store, tid, _first_line(e)):
                     c["dropped"] += 1
                     continue
-                if int(frozen.user_attrs.get("attempt", 1)) <= retries:
-                    _requeue(study, frozen, "error", int(frozen.user_attrs.get("attempt", 1)) + 1,
-                             int(frozen.user_attrs.get("lost", 0)))
-                    c["retried"] += 1
+                if attempt <= retries:
+                    c["retried"] += p(_requeue, store, study, frozen, "error", attempt + 1,
+                                      int(frozen.user_attrs.get("lost", 0)))
                 else:
                     c["gave_up"] += 1
                 report(f"{desc} failed: {_first_line(e, 80)}")
                 continue
-            except BaseException:   # Ctrl-C / SIGTERM: give the trial back now
+            except BaseException:   # Ctrl-C / SIGTERM: give the trial back now (briefly patient)
                 beat.stop()
-                c["interrupted"] += _fail_and_requeue(store, study, tid, "interrupted", count_attempt=False)
+                quick = Patience(p.storage, wait_s=min(db_wait_s, 10.0), first_s=0.1)
+                try:
+                    back = quick(give_back, store, tid)
+                    c["interrupted"] += back
+                    c["given_back"] += back
+                except Exception:   # the database is away: the trial counts as lost after --grace
+                    pass
                 raise
             beat.stop()
-            try:
-                for k, v in to_jsonable(outcome.attrs).items():
-                    store.set_trial_user_attr(tid, k, v)
-                store.set_trial_state_values(tid, state=outcome.state,
-                                             values=None if outcome.value is None else [outcome.value])
+            if p(_record_result, store, tid, outcome):
                 c["completed"] += 1
-            except UpdateFinishedTrialError:   # declared lost while we were slow: its copy counts
+            else:   # declared lost while we were slow: its copy counts
                 c["dropped"] += 1
             report(desc)
-    finally:
-        counts = store_counts()
-    return counts
+    except BaseException as e:   # the counts so far travel with the error (the CLI prints them)
+        e.worker_counts = store_counts()
+        raise
+    return store_counts()

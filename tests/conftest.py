@@ -94,13 +94,43 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"postgresql: {_PG_USED[0]}")
 
 
+class PgServer:
+    """The session's PostgreSQL server: its `url`, and for a throwaway server started here (not
+    ``$MOLORA_PG_URL``) `stop` (``pg_ctl stop -m immediate``: a crash, every connection cut) and
+    `start` (same data folder, same socket), for the tests that restart the database under workers."""
+
+    def __init__(self, url, bindir=None, data=None, folder=None, as_user=None):
+        self.url, self.bindir, self.data, self.folder, self._as_user = url, bindir, data, folder, as_user
+
+    @property
+    def restartable(self) -> bool:
+        return self.data is not None
+
+    def _pg_ctl(self, *args):
+        import os
+
+        return self._as_user(os.path.join(self.bindir, "pg_ctl"), "-D", self.data, *args)
+
+    def stop(self) -> None:
+        r = self._pg_ctl("-m", "immediate", "-w", "stop")
+        assert r.returncode == 0, (r.stderr or r.stdout)[-300:]
+
+    def start(self) -> None:
+        import os
+
+        r = self._pg_ctl("-l", os.path.join(self.folder, "server.log"), "-w", "-t", "60", "-o",
+                         f"-k {self.folder} -c listen_addresses='' -c fsync=off -c max_connections=200", "start")
+        assert r.returncode == 0, (r.stderr or r.stdout)[-300:]
+
+
 @pytest.fixture(scope="session")
-def pg_url():
-    """A PostgreSQL URL: ``$MOLORA_PG_URL`` when set (an existing server; it always wins), else a
-    throwaway server started here (initdb + pg_ctl in a temporary folder, Unix socket only, no TCP
-    port; as an unprivileged user when running as root) and stopped at the end of the session;
-    skipped with the one-line reason when neither is possible. Tests isolate themselves by study
-    name. ``MOLORA_PG_URL`` is also set for the session, so subprocesses the tests start see it."""
+def pg_server():
+    """A PostgreSQL server (`PgServer`): ``$MOLORA_PG_URL`` when set (an existing server; it always
+    wins; not restartable), else a throwaway server started here (initdb + pg_ctl in a temporary
+    folder, Unix socket only, no TCP port; as an unprivileged user when running as root) and
+    stopped at the end of the session; skipped with the one-line reason when neither is possible.
+    Tests isolate themselves by study name. ``MOLORA_PG_URL`` is also set for the session, so
+    subprocesses the tests start see it."""
     import shutil
     import subprocess
     import tempfile
@@ -111,7 +141,7 @@ def pg_url():
     url = os.environ.get("MOLORA_PG_URL")
     if url:
         _PG_USED.append("the server at $MOLORA_PG_URL")
-        yield url
+        yield PgServer(url)
         return
     folder = tempfile.mkdtemp(prefix="molora-pg-", dir="/tmp")
     if user is not None:
@@ -126,20 +156,26 @@ def pg_url():
     if r.returncode != 0:
         shutil.rmtree(folder, ignore_errors=True)
         pytest.skip(f"initdb failed: {(r.stderr or r.stdout).strip()[-200:]}")
-    r = as_user(os.path.join(bindir, "pg_ctl"), "-D", data, "-l", os.path.join(folder, "server.log"), "-w", "-t", "60",
-                "-o", f"-k {folder} -c listen_addresses='' -c fsync=off -c max_connections=200", "start")
-    if r.returncode != 0:
+    server = PgServer(f"postgresql://molora@/postgres?host={folder}", bindir, data, folder, as_user)
+    try:
+        server.start()
+    except AssertionError:
         log = os.path.join(folder, "server.log")
-        tail = open(log).read()[-200:] if os.path.exists(log) else (r.stderr or r.stdout)
+        tail = open(log).read()[-200:] if os.path.exists(log) else "pg_ctl start failed"
         shutil.rmtree(folder, ignore_errors=True)
         pytest.skip(f"PostgreSQL did not start: {tail.strip()}")
-    url = f"postgresql://molora@/postgres?host={folder}"
-    os.environ["MOLORA_PG_URL"] = url
+    os.environ["MOLORA_PG_URL"] = server.url
     who = f" as {user.pw_name}" if user is not None else ""
     _PG_USED.append(f"a throwaway server from {bindir}{who}, stopped at the end")
     try:
-        yield url
+        yield server
     finally:
         os.environ.pop("MOLORA_PG_URL", None)
         as_user(os.path.join(bindir, "pg_ctl"), "-D", data, "-m", "immediate", "stop")
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_server):
+    """The session's PostgreSQL URL (`pg_server`)."""
+    return pg_server.url

@@ -22,6 +22,7 @@ def worker(
     out: Optional[str] = typer.Option(None, "--out", help="Factorial trials: folder for the per-trial runs (default: the define step's --out)."),
     cache: Optional[str] = typer.Option(None, "--cache", help="Factorial trials: base-model cache folder (default: the define step's)."),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads (small tensors: 1 is fastest)."),
+    db_wait: float = typer.Option(300.0, "--db-wait", help="Seconds every storage step keeps retrying while the database is unreachable (restart, failover) before the worker stops with exit 2; 0 stops at once."),
 ) -> None:
     """Run planned trials of a study until none is waiting or running (see README: many machines)."""
     from sandbox.errors import BadInput
@@ -35,6 +36,8 @@ def worker(
         raise BadInput("--heartbeat", heartbeat, "seconds in [0.1, 3600]")
     if not (math.isfinite(grace) and grace >= 2 * heartbeat and grace <= 86400):
         raise BadInput("--grace", grace, f"seconds in [2 x --heartbeat = {2 * heartbeat:g}, 86400]")
+    if not (math.isfinite(db_wait) and 0 <= db_wait <= 86400):
+        raise BadInput("--db-wait", db_wait, "seconds in [0, 86400]")
     from sweeps.worker import database
 
     store = database(storage, "--storage")    # refuses journal/SQLite/unreachable with one line
@@ -51,25 +54,42 @@ def worker(
     torch.set_num_threads(threads)
     console = Console(stderr=True)
 
-    def _term(signum, frame):   # SLURM / kill: give the running trial back at once
-        raise KeyboardInterrupt
+    from sandbox.errors import Terminated
+
+    def _term(signum, frame):   # SLURM / kill: give the running trial back at once, exit 143
+        raise Terminated(signum)
 
     signal.signal(signal.SIGTERM, _term)
     t0 = time.perf_counter()
-    with Progress(TextColumn("[bold]worker"), BarColumn(), MofNCompleteColumn(), TextColumn("trials"),
-                  TimeElapsedColumn(), TextColumn("{task.description}"), console=console, transient=False) as bar:
-        task_id = bar.add_task("", total=None)
+    counts = None
+    try:
+        with Progress(TextColumn("[bold]worker"), BarColumn(), MofNCompleteColumn(), TextColumn("trials"),
+                      TimeElapsedColumn(), TextColumn("{task.description}"), console=console,
+                      transient=False) as bar:
+            task_id = bar.add_task("", total=None)
 
-        def progress(done: int, total: int, mine: int, desc: str) -> None:
-            bar.update(task_id, completed=done, total=total, description=f"{mine} claimed here; {desc}")
+            def progress(done: int, total: int, mine: int, desc: str) -> None:
+                bar.update(task_id, completed=done, total=total, description=f"{mine} claimed here; {desc}")
 
-        counts = run_worker(store, study, retries=retries, heartbeat_s=heartbeat, grace_s=grace,
-                            max_trials=max_trials, progress=progress,
-                            ctx=WorkerContext(out=out, cache=cache, log=lambda m: console.print(m, highlight=False)))
-    print(f"worker: {counts.claimed} claimed, {counts.completed} completed, {counts.failed} failed "
-          f"({counts.retried} queued again, {counts.gave_up} given up), {counts.requeued_lost} lost trials of "
-          f"other workers queued again, {counts.dropped} results dropped, {counts.interrupted} given back; "
-          f"{time.perf_counter() - t0:.1f} s; study {study}", flush=True)
+            counts = run_worker(store, study, retries=retries, heartbeat_s=heartbeat, grace_s=grace,
+                                max_trials=max_trials, progress=progress, db_wait_s=db_wait,
+                                ctx=WorkerContext(out=out, cache=cache,
+                                                  log=lambda m: console.print(m, highlight=False)))
+    except BaseException as e:
+        counts = getattr(e, "worker_counts", None)
+        raise
+    finally:
+        if counts is not None:
+            print(summary(counts, study, time.perf_counter() - t0), flush=True)
+
+
+def summary(counts, study: str, wall_s: float) -> str:
+    """The worker's closing line: everything it counted (also stored in the study)."""
+    return (f"worker: {counts.claimed} claimed, {counts.completed} completed, {counts.failed} failed "
+            f"({counts.retried} queued again, {counts.gave_up} given up), {counts.given_back} given back "
+            f"({counts.interrupted} interrupted, {counts.busy} folder busy), {counts.requeued_lost} lost trials of "
+            f"other workers queued again, {counts.dropped} results dropped; database: {counts.reconnects} "
+            f"reconnects, {counts.waited_s:.1f} s waited; {wall_s:.1f} s; study {study}")
 
 
 def define(console, jobs, storage: str, study: str, direction: str, what: str, argv=None, metric: str | None = None) -> None:
