@@ -229,6 +229,16 @@ def _pg_engine(url: str) -> tuple[str, dict]:
     return url, {"connect_args": {"connect_timeout": PG_CONNECT_TIMEOUT_S}}
 
 
+def safe_url(url) -> str:
+    """`url` without its password (``user:secret@`` becomes ``user:***@``, a ``password=`` query
+    parameter ``password=***``), for every message,
+    hint and manifest that shows a storage URL."""
+    import re
+
+    s = re.sub(r"(://[^:/@?#]*):[^/?#]*@", r"\1:***@", str(url))
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", s)
+
+
 def _rdb(url: str, flag: str, attempts: int = 5):
     """An `RDBStorage` on `url`; a creation race (two runs creating one fresh database's tables)
     is retried, anything else is a `BadInput` naming `flag`."""
@@ -243,7 +253,8 @@ def _rdb(url: str, flag: str, attempts: int = 5):
             if "already exists" in str(e) and i + 1 < attempts:
                 time.sleep(0.2 * (i + 1))
                 continue
-            raise BadInput(flag, url, f"{allowed} ({type(e).__name__}: {_first_line(e)})") from None
+            raise BadInput(flag, safe_url(url), f"{allowed} ({type(e).__name__}: "
+                           f"{safe_url(_first_line(e))})") from None
     raise AssertionError("unreachable")
 
 

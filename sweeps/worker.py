@@ -92,6 +92,7 @@ from sandbox.errors import BadInput
 from sandbox.results import FolderBusy, to_jsonable
 from sweeps import ledger
 from sweeps.ledger import _key_states, is_database
+from sweeps.ledger import safe_url as _safe_url
 
 #: A trial re-queued as lost (its worker died) this many times is given up: it kills its workers.
 MAX_LOST = 10
@@ -196,13 +197,6 @@ class Patience:
                 continue
             self.back()
             return out
-
-
-def _safe_url(url: str) -> str:
-    """`url` without a password (``user:secret@`` becomes ``user:***@``)."""
-    import re
-
-    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", str(url))
 
 
 def database(storage: str | None, flag: str = "--storage"):
@@ -736,10 +730,7 @@ def _record_result(store, tid: int, outcome: Outcome) -> bool:
 
 
 def _storage_name(store) -> str:
-    try:
-        return store.engine.url.render_as_string(hide_password=True)
-    except Exception:
-        return "the database"
+    return _safe_url(getattr(store, "url", None) or "the database")
 
 
 def run_worker(store, study_name: str, *, retries: int = 2, heartbeat_s: float = 10.0, grace_s: float = 60.0,

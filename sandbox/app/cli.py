@@ -68,16 +68,66 @@ def _register() -> None:
 _register()
 
 
+#: Exit codes of a run stopped by a signal (the shell's convention, 128 + the signal's number).
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+
+
+def _stopped(signum: int) -> int:
+    """One line for a run stopped by Ctrl-C (SIGINT) or SIGTERM, and its exit code."""
+    import signal
+
+    if signum == signal.SIGTERM:
+        print("stopped by SIGTERM (kill, a scheduler's time limit); exit 143", file=sys.stderr)
+        return EXIT_SIGTERM
+    print("interrupted (Ctrl-C); exit 130", file=sys.stderr)
+    return EXIT_SIGINT
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app and return its exit code (the console script passes it to
-    `sys.exit`); user mistakes become one line on stderr and exit code 2."""
-    from sandbox.app import replay
+    `sys.exit`); user mistakes become one line on stderr and exit code 2; Ctrl-C exits 130 and
+    SIGTERM 143, each with one line (SIGTERM is raised as `Terminated`, a ``KeyboardInterrupt``,
+    so whatever gives work back on Ctrl-C does so on SIGTERM too)."""
+    import signal
+    import threading
 
+    from sandbox.app import replay
+    from sandbox.errors import Terminated
+
+    got: list[int] = []
+
+    def _term(signum, frame):
+        got.append(signum)
+        raise Terminated(signum)
+
+    def _int(signum, frame):
+        got.append(signum)
+        raise KeyboardInterrupt
+
+    def _unraisable(u, hook=sys.unraisablehook):
+        # a signal that landed in a callback whose exceptions Python ignores (a weakref callback, a
+        # __del__, an import lock's cleanup) would be lost and the command would run on and exit 0:
+        # deliver it again, at the main thread's next instruction, and print nothing for it
+        if isinstance(u.exc_value, KeyboardInterrupt) and got:
+            import _thread
+
+            _thread.interrupt_main(got[-1])
+            return
+        hook(u)
+
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGTERM, _term), signal.signal(signal.SIGINT, _int), sys.unraisablehook
+        sys.unraisablehook = _unraisable
     try:
         words = list(sys.argv[1:] if argv is None else argv)
         words, manifest, overrides = replay.expand(words)
         replay.set_argv(words)
-        app(args=words, standalone_mode=False, prog_name="sandbox")
+        rv = app(args=words, standalone_mode=False, prog_name="sandbox")
+        if rv == EXIT_SIGINT and got:   # typer turns a KeyboardInterrupt into Exit(130) and returns it
+            return _stopped(got[-1])
+        if isinstance(rv, int) and rv != 0:
+            return rv
         if manifest is not None:
             why = replay.check_replay(words, manifest, overrides)
             if why:
@@ -94,13 +144,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except typer.Exit as e:
         return getattr(e, "exit_code", 0)
+    except Terminated as e:
+        return _stopped(e.signum)
     except (typer.Abort, KeyboardInterrupt):
-        print("aborted", file=sys.stderr)
-        return 130
+        return _stopped(signal.SIGINT)
     except BrokenPipeError:
         # `sandbox report DIR | head`: the reader went away; not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old[0])
+            signal.signal(signal.SIGINT, old[1])
+            sys.unraisablehook = old[2]
     return 0
 
 

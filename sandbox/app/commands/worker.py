@@ -5,7 +5,6 @@ by ``sandbox sweep|factorial --enqueue-only``."""
 from __future__ import annotations
 
 import math
-import signal
 import time
 from typing import Optional
 
@@ -44,6 +43,11 @@ def worker(
     from sweeps.worker import _study_id
 
     _study_id(store, study)                    # an unknown --study: one line, before any display
+    import optuna
+
+    from sweeps.worker import check_code
+
+    check_code(optuna.load_study(study_name=study, storage=store), study)   # other code: one line, no claim
 
     import torch
     from rich.console import Console
@@ -54,12 +58,8 @@ def worker(
     torch.set_num_threads(threads)
     console = Console(stderr=True)
 
-    from sandbox.errors import Terminated
-
-    def _term(signum, frame):   # SLURM / kill: give the running trial back at once, exit 143
-        raise Terminated(signum)
-
-    signal.signal(signal.SIGTERM, _term)
+    # SIGTERM (SLURM, kill) arrives as `Terminated` (sandbox.app.cli.main): the running trial is given
+    # back at once, the counts are printed, and the exit code is 143 (Ctrl-C: 130)
     t0 = time.perf_counter()
     counts = None
     try:
@@ -74,7 +74,8 @@ def worker(
             counts = run_worker(store, study, retries=retries, heartbeat_s=heartbeat, grace_s=grace,
                                 max_trials=max_trials, progress=progress, db_wait_s=db_wait,
                                 ctx=WorkerContext(out=out, cache=cache,
-                                                  log=lambda m: console.print(m, highlight=False)))
+                                                  log=lambda m: console.print(m, highlight=False,
+                                                                                soft_wrap=True)))
     except BaseException as e:
         counts = getattr(e, "worker_counts", None)
         raise
