@@ -229,6 +229,50 @@ def _pg_engine(url: str) -> tuple[str, dict]:
     return url, {"connect_args": {"connect_timeout": PG_CONNECT_TIMEOUT_S}}
 
 
+#: Optuna's study-name column (``VARCHAR(512)`` on PostgreSQL): a longer --study cannot be stored.
+MAX_STUDY_NAME = 512
+
+
+def check_names(study: str | None = None, **paths) -> None:
+    """Refuse, with one line naming the flag, what would otherwise end in a traceback deep in a run:
+    an empty ``--study``/``--out``/``--storage``/... (given but empty: never the default), a study name
+    longer than `MAX_STUDY_NAME` characters, and a path (keyword = flag without ``--``, e.g.
+    ``out=...``) with a component longer than its filesystem allows (``File name too long``)."""
+    if study is not None:
+        if not str(study).strip():
+            raise BadInput("--study", study, "a non-empty study name (leave --study out for the default)")
+        if len(str(study)) > MAX_STUDY_NAME:
+            raise BadInput("--study", f"{str(study)[:24]}... ({len(str(study))} characters)",
+                           f"a study name of at most {MAX_STUDY_NAME} characters (the storage's name column)")
+    for name, value in paths.items():
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if not str(value).strip():
+            raise BadInput(flag, value, f"a non-empty value (leave {flag} out for the default)")
+        if "://" in str(value):
+            continue
+        path = Path(value)
+        first = path if path.is_absolute() else Path.cwd() / path
+        while True:
+            try:
+                first.stat()
+                break
+            except OSError:
+                if first == first.parent:
+                    break
+                first = first.parent
+        try:
+            limit = os.pathconf(first, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            limit = 255
+        for part in path.parts:
+            if len(os.fsencode(part)) > limit:
+                raise BadInput(flag, f"{str(value)[:40]}... ({len(str(value))} characters)",
+                               f"a path whose every name is at most {limit} bytes (the filesystem's limit; "
+                               f"one here has {len(os.fsencode(part))})")
+
+
 def safe_url(url) -> str:
     """`url` without its password (``user:secret@`` becomes ``user:***@``, a ``password=`` query
     parameter ``password=***``), for every message,

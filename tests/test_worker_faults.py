@@ -389,3 +389,90 @@ def test_chaos_kills_and_a_database_restart_lose_and_duplicate_nothing(pg_server
     assert main(["sweep", *CHAOS, "--out", str(tmp_path / "alone"), "--no-figures"]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "collect" / "summary.csv"),
                                   pd.read_csv(tmp_path / "alone" / "summary.csv"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The last tracebacks: one line each
+# ---------------------------------------------------------------------------------------------
+
+
+def _one_line(err: str, *words: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err[-600:]
+    assert all(w in lines[0] for w in words), lines[0]
+    return lines[0]
+
+
+def test_a_study_name_longer_than_the_storage_column_is_one_line(pg_url, tmp_path, capsys):
+    long = "s" * 600
+    for extra in ([], ["--enqueue-only"]):
+        assert main(["sweep", *SWEEP, "--storage", pg_url, "--study", long, "--out", str(tmp_path / "o"),
+                     "--no-figures", *extra]) == 2
+        _one_line(capsys.readouterr().err, "--study", "600 characters", "at most 512")
+    assert main(["worker", "--storage", pg_url, "--study", long]) == 2
+    _one_line(capsys.readouterr().err, "--study", "at most 512")
+    assert not (tmp_path / "o").exists()
+
+
+def test_empty_names_and_too_long_paths_are_one_line(tmp_path, capsys):
+    long = str(tmp_path / ("x" * 300))
+    for args, flag in ((["--out", long], "--out"), (["--out", ""], "--out"), (["--study", ""], "--study"),
+                       (["--storage", ""], "--storage"), (["--out", str(tmp_path / "o"), "--cache", ""], "--cache")):
+        assert main(["sweep", *SWEEP, *args, "--no-figures"]) == 2
+        _one_line(capsys.readouterr().err, flag)
+    assert main(["factorial", "--cells", "B3,R", "--seeds", "1", "--out", long]) == 2
+    _one_line(capsys.readouterr().err, "--out", "at most 255 bytes")
+    assert main(["full", "--cell", "R", "--out", long]) == 2
+    _one_line(capsys.readouterr().err, "--out", "at most 255 bytes")
+    assert not list(tmp_path.iterdir())
+
+
+def test_bench_out_on_a_read_only_place_is_refused_before_timing(tmp_path, capsys, monkeypatch):
+    import errno
+
+    ro, real = tmp_path / "ro", os.open
+    ro.mkdir()
+
+    def erofs(path, flags, *a, **k):   # a read-only filesystem (root writes through 0555 permissions)
+        if str(path).startswith(str(ro)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", erofs)
+    t0 = time.perf_counter()
+    assert main(["bench", "--quick", "--only", "loss", "--out", str(ro / "b.json")]) == 2
+    _one_line(capsys.readouterr().err, "--out", "Read-only file system")
+    assert time.perf_counter() - t0 < 30 and not list(ro.iterdir())
+
+
+def test_full_refuses_a_sweep_folder(tmp_path, capsys):
+    sw = tmp_path / "sw"
+    assert main(["sweep", *SWEEP, "--out", str(sw), "--no-figures"]) == 0
+    before = sorted(p.name for p in sw.iterdir())
+    capsys.readouterr()
+    assert main(["full", "--cell", "R", *TINY_ARGS[:2], "--out", str(sw), "--cache", str(tmp_path / "c")]) == 2
+    _one_line(capsys.readouterr().err, "--out", "holds a sweep run")
+    assert sorted(p.name for p in sw.iterdir()) == before
+
+
+def test_a_full_disk_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import sandbox.results as results
+
+    def full(path, mode="w"):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(results, "atomic_open", full)
+    out = tmp_path / "s"
+    assert main(["sweep", *SWEEP, "--out", str(out), "--no-figures"]) == 1
+    line = _one_line(capsys.readouterr().err, "disk is full", "No space left on device", "--out")
+    assert str(out) in line
+
+
+def test_storage_passwords_never_appear_in_errors(capsys):
+    assert main(["worker", "--storage", "postgresql://me:s3cr%40t@127.0.0.1:1/none", "--study", "s"]) == 2
+    err = _one_line(capsys.readouterr().err, "--storage", "me:***@127.0.0.1")
+    assert "s3cr" not in err
+    assert ledger.safe_url("postgresql://u:a@b@h/db?password=x&sslmode=require") == \
+        "postgresql://u:***@h/db?password=***&sslmode=require"

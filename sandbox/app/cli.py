@@ -83,6 +83,42 @@ def _stopped(signum: int) -> int:
     return EXIT_SIGINT
 
 
+def _flag_of(path: str, words: list[str]) -> tuple[str | None, str | None]:
+    """The flag (and its value) of the command line `words` whose path holds `path`, if any."""
+    best = (None, None)
+    pairs = [(w.split("=", 1)[0], w.split("=", 1)[1]) if w.startswith("--") and "=" in w else (w, v)
+             for w, v in zip(words, words[1:] + [""])]
+    for flag, value in pairs:
+        if not flag.startswith("--") or not value or value.startswith("--"):
+            continue
+        for p, v in ((path, value), (os.path.abspath(path), os.path.abspath(value))):
+            if (p == v or p.startswith(v.rstrip("/") + "/")) and len(value) > len(best[1] or ""):
+                best = (flag, value)
+    return best
+
+
+def _os_error(e: OSError, words: list[str]) -> int:
+    """One line for an operating-system error that reached the top (a full disk, a name too long, a
+    read-only place), naming the flag whose path it hit: exit 1 for a full disk (nothing wrong with
+    the command; free space and rerun: finished trials and checkpoints are kept), 2 otherwise."""
+    import errno
+
+    where = str(e.filename) if e.filename is not None else ""
+    flag, value = _flag_of(where, words) if where else (None, None)
+    reason = e.strerror or type(e).__name__
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        print(f"error: the disk is full ({reason}) writing {where or 'a file'}"
+              f"{f' (under {flag} {value!r})' if flag else ''}; nothing half-written is kept: free space and rerun "
+              "(finished trials and checkpoints are reused)", file=sys.stderr)
+        return 1
+    allowed = {errno.ENAMETOOLONG: "a path whose every name fits the filesystem (at most 255 bytes)",
+               errno.EROFS: "a place on a writable filesystem", errno.EACCES: "a place this user can write to",
+               errno.EPERM: "a place this user can write to"}.get(e.errno, "a usable path")
+    print(BadInput(flag or "path", value if flag else where, f"{allowed} ({reason}: {where})").one_line(),
+          file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app and return its exit code (the console script passes it to
     `sys.exit`); user mistakes become one line on stderr and exit code 2; Ctrl-C exits 130 and
@@ -119,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         old = signal.signal(signal.SIGTERM, _term), signal.signal(signal.SIGINT, _int), sys.unraisablehook
         sys.unraisablehook = _unraisable
+    words: list[str] = []
     try:
         words = list(sys.argv[1:] if argv is None else argv)
         words, manifest, overrides = replay.expand(words)
@@ -152,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         # `sandbox report DIR | head`: the reader went away; not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:   # a full disk, a name too long, a read-only place: one line, never a traceback
+        return _os_error(e, words)
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old[0])

@@ -27,6 +27,31 @@ def _bench_options() -> list:
             own("out", None, "--out", help="Also write the JSON to this file (atomically).")]
 
 
+def _check_writable(out: str) -> None:
+    """Refuse (one line naming --out) a file that cannot be written: an empty or too long name, a
+    folder, a read-only place (permissions or a read-only filesystem: probed with a real file)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from sandbox.errors import BadInput
+    from sweeps.ledger import check_names
+
+    check_names(out=out)
+    path = Path(out)
+    if path.is_dir():
+        raise BadInput("--out", out, "a file path (this is a folder)")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".probe.", dir=parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise BadInput("--out", out, f"a file in a place this user can write to ({e.strerror or e})") from None
+
+
 def bench(*, quick, as_json, only, repeats, presets, device, threads, out) -> None:
     """Time the sandbox loss, the gated mixture, one adaptation step per preset and the default sweep."""
     import sys
@@ -59,6 +84,8 @@ def bench(*, quick, as_json, only, repeats, presets, device, threads, out) -> No
             raise BadInput("--presets", presets, "a comma list of " + ", ".join(PRESETS))
         overrides["presets"] = names
     cfg = BenchConfig.quick_config(**overrides) if quick else BenchConfig(**overrides)
+    if out is not None:
+        _check_writable(out)   # before the minutes of timing, not after
 
     err = Console(stderr=True)
     res = run_bench(cfg, progress=(lambda m: err.log(m)) if not as_json else None)

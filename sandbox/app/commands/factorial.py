@@ -30,6 +30,9 @@ def _factorial_options() -> list:
 def factorial(**kw) -> None:
     """Run the factorial of cells x seeds and attribute the effect (probes: --inherit-alpha 0, --perturb-base S)."""
     cells, seeds, out, storage = kw.pop("cells"), kw.pop("seeds"), kw.pop("out"), kw.pop("storage")
+    from sweeps.ledger import check_names
+
+    check_names(out=out, storage=storage, cache=kw.get("cache"))   # empty, too long: one line
     design = {k: kw.pop(k) for k in ("eps", "alpha", "seeds_to_resolve", "round_seeds", "spending")}
     cache, threads, yes = kw.pop("cache"), kw.pop("threads"), kw.pop("yes")
     no_figures, enqueue_only, overwrite = kw.pop("no_figures"), kw.pop("enqueue_only"), kw.pop("overwrite")

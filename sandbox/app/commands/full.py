@@ -125,6 +125,9 @@ def full(**kw) -> None:
     cell, seeds, out, stop_after = kw.pop("cell"), kw.pop("seeds"), kw.pop("out"), kw.pop("stop_after")
     overwrite = kw.pop("overwrite")
     cache, threads, yes = kw.pop("cache"), kw.pop("threads"), kw.pop("yes")
+    from sweeps.ledger import check_names
+
+    check_names(out=out, cache=cache)   # empty, too long: one line
     apply_threads(threads)
     from dataclasses import replace
 

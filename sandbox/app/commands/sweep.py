@@ -124,6 +124,9 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_
     check_int(threads, "--threads", 1, 256)
     check_int(chunk_rows, "--chunk-rows", 0, 1_000_000)
     seed_list = parse_seeds(seeds, "--seeds")
+    from sweeps.ledger import check_names
+
+    check_names(study, out=out, storage=storage, cache=cache, data=data)   # empty, too long: one line
     axis_name, axis_rng = None, None
     from sweeps.grid import AXES
 

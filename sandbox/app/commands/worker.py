@@ -27,6 +27,9 @@ def worker(
     from sandbox.errors import BadInput
     from sandbox.options import check_int
 
+    from sweeps.ledger import check_names
+
+    check_names(study, storage=storage, out=out, cache=cache)   # empty, too long: one line
     check_int(retries, "--retries", 0, 100)
     check_int(threads, "--threads", 1, 256)
     if max_trials is not None:
