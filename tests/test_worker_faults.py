@@ -476,3 +476,10 @@ def test_storage_passwords_never_appear_in_errors(capsys):
     assert "s3cr" not in err
     assert ledger.safe_url("postgresql://u:a@b@h/db?password=x&sslmode=require") == \
         "postgresql://u:***@h/db?password=***&sslmode=require"
+
+
+@pytest.mark.parametrize("args, flag", [(["--db-wait", "-1"], "--db-wait"), (["--db-wait", "nan"], "--db-wait"),
+                                        (["--grace", "1", "--heartbeat", "10"], "--grace")])
+def test_worker_timing_flags_are_checked(args, flag, capsys):
+    assert main(["worker", "--storage", "postgresql://u@127.0.0.1:1/x", "--study", "s", *args]) == 2
+    _one_line(capsys.readouterr().err, flag)
