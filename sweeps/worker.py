@@ -124,7 +124,7 @@ def transient(e: BaseException) -> bool:
 
     seen = 0
     while e is not None and seen < 8:
-        if isinstance(e, (sx.OperationalError, sx.InterfaceError, sx.DisconnectionError)):
+        if isinstance(e, (sx.OperationalError, sx.InterfaceError, sx.DisconnectionError, sx.PendingRollbackError)):
             return True
         if isinstance(e, sx.DBAPIError) and getattr(e, "connection_invalidated", False):
             return True
@@ -567,14 +567,19 @@ def _models():
 
 
 def _waiting_ids(store, study_id: int, limit: int, skip=()) -> list[int]:
+    """Waiting trials in claim order: copies of lost or failed trials first (attribute
+    ``requeue_of``: they have waited longest, and the plan's tail is not held up by them), then by
+    trial number (the plan's order; a trial given back keeps its place)."""
     m = _models()
+    ua = m.TrialUserAttributeModel
     session = store.scoped_session()
     try:
         q = (session.query(m.TrialModel.trial_id)
+             .outerjoin(ua, (ua.trial_id == m.TrialModel.trial_id) & (ua.key == "requeue_of"))
              .filter(m.TrialModel.study_id == study_id, m.TrialModel.state == TrialState.WAITING))
         if skip:
             q = q.filter(m.TrialModel.trial_id.notin_(list(skip)))
-        rows = q.order_by(m.TrialModel.number).limit(limit).all()
+        rows = q.order_by(ua.trial_user_attribute_id.is_(None), m.TrialModel.number).limit(limit).all()
         session.commit()
     finally:
         session.close()

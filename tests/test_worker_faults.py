@@ -299,6 +299,20 @@ def test_a_define_step_racing_a_requeue_queues_the_key_once(pg_url):
     assert waiting[0].user_attrs["reason"] == "lost" and tid is not None
 
 
+def test_a_lost_trials_copy_goes_to_the_front_of_the_queue(pg_url):
+    study, store = _study(), worker.database(pg_url)
+    worker.enqueue(store, study, _jobs(4))
+    sid = worker._study_id(store, study)
+    first = worker.claim(store, sid)   # k0 runs, and its worker dies
+    import optuna
+
+    time.sleep(1.2)
+    assert worker.requeue_lost(store, optuna.load_study(study_name=study, storage=store), sid, grace_s=1.0) == 1
+    nxt = store.get_trial(worker.claim(store, sid))
+    assert nxt.user_attrs["key"] == "k0" and nxt.user_attrs["requeue_of"] == store.get_trial(first).number
+    assert [store.get_trial(worker.claim(store, sid)).user_attrs["key"] for _ in range(3)] == ["k1", "k2", "k3"]
+
+
 def test_sigterm_gives_the_trial_back_and_exits_143(pg_url, tmp_path):
     study = _study()
     assert main(["sweep", *SWEEP, "--storage", pg_url, "--study", study, "--enqueue-only"]) == 0
@@ -319,6 +333,9 @@ def test_sigterm_gives_the_trial_back_and_exits_143(pg_url, tmp_path):
 # Chaos: SIGKILLs at seeded random moments and a database restart
 # ---------------------------------------------------------------------------------------------
 
+#: Worker-collected tables against one process: a worker evaluates a point's seeds one at a time, one
+#: process stacks them in one batch, so sums run in another order (measured up to 5.8e-14; docs/reliability.md).
+TOLERANCE = 1e-12
 #: The chaos run's seed: it picks the moments (after which result, how long after) and the victims.
 CHAOS_SEED = 20261207
 #: 4 points x 3 seeds = 12 keys of the fast analytic sweep.
@@ -387,8 +404,14 @@ def test_chaos_kills_and_a_database_restart_lose_and_duplicate_nothing(pg_server
     assert main(["sweep", *args, "--out", str(tmp_path / "collect"), "--no-figures"]) == 0
     assert "0 seed-points computed, 12 reused" in capsys.readouterr().out
     assert main(["sweep", *CHAOS, "--out", str(tmp_path / "alone"), "--no-figures"]) == 0
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "collect" / "summary.csv"),
-                                  pd.read_csv(tmp_path / "alone" / "summary.csv"))
+    gaps = {}
+    for table in ("summary.csv", "results.csv"):
+        a, b = (pd.read_csv(tmp_path / d / table).drop(columns=["wall_s"], errors="ignore")   # a timing
+                for d in ("collect", "alone"))
+        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=0, atol=TOLERANCE)
+        gaps[table] = max((a[c] - b[c]).abs().max() for c in a.columns if pd.api.types.is_float_dtype(a[c]))
+    with capsys.disabled():
+        print(f"collected tables vs one process: largest differences {gaps} (tolerance {TOLERANCE:g})")
 
 
 # ---------------------------------------------------------------------------------------------
