@@ -448,7 +448,7 @@ def run_sweep(cfg: SweepConfig, out: Path, storage: str | None = None, study: st
     st = ledger.open_study(store, study_name, metric=ledger.METRICS["analytic"])
     run = RunDir.create(out, command="sweep", config=cfg, seeds=list(cfg.seeds), argv=argv,
                         extra={"axes": cfg.axes, "study": study_name,
-                               "storage": storage or str(out / "trials.journal"), "eps": cfg.eps, "alpha": cfg.alpha,
+                               "storage": ledger.safe_url(storage) if storage else str(out / "trials.journal"), "eps": cfg.eps, "alpha": cfg.alpha,
                                "stats": {"eps": cfg.eps, "alpha": cfg.alpha, "converged_frac": cfg.converged_frac,
                                          "value": "rel_excess"},
                                **({"device": str(device)} if device is not None else {})})

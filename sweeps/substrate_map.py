@@ -225,7 +225,7 @@ def run_substrate_sweep(cfg: SubstrateSweepConfig, out: Path, storage: str | Non
     st = ledger.open_study(store, study or DEFAULT_STUDY, metric=ledger.METRICS["substrate"])
     run = RunDir.create(out, command="sweep", config=cfg, seeds=list(cfg.seeds), argv=argv,
                         extra={"axes": cfg.axes, "system": "substrate", "study": study or DEFAULT_STUDY,
-                               "storage": storage or str(out / "trials.journal"), "eps": cfg.eps, "alpha": cfg.alpha})
+                               "storage": ledger.safe_url(storage) if storage else str(out / "trials.journal"), "eps": cfg.eps, "alpha": cfg.alpha})
     points = cfg.grid_points()
     done = ledger.finished(st)
     total = len(points) * len(cfg.seeds)

@@ -332,7 +332,8 @@ def enqueue(store, study_name: str, jobs: Sequence[Job], direction: str = "maxim
         counts = PlanCounts(planned=len(jobs), enqueued=len(todo), requeued=requeued,
                             finished=sum(k in done for k in keys), pending=sum(k in pending for k in keys))
         study.set_user_attr("plan", {**dataclasses.asdict(counts), "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                     "host": socket.gethostname(), "argv": argv})
+                                     "host": socket.gethostname(),
+                                     "argv": None if argv is None else [_safe_url(a) for a in argv]})
         study.set_user_attr("code", code_identity())
     return counts
 

@@ -506,3 +506,39 @@ def test_storage_passwords_never_appear_in_errors(capsys):
 def test_worker_timing_flags_are_checked(args, flag, capsys):
     assert main(["worker", "--storage", "postgresql://u@127.0.0.1:1/x", "--study", "s", *args]) == 2
     _one_line(capsys.readouterr().err, flag)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags a system would silently ignore, and a folder of the other system
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, flag, system", [
+    (["--system", "substrate", "--lifecycle"], "--lifecycle", "substrate"),
+    (["--system", "substrate", "--domains", "3"], "--domains", "substrate"),
+    (["--system", "substrate", "--slots", "3"], "--slots", "substrate"),
+    (["--system", "substrate", "--search", "boundary"], "--search", "substrate"),
+    (["--system", "substrate", "--tune", "off"], "--tune", "substrate"),
+    (["--preset", "tiny"], "--preset", "analytic"),
+    (["--data", "."], "--data", "analytic"),
+    (["--cache", "c"], "--cache", "analytic"),
+])
+def test_a_flag_the_system_does_not_read_is_refused(args, flag, system, tmp_path, capsys):
+    assert main(["sweep", *args, "--out", str(tmp_path / "o")]) == 2
+    _one_line(capsys.readouterr().err, f"error: {flag}", f"--system {system}", "does not read it")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_sweep_folder_of_the_other_system_is_refused(tmp_path, capsys):
+    sub = ["--system", "substrate", "--points", "2", "--seeds", "1", "--steps", "4", "--batch", "2",
+           "--population", "3", "--cache", str(tmp_path / "cache"), "--device", "cpu", "--no-figures"]
+    a, s = tmp_path / "a", tmp_path / "s"
+    assert main(["sweep", *SWEEP, "--out", str(a), "--no-figures"]) == 0
+    assert main(["sweep", *sub, "--out", str(s)]) == 0
+    capsys.readouterr()
+    before = {d: sorted(p.name for p in d.iterdir()) for d in (a, s)}
+    assert main(["sweep", *sub, "--out", str(a)]) == 2
+    _one_line(capsys.readouterr().err, "--out", "holds a --system analytic sweep")
+    assert main(["sweep", *SWEEP, "--out", str(s), "--no-figures"]) == 2
+    _one_line(capsys.readouterr().err, "--out", "holds a --system substrate sweep")
+    assert {d: sorted(p.name for p in d.iterdir()) for d in (a, s)} == before

@@ -136,9 +136,10 @@ def set_argv(argv: list[str] | None) -> None:
 
 
 def recorded_argv() -> list[str]:
-    """``["sandbox", COMMAND, ...]``: the running command's line for its manifest."""
+    """``["sandbox", COMMAND, ...]``: the running command's line for its manifest, storage
+    passwords masked (``user:***@``: a replay reads it from ``PGPASSWORD`` or ``~/.pgpass`` instead)."""
     import sys
 
-    if _ARGV is not None:
-        return ["sandbox", *_ARGV]
-    return ["sandbox", *sys.argv[1:]]
+    from sweeps.ledger import safe_url
+
+    return ["sandbox", *(safe_url(w) if "://" in w else w for w in (_ARGV if _ARGV is not None else sys.argv[1:]))]

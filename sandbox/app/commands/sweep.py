@@ -150,6 +150,7 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_
     torch.set_num_threads(threads)
     if system not in ("analytic", "substrate"):
         raise BadInput("--system", system, "analytic or substrate")
+    _refuse_ignored(system)
     if system == "substrate":
         from sandbox.app.commands.sweep_substrate import substrate_sweep
 
@@ -194,6 +195,7 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_
 
     dev = resolve_device(device)       # --device cuda without a GPU: one line, exit 2
     run_dir = Path(out) if out else default_out("sweep", cfg.folder_key())
+    check_system_folder(run_dir, "analytic")
     console = Console(stderr=False)
     if not console.is_terminal:
         console = Console(width=200)
@@ -233,6 +235,59 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_
                   f"{time.perf_counter() - t0:.1f} s; folder {run_dir}", highlight=False)
     for f in res.figures:
         console.print(f"  {f}", highlight=False)
+
+
+def check_system_folder(run_dir, system: str) -> None:
+    """Refuse (one line naming --out) a sweep folder of the other --system: its ledger, tables and
+    figures would mix two systems' results."""
+    from pathlib import Path
+
+    from sandbox.errors import BadInput
+    from sandbox.results import read_manifest_file
+
+    m = Path(run_dir) / "manifest.json"
+    if not m.is_file():
+        return
+    man = read_manifest_file(m, "--out")
+    if man.get("command") != "sweep":
+        return   # another command's folder: claim_run_dir refuses it
+    held = man.get("system") or "analytic"
+    if held != system:
+        raise BadInput("--out", str(run_dir), f"a new folder or one holding a --system {system} sweep (this one "
+                       f"holds a --system {held} sweep)")
+
+
+#: Flags only the analytic system reads (``--system substrate`` would silently ignore them).
+_ANALYTIC_ONLY = ("converged_frac", "independent_seeds", "tune", "tune_lr", "tune_adapter", "tune_beta2", "tune_seeds",
+                  "tune_widen", "tune_robust", "tune_rule", "search", "trials", "domains", "slots", "dim", "rank",
+                  "true_rank", "context_dim", "context_noise", "overlap", "oracle", "lifecycle", "scope", "selection",
+                  "crossover", "crossover_t", "mutation", "finetune_steps", "finetune_lr", "acar_tol", "budget", "draws",
+                  "eval_draws", "fresh_noise", "loss_floor", "lora_alpha", "beta2", "control_beta2", "accept_tol",
+                  "chunk_rows")
+#: Flags only the substrate system reads (the analytic sweep would silently ignore them).
+_SUBSTRATE_ONLY = ("preset", "data", "cache", "search_windows", "confirm")
+
+
+def _refuse_ignored(system: str) -> None:
+    """Refuse (one line naming the flag and the system) a flag given on the command line that
+    `system` does not read, instead of running without it."""
+    from sandbox.errors import BadInput
+
+    try:
+        from typer._click.globals import get_current_context
+    except ImportError:  # pragma: no cover - depends on the installed typer
+        from click import get_current_context
+    ctx = get_current_context(silent=True)
+    if ctx is None:
+        return
+    ignored = _ANALYTIC_ONLY if system == "substrate" else _SUBSTRATE_ONLY
+    for p in ctx.command.params:
+        src = ctx.get_parameter_source(p.name) if p.name in ignored else None
+        if src is not None and src.name in ("COMMANDLINE", "ENVIRONMENT"):
+            flag = max((o for o in p.opts if o.startswith("--")), key=len, default=p.name)
+            other = "analytic" if system == "substrate" else "substrate"
+            raise BadInput(flag, ctx.params.get(p.name), f"no {flag} with --system {system} (the {system} system does "
+                           f"not read it; it is a flag of --system {other}): leave it out")
 
 
 def _tune_seeds(text: str) -> tuple[int, ...]:

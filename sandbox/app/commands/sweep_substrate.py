@@ -63,6 +63,9 @@ def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, 
                                axis_range=(axis_rng.lo, axis_rng.hi) if axis_rng else None, axis_points=axis_points,
                                seeds=tuple(seeds), eps=eps, alpha=alpha, cache=cache)
     run_dir = Path(out) if out else default_out("sweep", cfg.folder_key())
+    from sandbox.app.commands.sweep import check_system_folder
+
+    check_system_folder(run_dir, "substrate")
     err = Console(stderr=True)
     from sandbox.app.commands.worker import check_collect, define
     from sweeps.substrate_map import DEFAULT_STUDY

@@ -118,7 +118,9 @@ def define(console, jobs, storage: str, study: str, direction: str, what: str, a
     console.print(f"{what}: {counts.planned} trials planned in study '{study}': {counts.enqueued} queued now "
                   f"({counts.requeued} of them failed before), {counts.pending} already waiting or running, "
                   f"{counts.finished} already finished", highlight=False)
-    console.print(f"start workers (any number, any machine): sandbox worker --storage {storage} --study {study}; "
+    from sweeps.ledger import safe_url
+
+    console.print(f"start workers (any number, any machine): sandbox worker --storage {safe_url(storage)} --study {study}; "
                   "then rerun this command without --enqueue-only to collect", highlight=False)
 
 
