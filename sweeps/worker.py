@@ -42,27 +42,30 @@ Faults:
   rows or result, so no table ever averages it in; a copy is enqueued while its ``attempt`` is at
   most ``retries`` (so it runs at most ``retries + 1`` times). A key whose last attempt failed is
   re-queued by the next define step.
-- Ctrl-C or SIGTERM (e.g. a SLURM time limit) gives the running trial back at once (``reason =
-  "interrupted"``) instead of after the grace period.
 - the database goes away (restart, failover, network): every storage step of a worker goes through
   `Patience`, which retries connection errors with capped exponential backoff for ``wait_s`` (the
   worker's ``--db-wait``, default 300 s, printed when it starts waiting) and then raises
-  `StorageUnavailable` (one line naming the storage and the time waited). Steps are idempotent
-  (a re-queue re-checks the key under `plan_lock`), the heartbeat thread keeps beating on its own,
-  and after an outage a worker declares nobody lost for ``grace_s`` (every worker's heartbeat
-  stopped during the outage, not only the dead ones'). A result computed during an outage is
-  written after reconnecting.
-- every re-queue (lost, error, interrupted, mismatch, busy) holds `plan_lock` and adds a copy only
-  when the key has no result and no waiting or running trial, so a define step running at the same
-  moment never duplicates a key.
-- a factorial copy whose trial folder is still locked by a stalled (not dead) worker is given back
-  without counting an attempt (``reason = "busy"``): the key waits for the folder instead of
-  spending its retries, so it is never lost.
+  `StorageUnavailable` (one line naming the storage and the time waited). Steps are safe to repeat
+  (a retried write recognises its own earlier commit; a re-queue re-checks the key under
+  `plan_lock`); the heartbeat thread keeps beating on its own and reports outages it sees to the same
+  `Patience`. Heartbeat ages count from the later of the beat and the server's start
+  (``pg_postmaster_start_time``), and a worker that saw an outage declares nobody lost for
+  ``grace_s`` after it: every worker's heartbeat stopped during the outage, not only the dead ones'.
+  A result computed during an outage is written after reconnecting; past ``--db-wait`` the trial
+  stays running without heartbeats and is re-run by another worker after the grace period.
+- every re-queue (lost, failed) holds `plan_lock` and adds a copy only when the key has no result
+  and no waiting or running trial, so a define step running at the same moment never duplicates a
+  key. Copies are claimed first (`_waiting_ids`).
+- giving back (`give_back`: the trial returns to WAITING in its place, same attempt, no copy) for a
+  trial this worker must not run now: Ctrl-C or SIGTERM (e.g. a SLURM time limit; counted
+  ``interrupted``), a factorial trial whose run folder a stalled (live, not dead) worker still locks
+  (`FolderBusy`, counted ``busy``: the key waits for the folder, retried every ``grace_s / 2``,
+  instead of spending its retries and ending with no result), or other code (`CodeMismatch`).
 
 Code versions: the define step stores `code_identity` (the configuration hash scheme and the package
 version) as the study attribute ``code``; a worker whose identity differs exits 2 with one line
-before claiming (`check_code`), and a trial whose payload hashes differently here (`CodeMismatch`)
-is given back without counting an attempt and stops the worker.
+before claiming (`check_code`), and a trial whose payload hashes differently here (`CodeMismatch`),
+or names a system this code does not know, is given back and stops the worker (exit 2).
 
 Storage: PostgreSQL only (`database`). SQLite and the journal file are refused for workers: they
 have no row locks across machines (the journal's lock is a local ``flock``) and no heartbeats, so a

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: A worker whose analytic trials sleep $SLOW_S first (the result is the real one), and whose
 #: factorial trials stop themselves (SIGSTOP) right after locking their folder when $STOP_AFTER_LOCK
-#: is set: the moments the fault tests need, hit exactly.
+#: is set: the moments the fault tests need, hit exactly. With $READY_DIR it marks when it has connected.
 LAUNCHER = textwrap.dedent("""
     import os, signal, sys, time
     from sweeps import worker
@@ -46,6 +46,16 @@ LAUNCHER = textwrap.dedent("""
         return run_analytic(job, ctx)
 
     worker.SYSTEMS["analytic"] = sleepy
+    ready = os.environ.get("READY_DIR")
+    if ready:   # mark the moment this worker has connected (a worker refuses an unreachable URL at start)
+        database = worker.database
+
+        def connected(*a, **k):
+            store = database(*a, **k)
+            open(os.path.join(ready, str(os.getpid())), "w").close()
+            return store
+
+        worker.database = connected
     if os.environ.get("STOP_AFTER_LOCK"):
         import substrate.cell as cell
         claim = cell.claim_run_dir
@@ -349,7 +359,9 @@ def test_chaos_kills_and_a_database_restart_lose_and_duplicate_nothing(pg_server
     assert main(["sweep", *args, "--enqueue-only"]) == 0
     capsys.readouterr()
     cmd = _worker_cmd(tmp_path, url, study, "--heartbeat", "0.5", "--grace", "3", "--db-wait", "90")
-    env = {**_env(), "SLOW_S": "1.5"}   # each trial takes >= 1.5 s, so faults land mid-trial too
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    env = {**_env(), "SLOW_S": "1.5", "READY_DIR": str(ready)}   # trials take >= 1.5 s: faults land mid-trial too
 
     def spawn():
         return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -366,7 +378,9 @@ def test_chaos_kills_and_a_database_restart_lose_and_duplicate_nothing(pg_server
         for i, k in enumerate(moments):
             _wait_for(lambda: results() >= k, 120, f"result {k}")
             time.sleep(rng.random())
-            if i == restart_at:
+            if i == restart_at:   # once every live worker is past its start (an outage at start is exit 2)
+                _wait_for(lambda: all(p.poll() is not None or (ready / str(p.pid)).exists()
+                                      for p in procs if p not in killed), 120, "every worker connected")
                 pg_server.stop()
                 time.sleep(4.0)   # longer than --grace: every heartbeat is stale when it comes back
                 pg_server.start()

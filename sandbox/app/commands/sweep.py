@@ -195,6 +195,8 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_
 
     dev = resolve_device(device)       # --device cuda without a GPU: one line, exit 2
     run_dir = Path(out) if out else default_out("sweep", cfg.folder_key())
+    from sandbox.app.commands.sweep_substrate import check_system_folder
+
     check_system_folder(run_dir, "analytic")
     console = Console(stderr=False)
     if not console.is_terminal:
@@ -235,26 +237,6 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_
                   f"{time.perf_counter() - t0:.1f} s; folder {run_dir}", highlight=False)
     for f in res.figures:
         console.print(f"  {f}", highlight=False)
-
-
-def check_system_folder(run_dir, system: str) -> None:
-    """Refuse (one line naming --out) a sweep folder of the other --system: its ledger, tables and
-    figures would mix two systems' results."""
-    from pathlib import Path
-
-    from sandbox.errors import BadInput
-    from sandbox.results import read_manifest_file
-
-    m = Path(run_dir) / "manifest.json"
-    if not m.is_file():
-        return
-    man = read_manifest_file(m, "--out")
-    if man.get("command") != "sweep":
-        return   # another command's folder: claim_run_dir refuses it
-    held = man.get("system") or "analytic"
-    if held != system:
-        raise BadInput("--out", str(run_dir), f"a new folder or one holding a --system {system} sweep (this one "
-                       f"holds a --system {held} sweep)")
 
 
 #: Flags only the analytic system reads (``--system substrate`` would silently ignore them).

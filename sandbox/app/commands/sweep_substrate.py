@@ -17,6 +17,27 @@ CPU_DEFAULTS = dict(preset="tiny", steps=100, points=5, seeds=(0, 1, 2, 3, 4))
 GPU_DEFAULTS = dict(preset="widened-1536", steps=25_000, points=5, seeds=(0, 1, 2))
 
 
+def check_system_folder(run_dir, system: str) -> None:
+    """Refuse (one line naming --out) a sweep folder of the other --system: its ledger, tables and
+    figures would mix two systems' results."""
+    from pathlib import Path
+
+    from sandbox.errors import BadInput
+    from sandbox.results import read_manifest_file
+
+    m = Path(run_dir) / "manifest.json"
+    if not m.is_file():
+        return
+    man = read_manifest_file(m, "--out")
+    if man.get("command") != "sweep":
+        return   # another command's folder: claim_run_dir refuses it
+    held = man.get("system") or "analytic"
+    if held != system:
+        raise BadInput("--out", str(run_dir), f"a new folder or one holding a --system {system} sweep (this one "
+                       f"holds a --system {held} sweep)")
+
+
+
 def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, out, storage, study, figures, steps, lr,
                     plasticity, router, evo, population, mutation_scale, interval, reset_on_accept, preset, batch, data,
                     cache, device, point_count_given, seeds_given, print_summary, enqueue_only=False,
@@ -63,8 +84,6 @@ def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, 
                                axis_range=(axis_rng.lo, axis_rng.hi) if axis_rng else None, axis_points=axis_points,
                                seeds=tuple(seeds), eps=eps, alpha=alpha, cache=cache)
     run_dir = Path(out) if out else default_out("sweep", cfg.folder_key())
-    from sandbox.app.commands.sweep import check_system_folder
-
     check_system_folder(run_dir, "substrate")
     err = Console(stderr=True)
     from sandbox.app.commands.worker import check_collect, define
