@@ -361,7 +361,8 @@ def sweep_jobs(cfg) -> list[Job]:
             jobs.append(Job(key=ledger.trial_key(pk, seed),
                             payload={"system": "analytic", "task": dataclasses.asdict(spec),
                                      "solver": dataclasses.asdict(solver), "seed": int(seed), "point_key": pk},
-                            attrs={"point_key": pk, "seed": int(seed), "axes": {k: float(v) for k, v in values.items()}},
+                            attrs={**ledger.labels("analytic", values, "evo vs grad"), "point_key": pk,
+                                   "seed": int(seed), "axes": {k: float(v) for k, v in values.items()}},
                             params={k: float(v) for k, v in values.items()}, distributions=dists))
     return jobs
 
@@ -381,7 +382,8 @@ def substrate_sweep_jobs(cfg) -> list[Job]:
             jobs.append(Job(key=ledger.trial_key(pk, seed),
                             payload={"system": "substrate", "arms": arms_payload(point_arms(cfg, values, seed)),
                                      "seed": int(seed), "point_key": pk, "cache": os.path.abspath(cfg.cache)},
-                            attrs={"point_key": pk, "seed": int(seed), "axes": {k: float(v) for k, v in values.items()}},
+                            attrs={**ledger.labels("substrate", values, "evo vs grad"), "point_key": pk,
+                                   "seed": int(seed), "axes": {k: float(v) for k, v in values.items()}},
                             params={k: float(v) for k, v in values.items()}, distributions=dists))
     return jobs
 
@@ -396,7 +398,7 @@ def factorial_jobs(fcfg, out: str | Path, cache: str | Path) -> list[Job]:
     return [Job(key=trial_key(cell, seed),
                 payload={"system": "factorial", "cell": fcfg.trial_config(cell, seed).flat(),
                          "out": out, "cache": cache},
-                attrs={"cell": cell, "seed": int(seed)})
+                attrs={"cell": cell, "seed": int(seed), **ledger.labels("factorial", arm=cell)})
             for seed in fcfg.seeds for cell in fcfg.cells]
 
 

@@ -87,7 +87,15 @@ def test_a_postgresql_study_reads_with_named_value_and_labelled_trials(pg_url, t
     planned = f"plan-{tmp_path.name}"
     assert main(["sweep", "--points", "2", "--seeds", "1", "--storage", pg_url, "--study", planned, "--enqueue-only",
                  *SMALL]) == 0
-    assert optuna.load_study(study_name=planned, storage=store).metric_names == [ledger.METRICS["analytic"]]
+    plan = optuna.load_study(study_name=planned, storage=store)
+    assert plan.metric_names == [ledger.METRICS["analytic"]]
+    # the planned trials (run later by `sandbox worker`) carry the same labels while they wait
+    waiting = plan.get_trials(deepcopy=False)
+    assert len(waiting) == 2 and all(t.state == optuna.trial.TrialState.WAITING for t in waiting)
+    for t in waiting:
+        a = t.user_attrs
+        assert a["system"] == "analytic" and a["arm"] == "evo vs grad" and a["point"] == ledger.point_label(a["axes"])
+        assert a["metric"] == ledger.METRICS["analytic"]
 
 
 def test_a_study_written_before_the_labels_still_resumes(tmp_path):
