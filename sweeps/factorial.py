@@ -45,7 +45,7 @@ import pandas as pd
 
 from sandbox import gatestats, replicates
 from sandbox.factors import DEFAULT_CELLS, parse_cell
-from sandbox.errors import require
+from sandbox.errors import BadInput, require
 from sandbox.options import DEFAULT_SEEDS
 from sandbox.results import RunDir, atomic_write_csv, config_hash, open_run_dir
 from sandbox.stats import DEFAULT_EPS
@@ -63,6 +63,35 @@ METRIC_COLUMNS = ("balanced_log_ppl", "diverged", "diverged_step", "balanced_gap
 # ---------------------------------------------------------------------------------------------
 # The factorial
 # ---------------------------------------------------------------------------------------------
+
+
+#: Named settings of `sandbox factorial --setting NAME`: a bundle of option values (keyword -> value,
+#: the command's keywords, so ``cells`` and ``seeds`` beside the cell knobs) taken where the command line
+#: does not give the option itself. A setting only fills in options: the run's configuration, folder
+#: name and ledger are those of the same command with the values written out, and the manifest records
+#: the setting (`resolve_setting`). ``mechanism``: where the study's mechanism is looked for on a CPU,
+#: docs/results/2026-12-07-mechanism.md.
+SETTINGS: dict[str, dict] = {
+    "mechanism": dict(preset="tiny", steps=400, router_lr=0.9, cells="B3,R", seeds="0,1,2,3,4,5", bases=3),
+}
+
+
+def resolve_setting(name: str, options: dict, given: set[str]) -> dict:
+    """Fill `options` (the command's keywords) in place from the named setting `SETTINGS[name]`, except
+    the keywords in `given` (options on the command line win), and return the manifest's record
+    ``{name, values, applied, overridden}``: the setting's values, those taken, and the command line's
+    values where they replaced the setting's. An unknown name is one line naming ``--setting``."""
+    if name not in SETTINGS:
+        raise BadInput("--setting", name, "one of " + ", ".join(SETTINGS))
+    values = SETTINGS[name]
+    applied, overridden = {}, {}
+    for key, value in values.items():
+        if key in given:
+            overridden[key] = options.get(key)
+        else:
+            options[key] = value
+            applied[key] = value
+    return {"name": name, "values": dict(values), "applied": applied, "overridden": overridden}
 
 
 #: The most seeds `--seeds-to-resolve` may reach: each seed is one trial per cell (minutes each), so a
@@ -207,9 +236,11 @@ def run_factorial(fcfg: FactorialConfig, out: str | Path, cache_dir: str | Path 
                   on_trial: Callable[[str, int, bool], None] | None = None,
                   progress: Callable[[str, int, int, int, dict], None] | None = None,
                   log: Callable[[str], None] | None = None,
-                  stage: Callable[[str, int, int], None] | None = None, overwrite: bool = False) -> FactorialResult:
+                  stage: Callable[[str, int, int], None] | None = None, overwrite: bool = False,
+                  setting: dict | None = None) -> FactorialResult:
     """Run every missing (cell, seed) trial, then write the tables, attribution and figures.
-    `stage(name, done, total)` reports pretraining and specialists (`prepare_substrate`).
+    `stage(name, done, total)` reports pretraining and specialists (`prepare_substrate`); `setting`
+    (`resolve_setting`'s record of a named setting) goes into the manifest as ``setting``.
 
     `on_trial(cell, seed, computed)` is called before a trial runs (computed False = reused);
     `progress(cell, seed, step, steps, info)` after every step of a computed trial.
@@ -223,7 +254,7 @@ def run_factorial(fcfg: FactorialConfig, out: str | Path, cache_dir: str | Path 
                                                             for s in fcfg.seeds]}), fcfg.bases)
     run = RunDir.create(out, "factorial", fcfg, seeds=list(fcfg.seeds), argv=argv,
                         extra={"settings": fcfg.settings(), "eps": fcfg.eps, "alpha": fcfg.alpha,
-                               "replication": planned})
+                               "replication": planned, **({"setting": setting} if setting else {})})
     if log is not None:
         log(f"replication: {planned['statement']}")
     ledger = TrialLedger(storage or out / "ledger.journal", study_name(fcfg),

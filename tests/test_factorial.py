@@ -117,6 +117,47 @@ def test_smoke_factorial_on_tiny(tmp_path, cache, capsys):
     assert (m["computed"], m["reused"]) == (2, 4)
 
 
+def test_resolve_setting_fills_only_what_the_command_line_leaves():
+    from sweeps.factorial import SETTINGS, resolve_setting
+
+    assert SETTINGS["mechanism"] == dict(preset="tiny", steps=400, router_lr=0.9, cells="B3,R", seeds="0,1,2,3,4,5",
+                                         bases=3)
+    kw = {"preset": None, "steps": 50, "router_lr": None, "cells": "partial", "seeds": "42,137,2026", "bases": None,
+          "lr": 0.003}
+    rec = resolve_setting("mechanism", kw, given={"steps"})
+    assert kw == {"preset": "tiny", "steps": 50, "router_lr": 0.9, "cells": "B3,R", "seeds": "0,1,2,3,4,5", "bases": 3,
+                  "lr": 0.003}
+    assert rec["overridden"] == {"steps": 50} and "steps" not in rec["applied"] and rec["applied"]["router_lr"] == 0.9
+    from sandbox.errors import BadInput
+
+    with pytest.raises(BadInput, match="--setting"):
+        resolve_setting("Mechanism", {}, set())
+
+
+def test_setting_mechanism_runs_as_its_values_written_out(tmp_path, cache, capsys):
+    """--setting mechanism on a tiny shape: its values fill the options not given (router lr 0.9 = 300 x lr,
+    cells B3,R, 3 bases), the manifest records it, and the same command with the values written out is the
+    same configuration (it resumes the folder and computes nothing)."""
+    out = tmp_path / "mech"
+    small = [a for a in TINY_ARGS]   # --preset tiny and --steps 4 given: they win over the setting's
+    assert main(["factorial", "--setting", "mechanism", "--seeds", "0,1", "--out", str(out), "--cache", cache,
+                 "--no-figures", *small]) == 0
+    assert "setting mechanism: --router-lr 0.9 --cells B3,R --bases 3" in capsys.readouterr().err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["setting"]["name"] == "mechanism" and m["setting"]["values"]["steps"] == 400
+    assert m["setting"]["overridden"] == {"preset": "tiny", "steps": 4, "seeds": "0,1"}
+    assert m["config"]["base"]["router_lr"] == 0.9 and m["config"]["base"]["bases"] == 3
+    assert m["config"]["base"]["steps"] == 4 and m["config"]["cells"] == ["B3", "R"]
+    cells = pd.read_csv(out / "cells.csv")
+    assert set(cells["cell"]) == {"B3", "R"} and sorted(set(cells["base"])) == [0, 1]
+    assert (cells["router_lr"] == 0.9).all()
+    written = ["factorial", "--router-lr", "0.9", "--cells", "B3,R", "--bases", "3", "--seeds", "0,1", "--out", str(out),
+               "--cache", cache, "--no-figures", *small]
+    assert main(written) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert (m["computed"], m["reused"]) == (0, 4) and "setting" not in m
+
+
 def test_full_command_writes_a_run_folder_per_seed(tmp_path, cache):
     out = tmp_path / "full"
     assert main(["full", "--cell", "l+r", "--seeds", "5,6", "--out", str(out), "--cache", cache, *TINY_ARGS]) == 0
@@ -141,6 +182,7 @@ def test_full_command_writes_a_run_folder_per_seed(tmp_path, cache):
     (["factorial", "--inherit-alpha", "2"], "--inherit-alpha"),
     (["factorial", "--perturb-base", "-1"], "--perturb-base"),
     (["factorial", "--eps", "0"], "--eps"),
+    (["factorial", "--setting", "nope"], "--setting"),
     (["full", "--cell", "Q"], "--cell"),
     (["full", "--cell", "R", "--tau-min", "5", "--tau-max", "1"], "--tau-min"),
     (["full", "--cell", "R", "--pooling", "mean"], "--pooling"),

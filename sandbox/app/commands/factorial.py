@@ -4,6 +4,8 @@ then the attribution of the effect to router, scope and lifecycle (named contras
 from __future__ import annotations
 
 
+from typing import Optional
+
 import typer
 
 from sandbox.app.replay import recorded_argv
@@ -20,6 +22,7 @@ def _factorial_options() -> list:
             own("out", None, "--out", help="Output folder (default runs/factorial-<hash>); rerun to resume."),
             own("overwrite", False, "--overwrite", help="Replace the --out folder whole (a run folder of this tool holding another configuration: its tables, figures, journal and checkpoints are removed). Without it a folder holding another configuration is refused; the same configuration resumes."),
             own("storage", None, "--storage", help="Optuna storage URL for the ledger (default OUT/ledger.journal)."),
+            own("setting", None, "--setting", annotation=Optional[str], help=_setting_help()),
             *from_fields(FactorialConfig, ("eps", "alpha", "seeds_to_resolve", "round_seeds", "spending")),
             *cell_options(), *run_options(),
             own("no_figures", False, "--no-figures", help="Skip drawing figures (tables only)."),
@@ -27,8 +30,40 @@ def _factorial_options() -> list:
                 "seed) trial on a PostgreSQL --storage and exit.")]
 
 
+def _setting_help() -> str:
+    from sweeps.factorial import SETTINGS
+
+    named = "; ".join(f"{name}: " + " ".join(_as_flags(values)) for name, values in SETTINGS.items())
+    return (f"A named bundle of option values ({named}); options given on the command line win. The run is the same "
+            "as with the values written out; the manifest records the setting.")
+
+
+def _as_flags(values: dict) -> list[str]:
+    return [f"--{k.replace('_', '-')} {v}" for k, v in values.items()]
+
+
+def _given(kw: dict) -> set[str]:
+    """The options of this invocation given on the command line (click's parameter source); without a
+    click context (a direct call), those that differ from their declared defaults."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        from click.core import ParameterSource
+
+        return {k for k in kw if ctx.get_parameter_source(k) not in (None, ParameterSource.DEFAULT,
+                                                                    ParameterSource.DEFAULT_MAP)}
+    defaults = {o.name: o.default for o in _factorial_options()}
+    return {k for k, v in kw.items() if k in defaults and v != defaults[k]}
+
+
 def factorial(**kw) -> None:
     """Run the factorial of cells x seeds and attribute the effect (probes: --inherit-alpha 0, --perturb-base S)."""
+    setting, record = kw.pop("setting"), None
+    if setting is not None:   # fills the options not given on the command line, before anything reads them
+        from sweeps.factorial import resolve_setting
+
+        record = resolve_setting(setting, kw, _given(kw))
     cells, seeds, out, storage = kw.pop("cells"), kw.pop("seeds"), kw.pop("out"), kw.pop("storage")
     from sweeps.ledger import check_names
 
@@ -57,8 +92,12 @@ def factorial(**kw) -> None:
     template = cell_template(chosen[0], seed_list[0], kw, notes.append, yes=yes,
                              one_base=design["seeds_to_resolve"] is not None)
     fcfg = FactorialConfig(base=template, cells=tuple(chosen), seeds=tuple(seed_list), **design)
+    if record is not None:
+        kept = record["overridden"]
+        notes.insert(0, f"setting {record['name']}: " + " ".join(_as_flags(record["applied"]))
+                     + (f" (given on the command line instead: {' '.join(_as_flags(kept))})" if kept else ""))
     for note in notes:  # printed only once every option is known to be valid
-        err.print(note)
+        err.print(note, highlight=False, soft_wrap=True)
     root = Path(out) if out else Path("runs") / f"factorial-{config_hash(fcfg.settings())[:8]}"
     from sandbox.results import check_folder, open_run_dir
 
@@ -115,7 +154,7 @@ def factorial(**kw) -> None:
                 bar.advance(trials)
 
         res = run_factorial(fcfg, root, cache, storage=storage, figures=not no_figures, overwrite=overwrite,
-                            argv=recorded_argv(), on_trial=on_trial, progress=progress,
+                            argv=recorded_argv(), setting=record, on_trial=on_trial, progress=progress,
                             log=lambda m: err.print(m), stage=stage_callback(bar))
     err.print(f"trials: {res.computed} computed, {res.reused} reused from the ledger")
     print_attribution(res)
