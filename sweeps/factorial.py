@@ -72,7 +72,7 @@ METRIC_COLUMNS = ("balanced_log_ppl", "diverged", "diverged_step", "balanced_gap
 #: the setting (`resolve_setting`). ``mechanism``: where the study's mechanism is looked for on a CPU,
 #: docs/results/2026-12-07-mechanism.md.
 SETTINGS: dict[str, dict] = {
-    "mechanism": dict(preset="tiny", steps=400, router_lr=0.9, cells="B3,R", seeds="0,1,2,3,4,5", bases=3),
+    "mechanism": dict(preset="small", steps=200, router_lr=0.9, cells="B3,R", seeds="0,1,2,3,4,5", bases=3),
 }
 
 

@@ -120,7 +120,7 @@ def test_smoke_factorial_on_tiny(tmp_path, cache, capsys):
 def test_resolve_setting_fills_only_what_the_command_line_leaves():
     from sweeps.factorial import SETTINGS, resolve_setting
 
-    assert SETTINGS["mechanism"] == dict(preset="tiny", steps=400, router_lr=0.9, cells="B3,R", seeds="0,1,2,3,4,5",
+    assert SETTINGS["mechanism"] == dict(preset="small", steps=200, router_lr=0.9, cells="B3,R", seeds="0,1,2,3,4,5",
                                          bases=3)
     kw = {"preset": None, "steps": 50, "router_lr": None, "cells": "partial", "seeds": "42,137,2026", "bases": None,
           "lr": 0.003}
@@ -144,7 +144,7 @@ def test_setting_mechanism_runs_as_its_values_written_out(tmp_path, cache, capsy
                  "--no-figures", *small]) == 0
     assert "setting mechanism: --router-lr 0.9 --cells B3,R --bases 3" in capsys.readouterr().err
     m = json.loads((out / "manifest.json").read_text())
-    assert m["setting"]["name"] == "mechanism" and m["setting"]["values"]["steps"] == 400
+    assert m["setting"]["name"] == "mechanism" and m["setting"]["values"]["steps"] == 200
     assert m["setting"]["overridden"] == {"preset": "tiny", "steps": 4, "seeds": "0,1"}
     assert m["config"]["base"]["router_lr"] == 0.9 and m["config"]["base"]["bases"] == 3
     assert m["config"]["base"]["steps"] == 4 and m["config"]["cells"] == ["B3", "R"]
