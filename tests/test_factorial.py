@@ -125,7 +125,7 @@ def test_resolve_setting_fills_only_what_the_command_line_leaves():
     kw = {"preset": None, "steps": 50, "router_lr": None, "cells": "partial", "seeds": "42,137,2026", "bases": None,
           "lr": 0.003}
     rec = resolve_setting("mechanism", kw, given={"steps"})
-    assert kw == {"preset": "tiny", "steps": 50, "router_lr": 0.9, "cells": "B3,R", "seeds": "0,1,2,3,4,5", "bases": 3,
+    assert kw == {"preset": "small", "steps": 50, "router_lr": 0.9, "cells": "B3,R", "seeds": "0,1,2,3,4,5", "bases": 3,
                   "lr": 0.003}
     assert rec["overridden"] == {"steps": 50} and "steps" not in rec["applied"] and rec["applied"]["router_lr"] == 0.9
     from sandbox.errors import BadInput

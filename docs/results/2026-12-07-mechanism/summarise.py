@@ -1,4 +1,6 @@
-"""One row per screened setting: B3's and R's gate diagnostics (mean over seeds, max in brackets) and the router contrast."""
+"""One row per screened setting under runs/mech (each a `sandbox factorial --cells B3,R` folder): B3's and R's gate
+diagnostics (mean over seeds, max or min beside), the distinct top slots over domains (from gates.csv) and the router
+contrast; writes screen.csv."""
 import sys
 from pathlib import Path
 import pandas as pd
