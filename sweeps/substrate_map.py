@@ -129,7 +129,7 @@ def point_arms(cfg: SubstrateSweepConfig, values: dict, seed: int) -> RoutingArm
 
 def arms_payload(rc: RoutingArms) -> dict:
     """`rc` as plain data, its cell under flat names (`CellConfig.flat`): a ledger payload and the
-    input of `point_key` (`sweeps.worker.run_substrate_point` rebuilds it)."""
+    input of `point_key` (`sweeps.systems.run_substrate_point` rebuilds it)."""
     return {**dataclasses.asdict(rc), "cell": rc.cell.flat()}
 
 

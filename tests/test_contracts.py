@@ -27,6 +27,7 @@ from substrate.routing import RoutingArms
 from sweeps import factorial as sfact
 from sweeps import fusion as sfusion
 from sweeps import grid, substrate_map
+from sweeps.systems import code_identity
 
 GOLDEN = {
     "analytic_default": "6be5487d6a7ddaa4",
@@ -50,6 +51,9 @@ GOLDEN = {
     # --bases N > 1 names its own study (a seed's base depends on N); --bases 1 keeps the names above.
     "factorial_study_bases3": "factorial-8d0098f388",
     "corpus_default": "4c6136dccd",
+    # the code identity's hash scheme (study attribute `code`): a worker refuses a plan whose value differs,
+    # so moving the registry to sweeps/systems.py (issue 27) must keep it
+    "worker_code": "68e6d818d3ea0ec0",
 }
 
 
@@ -76,6 +80,7 @@ def _identities() -> dict[str, str]:
             base=CellConfig.of(preset="tiny", steps=100, train_data="windows", bases=1))),
         "factorial_study_bases3": sfact.study_name(sfact.FactorialConfig(base=CellConfig.of(bases=3))),
         "corpus_default": config_hash({"kind": "synthetic", **dataclasses.asdict(CorpusConfig())}),
+        "worker_code": code_identity()["hash_scheme"],
     }
 
 

@@ -115,3 +115,31 @@ def test_the_checker_sees_a_violation():
     assert [a for a, deps in fake.items() for b in deps if _layer(b) not in MAY_IMPORT[_layer(a)]] == ["sandbox.stats"]
     loop = {"sweeps.grid": {"sweeps.boundary"}, "sweeps.boundary": {"sweeps.grid"}, "sweeps": set()}
     assert _loops(loop) == ["sweeps.boundary -> sweeps.grid -> sweeps.boundary"]
+
+
+#: What the generic worker queue may import from the project: errors, result helpers, the ledger
+#: and its own database and trial-row modules. Every system (the maps, the factorial, the analytic
+#: solver, the transformer substrate) comes in through the registry the app hands to `run_worker`.
+QUEUE = ("sweeps.worker", "sweeps.queue_db", "sweeps.queue_trials")
+QUEUE_MAY_IMPORT = {"sandbox", "sandbox.errors", "sandbox.results", "sweeps", "sweeps.ledger", *QUEUE}
+
+
+def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for dep in graph.get(todo.pop(), ()):
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+def test_the_worker_queue_imports_no_system(graph):
+    """`sweeps.worker` is the generic queue: neither it nor anything it imports (lazily included)
+    reaches a system module (`sweeps.grid`, `sweeps.substrate_map`, `sweeps.factorial`,
+    `sweeps.systems`, `substrate.*`, `sandbox.analytic`, ...)."""
+    assert set(QUEUE) <= set(graph)
+    reached = _reach(graph, "sweeps.worker")
+    assert sorted(reached - QUEUE_MAY_IMPORT) == []
+    # not vacuous: the registry does reach the systems
+    assert {"sweeps.grid", "sweeps.substrate_map", "sweeps.factorial", "substrate.cell"} <= _reach(graph, "sweeps.systems")

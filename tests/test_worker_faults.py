@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 from sandbox.app.cli import main
 from sandbox.errors import BadInput
-from sweeps import ledger, worker
+from sweeps import ledger, systems, worker
 
 from test_workers import SWEEP, TINY_ARGS, _env, _jobs, _results_per_key, _study
 
@@ -36,16 +36,16 @@ ROOT = Path(__file__).resolve().parents[1]
 #: is set: the moments the fault tests need, hit exactly. With $READY_DIR it marks when it has connected.
 LAUNCHER = textwrap.dedent("""
     import os, signal, sys, time
-    from sweeps import worker
+    from sweeps import systems, worker
 
     slow = float(os.environ.get("SLOW_S", "0"))
-    run_analytic = worker.run_analytic
+    run_analytic = systems.run_analytic
 
     def sleepy(job, ctx):
         time.sleep(slow)
         return run_analytic(job, ctx)
 
-    worker.SYSTEMS["analytic"] = sleepy
+    systems.SYSTEMS["analytic"] = sleepy   # the registry the app hands to the queue
     ready = os.environ.get("READY_DIR")
     if ready:   # mark the moment this worker has connected (a worker refuses an unreachable URL at start)
         database = worker.database
@@ -143,12 +143,12 @@ def test_seeds_to_resolve_is_bounded(capsys, tmp_path):
 def test_a_worker_of_other_code_exits_2_before_claiming(pg_url, capsys):
     study = _study()
     store = worker.database(pg_url)
-    worker.enqueue(store, study, _jobs(4))
+    worker.enqueue(store, study, _jobs(4), code=systems.code_identity())
     import optuna
 
     st = optuna.load_study(study_name=study, storage=store)
-    assert st.user_attrs["code"] == worker.code_identity()
-    st.set_user_attr("code", {**worker.code_identity(), "version": "0.0.1", "hash_scheme": "0123456789abcdef"})
+    assert st.user_attrs["code"] == systems.code_identity()
+    st.set_user_attr("code", {**systems.code_identity(), "version": "0.0.1", "hash_scheme": "0123456789abcdef"})
     assert main(["worker", "--storage", pg_url, "--study", study, "--heartbeat", "0.5", "--grace", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--study" in err and "'0.0.1' there" in err and "hash_scheme" in err
@@ -156,7 +156,7 @@ def test_a_worker_of_other_code_exits_2_before_claiming(pg_url, capsys):
     # a plan from before the check (no `code` attribute) is still worked on
     store2 = worker.database(pg_url)
     st.set_user_attr("code", None)
-    assert worker.run_worker(store2, study, heartbeat_s=0.5, grace_s=2,
+    assert worker.run_worker(store2, study, heartbeat_s=0.5, grace_s=2, code=systems.code_identity(),
                              systems={"test": lambda j, c: worker.Outcome({"result": {}}, 0.0)}).completed == 4
 
 

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from sandbox.app.cli import main
 from sandbox.errors import BadInput
-from sweeps import ledger, worker
+from sweeps import ledger, systems, worker
 
 ROOT = Path(__file__).resolve().parents[1]
 #: A fast sweep: 3 points x 2 seeds.
@@ -167,7 +167,8 @@ def test_a_raising_trial_is_failed_retried_at_most_n_times_and_never_a_result(pg
         return _ok(job, ctx)
 
     worker.enqueue(store, study, _jobs(3))
-    counts = worker.run_worker(store, study, retries=2, heartbeat_s=0.5, grace_s=2, systems={"test": flaky})
+    counts = worker.run_worker(store, study, retries=2, heartbeat_s=0.5, grace_s=2, systems={"test": flaky},
+                               code=None)
     assert calls == {0: 1, 1: 3, 2: 1}
     assert (counts.claimed, counts.completed, counts.failed, counts.retried, counts.gave_up) == (5, 2, 3, 2, 1)
     import optuna
@@ -194,7 +195,7 @@ class _Led:
 
 LAUNCHER = textwrap.dedent("""
     import sys, time, pathlib
-    from sweeps import worker
+    from sweeps import systems, worker
 
     marks = pathlib.Path(sys.argv[1])
 
@@ -203,7 +204,7 @@ LAUNCHER = textwrap.dedent("""
         time.sleep(job["sleep"])
         return worker.Outcome({"result": {"i": job["i"]}}, float(job["i"]))
 
-    worker.SYSTEMS["test"] = sleepy
+    systems.SYSTEMS["test"] = sleepy   # the registry the app hands to the queue
     from sandbox.app.cli import main
     sys.exit(main(sys.argv[2:]))
 """)
@@ -249,7 +250,8 @@ def test_tiny_factorial_through_workers_collects_without_computing(pg_url, tmp_p
     assert main([*args, "--enqueue-only"]) == 0
     err = capsys.readouterr().err
     study = err.split("study '")[1].split("'")[0]
-    counts = worker.run_worker(worker.database(pg_url), study, heartbeat_s=1, grace_s=5)
+    counts = worker.run_worker(worker.database(pg_url), study, heartbeat_s=1, grace_s=5, systems=systems.SYSTEMS,
+                               code=systems.code_identity())
     assert (counts.claimed, counts.completed) == (2, 2)
     assert main(args) == 0
     assert "trials: 0 computed, 2 reused" in capsys.readouterr().err
@@ -263,7 +265,8 @@ def test_tiny_substrate_map_through_a_worker_collects_without_computing(pg_url, 
     assert main([*args, "--enqueue-only"]) == 0
     capsys.readouterr()
     study = args[args.index("--study") + 1]
-    counts = worker.run_worker(worker.database(pg_url), study, heartbeat_s=1, grace_s=5)
+    counts = worker.run_worker(worker.database(pg_url), study, heartbeat_s=1, grace_s=5, systems=systems.SYSTEMS,
+                               code=systems.code_identity())
     assert (counts.claimed, counts.completed) == (2, 2)
     assert main(args) == 0
     assert "0 seed-points computed, 2 reused" in capsys.readouterr().out

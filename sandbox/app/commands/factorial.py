@@ -112,7 +112,7 @@ def factorial(**kw) -> None:
     if enqueue_only:   # workers write trials/<cell>_s<seed> under OUT; the collect run claims OUT later
         from sandbox.app.commands.worker import define
         from sweeps.factorial import study_name
-        from sweeps.worker import factorial_jobs
+        from sweeps.systems import factorial_jobs
 
         from sweeps.ledger import METRICS
 

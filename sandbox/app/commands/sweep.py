@@ -203,7 +203,8 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_
         console = Console(width=200)
     from sandbox.app.commands.worker import check_collect, define
     from sweeps.grid import DEFAULT_STUDY
-    from sweeps.worker import is_database, sweep_jobs
+    from sweeps.ledger import is_database
+    from sweeps.systems import sweep_jobs
 
     if enqueue_only or is_database(storage):
         jobs = sweep_jobs(cfg) if enqueue_only or cfg.search == "grid" else []

@@ -88,7 +88,8 @@ def substrate_sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, 
     err = Console(stderr=True)
     from sandbox.app.commands.worker import check_collect, define
     from sweeps.substrate_map import DEFAULT_STUDY
-    from sweeps.worker import is_database, substrate_sweep_jobs
+    from sweeps.ledger import is_database
+    from sweeps.systems import substrate_sweep_jobs
 
     if enqueue_only or is_database(storage):
         jobs = substrate_sweep_jobs(cfg)

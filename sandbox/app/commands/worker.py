@@ -48,9 +48,11 @@ def worker(
     _study_id(store, study)                    # an unknown --study: one line, before any display
     import optuna
 
+    from sweeps import systems
     from sweeps.worker import check_code
 
-    check_code(optuna.load_study(study_name=study, storage=store), study)   # other code: one line, no claim
+    code = systems.code_identity()
+    check_code(optuna.load_study(study_name=study, storage=store), study, code)   # other code: one line, no claim
 
     import torch
     from rich.console import Console
@@ -74,8 +76,8 @@ def worker(
             def progress(done: int, total: int, mine: int, desc: str) -> None:
                 bar.update(task_id, completed=done, total=total, description=f"{mine} claimed here; {desc}")
 
-            counts = run_worker(store, study, retries=retries, heartbeat_s=heartbeat, grace_s=grace,
-                                max_trials=max_trials, progress=progress, db_wait_s=db_wait,
+            counts = run_worker(store, study, systems=systems.SYSTEMS, code=code, retries=retries,
+                                heartbeat_s=heartbeat, grace_s=grace, max_trials=max_trials, progress=progress, db_wait_s=db_wait,
                                 ctx=WorkerContext(out=out, cache=cache,
                                                   log=lambda m: console.print(m, highlight=False,
                                                                                 soft_wrap=True)))
@@ -101,6 +103,7 @@ def define(console, jobs, storage: str, study: str, direction: str, what: str, a
     `metric` (`sweeps.ledger.label_study`, for optuna-dashboard) and print what to start."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+    from sweeps.systems import code_identity
     from sweeps.worker import database, enqueue
 
     store = database(storage, "--storage")
@@ -108,7 +111,8 @@ def define(console, jobs, storage: str, study: str, direction: str, what: str, a
                   transient=True) as bar:
         tid = bar.add_task("", total=None)
         counts = enqueue(store, study, jobs, direction=direction,
-                         progress=lambda i, n: bar.update(tid, completed=i, total=n), argv=argv)
+                         progress=lambda i, n: bar.update(tid, completed=i, total=n), argv=argv,
+                         code=code_identity())
     if metric is not None:
         import optuna
 
