@@ -77,7 +77,8 @@ def worker(
                 bar.update(task_id, completed=done, total=total, description=f"{mine} claimed here; {desc}")
 
             counts = run_worker(store, study, systems=systems.SYSTEMS, code=code, retries=retries,
-                                heartbeat_s=heartbeat, grace_s=grace, max_trials=max_trials, progress=progress, db_wait_s=db_wait,
+                                heartbeat_s=heartbeat, grace_s=grace, max_trials=max_trials, progress=progress,
+                                db_wait_s=db_wait,
                                 ctx=WorkerContext(out=out, cache=cache,
                                                   log=lambda m: console.print(m, highlight=False,
                                                                                 soft_wrap=True)))
