@@ -32,7 +32,7 @@ from sandbox.errors import BadInput
 from sandbox.results import atomic_write_csv, save_figure
 
 TABLES: tuple[str, ...] = ("summary.csv", "results.csv", "attribution.csv", "cells.csv", "gates.csv",
-                           "lifecycle.csv", "curves.csv", "tuning.csv")
+                           "lifecycle.csv", "curves.csv", "tuning.csv", "fusion.csv", "fit.csv")
 REQUIRED: dict[str, tuple[str, ...]] = {
     "summary.csv": ("mean_delta", "ci_low", "ci_high", "regime"),
     "results.csv": ("point", "seed", "arm", "log_loss"),
@@ -42,6 +42,8 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "lifecycle.csv": ("step", "event", "slot", "slot_id"),
     "curves.csv": ("step", "domain", "log_ppl"),
     "tuning.csv": ("point", "arm", "lr", "score", "chosen"),
+    "fusion.csv": ("point", "seed", "method", "divergence", "gain", "diverged"),
+    "fit.csv": ("method", "level", "slope", "intercept", "r2", "n"),
 }
 RESULTS_NON_AXIS: tuple[str, ...] = ("point", "seed", "arm", "final_loss", "log_loss", "loss_evals", "grad_steps",
                                      "diverged", "diverged_step", "wall_s", "rel_excess", "rel_half", "rel_oracle",
@@ -177,6 +179,10 @@ def build_report(run_dir: str | Path, recompute: bool = False, study: bool = Fal
         save(attribution.plot(attribution.collect(tables["attribution.csv"], study=study)), "attribution")
     if "cells.csv" in tables:
         save(curves.plot_cells(curves.collect_cells(tables["cells.csv"])), "cells")
+    if "fusion.csv" in tables:   # a `sandbox fusion` folder: the gain-vs-divergence figure with its fitted lines
+        from figures import fusion
+
+        save(fusion.plot(fusion.collect(tables["fusion.csv"]), tables.get("fit.csv")), "fusion")
     for name, module, stem in (("gates.csv", gates, "gates"), ("curves.csv", curves, "curves"),
                                ("lifecycle.csv", lineage, "lineage")):
         if name in tables:
@@ -323,6 +329,16 @@ def _printables(tables: dict, manifest: dict, report: Report) -> None:
         t = pd.DataFrame({"n": g.size(), "mean balanced_log_ppl": g.mean(), "sd": g.std()})
         t["n_diverged"] = c.groupby("cell").size().sub(t["n"], fill_value=0).astype(int)
         report.tables["cells (balanced log-PPL, nats per token; diverged runs not averaged)"] = t.reset_index()
+    if "fit.csv" in tables:
+        f = tables["fit.csv"]
+        f = f[f["level"] == "seed"] if "level" in f else f
+        t = f[[c for c in ("method", "n", "slope") if c in f]].copy()
+        if {"slope_ci_low", "slope_ci_high"} <= set(f.columns):
+            t["slope CI"] = _ci(f["slope_ci_low"], f["slope_ci_high"])
+        for c in ("intercept", "r2", "resid_sd"):
+            if c in f:
+                t[c] = f[c]
+        report.tables["fusion fit (gain over the best specialist vs divergence, one point per seed)"] = t
     if "curves.csv" in tables:
         cv = tables["curves.csv"]
         keys = [k for k in ("cell", "domain") if k in cv.columns]

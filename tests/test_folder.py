@@ -191,6 +191,10 @@ def test_fusion_refuses_resumes_and_overwrites(tmp_path, cache, capsys):
     assert main([*args, "--router-steps", "3", "--no-figures", "--overwrite"]) == 0
     assert "1 point-seeds computed, 0 reused" in capsys.readouterr().out
     assert json.loads((out / "manifest.json").read_text())["config"]["base"]["router_steps"] == 3
+    # `sandbox report` reads a fusion folder: the gain-vs-divergence figure and the fit table
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    assert (out / "figures" / "fusion.png").is_file() and "fusion fit" in capsys.readouterr().out
 
 
 def test_notebook_api_refuses_and_overwrites_like_the_command(tmp_path):
