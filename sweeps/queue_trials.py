@@ -148,6 +148,31 @@ def _fail_and_requeue(store, study: optuna.Study, tid: int, reason: str, count_a
         return _add_copy(study, old, reason, int(old.user_attrs.get("attempt", 1)) + count_attempt, lost)
 
 
+def requeue_orphans(store, study: optuna.Study) -> int:
+    """Queue the copy that a trial declared lost never got: declaring is two writes (the FAIL, then
+    the copy), and a worker killed, or cut off from the database, between them leaves a key with no
+    result and nothing waiting or running. Under `plan_lock`, one copy per such key (as
+    `_fail_and_requeue` would have made it); returns how many were queued. Cheap enough to run when
+    a worker finds nothing left to claim, which is exactly when an orphan would end the plan short."""
+    with plan_lock(store, study.study_name):
+        done, pending, _, by_key = _key_states(study)
+        n = 0
+        for key, ts in by_key.items():
+            if key in done or key in pending:
+                continue
+            declared = [t for t in ts if t.state == TrialState.FAIL and "job" in t.user_attrs
+                        and t.user_attrs.get("declared") == "lost"]
+            if not declared:
+                continue   # failed out on errors (its retries used up): not an orphan
+            old = max(declared, key=lambda t: t.number)
+            if any(t.user_attrs.get("requeue_of") == old.number for t in ts):
+                continue   # its copy exists (and ended in an error): the retries decided
+            lost = int(old.user_attrs.get("lost", 0)) + 1
+            if lost <= MAX_LOST:
+                n += _add_copy(study, old, "lost", int(old.user_attrs.get("attempt", 1)), lost)
+        return n
+
+
 def give_back(store, tid: int) -> bool:
     """Return this worker's RUNNING trial `tid` to WAITING (same trial, same attempt, same place in
     the queue): for a trial it must not run now (interrupted, folder busy, other code). False when

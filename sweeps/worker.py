@@ -99,7 +99,8 @@ from sweeps.ledger import safe_url as _safe_url
 from sweeps.queue_db import (Patience, StorageUnavailable, _first_line, _study_id, database, plan_lock,  # noqa: F401
                              transient)
 from sweeps.queue_trials import (CLAIM_BATCH, MAX_LOST, _record_failure, _record_result, _requeue,  # noqa: F401
-                                 _waiting_trial, claim, count_waiting, give_back, requeue_lost, running_planned)
+                                 _waiting_trial, claim, count_waiting, give_back, requeue_lost, requeue_orphans,
+                                 running_planned)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,7 +337,11 @@ def run_worker(store, study_name: str, *, systems: Mapping[str, Runner], code: d
             tid = p(claim, store, study_id, tuple(skip))
             if tid is None:
                 if not p(running_planned, store, study_id) and not p(count_waiting, store, study_id):
-                    break
+                    orphans = p(requeue_orphans, store, study)   # a declaring worker died between its writes
+                    if not orphans:
+                        break
+                    c["requeued_lost"] += orphans
+                    continue
                 report("waiting for trials in busy folders" if skip else "waiting for running trials")
                 time.sleep(poll)
                 continue

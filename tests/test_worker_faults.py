@@ -310,6 +310,29 @@ def test_a_define_step_racing_a_requeue_queues_the_key_once(pg_url):
     assert waiting[0].user_attrs["reason"] == "lost" and tid is not None
 
 
+def test_a_worker_killed_between_declaring_a_trial_lost_and_queueing_its_copy_loses_no_key(pg_url):
+    """Declaring a trial lost is two writes (the FAIL, then the copy): a worker killed between them
+    (done here by writing the first half by hand) leaves a key with no result and nothing queued.
+    The last worker to find nothing left queues the missing copy and runs it."""
+    import optuna
+
+    study, store = _study(), worker.database(pg_url)
+    worker.enqueue(store, study, _jobs(3))
+    sid = worker._study_id(store, study)
+    tid = worker.claim(store, sid)                       # k0's worker dies ...
+    store.set_trial_user_attr(tid, "declared", "lost")   # ... and so does the one declaring it lost,
+    store.set_trial_state_values(tid, state=TrialState.FAIL)   # after the FAIL, before the copy
+    counts = worker.run_worker(store, study, retries=2, heartbeat_s=0.5, grace_s=2,
+                               systems={"test": lambda job, ctx: worker.Outcome({"result": job["i"]}, 1.0)}, code=None)
+    assert _results_per_key(store, study) == {"k0": 1, "k1": 1, "k2": 1}
+    assert (counts.claimed, counts.completed, counts.requeued_lost) == (3, 3, 1)
+    copy = [t for t in optuna.load_study(study_name=study, storage=store).get_trials() if t.user_attrs["key"] == "k0"
+            and t.state == TrialState.COMPLETE]
+    assert copy[0].user_attrs["requeue_of"] == store.get_trial(tid).number and copy[0].user_attrs["lost"] == 1
+    # a key failed out on errors is no orphan: nothing more is queued
+    assert worker.requeue_orphans(store, optuna.load_study(study_name=study, storage=store)) == 0
+
+
 def test_a_lost_trials_copy_goes_to_the_front_of_the_queue(pg_url):
     study, store = _study(), worker.database(pg_url)
     worker.enqueue(store, study, _jobs(4))
@@ -411,7 +434,10 @@ def test_chaos_kills_and_a_database_restart_lose_and_duplicate_nothing(pg_server
         print(f"\nchaos (seed {CHAOS_SEED}): {len(faults)} faults ({'; '.join(faults)}), {len(keys)} keys, "
               f"{duplicated} duplicated, {lost} lost, {requeued} trials re-queued as lost, {reconnects} reconnects "
               f"(surviving workers), {len(procs)} workers started")
-    assert len(keys) == 12 and duplicated == 0 and lost == 0 and len(faults) == 4
+    story = {k: [(t.number, t.state.name, {a: t.user_attrs.get(a) for a in ("declared", "reason", "attempt", "lost",
+                                                                          "requeue_of", "error", "worker")})
+                 for t in trials if t.user_attrs.get("key") == k] for k in keys - set(per_key)}
+    assert len(keys) == 12 and duplicated == 0 and lost == 0 and len(faults) == 4, story   # a lost key's trials
     assert not [t for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING)]
     assert not [t for t in trials if "error" in t.user_attrs]   # no fault cost a trial an attempt
     assert reconnects >= 1   # a worker alive across the restart rode it out
