@@ -73,14 +73,15 @@ def choose_run(preset: str | None, steps: int | None, device: str) -> tuple[str,
 
 
 def schedule(steps: int, interval: int | None, min_age: int | None, eval_every: int | None,
-             checkpoint_every: int | None) -> dict:
-    """Step-scaled defaults: interval steps/5 (<= 250), min age 2 x interval (<= 500), eval steps/5
-    (<= 1000), checkpoints with every evaluation. A value given is kept (and must be >= 1, or >= 0
-    for ``min_age`` and ``checkpoint_every``)."""
-    for name, v, lo in (("interval", interval, 1), ("min_age", min_age, 0), ("eval_every", eval_every, 1),
-                        ("checkpoint_every", checkpoint_every, 0)):
+             checkpoint_every: int | None, interval_flag: str = "--lifecycle-every") -> dict:
+    """Step-scaled defaults: the lifecycle interval steps/5 clamped to [5, 250], min age 2 x interval
+    (<= 500), eval steps/5 (<= 1000), checkpoints with every evaluation. A value given is kept (and
+    must be >= 1, or >= 0 for ``min_age`` and ``checkpoint_every``; the 5 bounds only the default).
+    ``interval_flag`` is the flag that gave ``interval`` (`--lifecycle-every`, or the old `--interval`)."""
+    for flag, v, lo in ((interval_flag, interval, 1), ("--min-age", min_age, 0), ("--eval-every", eval_every, 1),
+                        ("--checkpoint-every", checkpoint_every, 0)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
-            raise BadInput("--" + name.replace("_", "-"), v, f"an integer >= {lo}")
+            raise BadInput(flag, v, f"an integer >= {lo}")
     iv = interval if interval is not None else min(250, max(5, steps // 5))
     ev = eval_every if eval_every is not None else min(1000, max(1, steps // 5))
     return {"interval": iv, "min_age": min_age if min_age is not None else min(500, 2 * iv), "eval_every": ev,

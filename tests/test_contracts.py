@@ -90,7 +90,8 @@ def test_identity_hashes_are_frozen(name):
         f"{name}: the hash that names existing folders/ledgers changed; old runs would no longer resume")
 
 
-#: Each command's option names on 2026-12-04.
+#: Each command's option names on 2026-12-04, plus the names added since (2026-12-07: --search-every
+#: and --lifecycle-every; --interval stays as their hidden old name).
 OPTIONS = {
     "bench": [
         '--device', '--json', '--only', '--out', '--presets', '--quick', '--repeats', '--threads'
@@ -102,8 +103,8 @@ OPTIONS = {
         '--alignment', '--alpha', '--anneal-steps', '--batch', '--cache', '--cells', '--checkpoint-every',
         '--context', '--crossover', '--crossover-t', '--data', '--device', '--domains', '--enqueue-only',
         '--eps', '--eval-every', '--eval-windows', '--finetune-lr', '--finetune-steps', '--fit-windows',
-        '--floor-max', '--inherit-alpha', '--inherit-mode', '--interval', '--lr', '--min-age', '--mutation',
-        '--mutation-sigma', '--n-die', '--no-figures', '--out', '--per-domain-agg', '--perturb-base',
+        '--floor-max', '--inherit-alpha', '--inherit-mode', '--interval', '--lifecycle-every', '--lr', '--min-age',
+        '--mutation', '--mutation-sigma', '--n-die', '--no-figures', '--out', '--per-domain-agg', '--perturb-base',
         '--pooling', '--preset', '--pretrain-steps', '--rank', '--round-seeds', '--router', '--router-init',
         '--router-lr', '--seeds', '--seeds-to-resolve', '--selection', '--slots', '--specialist-steps',
         '--spending', '--steps', '--storage', '--tau-end', '--tau-max', '--tau-min', '--tau-scales',
@@ -113,8 +114,8 @@ OPTIONS = {
         '--alignment', '--anneal-steps', '--batch', '--cache', '--cell', '--checkpoint-every', '--context',
         '--crossover', '--crossover-t', '--data', '--device', '--domains', '--eval-every', '--eval-windows',
         '--finetune-lr', '--finetune-steps', '--fit-windows', '--floor-max', '--inherit-alpha',
-        '--inherit-mode', '--interval', '--lr', '--min-age', '--mutation', '--mutation-sigma', '--n-die',
-        '--out', '--per-domain-agg', '--perturb-base', '--pooling', '--preset', '--pretrain-steps',
+        '--inherit-mode', '--interval', '--lifecycle-every', '--lr', '--min-age', '--mutation', '--mutation-sigma',
+        '--n-die', '--out', '--per-domain-agg', '--perturb-base', '--pooling', '--preset', '--pretrain-steps',
         '--rank', '--router', '--router-init', '--router-lr', '--seeds', '--selection', '--slots',
         '--specialist-steps', '--steps', '--stop-after', '--tau-end', '--tau-max', '--tau-min',
         '--tau-scales', '--tau-start', '--threads', '--yes'
@@ -133,11 +134,12 @@ OPTIONS = {
         '--context-noise', '--control-beta2', '--converged-frac', '--crossover', '--crossover-t', '--data',
         '--device', '--dim', '--domains', '--draws', '--enqueue-only', '--eps', '--eval-draws', '--evo',
         '--figures', '--finetune-lr', '--finetune-steps', '--fixed-noise', '--fresh-noise',
-        '--independent-seeds', '--interval', '--keep-state', '--lifecycle', '--lora-alpha', '--loss-floor',
+        '--independent-seeds', '--interval', '--keep-state', '--lifecycle', '--lifecycle-every', '--lora-alpha',
+        '--loss-floor',
         '--lr', '--mutation', '--mutation-scale', '--no-acar', '--no-confirm', '--no-figures',
         '--no-lifecycle', '--no-tune-robust', '--oracle', '--out', '--overlap', '--plasticity', '--points',
         '--population', '--preset', '--rank', '--reset-on-accept', '--router', '--scope', '--search',
-        '--search-windows', '--seeds', '--selection', '--shared-seeds', '--slots', '--steps', '--storage',
+        '--search-every', '--search-windows', '--seeds', '--selection', '--shared-seeds', '--slots', '--steps', '--storage',
         '--study', '--system', '--threads', '--trials', '--true-rank', '--tune', '--tune-adapter',
         '--tune-beta2', '--tune-lr', '--tune-robust', '--tune-rule', '--tune-seeds', '--tune-widen'
     ],

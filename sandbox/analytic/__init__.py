@@ -17,14 +17,15 @@ separate evaluation draws (`eval_draws`), so a population search cannot overfit 
 selected on. Everything runs in float64 (losses near 0 cancel in ``gGg - 2gc + e``).
 
 Arms, from the same task and the same initial weights per seed (common random numbers); the
-events of evo, restart and oracle fall on the same schedule (every `interval` steps):
+events of evo, restart and oracle fall on the search's schedule (every `interval` steps, flag
+``--search-every``); the lifecycle's on its own (`AnalyticConfig.life_interval`, by default the same):
 * ``grad``: Adam on the router parameters, and on the adapter factors with learning rate
   ``lr * plasticity`` (0 freezes the adapters), for `steps` steps.
 * ``evo``: the same steps plus, at every event, one generation of evolutionary search on the
   router parameters (`sandbox.evolution`, method `evo`; population P including the current
   parameters, so the search objective never gets worse). The router's Adam state is kept when a
   child is accepted (``reset_on_accept`` resets it for those seeds, the original behaviour). With
-  `lifecycle` on, `sandbox.lifecycle.lifecycle_step` also runs on the adapters at those events,
+  `lifecycle` on, `sandbox.lifecycle.lifecycle_step` also runs on the adapters at its events,
   with leave-one-out fitness computed in Gram form.
 * ``restart`` (control): the grad steps with the router's Adam state reset at every event, no
   search: what an optimiser restart alone does.

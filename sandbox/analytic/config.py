@@ -63,7 +63,10 @@ class AnalyticConfig:
     mutation_scale: float = 0.1
     """Step size in logit units: the initial sigma of es / cma, the fixed step of fixed."""
     interval: int = 10
-    """Gradient steps between generations (and restarts, oracle replacements, lifecycle events)."""
+    """Gradient steps between generations of the routing search and between the events of the
+    controls on its schedule (restarts, oracle replacements). Lifecycle events follow it unless
+    --lifecycle-every is given. The flag is --search-every (the field keeps its earlier name, which
+    point keys contain)."""
     reset_on_accept: bool = False
     """Reset the router's Adam state of a seed whose router the search replaced (off: kept)."""
     oracle: str = "ceiling"
@@ -120,6 +123,10 @@ class AnalyticConfig:
     acar_tol: float = acr.DEFAULT_TOL
     """ACAR agreement tolerance: two slots' predictions agree when their RMS difference is at most
     this times the larger RMS prediction (`sandbox.acar`)."""
+    lifecycle_every: int | None = None
+    """Gradient steps between lifecycle events of the evo arm (with --lifecycle); a slot must live
+    this many steps to die. None: every `interval` steps, the one schedule of earlier runs (a value
+    equal to `interval` is stored as None, so it names the same point)."""
 
     def __post_init__(self) -> None:
         require(isinstance(self.steps, int) and 0 <= self.steps <= 1_000_000, "steps", self.steps, "an integer in [0, 1000000]")
@@ -145,13 +152,22 @@ class AnalyticConfig:
                 "batch", self.batch, "an integer in [0, 65536] (0: the exact expected loss)")
         require(_num(self.acar_tol) and 0 <= self.acar_tol <= 10, "acar_tol", self.acar_tol, "a number in [0, 10]")
         self.evolution  # validates evo, population, mutation_scale, interval
+        require(self.lifecycle_every is None or (isinstance(self.lifecycle_every, int)
+                                                 and not isinstance(self.lifecycle_every, bool)
+                                                 and 1 <= self.lifecycle_every <= 1_000_000),
+                "lifecycle_every", self.lifecycle_every, "an integer in [1, 1000000]")
+        if self.lifecycle_every == self.interval:   # one schedule: stored as earlier runs stored it
+            object.__setattr__(self, "lifecycle_every", None)
         self.lifecycle_config  # validates the lifecycle options (selection, crossover, mutation, ...)
 
     def identity(self) -> dict:
         """The fields that name a point (ledger key, default folder): every field, with the ACAR
         options left out while the acar arm is off and the lifecycle operators left out at their
-        built-in defaults (`LATER_DEFAULTS`), so keys from before they existed hold."""
+        built-in defaults (`LATER_DEFAULTS`), so keys from before they existed hold; likewise
+        `lifecycle_every` while lifecycle events follow the search schedule (None)."""
         d = dataclasses.asdict(self)
+        if d["lifecycle_every"] is None:
+            d.pop("lifecycle_every")
         if not self.acar:
             d.pop("acar")
             d.pop("acar_tol")
@@ -170,14 +186,20 @@ class AnalyticConfig:
         return self.lora_alpha / spec.rank
 
     @property
+    def life_interval(self) -> int:
+        """Gradient steps between lifecycle events: `lifecycle_every`, else `interval`."""
+        return self.interval if self.lifecycle_every is None else self.lifecycle_every
+
+    @property
     def evolution(self) -> evo.EvolutionConfig:
         return evo.EvolutionConfig(population=self.population, mutation_scale=self.mutation_scale,
                                    interval=self.interval, method=self.evo)
 
     @property
     def lifecycle_config(self) -> lc.LifecycleConfig:
-        """The shared lifecycle at the generation events; a slot must live one interval to die."""
-        return lc.LifecycleConfig(interval=self.interval, min_age=self.interval, scope=self.scope,
+        """The shared lifecycle on its own schedule (`life_interval`: by default the generation
+        events); a slot must live one lifecycle interval to die."""
+        return lc.LifecycleConfig(interval=self.life_interval, min_age=self.life_interval, scope=self.scope,
                                   selection=self.selection, crossover=self.crossover, crossover_t=self.crossover_t,
                                   mutation_kind=self.mutation, finetune_steps=self.finetune_steps,
                                   finetune_lr=self.finetune_lr, death_kind=self.death, inherit_mode=self.inherit_mode,
@@ -199,7 +221,7 @@ def router_config(spec: TaskSpec, cfg: AnalyticConfig) -> RouterConfig:
 
 def evo_evaluations(spec: TaskSpec, cfg: AnalyticConfig) -> int:
     """Loss evaluations per seed of the evo arm: T + n_gen P (+ n_life (K + 1) with the lifecycle,
-    which skips an event at the very last step)."""
+    every `life_interval` steps, which skips an event at the very last step)."""
     n_gen = cfg.steps // cfg.interval
-    n_life = (cfg.steps - 1) // cfg.interval if cfg.steps else 0
+    n_life = (cfg.steps - 1) // cfg.life_interval if cfg.steps else 0
     return cfg.steps + n_gen * cfg.population + (n_life * (spec.slots + 1) if cfg.lifecycle else 0)

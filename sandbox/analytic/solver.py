@@ -76,6 +76,7 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
         lrs.update(A=rows.adapter_lr.to(dev), B=rows.adapter_lr.to(dev))
     opt = _Adam(tensors, lrs, S, betas=(0.9, (rows.control_beta2 if arm == "beta2" else rows.beta2).to(dev)))
     ecfg = cfg.evolution
+    life_every = cfg.life_interval            # lifecycle events (evo arm, with cfg.lifecycle)
     run = Solver(task=task, rcfg=rcfg, cfg=cfg, evolution=ecfg, state=st, tensors=tensors, scale=scale)
     gens = [generator(Purpose.EVO_SEARCH, s) for s in task.seeds]
     search = evo.init_search(ecfg, S, rcfg.n_params, gens, sigma0=rows.step0.to(dev)) if arm == "evo" else None
@@ -117,24 +118,27 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
         opt.step(tensors, grads, alive)
         if t + 1 == steps // 2:             # the excess at half the budget, on the evaluation draws
             half_ex = _eval_excess(run, eval_feats, t + 1, table)
-        if plain or (t + 1) % ecfg.interval != 0 or t + 1 > cfg.steps:
+        if plain or t + 1 > cfg.steps:
             continue
-        n_events += 1
-        if arm == "restart":
-            opt.reset(list(st.params), alive.clone())
-        elif arm == "oracle":
-            table = _oracle_table(run, table)
-        else:
-            took, g = _generation(run, feats, t + 1, search, gens, alive, X)
-            gain += g
-            accepted += took.long()
-            if cfg.reset_on_accept:
-                opt.reset(list(st.params), took)
-            evals += ecfg.population
-            if cfg.lifecycle and t + 1 < steps:  # an event at the very end would leave no time to recover
-                pop, evs = _lifecycle(run, pop, feats, t + 1, opt)
-                events += evs
-                evals += spec.slots + 1
+        if (t + 1) % ecfg.interval == 0:    # the search schedule: a generation, a restart, a replacement
+            n_events += 1
+            if arm == "restart":
+                opt.reset(list(st.params), alive.clone())
+            elif arm == "oracle":
+                table = _oracle_table(run, table)
+            else:
+                took, g = _generation(run, feats, t + 1, search, gens, alive, X)
+                gain += g
+                accepted += took.long()
+                if cfg.reset_on_accept:
+                    opt.reset(list(st.params), took)
+                evals += ecfg.population
+        # the lifecycle's own schedule (by default the search's: after that step's generation);
+        # an event at the very end would leave no time to recover
+        if arm == "evo" and cfg.lifecycle and (t + 1) % life_every == 0 and t + 1 < steps:
+            pop, evs = _lifecycle(run, pop, feats, t + 1, opt)
+            events += evs
+            evals += spec.slots + 1
 
     with torch.no_grad():
         params = run.params

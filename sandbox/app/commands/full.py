@@ -3,8 +3,8 @@
 The knob options are shared with `sandbox factorial` (`cell_template` builds the `CellConfig`).
 Defaults that depend on the machine come from `substrate.defaults`: with CUDA the preset is
 widened-1536 for 25,000 steps; on a CPU it is `small` for 200 steps, and the command says so.
-Lifecycle interval, minimum age, evaluation and checkpoint intervals default to values scaled to
-the step count (`substrate.defaults.schedule`).
+The lifecycle's schedule (`--lifecycle-every`, the old `--interval`), minimum age, evaluation and
+checkpoint intervals default to values scaled to the step count (`substrate.defaults.schedule`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ AUTO = {
     "router_lr": f"{ROUTER_LR_RATIO:g} x --lr",
     "eval_every": "steps/5, at most 1000",
     "checkpoint_every": "--eval-every",
-    "interval": "steps/5, at most 250",
-    "min_age": "2 x interval, at most 500",
+    "lifecycle_every": "steps/5, at least 5 and at most 250",
+    "min_age": "2 x --lifecycle-every, at most 500",
     "bases": ", ".join(f"{n} on {p}" for p, n in PRESET_BASES.items()) + "; 1 with --seeds-to-resolve",
     "train_data": "fresh when the run would read each fixed window more than once, else windows; windows with --data",
 }
@@ -50,7 +50,11 @@ def cell_options() -> list:
                     help="Deprecated name of --router-kind (auto|acar)."))
     for group, cls, inst in (("router", RouterConfig, CELL_ROUTER), ("lifecycle", LifecycleConfig, CELL_LIFECYCLE)):
         mine = {k: f for k, (g, f) in NESTED.items() if g == group}
-        opts += from_fields(cls, list(mine.values()), instance=inst, rename={f: k for k, f in mine.items()}, auto=AUTO)
+        # lifecycle.interval (flat name `interval` in identities) is --lifecycle-every
+        rename = {f: ("lifecycle_every" if k == "interval" else k) for k, f in mine.items()}
+        opts += from_fields(cls, list(mine.values()), instance=inst, rename=rename, auto=AUTO)
+    opts.append(own("interval", None, "--interval", annotation=Optional[int], hidden=True,
+                    help="Deprecated name of --lifecycle-every."))
     return opts
 
 
@@ -93,9 +97,16 @@ def cell_template(cell: str, seed: int, kw: dict, say, yes: bool = False, one_ba
             raise BadInput("--router", legacy, f"the same value as --router-kind ({kw['router_kind']}), or only one of them")
         kw["router_kind"] = legacy
         say("note: --router is the old name of --router-kind on full and factorial (auto|acar); use --router-kind")
+    every, every_flag = kw.pop("lifecycle_every", None), "--lifecycle-every"
+    old = kw.pop("interval", None)
+    if old is not None:         # the old flag name of --lifecycle-every (the same meaning: lifecycle events)
+        say("note: --interval is the old name of --lifecycle-every on full and factorial; use --lifecycle-every")
+        if every is None:       # the new name, when given too, wins (a replay's override)
+            every, every_flag = old, "--interval"
     device = resolve_device(kw.pop("device"))
     preset, steps, note = choose_run(kw.pop("preset"), kw.pop("steps"), device)
-    kw.update(schedule(steps, kw.pop("interval"), kw.pop("min_age"), kw.pop("eval_every"), kw.pop("checkpoint_every")))
+    kw.update(schedule(steps, every, kw.pop("min_age"), kw.pop("eval_every"), kw.pop("checkpoint_every"),
+                       interval_flag=every_flag))
     if kw.get("bases") is None:
         kw["bases"] = 1 if one_base else PRESET_BASES.get(preset, 1)
     if kw.get("data") is not None and not Path(kw["data"]).is_dir():

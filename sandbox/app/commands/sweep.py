@@ -34,14 +34,15 @@ def _sweep_options() -> list:
         "steps": f"{an.steps}; substrate: per preset, {per_preset}",
         "lr": f"{an.lr:g}; substrate: the cell's {cell.lr:g}",
         "plasticity": f"{an.plasticity:g}; substrate: {RoutingArms.plasticity:g}",
-        "interval": f"{an.interval}; substrate: steps/10",
+        "search_every": f"{an.interval}; substrate: steps/10",
+        "lifecycle_every": "--search-every",
         "preset": f"substrate: {CPU_DEFAULTS['preset']} on a CPU, {GPU_DEFAULTS['preset']} on CUDA",
         "device": "cuda when visible, else cpu",
         "batch": f"analytic: {an.batch} (the exact expected loss); substrate: the cell's {cell.batch} windows",
     }
     task_fields = ("domains", "slots", "dim", "rank", "true_rank", "context_dim", "context_noise", "overlap")
     solver_fields = ("steps", "lr", "plasticity", "router", "evo", "population", "mutation_scale", "interval",
-                     "reset_on_accept", "oracle", "lifecycle", "scope", "selection", "crossover", "crossover_t",
+                     "lifecycle_every", "reset_on_accept", "oracle", "lifecycle", "scope", "selection", "crossover", "crossover_t",
                      "mutation", "finetune_steps", "finetune_lr", "death", "inherit_mode", "reallocation", "acar",
                      "acar_tol", "budget", "draws", "eval_draws", "fresh_noise", "loss_floor", "lora_alpha", "beta2",
                      "control_beta2", "accept_tol")
@@ -79,7 +80,9 @@ def _sweep_options() -> list:
         *from_fields(SweepConfig, ("search", "trials")),
         own("figures", True, "--figures/--no-figures", help="Draw the regime curve/heatmap."),
         *from_fields(TaskSpec, task_fields),
-        *from_fields(AnalyticConfig, solver_fields, auto=auto, decls=switches),
+        *from_fields(AnalyticConfig, solver_fields, auto=auto, decls=switches, rename={"interval": "search_every"}),
+        own("interval", None, "--interval", annotation=Optional[int], hidden=True,
+            help="Deprecated: the old name of --search-every and (analytic) --lifecycle-every; sets both."),
         own("threads", 1, "--threads", help="torch CPU threads. 1 is fastest point by point and on a shared machine; a stacked map of "
                                            "hundreds of rows gains from more cores on a machine of your own (2: 21 x 21 x 16 map "
                                            "185 -> 127 s, BENCHMARKS.md)."),
@@ -101,7 +104,7 @@ def _sweep_options() -> list:
 def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_frac, independent_seeds, tune, tune_lr,
           tune_adapter, tune_beta2, tune_seeds, tune_widen, tune_robust, tune_rule, out, storage, study, search, trials, figures,
           domains, slots, dim, rank, true_rank, context_dim, context_noise, overlap, steps, lr, plasticity, router, evo,
-          population, mutation_scale, interval, reset_on_accept, oracle, lifecycle, scope, selection, crossover,
+          population, mutation_scale, search_every, lifecycle_every, interval, reset_on_accept, oracle, lifecycle, scope, selection, crossover,
           crossover_t, mutation, finetune_steps, finetune_lr, death, inherit_mode, reallocation, acar, acar_tol, budget,
           draws, eval_draws, fresh_noise, loss_floor, lora_alpha, beta2, control_beta2, accept_tol, threads, chunk_rows,
           system, preset, batch, data, cache, device, search_windows, confirm, enqueue_only, overwrite) -> None:
@@ -151,13 +154,14 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_
     if system not in ("analytic", "substrate"):
         raise BadInput("--system", system, "analytic or substrate")
     _refuse_ignored(system)
+    search_every, lifecycle_every = _schedules(search_every, lifecycle_every, interval, system)
     if system == "substrate":
         from sandbox.app.commands.sweep_substrate import substrate_sweep
 
         return substrate_sweep(alignment=(rng.lo, rng.hi), points=points, axis=axis, axis_points=axis_points,
                                seeds=tuple(seed_list), eps=eps, alpha=alpha, out=out, storage=storage, study=study,
                                figures=figures, steps=steps, lr=lr, plasticity=plasticity, router=router, evo=evo,
-                               population=population, mutation_scale=mutation_scale, interval=interval,
+                               population=population, mutation_scale=mutation_scale, interval=search_every,
                                reset_on_accept=reset_on_accept, preset=preset, batch=batch, data=data, cache=cache,
                                device=device, point_count_given=points_given, seeds_given=seeds_given,
                                print_summary=_print_summary, enqueue_only=enqueue_only, search_windows=search_windows,
@@ -166,12 +170,13 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_
     steps = defaults.steps if steps is None else steps                  # analytic value is declared once,
     lr = defaults.lr if lr is None else lr                              # in the dataclass
     plasticity = defaults.plasticity if plasticity is None else plasticity
-    interval = defaults.interval if interval is None else interval
+    search_every = defaults.interval if search_every is None else search_every
     batch = defaults.batch if batch is None else batch
     task = TaskSpec(domains=domains, slots=slots, dim=dim, rank=rank, true_rank=true_rank, alignment=rng.lo,
                     context_dim=context_dim, context_noise=context_noise, overlap=overlap)
     solver = AnalyticConfig(steps=steps, lr=lr, plasticity=plasticity, router=router, population=population,
-                           mutation_scale=mutation_scale, interval=interval, lifecycle=lifecycle, scope=scope,
+                           mutation_scale=mutation_scale, interval=search_every, lifecycle_every=lifecycle_every,
+                           lifecycle=lifecycle, scope=scope,
                            evo=evo, reset_on_accept=reset_on_accept, oracle=oracle,
                            budget=budget, draws=draws, eval_draws=eval_draws, fresh_noise=fresh_noise,
                            loss_floor=loss_floor, lora_alpha=lora_alpha, selection=selection, crossover=crossover,
@@ -246,7 +251,7 @@ _ANALYTIC_ONLY = ("converged_frac", "independent_seeds", "tune", "tune_lr", "tun
                   "true_rank", "context_dim", "context_noise", "overlap", "oracle", "lifecycle", "scope", "selection",
                   "crossover", "crossover_t", "mutation", "finetune_steps", "finetune_lr", "acar_tol", "budget", "draws",
                   "eval_draws", "fresh_noise", "loss_floor", "lora_alpha", "beta2", "control_beta2", "accept_tol",
-                  "chunk_rows")
+                  "chunk_rows", "lifecycle_every")
 #: Flags only the substrate system reads (the analytic sweep would silently ignore them).
 _SUBSTRATE_ONLY = ("preset", "data", "cache", "search_windows", "confirm")
 
@@ -271,6 +276,30 @@ def _refuse_ignored(system: str) -> None:
             other = "analytic" if system == "substrate" else "substrate"
             raise BadInput(flag, ctx.params.get(p.name), f"no {flag} with --system {system} (the {system} system does "
                            f"not read it; it is a flag of --system {other}): leave it out")
+
+
+def _schedules(search_every, lifecycle_every, interval, system: str) -> tuple:
+    """``(search_every, lifecycle_every)`` from the options, None where left to the system's default.
+
+    ``--interval`` is the old name: on the analytic system it sets both schedules (its meaning
+    there before the split), on ``--system substrate`` the search's (the substrate map has no
+    lifecycle). A new name given beside it wins for its own schedule (a replayed manifest's
+    ``--interval`` with a ``--search-every`` override). A note on stderr says so."""
+    import sys
+
+    from sandbox.options import check_int
+
+    for flag, v in (("--search-every", search_every), ("--lifecycle-every", lifecycle_every), ("--interval", interval)):
+        if v is not None:
+            check_int(v, flag, 1, 1_000_000)
+    if interval is not None:
+        both = "--search-every and --lifecycle-every (it sets both)" if system == "analytic" else "--search-every"
+        print(f"note: --interval is the old name of {both} on sweep --system {system}; use the new name",
+              file=sys.stderr)
+        search_every = interval if search_every is None else search_every
+        if system == "analytic" and lifecycle_every is None:
+            lifecycle_every = interval
+    return search_every, lifecycle_every
 
 
 def _tune_seeds(text: str) -> tuple[int, ...]:
