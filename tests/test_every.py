@@ -114,7 +114,8 @@ def test_an_old_manifest_with_interval_replays_and_its_folder_resumes(tmp_path, 
 
 @pytest.mark.parametrize("args, flag", [
     (["sweep", "--search-every", "0"], "--search-every"),
-    (["sweep", "--lifecycle-every", "0"], "--lifecycle-every"),
+    (["sweep", "--lifecycle", "--lifecycle-every", "0"], "--lifecycle-every"),
+    (["sweep", "--lifecycle-every", "5"], "--lifecycle-every"),          # no lifecycle: nothing reads it
     (["sweep", "--interval", "0"], "--interval"),
     (["sweep", "--system", "substrate", "--lifecycle-every", "5"], "--lifecycle-every"),
     (["full", "--cell", "L", "--lifecycle-every", "0"], "--lifecycle-every"),

@@ -128,6 +128,8 @@ USER_HELP = {
     ("RouterConfig", "tau_scales"): "What the sigmoid temperature divides: logit (the whole logit, (h W + b) / tau; "
                                     "a mass start's gates then end on their floors) or input (only h W / tau; the bias "
                                     "keeps the start's operating point through the anneal).",
+    ("LifecycleConfig", "interval"): "Steps between lifecycle events (factor L), and between the fitness "
+                                     "measurements every cell logs (fitness.csv).",
     ("RouterConfig", "init"): "How the sigmoid router's bias starts: zero (bias 0, total gate weight about K (1 + f) / 2) "
                               "or mass (total gate weight init_mass at step 0, a fair start against the softmax).",
 }

@@ -100,7 +100,6 @@ def cell_template(cell: str, seed: int, kw: dict, say, yes: bool = False, one_ba
     every, every_flag = kw.pop("lifecycle_every", None), "--lifecycle-every"
     old = kw.pop("interval", None)
     if old is not None:         # the old flag name of --lifecycle-every (the same meaning: lifecycle events)
-        say("note: --interval is the old name of --lifecycle-every on full and factorial; use --lifecycle-every")
         if every is None:       # the new name, when given too, wins (a replay's override)
             every, every_flag = old, "--interval"
     device = resolve_device(kw.pop("device"))
@@ -113,6 +112,8 @@ def cell_template(cell: str, seed: int, kw: dict, say, yes: bool = False, one_ba
         raise BadInput("--data", kw["data"], "a folder with one subfolder of .txt files per domain")
     cfg = CellConfig.of(cell=cell, seed=seed, preset=preset, steps=steps, device=device, **kw)   # validates every knob
     check_affordable(cfg, yes)
+    if old is not None:         # said once every option is known to be valid (an error stays one line)
+        say("note: --interval is the old name of --lifecycle-every on full and factorial; use --lifecycle-every")
     if note:
         say(note)
     return cfg
@@ -153,7 +154,7 @@ def full(**kw) -> None:
     seed_list = parse_seeds(seeds)
     if stop_after is not None:
         check_int(stop_after, "--stop-after", 1)
-    template = cell_template(name, seed_list[0], kw, lambda m: console.print(m), yes=yes)
+    template = cell_template(name, seed_list[0], kw, lambda m: console.print(m, highlight=False, soft_wrap=True), yes=yes)
     ident = {**template.identity(), **({"bases": template.bases} if template.bases != 1 else {})}
     root = Path(out) if out else Path("runs") / f"full-{name.replace('+', '')}-{config_hash(ident)[:8]}"
     from sandbox.results import check_folder, release_run_dir

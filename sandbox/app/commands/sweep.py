@@ -154,7 +154,12 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_
     if system not in ("analytic", "substrate"):
         raise BadInput("--system", system, "analytic or substrate")
     _refuse_ignored(system)
+    if lifecycle_every is not None and not lifecycle:
+        raise BadInput("--lifecycle-every", lifecycle_every, "no --lifecycle-every without --lifecycle (only the "
+                       "lifecycle reads it): add --lifecycle or leave it out")
     search_every, lifecycle_every = _schedules(search_every, lifecycle_every, interval, system)
+    if not lifecycle:
+        lifecycle_every = None          # --interval without --lifecycle: no lifecycle, no schedule of its own
     if system == "substrate":
         from sandbox.app.commands.sweep_substrate import substrate_sweep
 
