@@ -126,24 +126,31 @@ def test_bad_schedules_are_one_line(args, flag, capsys):
     assert err[-1].startswith("error:") and flag in err[-1] and not any("Traceback" in x for x in err)
 
 
-def test_substrate_sweep_reads_interval_as_its_search_schedule(capsys):
+def test_substrate_sweep_reads_interval_as_its_search_schedule():
+    from sandbox.app import notes
     from sandbox.app.commands.sweep import _schedules
 
+    notes.clear()
     assert _schedules(None, None, 7, "substrate") == (7, None)
-    assert "old name of --search-every on sweep --system substrate" in capsys.readouterr().err
+    assert notes.pending() == ["note: --interval is the old name of --search-every on sweep --system substrate; "
+                               "use the new name"]
+    notes.clear()
     assert _schedules(None, None, 7, "analytic") == (7, 7)
     assert _schedules(3, None, 7, "analytic") == (3, 7)        # a new name given beside it wins for its schedule
     assert _schedules(None, None, None, "analytic") == (None, None)
 
 
 def test_full_reads_lifecycle_every_and_its_old_name():
+    from sandbox.app import notes
     from sandbox.app.commands.full import cell_options, cell_template
 
     def build(**given):
-        said = []
+        notes.clear()
+        said = notes.pending()
         kw = {o.name: o.default for o in cell_options()}
         kw.update({"device": "cpu", "preset": "tiny", "steps": 40, **given})
-        return cell_template("L", 1, kw, said.append), said
+        cfg = cell_template("L", 1, kw, said.append)
+        return cfg, said + notes.pending()
 
     new, said_new = build(lifecycle_every=4)
     old, said_old = build(interval=4)
@@ -153,6 +160,21 @@ def test_full_reads_lifecycle_every_and_its_old_name():
     assert build(interval=4, lifecycle_every=6)[0].lifecycle.interval == 6   # the new name wins
     assert build()[0].lifecycle.interval == 8                                 # steps/5
     assert build(steps=10)[0].lifecycle.interval == 5                         # the default's lower bound, as --help says
+    notes.clear()
+
+
+def test_the_note_comes_after_the_run_and_never_beside_an_error(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main([*SWEEP, "--interval", "5", "--out", str(out)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("note: --interval is the old name")          # said last, once
+    (out / "trials.journal").write_text("{not json\n")
+    assert main([*SWEEP, "--interval", "5", "--out", str(out)]) == 2       # a damaged ledger: refused
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error:")                # only the one-line error
+    assert main(["full", "--cell", "L", "--interval", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--interval" in err
 
 
 def test_help_says_the_bounds_the_default_applies(capsys):

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
 
-    from sandbox.app import replay
+    from sandbox.app import notes, replay
     from sandbox.errors import Terminated
 
     got: list[int] = []
@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.unraisablehook = _unraisable
     words: list[str] = []
     try:
+        notes.clear()
         words = list(sys.argv[1:] if argv is None else argv)
         words, manifest, overrides = replay.expand(words)
         replay.set_argv(words)
@@ -165,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             return _stopped(got[-1])
         if isinstance(rv, int) and rv != 0:
             return rv
+        notes.say_all()   # the command finished: its notes (a deprecated flag's new name), one line each
         if manifest is not None:
             why = replay.check_replay(words, manifest, overrides)
             if why:
@@ -192,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:   # a full disk, a name too long, a read-only place: one line, never a traceback
         return _os_error(e, words)
     finally:
+        notes.clear()
         if old is not None:
             signal.signal(signal.SIGTERM, old[0])
             signal.signal(signal.SIGINT, old[1])

@@ -112,8 +112,10 @@ def cell_template(cell: str, seed: int, kw: dict, say, yes: bool = False, one_ba
         raise BadInput("--data", kw["data"], "a folder with one subfolder of .txt files per domain")
     cfg = CellConfig.of(cell=cell, seed=seed, preset=preset, steps=steps, device=device, **kw)   # validates every knob
     check_affordable(cfg, yes)
-    if old is not None:         # said once every option is known to be valid (an error stays one line)
-        say("note: --interval is the old name of --lifecycle-every on full and factorial; use --lifecycle-every")
+    if old is not None:         # said when the command has finished (an error stays one line)
+        from sandbox.app.notes import later
+
+        later("note: --interval is the old name of --lifecycle-every on full and factorial; use --lifecycle-every")
     if note:
         say(note)
     return cfg

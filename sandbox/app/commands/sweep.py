@@ -289,9 +289,9 @@ def _schedules(search_every, lifecycle_every, interval, system: str) -> tuple:
     ``--interval`` is the old name: on the analytic system it sets both schedules (its meaning
     there before the split), on ``--system substrate`` the search's (the substrate map has no
     lifecycle). A new name given beside it wins for its own schedule (a replayed manifest's
-    ``--interval`` with a ``--search-every`` override). A note on stderr says so."""
-    import sys
-
+    ``--interval`` with a ``--search-every`` override). A note on stderr says so once the command has
+    finished (`sandbox.app.notes`: an error stays one line)."""
+    from sandbox.app.notes import later
     from sandbox.options import check_int
 
     for flag, v in (("--search-every", search_every), ("--lifecycle-every", lifecycle_every), ("--interval", interval)):
@@ -299,8 +299,7 @@ def _schedules(search_every, lifecycle_every, interval, system: str) -> tuple:
             check_int(v, flag, 1, 1_000_000)
     if interval is not None:
         both = "--search-every and --lifecycle-every (it sets both)" if system == "analytic" else "--search-every"
-        print(f"note: --interval is the old name of {both} on sweep --system {system}; use the new name",
-              file=sys.stderr)
+        later(f"note: --interval is the old name of {both} on sweep --system {system}; use the new name")
         search_every = interval if search_every is None else search_every
         if system == "analytic" and lifecycle_every is None:
             lifecycle_every = interval
