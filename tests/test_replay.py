@@ -68,6 +68,23 @@ def test_first_difference_names_the_field_and_skips_overrides():
     now = {"solver": {"lr": 0.1, "steps": 150}, "seeds": [0, 1, 2]}
     assert first_difference(rec, now, ["--seeds", "3"]).startswith("solver.lr (0.05 recorded, 0.1 now)")
     assert first_difference(rec, now, ["--lr", "0.1", "--seeds", "3"]) is None
+    # a field added since the manifest was written (absent there) is its default now: no difference;
+    # a recorded field that is gone now still is one
+    added = {"solver": {"lr": 0.05, "steps": 150, "death": "least-fit", "lifecycle_every": None}, "seeds": [0, 1]}
+    assert first_difference(rec, added, []) is None
+    assert first_difference(added, rec, []).startswith("solver.death ('least-fit' recorded, '<absent>' now)")
+
+
+def test_a_manifest_from_before_a_field_existed_replays(tmp_path, capsys):
+    """A manifest written before `death` and `lifecycle_every` existed (both removed from a recorded
+    config here) replays without a difference: its command line resolves them to their defaults."""
+    a = tmp_path / "a"
+    assert main([*SWEEP, "--out", str(a)]) == 0
+    m = json.loads((a / "manifest.json").read_text())
+    for k in ("death", "lifecycle_every", "reallocation", "inherit_mode"):
+        m["config"]["solver"].pop(k, None)
+    (tmp_path / "old.json").write_text(json.dumps(m))
+    assert main(["--config", str(tmp_path / "old.json"), "--out", str(tmp_path / "b")]) == 0
 
 
 def test_replay_that_resolves_differently_exits_1(tmp_path, capsys):

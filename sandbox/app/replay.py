@@ -96,15 +96,16 @@ def _out_of(argv: list[str]) -> str | None:
 def first_difference(recorded: dict, replayed: dict, overrides: list[str]) -> str | None:
     """The first field (dotted) whose value differs between two resolved configs, leaving out the
     fields an override flag names (`--seeds` covers every field named `seeds`) and a field the
-    recorded config lacks that resolves to None now (an optional setting added since, unset: the
-    run as recorded, e.g. the analytic ``lifecycle_every``)."""
+    recorded config lacks (a setting added since, e.g. the analytic ``lifecycle_every`` or the
+    lifecycle's ``death``: the recorded command line cannot name it, so it resolves to its default,
+    which reproduces the recorded run; given as an override it is skipped anyway)."""
     skip = {w[2:].split("=")[0].replace("-", "_") for w in overrides if w.startswith("--")}
     a, b = _flat(recorded), _flat(replayed)
     for k in sorted(set(a) | set(b)):
         leaf = k.rsplit(".", 1)[-1]
         if leaf in skip or k.replace(".", "_") in skip:
             continue
-        if k not in a and b[k] is None:
+        if k not in a:
             continue
         if a.get(k, "<absent>") != b.get(k, "<absent>"):
             return f"{k} ({a.get(k, '<absent>')!r} recorded, {b.get(k, '<absent>')!r} now)"
