@@ -172,7 +172,7 @@ def batch_terms(A: Tensor, B: Tensor, task: Task, scale: float | Tensor, X: Tens
     ``G_m`` is the block sum of ``GB * P P^T``; ``c_mk`` the block sum of ``(B_k^T U_m) * (P_k Q_m^T)``
     with ``Q = V_m X / sqrt(n)``; ``e_m = ||U_m Q_m||^2``. Batched matmuls only."""
     S, K, r, d = A.shape
-    M, n = X.shape[1], X.shape[-1]
+    n = X.shape[-1]
     Xs = X / math.sqrt(n)                                                    # (S, M, d, n)
     Af = A.reshape(S, 1, K * r, d)
     Btf = B.transpose(-1, -2).reshape(S, 1, K * r, d)

@@ -10,7 +10,10 @@ checkpoint intervals default to values scaled to the step count (`substrate.defa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:   # the annotation only: the command imports the substrate lazily
+    from substrate.config import CellConfig
 
 import typer
 
