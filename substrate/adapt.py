@@ -30,7 +30,7 @@ from substrate import acar
 from substrate.config import CellConfig
 from substrate.corpus import Corpus, CorpusConfig, fresh_batch, load_text_domains, sample_batch, synthetic_corpus
 from substrate.model import GPT, autocast, freeze_base, load_banks, routing_features
-from substrate.train import (TrainConfig, clip_gradients, evaluate, initial_banks, lr_at, pretrain, pretraining,
+from substrate.train import (TrainConfig, clip_gradients, evaluate, initial_banks, lr_at, pretrain, pretraining, lr_schedule,
                             train_specialists)
 
 # Purposes of the per-step generators (`sandbox.streams`).
@@ -260,6 +260,14 @@ def train_batch(cfg: CellConfig, st: RunState, corpus: Corpus, batch: int, gen: 
     for m, n in enumerate(torch.bincount(dom, minlength=corpus.domains).tolist()):
         st.reads[m] += n
     return x, y, dom
+
+
+def adaptation(cfg: CellConfig) -> TrainConfig:
+    """The learning-rate schedule of adapting a cell (`train_step`'s ``tcfg``): ``cfg.steps`` steps at
+    peak ``cfg.lr`` (the router's group scaled, `build_optimizer`), the adaptation warm-up of
+    `substrate.train.warmup_steps`, cosine to a tenth. Every cell run, the map's trained arms and the
+    benchmark's step use it."""
+    return lr_schedule(cfg.steps, "adapt", lr=cfg.lr, batch=cfg.batch, min_lr_ratio=0.1)
 
 
 def train_step(cfg: CellConfig, st: RunState, corpus: Corpus, tcfg: TrainConfig, train_data: str | None = None) -> float:

@@ -111,11 +111,10 @@ def _cell_state(name: str, batch: int, seq_len: int, device: str = "cpu", seed: 
 
 
 def _step_fn(ccfg, sub, st):
-    from substrate.adapt import train_step
-    from substrate.train import TrainConfig
+    from substrate.adapt import adaptation, train_step
 
-    device, batch = ccfg.device, ccfg.batch
-    tcfg = TrainConfig(steps=ccfg.steps, lr=ccfg.lr, batch=batch, warmup=10, min_lr_ratio=0.1)
+    device = ccfg.device
+    tcfg = adaptation(ccfg)
 
     def step() -> float:
         loss = train_step(ccfg, st, sub.corpus, tcfg)

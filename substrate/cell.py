@@ -35,14 +35,14 @@ from typing import Callable
 
 from sandbox.errors import BadInput
 from sandbox.results import RunDir, atomic_save_torch, claim_run_dir, load_torch, read_json, to_jsonable
-from substrate.adapt import (FINAL, RunState, Substrate, _BATCH, _FIT, _INIT, _LIFE, _PERTURB,  # noqa: F401
+from substrate.adapt import (FINAL, RunState, Substrate, _BATCH, adaptation, _FIT, _INIT, _LIFE, _PERTURB,  # noqa: F401
                              acar_held_in_score, build_state, checkpoint, final_state, gates_for, perturb_,
                              prepare_substrate, restore, step_generator, train_batch, train_step)
 from substrate.config import (CELL_LIFECYCLE, CELL_ROUTER, DEVICES, LATER_DEFAULTS, NESTED,  # noqa: F401
                               ROUTER_KINDS, SUBSTRATE, TRAIN_DATA, CellConfig, data_check, revisit_warning)
 from substrate.fitness import (FOLD_ROWS, acar_usage, evaluate_state, finetune_loss, fitness_event,  # noqa: F401
                                fold_rows, folded_nll, gate_record, held_out_gates, loo_losses)
-from substrate.train import TrainConfig, lr_at
+from substrate.train import lr_at
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def run_cell(cfg: CellConfig, out: str | Path, cache_dir: str | Path = "runs/cac
     else:
         st.curves.extend(evaluate_state(cfg, st, corpus).rows(step=0, seed=cfg.seed, cell=cfg.cell))
         gate_record(cfg, st, corpus, "before")
-    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, batch=cfg.batch, warmup=max(1, cfg.steps // 20), min_lr_ratio=0.1)
+    tcfg = adaptation(cfg)
     lcfg = cfg.lifecycle_config()
     t0, ran = time.perf_counter(), 0
     while st.step < cfg.steps and st.diverged_step is None:

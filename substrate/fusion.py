@@ -69,7 +69,7 @@ from substrate.adapt import Substrate
 from substrate.config import DEVICES, CellConfig
 from substrate.corpus import sample_batch
 from substrate.model import GPT, PRESETS, autocast, load_banks, routing_features
-from substrate.train import TrainConfig, clip_gradients, evaluate, lr_at, train_specialists, weights_fingerprint
+from substrate.train import clip_gradients, evaluate, lr_at, lr_schedule, train_specialists, weights_fingerprint
 
 METHODS = ("best_specialist", "base", "uniform", "oracle", "B3", "R")
 SPECIALISTS = ("lora", "full")
@@ -236,7 +236,7 @@ def _fit_router(model: GPT, sub: Substrate, cfg: FusionConfig, router: str, loss
     cell = cfg.cell(router)
     rt = Router(cell.router_config(model.cfg.d_model), generator=generator(Purpose.CELL_INIT, cfg.seed, 0)).to(cfg.device)
     opt = torch.optim.Adam(rt.parameters(), lr=cfg.router_lr)
-    tcfg = TrainConfig(steps=cfg.router_steps, lr=cfg.router_lr, warmup=max(1, cfg.router_steps // 10))
+    tcfg = lr_schedule(cfg.router_steps, "train", lr=cfg.router_lr)
     losses = []
     for step in range(cfg.router_steps):
         x, y, _ = sample_batch(sub.corpus, "train", cfg.batch, generator(Purpose.CELL_BATCH, cfg.seed, step))
@@ -358,8 +358,7 @@ def train_full_copies(base: GPT, corpus, steps: int, lr: float, seed: int = 0, b
     """
     M = corpus.domains
     per = max(1, math.ceil((batch or 8 * M) / M))
-    tcfg = TrainConfig(steps=steps, lr=lr, batch=per * M, warmup=max(1, steps // 10), weight_decay=0.0,
-                       grad_clip=0.0, seed=seed)
+    tcfg = lr_schedule(steps, "train", lr=lr, batch=per * M, weight_decay=0.0, grad_clip=0.0, seed=seed)
     key = config_hash({"kind": "full", "base": weights_fingerprint(base), "cfg": asdict(base.cfg),
                        "corpus": corpus.key, "train": asdict(tcfg)}, n=16)
     path = Path(cache_dir) / f"fullcopies-{key}.pt" if cache_dir is not None else None

@@ -44,12 +44,12 @@ from sandbox.errors import check, require
 from sandbox.router import params_to_vector, router_gates, router_logits, vector_to_params
 from sandbox.streams import Purpose, generator
 from substrate import acar
-from substrate.adapt import RunState, Substrate, build_state, train_step
+from substrate.adapt import RunState, Substrate, adaptation, build_state, train_step
 from substrate.config import CellConfig
 from substrate.fitness import evaluate_state, folded_nll
 from substrate.corpus import sample_batch
 from substrate.model import autocast, routing_features
-from substrate.train import TrainConfig, evaluate
+from substrate.train import evaluate
 
 #: The map's arms on the transformer (`sandbox.arms`: no beta2 control), and with acar (added by
 #: ``RoutingArms.acar``).
@@ -197,8 +197,7 @@ def run_arms(rc: RoutingArms, sub: Substrate, arms=None) -> dict[str, dict]:
     arms = rc.arms if arms is None else tuple(arms)
     check(all(a in ALL_ARMS for a in arms), "arms", ",".join(arms), "a subset of " + ", ".join(ALL_ARMS))
     cell = rc.cell
-    tcfg = TrainConfig(steps=cell.steps, lr=cell.lr, batch=cell.batch, warmup=max(1, cell.steps // 20),
-                       min_lr_ratio=0.1)
+    tcfg = adaptation(cell)
     out = {}
     trained = [a for a in ("grad", "evo", "restart") if a in arms or (a == "grad" and ("oracle" in arms or "acar" in arms))]
     for arm in trained:

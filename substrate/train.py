@@ -105,9 +105,28 @@ def pretrain_key(model_cfg: ModelConfig, corpus: Corpus, train_cfg: TrainConfig)
     return config_hash({"model": model_cfg.base_fields, "corpus": corpus.key, "train": asdict(train_cfg)}, n=16)
 
 
+#: The one warm-up rule, ``warmup = max(1, steps // share)``, and its two shares. Training from
+#: scratch or from the frozen base (pretraining, the specialists, fusion's full copies and its
+#: router) warms up over a tenth of the run; adapting a cell (`substrate.adapt.adaptation`: a cell
+#: run, the map's arms, the benchmark's step) over a twentieth, as every cell run since the first
+#: did. One share for both would change every cell number and every cached specialist's key
+#: (`TrainConfig` enters the cache key), so the two values stay; the rule is written once.
+WARMUP_SHARE = {"train": 10, "adapt": 20}
+
+
+def warmup_steps(steps: int, phase: str = "train") -> int:
+    """Linear warm-up steps of a run of ``steps`` steps in ``phase`` (`WARMUP_SHARE`)."""
+    return max(1, steps // WARMUP_SHARE[phase])
+
+
+def lr_schedule(steps: int, phase: str = "train", **settings) -> TrainConfig:
+    """A run of ``steps`` steps: `TrainConfig`'s settings with the warm-up of `warmup_steps`."""
+    return TrainConfig(steps=steps, **{"warmup": warmup_steps(steps, phase), **settings})
+
+
 def pretraining(steps: int, **settings) -> TrainConfig:
-    """The pretraining run of ``steps`` steps: `TrainConfig`'s settings, warm-up a tenth of the steps."""
-    return TrainConfig(steps=steps, **{"warmup": max(1, steps // 10), **settings})
+    """The pretraining run of ``steps`` steps (`lr_schedule`: warm-up a tenth of the steps)."""
+    return lr_schedule(steps, "train", **settings)
 
 
 def clip_gradients(params, cfg: TrainConfig) -> None:
@@ -204,8 +223,7 @@ def train_specialists(base: GPT, corpus: Corpus, steps: int = 200, lr: float = 1
     """
     M = corpus.domains
     per = max(1, math.ceil((batch or 8 * M) / M))
-    tcfg = TrainConfig(steps=steps, lr=lr, batch=per * M, warmup=max(1, steps // 10), weight_decay=0.0,
-                       grad_clip=0.0, seed=seed)
+    tcfg = lr_schedule(steps, "train", lr=lr, batch=per * M, weight_decay=0.0, grad_clip=0.0, seed=seed)
     key = config_hash({"base": weights_fingerprint(base), "cfg": asdict(base.cfg), "corpus": corpus.key,
                        "train": asdict(tcfg)}, n=16)
     path = Path(cache_dir) / f"specialists-{key}.pt" if cache_dir is not None else None

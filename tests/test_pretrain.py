@@ -191,3 +191,22 @@ def test_initial_banks_bad_input(specialists):
         initial_banks(sp, 0.5, 2, g)
     with pytest.raises(BadInput, match="assignment"):
         initial_banks(sp, 0.5, CFG.slots, g, assignment=torch.tensor([0, 0, 1]))
+
+
+def test_one_warmup_rule_gives_each_phase_its_recorded_schedule():
+    """`warmup_steps` is the only warm-up rule: a tenth of the run for training (pretraining,
+    specialists, fusion), a twentieth for adapting a cell, at least one step; the cell's schedule
+    (`adaptation`) is the `TrainConfig` every cell run built by hand before the rule existed."""
+    from substrate.adapt import adaptation
+    from substrate.cell import CellConfig
+    from substrate.train import TrainConfig, lr_schedule, pretraining, warmup_steps
+
+    for steps in (1, 5, 9, 10, 19, 20, 21, 199, 200, 25_000):
+        assert warmup_steps(steps, "train") == max(1, steps // 10)
+        assert warmup_steps(steps, "adapt") == max(1, steps // 20)
+        assert pretraining(steps, batch=4) == TrainConfig(steps=steps, batch=4, warmup=max(1, steps // 10))
+        assert lr_schedule(steps, "adapt", lr=0.5).warmup == max(1, steps // 20)
+    cfg = CellConfig(steps=300)
+    assert adaptation(cfg) == TrainConfig(steps=300, lr=cfg.lr, batch=cfg.batch, warmup=15, min_lr_ratio=0.1)
+    with pytest.raises(KeyError):
+        warmup_steps(100, "finetune")
