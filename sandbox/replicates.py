@@ -86,7 +86,7 @@ def base_means(table: pd.DataFrame, value: str = "balanced_log_ppl", cell_col: s
 
 
 def attribution(table: pd.DataFrame, value: str = "balanced_log_ppl", eps: float = stats.DEFAULT_EPS,
-                alpha: float = 0.05, cell_col: str = "cell", **kw) -> pd.DataFrame:
+                alpha: float = stats.DEFAULT_ALPHA, cell_col: str = "cell", **kw) -> pd.DataFrame:
     """`sandbox.stats.attribution` with the base as the unit when the table spans two or more bases
     (on `base_means`, one "seed" per base), else across seeds. Adds ``unit`` (base or seed) and
     ``bases``; ``n`` (and ``seeds_needed``) count units: bases when the unit is the base."""

@@ -34,13 +34,13 @@ needed), `regimes` (`classify`, `summarize`, `label_point`, `decompose`, `acar_s
 `sandbox.sequential`.
 """
 
-from sandbox.stats.comparison import (DEFAULT_EPS, Paired, balanced_log_ppl, bootstrap_ci, holm, paired, t_to_p)
+from sandbox.stats.comparison import (DEFAULT_ALPHA, DEFAULT_EPS, Paired, balanced_log_ppl, bootstrap_ci, holm, paired, t_to_p)
 from sandbox.stats.power import DEFAULT_POWER, MAX_SEEDS, _power_t_integral, power_tost, seeds_needed
 from sandbox.stats.regimes import (ACAR_SUMMARY, CONVERGED_FRAC, DECOMPOSITION, SUMMARY_STATS, acar_summary, classify,
                                    decompose, label_point, summarize)
 from sandbox.stats.contrasts import ATTRIBUTION_COLUMNS, TESTED_KINDS, attribution, contrast_deltas
 
-__all__ = ["ACAR_SUMMARY", "ATTRIBUTION_COLUMNS", "CONVERGED_FRAC", "DECOMPOSITION", "DEFAULT_EPS", "DEFAULT_POWER",
+__all__ = ["ACAR_SUMMARY", "ATTRIBUTION_COLUMNS", "CONVERGED_FRAC", "DECOMPOSITION", "DEFAULT_ALPHA", "DEFAULT_EPS", "DEFAULT_POWER",
            "MAX_SEEDS", "SUMMARY_STATS", "TESTED_KINDS", "Paired", "acar_summary", "attribution", "balanced_log_ppl",
            "bootstrap_ci", "classify", "contrast_deltas", "decompose", "holm", "label_point", "paired", "power_tost",
            "seeds_needed", "summarize", "t_to_p"]

@@ -15,6 +15,8 @@ from sandbox.errors import check, require
 
 #: Default equivalence margin (nats): +-0.01 in a log quantity is a 1% ratio of losses / PPLs.
 DEFAULT_EPS = 0.01
+#: Default test level of every test and interval (two-sided 1 - alpha CIs, Holm over a family).
+DEFAULT_ALPHA = 0.05
 
 
 def balanced_log_ppl(nll_sum, tokens):
@@ -75,7 +77,7 @@ class Paired:
     boot_high: float
     p_tost: float
     eps: float
-    alpha: float = 0.05
+    alpha: float = DEFAULT_ALPHA
     diverged_reference: int = 0
     diverged_test: int = 0
 
@@ -97,7 +99,7 @@ def _check_eps_alpha(eps: float, alpha: float) -> None:
     require(0 < a < 1, "alpha", alpha, "a number in (0, 1)")
 
 
-def paired(reference, test, eps: float = DEFAULT_EPS, alpha: float = 0.05, n_boot: int = 10_000,
+def paired(reference, test, eps: float = DEFAULT_EPS, alpha: float = DEFAULT_ALPHA, n_boot: int = 10_000,
            seed: int = 0) -> Paired:
     """Paired comparison of two arms (or cells) over seeds.
 
@@ -167,7 +169,7 @@ def _describe(delta: np.ndarray, n_diverged: int, eps: float, alpha: float, n_bo
                   p_tost=max(p_low, p_upp), **common)
 
 
-def bootstrap_ci(delta, alpha: float = 0.05, n_boot: int = 10_000, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(delta, alpha: float = DEFAULT_ALPHA, n_boot: int = 10_000, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap ``1 - alpha`` interval of the mean of ``delta (n,)``.
 
     Resamples seeds with replacement: ``idx (n_boot, n)`` from ``numpy.random.default_rng(seed)``,

@@ -10,7 +10,7 @@ import pandas as pd
 
 from sandbox.errors import BadInput
 from sandbox.factors import CHAIN, CONTRASTS, Cell, contrasts_for, interactions_for, parse_cell
-from sandbox.stats.comparison import DEFAULT_EPS, Paired, _check_eps_alpha, _describe, holm, paired
+from sandbox.stats.comparison import DEFAULT_ALPHA, DEFAULT_EPS, Paired, _check_eps_alpha, _describe, holm, paired
 from sandbox.stats.power import seeds_needed
 from sandbox.stats.regimes import _finite_values, _require_columns, classify
 
@@ -22,7 +22,7 @@ TESTED_KINDS = ("named", "interaction")
 
 
 def attribution(table: pd.DataFrame, value: str = "balanced_log_ppl", eps: float = DEFAULT_EPS,
-                alpha: float = 0.05, cell_col: str = "cell", n_boot: int = 10_000, seed: int = 0) -> pd.DataFrame:
+                alpha: float = DEFAULT_ALPHA, cell_col: str = "cell", n_boot: int = 10_000, seed: int = 0) -> pd.DataFrame:
     """Named contrasts of the factorial, the one-factor chain and its gap to the direct contrast.
 
     Args:

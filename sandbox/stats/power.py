@@ -9,6 +9,8 @@ from typing import Callable
 import numpy as np
 from scipy import special
 
+from sandbox.stats.comparison import DEFAULT_ALPHA
+
 
 #: Default target power for ``seeds_needed``.
 DEFAULT_POWER = 0.8
@@ -39,7 +41,7 @@ def _expect_over_sd(g: Callable[[np.ndarray], np.ndarray], df: int, upper: float
     return float(np.sum(_GL_W * (hi - lo) / 2 * dens * g(v)))
 
 
-def _power_t_integral(mean: float, sd: float, n: int, alpha: float = 0.05) -> float:
+def _power_t_integral(mean: float, sd: float, n: int, alpha: float = DEFAULT_ALPHA) -> float:
     """Two-sided paired t power as ``E_V[P(|xbar| > c sd V / sqrt(n))]``, ``xbar ~ N(mean, sd^2/n)``."""
     df, rn = n - 1, math.sqrt(n)
     c = -float(special.stdtrit(df, alpha / 2))  # t_{1-alpha/2, df}
@@ -51,7 +53,7 @@ def _power_t_integral(mean: float, sd: float, n: int, alpha: float = 0.05) -> fl
     return min(1.0, max(0.0, _expect_over_sd(g, df)))
 
 
-def power_tost(mean: float, sd: float, n: int, eps: float, alpha: float = 0.05) -> float:
+def power_tost(mean: float, sd: float, n: int, eps: float, alpha: float = DEFAULT_ALPHA) -> float:
     """Exact power of the paired TOST at level alpha for margin eps (true mean delta, SD, n seeds).
 
     With ``xbar ~ N(mean, sd^2/n)`` independent of ``s = sd V``, ``V = sqrt(W/df)``,
@@ -85,7 +87,7 @@ def _smallest_n(power_at: Callable[[int], float], target: float, n_max: int) -> 
     return hi
 
 
-def seeds_needed(mean: float, sd: float, eps: float, alpha: float = 0.05, power: float = DEFAULT_POWER,
+def seeds_needed(mean: float, sd: float, eps: float, alpha: float = DEFAULT_ALPHA, power: float = DEFAULT_POWER,
                  n_max: int = MAX_SEEDS, n_tests: int = 1) -> tuple[int | None, str]:
     """Total seeds for power ``power`` at the observed mean delta and SD, with a one-line reason.
 

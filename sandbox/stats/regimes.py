@@ -12,7 +12,7 @@ import pandas as pd
 from scipy import stats
 
 from sandbox.errors import BadInput
-from sandbox.stats.comparison import DEFAULT_EPS, Paired, _check_eps_alpha, holm, paired
+from sandbox.stats.comparison import DEFAULT_ALPHA, DEFAULT_EPS, Paired, _check_eps_alpha, holm, paired
 from sandbox.stats.power import DEFAULT_POWER, MAX_SEEDS, seeds_needed
 
 
@@ -104,7 +104,7 @@ def _finite_values(df: pd.DataFrame, value: str) -> pd.Series:
 
 
 def summarize(df: pd.DataFrame, by: list[str], reference_arm: str = "grad", test_arm: str = "evo",
-              value: str = "log_loss", eps: float = DEFAULT_EPS, alpha: float = 0.05, n_boot: int = 10_000,
+              value: str = "log_loss", eps: float = DEFAULT_EPS, alpha: float = DEFAULT_ALPHA, n_boot: int = 10_000,
               seed: int = 0, power: float = DEFAULT_POWER) -> pd.DataFrame:
     """Per-point regimes from a tidy results table (the rows of summary.csv).
 
@@ -197,7 +197,7 @@ def _contrast(df: pd.DataFrame, by: list[str], test: str, name: str, prefix: str
     return part
 
 
-def decompose(df: pd.DataFrame, by: list[str], eps: float = DEFAULT_EPS, alpha: float = 0.05, n_boot: int = 10_000,
+def decompose(df: pd.DataFrame, by: list[str], eps: float = DEFAULT_EPS, alpha: float = DEFAULT_ALPHA, n_boot: int = 10_000,
               seed: int = 0, power: float = DEFAULT_POWER, oracle_is_ceiling: bool = True,
               converged_frac: float = CONVERGED_FRAC, value: str | None = None) -> pd.DataFrame:
     """summary.csv of a sweep with control arms: the headline ``delta`` (evo vs grad) decomposed.
