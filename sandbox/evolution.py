@@ -87,8 +87,8 @@ class EvolutionConfig:
             require(self.population >= 3, "population", self.population, "an integer >= 3 with --evo cma")
 
 
-def mutation_scales(params: dict[str, Tensor], batch_ndim: int = 1, floor: float = 1.0) -> dict[str, Tensor]:
-    """Per-parameter mutation scale of the ``fixed`` method: each tensor's RMS, at least `floor`.
+def mutation_scales(params: dict[str, Tensor], batch_ndim: int = 1, min_scale: float = 1.0) -> dict[str, Tensor]:
+    """Per-parameter mutation scale of the ``fixed`` method: each tensor's RMS, at least `min_scale`.
 
     Returns tensors shaped like `params` (the scale broadcast over each tensor's entries).
     """
@@ -96,7 +96,7 @@ def mutation_scales(params: dict[str, Tensor], batch_ndim: int = 1, floor: float
     for name, p in params.items():
         dims = tuple(range(batch_ndim, p.ndim))
         rms = p.detach().pow(2).mean(dim=dims, keepdim=True).sqrt()          # (*b, 1, ...)
-        out[name] = rms.clamp_min(floor).expand_as(p)
+        out[name] = rms.clamp_min(min_scale).expand_as(p)
     return out
 
 

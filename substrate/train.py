@@ -79,13 +79,13 @@ def _pos(x) -> bool:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate at `step` (0-based): linear warm-up over ``warmup`` steps, then cosine to the floor."""
+    """Learning rate at `step` (0-based): linear warm-up over ``warmup`` steps, then cosine to ``min_lr_ratio * lr``."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     span = max(cfg.steps - 1 - cfg.warmup, 1)
     p = min(max((step - cfg.warmup) / span, 0.0), 1.0)
-    floor = cfg.min_lr_ratio * cfg.lr
-    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * p))
+    lr_min = cfg.min_lr_ratio * cfg.lr
+    return lr_min + (cfg.lr - lr_min) * 0.5 * (1 + math.cos(math.pi * p))
 
 
 def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:

@@ -143,9 +143,9 @@ def leave_one_out(gates: Tensor, G: Tensor, c: Tensor, e: Tensor) -> Tensor:
 
 
 def domain_losses(rcfg: RouterConfig, params: dict[str, Tensor], A: Tensor, B: Tensor, task: Task,
-                  features: Tensor, step: int, scale: float | Tensor, floor: float | Tensor = 0.0) -> Tensor:
+                  features: Tensor, step: int, scale: float | Tensor, loss_floor: float | Tensor = 0.0) -> Tensor:
     """Expected loss per domain ``(S, *p, M)``: mean over the feature draws of
-    ``||W(h) - D_m||^2 + floor`` (floor = irreducible teacher noise ``sigma^2 d``).
+    ``||W(h) - D_m||^2 + loss_floor`` (the irreducible teacher noise ``sigma^2 d``).
 
     params with leading ``(S, *p)`` (``*p`` = a population dim or nothing), bank ``(S, K, ...)``,
     features ``(S, M, N, F)``.
@@ -159,7 +159,7 @@ def domain_losses(rcfg: RouterConfig, params: dict[str, Tensor], A: Tensor, B: T
     gates = router_gates(rcfg, params, feats, step)                    # (S, [P,] M*N, K)
     gates = gates.reshape(*gates.shape[:-2], M, N, gates.shape[-1])    # (S, [P,] M, N, K)
     out = quadratic_loss(gates, G, c, e).mean(-1)                     # (S, [P,] M)
-    return out + _per_row(floor, out)
+    return out + _per_row(loss_floor, out)
 
 
 def batch_terms(A: Tensor, B: Tensor, task: Task, scale: float | Tensor, X: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -89,7 +89,7 @@ class Rows:
     parts: list                 # [(TaskSpec, AnalyticConfig)] per point, in row order
     sizes: list                 # rows per point
     scale: Tensor               # (S,) bank scale lora_alpha / rank
-    floor: Tensor               # (S,) loss floor
+    loss_floor: Tensor          # (S,) loss floor
     lr: Tensor                  # (S,) router learning rate
     adapter_lr: Tensor          # (S,) adapter learning rate lr * plasticity
     step0: Tensor               # (S,) initial search step (mutation_scale)
@@ -131,7 +131,7 @@ def stack_rows(points: Sequence[tuple[TaskSpec, AnalyticConfig, Sequence[int]]],
     per_row = lambda f: torch.cat([torch.full((len(t.seeds),), float(f(spec, cfg)), dtype=DTYPE)  # noqa: E731
                                    for (spec, cfg, _), t in zip(points, tasks)])
     return Rows(task=task, parts=[(spec, cfg) for spec, cfg, _ in points], sizes=[len(t.seeds) for t in tasks],
-                scale=per_row(lambda sp, c: c.scale(sp)), floor=per_row(lambda sp, c: c.loss_floor),
+                scale=per_row(lambda sp, c: c.scale(sp)), loss_floor=per_row(lambda sp, c: c.loss_floor),
                 lr=per_row(lambda sp, c: c.lr), adapter_lr=per_row(lambda sp, c: c.lr * c.plasticity),
                 step0=per_row(lambda sp, c: c.mutation_scale), beta2=per_row(lambda sp, c: c.beta2),
                 control_beta2=per_row(lambda sp, c: c.control_beta2))

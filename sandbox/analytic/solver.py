@@ -49,7 +49,7 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
     spec, cfg = rows.spec, rows.cfg
     task = _task_to(rows.task, dev)           # U, V in float64 once, not at every loss evaluation
     rcfg = router_config(spec, cfg)
-    scale, floor = rows.scale.to(dev), rows.floor.to(dev)
+    scale, loss_floor = rows.scale.to(dev), rows.loss_floor.to(dev)
     st = (state or initial_rows_state(rows)).to(dev).clone()
     # B lives transposed in memory, (S, K, r, d) contiguous: `gram_terms` reads it without a copy and
     # its gradient and Adam moments come out in the same layout (element-wise ops are layout-blind)
@@ -111,7 +111,7 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
         bad = ~torch.isfinite(loss) & alive
         div_step[bad] = t
         alive &= ~bad
-        curve[:, t] = loss.detach() + floor
+        curve[:, t] = loss.detach() + loss_floor
         grads = torch.autograd.grad(loss.sum(), list(leaves.values()), allow_unused=True)
         grads = {k: torch.zeros_like(leaves[k]) if g is None else g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
                  for k, g in zip(leaves, grads)}
@@ -157,8 +157,8 @@ def solve_rows(rows: Rows, arm: str, state: State | None = None, with_ceiling: b
     def result(name: str, dom_ex: Tensor, **kw) -> ArmResult:
         final, div, dstep, _ = _finish(dom_ex, alive, div_step, steps)
         ex = cpu(final)
-        return ArmResult(arm=name, final_loss=ex + cpu(floor), domain_loss=cpu(dom_ex + _per_row(floor, dom_ex)),
-                         initial_loss=cpu(initial_ex + floor), loss_evals=evals, grad_steps=steps,
+        return ArmResult(arm=name, final_loss=ex + cpu(loss_floor), domain_loss=cpu(dom_ex + _per_row(loss_floor, dom_ex)),
+                         initial_loss=cpu(initial_ex + loss_floor), loss_evals=evals, grad_steps=steps,
                          diverged=cpu(div), diverged_step=cpu(dstep),
                          curve=cpu(curve) if name == arm else cpu(curve.clone()), excess=ex, initial_excess=cpu(initial_ex),
                          oracle_excess=None if best is None else cpu(best.mean(-1)),
