@@ -6,7 +6,7 @@ and is told ``| |mean delta| - eps |`` over the seeds: the distance of the mean 
 of the equivalence band. Minimising it concentrates points where ``ties`` turns into ``beats`` or
 ``degrades`` (a sign change crosses both edges). Plain ``|mean delta|`` would be drawn into flat
 regions where the search never changes anything (delta exactly 0), which teach nothing. Each
-point's seeds are computed through the ledger (`sweeps.grid.ensure_point`), so the boundary study
+point's seeds are computed through the ledger (the map driver's `ensure`), so the boundary study
 and the grid share results and a resumed search computes nothing twice. A proposal interrupted
 before it was told is left RUNNING in the boundary study and not counted; the next run proposes
 afresh.
@@ -30,16 +30,17 @@ def _distributions(cfg, axes: dict) -> dict:
     return d
 
 
-def propose_points(cfg, store, study: optuna.Study, evaluate, *, ensure_point, point_id, axes: dict
+def propose_points(cfg, store, study: optuna.Study, *, ensure, point_id, axes: dict
                    ) -> tuple[list[dict[str, float]], int]:
     """Run the boundary search up to ``cfg.trials`` told proposals.
 
     Returns every told point and the number of (point, seed) trials computed here.
 
     `store` is the storage holding `study` (the ledger); the boundary study lives beside it. The
-    grid engine passes its own parts in (`ensure_point` computes a point's missing seeds,
-    `point_id(values)` is a point's ledger key, `axes` the axis table), so this module does not
-    import the engine that calls it.
+    map driver (`sweeps.grid.run_map`) passes its own parts in (``ensure(done, values)`` computes
+    and records a point's missing seeds, adds them to `done` and returns how many it computed;
+    `point_id(values)` is a point's ledger key, `axes` the system's axis table), so this module
+    does not import the driver that calls it.
     """
     from sweeps import ledger
 
@@ -58,7 +59,7 @@ def propose_points(cfg, store, study: optuna.Study, evaluate, *, ensure_point, p
         values = {**fixed, **{k: (int(v) if isinstance(dists[k], IntDistribution) else float(v))
                               for k, v in trial.params.items()}}
         values = {"alignment": values["alignment"], **{k: v for k, v in values.items() if k != "alignment"}}
-        computed += ensure_point(cfg, study, done, values, evaluate)[0]
+        computed += ensure(done, values)
         deltas = _deltas(cfg, done, point_id(values))
         trial.set_user_attr("values", values)
         trial.set_user_attr("point", ledger.point_label(values))

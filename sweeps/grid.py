@@ -1,487 +1,203 @@
-"""Regime sweeps of the analytic sandbox over alignment and at most one more axis.
+"""The map driver: one regime map over alignment and at most one more axis, for every system.
 
-A sweep point fixes the alignment and, optionally, one more knob (an *axis*); the rest of the
-configuration is the base `TaskSpec` and `AnalyticConfig`. For every point the missing seeds are
-computed as one batch (`sandbox.analytic.run_arms`, vectorised over seeds and population) and
-stored as trials in the ledger (`sweeps.ledger`), so re-running the same command resumes.
+A *system* (`MapSystem`) says what a point is and how its seeds are computed; this module does
+the rest, once for all of them (`run_map`):
 
-Outputs in the run folder: ``results.csv`` (point x seed x arm: grad, evo, restart, oracle, with
-what the search did), ``summary.csv`` (`sandbox.stats.decompose`: delta, delta_restart and room,
-each with its CI and label, Holm over every point of the sweep), ``manifest.json`` (with
-``axes``), the regime curve or heatmap (`figures.report.build_report`) and ``trials.journal``.
+1. plan the points: the grid (`cfg.grid_points()`), or, where the config asks for
+   ``search="boundary"``, the points an Optuna sampler proposes (`sweeps.boundary`), then the
+   system's plan of each (`MapSystem.plan`: its ledger key and seeds; the analytic system tunes
+   grad's setting here);
+2. find what the ledger (`sweeps.ledger`) already holds and hand the missing (point, seeds) to
+   `MapSystem.evaluate`, which records each trial through `Trials` as soon as it is computed (a
+   kill loses at most what was in flight; the same command resumes);
+3. collect ``results.csv`` (point x seed x arm, the system's `result_columns`), decompose it into
+   ``summary.csv`` (`sandbox.stats.decompose`: delta, delta_restart, room, each with its CI and
+   label, Holm over every point), write the system's own tables, the figures
+   (`figures.report.build_report`) and ``manifest.json`` (with ``axes``).
+
+The same system object plans the queue's jobs (`map_jobs`: one per (point, seed), its payload from
+`MapSystem.payload`) and runs them on a worker (`MapSystem.run_job`, registered in
+`sweeps.systems.SYSTEMS`).
+
+Systems: `sweeps.analytic_map.AnalyticMap` (``sandbox sweep``; `run_sweep` below) and
+`sweeps.substrate_map.SubstrateMap` (``sandbox sweep --system substrate``;
+`sweeps.substrate_map.run_substrate_sweep`). The analytic system's names (`SweepConfig`,
+`point_key`, `plan_points`, ...) are re-exported here, where the app and the tests import them.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
-import numpy as np
 import pandas as pd
 
-from sandbox.acar import USAGE_COLUMNS
-from sandbox.analytic import AnalyticConfig
-from sandbox.errors import require
-from sandbox.options import Range
-from sandbox.results import config_hash
-from sandbox.stats import CONVERGED_FRAC, DEFAULT_EPS
-from sandbox.tasks import TaskSpec
-from sandbox.tuning import TuneConfig
+from sweeps import ledger
+from sweeps.analytic_map import (ACAR_COLUMNS, AXES, DEFAULT_STUDY, RESULT_COLUMNS, SEARCHES,  # noqa: F401 (re-exported)
+                                 SEED_STRIDE, AnalyticMap, Evaluate, PointPlan, SweepConfig, evaluate_point,
+                                 own_key, plan_points, point_config, point_key, tune_key, tuning_table)
 
-#: results.csv columns of the acar arm (`sandbox.acar.usage`), present when the arm is on.
-ACAR_COLUMNS = USAGE_COLUMNS
-#: Axes a sweep can span besides alignment: name -> (lowest, highest, integer?).
-AXES: dict[str, tuple[float, float, bool]] = {
-    "plasticity": (0.0, 100.0, False),
-    "context_noise": (0.0, 10.0, False),
-    "overlap": (0.0, 1.0, False),
-    "lr": (1e-6, 100.0, False),
-    "mutation_scale": (1e-6, 100.0, False),
-    "loss_floor": (0.0, 100.0, False),
-    "population": (2, 4096, True),
-    "interval": (1, 100_000, True),
-    "steps": (0, 1_000_000, True),
-    "batch": (0, 65_536, True),
-    "beta2": (0.0, 0.9999, False),
-    "domains": (1, 256, True),
-    "slots": (1, 1024, True),
-    "dim": (2, 4096, True),
-    "rank": (1, 4096, True),
-    "true_rank": (1, 4096, True),
-    "context_dim": (1, 4096, True),
-}
-SEARCHES = ("grid", "boundary")
-#: Default study name. Trials are keyed by a hash of the point's full configuration, so one study
-#: can hold every sweep of a storage without collisions (a finer grid reuses the shared points).
-DEFAULT_STUDY = "sweep"
-#: With independent seeds, point i's evaluation seeds are ``seed + SEED_STRIDE * i``.
-SEED_STRIDE = 100_000
+Progress = Callable[[int, int, dict], None]
 
 
-@dataclass(frozen=True)
-class SweepConfig:
-    """A sweep: base configuration, the grid, the seeds and the statistics settings."""
-
-    task: TaskSpec = field(default_factory=TaskSpec)
-    solver: AnalyticConfig = field(default_factory=AnalyticConfig)
-    alignment: tuple[float, float] = (0.0, 1.0)
-    """Alignment range (lo, hi); lo == hi is a single value."""
-    points: int = 11
-    """Alignment grid points (ignored for a single value)."""
-    axis: str | None = None
-    """Second regime axis (a knob name from `AXES`), or None."""
-    axis_range: tuple[float, float] | None = None
-    """Range (lo, hi) of the second axis."""
-    axis_points: int = 5
-    """Grid points of the second axis."""
-    seeds: tuple[int, ...] = tuple(range(10))
-    eps: float = DEFAULT_EPS
-    """Equivalence margin (nats of log loss) for TOST, fixed before the sweep."""
-    alpha: float = 0.05
-    """Test level (two-sided; Holm over the sweep's points)."""
-    search: str = "grid"
-    """grid: every point; boundary: an Optuna sampler proposes points where |mean delta| is small."""
-    trials: int = 12
-    """Points proposed by the boundary search."""
-    tune: TuneConfig = field(default_factory=TuneConfig)
-    """How grad's optimiser setting is chosen per point (`sandbox.tuning`)."""
-    independent_seeds: bool = False
-    """Give every point seeds of its own (seed + 100000 x point index) instead of the same seeds at
-    every point: the points' deltas are then independent, as Holm's correction over the sweep's
-    points assumes for its exact level (with shared seeds it stays valid, only conservative)."""
-    converged_frac: float = CONVERGED_FRAC
-    """A point is ``unconverged`` when grad still falls by more than this share of eps over its last half."""
-
-    def __post_init__(self) -> None:
-        lo, hi = self.alignment
-        require(0.0 <= lo <= hi <= 1.0, "alignment", f"{lo}..{hi}", "LO..HI with 0 <= LO <= HI <= 1")
-        require(isinstance(self.points, int) and 1 <= self.points <= 1001, "points", self.points, "an integer in [1, 1001]")
-        require(isinstance(self.axis_points, int) and 1 <= self.axis_points <= 1001, "axis_points", self.axis_points,
-                "an integer in [1, 1001]")
-        if self.axis is not None:
-            require(self.axis in AXES, "axis", self.axis, "NAME=LO..HI with NAME one of: " + ", ".join(sorted(AXES)))
-            require(self.axis_range is not None, "axis", self.axis, "NAME=LO..HI")
-        require(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "seeds", self.seeds,
-                "at least one distinct seed")
-        require(isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0, "eps", self.eps, "a number > 0")
-        require(isinstance(self.alpha, (int, float)) and 0 < self.alpha < 1, "alpha", self.alpha, "a number in (0, 1)")
-        require(self.search in SEARCHES, "search", self.search, "grid or boundary")
-        require(isinstance(self.trials, int) and 1 <= self.trials <= 10_000, "trials", self.trials, "an integer in [1, 10000]")
-        require(not (self.independent_seeds and self.search == "boundary"), "independent_seeds", True,
-                "the grid search (the boundary search proposes points one at a time, without an index to "
-                "derive their seeds from)")
-        require(isinstance(self.converged_frac, (int, float)) and math.isfinite(self.converged_frac)
-                and self.converged_frac >= 0, "converged_frac", self.converged_frac, "a number >= 0")
-        grid = self.grid_points() if self.search == "grid" else []
-        for a in grid:     # every point must be a valid configuration
-            spec, solver = point_config(self, a)
-            require(not solver.acar or spec.slots >= 3, "slots", spec.slots, "at least 3 with --acar")
-        if self.tune.on:
-            n = max(len(grid), self.trials if self.search == "boundary" else 1)
-            self.tune.check_disjoint([s for i in range(n) for s in self.point_seeds(i)])
-
-    def point_seeds(self, index: int) -> tuple[int, ...]:
-        """The evaluation seeds of the point at `index` (the same at every point unless independent)."""
-        return tuple(s + SEED_STRIDE * index for s in self.seeds) if self.independent_seeds else self.seeds
-
-    @property
-    def axes(self) -> list[str]:
-        """Axis columns of the tables: alignment first."""
-        return ["alignment"] + ([self.axis] if self.axis else [])
-
-    def alignment_grid(self) -> np.ndarray:
-        return np.round(Range(*self.alignment).grid(self.points), 12)   # 0.30000000000000004 -> 0.3
-
-    def axis_grid(self) -> np.ndarray:
-        if self.axis is None:
-            return np.array([])
-        vals = np.round(Range(*self.axis_range).grid(self.axis_points), 12)
-        if AXES[self.axis][2]:
-            vals = np.unique(np.round(vals).astype(int))
-        return vals
-
-    def grid_points(self) -> list[dict[str, float]]:
-        """Points in order (alignment-major): ``[{alignment: a, axis: v}, ...]``."""
-        out = []
-        for a in self.alignment_grid():
-            if self.axis is None:
-                out.append({"alignment": float(a)})
-            else:
-                out.extend({"alignment": float(a), self.axis: _num(self.axis, v)} for v in self.axis_grid())
-        return out
-
-    def bounds(self) -> dict[str, tuple[float, float]]:
-        b = {"alignment": tuple(self.alignment)}
-        if self.axis:
-            b[self.axis] = tuple(self.axis_range)
-        return b
-
-    def folder_key(self) -> dict:
-        """What names the default run folder: everything but seeds and statistics settings (the
-        hash is frozen by tests/test_contracts.py), so the same command resumes in the same folder.
-        The folder still holds one configuration (`sandbox.results.open_run_dir`): the same command
-        with more seeds or another eps finds it and is refused there; a new ``--out`` with the old
-        ledger as ``--storage`` reuses its trials."""
-        d = dataclasses.asdict(self)
-        for k in ("seeds", "eps", "alpha", "converged_frac"):
-            d.pop(k)
-        d["solver"] = self.solver.identity()     # the ACAR options only when the acar arm is on
-        return d
-
-
-def _num(axis: str, v: float) -> float | int:
-    return int(round(v)) if AXES[axis][2] else float(v)
-
-
-def point_config(cfg: SweepConfig, values: dict[str, float]) -> tuple[TaskSpec, AnalyticConfig]:
-    """The task spec and solver config of one point (the base with the axis values filled in)."""
-    task_fields = {f.name for f in dataclasses.fields(TaskSpec)}
-    t = {k: v for k, v in values.items() if k in task_fields}
-    s = {k: v for k, v in values.items() if k not in task_fields}
-    return dataclasses.replace(cfg.task, **t), dataclasses.replace(cfg.solver, **s)
-
-
-def point_key(spec: TaskSpec, solver: AnalyticConfig) -> str:
-    """Hash of a point's full configuration (the ledger's point identity)."""
-    return config_hash({"task": spec, "solver": solver.identity()}, n=16)
-
-
-def tune_key(spec: TaskSpec, solver: AnalyticConfig, tune: TuneConfig) -> str:
-    """The ledger key of one point's tuning outcome (the base config and the tuning settings)."""
-    return "tune:" + config_hash({"task": spec, "solver": solver.identity(), "tune": tune}, n=16)
-
-
-def own_key(spec: TaskSpec, solver: AnalyticConfig, arm: str) -> str:
-    """The ledger key of a robustness row: `arm` alone at its own tuned setting `solver`."""
-    return config_hash({"own": arm, "task": spec, "solver": solver.identity()}, n=16)
-
-
-@dataclass
-class PointPlan:
-    """One point as it runs: the solver its arms run at (grad's tuned setting when tuning is on),
-    its evaluation seeds, its ledger key and the tuning outcome."""
+class Plan(Protocol):
+    """One planned point: axis values, ledger key, evaluation seeds, and the keys results.csv shows."""
 
     values: dict
-    spec: TaskSpec
-    solver: AnalyticConfig
-    seeds: tuple
     key: str
-    tuned: object = None          # sandbox.tuning.TuneOutcome, or None with tuning off
+    seeds: tuple
+    row_keys: list[str]
 
 
-def plan_points(cfg: SweepConfig, points: list[dict[str, float]], study=None,
-                device: str | None = None) -> list[PointPlan]:
-    """Resolve every point: tune grad's setting where tuning is on (outcomes read from and stored
-    in the ledger `study` when given, so a resumed sweep does not tune again; the missing points
-    are tuned together in stacked batches), then key the point by the setting it runs at."""
-    from sandbox.tuning import TuneOutcome, tune_points
+class MapSystem(Protocol):
+    """What the driver needs of a system. An instance holds one map's config (`cfg`: `grid_points`,
+    `bounds`, `axes`, `seeds`, `eps`, `alpha`) and its run-time settings (device, cache, log)."""
 
-    base = [point_config(cfg, v) for v in points]
-    tuned: list = [None] * len(points)
-    if cfg.tune.on:
-        keys = [tune_key(spec, solver, cfg.tune) for spec, solver in base]
-        cached = _tune_records(study) if study is not None else {}
-        todo = [i for i, k in enumerate(keys) if k not in cached]
-        fresh = tune_points([base[i] for i in todo], cfg.tune, device=device) if todo else []
-        for i, out in zip(todo, fresh):
-            tuned[i] = out
-            if study is not None:
-                _record_tune(study, keys[i], out)
-        for i, k in enumerate(keys):
-            if tuned[i] is None:
-                tuned[i] = TuneOutcome.from_record(base[i][1], cached[k])
-    plans = []
-    for i, values, (spec, solver), t in zip(range(len(points)), points, base, tuned):
-        run = t.chosen if t is not None else solver
-        plans.append(PointPlan(values, spec, run, cfg.point_seeds(i), point_key(spec, run), t))
-    return plans
+    name: str
+    """The ledger's ``system`` label, its `sweeps.ledger.METRICS` entry and a job's ``system``."""
+    study: str
+    """The default study name."""
+    axes_table: dict
+    """Axes a map may span besides alignment: name -> (lowest, highest, integer?)."""
+    cfg: object
 
+    def plan(self, points: list[dict], study=None) -> list[Plan]:
+        """Each point's plan (`study`: the ledger, where a system keeps what planning found)."""
 
-def _tune_records(study) -> dict[str, dict]:
-    """Tuning outcomes stored in the study's user attributes (not as trials: the queue and the
-    results count trials, and a tuning outcome is neither a job nor a result)."""
-    return {k: v for k, v in study.user_attrs.items() if k.startswith("tune:")}
+    def evaluate(self, pending: list[tuple[Plan, list[int]]], trials: "Trials") -> None:
+        """Compute the missing seeds of each ``(plan, seeds)`` and record them (`Trials.record`)."""
 
+    def result_columns(self) -> list[str]:
+        """results.csv columns after point, seed, arm and the axes."""
 
-def _record_tune(study, key: str, out) -> None:
-    study.set_user_attr(key, out.record())
+    def summary_options(self) -> dict:
+        """Keyword arguments of `sandbox.stats.decompose` beyond the grouping, eps and alpha."""
 
+    def annotate(self, summary: pd.DataFrame, plans: list) -> pd.DataFrame:
+        """summary.csv with the system's own columns."""
 
-Evaluate = Callable[[TaskSpec, AnalyticConfig, Sequence[int]], list[tuple[int, list[dict], float]]]
+    def tables(self, plans: list) -> dict[str, pd.DataFrame]:
+        """Further tables of the run folder (name -> table)."""
 
+    def manifest(self) -> dict:
+        """Entries of manifest.json beyond the driver's."""
 
-def evaluate_point(spec: TaskSpec, solver: AnalyticConfig, seeds: Sequence[int],
-                   device: str | None = None) -> list[tuple[int, list[dict], float]]:
-    """Run every arm for `seeds` as one batch: ``[(seed, rows of the arms, delta), ...]``."""
-    from sandbox.analytic import run_arms, run_points
+    def finish(self) -> dict:
+        """Entries of manifest.json written when the run has finished."""
 
-    if device is not None and device != "cpu":
-        return _records(run_points([(spec, solver, seeds)], device=device)[0], seeds, solver)
-    return _records(run_arms(spec, solver, seeds), seeds, solver)
+    def payload(self, plan: Plan, seed: int) -> dict:
+        """What a worker needs to rebuild the trial (`map_jobs` adds system, seed and point_key)."""
+
+    @staticmethod
+    def run_job(job: dict, ctx) -> object:
+        """A worker's run of one payload: a `sweeps.worker.Outcome`."""
 
 
-def _settings(solver: AnalyticConfig) -> dict[str, dict]:
-    """The optimiser setting each arm ran at (results.csv's lr, adapter_lr, beta2)."""
-    s = {"lr": solver.lr, "adapter_lr": solver.lr * solver.plasticity, "beta2": solver.beta2}
-    return {arm: ({**s, "beta2": solver.control_beta2} if arm == "beta2" else s) for arm in solver.arms}
+class Trials:
+    """The ledger as one map run sees it: the finished trials (`done`, key -> user attributes),
+    how to record more, and the counts of what this run computed and found."""
 
+    def __init__(self, system: MapSystem, study, done: dict[str, dict], progress: Progress | None = None,
+                 total: int = 0):
+        self.system, self.study, self.done, self.progress, self.total = system, study, done, progress, total
+        self.bounds = system.cfg.bounds()
+        self.computed = self.reused = 0
 
-def _records(res: dict, seeds: Sequence[int], solver: AnalyticConfig | None = None,
-             rename: dict[str, str] | None = None) -> list[tuple[int, list[dict], float]]:
-    """Ledger records of one point's arm results: ``[(seed, rows of the arms, delta), ...]``;
-    delta = grad's rel_excess - evo's (the trial's value; an arm's own rel_excess for a
-    robustness row, whose arm is renamed by `rename`)."""
-    from sandbox.analytic import result_rows
+    def missing(self, key: str, seeds: Sequence[int]) -> list[int]:
+        """The seeds of `key` the ledger lacks."""
+        return [s for s in seeds if ledger.trial_key(key, s) not in self.done]
 
-    sets = _settings(solver) if solver is not None else None
-    rows = result_rows(res, seeds, settings=sets)
-    out = []
-    for i, seed in enumerate(seeds):
-        mine = [dict(r, arm=(rename or {}).get(r["arm"], r["arm"])) for r in rows if r["seed"] == seed]
-        by_arm = {r["arm"]: r for r in mine}
-        if "grad" in by_arm and "evo" in by_arm:
-            delta = by_arm["grad"]["rel_excess"] - by_arm["evo"]["rel_excess"]
-        else:
-            delta = mine[0]["rel_excess"]
-        out.append((int(seed), [{k: v for k, v in r.items() if k != "seed"} for r in mine], float(delta)))
-    return out
-
-
-def ensure_point(cfg: SweepConfig, study, done: dict[str, dict], values: dict[str, float],
-                 evaluate: Evaluate = evaluate_point) -> tuple[int, int]:
-    """Compute the seeds of one point missing from the ledger (one batch), record them, update
-    `done`. Returns ``(computed, reused)`` seed counts."""
-    from sweeps import ledger
-
-    [plan] = plan_points(cfg, [values], study)
-    missing = [s for s in plan.seeds if ledger.trial_key(plan.key, s) not in done]
-    if missing:
-        recs = evaluate(plan.spec, plan.solver, missing)
-        ledger.record(study, plan.key, values, cfg.bounds(), recs, ledger.labels("analytic", values, "evo vs grad"))
+    def record(self, plan: Plan, recs: list[tuple[int, list[dict], float]], key: str | None = None,
+               arm: str = "evo vs grad", metric: str | None = None) -> None:
+        """Add ``(seed, rows, delta)`` of `plan` to the ledger (one finished trial each) under
+        `key` (default the point's own: those count as computed and move the progress; another
+        key is a side row, e.g. a robustness row, labelled by `arm` and `metric`)."""
+        key_ = plan.key if key is None else key
+        ledger.record(self.study, key_, plan.values, self.bounds, recs,
+                      ledger.labels(self.system.name, plan.values, arm, metric))
         for seed, rows, delta in recs:
-            done[ledger.trial_key(plan.key, seed)] = {"rows": rows, "delta": delta}
-    return len(missing), len(plan.seeds) - len(missing)
+            self.done[ledger.trial_key(key_, seed)] = {"rows": rows, "delta": delta}
+        if key is None:
+            self.computed += len(recs)
+            if self.progress:
+                self.progress(self.computed + self.reused, self.total, plan.values)
+
+
+def compute(system: MapSystem, trials: Trials, plans: list[Plan]) -> None:
+    """Compute and record every seed of `plans` the ledger lacks (`MapSystem.evaluate`)."""
+    pending, reused = [], 0
+    for plan in plans:
+        missing = trials.missing(plan.key, plan.seeds)
+        reused += len(plan.seeds) - len(missing)
+        if missing:
+            pending.append((plan, missing))
+    trials.reused += reused
+    if trials.progress and reused:
+        trials.progress(trials.computed + trials.reused, trials.total, plans[0].values)
+    if pending:
+        system.evaluate(pending, trials)
 
 
 @dataclass
-class SweepOutcome:
+class MapOutcome:
     results: pd.DataFrame
     summary: pd.DataFrame
     computed: int          # (point, seed) trials computed by this call
     reused: int            # trials found in the ledger
     figures: list
     plans: list = field(default_factory=list)
+    base: dict | None = None
+    """The substrate's base check (`sweeps.substrate_map.base_check`) when it ran."""
 
 
-#: results.csv columns after the axes (the acar arm's mode counts follow when it is on).
-RESULT_COLUMNS = ("final_loss", "log_loss", "rel_excess", "rel_half", "rel_oracle", "initial_excess", "loss_evals",
-                  "grad_steps", "diverged", "diverged_step", "generations", "accepted", "rel_gain", "step_size",
-                  "lifecycle_events", "lr", "adapter_lr", "beta2", "wall_s")
+SweepOutcome = SubstrateOutcome = MapOutcome
 
 
-def results_table(cfg: SweepConfig, plans: list[PointPlan], done: dict[str, dict]) -> pd.DataFrame:
-    """results.csv rows (point x seed x arm) for the planned points and their seeds from the ledger
-    (robustness rows, arms ``<arm>_own``, where tuning ran with ``robust``)."""
-    rows = []
-    for i, plan in enumerate(plans):
-        keys = [plan.key] + [own_key(plan.spec, c, arm) for arm, (c, _) in
-                             (plan.tuned.own.items() if plan.tuned is not None else [])]
-        for key in keys:
-            for seed in plan.seeds:
-                attrs = done.get(f"{key}:{seed}")
-                if attrs is None:
-                    continue
-                for r in attrs["rows"]:
-                    rows.append({"point": i, "seed": int(seed), "arm": r["arm"], **plan.values,
-                                 **{k: v for k, v in r.items() if k != "arm"}})
-    cols = ["point", "seed", "arm", *cfg.axes, *RESULT_COLUMNS]
-    if cfg.solver.acar:   # the acar arm's inputs gated with 1 / 2 / 3 slots (NaN on the other arms)
-        cols += list(ACAR_COLUMNS)
-    df = pd.DataFrame(rows, columns=cols)
-    return df.sort_values(["point", "seed", "arm"], kind="stable").reset_index(drop=True)
-
-
-def tuning_table(plans: list[PointPlan]) -> pd.DataFrame:
-    """tuning.csv: one row per point x candidate (lr, adapter_lr, beta2, score, diverged seeds,
-    half-budget drop, chosen), plus the robustness choices (``arm`` evo / restart)."""
-    rows = []
-    for i, plan in enumerate(plans):
-        if plan.tuned is None:
-            continue
-        for r in plan.tuned.table:
-            rows.append({"point": i, **plan.values, "arm": "grad", **r, "edge": plan.tuned.edge if r["chosen"] else ""})
-        for arm, (c, score) in plan.tuned.own.items():
-            rows.append({"point": i, **plan.values, "arm": arm, "lr": c.lr, "adapter_lr": c.lr * c.plasticity,
-                         "beta2": c.beta2, "score": score, "chosen": True})
-    return pd.DataFrame(rows)
-
-
-def _ensure_points_batched(cfg: SweepConfig, study, done: dict[str, dict], plans: list[PointPlan],
-                           chunk_rows: int, progress, start: int, total: int,
-                           device: str | None = None) -> tuple[int, int]:
-    """`ensure_point` for many points at once: the missing (point, seed) rows of points that share
-    tensor shapes are solved as stacked batches of at most `chunk_rows` rows
-    (`sandbox.analytic.run_points`); each point is recorded in the ledger as soon as its batch
-    ends, so a kill loses at most the batch in flight. Robustness rows (an arm alone at its own
-    tuned setting) follow in batches of their own. Returns ``(computed, reused)`` of the main rows."""
-    from sandbox.analytic import run_points
-    from sweeps import ledger
-
-    pending, reused = [], 0
-    for plan in plans:
-        missing = [s for s in plan.seeds if ledger.trial_key(plan.key, s) not in done]
-        reused += len(plan.seeds) - len(missing)
-        if missing:
-            pending.append((plan, missing))
-    computed = 0
-
-    def record(indices, results):
-        nonlocal computed
-        for j, res in zip(indices, results):
-            plan, missing = pending[j]
-            recs = _records(res, missing, plan.solver)
-            ledger.record(study, plan.key, plan.values, cfg.bounds(), recs,
-                          ledger.labels("analytic", plan.values, "evo vs grad"))
-            for seed, rows, delta in recs:
-                done[ledger.trial_key(plan.key, seed)] = {"rows": rows, "delta": delta}
-            computed += len(missing)
-            if progress:
-                progress(start + reused + computed, total, plan.values)
-
-    if progress and reused:
-        progress(start + reused, total, plans[0].values)
-    run_points([(p.spec, p.solver, missing) for p, missing in pending], chunk_rows=chunk_rows,
-               on_chunk=record, device=device)
-    for arm in sorted({a for p in plans if p.tuned is not None for a in p.tuned.own}):
-        own = []
-        for plan in plans:
-            if plan.tuned is None or arm not in plan.tuned.own:
-                continue
-            c = plan.tuned.own[arm][0]
-            key = own_key(plan.spec, c, arm)
-            missing = [s for s in plan.seeds if ledger.trial_key(key, s) not in done]
-            if missing:
-                own.append((plan, c, key, missing))
-
-        def record_own(indices, results, own=own, arm=arm):
-            for j, res in zip(indices, results):
-                plan, c, key, missing = own[j]
-                recs = _records(res, missing, c, rename={arm: f"{arm}_own"})
-                ledger.record(study, key, plan.values, cfg.bounds(), recs, ledger.labels(
-                    "analytic", plan.values, f"{arm}_own", f"rel_excess of {arm} at its own tuned setting"))
-                for seed, rows, delta in recs:
-                    done[ledger.trial_key(key, seed)] = {"rows": rows, "delta": delta}
-
-        run_points([(p.spec, c, m) for p, c, _, m in own], arms=(arm,), chunk_rows=chunk_rows, on_chunk=record_own,
-                   device=device)
-    return computed, reused
-
-
-def run_sweep(cfg: SweepConfig, out: Path, storage: str | None = None, study: str | None = None,
-              evaluate: Evaluate = evaluate_point, progress: Callable[[int, int, dict], None] | None = None,
-              figures: bool = True, argv: list[str] | None = None, chunk_rows: int = 512,
-              device: str | None = None, overwrite: bool = False) -> SweepOutcome:
-    """Run (or resume) a sweep into `out`; see the module docstring.
-
-    `evaluate` computes a point's missing seeds (injected by tests to count calls; a custom one
-    runs point by point); with the default, points that share tensor shapes are solved as
-    stacked batches of at most `chunk_rows` rows (0: point by point). `progress` is called as
-    ``progress(done_seeds, total_seeds, point_values)`` as points finish. `device` (cpu or cuda;
-    default cpu) holds the analytic solver's tensors; it is recorded in the manifest, not in the
-    trial keys (results on another device differ only by float64 rounding). With tuning on,
-    grad's setting is chosen per point first (`plan_points`; ``tuning.csv`` records every
-    candidate) and every arm runs at it. A folder holding another configuration is refused before
-    anything is computed; `overwrite` empties it first (`sandbox.results.open_run_dir`).
-    """
+def run_map(system: MapSystem, out: Path, storage: str | None = None, study: str | None = None,
+            progress: Progress | None = None, figures: bool = True, argv: list[str] | None = None,
+            overwrite: bool = False) -> MapOutcome:
+    """Run (or resume) `system`'s map into `out` (module docstring). `progress` is called as
+    ``progress(done_seeds, total_seeds, point_values)`` as trials finish. A folder holding another
+    configuration is refused before anything is computed; `overwrite` empties it first
+    (`sandbox.results.open_run_dir`)."""
     from sandbox import stats
     from sandbox.results import RunDir, open_run_dir
-    from sweeps import ledger
 
+    cfg = system.cfg
     out = Path(out)
     open_run_dir(out, "sweep", cfg, overwrite)
-    study_name = study or DEFAULT_STUDY
+    study_name = study or system.study
     store = ledger.storage_for(out, storage)
-    st = ledger.open_study(store, study_name, metric=ledger.METRICS["analytic"])
+    st = ledger.open_study(store, study_name, metric=ledger.METRICS[system.name])
     run = RunDir.create(out, command="sweep", config=cfg, seeds=list(cfg.seeds), argv=argv,
                         extra={"axes": cfg.axes, "study": study_name,
-                               "storage": ledger.safe_url(storage) if storage else str(out / "trials.journal"), "eps": cfg.eps, "alpha": cfg.alpha,
-                               "stats": {"eps": cfg.eps, "alpha": cfg.alpha, "converged_frac": cfg.converged_frac,
-                                         "value": "rel_excess"},
-                               **({"device": str(device)} if device is not None else {})})
-    batched = evaluate is evaluate_point and chunk_rows > 0
-    if evaluate is evaluate_point and device is not None:
-        evaluate = functools.partial(evaluate_point, device=device)
-    if cfg.search == "boundary":
+                               "storage": ledger.safe_url(storage) if storage else str(out / "trials.journal"),
+                               "eps": cfg.eps, "alpha": cfg.alpha, **system.manifest()})
+    searched = 0
+    if getattr(cfg, "search", "grid") == "boundary":
         from sweeps.boundary import propose_points
 
-        points, searched = propose_points(cfg, store, st, evaluate, ensure_point=ensure_point, axes=AXES,
-                                          point_id=lambda v: plan_points(cfg, [v], st)[0].key)
+        def ensure(done: dict, values: dict) -> int:
+            one = Trials(system, st, done)
+            compute(system, one, system.plan([values], st))
+            return one.computed
+
+        points, searched = propose_points(cfg, store, st, ensure=ensure, axes=system.axes_table,
+                                          point_id=lambda v: system.plan([v], st)[0].key)
     else:
-        points, searched = cfg.grid_points(), 0
-    plans = plan_points(cfg, points, st, device=device)
-    done = ledger.finished(st)
-    total = sum(len(p.seeds) for p in plans)
-    computed, reused = searched, -searched   # the search's trials are found again below
-    if batched:
-        c, r = _ensure_points_batched(cfg, st, done, plans, chunk_rows, progress, computed + reused, total, device)
-        computed, reused = computed + c, reused + r
-    else:
-        for plan in plans:
-            c, r = ensure_point(cfg, st, done, plan.values, evaluate)
-            computed, reused = computed + c, reused + r
-            if progress:
-                progress(computed + reused, total, plan.values)
-    results = results_table(cfg, plans, done)
+        points = cfg.grid_points()
+    plans = system.plan(points, st)
+    trials = Trials(system, st, ledger.finished(st), progress, sum(len(p.seeds) for p in plans))
+    trials.computed, trials.reused = searched, -searched   # the search's trials are found again below
+    compute(system, trials, plans)
+    results = results_table(system, plans, trials.done)
     run.write_csv("results.csv", results)
-    if cfg.tune.on:
-        run.write_csv("tuning.csv", tuning_table(plans))
+    for name, table in system.tables(plans).items():
+        run.write_csv(name, table)
     summary = stats.decompose(results, by=["point", *cfg.axes], eps=cfg.eps, alpha=cfg.alpha,
-                              converged_frac=cfg.converged_frac)
-    summary = _with_tuning(summary, plans)
+                              **system.summary_options())
+    summary = system.annotate(summary, plans)
     run.write_csv("summary.csv", summary)
     figs = []
     if figures:
@@ -491,14 +207,65 @@ def run_sweep(cfg: SweepConfig, out: Path, storage: str | None = None, study: st
             figs = list(build_report(out))
         except ImportError as e:  # the figures package is optional for the tables
             figs = [f"figures skipped: {e}"]
-    run.finish(computed=computed, reused=reused, points=len(points))
-    return SweepOutcome(results, summary, computed, reused, figs, plans)
+    base = system.finish()
+    run.finish(computed=trials.computed, reused=trials.reused, points=len(points), **base)
+    return MapOutcome(results, summary, trials.computed, trials.reused, figs, plans, base.get("base_check"))
 
 
-def _with_tuning(summary: pd.DataFrame, plans: list[PointPlan]) -> pd.DataFrame:
-    """summary.csv's ``tune_edge`` (where the choice sits at the end of a grid after widening: widen
-    it further with --tune-lr / --tune-adapter) and
-    ``tune_score`` (grad's score on the tuning seeds), NaN / empty with tuning off."""
-    edge = {i: (p.tuned.edge if p.tuned is not None else "") for i, p in enumerate(plans)}
-    score = {i: (p.tuned.score if p.tuned is not None else float("nan")) for i, p in enumerate(plans)}
-    return summary.assign(tune_edge=summary["point"].map(edge), tune_score=summary["point"].map(score))
+def results_table(system: MapSystem, plans: list[Plan], done: dict[str, dict]) -> pd.DataFrame:
+    """results.csv rows (point x seed x arm) of the planned points' seeds found in the ledger."""
+    rows = []
+    for i, plan in enumerate(plans):
+        for key in plan.row_keys:
+            for seed in plan.seeds:
+                attrs = done.get(ledger.trial_key(key, seed))
+                if attrs is None:
+                    continue
+                for r in attrs["rows"]:
+                    rows.append({"point": i, "seed": int(seed), "arm": r["arm"], **plan.values,
+                                 **{k: v for k, v in r.items() if k != "arm"}})
+    cols = ["point", "seed", "arm", *system.cfg.axes, *system.result_columns()]
+    df = pd.DataFrame(rows, columns=cols)
+    return df.sort_values(["point", "seed", "arm"], kind="stable").reset_index(drop=True)
+
+
+def map_jobs(system: MapSystem) -> list:
+    """The queue's plan of a grid map (the define step): one `sweeps.worker.Job` per (point, seed),
+    whose payload ``{"system", ..., "seed", "point_key"}`` rebuilds the trial on a worker."""
+    from optuna.distributions import FloatDistribution
+
+    from sweeps.worker import Job
+
+    bounds = system.cfg.bounds()
+    jobs = []
+    for plan in system.plan(system.cfg.grid_points()):
+        values, pk = plan.values, plan.key
+        dists = {k: FloatDistribution(min(bounds[k][0], v), max(bounds[k][1], v)) for k, v in values.items()}
+        for seed in plan.seeds:
+            jobs.append(Job(key=ledger.trial_key(pk, seed),
+                            payload={"system": system.name, **system.payload(plan, seed), "seed": int(seed),
+                                     "point_key": pk},
+                            attrs={**ledger.labels(system.name, values, "evo vs grad"), "point_key": pk,
+                                   "seed": int(seed), "axes": {k: float(v) for k, v in values.items()}},
+                            params={k: float(v) for k, v in values.items()}, distributions=dists))
+    return jobs
+
+
+def run_sweep(cfg: SweepConfig, out: Path, storage: str | None = None, study: str | None = None,
+              evaluate: Evaluate = evaluate_point, progress: Progress | None = None,
+              figures: bool = True, argv: list[str] | None = None, chunk_rows: int = 512,
+              device: str | None = None, overwrite: bool = False) -> MapOutcome:
+    """Run (or resume) an analytic sweep into `out` (`run_map` with `AnalyticMap`).
+
+    `evaluate` computes a point's missing seeds (injected by tests to count calls; a custom one
+    runs point by point); with the default, points that share tensor shapes are solved as
+    stacked batches of at most `chunk_rows` rows (0: point by point). `device` (cpu or cuda;
+    default cpu) holds the analytic solver's tensors; it is recorded in the manifest, not in the
+    trial keys (results on another device differ only by float64 rounding). With tuning on,
+    grad's setting is chosen per point first (`plan_points`; ``tuning.csv`` records every
+    candidate) and every arm runs at it.
+    """
+    system = AnalyticMap(cfg, evaluate=None if evaluate is evaluate_point else evaluate, chunk_rows=chunk_rows,
+                         device=device)
+    return run_map(system, out, storage=storage, study=study, progress=progress, figures=figures, argv=argv,
+                   overwrite=overwrite)

@@ -12,26 +12,28 @@ which the search changed the router), ``step_size``, ``diverged``, ``wall_s``. W
 (`RoutingArms.acar`) an ``acar`` arm is added (sigma routing on the grad arm's final router and
 adapters) with ``mode1..3`` (held-out tokens gated with 1 / 2 / 3 slots), ``mean_slots`` and
 ``saved_vs_always3``, and summary.csv gets ``delta_acar`` and its statistics (`sandbox.stats.acar_summary`).
+
+`SubstrateMap` is this system behind the map driver (`sweeps.grid.MapSystem`): each missing
+(point, seed) is run and recorded as soon as it finishes, so a kill loses at most the trial in
+flight; the shared base is prepared (and checked, `base_check`) only when something is missing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import pandas as pd
-
 from sandbox.acar import MODES, USAGE_COLUMNS, usage
 from sandbox.errors import require
-from sandbox.options import Range
 from sandbox.results import config_hash
 from sandbox.stats import DEFAULT_EPS
 from substrate.cell import NESTED
 from substrate.routing import ARMS, RoutingArms
+from sweeps.points import Point, axes_of, bounds_of, check_payload_key, grid_points, seed_outcome
 
 #: Axes of the substrate map besides alignment: name -> (lowest, highest, integer?).
 AXES: dict[str, tuple[float, float, bool]] = {
@@ -74,22 +76,13 @@ class SubstrateSweepConfig:
 
     @property
     def axes(self) -> list[str]:
-        return ["alignment"] + ([self.axis] if self.axis else [])
+        return axes_of(self)
 
     def grid_points(self) -> list[dict]:
-        aligns = np.round(Range(*self.alignment).grid(self.points), 12)
-        if self.axis is None:
-            return [{"alignment": float(a)} for a in aligns]
-        vals = np.round(Range(*self.axis_range).grid(self.axis_points), 12)
-        integer = AXES[self.axis][2]
-        vals = np.unique(np.round(vals).astype(int)) if integer else vals
-        return [{"alignment": float(a), self.axis: (int(v) if integer else float(v))} for a in aligns for v in vals]
+        return grid_points(self, AXES)
 
     def bounds(self) -> dict:
-        b = {"alignment": tuple(self.alignment)}
-        if self.axis:
-            b[self.axis] = tuple(self.axis_range)
-        return b
+        return bounds_of(self)
 
     def folder_key(self) -> dict:
         d = dataclasses.asdict(self)
@@ -195,85 +188,101 @@ def base_check(sub, cell) -> dict:
             "memorising": bool(math.isfinite(floor) and tr < floor - 0.01)}
 
 
-@dataclass
-class SubstrateOutcome:
-    results: pd.DataFrame
-    summary: pd.DataFrame
-    computed: int
-    reused: int
-    figures: list
-    base: dict | None = None
+def seed_delta(rows: list[dict]) -> float:
+    """A trial's value: ``log_loss`` of grad - evo (NaN without both arms)."""
+    by = {r["arm"]: r["log_loss"] for r in rows}
+    return by["grad"] - by["evo"] if {"grad", "evo"} <= set(by) else float("nan")
+
+
+class SubstrateMap:
+    """The transformer behind the map driver (`sweeps.grid.MapSystem`); `log` reads the base's
+    preparation and its memorisation warning."""
+
+    name = "substrate"
+    study = DEFAULT_STUDY
+    axes_table = AXES
+
+    def __init__(self, cfg: SubstrateSweepConfig, log: Callable[[str], None] | None = None):
+        self.cfg, self.log = cfg, log
+        self.base: dict | None = None
+
+    def plan(self, points: list[dict], study=None) -> list[Point]:
+        cfg = self.cfg
+        return [Point(values, point_key(point_arms(cfg, values, cfg.seeds[0])), tuple(cfg.seeds)) for values in points]
+
+    def evaluate(self, pending: list[tuple[Point, list[int]]], trials) -> None:
+        from substrate.cell import prepare_substrate
+        from substrate.routing import run_arms
+
+        cfg = self.cfg
+        sub = prepare_substrate(cfg.arms.cell, cfg.cache, self.log)
+        self.base = base = base_check(sub, cfg.arms.cell)
+        if base["memorising"] and self.log:
+            self.log(f"WARNING: the base is memorising (training NLL {base['train_nll']:.3f} below the entropy "
+                     f"floor {base['floor']:.3f}): the map measures a memorised base")
+        for plan, missing in pending:
+            for seed in missing:
+                rows = seed_rows(run_arms(point_arms(cfg, plan.values, seed), sub))
+                trials.record(plan, [(seed, rows, seed_delta(rows))])
+
+    def result_columns(self) -> list[str]:
+        cols = ["final_loss", "log_loss", "diverged", "diverged_step", "generations", "accepted", "unconfirmed",
+                "step_size", "lifecycle_events", "wall_s"]
+        return cols + (list(USAGE_COLUMNS) if self.cfg.arms.acar else [])   # the acar arm's mode usage
+
+    def summary_options(self) -> dict:
+        # domain-oracle routing is not a proven bound on the transformer: room is reported, no-room never used
+        return {"oracle_is_ceiling": False}
+
+    def annotate(self, summary, plans):
+        return summary
+
+    def tables(self, plans) -> dict:
+        return {}
+
+    def manifest(self) -> dict:
+        return {"system": "substrate"}
+
+    def finish(self) -> dict:
+        return {"base_check": self.base} if self.base else {}
+
+    def payload(self, plan: Point, seed: int) -> dict:
+        """The point's full comparison at `seed` and the shared base's cache (made absolute, so
+        workers on a shared filesystem reuse it)."""
+        return {"arms": arms_payload(point_arms(self.cfg, plan.values, seed)), "cache": os.path.abspath(self.cfg.cache)}
+
+    @staticmethod
+    def run_job(job: dict, ctx) -> object:
+        """One (point, seed) on a worker (`sweeps.systems.SYSTEMS`): the base is prepared once per
+        worker (cached on disk); refuses a payload that hashes differently here."""
+        from sandbox.evolution import EvolutionConfig
+        from substrate.cell import CellConfig, prepare_substrate
+        from substrate.routing import run_arms
+
+        d = job["arms"]
+        rc = RoutingArms(cell=CellConfig.of(**d["cell"]), evolution=EvolutionConfig(**d["evolution"]),
+                         **{k: v for k, v in d.items() if k not in ("cell", "evolution")})
+        check_payload_key(point_key(rc), job)
+        cache = ctx.cache or job["cache"]
+        base = config_hash({**rc.cell.identity(), "cell": None, "seed": None, "alignment": None, "cache": str(cache)})
+        sub = ctx.substrates.get(base)
+        if sub is None:
+            sub = ctx.substrates[base] = prepare_substrate(rc.cell, cache, ctx.log)
+        rows = seed_rows(run_arms(rc, sub))
+        return seed_outcome(rows, seed_delta(rows))
 
 
 def run_substrate_sweep(cfg: SubstrateSweepConfig, out: Path, storage: str | None = None, study: str | None = None,
                         progress: Callable[[int, int, dict], None] | None = None, figures: bool = True,
                         argv: list[str] | None = None, log: Callable[[str], None] | None = None,
-                        overwrite: bool = False) -> SubstrateOutcome:
-    """Run (or resume) a substrate map into `out`: every missing (point, seed) is run and recorded
-    as soon as it finishes, so a kill loses at most the trial in flight. A folder holding another
-    configuration is refused before anything runs; `overwrite` empties it first
-    (`sandbox.results.open_run_dir`)."""
-    from sandbox import stats
-    from sandbox.results import RunDir, open_run_dir
-    from substrate.cell import prepare_substrate
-    from substrate.routing import run_arms
-    from sweeps import ledger
+                        overwrite: bool = False):
+    """Run (or resume) a substrate map into `out` (`sweeps.grid.run_map` with `SubstrateMap`); returns
+    its `sweeps.grid.MapOutcome` (``base``: the base check, when the base was prepared)."""
+    from sweeps.grid import run_map
 
-    out = Path(out)
-    open_run_dir(out, "sweep", cfg, overwrite)
-    store = ledger.storage_for(out, storage)
-    st = ledger.open_study(store, study or DEFAULT_STUDY, metric=ledger.METRICS["substrate"])
-    run = RunDir.create(out, command="sweep", config=cfg, seeds=list(cfg.seeds), argv=argv,
-                        extra={"axes": cfg.axes, "system": "substrate", "study": study or DEFAULT_STUDY,
-                               "storage": ledger.safe_url(storage) if storage else str(out / "trials.journal"), "eps": cfg.eps, "alpha": cfg.alpha})
-    points = cfg.grid_points()
-    done = ledger.finished(st)
-    total = len(points) * len(cfg.seeds)
-    computed = reused = 0
-    sub, base = None, None
-    for values in points:
-        key = point_key(point_arms(cfg, values, cfg.seeds[0]))
-        for seed in cfg.seeds:
-            if ledger.trial_key(key, seed) in done:
-                reused += 1
-            else:
-                if sub is None:
-                    sub = prepare_substrate(cfg.arms.cell, cfg.cache, log)
-                    base = base_check(sub, cfg.arms.cell)
-                    if base["memorising"] and log:
-                        log(f"WARNING: the base is memorising (training NLL {base['train_nll']:.3f} below the entropy "
-                            f"floor {base['floor']:.3f}): the map measures a memorised base")
-                rows = seed_rows(run_arms(point_arms(cfg, values, seed), sub))
-                by = {r["arm"]: r["log_loss"] for r in rows}
-                delta = by["grad"] - by["evo"] if {"grad", "evo"} <= set(by) else float("nan")
-                ledger.record(st, key, values, cfg.bounds(), [(seed, rows, delta)],
-                              ledger.labels("substrate", values, "evo vs grad"))
-                done[ledger.trial_key(key, seed)] = {"rows": rows, "delta": delta}
-                computed += 1
-            if progress:
-                progress(computed + reused, total, values)
-    table = []
-    for i, values in enumerate(points):
-        key = point_key(point_arms(cfg, values, cfg.seeds[0]))
-        for seed in cfg.seeds:
-            for r in done[ledger.trial_key(key, seed)]["rows"]:
-                table.append({"point": i, "seed": int(seed), **values, **r})
-    cols = ["point", "seed", "arm", *cfg.axes, "final_loss", "log_loss", "diverged", "diverged_step", "generations",
-            "accepted", "unconfirmed", "step_size", "lifecycle_events", "wall_s"]
-    if cfg.arms.acar:               # the acar arm's mode usage (NaN on the other arms)
-        cols += list(USAGE_COLUMNS)
-    results = pd.DataFrame(table, columns=cols).sort_values(["point", "seed", "arm"], kind="stable").reset_index(drop=True)
-    run.write_csv("results.csv", results)
-    # domain-oracle routing is not a proven bound on the transformer: room is reported, no-room never used
-    summary = stats.decompose(results, by=["point", *cfg.axes], eps=cfg.eps, alpha=cfg.alpha, oracle_is_ceiling=False)
-    run.write_csv("summary.csv", summary)
-    figs = []
-    if figures:
-        from figures.report import build_report
-
-        figs = list(build_report(out))
-    run.finish(computed=computed, reused=reused, points=len(points), **({"base_check": base} if base else {}))
-    return SubstrateOutcome(results, summary, computed, reused, figs, base)
+    return run_map(SubstrateMap(cfg, log), out, storage=storage, study=study, progress=progress, figures=figures,
+                   argv=argv, overwrite=overwrite)
 
 
-__all__ = ["ARMS", "AXES", "SubstrateSweepConfig", "run_substrate_sweep", "point_arms", "point_key", "seed_rows"]
+__all__ = ["ARMS", "AXES", "SubstrateMap", "SubstrateSweepConfig", "run_substrate_sweep", "point_arms", "point_key",
+           "seed_rows"]

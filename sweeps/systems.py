@@ -3,30 +3,29 @@ app (``sandbox worker`` and ``sandbox sweep|factorial --enqueue-only``) hands to
 (`sweeps.worker`), which itself knows no system.
 
 - Plan builders (the define step): `sweep_jobs` (an analytic grid sweep), `substrate_sweep_jobs` (a
-  substrate map), `factorial_jobs` (a factorial); each returns one `sweeps.worker.Job` per trial,
-  whose payload ``{"system": NAME, ...}`` holds everything a worker needs to rebuild the trial's
-  configuration.
+  substrate map), both the map driver's `sweeps.grid.map_jobs` over their system, and
+  `factorial_jobs` (a factorial); each returns one `sweeps.worker.Job` per trial, whose payload
+  ``{"system": NAME, ...}`` holds everything a worker needs to rebuild the trial's configuration.
 - Runners (the worker): `SYSTEMS` maps a system name to the function that runs such a payload and
-  returns an `Outcome` (`run_analytic`, `run_substrate_point`, `run_factorial_trial`). A runner
-  whose payload hashes differently here raises `CodeMismatch` (the queue gives the trial back).
+  returns an `Outcome`: the map systems' own `run_job` (`sweeps.analytic_map.AnalyticMap`,
+  `sweeps.substrate_map.SubstrateMap`) and `run_factorial_trial`. A runner whose payload hashes
+  differently here raises `CodeMismatch` (the queue gives the trial back).
 - `code_identity`: what a worker must share with the define step (stored in the study by
   `sweeps.worker.enqueue`, compared by `sweeps.worker.check_code`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from pathlib import Path
 
-from optuna.distributions import FloatDistribution
-from optuna.trial import TrialState
-
 from sandbox.errors import BadInput
 from sandbox.results import to_jsonable
 from sweeps import ledger
-from sweeps.worker import CodeMismatch, Job, Outcome, Runner, WorkerContext
+from sweeps.analytic_map import AnalyticMap
+from sweeps.substrate_map import SubstrateMap
+from sweeps.worker import Job, Outcome, Runner, WorkerContext
 
 
 def code_identity() -> dict:
@@ -38,7 +37,7 @@ def code_identity() -> dict:
     from sandbox.results import config_hash
     from sandbox.tasks import TaskSpec
     from substrate.cell import CellConfig
-    from sweeps.grid import point_key
+    from sweeps.analytic_map import point_key
 
     probe = {"analytic": point_key(TaskSpec(), AnalyticConfig()), "cell": config_hash(CellConfig().identity()),
              "json": config_hash({"a": [1, 2.5, None], "b": "x"})}
@@ -55,46 +54,21 @@ def sweep_jobs(cfg) -> list[Job]:
     tuned setting where tuning is on (tuned here, by the define step, in stacked batches: every
     worker then runs the setting the collecting command finds again). Robustness rows
     (``--tune-robust``) are not planned: they run on one machine only."""
-    from sweeps.grid import plan_points
+    from sweeps.grid import map_jobs
 
-    require_grid = getattr(cfg, "search", "grid") == "grid"
-    if not require_grid:
+    if getattr(cfg, "search", "grid") != "grid":
         raise BadInput("--search", cfg.search, "grid with --enqueue-only (the boundary search picks points as results "
                        "arrive, so it cannot be planned ahead)")
-    bounds = cfg.bounds()
-    jobs = []
-    for plan in plan_points(cfg, cfg.grid_points()):
-        values, spec, solver, pk = plan.values, plan.spec, plan.solver, plan.key
-        dists = {k: FloatDistribution(min(bounds[k][0], v), max(bounds[k][1], v)) for k, v in values.items()}
-        for seed in plan.seeds:
-            jobs.append(Job(key=ledger.trial_key(pk, seed),
-                            payload={"system": "analytic", "task": dataclasses.asdict(spec),
-                                     "solver": dataclasses.asdict(solver), "seed": int(seed), "point_key": pk},
-                            attrs={**ledger.labels("analytic", values, "evo vs grad"), "point_key": pk,
-                                   "seed": int(seed), "axes": {k: float(v) for k, v in values.items()}},
-                            params={k: float(v) for k, v in values.items()}, distributions=dists))
-    return jobs
+    return map_jobs(AnalyticMap(cfg))
 
 
 def substrate_sweep_jobs(cfg) -> list[Job]:
     """The plan of a substrate map (`sweeps.substrate_map.SubstrateSweepConfig`): one job per
     (point, seed); the payload is the point's full comparison (`RoutingArms`) and the cache of the
     shared base (made absolute, so workers on a shared filesystem reuse it)."""
-    from sweeps.substrate_map import arms_payload, point_arms, point_key
+    from sweeps.grid import map_jobs
 
-    bounds = cfg.bounds()
-    jobs = []
-    for values in cfg.grid_points():
-        pk = point_key(point_arms(cfg, values, cfg.seeds[0]))
-        dists = {k: FloatDistribution(min(bounds[k][0], v), max(bounds[k][1], v)) for k, v in values.items()}
-        for seed in cfg.seeds:
-            jobs.append(Job(key=ledger.trial_key(pk, seed),
-                            payload={"system": "substrate", "arms": arms_payload(point_arms(cfg, values, seed)),
-                                     "seed": int(seed), "point_key": pk, "cache": os.path.abspath(cfg.cache)},
-                            attrs={**ledger.labels("substrate", values, "evo vs grad"), "point_key": pk,
-                                   "seed": int(seed), "axes": {k: float(v) for k, v in values.items()}},
-                            params={k: float(v) for k, v in values.items()}, distributions=dists))
-    return jobs
+    return map_jobs(SubstrateMap(cfg))
 
 
 def factorial_jobs(fcfg, out: str | Path, cache: str | Path) -> list[Job]:
@@ -116,32 +90,14 @@ def factorial_jobs(fcfg, out: str | Path, cache: str | Path) -> list[Job]:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_analytic(job: dict, ctx: WorkerContext) -> Outcome:
-    """One (point, seed) of an analytic sweep; refuses a payload whose configuration hashes
-    differently here (a worker running another version of the code than the definer)."""
-    from sandbox.analytic import AnalyticConfig
-    from sandbox.tasks import TaskSpec
-    from sweeps.grid import evaluate_point, point_key
-
-    spec, solver = TaskSpec(**job["task"]), AnalyticConfig(**job["solver"])
-    if point_key(spec, solver) != job["point_key"]:
-        raise CodeMismatch("the point's configuration hashes differently on this worker (another version of "
-                           "the code than the define step's); run the same version everywhere")
-    [(seed, rows, delta)] = evaluate_point(spec, solver, [int(job["seed"])])
-    ok = math.isfinite(delta)
-    return Outcome({"rows": rows, "delta": float(delta) if ok else None}, float(delta) if ok else None,
-                   TrialState.COMPLETE if ok else TrialState.FAIL)
-
-
 def run_factorial_trial(job: dict, ctx: WorkerContext) -> Outcome:
     """One (cell, seed) of a factorial: the substrate is prepared once per worker (cached on disk)."""
+    from sandbox.results import config_hash
     from substrate.cell import CellConfig, prepare_substrate, run_cell
     from sweeps.factorial import trial_dir
 
     cfg = CellConfig.of(**job["cell"])
     out, cache = Path(ctx.out or job["out"]), ctx.cache or job["cache"]
-    from sandbox.results import config_hash
-
     base = config_hash({**cfg.identity(), "cell": None, "seed": None, "cache": str(cache)})
     sub = ctx.substrates.get(base)
     if sub is None:
@@ -152,37 +108,13 @@ def run_factorial_trial(job: dict, ctx: WorkerContext) -> Outcome:
     return Outcome({"result": metrics}, float(v) if isinstance(v, (int, float)) and math.isfinite(v) else math.inf)
 
 
-def run_substrate_point(job: dict, ctx: WorkerContext) -> Outcome:
-    """One (point, seed) of a substrate map: the base is prepared once per worker (cached on disk);
-    refuses a payload that hashes differently here (another version of the code)."""
-    from sandbox.evolution import EvolutionConfig
-    from substrate.cell import CellConfig, prepare_substrate
-    from substrate.routing import RoutingArms, run_arms
-    from sweeps.substrate_map import point_key, seed_rows
+#: One (point, seed) of an analytic sweep / of a substrate map (the systems' own runners).
+run_analytic: Runner = AnalyticMap.run_job
+run_substrate_point: Runner = SubstrateMap.run_job
 
-    d = job["arms"]
-    rc = RoutingArms(cell=CellConfig.of(**d["cell"]), evolution=EvolutionConfig(**d["evolution"]),
-                     **{k: v for k, v in d.items() if k not in ("cell", "evolution")})
-    if point_key(rc) != job["point_key"]:
-        raise CodeMismatch("the point's configuration hashes differently on this worker (another version of "
-                           "the code than the define step's); run the same version everywhere")
-    cache = ctx.cache or job["cache"]
-    from sandbox.results import config_hash
-
-    base = config_hash({**rc.cell.identity(), "cell": None, "seed": None, "alignment": None, "cache": str(cache)})
-    sub = ctx.substrates.get(base)
-    if sub is None:
-        sub = ctx.substrates[base] = prepare_substrate(rc.cell, cache, ctx.log)
-    rows = seed_rows(run_arms(rc, sub))
-    by = {r["arm"]: r["log_loss"] for r in rows}
-    delta = by["grad"] - by["evo"]
-    ok = math.isfinite(delta)
-    return Outcome({"rows": rows, "delta": float(delta) if ok else None}, float(delta) if ok else None,
-                   TrialState.COMPLETE if ok else TrialState.FAIL)
-
-
-#: system name -> runner: the registry the app hands to `sweeps.worker.run_worker`. A new system adds its
-#: plan builder here and one entry.
+#: system name -> runner: the registry the app hands to `sweeps.worker.run_worker`. A new map system
+#: implements `sweeps.grid.MapSystem` and adds its `run_job` here; another kind of job adds its plan
+#: builder and runner.
 SYSTEMS: dict[str, Runner] = {
     "analytic": run_analytic,
     "factorial": run_factorial_trial,

@@ -118,10 +118,10 @@ def test_the_checker_sees_a_violation():
 
 
 #: What the generic worker queue may import from the project: errors, result helpers, the ledger
-#: and its own database and trial-row modules. Every system (the maps, the factorial, the analytic
+#: and its storage, and its own database and trial-row modules. Every system (the maps, the factorial, the analytic
 #: solver, the transformer substrate) comes in through the registry the app hands to `run_worker`.
 QUEUE = ("sweeps.worker", "sweeps.queue_db", "sweeps.queue_trials")
-QUEUE_MAY_IMPORT = {"sandbox", "sandbox.errors", "sandbox.results", "sweeps", "sweeps.ledger", *QUEUE}
+QUEUE_MAY_IMPORT = {"sandbox", "sandbox.errors", "sandbox.results", "sweeps", "sweeps.ledger", "sweeps.storage", *QUEUE}
 
 
 def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
@@ -136,11 +136,11 @@ def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
 
 def test_the_worker_queue_imports_no_system(graph):
     """`sweeps.worker` is the generic queue: neither it nor anything it imports (lazily included)
-    reaches a system module (`sweeps.grid`, `sweeps.substrate_map`, `sweeps.factorial`,
+    reaches a system module (`sweeps.grid`, `sweeps.analytic_map`, `sweeps.substrate_map`, `sweeps.factorial`,
     `sweeps.systems`, `substrate.*`, `sandbox.analytic`, ...)."""
     assert set(QUEUE) <= set(graph)
     reached = _reach(graph, "sweeps.worker")
     assert sorted(reached - QUEUE_MAY_IMPORT) == []
     # not vacuous: the registry does reach the systems
     systems = _reach(graph, "sweeps.systems")
-    assert {"sweeps.grid", "sweeps.substrate_map", "sweeps.factorial", "substrate.cell"} <= systems
+    assert {"sweeps.grid", "sweeps.analytic_map", "sweeps.substrate_map", "sweeps.factorial", "substrate.cell"} <= systems
