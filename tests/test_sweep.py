@@ -284,3 +284,16 @@ def test_batched_sweep_matches_point_by_point_and_resumes_after_a_kill(tmp_path,
     resumed = grid.run_sweep(cfg, tmp_path / "killed", figures=False, chunk_rows=8)
     assert resumed.reused == 2 * 4 and resumed.computed == 6 * 4
     pd.testing.assert_frame_equal(resumed.results[cols], by_point.results[cols], rtol=1e-10, atol=1e-12)
+
+
+def test_point_by_point_runs_each_points_own_independent_seeds(tmp_path):
+    """With --independent-seeds the point-by-point engine (chunk_rows=0) computes every point at its
+    own seeds, as the stacked engine does (it used to run point 0's seeds at every point, so the
+    results of the other points were missing from results.csv)."""
+    cfg = _cfg(seeds=(0, 1), independent_seeds=True)
+    by_point = grid.run_sweep(cfg, tmp_path / "one", figures=False, chunk_rows=0)
+    batched = grid.run_sweep(cfg, tmp_path / "many", figures=False)
+    assert by_point.computed == batched.computed == 3 * 2
+    assert sorted(set(by_point.results["seed"])) == [0, 1, 100_000, 100_001, 200_000, 200_001]
+    cols = [c for c in batched.results.columns if c != "wall_s"]
+    pd.testing.assert_frame_equal(by_point.results[cols], batched.results[cols], rtol=1e-10, atol=1e-12)
