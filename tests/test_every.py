@@ -142,14 +142,16 @@ def test_substrate_sweep_reads_interval_as_its_search_schedule():
 
 def test_full_reads_lifecycle_every_and_its_old_name():
     from sandbox.app import notes
-    from sandbox.app.commands.full import cell_options, cell_template
+    from sandbox.app.cellopts import cell_options, cell_template
+    from sandbox.app.declare import Received
 
     def build(**given):
         notes.clear()
         said = notes.pending()
-        kw = {o.name: o.default for o in cell_options()}
+        opts = cell_options()
+        kw = {o.name: o.default for o in opts}
         kw.update({"device": "cpu", "preset": "tiny", "steps": 40, **given})
-        cfg = cell_template("L", 1, kw, said.append)
+        cfg = cell_template("L", 1, Received(opts, kw), said.append)
         return cfg, said + notes.pending()
 
     new, said_new = build(lifecycle_every=4)
@@ -178,7 +180,7 @@ def test_the_note_comes_after_the_run_and_never_beside_an_error(tmp_path, capsys
 
 
 def test_help_says_the_bounds_the_default_applies(capsys):
-    from sandbox.app.commands.full import AUTO
+    from sandbox.app.cellopts import AUTO
     from substrate.defaults import schedule
 
     assert "at least 5 and at most 250" in AUTO["lifecycle_every"]

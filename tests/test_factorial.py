@@ -223,13 +223,15 @@ def test_scope_under_lifecycle_matches_scipy():
 
 
 def test_cpu_defaults_are_said_plainly():
-    from sandbox.app.commands.full import cell_options, cell_template
+    from sandbox.app.cellopts import cell_options, cell_template
+    from sandbox.app.declare import Received
     from substrate.defaults import schedule
 
     said = []
-    kw = {o.name: o.default for o in cell_options()}
+    opts = cell_options()
+    kw = {o.name: o.default for o in opts}
     kw["device"] = "cpu"
-    cfg = cell_template("L+R", 42, kw, said.append)
+    cfg = cell_template("L+R", 42, Received(opts, kw), said.append)
     assert (cfg.preset, cfg.steps, cfg.cell, cfg.device) == ("small", 200, "R+L", "cpu")
     assert said == ["no CUDA: running preset small for 200 steps instead of widened-1536 x 25000"]
     assert (cfg.lifecycle.interval, cfg.lifecycle.min_age, cfg.eval_every) == (40, 80, 40)

@@ -427,7 +427,7 @@ def test_cache_naming_a_file_is_one_line(tmp_path, capsys):
 
 
 def test_steps_help_states_each_presets_default():
-    from sandbox.app.commands.full import cell_options
+    from sandbox.app.cellopts import cell_options
     from substrate.defaults import PRESET_STEPS
 
     help_text = next(o.help for o in cell_options() if o.name == "steps")

@@ -244,8 +244,9 @@ def test_cli_defaults_match_dataclasses():
     """The typer defaults are literals; they must agree with the dataclass defaults."""
     import inspect
 
-    from sandbox.app.commands.sweep import sweep
+    from sandbox.app.cli import app
 
+    sweep = next(c.callback for c in app.registered_commands if c.name == "sweep")   # the typer entry
     sig = inspect.signature(sweep).parameters
     shared = {"steps", "lr", "plasticity", "interval", "points", "batch"}   # None: resolved per --system
     for obj in (TaskSpec(), AnalyticConfig(), grid.SweepConfig()):

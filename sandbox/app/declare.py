@@ -4,12 +4,15 @@ A setting lives in one place, the dataclass field that holds it: its default, it
 docstring (the string literal under the field, or the class docstring's ``Attributes:`` entry).
 A command asks for options by field (`from_fields`), adds the few options that are its own
 (`own`: seeds, output folder, ...) and `declared` turns the list into the function signature typer
-reads (``--n-die`` from field ``n_die``). The command then receives plain keyword arguments named
-after the fields, so a reader (and `tests/test_declare.py`) can follow a flag from the command line
-to the field where it acts.
+reads (``--n-die`` from field ``n_die``). Each option remembers the field it came from, so what the
+command receives is grouped back the same way (`Received`, the inverse of `from_fields`): the
+command builds its configs with ``got.build(cls)`` and reads its own options by name, and a reader
+(and `tests/test_declare.py`) can follow a flag from the command line to the field where it acts.
 
 A command may leave a field's default to run time (``auto``): its option defaults to ``None`` and
 the help says what it resolves to (the step-scaled lifecycle interval, the machine's device).
+`Received` leaves such an option out of the config's fields while it is None, so the config's own
+default (or the command's run-time rule) decides.
 """
 
 from __future__ import annotations
@@ -208,16 +211,83 @@ def from_fields(cls: type, names: Iterable[str], *, instance: Any = None, flags:
     return opts
 
 
-def declared(opts: list[Opt]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Give ``fn(**kw)`` the signature typer reads: one keyword-only parameter per option, in order."""
+class Received:
+    """What a declared command received, grouped back by where each option came from (the inverse of
+    `from_fields`).
+
+    ``got["out"]`` reads any option by its keyword (a command's own option, or a field's option under
+    the keyword the command gave it); ``got.fields(cls)`` is ``{field: value}`` of the options built
+    from `cls` (an ``auto`` option still None left out); ``got.build(cls, **extra)`` constructs `cls`
+    from those fields and `extra`, filling each nested dataclass field whose class received options
+    (``extra`` may give such a field a dict: more fields for the nested config, ``base={"device":
+    dev}``). ``on=instance`` builds with `dataclasses.replace` from an instance instead of the class
+    defaults (a cell's router: `substrate.config.CELL_ROUTER`). The values stay a plain dict
+    (`values`) so a named bundle of settings can fill them before anything is built
+    (`sweeps.factorial.resolve_setting`).
+    """
+
+    def __init__(self, opts: Iterable[Opt], values: dict[str, Any]):
+        self.opts = tuple(opts)
+        names = {o.name for o in self.opts}
+        missing, extra = names - set(values), set(values) - names
+        if missing or extra:
+            raise TypeError(f"options not received: {sorted(missing)}; not declared: {sorted(extra)}")
+        self.values = values
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def classes(self) -> list[type]:
+        """The config classes some option came from, in the order of the options."""
+        return list(dict.fromkeys(o.source[0] for o in self.opts if o.source is not None))
+
+    def fields(self, cls: type) -> dict[str, Any]:
+        """``{field: value}`` for the options of `cls`, auto options still None left out."""
+        return {o.source[1]: self.values[o.name] for o in self.opts
+                if o.source is not None and o.source[0] is cls and not (o.auto and self.values[o.name] is None)}
+
+    def build(self, cls: type, on: Any = None, **extra: Any) -> Any:
+        """`cls` (or `on` replaced) from its received fields, `extra` winning; nested dataclass
+        fields of a class that received options are built the same way unless `extra` gives them."""
+        given = self.classes()
+        nested = {}
+        for f in dataclasses.fields(cls):
+            hint = _field_class(cls, f.name)
+            if hint is None or (f.name in extra and not isinstance(extra[f.name], dict)):
+                continue
+            if hint in given or isinstance(extra.get(f.name), dict):
+                inner = None if on is None else getattr(on, f.name)
+                nested[f.name] = self.build(hint, on=inner, **extra.get(f.name, {}))
+        values = {**self.fields(cls), **extra, **nested}
+        return cls(**values) if on is None else dataclasses.replace(on, **values)
+
+
+def _field_class(cls: type, name: str) -> type | None:
+    """The dataclass a field of `cls` holds, or None (a plain value, or a hint that does not resolve)."""
+    try:
+        hint = typing.get_type_hints(cls).get(name)
+    except (NameError, TypeError):
+        return None
+    return hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
+
+
+def declared(opts: list[Opt]) -> Callable[[Callable[[Received], Any]], Callable[..., Any]]:
+    """The typer entry of ``fn(got)``: one keyword-only parameter per option, in order; what typer
+    parses reaches `fn` as one `Received`."""
     names = [o.name for o in opts]
     if len(set(names)) != len(names):
         raise ValueError("options declared twice: " + ", ".join(sorted({n for n in names if names.count(n) > 1})))
 
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        fn.__signature__ = inspect.Signature([o.parameter() for o in opts], return_annotation=None)
-        fn.__annotations__ = {o.name: o.annotation for o in opts}
-        fn.__declared__ = tuple(opts)
-        return fn
+    def wrap(fn: Callable[[Received], Any]) -> Callable[..., Any]:
+        def entry(**kw: Any) -> Any:
+            return fn(Received(opts, kw))
+
+        entry.__name__, entry.__qualname__, entry.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+        entry.__module__ = fn.__module__
+        entry.__signature__ = inspect.Signature([o.parameter() for o in opts], return_annotation=None)
+        entry.__annotations__ = {o.name: o.annotation for o in opts}
+        entry.__declared__ = tuple(opts)
+        entry.__wrapped_command__ = fn
+        return entry
 
     return wrap

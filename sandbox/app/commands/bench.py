@@ -52,7 +52,7 @@ def _check_writable(out: str) -> None:
         raise BadInput("--out", out, f"a file in a place this user can write to ({e.strerror or e})") from None
 
 
-def bench(*, quick, as_json, only, repeats, presets, device, threads, out) -> None:
+def bench(got) -> None:
     """Time the sandbox loss, the gated mixture, one adaptation step per preset and the default sweep."""
     import sys
 
@@ -65,6 +65,7 @@ def bench(*, quick, as_json, only, repeats, presets, device, threads, out) -> No
     from sandbox.options import check_int
     from sandbox.results import atomic_write_json, to_jsonable
 
+    only, device, threads, out, as_json = got["only"], got["device"], got["threads"], got["out"], got["as_json"]
     sections = tuple(s.strip() for s in only.split(",") if s.strip())
     bad = [s for s in sections if s not in SECTIONS]
     if bad or not sections:
@@ -73,17 +74,19 @@ def bench(*, quick, as_json, only, repeats, presets, device, threads, out) -> No
         raise BadInput("--device", device, "cpu (no CUDA device is visible)")
     if threads is not None:
         torch.set_num_threads(check_int(threads, "--threads", 1, 1024))
-    overrides: dict = {"sections": sections, "device": device}
-    if repeats is not None:
-        overrides["repeats"] = check_int(repeats, "--repeats", 1, 1000)
-    if presets is not None:
+    overrides: dict = {"sections": sections}
+    if got["repeats"] is not None:
+        check_int(got["repeats"], "--repeats", 1, 1000)
+    if got["presets"] is not None:
         from substrate.model import PRESETS
 
-        names = tuple(p.strip() for p in presets.split(",") if p.strip())
+        names = tuple(p.strip() for p in got["presets"].split(",") if p.strip())
         if not names or any(p not in PRESETS for p in names):
-            raise BadInput("--presets", presets, "a comma list of " + ", ".join(PRESETS))
+            raise BadInput("--presets", got["presets"], "a comma list of " + ", ".join(PRESETS))
         overrides["presets"] = names
-    cfg = BenchConfig.quick_config(**overrides) if quick else BenchConfig(**overrides)
+    fields = got.fields(BenchConfig)           # device, and repeats when given (else the mode's own)
+    quick = fields.pop("quick")
+    cfg = BenchConfig.quick_config(**fields, **overrides) if quick else BenchConfig(**fields, **overrides)
     if out is not None:
         _check_writable(out)   # before the minutes of timing, not after
 

@@ -10,7 +10,7 @@ import typer
 
 from sandbox.app.replay import recorded_argv
 
-from sandbox.app.commands.full import cell_options, run_options
+from sandbox.app.cellopts import apply_threads, cell_options, cell_template, run_options
 
 
 def _factorial_options() -> list:
@@ -57,41 +57,35 @@ def _given(kw: dict) -> set[str]:
     return {k for k, v in kw.items() if k in defaults and v != defaults[k]}
 
 
-def factorial(**kw) -> None:
+def factorial(got) -> None:
     """Run the factorial of cells x seeds and attribute the effect (probes: --inherit-alpha 0, --perturb-base S)."""
-    setting, record = kw.pop("setting"), None
+    setting, record = got["setting"], None
     if setting is not None:   # fills the options not given on the command line, before anything reads them
         from sweeps.factorial import resolve_setting
 
-        record = resolve_setting(setting, kw, _given(kw))
-    cells, seeds, out, storage = kw.pop("cells"), kw.pop("seeds"), kw.pop("out"), kw.pop("storage")
+        record = resolve_setting(setting, got.values, _given(got.values))
+    out, storage, cache = got["out"], got["storage"], got["cache"]
     from sweeps.ledger import check_names
 
-    check_names(out=out, storage=storage, cache=kw.get("cache"))   # empty, too long: one line
-    design = {k: kw.pop(k) for k in ("eps", "alpha", "seeds_to_resolve", "round_seeds", "spending")}
-    cache, threads, yes = kw.pop("cache"), kw.pop("threads"), kw.pop("yes")
-    no_figures, enqueue_only, overwrite = kw.pop("no_figures"), kw.pop("enqueue_only"), kw.pop("overwrite")
-    from sandbox.app.commands.full import apply_threads
-
-    apply_threads(threads)
+    check_names(out=out, storage=storage, cache=cache)   # empty, too long: one line
+    apply_threads(got["threads"])
     from pathlib import Path
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from sandbox.factors import parse_cells
-    from sandbox.app.commands.full import cell_template
     from sandbox.options import parse_seeds
     from sandbox.results import config_hash
     from sweeps.factorial import FactorialConfig, run_factorial
 
     err = Console(stderr=True)
-    chosen = [c.name for c in parse_cells(cells)]
-    seed_list = parse_seeds(seeds)
+    chosen = [c.name for c in parse_cells(got["cells"])]
+    seed_list = parse_seeds(got["seeds"])
     notes: list[str] = []
-    template = cell_template(chosen[0], seed_list[0], kw, notes.append, yes=yes,
-                             one_base=design["seeds_to_resolve"] is not None)
-    fcfg = FactorialConfig(base=template, cells=tuple(chosen), seeds=tuple(seed_list), **design)
+    template = cell_template(chosen[0], seed_list[0], got, notes.append, yes=got["yes"],
+                             one_base=got["seeds_to_resolve"] is not None)
+    fcfg = got.build(FactorialConfig, base=template, cells=tuple(chosen), seeds=tuple(seed_list))
     if record is not None:
         kept = record["overridden"]
         notes.insert(0, f"setting {record['name']}: " + " ".join(_as_flags(record["applied"]))
@@ -102,6 +96,7 @@ def factorial(**kw) -> None:
     from sandbox.results import check_folder, open_run_dir
 
     check_folder(cache, "--cache")
+    enqueue_only = got["enqueue_only"]
     if enqueue_only and fcfg.seeds_to_resolve is not None:   # later rounds depend on each look's test
         from sandbox.errors import BadInput
 
@@ -110,7 +105,7 @@ def factorial(**kw) -> None:
                        "only its first round could be queued ahead): queue a fixed --seeds list, or run the "
                        "sequential factorial without --enqueue-only")
     if enqueue_only:   # workers write trials/<cell>_s<seed> under OUT; the collect run claims OUT later
-        from sandbox.app.commands.worker import define
+        from sandbox.app.plan import define
         from sweeps.factorial import study_name
         from sweeps.systems import factorial_jobs
 
@@ -118,7 +113,7 @@ def factorial(**kw) -> None:
 
         return define(err, factorial_jobs(fcfg, root, cache), storage, study_name(fcfg), "minimize", "factorial",
                       argv=recorded_argv(), metric=METRICS["factorial"])
-    open_run_dir(root, "factorial", fcfg, overwrite)   # a held, foreign or other-config folder: refused before printing
+    open_run_dir(root, "factorial", fcfg, got["overwrite"])   # a held, foreign or other-config folder: refused before printing
     from sandbox.results import replaced_note
 
     if replaced_note(root):
@@ -153,7 +148,7 @@ def factorial(**kw) -> None:
             if step == n:
                 bar.advance(trials)
 
-        res = run_factorial(fcfg, root, cache, storage=storage, figures=not no_figures, overwrite=overwrite,
+        res = run_factorial(fcfg, root, cache, storage=storage, figures=not got["no_figures"], overwrite=got["overwrite"],
                             argv=recorded_argv(), setting=record, on_trial=on_trial, progress=progress,
                             log=lambda m: err.print(m), stage=stage_callback(bar))
     err.print(f"trials: {res.computed} computed, {res.reused} reused from the ledger")

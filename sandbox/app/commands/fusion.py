@@ -54,37 +54,33 @@ def _fusion_options() -> list:
             own("yes", False, "--yes", help="Run widened-1536 on a CPU anyway.")]
 
 
-def fusion(**kw) -> None:
+def fusion(got) -> None:
     """Gain of fusing specialists over the best one, against their divergence, with a line fit."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from sandbox.app.commands.full import apply_threads
+    from sandbox.app.cellopts import apply_threads
     from sandbox.options import parse_seeds
     from sandbox.results import check_folder, default_out, open_run_dir
     from substrate.defaults import check_affordable, resolve_device
 
-    out, storage, study, threads = kw.pop("out"), kw.pop("storage"), kw.pop("study"), kw.pop("threads")
-    figures, yes, cache, alpha = kw.pop("figures"), kw.pop("yes"), kw.pop("cache"), kw.pop("alpha")
-    overwrite = kw.pop("overwrite")
-    steps = _steps_list(kw.pop("specialist_steps"))
-    seed_list = parse_seeds(kw.pop("seeds"), "--seeds")
-    kw["device"] = resolve_device(kw["device"])
-    if kw["specialist_lr"] is None:
-        kw.pop("specialist_lr")                     # the config picks it for the kind of specialists
+    out, storage, study, alpha, cache = got["out"], got["storage"], got["study"], got["alpha"], got["cache"]
+    steps = _steps_list(got["specialist_steps"])
+    seed_list = parse_seeds(got["seeds"], "--seeds")
+    device = resolve_device(got["device"])
     from figures.fusion import draw
-    from substrate.fusion import FusionConfig
     from sweeps.fusion import PUBLISHED, FusionSweepConfig, run_fusion_map
 
-    base = FusionConfig(**kw)                        # validates every knob, naming its flag
-    cfg = FusionSweepConfig(base=base, specialist_steps=steps, seeds=tuple(seed_list), alpha=alpha, cache=cache)
-    check_affordable(base.cell(), yes)
+    # validates every knob, naming its flag; an unset --specialist-lr is the config's pick for the kind
+    cfg = got.build(FusionSweepConfig, base={"device": device}, specialist_steps=steps, seeds=tuple(seed_list))
+    base = cfg.base
+    check_affordable(base.cell(), got["yes"])
     check_folder(cache, "--cache")
-    apply_threads(threads)
+    apply_threads(got["threads"])
     preset, specialists, router_steps, dev = base.preset, base.specialists, base.router_steps, base.device
     run_dir = Path(out) if out else default_out("fusion", cfg.folder_key())
-    open_run_dir(run_dir, "fusion", cfg, overwrite)   # another configuration in --out: refused before anything runs
+    open_run_dir(run_dir, "fusion", cfg, got["overwrite"])   # another configuration in --out: refused before anything runs
     from sandbox.results import replaced_note
     err = Console(stderr=True)
     if replaced_note(run_dir):
@@ -102,8 +98,8 @@ def fusion(**kw) -> None:
                        description=", ".join(f"{k}={v}" for k, v in values.items()))
 
         res = run_fusion_map(cfg, run_dir, storage=storage, study=study, progress=progress,
-                             draw=draw if figures else None, argv=recorded_argv(),
-                             log=lambda m: err.print(m, highlight=False), overwrite=overwrite)
+                             draw=draw if got["figures"] else None, argv=recorded_argv(),
+                             log=lambda m: err.print(m, highlight=False), overwrite=got["overwrite"])
     wall = time.perf_counter() - t0
     means = (res.table.groupby(["specialist_steps", "method"], sort=False)[["divergence", "gain"]].mean()
              .reset_index())

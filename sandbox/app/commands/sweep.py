@@ -18,7 +18,7 @@ def _sweep_options() -> list:
     `TaskSpec`, `AnalyticConfig`), the transformer's where `--system substrate` uses them, and the
     command's own. Options both systems share default to None: each system resolves its own."""
     from sandbox.analytic import CHUNK_ROWS, AnalyticConfig
-    from sandbox.app.commands.sweep_substrate import CPU_DEFAULTS, GPU_DEFAULTS
+    from sandbox.app.maps import CPU_DEFAULTS, GPU_DEFAULTS
     from sandbox.app.declare import from_fields, own
     from sandbox.options import Range
     from sandbox.tasks import TaskSpec
@@ -30,13 +30,13 @@ def _sweep_options() -> list:
     sw, an, cell = SweepConfig(), AnalyticConfig(), CellConfig()
     per_preset = ", ".join(f"{p} {n}" for p, n in PRESET_STEPS.items())
     auto = {
-        "points": f"{sw.points}; substrate: {CPU_DEFAULTS['points']}",
+        "points": f"{sw.points}; substrate: {CPU_DEFAULTS.points}",
         "steps": f"{an.steps}; substrate: per preset, {per_preset}",
         "lr": f"{an.lr:g}; substrate: the cell's {cell.lr:g}",
         "plasticity": f"{an.plasticity:g}; substrate: {RoutingArms.plasticity:g}",
         "search_every": f"{an.interval}; substrate: steps/10",
         "lifecycle_every": "--search-every",
-        "preset": f"substrate: {CPU_DEFAULTS['preset']} on a CPU, {GPU_DEFAULTS['preset']} on CUDA",
+        "preset": f"substrate: {CPU_DEFAULTS.preset} on a CPU, {GPU_DEFAULTS.preset} on CUDA",
         "device": "cuda when visible, else cpu",
         "batch": f"analytic: {an.batch} (the exact expected loss); substrate: the cell's {cell.batch} windows",
     }
@@ -61,7 +61,7 @@ def _sweep_options() -> list:
         own("axis", None, "--axis", help="Second regime axis NAME=LO..HI, e.g. plasticity=0..1."),
         *from_fields(SweepConfig, ("axis_points",)),
         own("seeds", None, "--seeds", help=f"A count (10 -> 0..9) or a comma list (42,137,2026) (default: "
-            f"{len(sw.seeds)}; substrate: {len(CPU_DEFAULTS['seeds'])} on a CPU, {len(GPU_DEFAULTS['seeds'])} on CUDA)."),
+            f"{len(sw.seeds)}; substrate: {len(CPU_DEFAULTS.seeds)} on a CPU, {len(GPU_DEFAULTS.seeds)} on CUDA)."),
         *from_fields(SweepConfig, ("eps", "alpha", "converged_frac")),
         *from_fields(SweepConfig, ("independent_seeds",), decls=switches),
         *from_fields(TuneConfig, ("mode",), rename={"mode": "tune"}),
@@ -101,13 +101,7 @@ def _sweep_options() -> list:
     ]
 
 
-def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_frac, independent_seeds, tune, tune_lr,
-          tune_adapter, tune_beta2, tune_seeds, tune_widen, tune_robust, tune_rule, out, storage, study, search, trials, figures,
-          domains, slots, dim, rank, true_rank, context_dim, context_noise, overlap, steps, lr, plasticity, router, evo,
-          population, mutation_scale, search_every, lifecycle_every, interval, reset_on_accept, oracle, lifecycle, scope, selection, crossover,
-          crossover_t, mutation, finetune_steps, finetune_lr, death, inherit_mode, reallocation, acar, acar_tol, budget,
-          draws, eval_draws, fresh_noise, loss_floor, lora_alpha, beta2, control_beta2, accept_tol, threads, chunk_rows,
-          system, preset, batch, data, cache, device, search_windows, confirm, enqueue_only, overwrite) -> None:
+def sweep(got) -> None:
     """Map the regime boundary: delta = rel_excess_grad - rel_excess_evo per seed (positive = evo better),
     each arm's final excess loss as a share of the start's, with grad's optimiser setting tuned per
     point on seeds disjoint from the evaluation seeds (--tune off: the fixed --lr).
@@ -116,28 +110,28 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_
     from sandbox.errors import BadInput
     from sandbox.options import check_int, parse_axis, parse_range, parse_seeds
 
-    rng = parse_range(alignment, "--alignment", 0.0, 1.0)
-    points_given, seeds_given = points is not None, seeds is not None
+    rng = parse_range(got["alignment"], "--alignment", 0.0, 1.0)
     from sweeps.grid import SweepConfig
 
-    points = SweepConfig.points if points is None else points          # the analytic defaults, declared once
-    seeds = str(len(SweepConfig().seeds)) if seeds is None else seeds
+    points = SweepConfig.points if got["points"] is None else got["points"]   # the analytic defaults, declared once
+    seeds = str(len(SweepConfig().seeds)) if got["seeds"] is None else got["seeds"]
+    out, storage, study, system, overwrite = got["out"], got["storage"], got["study"], got["system"], got["overwrite"]
     check_int(points, "--points", 1, 1001)
-    check_int(axis_points, "--axis-points", 1, 1001)
-    check_int(threads, "--threads", 1, 256)
-    check_int(chunk_rows, "--chunk-rows", 0, 1_000_000)
+    check_int(got["axis_points"], "--axis-points", 1, 1001)
+    check_int(got["threads"], "--threads", 1, 256)
+    check_int(got["chunk_rows"], "--chunk-rows", 0, 1_000_000)
     seed_list = parse_seeds(seeds, "--seeds")
     from sweeps.ledger import check_names
 
-    check_names(study, out=out, storage=storage, cache=cache, data=data)   # empty, too long: one line
+    check_names(study, out=out, storage=storage, cache=got["cache"], data=got["data"])   # empty, too long: one line
     axis_name, axis_rng = None, None
     from sweeps.grid import AXES
 
-    if axis:
-        axis_name, axis_rng = parse_axis(axis, "--axis", {k: (lo, hi) for k, (lo, hi, _) in AXES.items()})
-    if router == "acar":
-        raise BadInput("--router", router, "softmax or sigmoid (sigma routing is an extra arm of the map: add --acar)")
-    for flag, v in (("--eps", eps), ("--alpha", alpha)):
+    if got["axis"]:
+        axis_name, axis_rng = parse_axis(got["axis"], "--axis", {k: (lo, hi) for k, (lo, hi, _) in AXES.items()})
+    if got["router"] == "acar":
+        raise BadInput("--router", got["router"], "softmax or sigmoid (sigma routing is an extra arm of the map: add --acar)")
+    for flag, v in (("--eps", got["eps"]), ("--alpha", got["alpha"])):
         if not math.isfinite(v):
             raise BadInput(flag, v, "a finite number")
 
@@ -146,76 +140,54 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from sandbox.analytic import AnalyticConfig
+    from sandbox.app.maps import check_system_folder, print_summary, substrate_sweep
     from sandbox.results import default_out
     from sandbox.tasks import TaskSpec
     from sweeps.grid import run_sweep
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(got["threads"])
     if system not in ("analytic", "substrate"):
         raise BadInput("--system", system, "analytic or substrate")
     _refuse_ignored(system)
-    if lifecycle_every is not None and not lifecycle:
-        raise BadInput("--lifecycle-every", lifecycle_every, "no --lifecycle-every without --lifecycle (only the "
+    if got["lifecycle_every"] is not None and not got["lifecycle"]:
+        raise BadInput("--lifecycle-every", got["lifecycle_every"], "no --lifecycle-every without --lifecycle (only the "
                        "lifecycle reads it): add --lifecycle or leave it out")
-    search_every, lifecycle_every = _schedules(search_every, lifecycle_every, interval, system)
-    if not lifecycle:
+    search_every, lifecycle_every = _schedules(got["search_every"], got["lifecycle_every"], got["interval"], system)
+    if not got["lifecycle"]:
         lifecycle_every = None          # --interval without --lifecycle: no lifecycle, no schedule of its own
     if system == "substrate":
-        from sandbox.app.commands.sweep_substrate import substrate_sweep
-
-        return substrate_sweep(alignment=(rng.lo, rng.hi), points=points, axis=axis, axis_points=axis_points,
-                               seeds=tuple(seed_list), eps=eps, alpha=alpha, out=out, storage=storage, study=study,
-                               figures=figures, steps=steps, lr=lr, plasticity=plasticity, router=router, evo=evo,
-                               population=population, mutation_scale=mutation_scale, interval=search_every,
-                               reset_on_accept=reset_on_accept, preset=preset, batch=batch, data=data, cache=cache,
-                               device=device, point_count_given=points_given, seeds_given=seeds_given,
-                               print_summary=_print_summary, enqueue_only=enqueue_only, search_windows=search_windows,
-                               confirm=confirm, acar=acar, overwrite=overwrite)
-    defaults = AnalyticConfig()          # options shared with --system substrate default to None: the
-    steps = defaults.steps if steps is None else steps                  # analytic value is declared once,
-    lr = defaults.lr if lr is None else lr                              # in the dataclass
-    plasticity = defaults.plasticity if plasticity is None else plasticity
-    search_every = defaults.interval if search_every is None else search_every
-    batch = defaults.batch if batch is None else batch
-    task = TaskSpec(domains=domains, slots=slots, dim=dim, rank=rank, true_rank=true_rank, alignment=rng.lo,
-                    context_dim=context_dim, context_noise=context_noise, overlap=overlap)
-    solver = AnalyticConfig(steps=steps, lr=lr, plasticity=plasticity, router=router, population=population,
-                           mutation_scale=mutation_scale, interval=search_every, lifecycle_every=lifecycle_every,
-                           lifecycle=lifecycle, scope=scope,
-                           evo=evo, reset_on_accept=reset_on_accept, oracle=oracle,
-                           budget=budget, draws=draws, eval_draws=eval_draws, fresh_noise=fresh_noise,
-                           loss_floor=loss_floor, lora_alpha=lora_alpha, selection=selection, crossover=crossover,
-                           crossover_t=crossover_t, mutation=mutation, finetune_steps=finetune_steps,
-                           finetune_lr=finetune_lr, death=death, inherit_mode=inherit_mode,
-                           reallocation=reallocation, acar=acar, acar_tol=acar_tol, beta2=beta2,
-                           control_beta2=control_beta2, accept_tol=accept_tol, batch=batch)
+        return substrate_sweep(got, (rng.lo, rng.hi), tuple(seed_list) if got["seeds"] is not None else None,
+                               search_every)
+    # options shared with --system substrate default to None: left out, the analytic value is the
+    # dataclass's own default, declared once
+    task = got.build(TaskSpec, alignment=rng.lo)
+    solver = got.build(AnalyticConfig, lifecycle_every=lifecycle_every,
+                       **({} if search_every is None else {"interval": search_every}))
     from sandbox.options import parse_numbers
     from sandbox.tuning import TuneConfig
 
-    tcfg = TuneConfig(mode=tune, lrs=parse_numbers(tune_lr, "--tune-lr"), adapter=parse_numbers(tune_adapter, "--tune-adapter"),
-                      beta2=parse_numbers(tune_beta2, "--tune-beta2"), seeds=_tune_seeds(tune_seeds),
-                      widen=tune_widen, robust=tune_robust, rule=tune_rule)
-    cfg = SweepConfig(task=task, solver=solver, alignment=(rng.lo, rng.hi), points=points, axis=axis_name,
-                      axis_range=(axis_rng.lo, axis_rng.hi) if axis_rng else None, axis_points=axis_points,
-                      seeds=tuple(seed_list), eps=eps, alpha=alpha, search=search, trials=trials, tune=tcfg,
-                      independent_seeds=independent_seeds, converged_frac=converged_frac)
+    tcfg = got.build(TuneConfig, lrs=parse_numbers(got["tune_lr"], "--tune-lr"),
+                     adapter=parse_numbers(got["tune_adapter"], "--tune-adapter"),
+                     beta2=parse_numbers(got["tune_beta2"], "--tune-beta2"), seeds=_tune_seeds(got["tune_seeds"]))
+    cfg = got.build(SweepConfig, task=task, solver=solver, tune=tcfg,
+                    alignment=(rng.lo, rng.hi), points=points, axis=axis_name,
+                    axis_range=(axis_rng.lo, axis_rng.hi) if axis_rng else None, seeds=tuple(seed_list))
     from pathlib import Path
 
     from substrate.defaults import resolve_device
 
-    dev = resolve_device(device)       # --device cuda without a GPU: one line, exit 2
+    dev = resolve_device(got["device"])       # --device cuda without a GPU: one line, exit 2
     run_dir = Path(out) if out else default_out("sweep", cfg.folder_key())
-    from sandbox.app.commands.sweep_substrate import check_system_folder
-
     check_system_folder(run_dir, "analytic")
     console = Console(stderr=False)
     if not console.is_terminal:
         console = Console(width=200)
-    from sandbox.app.commands.worker import check_collect, define
+    from sandbox.app.plan import check_collect, define
     from sweeps.grid import DEFAULT_STUDY
     from sweeps.ledger import is_database
     from sweeps.systems import sweep_jobs
 
+    enqueue_only = got["enqueue_only"]
     if enqueue_only or is_database(storage):
         jobs = sweep_jobs(cfg) if enqueue_only or cfg.search == "grid" else []
         if enqueue_only:
@@ -240,10 +212,10 @@ def sweep(*, alignment, points, axis, axis_points, seeds, eps, alpha, converged_
             bar.update(task_id, completed=done, total=total,
                        description=", ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
 
-        res = run_sweep(cfg, run_dir, storage=storage, study=study, progress=progress, figures=figures,
-                        chunk_rows=chunk_rows, device=dev, overwrite=overwrite,
+        res = run_sweep(cfg, run_dir, storage=storage, study=study, progress=progress, figures=got["figures"],
+                        chunk_rows=got["chunk_rows"], device=dev, overwrite=overwrite,
                         argv=recorded_argv())
-    _print_summary(console, res.summary, cfg.axes)
+    print_summary(console, res.summary, cfg.axes)
     console.print(f"{res.computed} seed-points computed, {res.reused} reused from the ledger, "
                   f"{time.perf_counter() - t0:.1f} s; folder {run_dir}", highlight=False)
     for f in res.figures:
@@ -322,44 +294,6 @@ def _tune_seeds(text: str) -> tuple[int, ...]:
 
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _print_summary(console, summary, axes: list[str]) -> None:
-    import pandas as pd
-    from rich.table import Table
-
-    colours = {"beats": "green", "degrades": "red", "ties": "cyan", "inconclusive": "yellow", "inert": "bright_black",
-               "no-room": "magenta", "beats<eps": "green", "degrades<eps": "red"}
-    acar = "delta_acar" in summary.columns          # the acar arm (--acar): its delta, label and mean slots
-    rel = "value" in summary.columns and (summary["value"] == "rel_excess").all()
-    unit = ("delta = rel_excess_grad - rel_excess_evo, shares of the start's excess loss; positive = evolution "
-            "better; restart = optimiser restart only; beta2 = grad with Adam beta2 0.9; room = ceiling (grad vs "
-            "the joint optimum); grad lr = grad's tuned router / adapter lr") if rel else \
-        "delta = log loss_grad - log loss_evo; positive = evolution better; restart = optimiser restart only; room = oracle ceiling"
-    t = Table(title="regimes (" + unit
-              + ("; acar = log loss_grad - log loss_acar, acar slots = mean slots gated" if acar else "") + ")",
-              title_justify="left")
-    for c in ["point", *axes, "n", "delta", "95% CI", "p (Holm)", "regime", "restart", "beta2", "room", "grad lr",
-              "accepted", "seeds needed", *(["acar", "acar regime", "acar slots"] if acar else [])]:
-        t.add_column(c, justify="left" if c.endswith("regime") else "right")
-
-    def num(v, fmt="+.4f") -> str:
-        return "" if v is None or pd.isna(v) else format(v, fmt)
-
-    for r in summary.to_dict("records"):
-        need = r.get("seeds_needed")
-        t.add_row(str(r["point"]), *(_fmt(r[a]) for a in axes), str(r["n"]), num(r["mean_delta"]),
-                  f"[{num(r['ci_low'])}, {num(r['ci_high'])}]", num(r["p_holm"], ".3g"),
-                  f"[{colours.get(r['regime'], 'white')}]{r['regime']}[/]",
-                  num(r.get("delta_restart")), num(r.get("delta_beta2")),
-                  num(r.get("room_joint") if pd.notna(r.get("room_joint", float("nan"))) else r.get("room")),
-                  "" if pd.isna(r.get("grad_lr", float("nan"))) else
-                  f"{r['grad_lr']:g} / {r['grad_adapter_lr']:.3g}" + (" (edge)" if r.get("tune_edge") else ""),
-                  num(r.get("accepted"), ".2f"),
-                  "" if need is None or pd.isna(need) else str(need),
-                  *([num(r["delta_acar"]), f"[{colours.get(r['acar_regime'], 'white')}]{r['acar_regime']}[/]",
-                     num(r["acar_mean_slots"], ".2f")] if acar else []))
-    console.print(t)
 
 
 def register(app: typer.Typer) -> None:
