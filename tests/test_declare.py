@@ -143,3 +143,96 @@ def test_bad_analytic_settings_name_flags_of_sweep():
         knobs = [f.name for f in fields(cls)]
         raised = _bad_values_name_real_flags(lambda k, v: cls(**{k: v}), knobs, flags)
         assert raised > len(knobs)
+
+
+#: Commands whose options are all their own (a worker's queue settings, a folder to report or export):
+#: no config field behind them, so they are plain typer functions. Every other command declares its
+#: options (`sandbox.app.declare`).
+UNDECLARED = {"cells", "export", "report", "worker"}
+
+
+def test_every_option_maps_to_one_field_or_is_the_commands_own():
+    """Every visible option of every command is either built from exactly one config field or declared
+    as the command's own, and no two options of one command fill the same field (so a flat name is
+    never ambiguous within a command)."""
+    import dataclasses
+
+    _, commands = _commands()
+    assert set(commands) - UNDECLARED == {"bench", "factorial", "full", "fusion", "sweep"}
+    mapped = 0
+    for name, command in sorted(commands.items()):
+        visible = {p.name for p in command.params if not getattr(p, "hidden", False)}
+        if name in UNDECLARED:
+            assert not hasattr(command.callback, "__declared__"), name
+            continue
+        opts = {o.name: o for o in command.callback.__declared__}
+        assert visible <= set(opts), f"{name}: options not declared: {visible - set(opts)}"
+        assert {p.name for p in command.params} == set(opts), name
+        sources = [o.source for o in opts.values() if o.source is not None]
+        twice = {s for s in sources if sources.count(s) > 1}
+        assert not twice, f"{name}: two options fill one field: {twice}"
+        for o in opts.values():
+            if o.source is not None:
+                cls, field = o.source
+                assert field in {f.name for f in dataclasses.fields(cls)}, f"{name} --{o.name}: {cls.__name__}.{field}"
+                mapped += 1
+    assert mapped > 150        # the walk sees the options (full and factorial alone carry every cell knob)
+
+
+def _received(command: str, **changed):
+    from sandbox.app.declare import Received
+
+    _, commands = _commands()
+    opts = commands[command].callback.__declared__
+    values = {o.name: (None if o.default is ... else o.default) for o in opts}
+    assert set(changed) <= set(values), set(changed) - set(values)
+    return Received(opts, {**values, **changed})
+
+
+def test_received_options_build_the_configs_they_came_from():
+    """`Received.build` is the inverse of `from_fields`: a command's defaults build the class defaults
+    back (nested configs filled, auto options left to the config), and a changed option lands in the
+    field it was built from, under whatever keyword the command gave it."""
+    from sandbox.analytic import AnalyticConfig
+    from sandbox.tasks import TaskSpec
+    from sandbox.tuning import TuneConfig
+    from substrate.fusion import FusionConfig
+    from sweeps.fusion import FusionSweepConfig
+    from sweeps.grid import SweepConfig
+
+    assert _received("sweep").build(SweepConfig) == SweepConfig()
+    got = _received("sweep", context_noise=0.25, search_every=7, steps=33, tune="off", converged_frac=0.5)
+    cfg = got.build(SweepConfig)
+    assert (cfg.task.context_noise, cfg.solver.interval, cfg.solver.steps, cfg.tune.mode, cfg.converged_frac) == \
+        (0.25, 7, 33, "off", 0.5)
+    assert got.fields(AnalyticConfig)["interval"] == 7 and "batch" not in got.fields(AnalyticConfig)   # auto, None
+    assert got.build(SweepConfig, task=TaskSpec(dim=8)).task == TaskSpec(dim=8)     # a given nested config wins
+    assert got.build(TuneConfig, lrs=(0.1,)).lrs == (0.1,) and got["tune"] == "off"
+    assert _received("fusion").build(FusionSweepConfig, base={"device": "cpu"}) == \
+        FusionSweepConfig(base=FusionConfig(device="cpu"))
+
+
+def test_received_cell_options_replace_the_cells_own_router_and_lifecycle():
+    from sandbox.app.cellopts import cell_template
+    from sandbox.lifecycle import LifecycleConfig
+    from sandbox.router import RouterConfig
+    from substrate.cell import CELL_LIFECYCLE, CELL_ROUTER, CellConfig
+
+    got = _received("full")
+    assert got.build(RouterConfig, on=CELL_ROUTER) == CELL_ROUTER
+    assert got.build(LifecycleConfig, on=CELL_LIFECYCLE) == CELL_LIFECYCLE        # --lifecycle-every: auto, None
+    got = _received("full", cell="R+L", device="cpu", preset="tiny", steps=40, router_init="zero", n_die=2,
+                    lifecycle_every=4, lr=1e-3)
+    cfg = cell_template("R+L", 7, got, print)
+    assert cfg == CellConfig.of(cell="R+L", seed=7, preset="tiny", steps=40, device="cpu", bases=3, router_init="zero",
+                                n_die=2, interval=4, min_age=8, eval_every=8, checkpoint_every=8, lr=1e-3)
+
+
+def test_received_refuses_options_it_was_not_declared_with():
+    from sandbox.app.declare import Received, own
+
+    opts = [own("out", None, "--out", help="x")]
+    with pytest.raises(TypeError, match="not received: \\['out'\\]"):
+        Received(opts, {})
+    with pytest.raises(TypeError, match="not declared: \\['extra'\\]"):
+        Received(opts, {"out": None, "extra": 1})

@@ -144,3 +144,33 @@ def test_the_worker_queue_imports_no_system(graph):
     # not vacuous: the registry does reach the systems
     systems = _reach(graph, "sweeps.systems")
     assert {"sweeps.grid", "sweeps.analytic_map", "sweeps.substrate_map", "sweeps.factorial", "substrate.cell"} <= systems
+
+
+COMMANDS = "sandbox.app.commands."
+
+
+def _command_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Command modules importing another command module (the package `sandbox.app.commands` itself
+    is not a command)."""
+    return sorted(f"{a} imports {b}" for a, deps in graph.items() if a.startswith(COMMANDS)
+                  for b in deps if b.startswith(COMMANDS) and b != a)
+
+
+def test_no_command_imports_another(graph):
+    """What two commands share lives in an app module that is not a command (`sandbox.app.plan`,
+    `cellopts`, `maps`), so a command can be read, changed or removed on its own."""
+    assert {COMMANDS + "sweep", COMMANDS + "full", COMMANDS + "factorial", COMMANDS + "worker"} <= set(graph)
+    assert _command_imports(graph) == []
+
+
+def test_the_command_rule_sees_a_violation(tmp_path):
+    """Not vacuous: both import forms main had (factorial took full's cell options at the top, sweep
+    imported the worker's define step inside its body) are caught; an app module is not a command."""
+    known = set(_modules())
+    src = tmp_path / "factorial.py"
+    src.write_text("from sandbox.app.commands.full import cell_options\n\n\n"
+                   "def f():\n    from sandbox.app.commands import worker as w\n    from sandbox.app import plan\n")
+    fake = {COMMANDS + "factorial": _imports(COMMANDS + "factorial", src, known), COMMANDS + "full": set()}
+    assert "sandbox.app.plan" in fake[COMMANDS + "factorial"]
+    assert _command_imports(fake) == [f"{COMMANDS}factorial imports {COMMANDS}full",
+                                      f"{COMMANDS}factorial imports {COMMANDS}worker"]
