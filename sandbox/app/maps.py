@@ -14,16 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sandbox.app.replay import recorded_argv
+from substrate.defaults import GPU_PRESET, PRESET_STEPS
 
 
 @dataclass(frozen=True)
 class MapDefaults:
-    """The substrate map's defaults on one kind of machine, used where its option is not given."""
+    """The substrate map's defaults on one kind of machine, used where its option is not given. The
+    steps are the preset's own (`substrate.defaults.PRESET_STEPS`, declared there once)."""
 
     preset: str
     """Model preset (`substrate.model.PRESETS`)."""
-    steps: int
-    """Adaptation steps of each arm with that preset (another preset: its own `PRESET_STEPS`)."""
     points: int
     """Alignment points."""
     seeds: tuple[int, ...]
@@ -31,19 +31,17 @@ class MapDefaults:
 
     @classmethod
     def for_device(cls, device: str) -> "MapDefaults":
-        """The defaults where the map runs: `GPU` on cuda, `CPU` elsewhere."""
+        """The defaults where the map runs: `GPU_DEFAULTS` on cuda, `CPU_DEFAULTS` elsewhere."""
         return GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS
 
-    def steps_for(self, preset: str) -> int:
-        """Steps for `preset`: this machine's default steps for its own preset, else the preset's
-        (`substrate.defaults.PRESET_STEPS`, 100 for a preset it does not list)."""
-        from substrate.defaults import PRESET_STEPS
-
-        return self.steps if preset == self.preset else PRESET_STEPS.get(preset, 100)
+    @staticmethod
+    def steps_for(preset: str) -> int:
+        """Adaptation steps of each arm on `preset`: the preset's own, 100 for one it does not list."""
+        return PRESET_STEPS.get(preset, 100)
 
 
-CPU_DEFAULTS = MapDefaults(preset="tiny", steps=100, points=5, seeds=(0, 1, 2, 3, 4))
-GPU_DEFAULTS = MapDefaults(preset="widened-1536", steps=25_000, points=5, seeds=(0, 1, 2))
+CPU_DEFAULTS = MapDefaults(preset="tiny", points=5, seeds=(0, 1, 2, 3, 4))
+GPU_DEFAULTS = MapDefaults(preset=GPU_PRESET, points=5, seeds=(0, 1, 2))
 
 
 def check_system_folder(run_dir, system: str) -> None:
@@ -134,7 +132,7 @@ def substrate_sweep(got, alignment: tuple[float, float], seeds: tuple[int, ...] 
     dev = resolve_device(got["device"])
     base = MapDefaults.for_device(dev)
     preset = got["preset"] or base.preset
-    steps = got["steps"] if got["steps"] is not None else base.steps_for(preset)
+    steps = got["steps"] if got["steps"] is not None else MapDefaults.steps_for(preset)
     points = got["points"] if got["points"] is not None else base.points
     seeds = seeds if seeds is not None else base.seeds
     if router == "acar":
