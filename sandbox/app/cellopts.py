@@ -85,7 +85,8 @@ def apply_threads(threads: int | None) -> None:
         torch.set_num_threads(1)
 
 
-def cell_template(cell: str, seed: int, got: "Received", say, yes: bool = False, one_base: bool = False) -> "CellConfig":
+def cell_template(cell: str, seed: int, got: "Received", say, yes: bool = False,
+                  one_base: bool = False) -> "CellConfig":
     """A validated `CellConfig` from the cell options the command received (`got`: `cell_options`
     among its options), resolving device and defaults (``bases``: `substrate.defaults.PRESET_BASES`,
     or 1 with `one_base`). widened-1536 on a CPU is refused unless `yes` (`check_affordable`)."""
@@ -99,7 +100,8 @@ def cell_template(cell: str, seed: int, got: "Received", say, yes: bool = False,
     legacy = got["router_legacy"]
     if legacy is not None:      # the old flag name of --router-kind, kept so scripts keep working
         if top.get("router_kind", "auto") not in ("auto", legacy):
-            raise BadInput("--router", legacy, f"the same value as --router-kind ({top['router_kind']}), or only one of them")
+            raise BadInput("--router", legacy,
+                           f"the same value as --router-kind ({top['router_kind']}), or only one of them")
         top["router_kind"] = legacy
         say("note: --router is the old name of --router-kind on full and factorial (auto|acar); use --router-kind")
     every, every_flag = got["lifecycle_every"], "--lifecycle-every"

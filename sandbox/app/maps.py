@@ -108,7 +108,8 @@ def print_summary(console, summary, axes: list[str]) -> None:
     console.print(t)
 
 
-def substrate_sweep(got, alignment: tuple[float, float], seeds: tuple[int, ...] | None, search_every: int | None) -> None:
+def substrate_sweep(got, alignment: tuple[float, float], seeds: tuple[int, ...] | None,
+                    search_every: int | None) -> None:
     """``sandbox sweep --system substrate``: the map of `sweeps.substrate_map` from the options `got`
     (`sandbox.app.declare.Received`), with `alignment` and `seeds` already parsed (`seeds` None: not
     given) and `search_every` resolved from ``--search-every`` / ``--interval``. The options the
@@ -128,6 +129,7 @@ def substrate_sweep(got, alignment: tuple[float, float], seeds: tuple[int, ...] 
 
     out, storage, study, cache, overwrite = got["out"], got["storage"], got["study"], got["cache"], got["overwrite"]
     router, acar, confirm, evo = got["router"], got["acar"], got["confirm"], got["evo"]
+    enqueue_only = got["enqueue_only"]
     console = Console() if Console().is_terminal else Console(width=150)
     dev = resolve_device(got["device"])
     base = MapDefaults.for_device(dev)
