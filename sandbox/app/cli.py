@@ -1,8 +1,9 @@
 """The `sandbox` command line: a thin typer app.
 
-Each command lives in `sandbox/app/commands/<name>.py` as a plain function with typed options; it
-parses, builds a config, calls library code (imported lazily, so `sandbox --help` stays fast) and
-prints a `rich` table. User mistakes raise `BadInput` (or click's usage errors) and come out here as
+Each command lives in `sandbox/app/commands/<name>.py` (no command imports another) as a plain
+function with typed options, or, where its options come from config fields, one that receives them
+grouped by config (`sandbox.app.declare`); it parses, builds a config, calls library code (imported
+lazily, so `sandbox --help` stays fast) and prints a `rich` table. User mistakes raise `BadInput` (or click's usage errors) and come out here as
 one line on stderr with exit code 2.
 """
 
