@@ -24,7 +24,7 @@ of an object with the `RouterKind` protocol; the built-ins are registered the sa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from sandbox import plugins
 from sandbox.adapters import randn
 from sandbox.errors import check, require
+from sandbox.identity import RUNS, later, rules
 
 KINDS = ("softmax", "sigmoid")
 INITS = ("zero", "mass")
@@ -89,9 +90,11 @@ class RouterConfig:
     schedule: str = "cosine"
     init_std: float = 0.1
     phi_init: float = 0.0
-    init: str = "zero"
+    init: str = field(default="zero", metadata=rules(later("a cell's --router-init: zero, the start of every "
+                                                            "run before the option", views=RUNS)))
     init_mass: float = 1.0
-    tau_scales: str = "logit"
+    tau_scales: str = field(default="logit", metadata=rules(later("a cell's --tau-scales: logit, the anneal of "
+                                                                  "every run before the option", views=RUNS)))
 
     def __post_init__(self):
         kind_of(self)   # a built-in name, or a plugin that keeps the protocol (else one line naming --router)

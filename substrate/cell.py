@@ -38,7 +38,7 @@ from sandbox.results import RunDir, atomic_save_torch, claim_run_dir, load_torch
 from substrate.adapt import (FINAL, RunState, Substrate, _BATCH, adaptation, _FIT, _INIT, _LIFE, _PERTURB,  # noqa: F401
                              acar_held_in_score, build_state, checkpoint, final_state, gates_for, perturb_,
                              prepare_substrate, restore, step_generator, train_batch, train_step)
-from substrate.config import (CELL_LIFECYCLE, CELL_ROUTER, DEVICES, LATER_DEFAULTS, NESTED,  # noqa: F401
+from substrate.config import (CELL_LIFECYCLE, CELL_ROUTER, DEVICES, NESTED,  # noqa: F401
                               ROUTER_KINDS, SUBSTRATE, TRAIN_DATA, CellConfig, data_check, revisit_warning)
 from substrate.fitness import (FOLD_ROWS, acar_usage, evaluate_state, finetune_loss, fitness_event,  # noqa: F401
                                fold_rows, folded_nll, gate_record, held_out_gates, loo_losses)

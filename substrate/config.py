@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from sandbox.factors import Cell, parse_cell
 from sandbox.errors import require
+from sandbox.identity import MAPS, RUNS, flat, identity, later, never, resolved, rules, same_as
 from sandbox.lifecycle import LifecycleConfig
 from sandbox.router import RouterConfig, kind_of
 from substrate.defaults import MAX_EPOCHS, ROUTER_LR_RATIO
@@ -59,6 +60,10 @@ NESTED: dict[str, tuple[str, str]] = {
     **{n: ("lifecycle", n) for n in ("finetune_steps", "finetune_lr")},
 }
 
+#: The views in which a cell enters under its flat names (`NESTED`): its run, a factorial's template and
+#: the map's ledger point; the map's folder holds it nested, as the map first wrote it.
+_FLAT_VIEWS = RUNS + ("map-point",)
+
 
 @dataclass(frozen=True)
 class CellConfig:
@@ -67,15 +72,20 @@ class CellConfig:
     nested knobs are flags under their flat names (`NESTED`: ``router.init`` is ``--router-init``).
     Build one from flat names with `CellConfig.of`."""
 
-    cell: str = "B3"
+    cell: str = field(default="B3", metadata=rules(never("a factorial's cells share one study", views="template")))
     """Factors switched on: B3, R, E, L, R+E, R+L, E+L, R+E+L; order and case free."""
     preset: str = "small"
     """Model preset: tiny, small or widened-1536."""
     steps: int = 200
     """Adaptation steps (Adam steps on adapters and router)."""
-    seed: int = 42
+    seed: int = field(default=42, metadata=rules(never("a factorial's seeds share one study; a map point holds "
+                                                       "every seed", views=("template", "map-point"))))
     """Seed of the starting bank, the slot assignment, the data order and the lifecycle draws."""
-    bases: int = 1
+    bases: int = field(default=1, metadata=rules(
+        resolved("base_seed", "a run is the same whatever the number of bases its seed was spread over: "
+                 "it enters as the base it adapts", name="base_seed", views="run"),
+        later("base 0: the one base of earlier runs", value=0, views="run"),
+        later("one base: the factorials and maps written before --bases", value=1, views=("template",) + MAPS)))
     """N: pretrained bases the seeds are spread over; seed s adapts base s mod N, pretrained (with its
     specialists) from seed s mod N, so replicates resample the base (1: every seed adapts base 0)."""
     alignment: float = 0.5
@@ -84,7 +94,8 @@ class CellConfig:
     """Training windows per step."""
     lr: float = 3e-3
     """Peak Adam learning rate of the adapters (warm-up then cosine decay to 10%)."""
-    router_lr: float | None = None
+    router_lr: float | None = field(default=None, metadata=rules(same_as(
+        "lr", "a router learning rate equal to lr is the single learning rate of earlier runs", views=RUNS)))
     """Peak Adam learning rate of the router, in its own parameter group on the adapters' warm-up and
     decay; None is `substrate.defaults.ROUTER_LR_RATIO` x --lr, and --lr itself is the single learning
     rate of earlier runs."""
@@ -92,14 +103,17 @@ class CellConfig:
     """Steps between held-out evaluations (also at step 0 and at the end)."""
     checkpoint_every: int = 50
     """Steps between checkpoints (0 = only when a run stops early)."""
-    router: RouterConfig = CELL_ROUTER
+    router: RouterConfig = field(default=CELL_ROUTER, metadata=rules(flat(
+        {k: f for k, (g, f) in NESTED.items() if g == "router"}, "the router's flags", views=_FLAT_VIEWS)))
     """The router's knobs (`CELL_ROUTER`)."""
-    lifecycle: LifecycleConfig = CELL_LIFECYCLE
+    lifecycle: LifecycleConfig = field(default=CELL_LIFECYCLE, metadata=rules(flat(
+        {k: f for k, (g, f) in NESTED.items() if g == "lifecycle"}, "the lifecycle's flags", views=_FLAT_VIEWS)))
     """The lifecycle's knobs (`CELL_LIFECYCLE`); fitness is measured every ``lifecycle.interval`` steps
     in every cell."""
     fit_windows: int = 4
     """Selection-batch windows per domain for leave-one-out fitness."""
-    router_kind: str = "auto"
+    router_kind: str = field(default="auto", metadata=rules(later("added after the first folders: auto, the cell's own "
+                                                                  "router, as those runs had", views=RUNS)))
     """Router kind: auto (the cell's: softmax for B3, sigmoid with R), acar (sigma routing,
     `substrate.acar`: top-3 slots by held-in loss, gated 1/2/3 equally by the probes' agreement;
     nothing of the router is trained), or a router plugin (an entry point name in molora.routers,
@@ -124,12 +138,15 @@ class CellConfig:
     """Held-out windows per domain per evaluation (default all)."""
     data: str | None = None
     """A real text folder (one subfolder of .txt files per domain) instead of synthetic domains."""
-    train_data: str | None = None
+    train_data: str | None = field(default=None, metadata=rules(
+        resolved("train_data_value", "a run's data as it reads it", views=RUNS),
+        later("added after the first folders: the fixed windows every earlier run read", value="windows", views=RUNS),
+        later("read by a cell run only, never the map's arms", value=None, views=MAPS)))
     """Training windows of adaptation and selection: windows (the corpus's fixed training windows,
     read again once the run outlasts them) or fresh (new windows from the synthetic domains' generator
     at every draw, never read twice; not with --data); None: fresh when the run would read each fixed
     window more than once (`CellConfig.expected_epochs`), else windows (always windows with --data)."""
-    device: str = "cpu"
+    device: str = field(default="cpu", metadata=rules(never("where a run computes, not what", views=RUNS + ("map-point",))))
     """cpu or cuda (fp32 on CPU, bf16 autocast on CUDA)."""
 
     def __post_init__(self) -> None:
@@ -258,34 +275,13 @@ class CellConfig:
         return "fresh" if self.data is None and self.expected_epochs() > 1 else "windows"
 
     def identity(self) -> dict:
-        """What must match for a checkpoint to be resumed (every flat setting except the device).
+        """What must match for a checkpoint to be resumed: every flat setting after its field's rules
+        (`sandbox.identity`; the nested ones' on `RouterConfig` and `LifecycleConfig`): not the device;
+        the base as ``base_seed`` (``seed mod bases``, left out for base 0), not ``bases``;
+        ``train_data`` resolved; the options added since the first folders left out at the value
+        those runs had; ``router_lr`` left out when it equals ``lr``."""
+        return identity(self)
 
-        Options added after folders and ledgers were first written are left out at the value those
-        runs had (`LATER_DEFAULTS`), so old folders still resume. The base enters as ``base_seed``
-        (``seed mod bases``, left out for base 0), not as ``bases``: the run is the same whatever the
-        number of bases its seed was spread over; ``train_data`` enters resolved."""
-        d = self.flat()
-        d.pop("device")
-        d.pop("bases")
-        d["train_data"] = self.train_data_value
-        if self.base_seed:
-            d["base_seed"] = self.base_seed
-        for k, v in LATER_DEFAULTS.items():
-            if d[k] == v:
-                d.pop(k)
-        if d["router_lr"] is not None and d["router_lr"] == d["lr"]:   # one learning rate, as earlier runs
-            d.pop("router_lr")
-        return d
-
-
-#: Options added after the first folders and ledgers were written, at the value those runs had:
-#: left out of `CellConfig.identity` at that value. ``router_kind`` auto (the cell's own router),
-#: ``router_init`` zero (the zero-bias start of every earlier run), the EvoMerge operators off and
-#: ``tau_scales`` logit (the anneal on the whole logit) and ``train_data`` windows (the fixed training
-#: windows). ``router_lr`` is left out when it equals ``lr``.
-LATER_DEFAULTS = dict(router_kind="auto", router_init="zero", selection="tournament", crossover="none",
-                      crossover_t=None, mutation="svd", finetune_steps=1, finetune_lr=0.01, tau_scales="logit",
-                      train_data="windows", death="least-fit", reallocation="worst-domain")
 
 #: The values of `CellConfig.train_data` (None resolves, `CellConfig.train_data_value`).
 TRAIN_DATA = (None, "windows", "fresh")

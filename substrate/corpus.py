@@ -53,7 +53,8 @@ import numpy as np
 import torch
 
 from sandbox.errors import BadInput, check, require
-from sandbox.results import atomic_write_bytes, atomic_write_json, config_hash, damaged
+from sandbox.identity import identity, key
+from sandbox.results import atomic_write_bytes, atomic_write_json, damaged
 from sandbox.streams import Purpose, generator
 from sandbox.tasks import TaskSpec, make_task
 
@@ -348,8 +349,8 @@ def synthetic_corpus(cfg: CorpusConfig, cache_dir: str | Path | None = None) -> 
     atomically. Same config -> bit-identical corpus, with or without the cache.
     """
     lang = build_language(cfg)
-    key = config_hash({"kind": "synthetic", **asdict(cfg)})
-    path = Path(cache_dir) / f"corpus-{key}" if cache_dir is not None else None
+    name = key({"kind": "synthetic", **identity(cfg)})
+    path = Path(cache_dir) / f"corpus-{name}" if cache_dir is not None else None
     splits: dict[str, torch.Tensor] = {}
     if path is not None and all((path / f"{s}.npy").exists() for s in SPLITS):
         for s in SPLITS:
@@ -374,7 +375,7 @@ def synthetic_corpus(cfg: CorpusConfig, cache_dir: str | Path | None = None) -> 
                                                    "floors": lang.entropy_rate.tolist()})
     names = tuple(f"domain{m}" for m in range(cfg.domains))
     return Corpus(names=names, train=list(splits["train"].unbind(0)), heldout=list(splits["heldout"].unbind(0)),
-                  floors=lang.entropy_rate.clone(), vocab=cfg.vocab, seq_len=cfg.seq_len, key=key,
+                  floors=lang.entropy_rate.clone(), vocab=cfg.vocab, seq_len=cfg.seq_len, key=name,
                   config={"kind": "synthetic", **asdict(cfg)}, language=lang)
 
 
@@ -409,8 +410,8 @@ def load_text_domains(data_dir: str | Path, vocab: int, seq_len: int, heldout_fr
     fingerprint = {n: [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in fs] for n, fs in files.items()}
     settings = {"kind": "text", "root": str(root.resolve()), "vocab": vocab, "seq_len": seq_len,
                 "heldout_frac": heldout_frac}
-    key = config_hash({**settings, "files": fingerprint})
-    path = Path(cache_dir) / f"text-{key}" if cache_dir is not None else None
+    name = key({**settings, "files": fingerprint})
+    path = Path(cache_dir) / f"text-{name}" if cache_dir is not None else None
     docs = {n: [f.read_text(encoding="utf-8", errors="replace") for f in fs] for n, fs in files.items()}
     from tokenizers import Tokenizer
 
@@ -440,4 +441,4 @@ def load_text_domains(data_dir: str | Path, vocab: int, seq_len: int, heldout_fr
                                                "train_windows": [int(w.shape[0]) for w in train],
                                                "heldout_windows": [int(w.shape[0]) for w in held]})
     return Corpus(names=names, train=train, heldout=held, floors=torch.full((len(names),), float("nan"), dtype=torch.float64),
-                  vocab=vocab, seq_len=seq_len, key=key, config=settings, tokenizer=tok)
+                  vocab=vocab, seq_len=seq_len, key=name, config=settings, tokenizer=tok)

@@ -53,7 +53,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +62,8 @@ import torch.nn.functional as Fn
 from torch import Tensor
 
 from sandbox.errors import require
-from sandbox.results import atomic_save_torch, config_hash, load_torch
+from sandbox.identity import identity, key, later, never, rules
+from sandbox.results import atomic_save_torch, load_torch
 from sandbox.router import Router
 from sandbox.streams import Purpose, generator
 from substrate.adapt import Substrate
@@ -95,15 +96,16 @@ class FusionConfig:
     """Peak Adam learning rate of the router."""
     batch: int = 8
     """Training windows per router step."""
-    seed: int = 0
+    seed: int = field(default=0, metadata=rules(never("a point holds every seed")))
     """Seed of the specialists, the router's start and its batch order."""
     domains: int = 4
     """M: synthetic domains (= slots of the fused bank)."""
     eval_windows: int | None = None
     """Held-out windows per domain (default all)."""
-    device: str = "cpu"
+    device: str = field(default="cpu", metadata=rules(never("where a trial computes, not what")))
     """cpu or cuda."""
-    specialists: str = "lora"
+    specialists: str = field(default="lora", metadata=rules(later("added after the first fusion ledgers: LoRA "
+                                                                  "slots, the specialists those trials had")))
     """lora (LoRA slots of one bank) or full (full fine-tuned copies of the base; tiny and small only)."""
 
     def __post_init__(self) -> None:
@@ -134,13 +136,9 @@ class FusionConfig:
                           device=self.device, tau_scales="logit")
 
     def identity(self) -> dict:
-        """Everything that determines a trial's numbers except the seed and the device."""
-        d = asdict(self)
-        d.pop("seed")
-        d.pop("device")
-        if d["specialists"] == "lora":          # the default leaves the identity (and ledger keys) as before
-            d.pop("specialists")
-        return d
+        """Everything that determines a trial's numbers except the seed and the device (the fields'
+        rules, `sandbox.identity`)."""
+        return identity(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,9 +357,9 @@ def train_full_copies(base: GPT, corpus, steps: int, lr: float, seed: int = 0, b
     M = corpus.domains
     per = max(1, math.ceil((batch or 8 * M) / M))
     tcfg = lr_schedule(steps, "train", lr=lr, batch=per * M, weight_decay=0.0, grad_clip=0.0, seed=seed)
-    key = config_hash({"kind": "full", "base": weights_fingerprint(base), "cfg": asdict(base.cfg),
-                       "corpus": corpus.key, "train": asdict(tcfg)}, n=16)
-    path = Path(cache_dir) / f"fullcopies-{key}.pt" if cache_dir is not None else None
+    name = key({"kind": "full", "base": weights_fingerprint(base), "cfg": base.cfg, "corpus": corpus.key,
+                "train": tcfg}, 16)
+    path = Path(cache_dir) / f"fullcopies-{name}.pt" if cache_dir is not None else None
     if path is not None and path.exists():
         return load_torch(path, "--cache", "cached full-copy specialists", "delete it and rerun to train them again",
                           map_location="cpu", weights_only=True)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as Fn
@@ -31,11 +31,16 @@ from torch import Tensor, nn
 
 from sandbox.adapters import AdapterBank, BankConfig
 from sandbox.errors import check, require
+from sandbox.identity import identity, never, rules
 from sandbox.streams import Purpose, generator
 
 TARGETS = ("attn+mlp", "attn", "mlp")
 FEATURE_KINDS = ("embed", "hidden")
 POOLINGS = ("causal", "sequence")
+
+
+#: The identity rule of the adapters' fields (`sandbox.identity`): a pretrained base does not depend on them.
+_ADAPTERS = never("the adapters' shape, not the base's: one pretrained base serves every bank", views="base")
 
 
 @dataclass(frozen=True)
@@ -54,13 +59,13 @@ class ModelConfig:
     """Hidden width of the MLP."""
     seq_len: int = 64
     """T: maximum context (learned positions)."""
-    slots: int = 16
+    slots: int = field(default=16, metadata=rules(_ADAPTERS))
     """K: adapter slots per adapted projection."""
-    rank: int = 8
+    rank: int = field(default=8, metadata=rules(_ADAPTERS))
     """r: rank of each adapter."""
-    lora_alpha: float = 16.0
+    lora_alpha: float = field(default=16.0, metadata=rules(_ADAPTERS))
     """LoRA alpha; adapter updates are scaled by alpha / r."""
-    targets: str = "attn+mlp"
+    targets: str = field(default="attn+mlp", metadata=rules(_ADAPTERS))
     """Which projections hold a bank: attn+mlp, attn or mlp."""
 
     def __post_init__(self) -> None:
@@ -77,8 +82,9 @@ class ModelConfig:
 
     @property
     def base_fields(self) -> dict:
-        """The fields that shape the base weights (not the adapters): the pretraining cache key."""
-        return {k: getattr(self, k) for k in ("vocab", "d_model", "n_layer", "n_head", "d_ff", "seq_len")}
+        """The fields that shape the base weights (not the adapters): the pretraining cache key (the
+        identity's ``base`` view, `sandbox.identity`)."""
+        return identity(self, "base")
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -41,6 +41,7 @@ from torch import Tensor
 from sandbox import evolution as evo
 from sandbox.arms import arms_of
 from sandbox.errors import check, require
+from sandbox.identity import later, rules
 from sandbox.router import params_to_vector, router_gates, router_logits, vector_to_params
 from sandbox.streams import Purpose, generator
 from substrate import acar
@@ -74,7 +75,8 @@ class RoutingArms:
     confirm: bool = False
     """Re-evaluate an accepted child against its parent on a second fresh batch and keep it only if
     it still wins (the best of P children on one small batch wins by chance nearly always)."""
-    acar: bool = False
+    acar: bool = field(default=False, metadata=rules(later("the acar arm came after the first map folders and "
+                                                           "ledgers: off, a point is named as before")))
     """Add the acar arm: sigma routing (ACAR) over the grad arm's final router (top-3 of its logits per
     token) and adapters, paired against grad; counts the held-out tokens gated with 1, 2 and 3 slots."""
 

@@ -33,7 +33,8 @@ from torch import Tensor
 
 from sandbox.adapters import init_factors, product_norm, refactor
 from sandbox.errors import check, require
-from sandbox.results import atomic_save_torch, config_hash, load_torch
+from sandbox.identity import identity, key
+from sandbox.results import atomic_save_torch, load_torch
 from sandbox.streams import Purpose, generator
 from substrate.corpus import Corpus, sample_batch
 from substrate.model import GPT, ModelConfig, autocast, build_model, freeze_base
@@ -102,7 +103,7 @@ def _adamw(params_decay: list, params_plain: list, cfg: TrainConfig, device: str
 
 def pretrain_key(model_cfg: ModelConfig, corpus: Corpus, train_cfg: TrainConfig) -> str:
     """Cache key of a pretrained base: base shape (not K, r, alpha, targets), corpus, training config."""
-    return config_hash({"model": model_cfg.base_fields, "corpus": corpus.key, "train": asdict(train_cfg)}, n=16)
+    return key({"model": identity(model_cfg, "base"), "corpus": corpus.key, "train": train_cfg}, 16)
 
 
 #: The one warm-up rule, ``warmup = max(1, steps // share)``, and its two shares. Training from
@@ -224,9 +225,8 @@ def train_specialists(base: GPT, corpus: Corpus, steps: int = 200, lr: float = 1
     M = corpus.domains
     per = max(1, math.ceil((batch or 8 * M) / M))
     tcfg = lr_schedule(steps, "train", lr=lr, batch=per * M, weight_decay=0.0, grad_clip=0.0, seed=seed)
-    key = config_hash({"base": weights_fingerprint(base), "cfg": asdict(base.cfg), "corpus": corpus.key,
-                       "train": asdict(tcfg)}, n=16)
-    path = Path(cache_dir) / f"specialists-{key}.pt" if cache_dir is not None else None
+    name = key({"base": weights_fingerprint(base), "cfg": base.cfg, "corpus": corpus.key, "train": tcfg}, 16)
+    path = Path(cache_dir) / f"specialists-{name}.pt" if cache_dir is not None else None
     if path is not None and path.exists():
         state = load_torch(path, "--cache", "cached specialists checkpoint", "delete it and rerun to train them again",
                            map_location="cpu", weights_only=True)

@@ -47,7 +47,8 @@ from sandbox import gatestats, replicates
 from sandbox.factors import DEFAULT_CELLS, parse_cell
 from sandbox.errors import BadInput, require
 from sandbox.options import DEFAULT_SEEDS
-from sandbox.results import RunDir, atomic_write_csv, config_hash, open_run_dir
+from sandbox import identity as ident
+from sandbox.results import RunDir, atomic_write_csv, open_run_dir
 from sandbox.stats import DEFAULT_EPS
 from substrate.cell import CellConfig, data_check, prepare_substrate, revisit_warning, run_cell
 from substrate.defaults import MAX_EPOCHS
@@ -163,15 +164,10 @@ class FactorialConfig:
         return look_schedule(len(self.seeds), self.seeds_to_resolve, self.round_seeds or max(2, len(self.seeds)))
 
     def settings(self) -> dict:
-        """The settings every trial shares (the template without cell, seed and device); ``bases``
-        when it is not 1 (seed s adapts base s mod bases), so a one-base factorial keeps its name."""
-        d = self.base.identity()
-        d.pop("cell")
-        d.pop("seed")
-        d.pop("base_seed", None)
-        if self.base.bases != 1:
-            d["bases"] = self.base.bases
-        return d
+        """The settings every trial shares: the template's identity in the ``template`` view
+        (`sandbox.identity`: without cell, seed and device; ``bases`` when it is not 1, since seed s
+        adapts base s mod bases, so a one-base factorial keeps its name)."""
+        return ident.identity(self.base, "template")
 
     @property
     def bases(self) -> int:
@@ -185,7 +181,7 @@ class FactorialConfig:
 
 def study_name(fcfg: FactorialConfig) -> str:
     """The factorial's ledger study: one per shared settings (cells and seeds may differ)."""
-    return f"{STUDY}-{config_hash(fcfg.settings())}"
+    return f"{STUDY}-{ident.key(fcfg.settings())}"
 
 
 def trial_key(cell: str, seed: int) -> str:

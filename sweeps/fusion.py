@@ -32,7 +32,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from sandbox.errors import require
-from sandbox.results import config_hash
+from sandbox.identity import identity, key, never, rules
 from substrate.fusion import METHODS, FusionConfig
 
 DEFAULT_STUDY = "fusion"
@@ -52,8 +52,8 @@ class FusionSweepConfig:
 
     base: FusionConfig = field(default_factory=FusionConfig)
     specialist_steps: tuple[int, ...] = (1, 3, 10, 30, 100)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    alpha: float = 0.05
+    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata=rules(never("more seeds grow the same map")))
+    alpha: float = field(default=0.05, metadata=rules(never("a statistics setting: the same trials")))
     """1 - confidence level of the fit's intervals."""
     cache: str = "runs/cache"
     """Folder of the cached corpus, base and specialists."""
@@ -70,19 +70,13 @@ class FusionSweepConfig:
         return dataclasses.replace(self.base, specialist_steps=int(steps), seed=int(seed))
 
     def folder_key(self) -> dict:
-        d = dataclasses.asdict(self)
-        for k in ("seeds", "alpha"):
-            d.pop(k)
-        d["base"].pop("seed")
-        d["base"].pop("device")
-        if d["base"]["specialists"] == "lora":      # the default keeps the folder hash it had before the option
-            d["base"].pop("specialists")
-        return d
+        """What names the default run folder: the fields after their rules (`sandbox.identity`)."""
+        return identity(self)
 
 
 def point_key(cfg: FusionConfig) -> str:
     """Ledger identity of a point: the trial's full config without seed and device."""
-    return config_hash({"system": "fusion", "v": 2, "trial": cfg.identity()}, n=16)
+    return key({"system": "fusion", "v": 2, "trial": cfg}, 16)
 
 
 # ---------------------------------------------------------------------------------------------

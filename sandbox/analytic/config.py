@@ -3,9 +3,8 @@ and budgets, and the router it builds (`router_config`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,6 +13,7 @@ from sandbox import evolution as evo
 from sandbox import lifecycle as lc
 from sandbox.arms import arms_of
 from sandbox.errors import require
+from sandbox.identity import identity, later, rules, unless
 from sandbox.router import RouterConfig, kind_of
 from sandbox.tasks import TaskSpec
 
@@ -26,9 +26,9 @@ ARMS = arms_of("analytic", acar=False)
 ALL_ARMS = arms_of("analytic", acar=True)
 ORACLES = ("ceiling", "replace")
 _EVAL_SALT = 1_000_003
-#: Options added after ledgers were first written, at the value those points had: left out of
-#: `AnalyticConfig.identity` at that value (the built-in lifecycle operators).
-LATER_DEFAULTS = dict(death="least-fit", inherit_mode="blend", reallocation="worst-domain")
+#: The rule of the lifecycle operators added after ledgers were first written (`sandbox.identity`).
+_OPERATOR = later("a lifecycle operator added after the first ledgers: left out at its built-in, the value "
+                  "their points had")
 LOSS_FLOOR = 1e-12  # clamp before log: exact-fit losses cancel to ~1e-16 in float64
 
 
@@ -103,13 +103,13 @@ class AnalyticConfig:
     """Gradient steps of the fine-tune mutation."""
     finetune_lr: float = 0.01
     """Length of each fine-tune step in factor space (normalised gradient descent)."""
-    death: str = "least-fit"
+    death: str = field(default="least-fit", metadata=rules(_OPERATOR))
     """Lifecycle death: least-fit (the least fit slot that lived one interval dies), or a death plugin:
     a name in the entry point group molora.deaths or module:Name (docs/plugins.md)."""
-    inherit_mode: str = "blend"
+    inherit_mode: str = field(default="blend", metadata=rules(_OPERATOR))
     """Lifecycle inheritance: blend (the dying adapter blended into its nearest neighbour), child (into
     the newborn), or an inheritance plugin: a name in molora.inheritances or module:Name (docs/plugins.md)."""
-    reallocation: str = "worst-domain"
+    reallocation: str = field(default="worst-domain", metadata=rules(_OPERATOR))
     """Lifecycle reallocation: worst-domain (the freed slot's router column from its parent's, pushed
     toward the worst domain), or a reallocation plugin: a name in molora.reallocations or module:Name
     (docs/plugins.md)."""
@@ -117,13 +117,15 @@ class AnalyticConfig:
     """0: train on the exact expected loss; n > 0: every gradient step and every search generation
     sees n fresh inputs x ~ N(0, I_d) per domain instead (an unbiased, noisy estimate: gradient and
     selection noise); reported losses stay exact."""
-    acar: bool = False
+    acar: bool = field(default=False, metadata=rules(later("the acar arm came after the first ledgers: "
+                                                                 "off, the point is named as before")))
     """Add the acar arm: sigma routing (ACAR) over the grad arm's final router (top-3 of its logits)
     and adapters, paired against grad; counts the inputs gated with 1, 2 and 3 slots."""
-    acar_tol: float = acr.DEFAULT_TOL
+    acar_tol: float = field(default=acr.DEFAULT_TOL, metadata=rules(unless("acar", "read by the acar arm only")))
     """ACAR agreement tolerance: two slots' predictions agree when their RMS difference is at most
     this times the larger RMS prediction (`sandbox.acar`)."""
-    lifecycle_every: int | None = None
+    lifecycle_every: int | None = field(default=None, metadata=rules(later(
+        "lifecycle events on the search schedule (None) are the one schedule of earlier points")))
     """Gradient steps between lifecycle events of the evo arm (with --lifecycle); a slot must live
     this many steps to die. None: every `interval` steps, the one schedule of earlier runs (a value
     equal to `interval` is stored as None, so it names the same point)."""
@@ -161,20 +163,10 @@ class AnalyticConfig:
         self.lifecycle_config  # validates the lifecycle options (selection, crossover, mutation, ...)
 
     def identity(self) -> dict:
-        """The fields that name a point (ledger key, default folder): every field, with the ACAR
-        options left out while the acar arm is off and the lifecycle operators left out at their
-        built-in defaults (`LATER_DEFAULTS`), so keys from before they existed hold; likewise
-        `lifecycle_every` while lifecycle events follow the search schedule (None)."""
-        d = dataclasses.asdict(self)
-        if d["lifecycle_every"] is None:
-            d.pop("lifecycle_every")
-        if not self.acar:
-            d.pop("acar")
-            d.pop("acar_tol")
-        for k, v in LATER_DEFAULTS.items():
-            if d[k] == v:
-                d.pop(k)
-        return d
+        """The fields that name a point (ledger key, default folder): every field after its rules
+        (`sandbox.identity`): the ACAR options only with the acar arm, the lifecycle operators and
+        `lifecycle_every` only away from the values earlier points had."""
+        return identity(self)
 
     @property
     def arms(self) -> tuple[str, ...]:

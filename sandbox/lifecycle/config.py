@@ -5,7 +5,7 @@ registered with `sandbox.plugins` as group ``mutation``)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -14,6 +14,7 @@ from torch import Tensor
 from sandbox import plugins
 from sandbox.adapters import rand, randn
 from sandbox.errors import require
+from sandbox.identity import RUNS, later, rules
 from sandbox.lifecycle.draws import Generators, _draw
 
 
@@ -34,6 +35,15 @@ the banks' shapes) and router parameters; ``k`` counts the fine-tune steps of th
 data per step); ``generator`` is the lifecycle's own (one, or one per row), for drawing that
 data (so a run's draws stay a pure function of its lifecycle stream). Must be differentiable in
 the factors."""
+
+
+#: Identity rules (`sandbox.identity`) of the operators added after the first cell folders were written:
+#: the EvoMerge options (a cell's run identity), and the death and reallocation plugins' kinds (every key
+#: that holds a lifecycle, the map's included).
+_EVOMERGE = later("an EvoMerge option added after the first cell folders: left out at the value those runs had",
+                  views=RUNS)
+_OPERATOR = later("an operator kind added after the first folders and ledgers: left out at the built-in, the "
+                  "operator every earlier run had")
 
 
 @dataclass(frozen=True)
@@ -97,14 +107,14 @@ class LifecycleConfig:
     inheritance: bool = True
     mutation: bool = True
     reallocation: bool = True
-    selection: str = "tournament"
-    crossover: str = "none"
-    crossover_t: float | None = None
-    mutation_kind: str = "svd"
-    finetune_steps: int = 1
-    finetune_lr: float = 0.01
-    death_kind: str = "least-fit"
-    reallocation_kind: str = "worst-domain"
+    selection: str = field(default="tournament", metadata=rules(_EVOMERGE))
+    crossover: str = field(default="none", metadata=rules(_EVOMERGE))
+    crossover_t: float | None = field(default=None, metadata=rules(_EVOMERGE))
+    mutation_kind: str = field(default="svd", metadata=rules(_EVOMERGE))
+    finetune_steps: int = field(default=1, metadata=rules(_EVOMERGE))
+    finetune_lr: float = field(default=0.01, metadata=rules(_EVOMERGE))
+    death_kind: str = field(default="least-fit", metadata=rules(_OPERATOR))
+    reallocation_kind: str = field(default="worst-domain", metadata=rules(_OPERATOR))
 
     def __post_init__(self):
         for name in ("interval", "n_die", "tournament"):
