@@ -42,6 +42,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from sandbox.results.jsonable import config_hash
+
 #: The field metadata key that holds a field's rules.
 RULES = "identity"
 #: The view of a plain `identity(cfg)`.
@@ -182,6 +184,4 @@ def tree(obj: Any, view: str = RUN) -> Any:
 def key(obj: Any, n: int = 10, view: str = RUN) -> str:
     """The key of `obj` (a config, or a dict or list holding configs): the first `n` hex digits of the
     hash of its identity (`tree`) in `view`."""
-    from sandbox.results import config_hash
-
     return config_hash(tree(obj, view), n)

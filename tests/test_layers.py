@@ -121,7 +121,10 @@ def test_the_checker_sees_a_violation():
 #: and its storage, and its own database and trial-row modules. Every system (the maps, the factorial, the analytic
 #: solver, the transformer substrate) comes in through the registry the app hands to `run_worker`.
 QUEUE = ("sweeps.worker", "sweeps.queue_db", "sweeps.queue_trials")
-QUEUE_MAY_IMPORT = {"sandbox", "sandbox.errors", "sandbox.results", "sweeps", "sweeps.ledger", "sweeps.storage", *QUEUE}
+#: sandbox.results is a package of one concern per module (atomic writes, JSON form, run folders, manifest).
+QUEUE_MAY_IMPORT = {"sandbox", "sandbox.errors", "sandbox.results", "sandbox.results.atomic", "sandbox.results.folders",
+                    "sandbox.results.jsonable", "sandbox.results.manifest", "sweeps", "sweeps.ledger", "sweeps.storage",
+                    *QUEUE}
 
 
 def _reach(graph: dict[str, set[str]], start: str) -> set[str]:

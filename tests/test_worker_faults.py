@@ -522,12 +522,12 @@ def test_full_refuses_a_sweep_folder(tmp_path, capsys):
 def test_a_full_disk_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
     import errno
 
-    import sandbox.results as results
+    import sandbox.results.atomic as atomic   # where atomic_open lives (sandbox.results re-exports it)
 
     def full(path, mode="w"):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(results, "atomic_open", full)
+    monkeypatch.setattr(atomic, "atomic_open", full)
     out = tmp_path / "s"
     assert main(["sweep", *SWEEP, "--out", str(out), "--no-figures"]) == 1
     line = _one_line(capsys.readouterr().err, "disk is full", "No space left on device", "--out")
