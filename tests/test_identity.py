@@ -161,8 +161,8 @@ def ref_base_fields(self: ModelConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# The keys of sweeps/grid.py and sweeps/substrate_map.py written with `sandbox.identity` (what their
-# functions become; until then they are checked here against the reference)
+# The keys of sweeps/analytic_map.py and sweeps/substrate_map.py written with `sandbox.identity` (what
+# their functions become; until then they are checked here against the reference)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -185,14 +185,14 @@ def new_substrate_point_key(rc: RoutingArms) -> str:
 def new_substrate_folder_key(cfg: substrate_map.SubstrateSweepConfig) -> dict:
     d = ident.identity(cfg, "map-folder")
     for k in ("seeds", "eps", "alpha"):     # until these fields carry never(...)
-        d.pop(k)
+        d.pop(k, None)
     return d
 
 
 def new_sweep_folder_key(cfg: grid.SweepConfig) -> dict:
     d = ident.identity(cfg)
     for k in ("seeds", "eps", "alpha", "converged_frac"):     # until these fields carry never(...)
-        d.pop(k)
+        d.pop(k, None)
     return d
 
 
