@@ -26,7 +26,7 @@ import pandas as pd
 from sandbox.acar import USAGE_COLUMNS
 from sandbox.analytic import AnalyticConfig
 from sandbox.errors import require
-from sandbox.results import config_hash
+from sandbox.identity import identity, key, never, rules
 from sandbox.stats import CONVERGED_FRAC, DEFAULT_EPS
 from sandbox.tasks import TaskSpec
 from sandbox.tuning import TuneConfig
@@ -78,10 +78,10 @@ class SweepConfig:
     """Range (lo, hi) of the second axis."""
     axis_points: int = 5
     """Grid points of the second axis."""
-    seeds: tuple[int, ...] = tuple(range(10))
-    eps: float = DEFAULT_EPS
+    seeds: tuple[int, ...] = field(default=tuple(range(10)), metadata=rules(never("more seeds grow the same run")))
+    eps: float = field(default=DEFAULT_EPS, metadata=rules(never("a statistics setting")))
     """Equivalence margin (nats of log loss) for TOST, fixed before the sweep."""
-    alpha: float = 0.05
+    alpha: float = field(default=0.05, metadata=rules(never("a statistics setting")))
     """Test level (two-sided; Holm over the sweep's points)."""
     search: str = "grid"
     """grid: every point; boundary: an Optuna sampler proposes points where |mean delta| is small."""
@@ -93,7 +93,7 @@ class SweepConfig:
     """Give every point seeds of its own (seed + 100000 x point index) instead of the same seeds at
     every point: the points' deltas are then independent, as Holm's correction over the sweep's
     points assumes for its exact level (with shared seeds it stays valid, only conservative)."""
-    converged_frac: float = CONVERGED_FRAC
+    converged_frac: float = field(default=CONVERGED_FRAC, metadata=rules(never("a statistics setting")))
     """A point is ``unconverged`` when grad still falls by more than this share of eps over its last half."""
 
     def __post_init__(self) -> None:
@@ -146,11 +146,7 @@ class SweepConfig:
         The folder still holds one configuration (`sandbox.results.open_run_dir`): the same command
         with more seeds or another eps finds it and is refused there; a new ``--out`` with the old
         ledger as ``--storage`` reuses its trials."""
-        d = dataclasses.asdict(self)
-        for k in ("seeds", "eps", "alpha", "converged_frac"):
-            d.pop(k)
-        d["solver"] = self.solver.identity()     # the ACAR options only when the acar arm is on
-        return d
+        return identity(self)
 
 
 def point_config(cfg: SweepConfig, values: dict[str, float]) -> tuple[TaskSpec, AnalyticConfig]:
@@ -163,17 +159,17 @@ def point_config(cfg: SweepConfig, values: dict[str, float]) -> tuple[TaskSpec, 
 
 def point_key(spec: TaskSpec, solver: AnalyticConfig) -> str:
     """Hash of a point's full configuration (the ledger's point identity)."""
-    return config_hash({"task": spec, "solver": solver.identity()}, n=16)
+    return key({"task": spec, "solver": solver}, 16)
 
 
 def tune_key(spec: TaskSpec, solver: AnalyticConfig, tune: TuneConfig) -> str:
     """The ledger key of one point's tuning outcome (the base config and the tuning settings)."""
-    return "tune:" + config_hash({"task": spec, "solver": solver.identity(), "tune": tune}, n=16)
+    return "tune:" + key({"task": spec, "solver": solver, "tune": tune}, 16)
 
 
 def own_key(spec: TaskSpec, solver: AnalyticConfig, arm: str) -> str:
     """The ledger key of a robustness row: `arm` alone at its own tuned setting `solver`."""
-    return config_hash({"own": arm, "task": spec, "solver": solver.identity()}, n=16)
+    return key({"own": arm, "task": spec, "solver": solver}, 16)
 
 
 @dataclass

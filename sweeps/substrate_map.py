@@ -29,9 +29,9 @@ from typing import Callable
 
 from sandbox.acar import MODES, USAGE_COLUMNS, usage
 from sandbox.errors import require
+from sandbox.identity import identity, key, never, rules
 from sandbox.results import config_hash
 from sandbox.stats import DEFAULT_EPS
-from substrate.cell import NESTED
 from substrate.routing import ARMS, RoutingArms
 from sweeps.points import Point, axes_of, bounds_of, check_payload_key, grid_points, seed_outcome
 
@@ -56,9 +56,9 @@ class SubstrateSweepConfig:
     axis: str | None = None
     axis_range: tuple[float, float] | None = None
     axis_points: int = 3
-    seeds: tuple[int, ...] = (0, 1, 2)
-    eps: float = DEFAULT_EPS
-    alpha: float = 0.05
+    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata=rules(never("more seeds grow the same map")))
+    eps: float = field(default=DEFAULT_EPS, metadata=rules(never("a statistics setting")))
+    alpha: float = field(default=0.05, metadata=rules(never("a statistics setting")))
     cache: str = "runs/cache"
     """Folder of the cached corpus, pretrained base and specialists."""
 
@@ -85,23 +85,9 @@ class SubstrateSweepConfig:
         return bounds_of(self)
 
     def folder_key(self) -> dict:
-        d = dataclasses.asdict(self)
-        for k in ("seeds", "eps", "alpha"):
-            d.pop(k)
-        _drop_cell_only(d["arms"]["cell"])
-        if not self.arms.acar:      # only when the acar arm is on, so earlier folders hold
-            d["arms"].pop("acar")
-        for k, v in LATER_CELL_DEFAULTS.items():   # likewise the lifecycle operators at their built-ins
-            group, field = NESTED[k]
-            if d["arms"]["cell"][group][field] == v:
-                d["arms"]["cell"][group].pop(field)
-        return d
-
-
-#: Cell knobs added after the map's folders and ledgers were first named, at the value those had:
-#: left out of `SubstrateSweepConfig.folder_key` and `point_key` at that value (the lifecycle's
-#: built-in death and reallocation; the map runs no lifecycle, but its keys hold the whole cell).
-LATER_CELL_DEFAULTS = dict(death="least-fit", reallocation="worst-domain")
+        """What names the default folder: the fields after their rules (`sandbox.identity`, view
+        ``map-folder``: the cell nested, as the map first wrote it)."""
+        return identity(self, "map-folder")
 
 
 def point_arms(cfg: SubstrateSweepConfig, values: dict, seed: int) -> RoutingArms:
@@ -126,29 +112,10 @@ def arms_payload(rc: RoutingArms) -> dict:
     return {**dataclasses.asdict(rc), "cell": rc.cell.flat()}
 
 
-#: Cell settings that only a cell run reads (`substrate.cell.run_cell`), never the routing arms, at
-#: their defaults: left out of a map's keys, so folders and ledgers written before them still resume.
-CELL_ONLY = {"bases": 1, "train_data": None}
-
-
-def _drop_cell_only(cell: dict) -> None:
-    for k, v in CELL_ONLY.items():
-        if k in cell and cell[k] == v:
-            cell.pop(k)
-
-
 def point_key(rc: RoutingArms) -> str:
-    """Ledger identity of a point: its full comparison config without the seed (and device)."""
-    d = arms_payload(rc)
-    d["cell"].pop("seed")
-    d["cell"].pop("device")
-    _drop_cell_only(d["cell"])
-    if not rc.acar:                 # only when the acar arm is on, so earlier ledgers hold
-        d.pop("acar")
-    for k, v in LATER_CELL_DEFAULTS.items():
-        if d["cell"][k] == v:
-            d["cell"].pop(k)
-    return config_hash({"system": "substrate", "arms": d}, n=16)
+    """Ledger identity of a point: its full comparison config without the seed (and device), the
+    cell under its flat names (`sandbox.identity`, view ``map-point``)."""
+    return key({"system": "substrate", "arms": rc}, 16, view="map-point")
 
 
 def seed_rows(res: dict) -> list[dict]:
