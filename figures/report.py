@@ -164,6 +164,8 @@ def build_report(run_dir: str | Path, recompute: bool = False, study: bool = Fal
     if not present:
         raise BadInput("DIR", str(run_dir), "a run folder holding at least one of " + ", ".join(TABLES))
     manifest = read_manifest(run_dir)
+    if manifest.get("command") == "factorial":   # its tuning.csv is the router-lr table, not the sweep's
+        present.pop("tuning.csv", None)
     tables = {name: read_table(path) for name, path in present.items()}
     out = Path(out_dir) if out_dir is not None else run_dir / "figures"
     report = Report()

@@ -71,18 +71,48 @@ def substrate_sweep_jobs(cfg) -> list[Job]:
     return map_jobs(SubstrateMap(cfg))
 
 
-def factorial_jobs(fcfg, out: str | Path, cache: str | Path) -> list[Job]:
+def factorial_jobs(fcfg, out: str | Path, cache: str | Path, *, tuning: bool = False,
+                   chosen: dict[str, float] | None = None) -> list[Job]:
     """The plan of a factorial (`sweeps.factorial.FactorialConfig`): one job per (cell, seed); the
     per-trial folders go under `out` (workers on a shared filesystem resume each other's
-    checkpoints there) and the base model cache under `cache`, unless a worker overrides them."""
-    from sweeps.factorial import trial_key
+    checkpoints there) and the base model cache under `cache`, unless a worker overrides them.
+    `tuning`: the router-lr tuning trials instead (one per cell x candidate x tuning seed, each with
+    its folder as ``dir``); `chosen`: cell -> the multiple of ``lr`` its evaluation trials run at."""
+    from sweeps.factorial import trial_key, tune_dir_name, tune_key
 
     out, cache = os.path.abspath(out), os.path.abspath(cache)
-    return [Job(key=trial_key(cell, seed),
-                payload={"system": "factorial", "cell": fcfg.trial_config(cell, seed).flat(),
+    if tuning:
+        return [Job(key=tune_key(cell, m, seed),
+                    payload={"system": "factorial", "cell": fcfg.trial_config(cell, seed, fcfg.tune_value(m)).flat(),
+                             "out": out, "cache": cache, "dir": tune_dir_name(cell, m, seed)},
+                    attrs={"cell": cell, "seed": int(seed), "tune_multiple": float(m),
+                           **ledger.labels("factorial", arm=cell)})
+                for seed in fcfg.tune_seeds for cell in fcfg.cells for m in fcfg.tune_router_lr]
+    chosen = chosen or {}
+    lr = {c: fcfg.tune_value(m) for c, m in chosen.items()}
+    return [Job(key=trial_key(cell, seed, chosen.get(cell)),
+                payload={"system": "factorial", "cell": fcfg.trial_config(cell, seed, lr.get(cell)).flat(),
                          "out": out, "cache": cache},
                 attrs={"cell": cell, "seed": int(seed), **ledger.labels("factorial", arm=cell)})
             for seed in fcfg.seeds for cell in fcfg.cells]
+
+
+def factorial_plan(fcfg, out: str | Path, cache: str | Path, storage: str) -> tuple[list[Job], str]:
+    """The factorial define step's jobs and a line saying which: without tuning, every evaluation
+    trial (`factorial_jobs`); with ``tune`` grid, the router-lr tuning trials until every one has
+    finished in `storage`, then the evaluation trials at each cell's chosen router lr
+    (`sweeps.factorial.chosen_from_ledger`)."""
+    from sweeps.factorial import chosen_from_ledger, study_name
+
+    if not fcfg.tuning:
+        return factorial_jobs(fcfg, out, cache), ""
+    chosen = chosen_from_ledger(fcfg, ledger.TrialLedger(storage, study_name(fcfg), metric=ledger.METRICS["factorial"]))
+    if chosen is None:
+        return factorial_jobs(fcfg, out, cache, tuning=True), (
+            "tuning first: these are the router-lr tuning trials; once the workers have finished them, rerun with "
+            "--enqueue-only to queue the evaluation trials at each cell's chosen router lr")
+    return factorial_jobs(fcfg, out, cache, chosen=chosen), "evaluation trials at the chosen router lr: " + ", ".join(
+        f"{c} {fcfg.tune_value(m):.4g} ({m:g} x --lr)" for c, m in chosen.items())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,10 +121,11 @@ def factorial_jobs(fcfg, out: str | Path, cache: str | Path) -> list[Job]:
 
 
 def run_factorial_trial(job: dict, ctx: WorkerContext) -> Outcome:
-    """One (cell, seed) of a factorial: the substrate is prepared once per worker (cached on disk)."""
+    """One (cell, seed) of a factorial, or one router-lr tuning trial (its folder in ``dir``): the
+    substrate is prepared once per worker (cached on disk)."""
     from sandbox.results import config_hash
     from substrate.cell import CellConfig, prepare_substrate, run_cell
-    from sweeps.factorial import trial_dir
+    from sweeps.factorial import trial_dir, with_drop
 
     cfg = CellConfig.of(**job["cell"])
     out, cache = Path(ctx.out or job["out"]), ctx.cache or job["cache"]
@@ -102,8 +133,9 @@ def run_factorial_trial(job: dict, ctx: WorkerContext) -> Outcome:
     sub = ctx.substrates.get(base)
     if sub is None:
         sub = ctx.substrates[base] = prepare_substrate(cfg, cache, ctx.log)
-    res = run_cell(cfg, trial_dir(out, cfg.cell, cfg.seed), cache, substrate=sub, log=ctx.log)
-    metrics = to_jsonable(res.metrics)
+    where = out / job["dir"] if job.get("dir") else trial_dir(out, cfg.cell, cfg.seed)   # dir: a tuning trial
+    res = run_cell(cfg, where, cache, substrate=sub, log=ctx.log)
+    metrics = to_jsonable(with_drop(res.metrics, res.out))
     v = metrics.get("balanced_log_ppl")
     return Outcome({"result": metrics}, float(v) if isinstance(v, (int, float)) and math.isfinite(v) else math.inf)
 

@@ -14,8 +14,10 @@ from sandbox.app.cellopts import apply_threads, cell_options, cell_template, run
 
 
 def _factorial_options() -> list:
-    from sandbox.app.declare import from_fields, own
+    from sandbox.app.declare import field_docs, from_fields, own
     from sweeps.factorial import FactorialConfig
+
+    fc, doc = FactorialConfig(), field_docs(FactorialConfig)
 
     return [own("cells", "partial", "--cells", help="Comma list of cells, 'partial' (B3,R,R+E,R+L,R+E+L) or 'all'."),
             own("seeds", "42,137,2026", "--seeds", help="Seeds: a comma list or a count."),
@@ -23,11 +25,15 @@ def _factorial_options() -> list:
             own("overwrite", False, "--overwrite", help="Replace the --out folder whole (a run folder of this tool holding another configuration: its tables, figures, journal and checkpoints are removed). Without it a folder holding another configuration is refused; the same configuration resumes."),
             own("storage", None, "--storage", help="Optuna storage URL for the ledger (default OUT/ledger.journal)."),
             own("setting", None, "--setting", annotation=Optional[str], help=_setting_help()),
-            *from_fields(FactorialConfig, ("eps", "alpha", "seeds_to_resolve", "round_seeds", "spending")),
+            *from_fields(FactorialConfig, ("eps", "alpha", "seeds_to_resolve", "round_seeds", "spending", "tune")),
+            own("tune_router_lr", ",".join(f"{m:g}" for m in fc.tune_router_lr), "--tune-router-lr",
+                help=doc["tune_router_lr"] + " Comma list."),
+            own("tune_seeds", ",".join(map(str, fc.tune_seeds)), "--tune-seeds", help=doc["tune_seeds"] + " Comma list."),
             *cell_options(), *run_options(),
             own("no_figures", False, "--no-figures", help="Skip drawing figures (tables only)."),
             own("enqueue_only", False, "--enqueue-only", help="Define step for `sandbox worker`: queue every (cell, "
-                "seed) trial on a PostgreSQL --storage and exit.")]
+                "seed) trial on a PostgreSQL --storage and exit (with --tune grid: the tuning trials, then, once they "
+                "have finished, the evaluation trials at each cell's chosen router lr).")]
 
 
 def _setting_help() -> str:
@@ -85,7 +91,12 @@ def factorial(got) -> None:
     notes: list[str] = []
     template = cell_template(chosen[0], seed_list[0], got, notes.append, yes=got["yes"],
                              one_base=got["seeds_to_resolve"] is not None)
-    fcfg = got.build(FactorialConfig, base=template, cells=tuple(chosen), seeds=tuple(seed_list))
+    from sandbox.options import parse_numbers
+
+    ts = str(got["tune_seeds"]).strip()
+    fcfg = got.build(FactorialConfig, base=template, cells=tuple(chosen), seeds=tuple(seed_list),
+                     tune_router_lr=parse_numbers(got["tune_router_lr"], "--tune-router-lr"),
+                     tune_seeds=tuple(parse_seeds(ts if "," in ts else ts + ",", "--tune-seeds")))
     if record is not None:
         kept = record["overridden"]
         notes.insert(0, f"setting {record['name']}: " + " ".join(_as_flags(record["applied"]))
@@ -107,11 +118,18 @@ def factorial(got) -> None:
     if enqueue_only:   # workers write trials/<cell>_s<seed> under OUT; the collect run claims OUT later
         from sandbox.app.plan import define
         from sweeps.factorial import study_name
-        from sweeps.systems import factorial_jobs
+        from sweeps.systems import factorial_plan
 
         from sweeps.ledger import METRICS
 
-        return define(err, factorial_jobs(fcfg, root, cache), storage, study_name(fcfg), "minimize", "factorial",
+        if fcfg.tuning:   # the plan reads the study's finished tuning trials: the PostgreSQL storage first
+            from sweeps.worker import database
+
+            database(storage, "--storage")
+        jobs, what = factorial_plan(fcfg, root, cache, storage)
+        if what:
+            err.print(what, highlight=False, soft_wrap=True)
+        return define(err, jobs, storage, study_name(fcfg), "minimize", "factorial",
                       argv=recorded_argv(), metric=METRICS["factorial"])
     open_run_dir(root, "factorial", fcfg, got["overwrite"])   # a held, foreign or other-config folder: refused before printing
     from sandbox.results import replaced_note
@@ -183,7 +201,10 @@ def print_attribution(res) -> None:
     where = (f"CIs across {int(a['bases'].iloc[0])} bases, seeds averaged within base" if unit == "base" else
              "CIs across seeds, conditional on one base")
     t = Table(title="attribution: delta = log PPL(reference) - log PPL(treated), > 0 = treated better")
-    for col in ("contrast", "cells", f"n ({unit}s)", "mean delta", "95% CI", "t", "p", "p Holm", "regime", f"{unit}s needed"):
+    lr_title = "router lr tuned (treated / ref)" if bool(a.get("router_lr_tuned", [False])[0]) else \
+        "router lr NOT tuned (treated / ref)"
+    for col in ("contrast", "cells", f"n ({unit}s)", "mean delta", "95% CI", "t", "p", "p Holm", "regime", f"{unit}s needed",
+                lr_title):
         t.add_column(col)
     fmt = lambda v, f: "" if v is None or not math.isfinite(v) else format(v, f)
     for _, r in a.iterrows():
@@ -192,10 +213,16 @@ def print_attribution(res) -> None:
         need = r.get("seeds_needed")
         need = "" if need is None or need != need else str(int(need))
         regime = r.get("regime") if isinstance(r.get("regime"), str) else ""
+        lrs = " / ".join(fmt(r.get(f"{side}_router_lr", math.nan), ".4g") for side in ("treated", "reference"))
         t.add_row(str(r["contrast"]), cells, str(int(r["n"])), fmt(r["mean_delta"], "+.4f"),
-                  ci, fmt(r["t"], ".2f"), fmt(r["p"], ".3g"), fmt(r.get("p_holm", math.nan), ".3g"), regime, need)
+                  ci, fmt(r["t"], ".2f"), fmt(r["p"], ".3g"), fmt(r.get("p_holm", math.nan), ".3g"), regime, need,
+                  lrs if lrs != " / " else "")
     console.print(t)
     console.print(f"unit of replication: {where}", highlight=False, soft_wrap=True)
+    from sweeps.factorial import tuning_lines
+
+    for line in tuning_lines(res):
+        console.print(line, highlight=False, soft_wrap=True)
     by = {r["contrast"]: r for _, r in a.iterrows()}
     if "chain_sum" in by and "system" in by:
         console.print(f"chain router + scope + lifecycle = {by['chain_sum']['mean_delta']:+.4f} vs direct R+E+L - B3 = "
