@@ -27,7 +27,7 @@ from sandbox.acar import USAGE_COLUMNS
 from sandbox.analytic import AnalyticConfig
 from sandbox.errors import require
 from sandbox.identity import identity, key, never, rules
-from sandbox.stats import CONVERGED_FRAC, DEFAULT_EPS
+from sandbox.stats import CONVERGED_FRAC, DEFAULT_ALPHA, DEFAULT_EPS
 from sandbox.tasks import TaskSpec
 from sandbox.tuning import TuneConfig
 from sweeps.points import axes_of, bounds_of, check_payload_key, grid_points, seed_outcome
@@ -81,7 +81,7 @@ class SweepConfig:
     seeds: tuple[int, ...] = field(default=tuple(range(10)), metadata=rules(never("more seeds grow the same run")))
     eps: float = field(default=DEFAULT_EPS, metadata=rules(never("a statistics setting")))
     """Equivalence margin (nats of log loss) for TOST, fixed before the sweep."""
-    alpha: float = field(default=0.05, metadata=rules(never("a statistics setting")))
+    alpha: float = field(default=DEFAULT_ALPHA, metadata=rules(never("a statistics setting")))
     """Test level (two-sided; Holm over the sweep's points)."""
     search: str = "grid"
     """grid: every point; boundary: an Optuna sampler proposes points where |mean delta| is small."""

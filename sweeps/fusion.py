@@ -33,6 +33,7 @@ from scipy import stats as sps
 
 from sandbox.errors import require
 from sandbox.identity import identity, key, never, rules
+from sandbox.stats import DEFAULT_ALPHA
 from substrate.fusion import METHODS, FusionConfig
 
 DEFAULT_STUDY = "fusion"
@@ -53,7 +54,7 @@ class FusionSweepConfig:
     base: FusionConfig = field(default_factory=FusionConfig)
     specialist_steps: tuple[int, ...] = (1, 3, 10, 30, 100)
     seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata=rules(never("more seeds grow the same map")))
-    alpha: float = field(default=0.05, metadata=rules(never("a statistics setting: the same trials")))
+    alpha: float = field(default=DEFAULT_ALPHA, metadata=rules(never("a statistics setting: the same trials")))
     """1 - confidence level of the fit's intervals."""
     cache: str = "runs/cache"
     """Folder of the cached corpus, base and specialists."""
@@ -84,7 +85,7 @@ def point_key(cfg: FusionConfig) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def fit_line(x, y, alpha: float = 0.05) -> dict:
+def fit_line(x, y, alpha: float = DEFAULT_ALPHA) -> dict:
     """OLS ``y = slope x + intercept`` with (1 - alpha) t CIs, R^2, the residual SD, the zero
     crossing ``-intercept / slope`` and the leave-one-out RMSE of held-out predictions.
 
@@ -126,7 +127,7 @@ def fit_line(x, y, alpha: float = 0.05) -> dict:
     return out
 
 
-def fit_table(table: pd.DataFrame, alpha: float = 0.05, methods=FIT_METHODS) -> pd.DataFrame:
+def fit_table(table: pd.DataFrame, alpha: float = DEFAULT_ALPHA, methods=FIT_METHODS) -> pd.DataFrame:
     """fit.csv: `fit_line` of gain on divergence per method and level, with the published lines' checks."""
     rows = []
     for method in methods:

@@ -31,7 +31,7 @@ from sandbox.acar import MODES, USAGE_COLUMNS, usage
 from sandbox.errors import require
 from sandbox.identity import identity, key, never, rules
 from sandbox.results import config_hash
-from sandbox.stats import DEFAULT_EPS
+from sandbox.stats import DEFAULT_ALPHA, DEFAULT_EPS
 from substrate.routing import ARMS, RoutingArms
 from sweeps.points import Point, axes_of, bounds_of, check_payload_key, grid_points, seed_outcome
 
@@ -58,7 +58,7 @@ class SubstrateSweepConfig:
     axis_points: int = 3
     seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata=rules(never("more seeds grow the same map")))
     eps: float = field(default=DEFAULT_EPS, metadata=rules(never("a statistics setting")))
-    alpha: float = field(default=0.05, metadata=rules(never("a statistics setting")))
+    alpha: float = field(default=DEFAULT_ALPHA, metadata=rules(never("a statistics setting")))
     cache: str = "runs/cache"
     """Folder of the cached corpus, pretrained base and specialists."""
 
