@@ -55,7 +55,7 @@ adapters), `solver` (`solve_rows`), `result` (`ArmResult`, results.csv rows) and
 (`run_points`, `run_arms`).
 """
 
-from sandbox.analytic.config import (ALL_ARMS, ARMS, BUDGETS, DTYPE, LOSS_FLOOR, ORACLES, AnalyticConfig,
+from sandbox.analytic.config import (ALL_ARMS, ARMS, BUDGETS, DTYPE, LOG_CLAMP, ORACLES, AnalyticConfig,
                                      evo_evaluations, router_config)
 from sandbox.analytic.gram import (batch_domain_losses, batch_terms, domain_losses, gram_terms, leave_one_out,
                                    quadratic_loss, task_terms)
@@ -67,7 +67,7 @@ from sandbox.analytic.solver import solve_rows
 from sandbox.analytic.arms import CHUNK_ROWS, run_arms, run_points
 from sandbox.tasks import make_task  # noqa: F401  (was importable from here)
 
-__all__ = ["ALL_ARMS", "ARMS", "BUDGETS", "CHUNK_ROWS", "DTYPE", "LOSS_FLOOR", "ORACLES", "AnalyticConfig",
+__all__ = ["ALL_ARMS", "ARMS", "BUDGETS", "CHUNK_ROWS", "DTYPE", "LOG_CLAMP", "ORACLES", "AnalyticConfig",
            "ArmResult", "Rows", "Solver", "State", "batch_domain_losses", "batch_terms", "domain_losses",
            "evo_evaluations", "gram_terms", "group_key", "initial_rows_state", "initial_state", "leave_one_out",
            "lifecycle_generator", "quadratic_loss", "result_rows", "router_config", "run_arms", "run_points",

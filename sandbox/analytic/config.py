@@ -29,7 +29,11 @@ _EVAL_SALT = 1_000_003
 #: The rule of the lifecycle operators added after ledgers were first written (`sandbox.identity`).
 _OPERATOR = later("a lifecycle operator added after the first ledgers: left out at its built-in, the value "
                   "their points had")
-LOSS_FLOOR = 1e-12  # clamp before log: exact-fit losses cancel to ~1e-16 in float64
+LOG_CLAMP = 1e-12  # smallest loss taken to the log (not the loss floor): exact-fit losses cancel to ~1e-16 in float64
+
+
+#: The search's defaults (population, mutation scale, interval), declared once on `EvolutionConfig`.
+_SEARCH = evo.EvolutionConfig()
 
 
 @dataclass(frozen=True)
@@ -58,11 +62,11 @@ class AnalyticConfig:
     evo: str = "es"
     """Routing search: es ((1+lambda)-ES, 1/5th rule), cma (CMA-ES via cmaes), fixed (unadapted steps),
     or a search plugin: a name in the entry point group molora.searches or module:Name (docs/plugins.md)."""
-    population: int = 16
+    population: int = _SEARCH.population
     """P: individuals per evolutionary generation (member 0 is the current router)."""
-    mutation_scale: float = 0.1
+    mutation_scale: float = _SEARCH.mutation_scale
     """Step size in logit units: the initial sigma of es / cma, the fixed step of fixed."""
-    interval: int = 10
+    interval: int = _SEARCH.interval
     """Gradient steps between generations of the routing search and between the events of the
     controls on its schedule (restarts, oracle replacements). Lifecycle events follow it unless
     --lifecycle-every is given. The flag is --search-every (the field keeps its earlier name, which

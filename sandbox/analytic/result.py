@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from sandbox import acar as acr
-from sandbox.analytic.config import DTYPE, LOSS_FLOOR
+from sandbox.analytic.config import DTYPE, LOG_CLAMP
 from sandbox.analytic.rows import Rows
 
 
@@ -90,7 +90,7 @@ def result_rows(results: dict[str, ArmResult], seeds: Sequence[int], extra: dict
             rows.append({
                 **(extra or {}), "seed": int(seed), "arm": arm,
                 "final_loss": loss,
-                "log_loss": math.log(max(loss, LOSS_FLOOR)) if math.isfinite(loss) else float("nan"),
+                "log_loss": math.log(max(loss, LOG_CLAMP)) if math.isfinite(loss) else float("nan"),
                 "rel_excess": rel(r.excess), "rel_half": rel(r.half_excess), "rel_oracle": rel(r.oracle_excess),
                 "initial_excess": ex0,
                 "loss_evals": r.loss_evals, "grad_steps": r.grad_steps,
