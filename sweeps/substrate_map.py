@@ -32,6 +32,7 @@ from sandbox.errors import require
 from sandbox.identity import identity, key, never, rules
 from sandbox.results import config_hash
 from sandbox.stats import DEFAULT_ALPHA, DEFAULT_EPS
+from substrate.defaults import GPU_PRESET, PRESET_STEPS
 from substrate.routing import ARMS, RoutingArms
 from sweeps.points import Point, axes_of, bounds_of, check_payload_key, grid_points, seed_outcome
 
@@ -44,6 +45,25 @@ AXES: dict[str, tuple[float, float, bool]] = {
     "mutation_scale": (1e-6, 100.0, False),
 }
 DEFAULT_STUDY = "substrate-sweep"
+
+
+@dataclass(frozen=True)
+class MapDefaults:
+    """The substrate map's defaults on one kind of machine, used where its option is not given
+    (`SubstrateSweepConfig.defaults_for`). The steps are the preset's own
+    (`substrate.defaults.PRESET_STEPS`, declared there once; `SubstrateSweepConfig.steps_for`)."""
+
+    preset: str
+    """Model preset (`substrate.model.PRESETS`)."""
+    points: int
+    """Alignment points."""
+    seeds: tuple[int, ...]
+    """Seeds per point."""
+
+
+#: On a CPU a map that finishes in minutes on 2 cores; with CUDA the GPU preset.
+CPU_DEFAULTS = MapDefaults(preset="tiny", points=5, seeds=(0, 1, 2, 3, 4))
+GPU_DEFAULTS = MapDefaults(preset=GPU_PRESET, points=5, seeds=(0, 1, 2))
 
 
 @dataclass(frozen=True)
@@ -73,6 +93,17 @@ class SubstrateSweepConfig:
                 "at least one distinct seed")
         for values in self.grid_points():
             point_arms(self, values, self.seeds[0])      # every point must be a valid configuration
+
+    @classmethod
+    def defaults_for(cls, device: str) -> MapDefaults:
+        """The map's machine-dependent defaults (preset, points, seeds) where it runs: `GPU_DEFAULTS`
+        on cuda, `CPU_DEFAULTS` elsewhere; the command takes them where the option is not given."""
+        return GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS
+
+    @staticmethod
+    def steps_for(preset: str) -> int:
+        """Adaptation steps of each arm on `preset`: the preset's own, 100 for one it does not list."""
+        return PRESET_STEPS.get(preset, 100)
 
     @property
     def axes(self) -> list[str]:

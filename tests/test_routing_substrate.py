@@ -101,6 +101,25 @@ def test_cli_system_flag_is_checked():
     assert main(["sweep", "--system", "quantum"]) == 2
 
 
+def test_the_maps_machine_defaults_are_the_configs_and_the_help_says_them():
+    """The substrate map's machine-dependent defaults are `SubstrateSweepConfig`'s (one place), and
+    `sandbox sweep`'s help reads them from there."""
+    from sandbox.app.commands.sweep import _sweep_options
+    from substrate.defaults import GPU_PRESET, PRESET_STEPS
+    from sweeps.substrate_map import SubstrateSweepConfig
+
+    cpu, gpu = SubstrateSweepConfig.defaults_for("cpu"), SubstrateSweepConfig.defaults_for("cuda")
+    assert (cpu.preset, cpu.points, cpu.seeds) == ("tiny", 5, (0, 1, 2, 3, 4))
+    assert (gpu.preset, gpu.points, gpu.seeds) == (GPU_PRESET, 5, (0, 1, 2))
+    assert SubstrateSweepConfig.defaults_for("mps") is cpu   # every device but cuda
+    assert SubstrateSweepConfig.steps_for("tiny") == PRESET_STEPS["tiny"]
+    assert SubstrateSweepConfig.steps_for("not-a-preset") == 100
+    helps = {o.name: o.help for o in _sweep_options()}
+    assert f"substrate: {cpu.preset} on a CPU, {gpu.preset} on CUDA" in helps["preset"]
+    assert f"substrate: {len(cpu.seeds)} on a CPU, {len(gpu.seeds)} on CUDA" in helps["seeds"]
+    assert f"substrate: {cpu.points})" in helps["points"]
+
+
 def test_confirmation_keeps_only_children_that_win_twice(sub):
     """--confirm: every child that won its search batch is either kept (accepted) or rejected on a
     second batch (unconfirmed); a rejected child leaves the router as it was."""

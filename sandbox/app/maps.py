@@ -2,46 +2,17 @@
 
 The analytic map is built in the command itself; this module holds what both systems share (the
 folder check, the regime table) and the substrate map, which resolves the transformer's machine
-defaults (`MapDefaults`): on a CPU a map that finishes in minutes on 2 cores (preset tiny, 100
-steps, 5 alignment points x 5 seeds, an event every 10 steps); with CUDA, widened-1536 for 25,000
-steps. What was picked is printed before anything runs.
+defaults (`sweeps.substrate_map.SubstrateSweepConfig.defaults_for`): on a CPU a map that finishes in
+minutes on 2 cores (preset tiny, 100 steps, 5 alignment points x 5 seeds, an event every 10 steps);
+with CUDA, widened-1536 for 25,000 steps. What was picked is printed before anything runs.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from sandbox.app.replay import recorded_argv
-from substrate.defaults import GPU_PRESET, PRESET_STEPS
-
-
-@dataclass(frozen=True)
-class MapDefaults:
-    """The substrate map's defaults on one kind of machine, used where its option is not given. The
-    steps are the preset's own (`substrate.defaults.PRESET_STEPS`, declared there once)."""
-
-    preset: str
-    """Model preset (`substrate.model.PRESETS`)."""
-    points: int
-    """Alignment points."""
-    seeds: tuple[int, ...]
-    """Seeds per point."""
-
-    @classmethod
-    def for_device(cls, device: str) -> "MapDefaults":
-        """The defaults where the map runs: `GPU_DEFAULTS` on cuda, `CPU_DEFAULTS` elsewhere."""
-        return GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS
-
-    @staticmethod
-    def steps_for(preset: str) -> int:
-        """Adaptation steps of each arm on `preset`: the preset's own, 100 for one it does not list."""
-        return PRESET_STEPS.get(preset, 100)
-
-
-CPU_DEFAULTS = MapDefaults(preset="tiny", points=5, seeds=(0, 1, 2, 3, 4))
-GPU_DEFAULTS = MapDefaults(preset=GPU_PRESET, points=5, seeds=(0, 1, 2))
 
 
 def check_system_folder(run_dir, system: str) -> None:
@@ -132,9 +103,9 @@ def substrate_sweep(got, alignment: tuple[float, float], seeds: tuple[int, ...] 
     enqueue_only = got["enqueue_only"]
     console = Console() if Console().is_terminal else Console(width=150)
     dev = resolve_device(got["device"])
-    base = MapDefaults.for_device(dev)
+    base = SubstrateSweepConfig.defaults_for(dev)
     preset = got["preset"] or base.preset
-    steps = got["steps"] if got["steps"] is not None else MapDefaults.steps_for(preset)
+    steps = got["steps"] if got["steps"] is not None else SubstrateSweepConfig.steps_for(preset)
     points = got["points"] if got["points"] is not None else base.points
     seeds = seeds if seeds is not None else base.seeds
     if router == "acar":

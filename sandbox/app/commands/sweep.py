@@ -18,7 +18,6 @@ def _sweep_options() -> list:
     `TaskSpec`, `AnalyticConfig`), the transformer's where `--system substrate` uses them, and the
     command's own. Options both systems share default to None: each system resolves its own."""
     from sandbox.analytic import CHUNK_ROWS, AnalyticConfig
-    from sandbox.app.maps import CPU_DEFAULTS, GPU_DEFAULTS
     from sandbox.app.declare import from_fields, own
     from sandbox.options import Range
     from sandbox.tasks import TaskSpec
@@ -26,8 +25,10 @@ def _sweep_options() -> list:
     from substrate.defaults import PRESET_STEPS
     from substrate.routing import RoutingArms
     from sweeps.grid import SweepConfig
+    from sweeps.substrate_map import SubstrateSweepConfig
 
     sw, an, cell = SweepConfig(), AnalyticConfig(), CellConfig()
+    CPU_DEFAULTS, GPU_DEFAULTS = SubstrateSweepConfig.defaults_for("cpu"), SubstrateSweepConfig.defaults_for("cuda")
     per_preset = ", ".join(f"{p} {n}" for p, n in PRESET_STEPS.items())
     auto = {
         "points": f"{sw.points}; substrate: {CPU_DEFAULTS.points}",
