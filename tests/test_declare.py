@@ -212,6 +212,85 @@ def test_received_options_build_the_configs_they_came_from():
         FusionSweepConfig(base=FusionConfig(device="cpu"))
 
 
+#: A value for each option both systems of `sandbox sweep` read (`Opt.systems`), other than either
+#: system's default.
+SHARED_SWEEP_VALUES = {"steps": 7, "lr": 0.0123, "batch": 3, "plasticity": 0.5, "reset_on_accept": True, "acar": True,
+                       "population": 6, "mutation_scale": 0.07, "evo": "cma", "search_every": 3, "router": "sigmoid",
+                       "points": 2, "seeds": "2", "eps": 0.02, "alpha": 0.1, "axis_points": 2}
+
+
+class _Built(Exception):
+    """Raised in place of a sweep's run once its config is built."""
+
+
+def _sweep_config(monkeypatch, folder: pathlib.Path, system: str, **changed):
+    """The config `sandbox sweep --system SYSTEM` builds from its defaults and `changed`, caught where
+    the command hands it to the system's run (`sweeps.grid.run_sweep`, `sweeps.substrate_map.run_substrate_sweep`)."""
+    import sweeps.grid
+    import sweeps.substrate_map
+
+    caught = []
+
+    def catch(cfg, *args, **kwargs):
+        caught.append(cfg)
+        raise _Built
+
+    monkeypatch.setattr(sweeps.grid, "run_sweep", catch)
+    monkeypatch.setattr(sweeps.substrate_map, "run_substrate_sweep", catch)
+    _, commands = _commands()
+    out = folder / f"{system}-{len(list(folder.iterdir()))}"
+    got = _received("sweep", system=system, out=str(out), cache=str(folder / "cache"), **changed)
+    with pytest.raises(_Built):
+        commands["sweep"].callback.__wrapped_command__(got)
+    return caught[0]
+
+
+def _instances(cfg, cls: type) -> list:
+    """Every config of class `cls` in the tree of dataclasses `cfg` (itself included)."""
+    import dataclasses
+
+    found = [cfg] if isinstance(cfg, cls) else []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            found += _instances(v, cls)
+    return found
+
+
+def test_options_both_sweep_systems_read_lead_to_a_field_in_each(monkeypatch, tmp_path):
+    """`sandbox sweep`'s options that both --system analytic and --system substrate read declare the
+    field each fills in each system's config (`Opt.systems`): every declared field exists, and each
+    system's builder puts a changed option there (the built config differs in that field and, where the
+    option is the field's value, holds it)."""
+    import dataclasses
+
+    from sandbox.analytic import AnalyticConfig
+    from sweeps.substrate_map import SubstrateSweepConfig
+
+    _, commands = _commands()
+    opts = {o.name: o for o in commands["sweep"].callback.__declared__}
+    assert {n for n, o in opts.items() if o.systems} == set(SHARED_SWEEP_VALUES)
+    assert opts["steps"].source_for("analytic") == (AnalyticConfig, "steps") == opts["steps"].source
+    assert opts["points"].source_for("substrate") == (SubstrateSweepConfig, "points")
+    assert opts["tune"].source_for("substrate") == opts["tune"].source   # not shared: its one source
+    checked = 0
+    for system in ("analytic", "substrate"):
+        default = _sweep_config(monkeypatch, tmp_path, system)
+        for name, value in SHARED_SWEEP_VALUES.items():
+            assert {s for s, _ in opts[name].systems} == {"analytic", "substrate"}, name
+            cls, field = opts[name].source_for(system)
+            assert field in {f.name for f in dataclasses.fields(cls)}, f"--{name} on {system}: {cls.__name__}.{field}"
+            changed = _sweep_config(monkeypatch, tmp_path, system, **{name: value})
+            before, after = _instances(default, cls), _instances(changed, cls)
+            assert before and len(before) == len(after), f"--{name} on {system}: no {cls.__name__} in the config"
+            assert all(getattr(a, field) != getattr(b, field) for a, b in zip(after, before)), \
+                f"--{name} on {system} does not reach {cls.__name__}.{field}"
+            if name not in ("router", "seeds"):   # the cell B3|R; a count of seeds
+                assert all(getattr(a, field) == value for a in after), f"--{name} on {system}"
+            checked += 1
+    assert checked == 2 * len(SHARED_SWEEP_VALUES)
+
+
 def test_received_cell_options_replace_the_cells_own_router_and_lifecycle():
     from sandbox.app.cellopts import cell_template
     from sandbox.lifecycle import LifecycleConfig

@@ -55,6 +55,9 @@ class Opt:
         source: ``(dataclass, field)`` the option comes from, or None for a command's own option.
         auto: the command resolves the default at run time (then ``default`` is None).
         hidden: left out of ``--help`` (test hooks).
+        systems: where the option acts on each system of a command that builds a different config
+            per system (`sandbox sweep --system`): ``(system, (dataclass, field))`` pairs, set by
+            `per_system`; empty for an option that fills `source` alone.
     """
 
     name: str
@@ -65,6 +68,12 @@ class Opt:
     source: tuple[type, str] | None = None
     auto: bool = False
     hidden: bool = False
+    systems: tuple[tuple[str, tuple[type, str]], ...] = ()
+
+    def source_for(self, system: str) -> tuple[type, str] | None:
+        """``(dataclass, field)`` the option fills on `system`: its declared per-system source, else
+        `source`."""
+        return dict(self.systems).get(system, self.source)
 
     @property
     def panel(self) -> str:
@@ -81,6 +90,25 @@ def own(name: str, default: Any, *decls: str, help: str, annotation: Any = None,
     """An option that belongs to the command, not to a config (``--seeds``, ``--out``)."""
     ann = annotation if annotation is not None else (type(default) if default not in (None, ...) else Optional[str])
     return Opt(name, default, ann, decls or (flag_for(name),), help, hidden=hidden)
+
+
+def per_system(opts: list[Opt], sources: dict[str, dict[str, tuple[type, str]]]) -> list[Opt]:
+    """`opts` with `Opt.systems` declared from `sources` (keyword -> {system: (dataclass, field)}): the
+    options a command with several systems shares, each followed to the field it fills in each
+    system's config. Refused (``ValueError``, a programming error): a keyword that is not an option, a
+    field its class does not have, or an analytic-style `source` the declaration contradicts."""
+    by_name = {o.name: o for o in opts}
+    unknown = sorted(set(sources) - set(by_name))
+    if unknown:
+        raise ValueError("per-system sources for options not declared: " + ", ".join(unknown))
+    for name, where in sources.items():
+        for system, (cls, field) in where.items():
+            if field not in {f.name for f in dataclasses.fields(cls)}:
+                raise ValueError(f"--{name} on {system}: {cls.__name__} has no field {field!r}")
+        src = by_name[name].source
+        if src is not None and src not in where.values():
+            raise ValueError(f"--{name}: its source {src[0].__name__}.{src[1]} is in no system's declaration")
+    return [dataclasses.replace(o, systems=tuple(sources[o.name].items())) if o.name in sources else o for o in opts]
 
 
 @lru_cache(maxsize=None)

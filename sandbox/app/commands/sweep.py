@@ -18,7 +18,8 @@ def _sweep_options() -> list:
     `TaskSpec`, `AnalyticConfig`), the transformer's where `--system substrate` uses them, and the
     command's own. Options both systems share default to None: each system resolves its own."""
     from sandbox.analytic import CHUNK_ROWS, AnalyticConfig
-    from sandbox.app.declare import from_fields, own
+    from sandbox.app.declare import from_fields, own, per_system
+    from sandbox.evolution import EvolutionConfig
     from sandbox.options import Range
     from sandbox.tasks import TaskSpec
     from substrate.cell import CellConfig
@@ -56,7 +57,29 @@ def _sweep_options() -> list:
 
     tc, tdoc = TuneConfig(), field_docs(TuneConfig)
     joined = lambda xs: ",".join(f"{x:g}" for x in xs)   # noqa: E731
-    return [
+    #: The options both systems read, and the field each fills in each system's config (`Opt.systems`):
+    #: the analytic sweep builds `SweepConfig` (with `AnalyticConfig`), --system substrate a
+    #: `SubstrateSweepConfig` (with its `RoutingArms`, their cell and their `EvolutionConfig`:
+    #: `sandbox.app.maps.substrate_sweep`). --router softmax|sigmoid is the substrate cell B3|R.
+    shared = {
+        "steps": ((AnalyticConfig, "steps"), (CellConfig, "steps")),
+        "lr": ((AnalyticConfig, "lr"), (CellConfig, "lr")),
+        "batch": ((AnalyticConfig, "batch"), (CellConfig, "batch")),
+        "plasticity": ((AnalyticConfig, "plasticity"), (RoutingArms, "plasticity")),
+        "reset_on_accept": ((AnalyticConfig, "reset_on_accept"), (RoutingArms, "reset_on_accept")),
+        "acar": ((AnalyticConfig, "acar"), (RoutingArms, "acar")),
+        "population": ((AnalyticConfig, "population"), (EvolutionConfig, "population")),
+        "mutation_scale": ((AnalyticConfig, "mutation_scale"), (EvolutionConfig, "mutation_scale")),
+        "evo": ((AnalyticConfig, "evo"), (EvolutionConfig, "method")),
+        "search_every": ((AnalyticConfig, "interval"), (EvolutionConfig, "interval")),
+        "router": ((AnalyticConfig, "router"), (CellConfig, "cell")),
+        "points": ((SweepConfig, "points"), (SubstrateSweepConfig, "points")),
+        "seeds": ((SweepConfig, "seeds"), (SubstrateSweepConfig, "seeds")),
+        "eps": ((SweepConfig, "eps"), (SubstrateSweepConfig, "eps")),
+        "alpha": ((SweepConfig, "alpha"), (SubstrateSweepConfig, "alpha")),
+        "axis_points": ((SweepConfig, "axis_points"), (SubstrateSweepConfig, "axis_points")),
+    }
+    return per_system([
         own("alignment", str(Range(*sw.alignment)), "--alignment", help="Alignment range LO..HI in [0, 1], or one value."),
         *from_fields(SweepConfig, ("points",), auto=auto),
         own("axis", None, "--axis", help="Second regime axis NAME=LO..HI, e.g. plasticity=0..1."),
@@ -99,7 +122,7 @@ def _sweep_options() -> list:
         *from_fields(RoutingArms, ("search_windows", "confirm"), decls=switches),
         own("enqueue_only", False, "--enqueue-only", help="Define step for `sandbox worker`: queue every (point, seed) "
             "trial in --study on a PostgreSQL --storage and exit."),
-    ]
+    ], {k: {"analytic": a, "substrate": b} for k, (a, b) in shared.items()})
 
 
 def sweep(got) -> None:
