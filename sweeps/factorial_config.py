@@ -15,7 +15,7 @@ from sandbox.factors import DEFAULT_CELLS, parse_cell
 from sandbox.errors import BadInput, require
 from sandbox.options import DEFAULT_SEEDS
 from sandbox import identity as ident
-from sandbox.stats import DEFAULT_EPS
+from sandbox.stats import DEFAULT_ALPHA, DEFAULT_EPS
 from substrate.cell import CellConfig
 
 STUDY = "factorial"
@@ -72,7 +72,7 @@ class FactorialConfig:
     seeds: tuple[int, ...] = DEFAULT_SEEDS
     eps: float = DEFAULT_EPS
     """Equivalence margin (nats) of the paired statistics."""
-    alpha: float = 0.05
+    alpha: float = DEFAULT_ALPHA
     """Test level of the paired statistics."""
     seeds_to_resolve: int | None = None
     """Sequential run: add seeds in rounds until every tested contrast is classified or this many

@@ -26,7 +26,7 @@ import pandas as pd
 
 from sandbox import gatestats, replicates
 from sandbox.results import atomic_write_csv
-from sandbox.stats import CONVERGED_FRAC, DEFAULT_EPS
+from sandbox.stats import CONVERGED_FRAC, DEFAULT_ALPHA, DEFAULT_EPS
 from sweeps.factorial_config import FactorialConfig, trial_dir
 
 #: Columns of cells.csv that come straight from a run's metrics.json.
@@ -200,7 +200,7 @@ def _concat_tables(fcfg: FactorialConfig, out: Path) -> None:
             atomic_write_csv(out / name, pd.concat(parts, ignore_index=True))
 
 
-def scope_under_lifecycle(cells: pd.DataFrame, eps: float = DEFAULT_EPS, alpha: float = 0.05):
+def scope_under_lifecycle(cells: pd.DataFrame, eps: float = DEFAULT_EPS, alpha: float = DEFAULT_ALPHA):
     """Paired R+E+L vs R+L (the scope factor where it can act: through the lifecycle's deaths), across
     bases when the table spans several (`sandbox.replicates`), else across seeds.
 
