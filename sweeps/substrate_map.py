@@ -105,6 +105,12 @@ class SubstrateSweepConfig:
         """Adaptation steps of each arm on `preset`: the preset's own, 100 for one it does not list."""
         return PRESET_STEPS.get(preset, 100)
 
+    @staticmethod
+    def search_every_for(steps: int) -> int:
+        """Steps between generations of the routing search when ``--search-every`` is not given: a
+        tenth of the arms' steps (at least 1), so every budget gets ten generations."""
+        return max(1, steps // 10)
+
     @property
     def axes(self) -> list[str]:
         return axes_of(self)

@@ -125,7 +125,8 @@ def substrate_sweep(got, alignment: tuple[float, float], seeds: tuple[int, ...] 
                          data=data, device=dev, seed=seeds[0], **given, **({"router_kind": router} if plugin else {}))
     check_affordable(cell, yes=False)
     ecfg = EvolutionConfig(population=got["population"], mutation_scale=got["mutation_scale"], method=evo,
-                           interval=search_every if search_every is not None else max(1, steps // 10))
+                           interval=search_every if search_every is not None
+                           else SubstrateSweepConfig.search_every_for(steps))
     plasticity = {} if got["plasticity"] is None else {"plasticity": got["plasticity"]}
     arms = got.build(RoutingArms, cell=cell, evolution=ecfg, reset_on_accept=got["reset_on_accept"], acar=acar,
                      **plasticity)
