@@ -86,8 +86,9 @@ class FactorialConfig:
     was not tuned) or grid (each cell's router lr chosen on the tuning seeds: lowest mean final
     balanced log-PPL, a candidate with a diverged tuning run excluded; the evaluation seeds then run
     at each cell's choice)."""
-    tune_router_lr: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0)
-    """Router learning rates --tune grid tries, as multiples of --lr (10 is the untuned default)."""
+    tune_router_lr: tuple[float, ...] = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
+    """Router learning rates --tune grid tries, as multiples of --lr (10 is the untuned default). Wide
+    on purpose: on tiny the sigmoid router chose 1 x and the softmax router 30-100 x, ends of a 1-100 x grid."""
     tune_seeds: tuple[int, ...] = (1000, 1001, 1002)
     """Tuning seeds of --tune grid, disjoint from the evaluation seeds (seed s adapts base s mod --bases)."""
 

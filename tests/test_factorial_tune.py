@@ -62,8 +62,8 @@ def test_tuning_seeds_must_be_disjoint_from_the_evaluation_seeds_only_when_tunin
     with pytest.raises(BadInput, match="both hold 1"):
         FactorialConfig(seeds=(0, 1), tune="grid", tune_seeds=(1, 5))
     FactorialConfig(seeds=(0, 1), tune="off", tune_seeds=(1, 5))   # off: the tuning seeds are never run
-    FactorialConfig(base=CellConfig.of(lr=0.02), tune="off")       # nor the grid (100 x 0.02 would exceed 1)
-    with pytest.raises(BadInput, match="largest gives 2"):
+    FactorialConfig(base=CellConfig.of(lr=0.02), tune="off")       # nor the grid (300 x 0.02 would exceed 1)
+    with pytest.raises(BadInput, match="largest gives 6"):
         FactorialConfig(base=CellConfig.of(lr=0.02), tune="grid")
     seq = FactorialConfig(base=CellConfig.of(bases=1), seeds=(0, 1), tune="grid", tune_seeds=(2, 3), seeds_to_resolve=6)
     assert seq.seed_pool() == (0, 1, 4, 5, 6, 7)                     # a sequential run's pool skips them
@@ -73,7 +73,7 @@ def test_tuning_off_keeps_the_factorial_identity():
     off = FactorialConfig(base=CellConfig.of(preset="tiny", steps=100))
     assert "tune" not in off.settings()
     grid = FactorialConfig(base=CellConfig.of(preset="tiny", steps=100), tune="grid")
-    assert grid.settings()["tune"] == {"router_lr": [1.0, 3.0, 10.0, 30.0, 100.0], "seeds": [1000, 1001, 1002]}
+    assert grid.settings()["tune"] == {"router_lr": [0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0], "seeds": [1000, 1001, 1002]}
     assert sfact.study_name(grid) != sfact.study_name(off)
     # another grid or other tuning seeds: another folder, the same study (the keys name candidate and seed)
     wider = FactorialConfig(base=CellConfig.of(preset="tiny", steps=100), tune="grid", tune_router_lr=(0.3, 1, 300),
