@@ -242,7 +242,11 @@ def _derive(tables: dict, run_dir: Path, manifest: dict, recompute: bool, report
         if stats is None or not hasattr(stats, "attribution"):
             report.notes.append("attribution.csv not regenerated: sandbox.stats.attribution is unavailable")
         elif tables["cells.csv"]["cell"].nunique() >= 2:
-            att = stats.attribution(tables["cells.csv"], **{k: v for k, v in kw.items() if k != "converged_frac"})
+            from sandbox import replicates   # the base as the unit when the cells span bases, as the run did
+
+            cells = tables["cells.csv"]
+            att = replicates.attribution(cells, **{k: v for k, v in kw.items() if k != "converged_frac"})
+            att = replicates.router_lr_columns(att, cells) if len(att) else att
             if len(att):
                 atomic_write_csv(run_dir / "attribution.csv", att)
                 tables["attribution.csv"] = pd.read_csv(run_dir / "attribution.csv")

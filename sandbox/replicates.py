@@ -100,6 +100,28 @@ def attribution(table: pd.DataFrame, value: str = "balanced_log_ppl", eps: float
     return att.assign(unit=rep["unit"], bases=rep["bases"])
 
 
+def router_lr_columns(att: pd.DataFrame, cells: pd.DataFrame, tuned: bool | None = None) -> pd.DataFrame:
+    """`att` with the router lr each side of a contrast ran (``treated_router_lr``,
+    ``reference_router_lr``: the cell's value in `cells`, NaN for a side that is not one cell or ran
+    several), ``router_lr_tuned`` (`tuned`, else read from the cells' ``router_lr_tuned`` column,
+    False without it) and each side's convergence label. `att` unchanged when `cells` has no
+    ``router_lr`` (tables written before the column existed)."""
+    if "router_lr" not in cells:
+        return att
+    if tuned is None:
+        tuned = bool(cells["router_lr_tuned"].astype(str).str.lower().eq("true").any()) \
+            if "router_lr_tuned" in cells else False
+    lr = {c: (float(v.iloc[0]) if v.nunique() == 1 else math.nan)
+          for c, v in cells.groupby("cell", sort=False)["router_lr"]}
+    conv = dict(zip(cells["cell"], cells["converged"])) if "converged" in cells else {}
+    att = att.copy()
+    for side in ("treated", "reference"):
+        att[f"{side}_router_lr"] = [lr.get(c, math.nan) if isinstance(c, str) else math.nan for c in att[side]]
+        att[f"{side}_converged"] = [conv.get(c, "") if isinstance(c, str) else "" for c in att[side]]
+    att["router_lr_tuned"] = tuned
+    return att
+
+
 def contrasts(table: pd.DataFrame, value: str = "balanced_log_ppl", cell_col: str = "cell") -> pd.DataFrame:
     """Per-seed deltas of the tested contrasts (`sandbox.stats.contrast_deltas`) in long form with the
     seed's base: columns ``contrast, base, seed, delta`` (the rows behind `attribution`'s base means)."""

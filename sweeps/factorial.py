@@ -52,7 +52,7 @@ from sweeps.ledger import METRICS, TrialLedger, labels
 from sweeps.factorial_config import (MAX_SEEDS, SETTINGS, STUDY, TUNE_MODES, FactorialConfig,  # noqa: F401
                                      resolve_setting, study_name, trial_dir, trial_key)
 from sweeps.factorial_tables import (METRIC_COLUMNS, FactorialResult, _concat_tables, _gate_figures,  # noqa: F401
-                                     _num_or_nan, _router_lr_columns, cells_row, convergence, last_half_drop,
+                                     _num_or_nan, cells_row, convergence, last_half_drop,
                                      scope_under_lifecycle, tuning_lines, with_drop)
 from sweeps.factorial_tuning import (TUNE_RULE, TUNING_COLUMNS, choose_router_lr, chosen_from_ledger,  # noqa: F401
                                      tune_dir_name, tune_key, tuning_keys, tuning_row)
@@ -196,7 +196,7 @@ def run_factorial(fcfg: FactorialConfig, out: str | Path, cache_dir: str | Path 
         att["sequential_regime"] = [seq[c].regime if c in seq else "" for c in att["contrast"]]
         att["sequential_look"] = [seq[c].look if c in seq else None for c in att["contrast"]]
     if len(att):
-        att = _router_lr_columns(att, cells, fcfg.tuning)
+        att = replicates.router_lr_columns(att, cells, fcfg.tuning)
         atomic_write_csv(out / "attribution.csv", att)
     written = []
     if figures:

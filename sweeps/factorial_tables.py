@@ -87,21 +87,6 @@ def convergence(cells: pd.DataFrame, eps: float, out: Path, frac: float = CONVER
     return cells
 
 
-def _router_lr_columns(att: pd.DataFrame, cells: pd.DataFrame, tuned: bool) -> pd.DataFrame:
-    """`att` with the router lr each side of a contrast ran (``treated_router_lr``,
-    ``reference_router_lr``: the cell's value, NaN for a side that is not one cell or ran several),
-    ``router_lr_tuned`` and each side's convergence label."""
-    lr = {c: (float(v.iloc[0]) if v.nunique() == 1 else math.nan)
-          for c, v in cells.groupby("cell", sort=False)["router_lr"]}
-    conv = dict(zip(cells["cell"], cells["converged"])) if "converged" in cells else {}
-    att = att.copy()
-    for side in ("treated", "reference"):
-        att[f"{side}_router_lr"] = [lr.get(c, math.nan) if isinstance(c, str) else math.nan for c in att[side]]
-        att[f"{side}_converged"] = [conv.get(c, "") if isinstance(c, str) else "" for c in att[side]]
-    att["router_lr_tuned"] = tuned
-    return att
-
-
 def tuning_lines(res: "FactorialResult") -> list[str]:
     """What the command says about the router lr and convergence after the attribution."""
     t, lines = res.tuning or {}, []

@@ -164,3 +164,33 @@ def test_gate_tables_split_by_arm_and_say_what_they_pool(tmp_path):
     rep = build_report(tmp_path)
     assert sorted(p.name for p in rep if p.suffix == ".png") == ["gates_evo.png", "gates_grad.png"]
     assert any("gates.csv" in n and "point" in n for n in rep.notes)
+
+
+def test_factorial_recompute_keeps_the_base_as_unit_and_the_router_lr_columns(tmp_path, capsys):
+    """A rebuilt attribution.csv is the one the factorial wrote: across bases when the cells span
+    several (not across seeds), with the router lr each side ran and whether it was tuned."""
+    from sandbox import replicates
+
+    cells = cells_table()
+    cells = cells[cells["cell"].isin(["B3", "R"])].copy()
+    cells["base"] = cells["seed"] % 3
+    cells["router_lr"] = cells["cell"].map({"B3": 0.09, "R": 0.003})
+    cells["router_lr_tuned"] = True
+    cells["converged"] = False
+    write(tmp_path, "cells.csv", cells)
+    code, out, err = run(["report", str(tmp_path), "--recompute"], capsys)
+    assert code == 0, err
+    att = pd.read_csv(tmp_path / "attribution.csv")
+    want = replicates.attribution(cells)
+    assert (att["unit"] == "base").all() and (att["bases"] == 3).all()
+    np.testing.assert_allclose(att["mean_delta"], want["mean_delta"])
+    np.testing.assert_allclose(att["ci_high"], want["ci_high"])
+    row = att.set_index("contrast").loc["router"]
+    assert (row["treated_router_lr"], row["reference_router_lr"]) == (0.003, 0.09)
+    assert bool(row["router_lr_tuned"]) and not bool(row["treated_converged"])
+    # a seed-unit table from before the base column: across seeds, no router-lr columns invented
+    old = cells.drop(columns=["base", "router_lr", "router_lr_tuned", "converged"])
+    write(tmp_path, "cells.csv", old)
+    assert run(["report", str(tmp_path), "--recompute"], capsys)[0] == 0
+    att = pd.read_csv(tmp_path / "attribution.csv")
+    assert (att["unit"] == "seed").all() and "treated_router_lr" not in att
