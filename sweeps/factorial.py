@@ -43,7 +43,6 @@ from typing import Callable
 import pandas as pd
 
 from sandbox import replicates
-from sandbox.errors import BadInput
 from sandbox.results import RunDir, atomic_write_csv, open_run_dir
 from sandbox.stats import CONVERGED_FRAC
 from substrate.cell import CellConfig, data_check, prepare_substrate, revisit_warning, run_cell
@@ -55,7 +54,8 @@ from sweeps.factorial_tables import (METRIC_COLUMNS, FactorialResult, _concat_ta
                                      _num_or_nan, cells_row, convergence, last_half_drop,
                                      scope_under_lifecycle, tuning_lines, with_drop)
 from sweeps.factorial_tuning import (TUNE_RULE, TUNING_COLUMNS, choose_router_lr, chosen_from_ledger,  # noqa: F401
-                                     tune_dir_name, tune_key, tuning_keys, tuning_row)
+                                     chosen_multiples, tune_dir_name, tune_key, tuning_keys, tuning_row,
+                                     tuning_trials)
 
 
 def run_factorial(fcfg: FactorialConfig, out: str | Path, cache_dir: str | Path = "runs/cache", *,
@@ -114,12 +114,7 @@ def run_factorial(fcfg: FactorialConfig, out: str | Path, cache_dir: str | Path 
         for cell, c in choice.items():
             table.loc[(table["cell"] == cell) & (table["multiple"] == c["multiple"]), "chosen"] = True
         atomic_write_csv(out / "tuning.csv", table)
-        failed = [cell for cell, c in choice.items() if c["multiple"] is None]
-        if failed:
-            raise BadInput("--tune-router-lr", ",".join(f"{m:g}" for m in fcfg.tune_router_lr),
-                           f"a grid with a candidate on which no tuning run diverged (every candidate of {failed[0]} "
-                           f"diverged on some tuning seed; see {out / 'tuning.csv'}): add smaller multiples")
-        chosen = {cell: c["multiple"] for cell, c in choice.items()}
+        chosen = chosen_multiples(fcfg, choice, str(out / "tuning.csv"))
         if storage:
             from sweeps.ledger import check_settled, is_database
 
@@ -224,23 +219,19 @@ def run_tuning(fcfg: FactorialConfig, out: Path, ledger: TrialLedger, substrate:
     not run again); `substrate(tcfg)` gives the trial's prepared substrate. Returns the tuning table
     (`TUNING_COLUMNS`) and ``{computed, reused}``."""
     rows, computed, reused = [], 0, 0
-    total = len(fcfg.tune_seeds) * len(fcfg.cells) * len(fcfg.tune_router_lr)
-    for seed in fcfg.tune_seeds:
-        for cell in fcfg.cells:
-            for m in fcfg.tune_router_lr:
-                tcfg = fcfg.trial_config(cell, seed, fcfg.tune_value(m))
-                key = tune_key(cell, m, seed)
+    trials = tuning_trials(fcfg)
+    for cell, m, seed in trials:
+        tcfg = fcfg.trial_config(cell, seed, fcfg.tune_value(m))
 
-                def go(tcfg=tcfg, where=out / tune_dir_name(cell, m, seed)) -> dict:
-                    res = run_cell(tcfg, where, cache_dir, substrate=substrate(tcfg), log=None)
-                    return with_drop(res.metrics, res.out)
+        def go(tcfg=tcfg, where=out / tune_dir_name(cell, m, seed)) -> dict:
+            res = run_cell(tcfg, where, cache_dir, substrate=substrate(tcfg), log=None)
+            return with_drop(res.metrics, res.out)
 
-                metrics, did = ledger.run(key, go, "balanced_log_ppl",
-                                          {"cell": cell, "seed": seed, "tune_multiple": m,
-                                           **labels("factorial", arm=cell)})
-                computed += did
-                reused += not did
-                rows.append(tuning_row(cell, m, seed, metrics))
-                if stage is not None:
-                    stage("tuning", computed + reused, total)
+        metrics, did = ledger.run(tune_key(cell, m, seed), go, "balanced_log_ppl",
+                                  {"cell": cell, "seed": seed, "tune_multiple": m, **labels("factorial", arm=cell)})
+        computed += did
+        reused += not did
+        rows.append(tuning_row(cell, m, seed, metrics))
+        if stage is not None:
+            stage("tuning", computed + reused, len(trials))
     return pd.DataFrame(rows, columns=list(TUNING_COLUMNS)), {"computed": computed, "reused": reused}

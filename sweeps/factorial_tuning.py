@@ -83,11 +83,29 @@ def choose_router_lr(table: pd.DataFrame, grid: tuple[float, ...]) -> dict[str, 
     return out
 
 
-def tuning_keys(fcfg: FactorialConfig) -> list[str]:
-    """Ledger keys of every tuning trial (none when ``tune`` is off)."""
+def tuning_trials(fcfg: FactorialConfig) -> list[tuple[str, float, int]]:
+    """``(cell, multiple, seed)`` of every tuning trial, in the order they run (none when ``tune`` is
+    off): the one list the local run, the workers' plan, the ledger keys and the read-back share."""
     if not fcfg.tuning:
         return []
-    return [tune_key(c, m, s) for s in fcfg.tune_seeds for c in fcfg.cells for m in fcfg.tune_router_lr]
+    return [(c, m, s) for s in fcfg.tune_seeds for c in fcfg.cells for m in fcfg.tune_router_lr]
+
+
+def tuning_keys(fcfg: FactorialConfig) -> list[str]:
+    """Ledger keys of every tuning trial (none when ``tune`` is off)."""
+    return [tune_key(c, m, s) for c, m, s in tuning_trials(fcfg)]
+
+
+def chosen_multiples(fcfg: FactorialConfig, choice: dict[str, dict], table: str | None = None) -> dict[str, float]:
+    """``{cell: chosen multiple}`` of `choose_router_lr`'s `choice`; one line (exit 2) naming
+    ``--tune-router-lr`` when every candidate of a cell was excluded (`table`: where tuning.csv is)."""
+    failed = [cell for cell, c in choice.items() if c["multiple"] is None]
+    if failed:
+        where = f"; see {table}" if table else ""
+        raise BadInput("--tune-router-lr", ",".join(f"{m:g}" for m in fcfg.tune_router_lr),
+                       f"a grid with a candidate on which no tuning run diverged (every candidate of {failed[0]} "
+                       f"diverged on some tuning seed{where}): add smaller multiples")
+    return {cell: c["multiple"] for cell, c in choice.items()}
 
 
 def chosen_from_ledger(fcfg: FactorialConfig, ledger: TrialLedger) -> dict[str, float] | None:
@@ -95,18 +113,11 @@ def chosen_from_ledger(fcfg: FactorialConfig, ledger: TrialLedger) -> dict[str, 
     missing (the define step then queues the tuning trials first, `sweeps.systems.factorial_plan`)."""
     results = ledger.results()
     rows = []
-    for seed in fcfg.tune_seeds:
-        for cell in fcfg.cells:
-            for m in fcfg.tune_router_lr:
-                r = results.get(tune_key(cell, m, seed))
-                if r is None:
-                    return None
-                rows.append(tuning_row(cell, m, seed, r))
+    for cell, m, seed in tuning_trials(fcfg):
+        r = results.get(tune_key(cell, m, seed))
+        if r is None:
+            return None
+        rows.append(tuning_row(cell, m, seed, r))
     choice = choose_router_lr(pd.DataFrame(rows, columns=list(TUNING_COLUMNS)), fcfg.tune_router_lr)
-    failed = [cell for cell, c in choice.items() if c["multiple"] is None]
-    if failed:
-        raise BadInput("--tune-router-lr", ",".join(f"{m:g}" for m in fcfg.tune_router_lr),
-                       f"a grid with a candidate on which no tuning run diverged (every candidate of {failed[0]} "
-                       "diverged on some tuning seed): add smaller multiples")
-    return {cell: c["multiple"] for cell, c in choice.items()}
+    return chosen_multiples(fcfg, choice)
 

@@ -78,7 +78,7 @@ def factorial_jobs(fcfg, out: str | Path, cache: str | Path, *, tuning: bool = F
     checkpoints there) and the base model cache under `cache`, unless a worker overrides them.
     `tuning`: the router-lr tuning trials instead (one per cell x candidate x tuning seed, each with
     its folder as ``dir``); `chosen`: cell -> the multiple of ``lr`` its evaluation trials run at."""
-    from sweeps.factorial import trial_key, tune_dir_name, tune_key
+    from sweeps.factorial import trial_key, tune_dir_name, tune_key, tuning_trials
 
     out, cache = os.path.abspath(out), os.path.abspath(cache)
     if tuning:
@@ -87,7 +87,7 @@ def factorial_jobs(fcfg, out: str | Path, cache: str | Path, *, tuning: bool = F
                              "out": out, "cache": cache, "dir": tune_dir_name(cell, m, seed)},
                     attrs={"cell": cell, "seed": int(seed), "tune_multiple": float(m),
                            **ledger.labels("factorial", arm=cell)})
-                for seed in fcfg.tune_seeds for cell in fcfg.cells for m in fcfg.tune_router_lr]
+                for cell, m, seed in tuning_trials(fcfg)]
     chosen = chosen or {}
     lr = {c: fcfg.tune_value(m) for c, m in chosen.items()}
     return [Job(key=trial_key(cell, seed, chosen.get(cell)),
